@@ -1,0 +1,81 @@
+"""The exact KL projection of AdamBS Algorithm 2, line 5, restricted to the sampled arms.
+
+Problem: given the current distribution p (sum p = 1, p >= p_min) and the multiplicative
+weights w_j = p_j exp(-alpha_p h_j) with h_j = 0 off the sampled set I, find
+
+    p' = argmin_{q : sum q = 1, q >= p_min} KL(q || w).
+
+The KKT conditions give p'_j = max(p_min, w_j / Z) for one normalizer Z > 0. Off I we have
+w_j = p_j >= p_min and, since w_j <= p_j on I, Z <= 1; so arms off I are never clipped and
+p'_j = p_j / Z. Writing R = 1 - sum_{j in I} p_j (the mass off I), Z solves
+
+    R / Z + sum_{j in I} max(p_min, w_j / Z) = 1.                               (*)
+
+If the k smallest sampled weights are the clipped ones, (*) is linear in 1/Z:
+
+    Z_k = (R + sum_{i >= k} w_(i)) / (1 - k p_min),    w_(0) <= w_(1) <= ... (sorted).
+
+Any k that is consistent (w_(k-1) <= p_min Z_k <= w_(k)) solves (*), and the left side
+of (*) is strictly decreasing in Z, so that Z_k is the unique solution. Sorting the <= K
+sampled weights costs O(K log K); nothing of size n is touched.
+
+Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+Algorithm 2; Namkoong et al., ICML 2017 (same projection with p_min and a tree).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ProjectionResult", "project_onto_floored_simplex"]
+
+
+class ProjectionResult(NamedTuple):
+    """normalizer: Z (scalar); num_clipped: how many sampled arms sit at p_min."""
+
+    normalizer: jax.Array
+    num_clipped: jax.Array
+
+
+def project_onto_floored_simplex(
+    weights: jax.Array,
+    is_arm: jax.Array,
+    rest_mass: jax.Array,
+    p_min: float,
+) -> ProjectionResult:
+    """Solves (*) for Z given the sampled arms' weights.
+
+    Args:
+      weights: (K,) w_j of the sampled arms, each counted once (duplicates masked out).
+      is_arm: (K,) bool, True for the entries of ``weights`` that are distinct arms.
+      rest_mass: scalar R = 1 - sum_{j in I} p_j, the probability of the unsampled arms.
+      p_min: the floor.
+
+    Returns:
+      ``ProjectionResult``; the projected probabilities are p'_j = max(p_min, w_j / Z) on
+      the sampled arms and p_j / Z elsewhere.
+    """
+    k_max = weights.shape[0]
+    dtype = weights.dtype
+    inf = jnp.array(jnp.inf, dtype)
+    num_arms = jnp.sum(is_arm)
+    w_sorted = jnp.sort(jnp.where(is_arm, weights, inf))  # distinct arms first, ascending
+    w_finite = jnp.where(jnp.isfinite(w_sorted), w_sorted, 0)
+    # suffix[k] = sum_{i >= k} w_(i), for k = 0..K
+    suffix = jnp.concatenate([jnp.cumsum(w_finite[::-1])[::-1], jnp.zeros((1,), dtype)])
+    k = jnp.arange(k_max + 1)
+    denom = 1 - k.astype(dtype) * p_min
+    z = jnp.where(denom > 0, (rest_mass + suffix) / jnp.where(denom > 0, denom, 1), inf)
+    threshold = p_min * z
+    below = jnp.concatenate([jnp.full((1,), -inf, dtype), w_finite])  # w_(k-1), -inf at k=0
+    above = jnp.concatenate([w_sorted, jnp.full((1,), inf, dtype)])  # w_(k), +inf at k=K
+    above = jnp.where(k < num_arms, above, inf)
+    violation = jnp.maximum(below - threshold, 0) + jnp.maximum(threshold - above, 0)
+    violation = jnp.where((k <= num_arms) & jnp.isfinite(z), violation, inf)
+    # in exact arithmetic exactly the consistent k have zero violation; with rounding the
+    # least violated one is the answer (the candidates then differ only by rounding)
+    k_star = jnp.argmin(violation)
+    return ProjectionResult(normalizer=z[k_star], num_clipped=k_star)
