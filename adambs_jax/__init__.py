@@ -18,3 +18,24 @@ from adambs_jax.samplers import (
 )
 
 __version__ = "0.1.0"
+
+# Issue 3: importance-weighted optax transforms, per-example feedback, the jitted train step.
+from adambs_jax import feedback, losses, scoring
+from adambs_jax.feedback import (
+    FEEDBACK_KINDS,
+    logit_grad_norms,
+    per_example_grad_norms,
+    per_example_losses_and_grads,
+    tree_norms,
+)
+from adambs_jax.losses import ModelLoss
+from adambs_jax.scoring import ScoreFn, ScoringSampler, make_score_fn
+from adambs_jax.train_step import TrainState, make_train_step
+from adambs_jax.transforms import (
+    ImportanceWeightedTransformation,
+    adambs,
+    amsgradbs,
+    importance_weighted_mean,
+    weighted_mean,
+    with_importance_weighting,
+)

@@ -19,6 +19,10 @@ Any k that is consistent (w_(k-1) <= p_min Z_k <= w_(k)) solves (*), and the lef
 of (*) is strictly decreasing in Z, so that Z_k is the unique solution. Sorting the <= K
 sampled weights costs O(K log K); nothing of size n is touched.
 
+(*) is invariant under (w, R, Z) -> (c w, c R, c Z), so it is solved for weights shifted
+by M = max(log w_j, log R) in log space: nothing underflows even when every arm was sampled
+(R = 0) and all w_j are below float32's range.
+
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
 Algorithm 2; Namkoong et al., ICML 2017 (same projection with p_min and a tree).
 """
@@ -34,14 +38,14 @@ __all__ = ["ProjectionResult", "project_onto_floored_simplex"]
 
 
 class ProjectionResult(NamedTuple):
-    """normalizer: Z (scalar); num_clipped: how many sampled arms sit at p_min."""
+    """log_normalizer: log Z (scalar); num_clipped: how many sampled arms sit at p_min."""
 
-    normalizer: jax.Array
+    log_normalizer: jax.Array
     num_clipped: jax.Array
 
 
 def project_onto_floored_simplex(
-    weights: jax.Array,
+    log_weights: jax.Array,
     is_arm: jax.Array,
     rest_mass: jax.Array,
     p_min: float,
@@ -49,8 +53,8 @@ def project_onto_floored_simplex(
     """Solves (*) for Z given the sampled arms' weights.
 
     Args:
-      weights: (K,) w_j of the sampled arms, each counted once (duplicates masked out).
-      is_arm: (K,) bool, True for the entries of ``weights`` that are distinct arms.
+      log_weights: (K,) log w_j of the sampled arms (duplicates masked out by ``is_arm``).
+      is_arm: (K,) bool, True for the entries of ``log_weights`` that are distinct arms.
       rest_mass: scalar R = 1 - sum_{j in I} p_j, the probability of the unsampled arms.
       p_min: the floor.
 
@@ -58,10 +62,14 @@ def project_onto_floored_simplex(
       ``ProjectionResult``; the projected probabilities are p'_j = max(p_min, w_j / Z) on
       the sampled arms and p_j / Z elsewhere.
     """
-    k_max = weights.shape[0]
-    dtype = weights.dtype
+    k_max = log_weights.shape[0]
+    dtype = log_weights.dtype
     inf = jnp.array(jnp.inf, dtype)
     num_arms = jnp.sum(is_arm)
+    log_rest = jnp.log(jnp.maximum(jnp.asarray(rest_mass, dtype), 0))  # rounding can give -1e-8
+    shift = jnp.maximum(jnp.max(jnp.where(is_arm, log_weights, -inf)), log_rest)
+    weights = jnp.exp(log_weights - shift)
+    rest_mass = jnp.exp(log_rest - shift)
     w_sorted = jnp.sort(jnp.where(is_arm, weights, inf))  # distinct arms first, ascending
     w_finite = jnp.where(jnp.isfinite(w_sorted), w_sorted, 0)
     # suffix[k] = sum_{i >= k} w_(i), for k = 0..K
@@ -78,4 +86,4 @@ def project_onto_floored_simplex(
     # in exact arithmetic exactly the consistent k have zero violation; with rounding the
     # least violated one is the answer (the candidates then differ only by rounding)
     k_star = jnp.argmin(violation)
-    return ProjectionResult(normalizer=z[k_star], num_clipped=k_star)
+    return ProjectionResult(log_normalizer=jnp.log(z[k_star]) + shift, num_clipped=k_star)

@@ -293,23 +293,27 @@ def exp3_sampler(
         is_first = jnp.concatenate([jnp.array([True]), idx[1:] != idx[:-1]])
         run = jnp.cumsum(is_first) - 1
 
-        log_root = jnp.log(sumtree.total(state.tree))
-        log_p = state.log_weights[idx] - log_root
-        p = jnp.exp(log_p)
+        root = sumtree.total(state.tree)
+        log_root = jnp.log(root)
+        old_log_weights = state.log_weights[idx]
+        p = sumtree.get_leaves(state.tree, idx) / root  # one rounding; exp(lw - log S) has more
         # alpha_p * l_k / (K p) = eta0 (p_min^2/L^2)(L^2/p_min^2 - f^2/p^2) / (K p)
         #                       = eta0 (1 - (p_min f / (L p))^2) / (K p), in units that
         # never overflow float32 (L^2 / p_min^2 can be ~1e14 L^2 on its own).
         shortfall = jnp.clip(1.0 - jnp.square(p_min * ratio / p), 0.0, 1.0)
         per_draw = jnp.where(valid, step_size * shortfall / (batch_size * p), 0.0)
         alpha_h = jax.ops.segment_sum(per_draw, run, num_segments=batch_size)[run]
-        log_w = log_p - alpha_h  # log of w_j = p_j exp(-alpha_p h_j), same for all copies
+        # log of S w_j = S p_j exp(-alpha_p h_j): the multiplicative step is exact in log
+        # space, and identical for all copies of a duplicated arm
+        log_scaled_w = old_log_weights - alpha_h
 
         rest_mass = jnp.maximum(1.0 - jnp.sum(jnp.where(is_first, p, 0.0)), 0.0)
-        projection = project_onto_floored_simplex(jnp.exp(log_w), is_first, rest_mass, p_min)
-        log_z = jnp.log(projection.normalizer)
+        log_z = project_onto_floored_simplex(
+            log_scaled_w - log_root, is_first, rest_mass, p_min
+        ).log_normalizer
         # u'_j = p'_j * (S Z) with p'_j = max(p_min, w_j / Z): unsampled leaves keep u_j and
         # the new root is S Z, so only the sampled leaves are written
-        new_log_weights = log_root + jnp.maximum(log_w, log_p_min + log_z)
+        new_log_weights = jnp.maximum(log_scaled_w, log_root + log_z + log_p_min)
 
         # a non-finite result skips the update; selecting among the K touched leaves (not
         # the n-sized arrays) keeps this O(K log n): rewriting old leaves recomputes the

@@ -1,0 +1,342 @@
+"""One jitted training step with bandit sampling: sample, gather, loss, reweighted gradient,
+optimizer update, sampler update — no host round-trip.
+
+    step = make_train_step(loss_fn, optax.adam(1e-3), exp3_sampler(n, K, num_steps=T))
+    state = TrainState.create(params=params, optimizer=optax.adam(1e-3), sampler=sampler)
+    for t in range(T):
+        state, metrics = step(state, data, jax.random.fold_in(key, t))
+
+With ``optax.adam`` and ``exp3_sampler`` this is AdamBS (Liu, Wu, Mozafari, "Adam with Bandit
+Sampling for Deep Learning", NeurIPS 2020, Algorithm 1); with ``uniform_sampler`` it is plain
+mini-batch training. Per step, with K the batch size and n the dataset size:
+
+    sample_key, model_key, score_key = jax.random.split(key, 3)
+    I, p_I  = sampler.sample(sampler_state, sample_key)       # (K,), (K,)
+    w       = 1 / (n p_I)                                      # importance weights
+    batch   = data[I]                                          # gathered on device
+    G_hat   = (1/K) sum_k w_k grad loss_k(params)              # unbiased (eq. 1)
+    params  = params + optimizer(G_hat)
+    sampler_state = sampler.update(sampler_state, I, f)        # f: per-example feedback
+
+The gradient and the feedback are computed together, once:
+
+* ``"grad_norm"``: per-example gradients by ``vmap(grad)``, reused for both the norms and
+  G_hat (no second backward pass);
+* ``"logit_grad_norm"``: one forward pass, d loss_k / d logits by a backward pass through the
+  loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k /
+  d logits_k, which is G_hat — about the cost of one plain step;
+* ``"loss"`` and callables: G_hat = grad of (1/K) sum_k w_k loss_k (one ``jax.grad``), and the
+  feedback from the per-example losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adambs_jax.feedback import (
+    FeedbackFn,
+    batch_size_of,
+    check_feedback_kind,
+    losses_and_output_grads,
+    per_example_losses_and_grads,
+    tree_norms,
+)
+from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
+from adambs_jax.samplers import Sampler, importance_weights, probabilities
+from adambs_jax.scoring import ScoringSampler, gather, make_score_fn
+from adambs_jax.transforms import ImportanceWeightedTransformation, weighted_mean
+
+__all__ = ["TrainState", "make_train_step", "FULL_DIAGNOSTICS_MAX_EXAMPLES"]
+
+FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
+"""With ``diagnostics=None``, the O(n) metrics are computed only for n up to this size."""
+
+
+class TrainState(NamedTuple):
+    """Everything a training step updates; a pytree (checkpoint it with orbax).
+
+    Attributes:
+      params: the model parameters (any pytree).
+      opt_state: the optax state of ``optimizer.init(params)``.
+      sampler_state: the sampler's state (``sampler.init()``).
+      step: int32 scalar, number of steps taken.
+      key: optional PRNG key; used (and advanced) by a step called without a key.
+    """
+
+    params: Any
+    opt_state: Any
+    sampler_state: Any
+    step: jax.Array
+    key: Optional[jax.Array] = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Any,
+        optimizer: optax.GradientTransformation,
+        sampler: Union[Sampler, ScoringSampler],
+        key: Optional[jax.Array] = None,
+    ) -> "TrainState":
+        """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0.
+
+        ``params`` (and ``key``) are copied: the train step donates its state, and the
+        caller's arrays must survive that.
+
+        Raises:
+          TypeError: ``optimizer`` is not an optax transformation, or ``sampler`` has no
+            ``init``.
+        """
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+            )
+        if not callable(getattr(sampler, "init", None)):
+            raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}")
+        params = jax.tree.map(jnp.copy, params)
+        return cls(
+            params=params,
+            opt_state=optimizer.init(params),
+            sampler_state=sampler.init(),
+            step=jnp.zeros((), jnp.int32),
+            key=None if key is None else jnp.copy(key),
+        )
+
+
+class _Estimate(NamedTuple):
+    """The gradient and feedback of one batch (internal).
+
+    losses: (K,). gradient: G_hat (per_example=False) or the per-example gradients with a
+    leading K axis (per_example=True). feedback: (K,).
+    """
+
+    losses: jax.Array
+    gradient: Any
+    feedback: jax.Array
+    per_example: bool
+
+
+def _estimate_with_per_example_grads(loss_fn, params, batch, weights, key):
+    losses, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
+    return _Estimate(losses, grads, tree_norms(grads), per_example=True)
+
+
+def _estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key):
+    outputs, model_pullback = jax.vjp(lambda p: model_loss.outputs(p, batch, key), params)
+    losses, output_grads = losses_and_output_grads(model_loss, outputs, batch)
+    scale = weights.astype(jnp.float32) / weights.shape[0]
+
+    def weighted_cotangent(g):  # row k scaled by w_k / K
+        return g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+
+    (gradient,) = model_pullback(jax.tree.map(weighted_cotangent, output_grads))
+    return _Estimate(losses, gradient, tree_norms(output_grads), per_example=False)
+
+
+def _estimator_with_weighted_loss(feedback: Union[str, FeedbackFn]):
+    def estimate(loss_fn, params, batch, weights, key):
+        loss = with_key_argument(loss_fn)
+        batch_size = weights.shape[0]
+
+        def weighted_loss(p):
+            losses = check_losses(loss(p, batch, key), batch_size)
+            return jnp.mean(weights.astype(losses.dtype) * losses), losses
+
+        (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+        if isinstance(feedback, str):  # "loss"
+            scores = losses
+        else:
+            scores = feedback(params, batch, losses)
+        return _Estimate(losses, gradient, scores, per_example=False)
+
+    return estimate
+
+
+def _estimator(feedback):
+    if isinstance(feedback, str) and feedback == "grad_norm":
+        return _estimate_with_per_example_grads
+    if isinstance(feedback, str) and feedback == "logit_grad_norm":
+        return _estimate_with_logit_bound
+    return _estimator_with_weighted_loss(feedback)
+
+
+def _optimizer_update(optimizer, estimate: _Estimate, weights, opt_state, params):
+    """Feeds G_hat to a plain optimizer, or per-example grads + weights to an
+    ``ImportanceWeightedTransformation`` (``adambs``, ``with_importance_weighting(...)``)."""
+    if isinstance(optimizer, ImportanceWeightedTransformation):
+        if estimate.per_example:
+            per_example, batch_weights = estimate.gradient, weights
+        else:  # G_hat already averaged: a batch of one with weight 1 leaves it unchanged
+            per_example = jax.tree.map(lambda g: g[None], estimate.gradient)
+            batch_weights = jnp.ones((1,), weights.dtype)
+        return optimizer.update(per_example, opt_state, params, weights=batch_weights)
+    gradient = weighted_mean(estimate.gradient, weights) if estimate.per_example else estimate.gradient
+    return optimizer.update(gradient, opt_state, params)
+
+
+def _check_data(data, num_examples):
+    size = batch_size_of(data, name="data")
+    if size != num_examples:
+        raise ValueError(
+            f"data: every leaf must have leading axis n = sampler.num_examples = "
+            f"{num_examples}, got {size}"
+        )
+
+
+def _metrics(estimate, weights, feedback, sampler_state, full_diagnostics, explicit):
+    losses = estimate.losses.astype(jnp.float32)
+    valid = jnp.isfinite(feedback) & (feedback >= 0)
+    num_valid = jnp.sum(valid)
+    metrics = {
+        "loss": jnp.mean(losses),
+        "weighted_loss": jnp.mean(weights * losses),
+        "mean_feedback": jnp.sum(jnp.where(valid, feedback, 0.0)) / jnp.maximum(num_valid, 1),
+        "num_dropped_feedback": (feedback.shape[0] - num_valid).astype(jnp.int32),
+        "max_weight": jnp.max(weights),
+        "min_weight": jnp.min(weights),
+    }
+    bound = getattr(sampler_state, "grad_norm_bound", None)
+    if bound is not None:
+        metrics["grad_norm_bound"] = jnp.asarray(bound, jnp.float32)
+    if full_diagnostics:
+        try:
+            p = probabilities(sampler_state)
+        except TypeError:
+            if explicit:
+                raise ValueError(
+                    "diagnostics=True needs a sampler state with a full distribution "
+                    f"(ab.probabilities); {type(sampler_state).__name__} has none"
+                ) from None
+            return metrics
+        metrics["effective_sample_size"] = 1.0 / (p.shape[0] * jnp.sum(jnp.square(p)))
+        metrics["max_prob"] = jnp.max(p)
+        metrics["min_prob"] = jnp.min(p)
+    return metrics
+
+
+def make_train_step(
+    loss_fn: PerExampleLoss,
+    optimizer: optax.GradientTransformation,
+    sampler: Union[Sampler, ScoringSampler],
+    *,
+    feedback: Union[str, FeedbackFn] = "grad_norm",
+    diagnostics: Optional[bool] = None,
+    jit: bool = True,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """Builds ``step(state, data, key=None) -> (state, metrics)``, one jitted call.
+
+    Args:
+      loss_fn: per-example loss, ``(params, batch) -> (K,)`` or ``(params, batch, key) ->
+        (K,)`` (then called with a fresh key each step, for dropout), or a
+        ``ModelLoss(apply_fn, loss_from_outputs)`` (needed for ``"logit_grad_norm"``).
+        ``batch`` is ``data`` gathered at the sampled indices (leaves (K, ...)).
+      optimizer: any optax optimizer of the averaged gradient (``optax.adam``: AdamBS;
+        ``optax.sgd``, ``optax.rmsprop``, ``optax.amsgrad``, ``optax.adamw``, ...), or one
+        that takes per-example gradients and ``weights`` (``adambs``, ``amsgradbs``,
+        ``with_importance_weighting(...)``); both give the same step.
+      sampler: ``exp3_sampler``, ``uniform_sampler``, or a ``ScoringSampler`` (its ``sample``
+        gets a ``score_fn`` over the current model; see ``adambs_jax.scoring``).
+      feedback: per-example score for ``sampler.update``: ``"grad_norm"`` (exact, via
+        vmap), ``"logit_grad_norm"`` (Katharopoulos–Fleuret bound), ``"loss"``, or a callable
+        ``(params, batch, losses) -> (K,)``. NaN, infinite or negative entries are dropped by
+        the sampler and counted in ``metrics["num_dropped_feedback"]``.
+      diagnostics: add the O(n) metrics ``effective_sample_size`` = 1 / (n sum_j p_j^2),
+        ``max_prob``, ``min_prob`` of the sampler's distribution after the update. None
+        (default): only when n <= ``FULL_DIAGNOSTICS_MAX_EXAMPLES`` (65,536), so that a step
+        at large n stays O(K log n).
+      jit: return ``jax.jit(step, donate_argnums=0)`` (default; the input state's buffers
+        are reused, do not touch it after the call); False returns the pure function, to
+        compose in your own ``jit``/``lax.scan``.
+
+    Returns:
+      ``step(state: TrainState, data, key=None) -> (TrainState, metrics)``. ``data`` is a
+      pytree of arrays with leading axis n (on device). ``key`` is split as
+      ``sample_key, model_key, score_key = jax.random.split(key, 3)``; if None, the state's
+      own key is split and advanced. ``metrics`` is a dict of scalars:
+      ``loss`` (batch mean of the losses), ``weighted_loss`` ((1/K) sum_k w_k loss_k, unbiased
+      for the full-data loss), ``mean_feedback`` (over valid entries), ``num_dropped_feedback``
+      (int32, this step), ``max_weight``/``min_weight`` (of w = 1/(n p) in the batch),
+      ``grad_norm_bound`` (the sampler's L, if it has one), and the diagnostics above.
+
+    Raises:
+      TypeError / ValueError: bad ``loss_fn``, ``optimizer``, ``sampler`` or ``feedback`` at
+        build time; bad ``data`` or losses of the wrong shape at the first (tracing) call.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    if not isinstance(sampler, (Sampler, ScoringSampler)):
+        raise TypeError(f"sampler must be a Sampler or ScoringSampler, got {type(sampler).__name__}")
+    check_feedback_kind(feedback, loss_fn)
+    if diagnostics is not None and not isinstance(diagnostics, bool):
+        raise TypeError(f"diagnostics must be a bool or None, got {diagnostics!r}")
+    scoring = isinstance(sampler, ScoringSampler)
+    score_feedback = feedback
+    if scoring and sampler.score_feedback is not None:
+        check_feedback_kind(sampler.score_feedback, loss_fn, name="sampler.score_feedback")
+        score_feedback = sampler.score_feedback
+    num_examples = sampler.num_examples
+    full_diagnostics = (
+        diagnostics if diagnostics is not None else num_examples <= FULL_DIAGNOSTICS_MAX_EXAMPLES
+    )
+    estimate_fn = _estimator(feedback)
+
+    def step(state: TrainState, data: Any, key: Optional[jax.Array] = None):
+        _check_data(data, num_examples)
+        state_key = state.key
+        if key is None:
+            if state_key is None:
+                raise ValueError(
+                    "key: pass a PRNG key to the step, or create the state with "
+                    "TrainState.create(..., key=...)"
+                )
+            state_key, key = jax.random.split(state_key)
+        sample_key, model_key, score_key = jax.random.split(key, 3)
+
+        if scoring:
+            score_fn = make_score_fn(
+                loss_fn, score_feedback, state.params, data, score_key,
+                chunk_size=sampler.score_chunk_size,
+            )
+            indices, probs = sampler.sample(state.sampler_state, sample_key, score_fn)
+        else:
+            indices, probs = sampler.sample(state.sampler_state, sample_key)
+        weights = jax.lax.stop_gradient(importance_weights(probs, num_examples))
+        batch = gather(data, indices)
+
+        estimate = estimate_fn(loss_fn, state.params, batch, weights, model_key)
+        updates, opt_state = _optimizer_update(
+            optimizer, estimate, weights, state.opt_state, state.params
+        )
+        params = optax.apply_updates(state.params, updates)
+
+        scores = jax.lax.stop_gradient(estimate.feedback)
+        if jnp.shape(scores) != indices.shape:
+            raise ValueError(
+                f"feedback must give one score per example, shape {indices.shape}, "
+                f"got {jnp.shape(scores)}"
+            )
+        scores = scores.astype(jnp.float32)
+        sampler_state = sampler.update(state.sampler_state, indices, scores)
+        metrics = _metrics(
+            estimate, weights, scores, sampler_state, full_diagnostics, diagnostics is True
+        )
+        new_state = TrainState(
+            params=params,
+            opt_state=opt_state,
+            sampler_state=sampler_state,
+            step=state.step + 1,
+            key=state_key,
+        )
+        return new_state, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,214 @@
+"""Optax transformations that turn per-example gradients into the unbiased AdamBS estimate.
+
+A batch I = (i_1..i_K) drawn from a distribution p over the n examples gives the unbiased
+estimate of the mean gradient G = (1/n) sum_j g_j (Liu, Wu, Mozafari, "Adam with Bandit
+Sampling for Deep Learning", NeurIPS 2020, eq. 1):
+
+    G_hat = (1/K) sum_k w_k g_{i_k},    w_k = 1 / (n p_{i_k})     (E_p[G_hat] = G)
+
+``importance_weighted_mean()`` computes G_hat from per-example updates (every leaf has a
+leading axis K) and keyword-only ``weights`` (K,), as the first stage of an ``optax.chain``;
+everything after it (Adam's moments, a learning rate, weight decay, ...) sees G_hat, which is
+exactly how AdamBS (Algorithm 1) and AMSGrad with bandit sampling (appendix D) use it.
+
+    tx = adambs(1e-3)                                   # = chain(weighted mean, adam, -lr)
+    tx = with_importance_weighting(optax.rmsprop(1e-3)) # any optax optimizer
+    state = tx.init(params)                             # params: no K axis
+    updates, state = tx.update(per_example_grads, state, params, weights=w)
+
+``make_train_step`` accepts both a plain optax optimizer (it then computes G_hat itself) and
+one built here (it then feeds it per-example gradients and ``weights``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "ImportanceWeightedTransformation",
+    "weighted_mean",
+    "importance_weighted_mean",
+    "with_importance_weighting",
+    "adambs",
+    "amsgradbs",
+]
+
+
+class ImportanceWeightedTransformation(optax.GradientTransformationExtraArgs):
+    """An ``optax.GradientTransformationExtraArgs`` whose ``update`` expects per-example
+    updates (every leaf with a leading axis K) and keyword-only ``weights`` (K,).
+
+    It is a marker subclass (no extra fields): ``with_importance_weighting``, ``adambs`` and
+    ``amsgradbs`` return it, so that ``make_train_step`` knows to feed per-example gradients
+    and weights rather than an already-averaged gradient. It composes in ``optax.chain`` like
+    any other transformation (the chain is then a plain ``GradientTransformationExtraArgs``
+    that still needs ``weights``).
+    """
+
+    __slots__ = ()
+
+
+def weighted_mean(per_example_updates: Any, weights: jax.Array) -> Any:
+    """(1/K) sum_k weights_k * updates_k for every leaf: the AdamBS estimate G_hat (eq. 1).
+
+    Args:
+      per_example_updates: a pytree whose every leaf has shape (K, ...), row k belonging to
+        the k-th draw of the batch.
+      weights: (K,) importance weights, w_k = 1 / (n p_{i_k}) (``importance_weights``).
+
+    Returns:
+      A pytree of the same structure with the leading axis removed; each leaf keeps its dtype
+      (the sum is accumulated in the promoted dtype of the leaf and the weights).
+
+    Raises:
+      TypeError: ``weights`` is None.
+      ValueError: ``weights`` is not 1-D, or a leaf's leading axis is not K.
+    """
+    if weights is None:
+        raise TypeError(
+            "weights: the importance weights (K,) are required (keyword-only argument "
+            "`weights=` of the update); use ab.importance_weights(probs, num_examples)"
+        )
+    weights = jnp.asarray(weights)
+    if weights.ndim != 1:
+        raise ValueError(f"weights must have shape (K,) (one per draw), got {weights.shape}")
+    batch_size = weights.shape[0]
+    if batch_size < 1:
+        raise ValueError("weights must have at least one entry (K >= 1), got shape (0,)")
+    leaves, _ = jax.tree_util.tree_flatten_with_path(per_example_updates)
+    for path, leaf in leaves:
+        shape = jnp.shape(leaf)
+        if len(shape) < 1 or shape[0] != batch_size:
+            raise ValueError(
+                f"updates: every leaf must be per-example with a leading axis K={batch_size} "
+                f"matching weights {weights.shape}; leaf {jax.tree_util.keystr(path)} has "
+                f"shape {shape}"
+            )
+
+    def mean(leaf):
+        leaf = jnp.asarray(leaf)
+        total = jnp.tensordot(weights, leaf, axes=(0, 0))
+        return (total / batch_size).astype(leaf.dtype)
+
+    return jax.tree.map(mean, per_example_updates)
+
+
+def importance_weighted_mean() -> ImportanceWeightedTransformation:
+    """An optax transformation computing G_hat = (1/K) sum_k w_k u_k (AdamBS eq. 1).
+
+    ``update(updates, state, params=None, *, weights, **extra_args)`` takes per-example
+    ``updates`` (every leaf (K, ...)) and ``weights`` (K,), and returns updates without the K
+    axis. Other extra arguments are ignored, so it composes with transformations that need
+    their own (``optax.chain`` passes every extra argument to every stage). It keeps no state
+    (``optax.EmptyState``); ``init`` takes the parameters (no K axis).
+
+    With uniform sampling (w = 1) it is the plain mini-batch mean of the per-example updates.
+
+    Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, weights=None, **extra_args):
+        del params, extra_args
+        return weighted_mean(updates, weights), state
+
+    return ImportanceWeightedTransformation(init_fn, update_fn)
+
+
+def with_importance_weighting(
+    optimizer: optax.GradientTransformation,
+) -> ImportanceWeightedTransformation:
+    """Puts ``importance_weighted_mean()`` in front of any optax optimizer.
+
+    ``with_importance_weighting(optax.sgd(lr))`` (or ``optax.rmsprop``, ``optax.adamw``,
+    ``optax.sgd(lr, momentum=0.9)``, ...) takes per-example gradients and ``weights`` and
+    applies ``optimizer`` to the unbiased estimate G_hat = (1/K) sum_k w_k g_{i_k}. The state
+    is ``(optax.EmptyState(), optimizer_state)``.
+
+    Args:
+      optimizer: an ``optax.GradientTransformation`` (or ``...ExtraArgs``; its extra
+        arguments are passed through).
+
+    Raises:
+      TypeError: ``optimizer`` is not an optax gradient transformation.
+      ValueError: ``optimizer`` is already importance-weighted.
+    """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, ImportanceWeightedTransformation):
+        raise ValueError(
+            "optimizer is already importance-weighted (it expects per-example updates); "
+            "weighting it twice would average over a batch axis that is no longer there"
+        )
+    return ImportanceWeightedTransformation(*optax.chain(importance_weighted_mean(), optimizer))
+
+
+def adambs(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+) -> ImportanceWeightedTransformation:
+    """The optimizer of AdamBS (Algorithm 1 of Liu, Wu, Mozafari, NeurIPS 2020).
+
+        G_hat = (1/K) sum_k g_{i_k} / (n p_{i_k})                       (eq. 1)
+        m_t = b1 m_{t-1} + (1 - b1) G_hat,  v_t = b2 v_{t-1} + (1 - b2) G_hat^2   (eq. 2)
+        theta_t = theta_{t-1} - lr_t m_t/(1 - b1^t) / (sqrt(v_t/(1 - b2^t)) + eps)
+
+    = ``optax.chain(importance_weighted_mean(), optax.scale_by_adam(b1, b2, eps, eps_root),
+    optax.scale_by_learning_rate(learning_rate))``. The sampling distribution p is learned by
+    a sampler (``exp3_sampler``); ``weights`` = ``importance_weights(probs, n)``.
+
+    Args:
+      learning_rate: a float or an optax schedule ``step -> lr``.
+      b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_adam``.
+
+    Returns:
+      An ``ImportanceWeightedTransformation``: ``update(per_example_grads, state, params,
+      weights=w)`` with per-example gradients (leading axis K) and w (K,).
+    """
+    return ImportanceWeightedTransformation(
+        *optax.chain(
+            importance_weighted_mean(),
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+    )
+
+
+def amsgradbs(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+) -> ImportanceWeightedTransformation:
+    """AMSGrad with bandit sampling (appendix D of Liu, Wu, Mozafari, NeurIPS 2020).
+
+    As ``adambs`` but with AMSGrad's second moment v_hat_t = max(v_hat_{t-1}, v_t):
+    ``optax.chain(importance_weighted_mean(), optax.scale_by_amsgrad(b1, b2, eps, eps_root),
+    optax.scale_by_learning_rate(learning_rate))``.
+
+    Args:
+      learning_rate: a float or an optax schedule ``step -> lr``.
+      b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_amsgrad``.
+    """
+    return ImportanceWeightedTransformation(
+        *optax.chain(
+            importance_weighted_mean(),
+            optax.scale_by_amsgrad(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+    )
