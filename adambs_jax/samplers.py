@@ -347,5 +347,10 @@ def _maybe_rescale(state: Exp3SamplerState) -> Exp3SamplerState:
             num_rescales=s.num_rescales + 1,
         )
 
-    needs = jnp.log(sumtree.total(state.tree)) < -RESCALE_LOG_THRESHOLD
-    return jax.lax.cond(needs, rescale, lambda s: s, state)
+    def needs_rescale(s):
+        return jnp.log(sumtree.total(s.tree)) < -RESCALE_LOG_THRESHOLD
+
+    # A while loop (which runs zero times, or once: afterwards the root is 1) rather than
+    # lax.cond: XLA updates a while loop's carry in place, whereas both branches of a cond
+    # produce fresh buffers, i.e. an O(n) copy of the state on every step.
+    return jax.lax.while_loop(needs_rescale, rescale, state)

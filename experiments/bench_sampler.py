@@ -1,0 +1,139 @@
+"""Benchmark: one sampler step (sample K + update K) of the tree-based EXP3 sampler vs a
+dense O(n) baseline, for n = 10^3 .. 10^7 and K = 128.
+
+    python -m experiments.bench_sampler --out results/bench_sampler.json
+
+Both steps are jitted, warmed up (compilation excluded), donate their state, and are timed
+with ``block_until_ready``; the median of many runs is reported. The dense baseline is what
+one writes without a tree: ``jax.random.choice(p=p)`` (a cumulative sum over n, then a
+search) and a multiplicative update of the full p vector followed by the same exact
+projection applied to all n entries (O(n) elementwise work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+import adambs_jax as ab
+from adambs_jax.projection import project_onto_floored_simplex
+
+
+def tree_step_fn(num_examples, batch_size):
+    sampler = ab.exp3_sampler(num_examples, batch_size, num_steps=10_000)
+
+    def step(state, key):
+        k_draw, k_feedback = jax.random.split(key)
+        indices, _ = sampler.sample(state, k_draw)
+        feedback = jax.random.uniform(k_feedback, (batch_size,))
+        return sampler.update(state, indices, feedback)
+
+    return sampler.init(), jax.jit(step, donate_argnums=0)
+
+
+def dense_step_fn(num_examples, batch_size):
+    p_min = 0.1 / num_examples
+    step_size = ab.default_step_size(num_examples, 10_000)
+
+    def step(p, key):
+        k_draw, k_feedback = jax.random.split(key)
+        indices = jax.random.choice(k_draw, num_examples, (batch_size,), p=p)
+        feedback = jax.random.uniform(k_feedback, (batch_size,))
+        bound = jnp.maximum(jnp.max(feedback), 1e-12)
+        p_drawn = p[indices]
+        shortfall = jnp.clip(1 - jnp.square(p_min * feedback / (bound * p_drawn)), 0, 1)
+        alpha_h = jnp.zeros_like(p).at[indices].add(step_size * shortfall / (batch_size * p_drawn))
+        w = p * jnp.exp(-alpha_h)  # O(n)
+        order = jnp.argsort(indices)
+        sorted_idx = indices[order]
+        is_first = jnp.concatenate([jnp.array([True]), sorted_idx[1:] != sorted_idx[:-1]])
+        rest = 1 - jnp.sum(jnp.where(is_first, p[sorted_idx], 0))
+        log_z = project_onto_floored_simplex(jnp.log(w[sorted_idx]), is_first, rest, p_min).log_normalizer
+        return jnp.maximum(p_min, w / jnp.exp(log_z))  # O(n)
+
+    return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32), jax.jit(step, donate_argnums=0)
+
+
+def time_step(make, num_examples, batch_size, repeats):
+    state, step = make(num_examples, batch_size)
+    keys = jax.random.split(jax.random.PRNGKey(0), repeats + 3)
+    start = time.perf_counter()
+    state = jax.block_until_ready(step(state, keys[0]))
+    compile_s = time.perf_counter() - start
+    for key in keys[1:3]:  # warm-up
+        state = jax.block_until_ready(step(state, key))
+    times = []
+    for key in keys[3:]:
+        start = time.perf_counter()
+        state = jax.block_until_ready(step(state, key))
+        times.append(time.perf_counter() - start)
+    return {
+        "median_us": statistics.median(times) * 1e6,
+        "p10_us": sorted(times)[len(times) // 10] * 1e6,
+        "p90_us": sorted(times)[(9 * len(times)) // 10] * 1e6,
+        "repeats": repeats,
+        "compile_s": compile_s,
+    }
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info():
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu_model(),
+        "platform": device.platform,
+        "device": device.device_kind,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench_sampler.json")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6, 10**7])
+    parser.add_argument("--repeats", type=int, default=200, help="runs per measurement (fewer at n >= 1e6 for the dense baseline)")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for n in tqdm(args.sizes, desc="sizes"):
+        tree = time_step(tree_step_fn, n, args.batch_size, args.repeats)
+        dense = time_step(dense_step_fn, n, args.batch_size, max(20, args.repeats // (10 if n >= 10**6 else 1)))
+        rows.append({"num_examples": n, "tree": tree, "dense": dense, "speedup": dense["median_us"] / tree["median_us"]})
+
+    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size, "machine": machine_info(), "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    print(f"\nsample + update, K = {args.batch_size}, {result['machine']['device']} ({result['machine']['platform']}), jax {jax.__version__}")
+    print("| n | tree (us, median) | dense (us, median) | dense / tree |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['num_examples']:.0e} | {row['tree']['median_us']:.1f} | {row['dense']['median_us']:.1f} | {row['speedup']:.1f}x |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
