@@ -307,7 +307,14 @@ def exp3_sampler(
         # space, and identical for all copies of a duplicated arm
         log_scaled_w = old_log_weights - alpha_h
 
-        rest_mass = jnp.maximum(1.0 - jnp.sum(jnp.where(is_first, p, 0.0)), 0.0)
+        # R = mass of the unsampled arms, each >= p_min; exactly 0 when every arm was drawn
+        # (else float32 rounding of 1 - sum, ~1e-7, could dwarf tiny sampled weights)
+        num_unsampled = num_examples - jnp.sum(is_first)
+        rest_mass = jnp.where(
+            num_unsampled > 0,
+            jnp.maximum(1.0 - jnp.sum(jnp.where(is_first, p, 0.0)), num_unsampled * p_min),
+            0.0,
+        )
         log_z = project_onto_floored_simplex(
             log_scaled_w - log_root, is_first, rest_mass, p_min
         ).log_normalizer

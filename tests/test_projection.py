@@ -58,7 +58,8 @@ def test_matches_brute_force_projection(case):
     w_full[indices] = np.exp(log_w_sampled.astype(np.float64))
     expected, expected_z = brute_force_projection(w_full, p_min)
 
-    rest = np.float32(1.0 - p[distinct].sum())
+    unsampled = np.setdiff1d(np.arange(len(p)), distinct)
+    rest = np.float32(p[unsampled].sum())  # exactly 0 when every arm was drawn
     result = project_onto_floored_simplex(
         jnp.asarray(log_w_sampled), jnp.asarray(is_arm), jnp.asarray(rest), p_min
     )

@@ -124,12 +124,30 @@ def test_update_matches_algorithm_2_in_float64(seed):
         assert np.all(np.abs(actual - expected) <= rtol * expected), np.max(np.abs(actual / expected - 1) - rtol)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_update_when_every_arm_is_drawn_and_weights_are_tiny(seed):
+    # R = 0 exactly; a float32 rounding of 1 - sum(p) (~1e-7) would dwarf w ~ e^-40 here
+    n, batch_size, p_min, step_size, bound = 6, 12, 0.005, 100.0, 2.0
+    sampler = ab.exp3_sampler(n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound)
+    state = with_distribution(sampler.init(), random_distribution(n, p_min, seed))
+    p = np.asarray(ab.probabilities(state), np.float64)
+    indices = np.tile(np.arange(n), 2)
+    feedback = np.random.default_rng(seed).uniform(0, 0.1, size=n)[indices]
+    expected, exponent = reference_update(
+        p, indices, feedback, p_min=p_min, step_size=step_size, bound=bound, batch_size=batch_size
+    )
+    assert exponent.min() > 20  # all w = p e^-exponent far below the float32 precision of 1 - sum p
+    state = jax.jit(sampler.update)(state, jnp.asarray(indices), jnp.asarray(feedback, jnp.float32))
+    actual = np.asarray(ab.probabilities(state), np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5 + 1.2e-7 * exponent.max())
+
+
 def test_update_touches_only_sampled_leaves():
     n = 300
     sampler = ab.exp3_sampler(n, 16, step_size=0.5)
     state = with_distribution(sampler.init(), random_distribution(n, 0.1 / n, 1))
     indices = jnp.array([3, 3, 17, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 40, 41, 42])
-    new = sampler.update(state, indices, jnp.linspace(0.1, 2.0, 16))
+    new = jax.jit(sampler.update)(state, indices, jnp.linspace(0.1, 2.0, 16))
     untouched = np.setdiff1d(np.arange(n), np.asarray(indices))
     np.testing.assert_array_equal(
         np.asarray(new.log_weights)[untouched], np.asarray(state.log_weights)[untouched]
@@ -139,12 +157,13 @@ def test_update_touches_only_sampled_leaves():
 def test_adaptive_bound_is_running_max_and_fixed_bound_clips():
     sampler = ab.exp3_sampler(10, 3, step_size=0.1)
     state = sampler.init()
-    state = sampler.update(state, jnp.array([0, 1, 2]), jnp.array([0.5, 2.5, 1.0]))
+    update = jax.jit(sampler.update)
+    state = update(state, jnp.array([0, 1, 2]), jnp.array([0.5, 2.5, 1.0]))
     assert float(state.grad_norm_bound) == 2.5
-    state = sampler.update(state, jnp.array([0, 1, 2]), jnp.array([0.1, 0.2, 0.3]))
+    state = update(state, jnp.array([0, 1, 2]), jnp.array([0.1, 0.2, 0.3]))
     assert float(state.grad_norm_bound) == 2.5
     fixed = ab.exp3_sampler(10, 3, step_size=0.1, grad_norm_bound=1.0)
-    fixed_state = fixed.update(fixed.init(), jnp.array([0, 1, 2]), jnp.array([0.5, 9.0, 1.0]))
+    fixed_state = jax.jit(fixed.update)(fixed.init(), jnp.array([0, 1, 2]), jnp.array([0.5, 9.0, 1.0]))
     assert float(fixed_state.grad_norm_bound) == 1.0
     p = np.asarray(ab.probabilities(fixed_state))
     assert p[1] == pytest.approx(p[2], rel=1e-6)  # 9.0 is clipped to the bound, like 1.0
@@ -158,8 +177,8 @@ def test_default_step_size_is_lemma_1():
     explicit = ab.exp3_sampler(n, 8, step_size=ab.default_step_size(n, steps))
     idx, f = jnp.arange(8), jnp.linspace(0, 1, 8)
     np.testing.assert_array_equal(
-        np.asarray(sampler.update(sampler.init(), idx, f).log_weights),
-        np.asarray(explicit.update(explicit.init(), idx, f).log_weights),
+        np.asarray(jax.jit(sampler.update)(sampler.init(), idx, f).log_weights),
+        np.asarray(jax.jit(explicit.update)(explicit.init(), idx, f).log_weights),
     )
     assert sampler.init().p_min == pytest.approx(0.1 / n)
 
@@ -302,7 +321,8 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     n = 20
     sampler = ab.exp3_sampler(n, 4, step_size=0.5)
     state = with_distribution(sampler.init(), random_distribution(n, 0.1 / n, 0))
-    bad = sampler.update(state, jnp.array([1, 2, 3, 4]), jnp.array([jnp.nan, jnp.inf, -2.0, 1.0]))
+    update = jax.jit(sampler.update)
+    bad = update(state, jnp.array([1, 2, 3, 4]), jnp.array([jnp.nan, jnp.inf, -2.0, 1.0]))
     assert int(bad.num_dropped_feedback) == 3
     assert float(bad.grad_norm_bound) == 1.0  # NaN/Inf do not enter the running max
     # the same update with only the good draw: identical result
@@ -311,7 +331,6 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     # dropped draws count as not drawn: their arms' unnormalized weight is unchanged
     np.testing.assert_array_equal(np.asarray(bad.log_weights)[1:4], np.asarray(state.log_weights)[1:4])
     # ... and training goes on normally afterwards: no poisoning
-    update = jax.jit(sampler.update)
     for i in range(50):
         bad = update(bad, jnp.array([i % n, (3 * i) % n, 5, 6]), jnp.array([0.5, 1.0, 2.0, 0.1]))
     p = np.asarray(ab.probabilities(bad))
@@ -323,7 +342,7 @@ def test_all_nan_feedback_leaves_distribution_unchanged():
     n = 8
     sampler = ab.exp3_sampler(n, 4, step_size=0.5)
     state = with_distribution(sampler.init(), random_distribution(n, 0.1 / n, 2))
-    new = sampler.update(state, jnp.array([0, 1, 1, 5]), jnp.full(4, jnp.nan))
+    new = jax.jit(sampler.update)(state, jnp.array([0, 1, 1, 5]), jnp.full(4, jnp.nan))
     np.testing.assert_allclose(np.asarray(ab.probabilities(new)), np.asarray(ab.probabilities(state)), rtol=1e-6)
     assert int(new.num_dropped_feedback) == 4
 
