@@ -25,6 +25,7 @@ from adambs_jax.feedback import (
     FEEDBACK_KINDS,
     logit_grad_norms,
     per_example_grad_norms,
+    per_example_losses,
     per_example_losses_and_grads,
     tree_norms,
 )

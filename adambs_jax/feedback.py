@@ -36,6 +36,7 @@ __all__ = [
     "batch_size_of",
     "tree_norms",
     "per_example_losses_and_grads",
+    "per_example_losses",
     "per_example_grad_norms",
     "losses_and_output_grads",
     "logit_grad_norms",
@@ -57,7 +58,9 @@ def batch_size_of(batch: Any, *, name: str = "batch") -> int:
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(batch)
     if not leaves:
-        raise ValueError(f"{name} must be a pytree of arrays with a leading batch axis, got no leaves")
+        raise ValueError(
+            f"{name} must be a pytree of arrays with a leading batch axis, got no leaves"
+        )
     sizes = {}
     for path, leaf in leaves:
         shape = jnp.shape(leaf)
@@ -106,6 +109,24 @@ def per_example_losses_and_grads(
     Returns:
       ``(losses (K,), grads)`` with grads a pytree like params with a leading K axis.
     """
+    single_example_loss, keys, key_axis = _single_example_loss(loss_fn, batch, key)
+    losses, grads = jax.vmap(
+        jax.value_and_grad(single_example_loss), in_axes=(None, 0, key_axis)
+    )(params, batch, keys)
+    return losses, grads
+
+
+def per_example_losses(
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+) -> jax.Array:
+    """(K,) losses evaluated one example at a time under ``jax.vmap``, with the same
+    per-example keys as ``per_example_losses_and_grads`` (so the same dropout masks)."""
+    single_example_loss, keys, key_axis = _single_example_loss(loss_fn, batch, key)
+    return jax.vmap(single_example_loss, in_axes=(None, 0, key_axis))(params, batch, keys)
+
+
+def _single_example_loss(loss_fn, batch, key):
+    """``(params, example, example_key) -> scalar``, the per-example keys and their vmap axis."""
     batch_size = batch_size_of(batch)
     loss = with_key_argument(loss_fn)
 
@@ -115,11 +136,7 @@ def per_example_losses_and_grads(
         return losses[0]
 
     keys = None if key is None else jax.random.split(key, batch_size)
-    key_axis = None if key is None else 0
-    losses, grads = jax.vmap(
-        jax.value_and_grad(single_example_loss), in_axes=(None, 0, key_axis)
-    )(params, batch, keys)
-    return losses, grads
+    return single_example_loss, keys, None if key is None else 0
 
 
 def per_example_grad_norms(
@@ -185,7 +202,9 @@ def check_feedback_kind(
     """
     if isinstance(feedback, str):
         if feedback not in FEEDBACK_KINDS:
-            raise ValueError(f"{name} must be one of {FEEDBACK_KINDS} or a callable, got {feedback!r}")
+            raise ValueError(
+                f"{name} must be one of {FEEDBACK_KINDS} or a callable, got {feedback!r}"
+            )
         if feedback == "logit_grad_norm" and not isinstance(loss_fn, ModelLoss):
             raise ValueError(
                 f"{name}='logit_grad_norm' needs the model outputs: pass the loss as "

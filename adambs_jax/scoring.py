@@ -14,9 +14,12 @@ which returns the feedback of kind ``score_feedback`` of examples ``data[indices
 (computed in chunks of ``score_chunk_size`` if given, to bound memory). Everything stays
 inside the one jitted step.
 
-A scoring sampler's ``sample`` returns ``(indices (K,), probs (K,))`` where ``probs`` must be
-such that ``1 / (n probs)`` is the unbiased importance weight of each draw (for a presample
-of B uniform draws resampled with probabilities q: probs = B q / n).
+A scoring sampler's ``sample`` returns ``(indices (K,), probs (K,), state)``: ``probs`` must
+be such that ``1 / (n probs)`` is the unbiased importance weight of each draw (for a presample
+of B uniform draws resampled with probabilities q: probs = B q / n), and ``state`` may record
+what the scores taught it (Adam-impt's moving average of the variance reduction, which
+decides when to switch importance sampling on); the step then passes that state to
+``update(state, indices, feedback)``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class ScoringSampler(NamedTuple):
 
     Attributes:
       init: ``() -> state``.
-      sample: ``(state, key, score_fn) -> (indices (K,) int32, probs (K,))``.
+      sample: ``(state, key, score_fn) -> (indices (K,) int32, probs (K,), state)``.
       update: ``(state, indices (K,), feedback (K,)) -> state``.
       num_examples: n.
       batch_size: K.
@@ -53,7 +56,7 @@ class ScoringSampler(NamedTuple):
     """
 
     init: Callable[[], Any]
-    sample: Callable[[Any, jax.Array, ScoreFn], tuple[jax.Array, jax.Array]]
+    sample: Callable[[Any, jax.Array, ScoreFn], tuple[jax.Array, jax.Array, Any]]
     update: Callable[[Any, jax.Array, jax.Array], Any]
     num_examples: int
     batch_size: int

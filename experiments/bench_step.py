@@ -1,0 +1,251 @@
+"""Benchmark: time of one training step, plain Adam vs AdamBS with each feedback kind.
+
+    python -m experiments.bench_step [--out results/bench_step.json] [--runs 100]
+
+Two models (defined here, Flax linen, so the benchmark depends on nothing else in
+``experiments``):
+
+* ``mlp``: 64 -> 128 -> 128 -> 10 on digits-sized random data (n = 1797, 64 features,
+  10 classes);
+* ``cnn``: conv 3x3x16 (stride 2) -> conv 3x3x32 (stride 2) -> dense 10 on random 28x28x1
+  images (n = 10,000).
+
+Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step with uniform
+indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
+feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
+``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
+these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads=True``) and
+``adambs/loss/no-diagnostics``. Every step is jitted with the state donated,
+warmed up (compilation excluded) and timed with ``block_until_ready``, the variants
+interleaved in rounds; the table reports the median over ``--runs`` steps and the ratio to
+``adam`` (AdamBS paper: Liu, Wu, Mozafari,
+NeurIPS 2020; DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adambs_jax as ab
+
+BATCH_SIZE = 128
+LEARNING_RATE = 1e-3
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(10)(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), strides=(2, 2))(x))
+        x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def make_problem(name: str, seed: int = 0):
+    """(model, data, params): random data of the given shape, on device."""
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        model, n, shape = MLP(), 1797, (64,)
+    elif name == "cnn":
+        model, n, shape = CNN(), 10_000, (28, 28, 1)
+    else:
+        raise ValueError(f"model must be 'mlp' or 'cnn', got {name!r}")
+    data = {
+        "x": jnp.asarray(rng.normal(size=(n,) + shape), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, 10, size=(n,)), jnp.int32),
+    }
+    params = jax.jit(model.init)(jax.random.key(seed), data["x"][:1])
+    return model, data, params
+
+
+def model_loss_of(model) -> ab.ModelLoss:
+    return ab.ModelLoss(
+        apply_fn=lambda params, batch: model.apply(params, batch["x"]),
+        loss_from_outputs=lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["y"]
+        ),
+    )
+
+
+def plain_adam_step(model_loss, num_examples):
+    """The baseline: uniform indices, gather, grad of the mean loss, optax.adam."""
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def step(state, data, key):
+        params, opt_state = state
+        indices = jax.random.randint(key, (BATCH_SIZE,), 0, num_examples)
+        batch = jax.tree.map(lambda leaf: leaf[indices], data)
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(model_loss(p, batch)))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    def init(params):
+        return (jax.tree.map(jnp.copy, params), optimizer.init(params))
+
+    return jax.jit(step, donate_argnums=0), init
+
+
+def library_step(model_loss, num_examples, variant: str):
+    """``make_train_step`` for a variant name ``uniform`` or ``adambs/<feedback>[/...]``."""
+    optimizer = optax.adam(LEARNING_RATE)
+    parts = variant.split("/")
+    if parts[0] == "uniform":
+        sampler, feedback = ab.uniform_sampler(num_examples, BATCH_SIZE), "loss"
+    else:
+        sampler = ab.exp3_sampler(num_examples, BATCH_SIZE, num_steps=10_000)
+        feedback = parts[1]
+    diagnostics = False if "no-diagnostics" in parts else None
+    step = ab.make_train_step(
+        model_loss, optimizer, sampler, feedback=feedback, diagnostics=diagnostics,
+        reuse_per_example_grads="reuse-per-example" in parts,
+    )
+
+    def init(params):
+        return ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+
+    return step, init
+
+
+class _Timed:
+    """One variant's jitted step and its live (donated, re-bound) state."""
+
+    def __init__(self, step: Callable, state: Any):
+        self.step, self.state, self.times = step, state, []
+
+    def advance(self, data: Any, keys, record: bool):
+        for key in keys:
+            start = time.perf_counter()
+            self.state, metrics = self.step(self.state, data, key)
+            jax.block_until_ready((self.state, metrics))
+            if record:
+                self.times.append(time.perf_counter() - start)
+
+
+VARIANTS = (
+    "adam",
+    "uniform",
+    "adambs/grad_norm",
+    "adambs/grad_norm/reuse-per-example",
+    "adambs/logit_grad_norm",
+    "adambs/loss",
+    "adambs/loss/no-diagnostics",
+)
+
+
+def run(models, runs: int, warmup: int, rounds: int = 10):
+    """Times every variant of each model, interleaved: ``rounds`` rounds, each giving every
+    variant ``runs / rounds`` consecutive steps, so that a change of the machine's load
+    during the benchmark hits all variants alike (ratios side by side, DESIGN.md §5)."""
+    results = []
+    for name in models:
+        model, data, params = make_problem(name)
+        model_loss = model_loss_of(model)
+        num_examples = data["y"].shape[0]
+        timed = {}
+        for variant in VARIANTS:
+            if variant == "adam":
+                step, init = plain_adam_step(model_loss, num_examples)
+            else:
+                step, init = library_step(model_loss, num_examples, variant)
+            timed[variant] = _Timed(step, init(params))
+        keys = list(jax.random.split(jax.random.key(1), warmup + runs))
+        for variant in VARIANTS:  # compile and warm up
+            timed[variant].advance(data, keys[:warmup], record=False)
+        per_round = -(-runs // rounds)
+        for start in range(warmup, warmup + runs, per_round):
+            for variant in VARIANTS:
+                timed[variant].advance(data, keys[start : start + per_round], record=True)
+        baseline = statistics.median(timed["adam"].times)
+        for variant in VARIANTS:
+            times = timed[variant].times
+            median = statistics.median(times)
+            results.append(
+                {
+                    "model": name,
+                    "num_examples": num_examples,
+                    "batch_size": BATCH_SIZE,
+                    "variant": variant,
+                    "median_ms": 1e3 * median,
+                    "p10_ms": 1e3 * float(np.percentile(times, 10)),
+                    "p90_ms": 1e3 * float(np.percentile(times, 90)),
+                    "runs": len(times),
+                    "ratio_vs_adam": median / baseline,
+                }
+            )
+            print(
+                f"{name:4s} {variant:32s} {1e3 * median:8.3f} ms  x{median / baseline:.2f}",
+                flush=True,
+            )
+        del timed
+    return results
+
+
+def machine() -> dict:
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": __import__("flax").__version__,
+        "optax": optax.__version__,
+    }
+
+
+def markdown_table(results) -> str:
+    lines = [
+        "| model | n | variant | median ms/step | p10–p90 ms | ratio vs Adam |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['num_examples']} | {r['variant']} | {r['median_ms']:.3f} | "
+            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {r['ratio_vs_adam']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench_step.json")
+    parser.add_argument("--runs", type=int, default=100, help="timed steps per variant (>= 50)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaving rounds")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--runs, --warmup and --rounds must be >= 1")
+    results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds)
+    report = {"benchmark": "train_step", "machine": machine(), "results": results}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print()
+    print(markdown_table(results))
+    print(f"\nmachine: {report['machine']}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

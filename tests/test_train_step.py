@@ -1,0 +1,429 @@
+"""Tests of adambs_jax.train_step (and the scoring hook): one jitted AdamBS training step."""
+
+import pathlib
+import re
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import adambs_jax as ab
+from adambs_jax.scoring import make_score_fn
+
+NUM_EXAMPLES = 96
+BATCH_SIZE = 8
+NUM_FEATURES = 5
+NUM_CLASSES = 3
+API_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
+
+
+def _linear_model(params, batch):
+    return batch["x"] @ params["w"] + params["b"]
+
+
+def _cross_entropy(logits, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+
+# module-level functions, so that jitted references compile once for all tests
+MODEL_LOSS = ab.ModelLoss(apply_fn=_linear_model, loss_from_outputs=_cross_entropy)
+
+
+def _problem(seed=0):
+    """A linearly separable 3-class problem and a linear softmax model."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(NUM_EXAMPLES, NUM_FEATURES)).astype(np.float32)
+    labels = np.argmax(x @ rng.normal(size=(NUM_FEATURES, NUM_CLASSES)), axis=1)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(labels)}
+    params = {
+        "w": jnp.asarray(0.1 * rng.normal(size=(NUM_FEATURES, NUM_CLASSES)), jnp.float32),
+        "b": jnp.zeros((NUM_CLASSES,)),
+    }
+    return params, data, MODEL_LOSS
+
+
+@jax.jit
+def _reference_estimate(params, batch, weights):
+    """Independent of the step: G_hat and every feedback kind, from vmap'ed gradients."""
+    losses, per_example = ab.per_example_losses_and_grads(MODEL_LOSS, params, batch)
+    feedback = {
+        "grad_norm": ab.tree_norms(per_example),
+        "logit_grad_norm": ab.logit_grad_norms(MODEL_LOSS, params, batch),
+        "loss": losses,
+    }
+    return losses, ab.weighted_mean(per_example, weights), feedback
+
+
+def _full_loss(model_loss, params, data):
+    return float(jnp.mean(model_loss(params, data)))
+
+
+def _fixed_distribution_sampler(probabilities):
+    """A ``Sampler`` drawing i.i.d. from a fixed, non-uniform p (nothing is learned)."""
+    n = probabilities.shape[0]
+
+    def sample(state, key):
+        del state
+        indices = jax.random.choice(key, n, (BATCH_SIZE,), p=probabilities).astype(jnp.int32)
+        return indices, probabilities[indices]
+
+    return ab.Sampler(
+        init=lambda: jnp.zeros((), jnp.int32),
+        sample=sample,
+        update=lambda state, indices, feedback: state + 1,
+        num_examples=n,
+        batch_size=BATCH_SIZE,
+    )
+
+
+class UniformIsPlainTrainingTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("adam_loss_feedback", lambda: optax.adam(0.05), "loss"),
+        ("adam_grad_norm", lambda: optax.adam(0.05), "grad_norm"),
+        ("adambs_logit_grad_norm", lambda: ab.adambs(0.05), "logit_grad_norm"),
+    )
+    def test_matches_a_hand_written_adam_loop(self, make_optimizer, feedback):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        optimizer = make_optimizer()
+        step = ab.make_train_step(model_loss, optimizer, sampler, feedback=feedback)
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+
+        reference = optax.adam(0.05)
+
+        @jax.jit
+        def reference_step(params, opt_state, key):
+            sample_key = jax.random.split(key, 3)[0]  # the step's documented key split
+            indices, _ = sampler.sample(sampler.init(), sample_key)
+            batch = jax.tree.map(lambda leaf: leaf[indices], data)
+            grads = jax.grad(lambda p: jnp.mean(model_loss(p, batch)))(params)
+            updates, opt_state = reference.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        reference_params, reference_state = params, reference.init(params)
+        for t in range(10):
+            key = jax.random.key(100 + t)
+            state, metrics = step(state, data, key)
+            reference_params, reference_state = reference_step(
+                reference_params, reference_state, key
+            )
+            chex.assert_trees_all_close(state.params, reference_params, atol=1e-6, rtol=1e-6)
+        self.assertEqual(int(state.step), 10)
+        np.testing.assert_allclose(metrics["weighted_loss"], metrics["loss"], rtol=1e-5)
+
+
+class GradientEstimateTest(parameterized.TestCase):
+    """With SGD(lr=1) the parameter change is -G_hat: check it for every feedback kind."""
+
+    @parameterized.named_parameters(
+        ("grad_norm", "grad_norm", False, True),
+        ("grad_norm_recomputed_mean", "grad_norm", False, False),
+        ("logit_grad_norm", "logit_grad_norm", False, True),
+        ("loss", "loss", False, True),
+        # an optimizer of per-example gradients: fed them directly (grad_norm), or fed the
+        # already averaged gradient as a batch of one with weight 1 (the other kinds)
+        ("grad_norm_per_example_optimizer", "grad_norm", True, True),
+        ("logit_grad_norm_per_example_optimizer", "logit_grad_norm", True, True),
+    )
+    def test_step_applies_the_importance_weighted_mean_gradient(
+        self, feedback, per_example_optimizer, reuse_per_example_grads
+    ):
+        params, data, model_loss = _problem()
+        p = jnp.linspace(1.0, 3.0, NUM_EXAMPLES)
+        p = p / jnp.sum(p)
+        sampler = _fixed_distribution_sampler(p)
+        optimizer = optax.sgd(1.0)
+        if per_example_optimizer:
+            optimizer = ab.with_importance_weighting(optimizer)
+        step = ab.make_train_step(
+            model_loss, optimizer, sampler, feedback=feedback,
+            reuse_per_example_grads=reuse_per_example_grads,
+        )
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        key = jax.random.key(7)
+        new_state, metrics = step(state, data, key)
+
+        indices, probs = sampler.sample(None, jax.random.split(key, 3)[0])
+        weights = ab.importance_weights(probs, NUM_EXAMPLES)
+        batch = jax.tree.map(lambda leaf: leaf[indices], data)
+        losses, expected_gradient, expected_feedback = _reference_estimate(params, batch, weights)
+        step_gradient = jax.tree.map(lambda old, new: old - new, params, new_state.params)
+        chex.assert_trees_all_close(step_gradient, expected_gradient, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(metrics["loss"], jnp.mean(losses), rtol=1e-5)
+        np.testing.assert_allclose(metrics["weighted_loss"], jnp.mean(weights * losses), rtol=1e-5)
+        np.testing.assert_allclose(metrics["max_weight"], jnp.max(weights), rtol=1e-6)
+        np.testing.assert_allclose(metrics["min_weight"], jnp.min(weights), rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics["mean_feedback"], jnp.mean(expected_feedback[feedback]), rtol=1e-5
+        )
+
+    def test_pure_step_composes_in_scan(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        optimizer = optax.sgd(0.1)
+        pure_step = ab.make_train_step(model_loss, optimizer, sampler, feedback="loss", jit=False)
+        keys = jax.random.split(jax.random.key(0), 3)
+
+        @jax.jit
+        def run(state):
+            return jax.lax.scan(lambda s, k: pure_step(s, data, k), state, keys)
+
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        scanned, metrics = run(state)
+        chex.assert_shape(metrics["loss"], (3,))
+        step = ab.make_train_step(model_loss, optimizer, sampler, feedback="loss")
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        for key in keys:
+            state, _ = step(state, data, key)
+        chex.assert_trees_all_close(scanned.params, state.params, atol=1e-6)
+
+
+class Exp3StepTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("sgd", lambda: optax.sgd(0.3)),
+        ("rmsprop", lambda: optax.rmsprop(0.02)),
+        ("adam", lambda: optax.adam(0.05)),
+        ("amsgrad", lambda: optax.amsgrad(0.05)),
+        ("adamw", lambda: optax.adamw(0.05, weight_decay=1e-3)),
+    )
+    def test_loss_decreases_with_exp3_sampling_and_compiles_once(self, make_optimizer):
+        params, data, model_loss = _problem()
+        num_steps = 40
+        sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=num_steps)
+        optimizer = make_optimizer()
+        traces = []
+
+        def counting_loss(p, batch):
+            traces.append(1)  # a Python side effect: runs only while tracing
+            return model_loss(p, batch)
+
+        step = ab.make_train_step(counting_loss, optimizer, sampler, feedback="grad_norm")
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        initial_loss = _full_loss(model_loss, params, data)
+        state, _ = step(state, data, jax.random.key(0))
+        traces_after_first_call = len(traces)
+        self.assertGreater(traces_after_first_call, 0)
+        for t in range(1, num_steps):
+            previous = state
+            state, metrics = step(state, data, jax.random.key(t))
+        self.assertEqual(len(traces), traces_after_first_call)  # compiled once: no retrace
+        self.assertTrue(previous.params["w"].is_deleted())  # the step donated its input state
+        self.assertFalse(params["w"].is_deleted())  # TrainState.create copied the params
+        self.assertEqual(int(state.step), num_steps)
+        self.assertEqual(int(state.sampler_state.step), num_steps)
+        self.assertEqual(int(metrics["num_dropped_feedback"]), 0)
+        final_loss = _full_loss(model_loss, state.params, data)
+        self.assertLess(final_loss, 0.7 * initial_loss)
+        for value in metrics.values():
+            self.assertTrue(np.isfinite(value))
+        # the sampler learned something: p is no longer uniform
+        self.assertGreater(float(metrics["max_prob"]), 1.0 / NUM_EXAMPLES)
+
+    def test_bad_feedback_is_dropped_and_counted(self):
+        params, data, model_loss = _problem()
+
+        def corrupted(p, batch, losses):  # one NaN, one infinite, one negative score per step
+            return losses.at[0].set(jnp.nan).at[1].set(jnp.inf).at[2].set(-1.0)
+
+        sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
+        optimizer = optax.adam(0.05)
+        step = ab.make_train_step(
+            model_loss, optimizer, sampler, feedback=corrupted, diagnostics=True
+        )
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        for t in range(5):
+            state, metrics = step(state, data, jax.random.key(t))
+            self.assertEqual(int(metrics["num_dropped_feedback"]), 3)
+        self.assertEqual(int(state.sampler_state.num_dropped_feedback), 15)
+        p = ab.probabilities(state.sampler_state)
+        self.assertTrue(bool(jnp.all(jnp.isfinite(p))))
+        np.testing.assert_allclose(metrics["max_prob"], jnp.max(p), rtol=1e-6)
+        np.testing.assert_allclose(metrics["min_prob"], jnp.min(p), rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics["effective_sample_size"], 1.0 / (NUM_EXAMPLES * jnp.sum(p**2)), rtol=1e-5
+        )
+        self.assertGreaterEqual(float(metrics["min_prob"]), 0.1 / NUM_EXAMPLES * (1 - 1e-5))
+        self.assertTrue(np.isfinite(metrics["mean_feedback"]))
+        np.testing.assert_allclose(
+            metrics["grad_norm_bound"], state.sampler_state.grad_norm_bound, rtol=1e-6
+        )
+
+
+class StateAndOptionsTest(parameterized.TestCase):
+    def test_key_from_the_state(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
+        state = ab.TrainState.create(
+            params=params, optimizer=optax.sgd(0.1), sampler=sampler, key=jax.random.key(0)
+        )
+        first_key = jax.random.key_data(state.key)
+        state, _ = step(state, data)
+        second_key = jax.random.key_data(state.key)
+        state, _ = step(state, data)
+        self.assertFalse(np.array_equal(first_key, second_key))
+        self.assertFalse(np.array_equal(second_key, jax.random.key_data(state.key)))
+        keyless = ab.TrainState.create(params=params, optimizer=optax.sgd(0.1), sampler=sampler)
+        with pytest.raises(ValueError, match="key"):
+            step(keyless, data)
+
+    def test_diagnostics_options(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        optimizer = optax.sgd(0.1)
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        on = ab.make_train_step(model_loss, optimizer, sampler, feedback="loss", diagnostics=True)
+        _, metrics = on(state, data, jax.random.key(0))
+        np.testing.assert_allclose(metrics["effective_sample_size"], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(metrics["max_prob"], 1.0 / NUM_EXAMPLES, rtol=1e-6)
+        np.testing.assert_allclose(metrics["min_prob"], 1.0 / NUM_EXAMPLES, rtol=1e-6)
+        off = ab.make_train_step(model_loss, optimizer, sampler, feedback="loss", diagnostics=False)
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        _, metrics = off(state, data, jax.random.key(0))
+        self.assertNotIn("effective_sample_size", metrics)
+        self.assertNotIn("max_prob", metrics)
+        self.assertIn("loss", metrics)
+
+    def test_diagnostics_default_off_for_large_datasets(self):
+        n = ab.train_step.FULL_DIAGNOSTICS_MAX_EXAMPLES + 1
+        data = {"x": jnp.ones((n, 1)), "y": jnp.zeros((n,), jnp.int32)}
+        model_loss = ab.ModelLoss(lambda p, b: b["x"] @ p, _cross_entropy)
+        sampler = ab.uniform_sampler(n, BATCH_SIZE)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
+        state = ab.TrainState.create(
+            params=jnp.ones((1, 2)), optimizer=optax.sgd(0.1), sampler=sampler
+        )
+        _, metrics = step(state, data, jax.random.key(0))
+        self.assertNotIn("effective_sample_size", metrics)
+        self.assertIn("max_weight", metrics)
+
+    def test_build_time_errors(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        plain_loss = lambda p, b: model_loss(p, b)
+        with pytest.raises(ValueError, match="ModelLoss"):
+            ab.make_train_step(plain_loss, optax.sgd(0.1), sampler, feedback="logit_grad_norm")
+        with pytest.raises(ValueError, match="feedback must be one of"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="norm")
+        with pytest.raises(TypeError, match="optimizer"):
+            ab.make_train_step(model_loss, lambda g: g, sampler)
+        with pytest.raises(TypeError, match="sampler"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), object())
+        with pytest.raises(TypeError, match="loss_fn"):
+            ab.make_train_step(3, optax.sgd(0.1), sampler)
+        with pytest.raises(TypeError, match="reuse_per_example_grads"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, reuse_per_example_grads=None)
+        with pytest.raises(TypeError, match="diagnostics"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, diagnostics="yes")
+        with pytest.raises(TypeError, match="optimizer"):
+            ab.TrainState.create(params=params, optimizer=None, sampler=sampler)
+
+    def test_trace_time_errors(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        state = ab.TrainState.create(params=params, optimizer=optax.sgd(0.1), sampler=sampler)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss", jit=False)
+        short = jax.tree.map(lambda leaf: leaf[:-1], data)
+        with pytest.raises(ValueError, match="data"):
+            step(state, short, jax.random.key(0))
+        mean_loss = lambda p, b: jnp.mean(model_loss(p, b))
+        step = ab.make_train_step(mean_loss, optax.sgd(0.1), sampler, feedback="loss", jit=False)
+        with pytest.raises(ValueError, match="per-example losses"):
+            step(state, data, jax.random.key(0))
+        wrong_size = ab.Sampler(
+            init=sampler.init,
+            sample=lambda state, key: (
+                jnp.zeros((BATCH_SIZE + 1,), jnp.int32), jnp.ones((BATCH_SIZE + 1,))
+            ),
+            update=sampler.update,
+            num_examples=NUM_EXAMPLES,
+            batch_size=BATCH_SIZE,
+        )
+        step = ab.make_train_step(
+            model_loss, optax.sgd(0.1), wrong_size, feedback="loss", jit=False
+        )
+        with pytest.raises(ValueError, match="sampler.sample"):
+            step(state, data, jax.random.key(0))
+        bad_feedback = lambda p, b, losses: losses[:2]
+        step = ab.make_train_step(
+            model_loss, optax.sgd(0.1), sampler, feedback=bad_feedback, jit=False
+        )
+        with pytest.raises(ValueError, match="feedback"):
+            step(state, data, jax.random.key(0))
+
+
+class ScoringHookTest(parameterized.TestCase):
+    def test_score_fn_matches_the_feedback_functions_with_and_without_chunks(self):
+        params, data, model_loss = _problem()
+        indices = jnp.asarray([3, 0, 95, 17, 17, 42, 8], jnp.int32)
+        batch = jax.tree.map(lambda leaf: leaf[indices], data)
+        expected = ab.logit_grad_norms(model_loss, params, batch)
+        for chunk_size in (None, 3):  # 3: two full chunks and a padded one
+            score_fn = make_score_fn(
+                model_loss, "logit_grad_norm", params, data, jax.random.key(0),
+                chunk_size=chunk_size,
+            )
+            np.testing.assert_allclose(jax.jit(score_fn)(indices), expected, rtol=1e-6)
+        score_fn = make_score_fn(model_loss, "grad_norm", params, data, None, chunk_size=2)
+        np.testing.assert_allclose(
+            jax.jit(score_fn)(indices),
+            _reference_estimate(params, batch, jnp.ones(7))[2]["grad_norm"],
+            rtol=1e-5,
+        )
+        with pytest.raises(ValueError, match="chunk_size"):
+            make_score_fn(model_loss, "loss", params, data, chunk_size=0)
+
+    def test_scoring_sampler_gets_scores_of_the_current_model(self):
+        params, data, model_loss = _problem()
+        presample = jnp.arange(3 * BATCH_SIZE, dtype=jnp.int32)
+
+        def sample(state, key, score_fn):  # the K best-scored of a fixed presample
+            del key
+            scores = score_fn(presample)
+            chosen = presample[jnp.argsort(-scores)[:BATCH_SIZE]]
+            state = state._replace(scores=scores)  # sample may update the state
+            return chosen, jnp.full((BATCH_SIZE,), 1.0 / NUM_EXAMPLES), state
+
+        class State(NamedTuple):
+            scores: jax.Array
+            drawn: jax.Array
+
+        sampler = ab.ScoringSampler(
+            init=lambda: State(jnp.zeros((3 * BATCH_SIZE,)), jnp.zeros((BATCH_SIZE,), jnp.int32)),
+            sample=sample,
+            # update sees the state returned by sample; it remembers the drawn indices
+            update=lambda state, indices, feedback: state._replace(drawn=indices),
+            num_examples=NUM_EXAMPLES,
+            batch_size=BATCH_SIZE,
+            score_feedback="logit_grad_norm",
+            score_chunk_size=5,
+        )
+        step = ab.make_train_step(model_loss, optax.sgd(0.5), sampler, feedback="loss")
+        state = ab.TrainState.create(params=params, optimizer=optax.sgd(0.5), sampler=sampler)
+        for t in range(2):
+            current_params = jax.tree.map(jnp.copy, state.params)
+            state, _ = step(state, data, jax.random.key(t))
+            batch = jax.tree.map(lambda leaf: leaf[presample], data)
+            scores = ab.logit_grad_norms(model_loss, current_params, batch)
+            expected = presample[jnp.argsort(-scores)[:BATCH_SIZE]]
+            np.testing.assert_array_equal(state.sampler_state.drawn, expected)
+            np.testing.assert_allclose(state.sampler_state.scores, scores, rtol=1e-6)
+
+
+def _api_examples():
+    blocks = re.findall(r"```python\n(.*?)```", API_DOC.read_text(), re.S)
+    assert len(blocks) >= 5, "docs/api.md lost its examples"
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "index", range(5), ids=["transforms", "linen", "linen_logit", "nnx", "scoring"]
+)
+def test_api_doc_example_runs(index):
+    """The examples of docs/api.md (linen with dropout, NNX, ...) run and their asserts hold."""
+    exec(compile(_api_examples()[index], f"{API_DOC.name}[{index}]", "exec"), {"__name__": "doc"})

@@ -1,0 +1,263 @@
+"""Tests of adambs_jax.transforms: the importance-weighted mean and the optimizers built on it."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import adambs_jax as ab
+
+NUM_EXAMPLES = 8
+NUM_FEATURES = 3
+
+
+def _problem():
+    """A tiny least-squares problem: per-example loss (x_j . w + b - y_j)^2."""
+    kx, ky, kw = jax.random.split(jax.random.key(0), 3)
+    data = {
+        "x": jax.random.normal(kx, (NUM_EXAMPLES, NUM_FEATURES)),
+        "y": jax.random.normal(ky, (NUM_EXAMPLES,)),
+    }
+    params = {"w": jax.random.normal(kw, (NUM_FEATURES,)), "b": jnp.asarray(0.5)}
+
+    def loss_fn(params, batch):
+        return jnp.square(batch["x"] @ params["w"] + params["b"] - batch["y"])
+
+    return params, data, loss_fn
+
+
+def _per_example_grads(batch_size=5, seed=1):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    grads = {
+        "w": jax.random.normal(k1, (batch_size, 4, 2)),
+        "b": jax.random.normal(k2, (batch_size,)),
+    }
+    weights = jnp.linspace(0.5, 2.0, batch_size)
+    return grads, weights
+
+
+class WeightedMeanTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy(self):
+        grads, weights = _per_example_grads()
+        mean = self.variant(ab.weighted_mean)(grads, weights)
+        for name in grads:
+            expected = np.tensordot(np.asarray(weights), np.asarray(grads[name]), axes=1) / 5
+            np.testing.assert_allclose(mean[name], expected, rtol=1e-6, atol=1e-6)
+            self.assertEqual(mean[name].shape, grads[name].shape[1:])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_transform_with_unit_weights_is_the_plain_mean(self):
+        grads, _ = _per_example_grads()
+        tx = ab.importance_weighted_mean()
+        state = tx.init({"w": jnp.zeros((4, 2)), "b": jnp.zeros(())})
+        update = self.variant(lambda g, s, w: tx.update(g, s, weights=w))
+        mean, new_state = update(grads, state, jnp.ones(5))
+        chex.assert_trees_all_close(
+            mean, jax.tree.map(lambda g: g.mean(0), grads), rtol=1e-6, atol=1e-6
+        )
+        self.assertIsInstance(new_state, optax.EmptyState)
+
+    def test_keeps_leaf_dtype(self):
+        grads = {"w": jnp.ones((3, 2), jnp.bfloat16)}
+        mean = ab.weighted_mean(grads, jnp.asarray([1.0, 2.0, 3.0]))
+        self.assertEqual(mean["w"].dtype, jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(mean["w"], np.float32), 2.0)
+
+    def test_missing_weights_is_a_type_error(self):
+        grads, _ = _per_example_grads()
+        tx = ab.importance_weighted_mean()
+        with pytest.raises(TypeError, match="weights"):
+            tx.update(grads, tx.init(None))
+
+    def test_weights_of_wrong_rank_are_rejected(self):
+        grads, weights = _per_example_grads()
+        tx = ab.importance_weighted_mean()
+        with pytest.raises(ValueError, match=r"weights must have shape \(K,\)"):
+            tx.update(grads, tx.init(None), weights=weights[:, None])
+
+    def test_weights_of_wrong_length_are_rejected(self):
+        grads, weights = _per_example_grads()
+        tx = ab.importance_weighted_mean()
+        with pytest.raises(ValueError, match=r"leading axis K=4.*\['w'\]|leading axis K=4"):
+            tx.update(grads, tx.init(None), weights=weights[:4])
+
+    def test_updates_without_batch_axis_are_rejected(self):
+        tx = ab.importance_weighted_mean()
+        with pytest.raises(ValueError, match="per-example"):
+            tx.update({"b": jnp.asarray(1.0)}, tx.init(None), weights=jnp.ones(1))
+
+    def test_ignores_unrelated_extra_args(self):
+        grads, weights = _per_example_grads()
+        tx = ab.importance_weighted_mean()
+        mean, _ = tx.update(grads, tx.init(None), None, weights=weights, value=3.0, other="x")
+        chex.assert_trees_all_close(mean, ab.weighted_mean(grads, weights))
+
+
+class ChainTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_composes_in_chain_and_passes_extra_args_through(self):
+        grads, weights = _per_example_grads()
+        params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
+        seen = {}
+
+        def record_extra_args():  # a later stage with its own extra argument
+            def update(updates, state, params=None, *, scale, **extra):
+                seen["extra"] = sorted(extra)
+                return jax.tree.map(lambda u: scale * u, updates), state
+
+            return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+        tx = optax.chain(ab.importance_weighted_mean(), optax.scale(2.0), record_extra_args())
+        state = tx.init(params)
+        update = self.variant(lambda g, s, w: tx.update(g, s, params, weights=w, scale=-1.0))
+        out, _ = update(grads, state, weights)
+        chex.assert_trees_all_close(
+            out, jax.tree.map(lambda m: -2.0 * m, ab.weighted_mean(grads, weights)),
+            rtol=1e-6, atol=1e-6,
+        )
+        self.assertEqual(seen["extra"], ["weights"])
+
+    def test_adambs_is_adam_on_the_weighted_mean(self):
+        params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
+        tx, reference = ab.adambs(1e-2, b1=0.8, b2=0.99), optax.adam(1e-2, b1=0.8, b2=0.99)
+        state, reference_state = tx.init(params), reference.init(params)
+        for seed in range(4):
+            grads, weights = _per_example_grads(seed=seed)
+            updates, state = tx.update(grads, state, params, weights=weights)
+            expected, reference_state = reference.update(
+                ab.weighted_mean(grads, weights), reference_state, params
+            )
+            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+
+    def test_adambs_accepts_a_schedule(self):
+        params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
+        schedule = optax.linear_schedule(1e-1, 1e-3, transition_steps=3)
+        tx = ab.adambs(schedule)
+        reference = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
+        state, reference_state = tx.init(params), reference.init(params)
+        step = jax.jit(lambda g, s, w: tx.update(g, s, params, weights=w))
+        magnitudes = []
+        for seed in range(5):
+            grads, weights = _per_example_grads(seed=seed)
+            updates, state = step(grads, state, weights)
+            expected, reference_state = reference.update(
+                ab.weighted_mean(grads, weights), reference_state, params
+            )
+            chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
+            magnitudes.append(float(jnp.abs(updates["b"])))
+        # the first Adam step has |m_hat / sqrt(v_hat)| = 1, so |update| = lr(0) exactly
+        np.testing.assert_allclose(magnitudes[0], 1e-1, rtol=1e-4)
+
+    @parameterized.named_parameters(
+        ("sgd", lambda: optax.sgd(0.1)),
+        ("momentum", lambda: optax.sgd(0.1, momentum=0.9)),
+        ("rmsprop", lambda: optax.rmsprop(0.01)),
+        ("adamw", lambda: optax.adamw(0.01, weight_decay=0.1)),  # uses params
+        ("amsgrad", lambda: optax.amsgrad(0.01)),
+    )
+    def test_with_importance_weighting_is_the_optimizer_on_the_weighted_mean(self, make_optimizer):
+        params = {"w": jnp.full((4, 2), 0.3), "b": jnp.asarray(-1.0)}
+        tx, reference = ab.with_importance_weighting(make_optimizer()), make_optimizer()
+        self.assertIsInstance(tx, ab.ImportanceWeightedTransformation)
+        state, reference_state = tx.init(params), reference.init(params)
+        for seed in range(3):
+            grads, weights = _per_example_grads(seed=seed)
+            updates, state = tx.update(grads, state, params, weights=weights)
+            expected, reference_state = reference.update(
+                ab.weighted_mean(grads, weights), reference_state, params
+            )
+            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+            params = optax.apply_updates(params, updates)
+
+    def test_amsgradbs_is_amsgrad_on_the_weighted_mean(self):
+        params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
+        tx, reference = ab.amsgradbs(1e-2), optax.amsgrad(1e-2)
+        state, reference_state = tx.init(params), reference.init(params)
+        for seed in range(4):
+            grads, weights = _per_example_grads(seed=seed)
+            updates, state = tx.update(grads, state, params, weights=weights)
+            expected, reference_state = reference.update(
+                ab.weighted_mean(grads, weights), reference_state, params
+            )
+            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+
+    def test_with_importance_weighting_rejects_bad_optimizers(self):
+        with pytest.raises(TypeError, match="optimizer"):
+            ab.with_importance_weighting(lambda g: g)
+        with pytest.raises(ValueError, match="already importance-weighted"):
+            ab.with_importance_weighting(ab.adambs(1e-3))
+
+
+class UnbiasednessTest(chex.TestCase):
+    """E_p[G_hat] = G (AdamBS eq. 1), checked by Monte Carlo with a derived tolerance.
+
+    One draw of the estimator with K i.i.d. indices is G_hat = (1/K) sum_k X_k with
+    X = g_J / (n p_J), J ~ p. Per coordinate, E[X] = G and
+        Var[X] = sum_j p_j (g_j / (n p_j))^2 - G^2,   Var[G_hat] = Var[X] / K,
+    so the mean of D independent draws has standard deviation sqrt(Var[X] / (K D)); the
+    test asserts |mean - G| <= 5 of those (a false alarm has probability ~6e-7 per
+    coordinate) plus 1e-6 for float32 rounding.
+    """
+
+    NUM_DRAWS = 20_000
+    BATCH_SIZE = 4
+
+    def _setup(self):
+        params, data, loss_fn = _problem()
+        _, per_example = ab.per_example_losses_and_grads(loss_fn, params, data)
+        full_gradient = jax.grad(lambda p: loss_fn(p, data).mean())(params)
+        p = jnp.asarray([0.30, 0.02, 0.05, 0.20, 0.08, 0.15, 0.12, 0.08])
+        chex.assert_trees_all_close(jnp.sum(p), 1.0, atol=1e-6)
+        return per_example, full_gradient, p
+
+    def _draws(self, per_example, p, weighted):
+        tx = ab.importance_weighted_mean()
+
+        def one_draw(key):
+            indices = jax.random.choice(key, NUM_EXAMPLES, (self.BATCH_SIZE,), p=p)
+            weights = ab.importance_weights(p[indices], NUM_EXAMPLES)
+            if not weighted:
+                weights = jnp.ones_like(weights)
+            batch_grads = jax.tree.map(lambda g: g[indices], per_example)
+            estimate, _ = tx.update(batch_grads, optax.EmptyState(), weights=weights)
+            return estimate
+
+        keys = jax.random.split(jax.random.key(42), self.NUM_DRAWS)
+        return jax.jit(jax.vmap(one_draw))(keys)
+
+    def _tolerance(self, per_example, full_gradient, p):
+        def std_of_mean(g, mean):
+            g = np.asarray(g, np.float64)
+            q = np.asarray(p, np.float64).reshape((-1,) + (1,) * (g.ndim - 1))
+            second_moment = np.sum(q * np.square(g / (NUM_EXAMPLES * q)), axis=0)
+            variance = np.maximum(second_moment - np.square(np.asarray(mean, np.float64)), 0)
+            return np.sqrt(variance / (self.BATCH_SIZE * self.NUM_DRAWS))
+
+        return jax.tree.map(std_of_mean, per_example, full_gradient)
+
+    def test_reweighted_estimate_is_unbiased(self):
+        per_example, full_gradient, p = self._setup()
+        draws = self._draws(per_example, p, weighted=True)
+        std = self._tolerance(per_example, full_gradient, p)
+        for name in full_gradient:
+            mean = np.asarray(draws[name], np.float64).mean(axis=0)
+            error = np.abs(mean - np.asarray(full_gradient[name]))
+            bound = 5 * std[name] + 1e-6
+            self.assertTrue(np.all(error <= bound), f"{name}: error {error} > bound {bound}")
+
+    def test_the_check_detects_the_bias_of_unweighted_sampling(self):
+        # without the 1/(n p) weights the mean is sum_j p_j g_j != G: the same tolerance
+        # must reject it, or the test above would prove nothing
+        per_example, full_gradient, p = self._setup()
+        draws = self._draws(per_example, p, weighted=False)
+        std = self._tolerance(per_example, full_gradient, p)
+        rejected = []
+        for name in full_gradient:
+            mean = np.asarray(draws[name], np.float64).mean(axis=0)
+            error = np.abs(mean - np.asarray(full_gradient[name]))
+            rejected.append(np.any(error > 5 * std[name] + 1e-6))
+        self.assertTrue(any(rejected))
