@@ -40,3 +40,14 @@ from adambs_jax.transforms import (
     weighted_mean,
     with_importance_weighting,
 )
+
+# The baselines the papers compare against (Adam-impt, p^GN), as scoring samplers.
+from adambs_jax import baselines
+from adambs_jax.baselines import (
+    AdamImptState,
+    GradientNormSamplerState,
+    adam_impt_sampler,
+    gradient_norm_sampler,
+    resample_proportional,
+    variance_reduction,
+)

@@ -112,7 +112,9 @@ def probabilities(state) -> jax.Array:
     if isinstance(state, Exp3SamplerState):
         leaves = sumtree.leaf_values(state.tree, state.num_examples)
         return leaves / sumtree.total(state.tree)
-    if hasattr(state, "sampler_state"):  # states of composite samplers (baselines)
+    if hasattr(state, "distribution"):  # samplers that recompute all of p each step (p^GN)
+        return state.distribution
+    if hasattr(state, "sampler_state"):  # states of composite samplers
         return probabilities(state.sampler_state)
     raise TypeError(f"state: not a sampler state: {type(state).__name__}")
 
