@@ -41,7 +41,7 @@ from adambs_jax.transforms import (
     with_importance_weighting,
 )
 
-# The baselines the papers compare against (Adam-impt, p^GN), as scoring samplers.
+# Issue: the baselines the papers compare against (Adam-impt, p^GN), as scoring samplers.
 from adambs_jax import baselines
 from adambs_jax.baselines import (
     AdamImptState,
@@ -51,3 +51,14 @@ from adambs_jax.baselines import (
     resample_proportional,
     variance_reduction,
 )
+
+# Issue 6: data parallelism on a mesh, checkpoints, non-finite steps.
+from adambs_jax import checkpoint, sharding
+from adambs_jax.checkpoint import (
+    CheckpointManager,
+    read_checkpoint_metadata,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from adambs_jax.sharding import data_parallel_mesh, replicate
+from adambs_jax.train_step import check_key

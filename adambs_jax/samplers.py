@@ -124,6 +124,8 @@ def importance_weights(probs: jax.Array, num_examples: int) -> jax.Array:
     gradient (AdamBS eq. 1). With p uniform, w = 1."""
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if jnp.ndim(probs) != 1:
+        raise ValueError(f"probs must have shape (K,), got {jnp.shape(probs)}")
     return 1.0 / (num_examples * probs)
 
 
@@ -258,7 +260,17 @@ def exp3_sampler(
             p_min=p_min,
         )
 
+    def check_state(state):
+        if not isinstance(state, Exp3SamplerState):
+            raise TypeError(f"state must be an Exp3SamplerState (sampler.init()), got {type(state).__name__}")
+        if state.tree.shape != (2 * capacity,) or state.num_examples != num_examples:
+            raise ValueError(
+                f"state: built for num_examples={state.num_examples}, but this sampler has "
+                f"num_examples={num_examples}"
+            )
+
     def sample(state, key):
+        check_state(state)
         root = sumtree.total(state.tree)
         uniforms = jax.random.uniform(key, (batch_size,), jnp.float32)
         targets = sumtree.uniforms_to_targets(uniforms, root, stratified=stratified)
@@ -269,11 +281,7 @@ def exp3_sampler(
     def update(state, indices, feedback):
         _check_batch("indices", indices, batch_size)
         _check_batch("feedback", feedback, batch_size)
-        if state.tree.shape != (2 * capacity,) or state.num_examples != num_examples:
-            raise ValueError(
-                f"state: built for num_examples={state.num_examples}, but this sampler has "
-                f"num_examples={num_examples}"
-            )
+        check_state(state)
         indices = jnp.asarray(indices).astype(jnp.int32)
         feedback = jnp.asarray(feedback).astype(jnp.float32)
         in_range = (indices >= 0) & (indices < num_examples)

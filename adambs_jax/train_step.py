@@ -29,6 +29,12 @@ The gradient and the feedback are computed together, once:
   d logits_k, which is G_hat — about the cost of one plain step;
 * ``"loss"`` and callables: G_hat = grad of (1/K) sum_k w_k loss_k (one ``jax.grad``), and the
   feedback from the per-example losses.
+
+Faults: a step whose losses, G_hat or update are not finite changes nothing (params,
+optimizer and sampler state) and is counted in ``metrics["skipped"]`` and
+``state.skipped_steps`` (``skip_non_finite=True``, the default). Scale-out: with
+``mesh=``, the gathered batch is split over the devices of a ``jax.sharding.Mesh`` and
+everything else is replicated (``adambs_jax.sharding``). Checkpoints: ``adambs_jax.checkpoint``.
 """
 
 from __future__ import annotations
@@ -51,23 +57,30 @@ from adambs_jax.feedback import (
 from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.samplers import Sampler, importance_weights, probabilities
 from adambs_jax.scoring import ScoringSampler, gather, make_score_fn
+from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh, constrain_batch, replicated_sharding
 from adambs_jax.transforms import ImportanceWeightedTransformation, weighted_mean
 
-__all__ = ["TrainState", "make_train_step", "FULL_DIAGNOSTICS_MAX_EXAMPLES"]
+__all__ = ["TrainState", "make_train_step", "check_key", "FULL_DIAGNOSTICS_MAX_EXAMPLES"]
 
 FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
 """With ``diagnostics=None``, the O(n) metrics are computed only for n up to this size."""
 
 
 class TrainState(NamedTuple):
-    """Everything a training step updates; a pytree (checkpoint it with orbax).
+    """Everything a training step updates; a pytree (checkpoint it with
+    ``ab.save_checkpoint`` / ``ab.restore_checkpoint``, which use orbax).
 
     Attributes:
       params: the model parameters (any pytree).
       opt_state: the optax state of ``optimizer.init(params)``.
       sampler_state: the sampler's state (``sampler.init()``).
-      step: int32 scalar, number of steps taken.
+      step: int32 scalar, number of steps taken, skipped ones included (see
+        ``make_train_step``'s ``skip_non_finite``).
       key: optional PRNG key; used (and advanced) by a step called without a key.
+      skipped_steps: int32 scalar, cumulative number of steps whose update was skipped
+        because the loss, gradient or update was not finite; ``TrainState.create`` sets it to
+        0. None (a state built by hand without it): the step keeps it None and reports only
+        the per-step ``metrics["skipped"]``.
     """
 
     params: Any
@@ -75,6 +88,7 @@ class TrainState(NamedTuple):
     sampler_state: Any
     step: jax.Array
     key: Optional[jax.Array] = None
+    skipped_steps: Optional[jax.Array] = None
 
     @classmethod
     def create(
@@ -85,7 +99,8 @@ class TrainState(NamedTuple):
         sampler: Union[Sampler, ScoringSampler],
         key: Optional[jax.Array] = None,
     ) -> "TrainState":
-        """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0.
+        """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0, no
+        skipped steps.
 
         ``params`` (and ``key``) are copied: the train step donates its state, and the
         caller's arrays must survive that.
@@ -93,6 +108,8 @@ class TrainState(NamedTuple):
         Raises:
           TypeError: ``optimizer`` is not an optax transformation, or ``sampler`` has no
             ``init``.
+          ValueError: ``key`` is not a PRNG key (a typed key of shape () from
+            ``jax.random.key`` or a raw uint32 key of shape (m,) from ``jax.random.PRNGKey``).
         """
         if not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(
@@ -100,6 +117,8 @@ class TrainState(NamedTuple):
             )
         if not callable(getattr(sampler, "init", None)):
             raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}")
+        if key is not None:
+            check_key(key, name="key")
         params = jax.tree.map(jnp.copy, params)
         return cls(
             params=params,
@@ -107,6 +126,24 @@ class TrainState(NamedTuple):
             sampler_state=sampler.init(),
             step=jnp.zeros((), jnp.int32),
             key=None if key is None else jnp.copy(key),
+            skipped_steps=jnp.zeros((), jnp.int32),
+        )
+
+
+def check_key(key: Any, *, name: str = "key") -> None:
+    """Raises ValueError (naming ``name``) unless ``key`` is a PRNG key: a typed key array of
+    shape () (``jax.random.key``) or a raw uint32 key of shape (m,) (``jax.random.PRNGKey``)."""
+    shape, dtype = jnp.shape(key), getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(
+                f"{name} must be a single PRNG key of shape (), got a key array of shape {shape}"
+            )
+        return
+    if dtype != jnp.uint32 or len(shape) != 1:
+        raise ValueError(
+            f"{name} must be a PRNG key (jax.random.key(seed), or a raw uint32 key of shape "
+            f"(m,) from jax.random.PRNGKey), got shape {shape} and dtype {dtype}"
         )
 
 
@@ -250,6 +287,68 @@ def _metrics(estimate, weights, feedback, sampler_state, full_diagnostics, expli
     return metrics
 
 
+def _all_finite(*trees) -> jax.Array:
+    """True iff every floating-point entry of every leaf is finite (O(size), one reduction)."""
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(trees)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if not checks:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack(checks))
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``jnp.where(pred, on_true, on_false)`` (typed PRNG keys via their data)."""
+
+    def select(new, old):
+        if jax.dtypes.issubdtype(jnp.result_type(new), jax.dtypes.prng_key):
+            data = jnp.where(pred, jax.random.key_data(new), jax.random.key_data(old))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+        return jnp.where(pred, new, old)
+
+    return jax.tree.map(select, on_true, on_false)
+
+
+def _update_sampler_if(apply, update, state, sampled_state, indices, scores, scoring):
+    """``update(sampled_state, indices, scores)`` if ``apply``, else ``state`` unchanged.
+
+    A ``lax.while_loop`` that runs once or not at all, not ``jnp.where`` (which would read
+    and write the whole (n,)-sized sampler state every step) nor ``lax.cond`` (XLA copies
+    buffers through a conditional's branches): the loop's carry is updated in place, so the
+    guard adds no O(n) work (docs/performance.md, "Sampler" and "Non-finite guard").
+    """
+
+    def body(carry):
+        current, _ = carry
+        source = sampled_state if scoring else current  # a plain sampler's sample keeps it
+        return update(source, indices, scores), jnp.asarray(False)
+
+    new_state, _ = jax.lax.while_loop(lambda carry: carry[1], body, (state, apply))
+    return new_state
+
+
+def _check_state(state, num_examples):
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"state must be an ab.TrainState (TrainState.create(...)), got {type(state).__name__}"
+        )
+    if jnp.shape(state.step) != ():
+        raise ValueError(f"state.step must be a scalar, got shape {jnp.shape(state.step)}")
+    if state.skipped_steps is not None and jnp.shape(state.skipped_steps) != ():
+        raise ValueError(
+            f"state.skipped_steps must be a scalar or None, got shape "
+            f"{jnp.shape(state.skipped_steps)}"
+        )
+    state_examples = getattr(state.sampler_state, "num_examples", None)
+    if isinstance(state_examples, int) and state_examples != num_examples:
+        raise ValueError(
+            f"state.sampler_state: built for num_examples={state_examples}, but the step's "
+            f"sampler has num_examples={num_examples}"
+        )
+
+
 def make_train_step(
     loss_fn: PerExampleLoss,
     optimizer: optax.GradientTransformation,
@@ -258,6 +357,9 @@ def make_train_step(
     feedback: Union[str, FeedbackFn] = "grad_norm",
     diagnostics: Optional[bool] = None,
     reuse_per_example_grads: bool = False,
+    skip_non_finite: bool = True,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    data_axis: str = DEFAULT_DATA_AXIS,
     jit: bool = True,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Builds ``step(state, data, key=None) -> (state, metrics)``, one jitted call.
@@ -288,9 +390,25 @@ def make_train_step(
         but the K x params gradients are materialized). Which is faster depends on the
         model and device: on CPU, False was 1.8x faster for an MLP and the same for a small
         CNN (docs/performance.md).
+      skip_non_finite: (default True) if any per-example loss, any entry of the gradient
+        G_hat or of the optimizer's update is NaN or infinite, the step changes neither
+        ``params`` nor ``opt_state`` nor ``sampler_state`` (like ``optax.apply_if_finite``),
+        reports ``metrics["skipped"] = 1`` and adds 1 to ``state.skipped_steps``; ``step``
+        still advances by 1 (it counts calls, so keys derived from it and the state's own key
+        move on to a fresh batch). Costs one O(params) reduction. The sampler update is
+        skipped by a zero-or-one-iteration ``lax.while_loop``, so it stays O(K log n).
+        False: the update is applied whatever it is (as before; ``metrics["skipped"]`` is 0).
+      mesh: a ``jax.sharding.Mesh`` for data parallelism (see ``adambs_jax.sharding``): the
+        gathered batch is split along ``data_axis`` (``with_sharding_constraint``), the state,
+        the dataset, the key and the metrics are replicated, and XLA inserts the all-reduce
+        of the gradient and the all-gather of the feedback. ``sampler.batch_size`` must be a
+        multiple of the size of ``data_axis``. Pass the state and data through
+        ``ab.replicate(tree, mesh)``. None (default): no sharding annotations.
+      data_axis: the mesh axis that splits the batch (default ``"data"``).
       jit: return ``jax.jit(step, donate_argnums=0)`` (default; the input state's buffers
-        are reused, do not touch it after the call); False returns the pure function, to
-        compose in your own ``jit``/``lax.scan``.
+        are reused, do not touch it after the call; with ``mesh``, with replicated in and
+        out shardings); False returns the pure function, to compose in your own
+        ``jit``/``lax.scan`` (the batch constraint of ``mesh`` is applied inside it).
 
     Returns:
       ``step(state: TrainState, data, key=None) -> (TrainState, metrics)``. ``data`` is a
@@ -300,11 +418,14 @@ def make_train_step(
       ``loss`` (batch mean of the losses), ``weighted_loss`` ((1/K) sum_k w_k loss_k, unbiased
       for the full-data loss), ``mean_feedback`` (over valid entries), ``num_dropped_feedback``
       (int32, this step), ``max_weight``/``min_weight`` (of w = 1/(n p) in the batch),
-      ``grad_norm_bound`` (the sampler's L, if it has one), and the diagnostics above.
+      ``skipped`` (int32, 1 if this step's update was skipped), ``skipped_steps`` (int32,
+      cumulative; absent if ``state.skipped_steps`` is None), ``grad_norm_bound`` (the
+      sampler's L, if it has one), and the diagnostics above.
 
     Raises:
-      TypeError / ValueError: bad ``loss_fn``, ``optimizer``, ``sampler`` or ``feedback`` at
-        build time; bad ``data`` or losses of the wrong shape at the first (tracing) call.
+      TypeError / ValueError: bad ``loss_fn``, ``optimizer``, ``sampler``, ``feedback``,
+        ``mesh`` or ``data_axis`` at build time; bad ``state``, ``data``, ``key``, draws of
+        the sampler, losses or feedback of the wrong shape at the first (tracing) call.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -321,6 +442,12 @@ def make_train_step(
         raise TypeError(f"reuse_per_example_grads must be a bool, got {reuse_per_example_grads!r}")
     if diagnostics is not None and not isinstance(diagnostics, bool):
         raise TypeError(f"diagnostics must be a bool or None, got {diagnostics!r}")
+    if not isinstance(skip_non_finite, bool):
+        raise TypeError(f"skip_non_finite must be a bool, got {skip_non_finite!r}")
+    if not isinstance(jit, bool):
+        raise TypeError(f"jit must be a bool, got {jit!r}")
+    if mesh is not None:
+        check_mesh(mesh, data_axis, sampler.batch_size)
     scoring = isinstance(sampler, ScoringSampler)
     score_feedback = feedback
     if scoring and sampler.score_feedback is not None:
@@ -333,6 +460,7 @@ def make_train_step(
     estimate_fn = _estimator(feedback, reuse_per_example_grads)
 
     def step(state: TrainState, data: Any, key: Optional[jax.Array] = None):
+        _check_state(state, num_examples)
         _check_data(data, num_examples)
         state_key = state.key
         if key is None:
@@ -341,7 +469,10 @@ def make_train_step(
                     "key: pass a PRNG key to the step, or create the state with "
                     "TrainState.create(..., key=...)"
                 )
+            check_key(state_key, name="state.key")
             state_key, key = jax.random.split(state_key)
+        else:
+            check_key(key, name="key")
         sample_key, model_key, score_key = jax.random.split(key, 3)
 
         if scoring:
@@ -349,15 +480,17 @@ def make_train_step(
                 loss_fn, score_feedback, state.params, data, score_key,
                 chunk_size=sampler.score_chunk_size,
             )
-            indices, probs, sampler_state = sampler.sample(
+            indices, probs, sampled_state = sampler.sample(
                 state.sampler_state, sample_key, score_fn
             )
         else:
             indices, probs = sampler.sample(state.sampler_state, sample_key)
-            sampler_state = state.sampler_state
+            sampled_state = state.sampler_state
         _check_draws(indices, probs, sampler.batch_size)
         weights = jax.lax.stop_gradient(importance_weights(probs, num_examples))
         batch = gather(data, indices)
+        if mesh is not None:  # per-example work split over the devices; the rest replicated
+            batch = constrain_batch(batch, mesh, data_axis)
 
         estimate = estimate_fn(loss_fn, state.params, batch, weights, model_key)
         updates, opt_state = _optimizer_update(
@@ -372,19 +505,48 @@ def make_train_step(
                 f"got {jnp.shape(scores)}"
             )
         scores = scores.astype(jnp.float32)
-        sampler_state = sampler.update(sampler_state, indices, scores)
+        finite = _all_finite(estimate.losses, estimate.gradient, updates)
+        if skip_non_finite:
+            params = _select(finite, params, state.params)
+            opt_state = _select(finite, opt_state, state.opt_state)
+            apply_update = finite
+        else:
+            # always True, yet neither a constant (XLA would inline the loop) nor independent
+            # of the gradient: see below
+            apply_update = finite | jax.lax.optimization_barrier(jnp.asarray(True))
+            finite = jnp.asarray(True)
+        # The sampler update runs in a loop whose predicate depends on the whole gradient
+        # computation. Besides skipping, this orders the in-place write of the sampler's tree
+        # after every read of it; a bare update made XLA copy the (2 capacity,) tree twice
+        # per step (2 x 8 MB at n = 10^6; docs/performance.md, "Non-finite guard").
+        sampler_state = _update_sampler_if(
+            apply_update, sampler.update, state.sampler_state, sampled_state, indices, scores,
+            scoring,
+        )
+        skipped = jnp.logical_not(finite).astype(jnp.int32)
         metrics = _metrics(
             estimate, weights, scores, sampler_state, full_diagnostics, diagnostics is True
         )
+        metrics["skipped"] = skipped
+        skipped_steps = state.skipped_steps
+        if skipped_steps is not None:
+            skipped_steps = skipped_steps + skipped
+            metrics["skipped_steps"] = skipped_steps
         new_state = TrainState(
             params=params,
             opt_state=opt_state,
             sampler_state=sampler_state,
             step=state.step + 1,
             key=state_key,
+            skipped_steps=skipped_steps,
         )
         return new_state, metrics
 
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = replicated_sharding(mesh)
+    return jax.jit(
+        step, donate_argnums=0, in_shardings=replicated, out_shardings=replicated
+    )

@@ -315,6 +315,10 @@ def test_state_of_another_size_is_rejected():
     small, large = ab.exp3_sampler(10, 4, step_size=0.1), ab.exp3_sampler(20, 4, step_size=0.1)
     with pytest.raises(ValueError, match="state"):
         large.update(small.init(), jnp.arange(4), jnp.ones(4))
+    with pytest.raises(ValueError, match="state"):
+        large.sample(small.init(), jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match="state"):
+        large.sample(ab.uniform_sampler(20, 4).init(), jax.random.PRNGKey(0))
 
 
 def test_nan_inf_negative_feedback_is_dropped_and_counted():
@@ -392,6 +396,8 @@ def test_importance_weights_are_inverse_n_p():
     np.testing.assert_allclose(np.asarray(ab.importance_weights(probs, 4)), [0.5, 1.0, 2.0])
     with pytest.raises(ValueError, match="num_examples"):
         ab.importance_weights(probs, 0)
+    with pytest.raises(ValueError, match="probs"):
+        ab.importance_weights(jnp.ones((2, 3)), 4)
 
 
 def test_probabilities_rejects_non_states():

@@ -427,3 +427,184 @@ def _api_examples():
 def test_api_doc_example_runs(index):
     """The examples of docs/api.md (linen with dropout, NNX, ...) run and their asserts hold."""
     exec(compile(_api_examples()[index], f"{API_DOC.name}[{index}]", "exec"), {"__name__": "doc"})
+
+
+# ---------------------------------------------------------------- non-finite steps (issue 6)
+
+
+def _poisoned(data, value):
+    """``data`` with every feature replaced by ``value`` (NaN or inf): every loss and
+    gradient of a batch drawn from it is non-finite."""
+    return {"x": jnp.full_like(data["x"], value), "y": data["y"]}
+
+
+def _copy(tree):
+    """A host copy (the step donates its input); typed keys become their raw data."""
+
+    def copy(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return np.array(jax.random.key_data(leaf))
+        return np.array(leaf)
+
+    return jax.tree.map(copy, tree)
+
+
+def _norm_penalised_loss(params, batch):
+    """Cross-entropy + sqrt(s_k ||w||^2): with s_k = 0 the loss is finite (the term is 0)
+    but its gradient is NaN (0 * d sqrt(0) = 0 * inf)."""
+    penalty = jnp.sqrt(batch["s"] * jnp.sum(jnp.square(params["w"])))
+    return MODEL_LOSS(params, batch) + penalty
+
+
+class NonFiniteStepTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("exp3_nan_loss_grad_norm", "exp3", "grad_norm", jnp.nan),
+        ("exp3_inf_loss_logit_bound", "exp3", "logit_grad_norm", jnp.inf),
+        ("uniform_nan_loss", "uniform", "loss", jnp.nan),
+    )
+    def test_a_non_finite_step_changes_nothing_and_training_continues(
+        self, sampler_kind, feedback, bad_value
+    ):
+        params, data, model_loss = _problem()
+        if sampler_kind == "exp3":
+            sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=20)
+        else:
+            sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        optimizer = optax.adam(0.05)
+        step = ab.make_train_step(model_loss, optimizer, sampler, feedback=feedback)
+        state = ab.TrainState.create(
+            params=params, optimizer=optimizer, sampler=sampler, key=jax.random.key(0)
+        )
+        initial_loss = _full_loss(model_loss, params, data)
+        for t in range(3):
+            state, metrics = step(state, data)
+            self.assertEqual(int(metrics["skipped"]), 0)
+        before = _copy(state)
+        state, metrics = step(state, _poisoned(data, bad_value))  # the injected fault
+        self.assertEqual(int(metrics["skipped"]), 1)
+        self.assertEqual(int(metrics["skipped_steps"]), 1)
+        self.assertFalse(np.isfinite(metrics["loss"]))
+        for name in ("params", "opt_state", "sampler_state"):  # bitwise unchanged
+            chex.assert_trees_all_equal(getattr(state, name), getattr(before, name))
+        self.assertEqual(int(state.step), 4)  # a skipped step still counts as a step
+        self.assertFalse(np.array_equal(jax.random.key_data(state.key), before.key))  # moved on
+        for t in range(16):  # and training goes on
+            state, metrics = step(state, data)
+            self.assertEqual(int(metrics["skipped"]), 0)
+        self.assertEqual(int(state.skipped_steps), 1)
+        self.assertEqual(int(state.step), 20)
+        self.assertEqual(int(state.sampler_state.step), 19)  # one update skipped
+        self.assertLess(_full_loss(model_loss, state.params, data), 0.8 * initial_loss)
+        self.assertTrue(all(bool(jnp.all(jnp.isfinite(leaf)))
+                            for leaf in jax.tree.leaves(state.params)))
+
+    def test_finite_loss_with_non_finite_gradient_is_skipped(self):
+        params, data, _ = _problem()
+        data = dict(data, s=jnp.ones((NUM_EXAMPLES,)))
+        sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
+        optimizer = optax.sgd(0.1)
+        step = ab.make_train_step(_norm_penalised_loss, optimizer, sampler, feedback="loss")
+        state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
+        state, metrics = step(state, data, jax.random.key(0))
+        self.assertEqual(int(metrics["skipped"]), 0)
+        before = _copy(state)
+        bad = dict(data, s=jnp.zeros((NUM_EXAMPLES,)))
+        state, metrics = step(state, bad, jax.random.key(1))
+        self.assertTrue(np.isfinite(metrics["loss"]))  # the loss is fine, its gradient is not
+        self.assertEqual(int(metrics["skipped"]), 1)
+        chex.assert_trees_all_equal(state.params, before.params)
+        chex.assert_trees_all_equal(state.sampler_state, before.sampler_state)
+
+    def test_without_skipping_the_fault_reaches_the_parameters(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        step = ab.make_train_step(
+            model_loss, optax.sgd(0.1), sampler, feedback="loss", skip_non_finite=False
+        )
+        state = ab.TrainState.create(params=params, optimizer=optax.sgd(0.1), sampler=sampler)
+        state, metrics = step(state, _poisoned(data, jnp.nan), jax.random.key(0))
+        self.assertEqual(int(metrics["skipped"]), 0)
+        self.assertFalse(bool(jnp.all(jnp.isfinite(state.params["w"]))))
+
+    def test_scoring_sampler_state_is_kept_on_a_skipped_step(self):
+        params, data, model_loss = _problem()
+
+        def sample(state, key, score_fn):  # sample changes the state: a counter of draws
+            indices = jax.random.randint(key, (BATCH_SIZE,), 0, NUM_EXAMPLES)
+            return indices, jnp.full((BATCH_SIZE,), 1.0 / NUM_EXAMPLES), state.at[0].add(1)
+
+        sampler = ab.ScoringSampler(
+            init=lambda: jnp.zeros((2,), jnp.int32),
+            sample=sample,
+            update=lambda state, indices, feedback: state.at[1].add(1),
+            num_examples=NUM_EXAMPLES,
+            batch_size=BATCH_SIZE,
+        )
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
+        state = ab.TrainState.create(params=params, optimizer=optax.sgd(0.1), sampler=sampler)
+        state, _ = step(state, data, jax.random.key(0))
+        np.testing.assert_array_equal(state.sampler_state, [1, 1])
+        state, metrics = step(state, _poisoned(data, jnp.nan), jax.random.key(1))
+        self.assertEqual(int(metrics["skipped"]), 1)
+        np.testing.assert_array_equal(state.sampler_state, [1, 1])  # sample's change undone
+        state, _ = step(state, data, jax.random.key(2))
+        np.testing.assert_array_equal(state.sampler_state, [2, 2])
+
+    def test_hand_built_state_without_counter(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
+        state = ab.TrainState(
+            params=jax.tree.map(jnp.copy, params), opt_state=optax.sgd(0.1).init(params),
+            sampler_state=sampler.init(), step=jnp.zeros((), jnp.int32),
+        )
+        state, metrics = step(state, _poisoned(data, jnp.nan), jax.random.key(0))
+        self.assertIsNone(state.skipped_steps)
+        self.assertEqual(int(metrics["skipped"]), 1)
+        self.assertNotIn("skipped_steps", metrics)
+
+
+class ValidationTest(parameterized.TestCase):
+    """Trace-time checks of issue 6 name the bad argument."""
+
+    def test_bad_keys_and_states(self):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss", jit=False)
+        state = ab.TrainState.create(params=params, optimizer=optax.sgd(0.1), sampler=sampler)
+        with pytest.raises(ValueError, match="key must be a PRNG key"):
+            step(state, data, jnp.zeros((3,), jnp.float32))
+        with pytest.raises(ValueError, match="key must be a single PRNG key"):
+            step(state, data, jax.random.split(jax.random.key(0), 2))
+        step(state, data, jax.random.PRNGKey(0))  # raw uint32 keys are fine
+        with pytest.raises(TypeError, match="state must be an ab.TrainState"):
+            step(tuple(state), data, jax.random.key(0))
+        with pytest.raises(ValueError, match="state.step"):
+            step(state._replace(step=jnp.zeros((2,), jnp.int32)), data, jax.random.key(0))
+        with pytest.raises(ValueError, match="key"):
+            ab.TrainState.create(
+                params=params, optimizer=optax.sgd(0.1), sampler=sampler, key=jnp.ones(2)
+            )
+        other = ab.uniform_sampler(2 * NUM_EXAMPLES, BATCH_SIZE)
+        with pytest.raises(ValueError, match="state.sampler_state: built for num_examples=192"):
+            step(state._replace(sampler_state=other.init()), data, jax.random.key(0))
+
+    def test_bad_build_options(self):
+        _, _, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        with pytest.raises(TypeError, match="skip_non_finite"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, skip_non_finite=1)
+        with pytest.raises(TypeError, match="jit"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, jit="no")
+        with pytest.raises(TypeError, match="mesh"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, mesh="data")
+        mesh = ab.data_parallel_mesh()
+        with pytest.raises(ValueError, match="data_axis"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, mesh=mesh, data_axis="batch")
+
+
+def test_api_doc_checkpoint_example_runs():
+    """The checkpoint/resume example of docs/api.md (issue 6) runs and its asserts hold."""
+    blocks = [block for block in _api_examples() if block.startswith("# checkpoint example")]
+    assert len(blocks) == 1, "docs/api.md lost its checkpoint example"
+    exec(compile(blocks[0], f"{API_DOC.name}[checkpoint]", "exec"), {"__name__": "doc"})

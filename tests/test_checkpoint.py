@@ -1,0 +1,200 @@
+"""Tests of adambs_jax.checkpoint: save / restore a TrainState with orbax, bitwise resume."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adambs_jax as ab
+
+NUM_EXAMPLES = 64
+BATCH_SIZE = 8
+NUM_STEPS = 30
+
+
+class _TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.tanh(nn.Dense(8)(x)))
+
+
+MODEL = _TinyMLP()
+
+
+def _loss(params, batch):  # module level: every test shares one compiled step
+    logits = MODEL.apply(params, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+
+OPTIMIZER = optax.adam(0.05)
+SAMPLER = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=NUM_STEPS)
+STEP = ab.make_train_step(_loss, OPTIMIZER, SAMPLER, feedback="grad_norm")
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(NUM_EXAMPLES, 4)).astype(np.float32)
+    return {"x": jnp.asarray(x), "y": jnp.asarray(np.argmax(x[:, :3], axis=1))}
+
+
+def _fresh_state(key=None, sampler=SAMPLER, optimizer=OPTIMIZER):
+    params = MODEL.init(jax.random.key(1), jnp.zeros((1, 4)))
+    return ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler, key=key)
+
+
+def _train(state, data, start, stop, base_key, use_state_key):
+    for t in range(start, stop):
+        if use_state_key:
+            state, _ = STEP(state, data)
+        else:
+            state, _ = STEP(state, data, jax.random.fold_in(base_key, t))
+    return state
+
+
+def _host(tree):
+    def leaf(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(x))
+        return np.asarray(x)
+
+    return jax.tree.map(leaf, tree)
+
+
+@pytest.mark.parametrize(
+    "make_key, use_state_key",
+    [(jax.random.key, False), (jax.random.PRNGKey, True)],
+    ids=["typed_key_folded_keys", "raw_key_state_key"],
+)
+def test_resume_is_bitwise_identical(tmp_path, make_key, use_state_key):
+    """30 straight steps == 15 steps, save, restore into a fresh template, 15 more."""
+    data, base_key = _data(), jax.random.key(42)
+    straight = _train(_fresh_state(make_key(7)), data, 0, NUM_STEPS, base_key, use_state_key)
+
+    half = _train(_fresh_state(make_key(7)), data, 0, NUM_STEPS // 2, base_key, use_state_key)
+    ab.save_checkpoint(tmp_path / "ckpt", half, sampler=SAMPLER)
+    del half
+    template = _fresh_state(make_key(123))  # other values, same structure
+    resumed = ab.restore_checkpoint(tmp_path / "ckpt", template, sampler=SAMPLER)
+    assert int(resumed.step) == NUM_STEPS // 2
+    assert type(resumed.sampler_state) is type(template.sampler_state)
+    assert resumed.sampler_state.num_examples == NUM_EXAMPLES
+    assert resumed.key.dtype == template.key.dtype
+    resumed = _train(resumed, data, NUM_STEPS // 2, NUM_STEPS, base_key, use_state_key)
+
+    expected, actual = _host(straight), _host(resumed)
+    assert jax.tree.structure(expected) == jax.tree.structure(actual)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(  # the sampler did learn something, and it was restored
+        ab.probabilities(resumed.sampler_state),
+        np.full(NUM_EXAMPLES, 1 / NUM_EXAMPLES, np.float32),
+    )
+
+
+def test_metadata(tmp_path):
+    state = _fresh_state(jax.random.key(0))
+    path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})
+    metadata = ab.read_checkpoint_metadata(path)
+    assert metadata["sampler_kind"] == "Exp3SamplerState"
+    assert metadata["sampler_config"] == {"num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES}
+    assert metadata["batch_size"] == BATCH_SIZE
+    assert metadata["step"] == 0 and metadata["skipped_steps"] == 0
+    assert metadata["version"] == ab.__version__
+    assert metadata["typed_keys"] == {".key": "threefry2x32"}
+    assert metadata["extra"] == {"epoch": 3}
+    paths = [leaf["path"] for leaf in metadata["leaves"]]
+    assert ".sampler_state.tree" in paths and ".sampler_state.grad_norm_bound" in paths
+    json.dumps(metadata)
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (lambda: _fresh_state(sampler=ab.exp3_sampler(2 * NUM_EXAMPLES, BATCH_SIZE, num_steps=9)),
+         r"dataset size \(num_examples\): checkpoint 64, `like` 128"),
+        (lambda: _fresh_state(sampler=ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
+         "sampler kind: checkpoint Exp3SamplerState, `like` UniformSamplerState"),
+        (lambda: _fresh_state(
+            sampler=ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, p_min=0.5 / NUM_EXAMPLES,
+                                    num_steps=9)),
+         "p_min"),
+        (lambda: _fresh_state(optimizer=optax.sgd(0.1)), "not in `like`"),
+        (lambda: _fresh_state(key=jax.random.key(0)), "PRNG keys"),
+    ],
+    ids=["dataset_size", "sampler_kind", "p_min", "optimizer", "key_kind"],
+)
+def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path, other, match):
+    ab.save_checkpoint(tmp_path / "c", _fresh_state(), sampler=SAMPLER)
+    with pytest.raises(ValueError, match=match):
+        ab.restore_checkpoint(tmp_path / "c", other())
+
+
+def test_batch_size_is_checked_when_known(tmp_path):
+    ab.save_checkpoint(tmp_path / "c", _fresh_state(), sampler=SAMPLER)
+    other = ab.exp3_sampler(NUM_EXAMPLES, 2 * BATCH_SIZE, num_steps=NUM_STEPS)
+    with pytest.raises(ValueError, match="batch size: checkpoint 8, sampler 16"):
+        ab.restore_checkpoint(tmp_path / "c", _fresh_state(), sampler=other)
+    ab.restore_checkpoint(tmp_path / "c", _fresh_state())  # unknown: not checked
+
+
+def test_save_and_restore_errors(tmp_path):
+    state = _fresh_state()
+    ab.save_checkpoint(tmp_path / "c", state)
+    with pytest.raises(ValueError, match="already exists"):
+        ab.save_checkpoint(tmp_path / "c", state)
+    ab.save_checkpoint(tmp_path / "c", state, overwrite=True)
+    with pytest.raises(TypeError, match="state must be an ab.TrainState"):
+        ab.save_checkpoint(tmp_path / "d", {"params": 1})
+    with pytest.raises(TypeError, match="extra_metadata"):
+        ab.save_checkpoint(tmp_path / "d", state, extra_metadata={"f": object()})
+    with pytest.raises(TypeError, match="path"):
+        ab.save_checkpoint(None, state)
+    with pytest.raises(TypeError, match="like must be an ab.TrainState"):
+        ab.restore_checkpoint(tmp_path / "c", None)
+    with pytest.raises(FileNotFoundError, match="path"):
+        ab.restore_checkpoint(tmp_path / "nothing", state)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not an adambs_jax checkpoint"):
+        ab.restore_checkpoint(tmp_path / "plain", state)
+
+
+def test_restore_into_an_abstract_template(tmp_path):
+    state = _fresh_state(jax.random.key(5))
+    ab.save_checkpoint(tmp_path / "c", state)
+    like = jax.eval_shape(lambda: _fresh_state(jax.random.key(0)))
+    restored = ab.restore_checkpoint(tmp_path / "c", like)
+    for a, b in zip(jax.tree.leaves(_host(state)), jax.tree.leaves(_host(restored))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_manager_keeps_the_latest_and_resumes(tmp_path):
+    data = _data()
+    state = _fresh_state(jax.random.key(0))
+    with ab.CheckpointManager(tmp_path / "run", max_to_keep=2, sampler=SAMPLER) as manager:
+        assert manager.restore_latest(_fresh_state(jax.random.key(0))) is None
+        for t in range(4):
+            state, _ = STEP(state, data)
+            manager.save(int(state.step), state, extra_metadata={"t": t})
+        assert manager.all_steps() == [3, 4]
+        assert manager.latest_step() == 4
+        with pytest.raises(ValueError, match="already exists"):
+            manager.save(4, state)
+        expected = _host(state)
+    with ab.CheckpointManager(tmp_path / "run", sampler=SAMPLER) as manager:  # a new process
+        restored = manager.restore_latest(_fresh_state(jax.random.key(9)))
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(_host(restored))):
+            np.testing.assert_array_equal(a, b)
+        assert int(manager.restore(_fresh_state(jax.random.key(9)), step=3).step) == 3
+        with pytest.raises(FileNotFoundError, match="step"):
+            manager.restore(_fresh_state(jax.random.key(9)), step=1)
+        with pytest.raises(ValueError, match="num_examples"):
+            manager.restore(
+                _fresh_state(jax.random.key(9),
+                             sampler=ab.exp3_sampler(32, BATCH_SIZE, num_steps=5))
+            )
+    with pytest.raises(ValueError, match="max_to_keep"):
+        ab.CheckpointManager(tmp_path / "other", max_to_keep=0)
