@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the main job: the default experiment, a few minutes on a laptop CPU
 run: setup
-	$(PY) -m experiments.demo_sampler
+	$(PY) -m experiments default
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,301 @@
+"""Named experiment configurations: dataset x model x methods x seeds, with their sources.
+
+``get_config(name)`` returns an :class:`ExperimentConfig`; ``list_configs()`` the names.
+Every hyperparameter taken from a paper names its source in ``sources``; everything else is
+our choice and says so. Paper references:
+
+* [AdamBS] Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020
+  (/work/shared/papers/000_3210f3def4dac4d3.txt): §5.1 setup (5 seeds, same initialization,
+  beta1 = 0.9, beta2 = 0.999, logit-gradient bound as feedback, training loss vs wall-clock),
+  §5.2 CNNs (batch 128, lr 0.001, 10 epochs), §5.3 LSTM (batch 32, lr 1e-6, 200 epochs),
+  §5.4 RCNN on IMDB (batch 30, lr 0.001, 10 epochs).
+* [Lahire] Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning"
+  (/work/shared/papers/004_57fb09608c6ed123.txt): §4 / Fig. 1 / Table 1 (MLP of Appendix E,
+  lr 0.01, batch 5, PyTorch SGD/RMSProp/Adam with default hyper-parameters, 1000 steps,
+  average of 50 runs, wall-clock per run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+ADAMBS = "AdamBS paper (000_3210f3def4dac4d3.txt)"
+LAHIRE = "Lahire (004_57fb09608c6ed123.txt)"
+OURS = "our choice (no paper value)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment.
+
+    Attributes:
+      name: registry name (also the default output folder ``results/<name>``).
+      description: one or two sentences.
+      dataset: ``experiments.data`` name; ``dataset_options`` are passed to the loader.
+      model: ``experiments.models`` name; ``model_options`` are passed to ``get_model``.
+      methods: method names (``experiments.methods``).
+      learning_rate, batch_size: the optimizer's step size and K.
+      num_steps: training steps per run; or ``num_epochs`` (steps = ceil(epochs * n / K)).
+      num_seeds: seeds 0 .. num_seeds-1; a seed fixes the initialization (the same for
+        every method) and the training keys.
+      eval_every: evaluate (full training loss, train/test error) every this many steps.
+      chunk_steps: about this many training steps per jitted call (a ``lax.scan`` that
+        keeps a copy of the parameters every ``eval_every`` steps, evaluated after the
+        timed call); rounded to a multiple of ``eval_every`` that divides the run.
+      target_loss: training loss for the time-to-target column (None: no column).
+      feedback: what the bandit methods learn from (``"logit_grad_norm"``: the paper's).
+      method_options: per-method sampler options, e.g. ``{"adam-impt": {"presample": 3}}``.
+      subset: train on the first ``subset`` training examples only (quick looks).
+      dataset_seed: the loader's ``seed`` (split / generation); None: its default.
+      eval_train_examples: evaluate the training loss on the first this many training
+        examples (None: all of them); for the large paper datasets on a CPU.
+      eval_batch_size: examples per forward pass of the evaluation.
+      needs_files: the dataset must be downloaded or placed by hand (paper configs).
+      loss_log_scale: log-scale loss axes in the plots.
+      table_layout: ``"lahire"`` adds Lahire's Table 1 layout (sampling x optimizer,
+        wall-clock per run) to ``table.md``.
+      sources: hyperparameter -> where its value comes from.
+      loop: how a chunk runs: ``"scan"`` (one ``lax.scan``), ``"python"`` (a Python loop
+        of one jitted step per call) or ``"auto"`` (python on CPU for models with
+        convolutions, whose backward pass XLA:CPU runs ~20x slower inside a loop; else scan).
+      eval_informative_only: evaluate losses and errors only on the examples whose
+        features are not all zero (heavy-tailed: an all-zero example has the loss log 2 under
+        every parameter, so those examples only add a constant to the full loss).
+      max_steps: cap on the steps per run (``--max-steps``, for a quick look; AdamBS's
+        default eta0 then uses the capped T).
+    """
+
+    name: str
+    description: str
+    dataset: str
+    model: str
+    methods: tuple[str, ...]
+    learning_rate: float
+    batch_size: int
+    num_steps: int | None = None
+    num_epochs: float | None = None
+    num_seeds: int = 5
+    eval_every: int = 50
+    chunk_steps: int = 100
+    target_loss: float | None = None
+    feedback: str = "logit_grad_norm"
+    dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    method_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    subset: int | None = None
+    dataset_seed: int | None = None
+    eval_train_examples: int | None = None
+    eval_batch_size: int = 2048
+    needs_files: bool = False
+    loss_log_scale: bool = True
+    table_layout: str | None = None
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    max_steps: int | None = None
+    loop: str = "auto"
+    eval_informative_only: bool = False
+
+    def __post_init__(self):
+        if (self.num_steps is None) == (self.num_epochs is None):
+            raise ValueError(f"{self.name}: give exactly one of num_steps and num_epochs")
+        if min(self.eval_every, self.chunk_steps, self.batch_size, self.num_seeds) < 1:
+            raise ValueError(
+                f"{self.name}: eval_every, chunk_steps, batch_size, num_seeds must be >= 1")
+
+    def steps_for(self, num_examples: int) -> int:
+        """Training steps per run for a training set of ``num_examples``."""
+        if self.num_steps is not None:
+            steps = int(self.num_steps)
+        else:
+            steps = max(1, math.ceil(self.num_epochs * num_examples / self.batch_size))
+        return steps if self.max_steps is None else min(steps, int(self.max_steps))
+
+    def replace(self, **changes) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["methods"] = list(self.methods)
+        return out
+
+
+_LAHIRE_METHODS = ("sgd", "sgd-gn", "rmsprop", "rmsprop-gn", "adam", "adam-gn", "adambs")
+_LAHIRE_SOURCES = {
+    "model": f"{LAHIRE} Appendix E: 10-unit ReLU layer, second 10-unit layer, cross-entropy "
+             "(read as two hidden layers of 10, see experiments/models/mlp.py)",
+    "learning_rate": f"{LAHIRE} §4: 'a learning rate of 0.01'",
+    "batch_size": f"{LAHIRE} §4: 'a mini-batch size of 5'",
+    "num_steps": f"{LAHIRE} Table 1: 'one run (1000 SGD steps)'",
+    "num_seeds": f"{LAHIRE} §4: 'an average on 50 runs'",
+    "optimizers": f"{LAHIRE} §4: PyTorch SGD/RMSProp/Adam 'with default hyper-parameters' "
+                  "(SGD no momentum; RMSProp alpha 0.99, eps 1e-8; Adam 0.9/0.999/1e-8)",
+    "p^GN": f"{LAHIRE} §2-3: p_i proportional to per-sample gradient norms of all N items",
+    "adambs": f"{ADAMBS} Algorithm 2 with its defaults; added to Lahire's grid by us",
+    "split": "experiments.data: stratified 80/20 split, seed 0 (Lahire does not say)",
+    "eval_every": OURS,
+    "target_loss": OURS,
+}
+
+_ADAMBS_COMPARISON = ("adam", "adam-impt", "adambs", "adambs-tuned")
+_SMALL_SOURCES = {
+    "methods": f"{ADAMBS} §5: Adam vs Adam-impt vs AdamBS; adambs-tuned is ours",
+    "learning_rate": f"{ADAMBS} §5.2 CNNs: 0.001",
+    "batch_size": f"{ADAMBS} §5.2 CNNs: 128",
+    "num_seeds": f"{ADAMBS} §5.1: 'repeating each experiment five times with different random seeds'",
+    "initialization": f"{ADAMBS} §5.1: 'the same parameter initialization when comparing'",
+    "feedback": f"{ADAMBS} §5.1: 'we use the upper bound in the place of per-example gradient norm'",
+    "adam_betas": f"{ADAMBS} §5.1: beta1 = 0.9, beta2 = 0.999",
+    "dataset/model": OURS + " (small data that needs no network)",
+    "num_steps": OURS,
+    "eval_every": OURS,
+    "target_loss": OURS,
+}
+
+
+def _paper_sources(section: str, batch: str, lr: str, epochs: str, model: str) -> dict:
+    return {
+        "methods": f"{ADAMBS} §5: Adam, Adam-impt, AdamBS",
+        "batch_size": f"{ADAMBS} {section}: {batch}",
+        "learning_rate": f"{ADAMBS} {section}: {lr}",
+        "num_epochs": f"{ADAMBS} {section}: {epochs}",
+        "model": model,
+        "num_seeds": f"{ADAMBS} §5.1: five seeds",
+        "adam_betas": f"{ADAMBS} §5.1: 0.9, 0.999",
+        "feedback": f"{ADAMBS} §5.1: the logit-gradient upper bound",
+        "eval_train_examples": OURS + " (training loss on the first 10 000 examples, to bound "
+                               "evaluation cost)",
+        "eval_every": OURS,
+    }
+
+
+_PAPER_METHODS = ("adam", "adam-impt", "adambs")
+
+
+def _configs() -> list[ExperimentConfig]:
+    configs = []
+    for dataset in ("iris", "wine"):
+        configs.append(ExperimentConfig(
+            name=f"lahire-{dataset}",
+            description=(
+                f"Lahire Fig. 1 and Table 1 on {dataset.capitalize()}: MLP, SGD/RMSProp/Adam "
+                "x uniform/p^GN sampling, plus AdamBS (paper defaults); 1000 steps, 50 runs."
+            ),
+            dataset=dataset, model="lahire-mlp", methods=_LAHIRE_METHODS,
+            learning_rate=0.01, batch_size=5, num_steps=1000, num_seeds=50, eval_every=10,
+            target_loss=0.1, table_layout="lahire", sources=_LAHIRE_SOURCES,
+        ))
+    configs += [
+        ExperimentConfig(
+            name="digits-cnn",
+            description="AdamBS §5's comparison on sklearn digits (8x8 images) with a small CNN.",
+            dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
+            learning_rate=1e-3, batch_size=128, num_steps=1000, num_seeds=5, eval_every=25,
+            target_loss=0.01, sources=_SMALL_SOURCES,
+        ),
+        ExperimentConfig(
+            name="mnist1d-mlp",
+            description="AdamBS §5's comparison on MNIST-1D (4000 train signals) with an MLP.",
+            dataset="mnist1d", model="mnist1d-mlp", methods=_ADAMBS_COMPARISON,
+            learning_rate=1e-3, batch_size=128, num_steps=2000, num_seeds=5, eval_every=50,
+            target_loss=0.5, sources=_SMALL_SOURCES,
+        ),
+        ExperimentConfig(
+            name="heavy-tailed",
+            description=(
+                "AdamBS §4.3's doubly heavy-tailed binary problem (one ReLU neuron, sigmoid "
+                "output; P(|z_ji| = 1) = i^-2 j^-2, so only a handful of the 1000 examples have "
+                "a nonzero feature: the extreme case for non-uniform sampling). Losses and "
+                "errors are evaluated on those informative examples (the others have loss "
+                "log 2 whatever the parameters). The bandit methods learn from the exact "
+                "gradient norm: the logit bound |sigmoid(z) - y| does not see ||z_j||."
+            ),
+            dataset="heavy-tailed", model="heavy-tailed-neuron", methods=_ADAMBS_COMPARISON,
+            learning_rate=1e-2, batch_size=32, num_steps=2000, num_seeds=5, eval_every=50,
+            target_loss=0.5, feedback="grad_norm", eval_informative_only=True,
+            dataset_options={"gamma": 1.0},
+            sources={
+                "model/data": f"{ADAMBS} §4.3 (theory only: the paper runs no experiment on it)",
+                "learning_rate": OURS, "batch_size": OURS, "num_steps": OURS,
+                "feedback": OURS + " (exact gradient norm; see description)",
+                "num_seeds": f"{ADAMBS} §5.1: five seeds",
+            },
+        ),
+        ExperimentConfig(
+            name="default",
+            description=(
+                "The quick look (a few minutes on 2 CPU cores): digits-cnn with 3 seeds and "
+                "600 steps, Adam vs Adam-impt vs AdamBS vs our AdamBS-tuned."
+            ),
+            dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON,
+            learning_rate=1e-3, batch_size=128, num_steps=600, num_seeds=3, eval_every=25,
+            target_loss=0.01, sources=_SMALL_SOURCES,
+        ),
+        # --- the AdamBS paper's Figures 2-4 (need the real data; GPU recommended) ---
+        ExperimentConfig(
+            name="paper-cifar10",
+            description="AdamBS Fig. 2(a): CNN on CIFAR-10, 10 epochs.",
+            dataset="cifar10", model="cifar-cnn", methods=_PAPER_METHODS,
+            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
+            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
+                                   f"{ADAMBS} §5.2: 4 conv 3x3 + max-pool, dropout 0.25, dense 512 "
+                                   "(Keras cifar10_cnn details, experiments/models/cnn.py)"),
+        ),
+        ExperimentConfig(
+            name="paper-cifar100",
+            description="AdamBS Fig. 2(b): CNN on CIFAR-100, 10 epochs.",
+            dataset="cifar100", model="cifar-cnn", methods=_PAPER_METHODS,
+            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
+            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
+                                   f"{ADAMBS} §5.2 (same CNN as CIFAR-10)"),
+        ),
+        ExperimentConfig(
+            name="paper-fashion-cnn",
+            description="AdamBS Fig. 2(c): CNN on Fashion-MNIST, 10 epochs.",
+            dataset="fashion-mnist", model="fashion-cnn", methods=_PAPER_METHODS,
+            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
+            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
+                                   f"{ADAMBS} §5.2: 2 conv 3x3, max-pool, dense 128"),
+        ),
+    ]
+    for dataset, label in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        configs.append(ExperimentConfig(
+            name=f"paper-{'mnist' if dataset == 'mnist' else 'fashion'}-lstm",
+            description=(
+                f"AdamBS Fig. 3: LSTM (100 units, ReLU) on {label} rows (28 steps of 28 "
+                "pixels; --model pixel-lstm for one pixel per step), 200 epochs."
+            ),
+            dataset=dataset, model="row-lstm", methods=_PAPER_METHODS,
+            learning_rate=1e-6, batch_size=32, num_epochs=200, num_seeds=5, eval_every=1000,
+            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+            sources=_paper_sources("§5.3", "32", "1e-6", "200 epochs",
+                                   f"{ADAMBS} §5.3: LSTM, hidden 100, ReLU; the sequence layout "
+                                   "(rows) is our reading"),
+        ))
+    configs.append(ExperimentConfig(
+        name="paper-imdb-rcnn",
+        description="AdamBS Fig. 4: RCNN (conv 5, max-pool 4, LSTM, dense) on IMDB, 10 epochs.",
+        dataset="imdb", model="imdb-rcnn", methods=_PAPER_METHODS,
+        learning_rate=1e-3, batch_size=30, num_epochs=10, num_seeds=5, eval_every=200,
+        eval_train_examples=10_000, eval_batch_size=512, needs_files=True, loss_log_scale=False,
+        sources=_paper_sources("§5.4", "30", "0.001", "10 epochs",
+                               f"{ADAMBS} §5.4: conv 5 + max-pool 4 + LSTM + dense "
+                               "(Keras imdb_cnn_lstm sizes)"),
+    ))
+    return configs
+
+
+CONFIGS: dict[str, ExperimentConfig] = {config.name: config for config in _configs()}
+
+
+def list_configs() -> list[str]:
+    return list(CONFIGS)
+
+
+def get_config(name: str) -> ExperimentConfig:
+    if name not in CONFIGS:
+        raise KeyError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    return CONFIGS[name]
