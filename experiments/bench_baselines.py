@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -43,6 +41,7 @@ import numpy as np
 import optax
 
 import adambs_jax as ab
+from experiments.machine import machine_info, versions
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -182,20 +181,6 @@ def run(runs: int, warmup: int, rounds: int, variants=VARIANTS):
     return results
 
 
-def machine() -> dict:
-    device = jax.devices()[0]
-    return {
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": __import__("flax").__version__,
-        "optax": optax.__version__,
-    }
-
-
 def markdown_table(results) -> str:
     baseline = results[0]["variant"]
     lines = [
@@ -220,7 +205,7 @@ def main(argv=None):
     if args.runs < 30 or args.warmup < 1 or args.rounds < 1:
         parser.error("--runs must be >= 30, --warmup and --rounds >= 1")
     results = run(args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "baselines_train_step", "machine": machine(), "results": results}
+    report = {"benchmark": "baselines_train_step", "machine": {**machine_info(), **versions()}, "results": results}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 
 import jax
@@ -39,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 import adambs_jax as ab
+from experiments.machine import machine_info, versions
 from adambs_jax import sumtree
 
 
@@ -187,11 +187,7 @@ def main(argv=None):
             "step_size": step_size, "p_min": p_min, "feedback_sigma": args.feedback_sigma,
             "nan_rate": args.nan_rate, "seed": args.seed,
         },
-        "environment": {
-            "jax": jax.__version__, "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        },
+        "environment": {**machine_info(), **versions()},
         "summary": summary,
         "records": records,
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import adambs_jax as ab
+from experiments.machine import machine_info, versions
 from adambs_jax.projection import project_onto_floored_simplex
 
 
@@ -84,36 +84,12 @@ def time_step(make, num_examples, batch_size, repeats):
     }
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info():
-    device = jax.devices()[0]
-    return {
-        "cpu": cpu_model(),
-        "platform": device.platform,
-        "device": device.device_kind,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "machine": platform.machine(),
-    }
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench_sampler.json")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6, 10**7])
-    parser.add_argument("--repeats", type=int, default=200, help="runs per measurement (fewer at n >= 1e6 for the dense baseline)")
+    parser.add_argument("--repeats", type=int, default=500, help="runs per measurement (fewer at n >= 1e6 for the dense baseline)")
     args = parser.parse_args(argv)
 
     rows = []
@@ -122,12 +98,12 @@ def main(argv=None):
         dense = time_step(dense_step_fn, n, args.batch_size, max(20, args.repeats // (10 if n >= 10**6 else 1)))
         rows.append({"num_examples": n, "tree": tree, "dense": dense, "speedup": dense["median_us"] / tree["median_us"]})
 
-    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size, "machine": machine_info(), "rows": rows}
+    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size, "machine": {**machine_info(), **versions()}, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
-    print(f"\nsample + update, K = {args.batch_size}, {result['machine']['device']} ({result['machine']['platform']}), jax {jax.__version__}")
+    print(f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}")
     print("| n | tree (us, median) | dense (us, median) | dense / tree |")
     print("|---|---|---|---|")
     for row in rows:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -40,6 +38,7 @@ import numpy as np
 import optax
 
 import adambs_jax as ab
+from experiments.machine import machine_info, versions
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -200,20 +199,6 @@ def run(models, runs: int, warmup: int, rounds: int = 10):
     return results
 
 
-def machine() -> dict:
-    device = jax.devices()[0]
-    return {
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": __import__("flax").__version__,
-        "optax": optax.__version__,
-    }
-
-
 def markdown_table(results) -> str:
     lines = [
         "| model | n | variant | median ms/step | p10–p90 ms | ratio vs Adam |",
@@ -238,7 +223,7 @@ def main(argv=None):
     if args.runs < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--runs, --warmup and --rounds must be >= 1")
     results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "train_step", "machine": machine(), "results": results}
+    report = {"benchmark": "train_step", "machine": {**machine_info(), **versions()}, "results": results}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ import optax
 
 import adambs_jax as ab
 from experiments import aggregate
+from experiments.machine import machine_info, versions
 from experiments.configs import ExperimentConfig
 from experiments.methods import build_method, method_available, method_spec
 
@@ -600,50 +600,6 @@ TIMING_NOTE = (
     "Python dispatch is paid once per chunk, so absolute times are below those of an eager "
     "step-by-step loop; compare methods by the ratios measured here."
 )
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    devices = jax.devices()
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "jax_backend": jax.default_backend(),
-        "jax_device_kind": devices[0].device_kind,
-        "jax_device_count": len(devices),
-    }
-
-
-def versions() -> dict:
-    import flax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or _dist_version("jaxlib"),
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "adambs_jax": getattr(ab, "__version__", None),
-    }
-
-
-def _dist_version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # pragma: no cover
-        return None
 
 
 def build_summary(config: ExperimentConfig, resolved: dict, results: Sequence[MethodResult]) -> dict:
