@@ -30,9 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -42,6 +39,7 @@ import optax
 
 import adambs_jax as ab
 from experiments.machine import machine_info, versions
+from experiments.step_timing import time_interleaved, time_summary
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -126,58 +124,35 @@ def library_step(model_loss, num_examples: int, variant: str):
     return step, init
 
 
-class _Timed:
-    """One variant's jitted step and its live (donated, re-bound) state."""
-
-    def __init__(self, step: Callable, state: Any):
-        self.step, self.state, self.times = step, state, []
-
-    def advance(self, data: Any, keys, record: bool):
-        for key in keys:
-            start = time.perf_counter()
-            self.state, metrics = self.step(self.state, data, key)
-            jax.block_until_ready((self.state, metrics))
-            if record:
-                self.times.append(time.perf_counter() - start)
-
-
 def run(runs: int, warmup: int, rounds: int, variants=VARIANTS):
     model_loss, data, params = make_problem()
-    timed = {}
+    steps = {}
     for variant in variants:
         step, init = library_step(model_loss, NUM_EXAMPLES, variant)
-        timed[variant] = _Timed(step, init(params))
-    keys = list(jax.random.split(jax.random.key(1), warmup + runs))
-    for variant in variants:  # compile and warm up
-        timed[variant].advance(data, keys[:warmup], record=False)
-    per_round = -(-runs // rounds)
-    for start in range(warmup, warmup + runs, per_round):
-        for variant in variants:
-            timed[variant].advance(data, keys[start : start + per_round], record=True)
+        steps[variant] = (step, init(params))
+    timed = time_interleaved(steps, data, runs=runs, warmup=warmup, rounds=rounds)
     for phase, expected in (("importance-phase", True), ("uniform-phase", False)):
         name = f"adam_impt/{phase}"
         if name in timed:
             on = bool(timed[name].state.sampler_state.importance_sampling_on)
             assert on == expected, f"{name}: importance_sampling_on is {on}"
-    baseline = statistics.median(timed[variants[0]].times)
     results = []
     for variant in variants:
-        times = timed[variant].times
-        median = statistics.median(times)
+        summary = time_summary(timed[variant].times, timed[variants[0]].times)
         results.append(
             {
                 "model": "mlp",
                 "num_examples": NUM_EXAMPLES,
                 "batch_size": BATCH_SIZE,
                 "variant": variant,
-                "median_ms": 1e3 * median,
-                "p10_ms": 1e3 * float(np.percentile(times, 10)),
-                "p90_ms": 1e3 * float(np.percentile(times, 90)),
-                "runs": len(times),
-                f"ratio_vs_{variants[0]}": median / baseline,
+                "median_ms": summary["median_ms"],
+                "p10_ms": summary["p10_ms"],
+                "p90_ms": summary["p90_ms"],
+                "runs": summary["runs"],
+                f"ratio_vs_{variants[0]}": summary["ratio"],
             }
         )
-        print(f"{variant:30s} {1e3 * median:9.3f} ms  x{median / baseline:.2f}", flush=True)
+        print(f"{variant:30s} {summary['median_ms']:9.3f} ms  x{summary['ratio']:.2f}", flush=True)
     return results
 
 

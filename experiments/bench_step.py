@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -39,6 +36,7 @@ import optax
 
 import adambs_jax as ab
 from experiments.machine import machine_info, versions
+from experiments.step_timing import time_interleaved, time_summary
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -125,21 +123,6 @@ def library_step(model_loss, num_examples, variant: str):
     return step, init
 
 
-class _Timed:
-    """One variant's jitted step and its live (donated, re-bound) state."""
-
-    def __init__(self, step: Callable, state: Any):
-        self.step, self.state, self.times = step, state, []
-
-    def advance(self, data: Any, keys, record: bool):
-        for key in keys:
-            start = time.perf_counter()
-            self.state, metrics = self.step(self.state, data, key)
-            jax.block_until_ready((self.state, metrics))
-            if record:
-                self.times.append(time.perf_counter() - start)
-
-
 VARIANTS = (
     "adam",
     "uniform",
@@ -160,39 +143,31 @@ def run(models, runs: int, warmup: int, rounds: int = 10):
         model, data, params = make_problem(name)
         model_loss = model_loss_of(model)
         num_examples = data["y"].shape[0]
-        timed = {}
+        steps = {}
         for variant in VARIANTS:
             if variant == "adam":
                 step, init = plain_adam_step(model_loss, num_examples)
             else:
                 step, init = library_step(model_loss, num_examples, variant)
-            timed[variant] = _Timed(step, init(params))
-        keys = list(jax.random.split(jax.random.key(1), warmup + runs))
-        for variant in VARIANTS:  # compile and warm up
-            timed[variant].advance(data, keys[:warmup], record=False)
-        per_round = -(-runs // rounds)
-        for start in range(warmup, warmup + runs, per_round):
-            for variant in VARIANTS:
-                timed[variant].advance(data, keys[start : start + per_round], record=True)
-        baseline = statistics.median(timed["adam"].times)
+            steps[variant] = (step, init(params))
+        timed = time_interleaved(steps, data, runs=runs, warmup=warmup, rounds=rounds)
         for variant in VARIANTS:
-            times = timed[variant].times
-            median = statistics.median(times)
+            summary = time_summary(timed[variant].times, timed["adam"].times)
             results.append(
                 {
                     "model": name,
                     "num_examples": num_examples,
                     "batch_size": BATCH_SIZE,
                     "variant": variant,
-                    "median_ms": 1e3 * median,
-                    "p10_ms": 1e3 * float(np.percentile(times, 10)),
-                    "p90_ms": 1e3 * float(np.percentile(times, 90)),
-                    "runs": len(times),
-                    "ratio_vs_adam": median / baseline,
+                    "median_ms": summary["median_ms"],
+                    "p10_ms": summary["p10_ms"],
+                    "p90_ms": summary["p90_ms"],
+                    "runs": summary["runs"],
+                    "ratio_vs_adam": summary["ratio"],
                 }
             )
             print(
-                f"{name:4s} {variant:32s} {1e3 * median:8.3f} ms  x{median / baseline:.2f}",
+                f"{name:4s} {variant:32s} {summary['median_ms']:8.3f} ms  x{summary['ratio']:.2f}",
                 flush=True,
             )
         del timed

@@ -1,0 +1,57 @@
+"""Timing jitted train steps side by side (DESIGN.md §5): the benchmarks' shared harness.
+
+Every variant's step is compiled and warmed up first, then the variants are interleaved in
+``rounds`` rounds, each giving every variant ``runs / rounds`` consecutive steps, so that a
+change of the machine's load during the benchmark hits all variants alike. Each step is
+timed with ``block_until_ready``; the state is donated and re-bound.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+class TimedStep:
+    """One variant's jitted step, its live (donated, re-bound) state and its step times."""
+
+    def __init__(self, step: Callable, state: Any):
+        self.step, self.state, self.times = step, state, []
+
+    def advance(self, data: Any, keys, record: bool):
+        for key in keys:
+            start = time.perf_counter()
+            self.state, metrics = self.step(self.state, data, key)
+            jax.block_until_ready((self.state, metrics))
+            if record:
+                self.times.append(time.perf_counter() - start)
+
+
+def time_interleaved(steps: dict, data: Any, *, runs: int, warmup: int, rounds: int) -> dict:
+    """``steps``: name -> (step, initial state). Returns name -> ``TimedStep`` with ``runs``
+    recorded step times each (compilation and ``warmup`` steps excluded)."""
+    timed = {name: TimedStep(step, state) for name, (step, state) in steps.items()}
+    keys = list(jax.random.split(jax.random.key(1), warmup + runs))
+    for variant in timed.values():  # compile and warm up
+        variant.advance(data, keys[:warmup], record=False)
+    per_round = -(-runs // rounds)
+    for start in range(warmup, warmup + runs, per_round):
+        for variant in timed.values():
+            variant.advance(data, keys[start : start + per_round], record=True)
+    return timed
+
+
+def time_summary(times, baseline_times) -> dict:
+    """Median, p10 and p90 in ms, the number of runs, and the ratio of medians to a baseline."""
+    median = statistics.median(times)
+    return {
+        "median_ms": 1e3 * median,
+        "p10_ms": 1e3 * float(np.percentile(times, 10)),
+        "p90_ms": 1e3 * float(np.percentile(times, 90)),
+        "runs": len(times),
+        "ratio": median / statistics.median(baseline_times),
+    }
