@@ -39,6 +39,18 @@ def _per_example_grads(batch_size=5, seed=1):
     return grads, weights
 
 
+def _assert_matches_on_weighted_mean(tx, reference, params, num_steps=4):
+    """``tx`` on per-example gradients and weights == ``reference`` on their weighted mean."""
+    state, reference_state = tx.init(params), reference.init(params)
+    for seed in range(num_steps):
+        grads, weights = _per_example_grads(seed=seed)
+        updates, state = tx.update(grads, state, params, weights=weights)
+        expected, reference_state = reference.update(
+            ab.weighted_mean(grads, weights), reference_state, params
+        )
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+
+
 class WeightedMeanTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_numpy(self):
@@ -124,14 +136,7 @@ class ChainTest(chex.TestCase):
     def test_adambs_is_adam_on_the_weighted_mean(self):
         params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
         tx, reference = ab.adambs(1e-2, b1=0.8, b2=0.99), optax.adam(1e-2, b1=0.8, b2=0.99)
-        state, reference_state = tx.init(params), reference.init(params)
-        for seed in range(4):
-            grads, weights = _per_example_grads(seed=seed)
-            updates, state = tx.update(grads, state, params, weights=weights)
-            expected, reference_state = reference.update(
-                ab.weighted_mean(grads, weights), reference_state, params
-            )
-            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+        _assert_matches_on_weighted_mean(tx, reference, params)
 
     def test_adambs_accepts_a_schedule(self):
         params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
@@ -176,14 +181,7 @@ class ChainTest(chex.TestCase):
     def test_amsgradbs_is_amsgrad_on_the_weighted_mean(self):
         params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}
         tx, reference = ab.amsgradbs(1e-2), optax.amsgrad(1e-2)
-        state, reference_state = tx.init(params), reference.init(params)
-        for seed in range(4):
-            grads, weights = _per_example_grads(seed=seed)
-            updates, state = tx.update(grads, state, params, weights=weights)
-            expected, reference_state = reference.update(
-                ab.weighted_mean(grads, weights), reference_state, params
-            )
-            chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+        _assert_matches_on_weighted_mean(tx, reference, params)
 
     def test_with_importance_weighting_rejects_bad_optimizers(self):
         with pytest.raises(TypeError, match="optimizer"):
