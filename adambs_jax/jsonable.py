@@ -1,0 +1,40 @@
+"""One conversion of Python/numpy/JAX values to JSON values, for checkpoint metadata and
+experiment records alike."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["to_jsonable"]
+
+
+def to_jsonable(value: Any, *, nonfinite_as_none: bool = True) -> Any:
+    """``value`` as something ``json.dumps`` writes faithfully.
+
+    Mappings become dicts with string keys, sequences and arrays lists, numpy scalars and
+    0-d arrays Python numbers; non-finite floats become None (JSON has no NaN) unless
+    ``nonfinite_as_none=False``; anything else (a dtype, a function) its ``repr``.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return None if nonfinite_as_none and not math.isfinite(number) else number
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, nonfinite_as_none=nonfinite_as_none) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, nonfinite_as_none=nonfinite_as_none) for v in value]
+    if isinstance(value, np.ndarray) or type(value).__module__.startswith("jax"):
+        if hasattr(value, "tolist") and getattr(value, "dtype", None) is not None:
+            try:
+                return to_jsonable(np.asarray(value).tolist(), nonfinite_as_none=nonfinite_as_none)
+            except TypeError:  # a PRNG key array or another array without a numpy form
+                pass
+    return repr(value)
