@@ -9,7 +9,14 @@ Accepted layouts (either is enough):
 
 Tarballs are read in place (members are read from the archive, nothing is
 extracted). If neither is present the tarball is downloaded from
-https://www.cs.toronto.edu/~kriz/ and checked against the published MD5.
+https://www.cs.toronto.edu/~kriz/.
+
+Every file is checked against its pinned MD5 before it is read, whether
+downloaded or found in the cache: the tarball against the published sum, the
+extracted batches against the sums torchvision pins (``member_md5``). A file
+that differs raises :class:`~experiments.data.integrity.ChecksumMismatchError`
+naming it; one that cannot be decoded raises
+:class:`~experiments.data.integrity.CorruptFileError` naming it.
 
 Each pickle is a dict with ``b"data"``: uint8 ``(N, 3072)`` in channel-major
 order (1024 red, 1024 green, 1024 blue values of a 32x32 image, row-major),
@@ -20,13 +27,14 @@ classes are used, not the 20 coarse ones). Official split: 50 000 train,
 Preprocessing: images become ``(N, 32, 32, 3)``, are scaled to [0, 1] (/255)
 and standardized per channel with training mean/std.
 
-Note: pickles are executable formats; only load files from the official
-archive (downloaded files are checksum-verified).
+Pickles are an executable format. Besides the checksum, the batches are read
+with :func:`experiments.data.safe_pickle.load_data_pickle`, which builds only
+arrays, lists, dicts, numbers and strings and refuses any other global, so
+even a file that matched by mistake cannot run code.
 """
 from __future__ import annotations
 
 import os
-import pickle
 import tarfile
 from pathlib import Path
 
@@ -34,7 +42,9 @@ import numpy as np
 
 from experiments.data.dataset import Dataset
 from experiments.data.download import RemoteFile, ensure_files, resolve_data_dir
+from experiments.data.integrity import reading_file, verify_file
 from experiments.data.preprocessing import standardize_images
+from experiments.data.safe_pickle import load_data_pickle
 
 _BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -45,6 +55,14 @@ CIFAR_LAYOUTS = {
         "folder": "cifar-10-batches-py",
         "train": tuple(f"data_batch_{k}" for k in range(1, 6)),
         "test": ("test_batch",),
+        "member_md5": {  # the extracted batches, as torchvision pins them
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
         "label_key": b"labels",
         "num_classes": 10,
     },
@@ -54,6 +72,10 @@ CIFAR_LAYOUTS = {
         "folder": "cifar-100-python",
         "train": ("train",),
         "test": ("test",),
+        "member_md5": {
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        },
         "label_key": b"fine_labels",
         "num_classes": 100,
     },
@@ -69,20 +91,26 @@ def decode_batch(batch: dict, label_key: bytes) -> tuple[np.ndarray, np.ndarray]
 
 
 def _read_members(source: Path, folder: str, members: tuple[str, ...]) -> list[dict]:
+    """The pickled batches ``members`` from the folder or tarball ``source`` (verified)."""
     if source.is_dir():
         batches = []
         for member in members:
-            with open(source / member, "rb") as stream:
-                batches.append(pickle.load(stream, encoding="bytes"))
+            with reading_file(source / member), open(source / member, "rb") as stream:
+                batches.append(load_data_pickle(stream, source=source / member))
         return batches
-    with tarfile.open(source, "r:gz") as archive:
+    with reading_file(source), tarfile.open(source, "r:gz") as archive:
         batches = []
         for member in members:
             stream = archive.extractfile(f"{folder}/{member}")
             if stream is None:
                 raise ValueError(f"{source}: {folder}/{member} is not a regular file")
-            batches.append(pickle.load(stream, encoding="bytes"))
+            batches.append(load_data_pickle(stream, source=f"{source}:{folder}/{member}"))
         return batches
+
+
+def _verify_members(source: Path, layout: dict) -> None:
+    for member in layout["train"] + layout["test"]:
+        verify_file(source / member, RemoteFile(member, (), md5=layout["member_md5"][member]))
 
 
 def _concatenate(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +130,8 @@ def load_cifar(
                 f"(with {', '.join(layout['train'] + layout['test'])}) in {directory}.")
         (source,) = ensure_files(directory, [layout["archive"]], dataset=name,
                                  download=download, hint=hint)
+    else:
+        _verify_members(source, layout)
     train_images, y_train = _concatenate(
         _read_members(source, layout["folder"], layout["train"]), layout["label_key"])
     test_images, y_test = _concatenate(

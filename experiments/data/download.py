@@ -12,18 +12,16 @@ file, verifies the published checksum and only then renames it into place.
   file(s), the folder to put them in and the URLs.
 * A download whose checksum differs raises :class:`ChecksumMismatchError`
   and leaves nothing behind.
-
-Checksums are verified on *downloaded* files. Files a user placed by hand are
-trusted (call :func:`verify_file` to check them); this also lets the tests
-use tiny files in the real formats.
+* A file already in the folder is verified too, before anything reads it
+  (see :mod:`experiments.data.integrity`): a file that differs from its
+  pinned checksum raises :class:`ChecksumMismatchError` naming it and saying
+  to delete it (the tests pin the checksums of their tiny files).
 
 :func:`open_url` is the only function that touches the network; tests replace
 it so they never download anything.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import http.client
 import os
 import shutil
@@ -32,10 +30,25 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from experiments.data.integrity import (
+    ChecksumMismatchError,
+    CorruptFileError,
+    RemoteFile,
+    file_digest,
+    verify_file,
+)
+
+__all__ = [
+    "ChecksumMismatchError", "CorruptFileError", "DownloadError", "RemoteFile",
+    "download_file", "ensure_files", "file_digest", "open_url", "resolve_data_dir",
+    "verify_file",
+]
+
 DATA_DIR_ENV = "ADAMBS_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/adambs_jax"
 DOWNLOAD_TIMEOUT_S = 60.0
 _BLOCK = 1 << 20
+DISCARDED_HINT = "the download was discarded; put the official file in place by hand"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -45,49 +58,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(data_dir).expanduser()
 
 
-@dataclasses.dataclass(frozen=True)
-class RemoteFile:
-    """A published file: its name, mirrors (tried in order) and checksums.
-
-    Only checksums copied from the publishers (or from torchvision / Keras,
-    which pin the same files) are written here; ``None`` means unknown.
-    """
-
-    filename: str
-    urls: tuple[str, ...]
-    md5: str | None = None
-    sha256: str | None = None
-
-
-class ChecksumMismatchError(ValueError):
-    """A file's digest differs from the published checksum."""
-
-
 class DownloadError(OSError):
     """No URL of a file could be fetched."""
-
-
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest (``"md5"`` or ``"sha256"``) of a file, read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_file(path: str | os.PathLike, remote: RemoteFile) -> None:
-    """Raise :class:`ChecksumMismatchError` if ``path`` does not match ``remote``."""
-    for algorithm in ("sha256", "md5"):
-        expected = getattr(remote, algorithm)
-        if expected is None:
-            continue
-        actual = file_digest(path, algorithm)
-        if actual != expected.lower():
-            raise ChecksumMismatchError(
-                f"{path}: {algorithm} is {actual}, expected {expected} for "
-                f"{remote.filename}; the file is corrupt or a different version."
-            )
 
 
 def open_url(url: str, timeout: float):
@@ -115,7 +87,7 @@ def download_file(
             errors.append(f"{url}: {err}")
             continue
         try:
-            verify_file(partial, remote)
+            verify_file(partial, remote, hint=DISCARDED_HINT)
         except ChecksumMismatchError as err:
             partial.unlink(missing_ok=True)
             raise ChecksumMismatchError(f"downloaded from {url}: {err}") from None
@@ -137,11 +109,13 @@ def ensure_files(
     Raises:
       FileNotFoundError: a file is missing and could not be downloaded (or
         ``download`` is False); the message lists what to put where.
-      ChecksumMismatchError: a downloaded file failed verification.
+      ChecksumMismatchError: a file found in ``directory`` or a downloaded one
+        failed verification (the message names it and says to delete it).
     """
     failures = []
     for remote in remotes:
         if (directory / remote.filename).exists():
+            verify_file(directory / remote.filename, remote)
             continue
         if not download:
             failures.append((remote, "downloads disabled"))

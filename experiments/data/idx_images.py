@@ -7,8 +7,11 @@ Files (official 60 000 / 10 000 train/test split), in
     t10k-images-idx3-ubyte.gz   t10k-labels-idx1-ubyte.gz
 
 (uncompressed copies without ``.gz`` are accepted too). Missing files are
-downloaded (see :mod:`experiments.data.download`) and checked against the
-MD5 sums published with the datasets (the same ones torchvision pins).
+downloaded (see :mod:`experiments.data.download`). Every file, downloaded or
+found in the folder, is checked against its pinned MD5 before it is read:
+the ``.gz`` files against the sums published with the datasets (the same
+ones torchvision pins), uncompressed copies against the sums of the
+decompressed official files (``_RAW_MD5``).
 
 IDX format (LeCun): a big-endian header ``0x00 0x00 <type> <ndim>``, then
 ``ndim`` big-endian uint32 dimensions, then the data in C order; type
@@ -27,6 +30,7 @@ import numpy as np
 
 from experiments.data.dataset import Dataset
 from experiments.data.download import RemoteFile, ensure_files, resolve_data_dir
+from experiments.data.integrity import reading_file, verify_file
 from experiments.data.preprocessing import standardize_images
 
 IDX_DTYPES = {
@@ -65,6 +69,20 @@ _MD5 = {
         TEST_LABELS: "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+_RAW_MD5 = {  # the decompressed files (md5sum after gunzip of the official .gz files)
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
 _MIRRORS = {"mnist": _MNIST_MIRRORS, "fashion-mnist": _FASHION_MIRRORS}
 _DESCRIPTIONS = {
     "mnist": "MNIST handwritten digits (LeCun et al.)",
@@ -100,18 +118,25 @@ def parse_idx(raw: bytes) -> np.ndarray:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file, gzip-compressed if its name ends in ``.gz``."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
+    with reading_file(path), opener(path, "rb") as stream:
         return parse_idx(stream.read())
 
 
 def _locate(directory: Path, name: str, download: bool) -> dict[str, Path]:
-    """Paths of the four files, preferring existing ``.gz`` or uncompressed copies."""
-    uncompressed = {f: directory / f[: -len(".gz")] for f in _MD5[name]}
-    missing_gz = [r for r in remote_files(name)
-                  if not (directory / r.filename).exists()
-                  and not uncompressed[r.filename].exists()]
-    ensure_files(directory, missing_gz, dataset=name, download=download)
-    return {f: (directory / f if (directory / f).exists() else uncompressed[f]) for f in _MD5[name]}
+    """Verified paths of the four files: the ``.gz`` if present (or downloaded),
+    else an uncompressed copy."""
+    paths, to_fetch = {}, []
+    for remote in remote_files(name):
+        uncompressed = directory / remote.filename[: -len(".gz")]
+        if (directory / remote.filename).exists() or not uncompressed.exists():
+            to_fetch.append(remote)
+            continue
+        verify_file(uncompressed, RemoteFile(uncompressed.name, (),
+                                             md5=_RAW_MD5[name][uncompressed.name]))
+        paths[remote.filename] = uncompressed
+    for path in ensure_files(directory, to_fetch, dataset=name, download=download):
+        paths[path.name] = path
+    return paths
 
 
 def load_idx_dataset(

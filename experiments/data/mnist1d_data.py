@@ -17,7 +17,11 @@ so this is the 1-D analogue of per-channel image standardization).
 ``make_dataset`` reseeds numpy's and Python's *global* random generators; the
 loader saves and restores both so the caller's random state is untouched.
 Generated arrays are cached as ``<data_dir>/mnist1d/mnist1d_<key>.npz``, where
-``key`` hashes all generator arguments.
+``key`` hashes all generator arguments. The cache is read without pickle and
+checked (the four arrays present, as many signals of ``final_seq_length``
+finite values as mnist1d makes for ``num_samples``, split as it splits them,
+labels in 0..9); a cache that fails to load or to pass these checks is regenerated,
+with a ``RuntimeWarning`` naming the file.
 """
 from __future__ import annotations
 
@@ -27,12 +31,14 @@ import json
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from experiments.data.dataset import Dataset
 from experiments.data.download import resolve_data_dir
+from experiments.data.integrity import CorruptFileError, reading_file
 
 DEFAULT_NUM_SAMPLES = 5000
 DEFAULT_GENERATOR_SEED = 42
@@ -74,6 +80,61 @@ def generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     return {key: np.asarray(data[key]) for key in ("x", "y", "x_test", "y_test")}
 
 
+def _check_generated(raw: dict[str, np.ndarray], args: dict) -> None:
+    """Raise ``ValueError`` unless ``raw`` has the shapes and values ``args`` generate.
+
+    mnist1d makes ``num_samples // 10`` signals per class and puts the first
+    ``int(train_split * total)`` of them in the training set.
+    """
+    for key in ("x", "y", "x_test", "y_test"):
+        if key not in raw:
+            raise ValueError(f"array {key!r} is missing")
+    total = len(raw["x"]) + len(raw["x_test"])
+    num_train = int(args["train_split"] * total)
+    expected = {"x": (num_train, args["final_seq_length"]), "y": (num_train,),
+                "x_test": (total - num_train, args["final_seq_length"]),
+                "y_test": (total - num_train,)}
+    if total != args["num_samples"] // 10 * 10 or any(
+            raw[key].shape != shape for key, shape in expected.items()):
+        found = {key: raw[key].shape for key in expected}
+        raise ValueError(f"arrays have shapes {found}, expected {expected}")
+    if not (np.all(np.isfinite(raw["x"])) and np.all(np.isfinite(raw["x_test"]))):
+        raise ValueError("signals hold non-finite values")
+    labels = np.concatenate([raw["y"], raw["y_test"]])
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
+        raise ValueError("labels are not integers in 0..9")
+
+
+def _read_cache(cache_file: Path, args: dict) -> dict[str, np.ndarray]:
+    """The checked cache (no pickle); :class:`CorruptFileError` naming the file otherwise."""
+    with reading_file(cache_file), np.load(cache_file, allow_pickle=False) as cached:
+        raw = {key: cached[key] for key in cached.files}
+        _check_generated(raw, args)
+    return raw
+
+
+def _write_cache(cache_file: Path, raw: dict[str, np.ndarray]) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **raw)
+    os.replace(tmp.name, cache_file)
+
+
+def _cached_or_generated(cache_dir: Path, num_samples: int, seed: int, use_cache: bool):
+    """``(raw arrays, cache path)``: from a valid cache, else generated (and cached)."""
+    args = _generator_args(num_samples, seed)
+    cache_file = _cache_path(cache_dir, args)
+    if use_cache and cache_file.exists():
+        try:
+            return _read_cache(cache_file, args), cache_file
+        except CorruptFileError as err:
+            warnings.warn(f"{err}; regenerating the MNIST-1D cache", RuntimeWarning, stacklevel=3)
+    raw = generate_mnist1d(num_samples, seed)
+    if use_cache:
+        _write_cache(cache_file, raw)
+    return raw, cache_file
+
+
 def load_mnist1d(
     *,
     data_dir: str | os.PathLike | None = None,
@@ -85,19 +146,8 @@ def load_mnist1d(
     seed = DEFAULT_GENERATOR_SEED if seed is None else seed
     if num_samples < 20:
         raise ValueError("num_samples must be at least 20 (two per class per split)")
-    cache_dir = resolve_data_dir(data_dir) / "mnist1d"
-    cache_file = _cache_path(cache_dir, _generator_args(num_samples, seed))
-    if use_cache and cache_file.exists():
-        with np.load(cache_file) as cached:
-            raw = {key: cached[key] for key in cached.files}
-    else:
-        raw = generate_mnist1d(num_samples, seed)
-        if use_cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
-                np.savez(tmp, **raw)
-            os.replace(tmp.name, cache_file)
-
+    raw, cache_file = _cached_or_generated(resolve_data_dir(data_dir) / "mnist1d",
+                                           num_samples, seed, use_cache)
     x_train = raw["x"].astype(np.float64)
     mean, std = x_train.mean(), x_train.std()
     std = std if std > 0 else 1.0

@@ -1,6 +1,7 @@
 """Tests for experiments.data: every loader at tiny size, never touching the network."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.data import ChecksumMismatchError, list_datasets, load_dataset, resolve_data_dir
+from experiments.data import cifar, idx_images, imdb
 from experiments.data import download as download_module
 from experiments.data.dataset import Dataset
 from experiments.data.heavy_tailed import activation_probabilities, generate_heavy_tailed
@@ -108,6 +110,33 @@ def write_cifar_folder(folder_path, members: dict[str, dict]) -> None:
     folder_path.mkdir(parents=True)
     for member, batch in members.items():
         (folder_path / member).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def digest_of(path, algorithm="md5") -> str:
+    return hashlib.new(algorithm, path.read_bytes()).hexdigest()
+
+
+def pin_checksums(monkeypatch, name: str, directory) -> None:
+    """Pin the checksums of the tiny files in ``directory`` as the real ones are pinned.
+
+    Loaders verify every file against the pinned table before reading it; the
+    tests' tiny files get their own sums (monkeypatched, undone after the test).
+    """
+    if name == "imdb":
+        digest = digest_of(directory / "imdb.npz", "sha256")
+        monkeypatch.setattr(imdb, "IMDB_FILE", dataclasses.replace(imdb.IMDB_FILE, sha256=digest))
+    elif name in cifar.CIFAR_LAYOUTS:
+        layout = cifar.CIFAR_LAYOUTS[name]
+        archive = directory / layout["archive"].filename
+        if archive.exists():
+            monkeypatch.setitem(layout, "archive",
+                                dataclasses.replace(layout["archive"], md5=digest_of(archive)))
+        for member in (directory / layout["folder"]).glob("*"):
+            monkeypatch.setitem(layout["member_md5"], member.name, digest_of(member))
+    else:
+        for path in directory.iterdir():
+            table = idx_images._MD5 if path.suffix == ".gz" else idx_images._RAW_MD5
+            monkeypatch.setitem(table[name], path.name, digest_of(path))
 
 
 def object_array(sequences) -> np.ndarray:
@@ -285,8 +314,9 @@ def test_parse_idx_rejects_bad_files():
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 @pytest.mark.parametrize("compress", [True, False])
-def test_idx_datasets_load_tiny_files(tmp_path, name, compress, no_network):
+def test_idx_datasets_load_tiny_files(tmp_path, monkeypatch, name, compress, no_network):
     arrays = write_tiny_idx_dataset(tmp_path / name, compress=compress)
+    pin_checksums(monkeypatch, name, tmp_path / name)
     data = load_dataset(name, data_dir=tmp_path)
     assert no_network == []  # present files: no download attempted
     assert data.x_train.shape == (30, 28, 28, 1) and data.x_test.shape == (10, 28, 28, 1)
@@ -320,7 +350,7 @@ def test_download_disabled_does_not_try_network(tmp_path, no_network):
 # ----------------------------------------------------------------- cifar
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("layout", ["tarball", "folder"])
-def test_cifar_loads_tiny_pickles(tmp_path, name, layout):
+def test_cifar_loads_tiny_pickles(tmp_path, monkeypatch, name, layout):
     rng = np.random.default_rng(0)
     members, train_x, train_y, test_x, test_y = tiny_cifar_members(name, rng)
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
@@ -331,6 +361,7 @@ def test_cifar_loads_tiny_pickles(tmp_path, name, layout):
         write_cifar_tarball(directory / archive, folder, members)
     else:
         write_cifar_folder(directory / folder, members)
+    pin_checksums(monkeypatch, name, directory)
 
     data = load_dataset(name, data_dir=tmp_path)
     assert data.num_classes == (10 if name == "cifar10" else 100)
@@ -362,7 +393,7 @@ def test_encode_reviews_reproduces_keras_conventions():
     assert encoded.dtype == np.int32
 
 
-def test_imdb_loads_tiny_npz(tmp_path):
+def test_imdb_loads_tiny_npz(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     reviews = [list(rng.integers(1, 50, size=rng.integers(2, 12))) for _ in range(20)]
     # The label is recoverable from the review (first word's parity), so we can
@@ -372,6 +403,7 @@ def test_imdb_loads_tiny_npz(tmp_path):
     directory.mkdir()
     np.savez(directory / "imdb.npz", x_train=object_array(reviews[:12]), y_train=labels[:12],
              x_test=object_array(reviews[12:]), y_test=labels[12:])
+    pin_checksums(monkeypatch, "imdb", directory)
 
     data = load_dataset("imdb", data_dir=tmp_path, maxlen=16, num_words=30)
     assert data.task == "binary" and data.num_classes == 2
