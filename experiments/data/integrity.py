@@ -84,8 +84,9 @@ _DECODING_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError,
 
 
 @contextlib.contextmanager
-def reading_file(path: str | os.PathLike):
-    """Turn a decoder's error inside the block into :class:`CorruptFileError` naming ``path``."""
+def reading_file(path: str | os.PathLike, *, hint: str = DELETE_HINT):
+    """Turn a decoder's error inside the block into :class:`CorruptFileError` naming ``path``
+    (``hint`` says what to do about it)."""
     try:
         yield
     except CorruptFileError:
@@ -93,5 +94,5 @@ def reading_file(path: str | os.PathLike):
     except _DECODING_ERRORS as err:
         raise CorruptFileError(
             f"{path}: cannot be read ({type(err).__name__}: {err}); the file is "
-            f"truncated or damaged: {DELETE_HINT}."
+            f"truncated or damaged: {hint}."
         ) from err

@@ -107,7 +107,8 @@ def _check_generated(raw: dict[str, np.ndarray], args: dict) -> None:
 
 def _read_cache(cache_file: Path, args: dict) -> dict[str, np.ndarray]:
     """The checked cache (no pickle); :class:`CorruptFileError` naming the file otherwise."""
-    with reading_file(cache_file), np.load(cache_file, allow_pickle=False) as cached:
+    with reading_file(cache_file, hint="regenerating the MNIST-1D cache"), \
+            np.load(cache_file, allow_pickle=False) as cached:
         raw = {key: cached[key] for key in cached.files}
         _check_generated(raw, args)
     return raw
@@ -128,7 +129,7 @@ def _cached_or_generated(cache_dir: Path, num_samples: int, seed: int, use_cache
         try:
             return _read_cache(cache_file, args), cache_file
         except CorruptFileError as err:
-            warnings.warn(f"{err}; regenerating the MNIST-1D cache", RuntimeWarning, stacklevel=3)
+            warnings.warn(str(err), RuntimeWarning, stacklevel=3)
     raw = generate_mnist1d(num_samples, seed)
     if use_cache:
         _write_cache(cache_file, raw)

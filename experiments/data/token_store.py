@@ -76,18 +76,18 @@ def _check_split(path: Path, arrays: dict[str, np.ndarray], split: str) -> None:
         and bool(np.all(np.diff(offsets) >= 0)) and not bool(np.any(tokens < 0))
     )
     if not consistent:
-        raise CorruptFileError(f"{path}: inconsistent arrays for the {split} split")
+        raise CorruptFileError(f"{path}: inconsistent arrays for the {split} split; delete it")
 
 
 def read_token_store(path: Path, source_sha256: str) -> dict[str, tuple[list, np.ndarray]]:
     """``{split: (sequences, labels)}`` from ``path`` (no pickle), verified as described above."""
-    with reading_file(path), np.load(path, allow_pickle=False) as stored:
+    hint = "delete it and it is rebuilt from the verified source file"
+    with reading_file(path, hint=hint), np.load(path, allow_pickle=False) as stored:
         arrays = {key: stored[key] for key in stored.files}
         recorded_source = str(arrays.pop("source_sha256"))
         recorded_content = str(arrays.pop("content_sha256"))
         for split in SPLITS:
             _check_split(path, arrays, split)
-    hint = "delete it and it is rebuilt from the verified source file"
     if recorded_source != source_sha256:
         raise CorruptFileError(f"{path}: built from another file (sha256 {recorded_source}); {hint}")
     if _content_digest(arrays) != recorded_content:

@@ -13,11 +13,10 @@ import urllib.error
 import numpy as np
 import pytest
 
-from experiments.data import ChecksumMismatchError, list_datasets, load_dataset, resolve_data_dir
+from experiments.data import list_datasets, load_dataset, resolve_data_dir
 from experiments.data import cifar, idx_images, imdb
 from experiments.data import download as download_module
 from experiments.data.dataset import Dataset
-from experiments.data.heavy_tailed import activation_probabilities, generate_heavy_tailed
 from experiments.data.idx_images import parse_idx
 from experiments.data.imdb import encode_reviews
 from experiments.data.preprocessing import stratified_split
@@ -251,59 +250,6 @@ def test_mnist1d_generates_caches_and_preserves_global_rng(tmp_path):
     assert len(list((tmp_path / "mnist1d").glob("mnist1d_*.npz"))) == 2
 
 
-# ----------------------------------------------------------------- heavy-tailed
-def test_heavy_tailed_activation_frequencies_match_the_law():
-    """Aggregate |z_ji| = 1 counts over many independent draws and compare with
-    beta * i^-gamma * j^-gamma (binomial z-scores per cell and for the tail)."""
-    n, d, beta, gamma, draws = 12, 8, 0.8, 2.0, 400
-    counts = np.zeros((n, d))
-    signs_positive = signs_total = 0
-    for seed in range(draws):
-        z = generate_heavy_tailed(n, d, beta=beta, gamma=gamma, num_test=1, seed=seed)["z_train"]
-        assert set(np.unique(z)) <= {-1, 0, 1}
-        counts += np.abs(z)
-        signs_positive += int((z == 1).sum())
-        signs_total += int((z != 0).sum())
-    probs = activation_probabilities(n, d, beta, gamma)
-    # Cells with enough expected hits: per-cell binomial z-test.
-    big = probs * draws >= 20
-    assert big.sum() >= 8
-    z_cells = (counts[big] - draws * probs[big]) / np.sqrt(draws * probs[big] * (1 - probs[big]))
-    assert np.all(np.abs(z_cells) < 5), z_cells
-    # Remaining sparse cells, aggregated: total count vs its expectation.
-    expected_tail = draws * probs[~big].sum()
-    tail_sd = np.sqrt(draws * (probs[~big] * (1 - probs[~big])).sum())
-    assert abs(counts[~big].sum() - expected_tail) < 5 * tail_sd
-    # Decay in j: first example is active far more often than the last.
-    assert counts[0].sum() > 10 * counts[-1].sum()
-    # Signs are fair coins.
-    assert abs(signs_positive / signs_total - 0.5) < 5 * 0.5 / np.sqrt(signs_total)
-
-
-def test_heavy_tailed_labels_follow_the_true_neuron():
-    raw = generate_heavy_tailed(500, 20, gamma=0.5, seed=3)  # denser than gamma=2
-    assert set(np.unique(raw["y_train"])) <= {-1, 1}
-    scores = raw["z_train"].astype(float) @ raw["true_weights"]
-    nonzero = scores != 0
-    assert nonzero.sum() > 5
-    np.testing.assert_array_equal(raw["y_train"][nonzero], np.sign(scores[nonzero]))
-
-
-def test_heavy_tailed_dataset_binary_labels():
-    data = load_dataset("heavy-tailed", num_examples=200, num_features=10, seed=1)
-    assert data.task == "binary" and data.num_classes == 2
-    assert data.x_train.shape == (200, 10) and data.x_test.shape == (50, 10)
-    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int32
-    assert set(np.unique(data.y_train)) <= {0, 1}
-    pm1 = data.metadata["y_train_pm1"]
-    assert set(np.unique(pm1)) <= {-1, 1}
-    np.testing.assert_array_equal(data.y_train, (pm1 + 1) // 2)
-    again = load_dataset("heavy-tailed", num_examples=200, num_features=10, seed=1)
-    np.testing.assert_array_equal(again.x_train, data.x_train)
-    with pytest.raises(ValueError):
-        load_dataset("heavy-tailed", beta=1.5)
-
-
 # ----------------------------------------------------------------- mnist / fashion-mnist
 def test_parse_idx_rejects_bad_files():
     with pytest.raises(ValueError, match="magic"):
@@ -422,46 +368,3 @@ def test_imdb_loads_tiny_npz(tmp_path, monkeypatch):
 def test_imdb_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="imdb.npz"):
         load_dataset("imdb", data_dir=tmp_path)
-
-
-# ----------------------------------------------------------------- downloads
-class FakeResponse(io.BytesIO):
-    pass
-
-
-def test_checksum_mismatch_on_download_raises_and_cleans_up(tmp_path, monkeypatch):
-    monkeypatch.setattr(download_module, "open_url",
-                        lambda url, timeout: FakeResponse(b"not the real imdb file"))
-    with pytest.raises(ChecksumMismatchError, match="sha256"):
-        load_dataset("imdb", data_dir=tmp_path)
-    assert list((tmp_path / "imdb").iterdir()) == []
-
-
-def test_verified_download_is_written(tmp_path, monkeypatch):
-    payload = b"tiny payload"
-    remote = download_module.RemoteFile(
-        "blob.bin", ("https://example.invalid/a", "https://example.invalid/b"),
-        md5=hashlib.md5(payload).hexdigest())
-    tried = []
-
-    def flaky(url, timeout):
-        tried.append(url)
-        if url.endswith("/a"):
-            raise urllib.error.URLError("first mirror down")
-        return FakeResponse(payload)
-
-    monkeypatch.setattr(download_module, "open_url", flaky)
-    (path,) = download_module.ensure_files(tmp_path, [remote], dataset="blob")
-    assert path.read_bytes() == payload and tried == [remote.urls[0], remote.urls[1]]
-    # Present files are not fetched again.
-    download_module.ensure_files(tmp_path, [remote], dataset="blob")
-    assert len(tried) == 2
-
-
-def test_verify_file_detects_mismatch(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(b"abc")
-    good = download_module.RemoteFile("f", (), md5="900150983cd24fb0d6963f7d28e17f72")
-    download_module.verify_file(path, good)
-    with pytest.raises(ChecksumMismatchError):
-        download_module.verify_file(path, download_module.RemoteFile("f", (), md5="0" * 32))
