@@ -19,7 +19,7 @@ Both are ``ScoringSampler`` s: their ``sample(state, key, score_fn)`` scores exa
 the current model through ``score_fn`` inside the one jitted step, and returns probs such
 that 1 / (n probs) is each draw's unbiased importance weight (``adambs_jax.scoring``).
 This module only gathers them: each lives in its own module (``adambs_jax.adam_impt``,
-``adambs_jax.gradient_norm_sampler``), and the drawing steps they share in
+``adambs_jax.gradient_norm``), and the drawing steps they share in
 ``adambs_jax.scored_draws``.
 
     sampler = ab.adam_impt_sampler(n, K)                     # or ab.gradient_norm_sampler(n, K)
@@ -36,7 +36,7 @@ from adambs_jax.adam_impt import (
     adam_impt_sampler,
     variance_reduction,
 )
-from adambs_jax.gradient_norm_sampler import GradientNormSamplerState, gradient_norm_sampler
+from adambs_jax.gradient_norm import GradientNormSamplerState, gradient_norm_sampler
 from adambs_jax.scored_draws import resample_proportional
 
 __all__ = [

@@ -37,7 +37,7 @@ from adambs_jax.exp3 import (  # re-exported: their home is adambs_jax.exp3
     default_step_size,
 )
 from adambs_jax.exp3 import maybe_rescale as _maybe_rescale  # noqa: F401  (old private name)
-from adambs_jax.gradient_norm_sampler import GradientNormSamplerState
+from adambs_jax.gradient_norm import GradientNormSamplerState
 from adambs_jax.uniform import UniformSamplerState
 
 __all__ = [
