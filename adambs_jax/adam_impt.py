@@ -111,19 +111,10 @@ def _checked_presample_size(presample, batch_size: int) -> int:
     return int(presample * batch_size)
 
 
-def adam_impt_config(
-    num_examples: int,
-    batch_size: int,
-    *,
-    presample: float = 3,
-    momentum: float = 0.9,
-    tau_threshold: Optional[float] = None,
-    score_feedback: Union[str, FeedbackFn] = "logit_grad_norm",
-    uniform_phase_scores: str = "batch",
-    score_chunk_size: Optional[int] = None,
-) -> AdamImptConfig:
-    """Validates the arguments of ``adam_impt_sampler`` (same meaning; default tau_th =
-    (B + 3K) / (3K)).
+def adam_impt_config(num_examples, batch_size, *, presample, momentum, tau_threshold,
+                     score_feedback, uniform_phase_scores, score_chunk_size) -> AdamImptConfig:
+    """Validates the arguments of ``adam_impt_sampler`` (same meaning; the factory's defaults
+    are the only ones), filling in tau_th = (B + 3K) / (3K) where None.
 
     Raises:
       ValueError / TypeError: an argument out of range, named in the message.
@@ -377,23 +368,10 @@ def adam_impt_sampler(
     Raises:
       ValueError / TypeError: an argument out of range, named in the message.
     """
-    config = adam_impt_config(
-        num_examples,
-        batch_size,
-        presample=presample,
-        momentum=momentum,
-        tau_threshold=tau_threshold,
-        score_feedback=score_feedback,
-        uniform_phase_scores=uniform_phase_scores,
-        score_chunk_size=score_chunk_size,
-    )
-    return ScoringSampler(
-        init=functools.partial(init, config),
-        sample=functools.partial(sample, config),
-        update=functools.partial(update, config),
-        num_examples=config.num_examples,
-        batch_size=config.batch_size,
-        score_feedback=config.score_feedback,
-        score_chunk_size=config.score_chunk_size,
-        probabilities=None,
-    )
+    config = adam_impt_config(num_examples, batch_size, presample=presample, momentum=momentum,
+                              tau_threshold=tau_threshold, score_feedback=score_feedback,
+                              uniform_phase_scores=uniform_phase_scores,
+                              score_chunk_size=score_chunk_size)
+    init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
+    return ScoringSampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
+                          config.score_feedback, config.score_chunk_size, probabilities=None)

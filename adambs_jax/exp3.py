@@ -137,17 +137,10 @@ def _checked_step_size(num_examples: int, step_size, num_steps) -> float:
     return check_number("step_size", step_size, positive=True)
 
 
-def exp3_config(
-    num_examples: int,
-    batch_size: int,
-    *,
-    p_min: Optional[float] = None,
-    step_size: Optional[float] = None,
-    num_steps: Optional[int] = None,
-    grad_norm_bound: Optional[float] = None,
-    stratified: bool = False,
-) -> Exp3Config:
-    """Validates the arguments of ``exp3_sampler`` (same meaning) into an ``Exp3Config``.
+def exp3_config(num_examples, batch_size, *, p_min, step_size, num_steps, grad_norm_bound,
+                stratified) -> Exp3Config:
+    """Validates the arguments of ``exp3_sampler`` into an ``Exp3Config`` (same meaning; the
+    factory's defaults are the only ones), filling in p_min = 0.1 / n and eta0 where None.
 
     Raises:
       ValueError: an argument out of range, named in the message.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from adambs_jax import scored_draws
 from adambs_jax.base import ScoreFn, ScoringSampler
 from adambs_jax.checks import (
     check_int,
@@ -27,12 +28,6 @@ from adambs_jax.checks import (
     check_state_size,
 )
 from adambs_jax.feedback import FeedbackFn
-from adambs_jax.scored_draws import (
-    check_score_feedback,
-    draw_proportional,
-    normalized_scores,
-    scores_of,
-)
 
 __all__ = [
     "GradientNormSamplerState",
@@ -88,16 +83,10 @@ class GradientNormConfig(NamedTuple):
         return max(0.0, 1.0 - self.num_examples * self.p_floor)
 
 
-def gradient_norm_config(
-    num_examples: int,
-    batch_size: int,
-    *,
-    p_floor: float = 0.0,
-    chunk_size: Optional[int] = 256,
-    max_examples: int = 10_000,
-    score_feedback: Union[str, FeedbackFn] = "grad_norm",
-) -> GradientNormConfig:
-    """Validates the arguments of ``gradient_norm_sampler`` (same meaning).
+def gradient_norm_config(num_examples, batch_size, *, p_floor, chunk_size, max_examples,
+                         score_feedback) -> GradientNormConfig:
+    """Validates the arguments of ``gradient_norm_sampler`` (same meaning; the factory's
+    defaults are the only ones).
 
     Raises:
       ValueError: n > ``max_examples`` (naming both), p_floor outside [0, 1/n], or another
@@ -121,7 +110,7 @@ def gradient_norm_config(
             f"p_floor={p_floor} with num_examples={num_examples}"
         )
     chunk_size = check_optional_int("chunk_size", chunk_size)
-    check_score_feedback(score_feedback)
+    scored_draws.check_score_feedback(score_feedback)
     return GradientNormConfig(num_examples, batch_size, p_floor, chunk_size, score_feedback)
 
 
@@ -139,7 +128,7 @@ def init(config: GradientNormConfig) -> GradientNormSamplerState:
 def floored_distribution(config: GradientNormConfig, norms: jax.Array):
     """``(p (n,), valid)``: p_j = (1 - n p_floor) norms_j / sum norms + p_floor, or uniform
     1/n where the norms are degenerate (``valid`` False)."""
-    proportional, valid = normalized_scores(norms)
+    proportional, valid = scored_draws.normalized_scores(norms)
     p = jnp.where(
         valid, config.proportional_mass * proportional + config.p_floor, 1.0 / config.num_examples
     )
@@ -150,9 +139,9 @@ def sample(config: GradientNormConfig, state: GradientNormSamplerState, key: jax
            score_fn: ScoreFn):
     """Scores all n examples, draws K i.i.d. from p: ``(indices, p[indices], state)``."""
     check_state_size(state, config.num_examples)
-    norms = scores_of(score_fn, jnp.arange(config.num_examples, dtype=jnp.int32))
+    norms = scored_draws.scores_of(score_fn, jnp.arange(config.num_examples, dtype=jnp.int32))
     p, valid = floored_distribution(config, norms)
-    indices = draw_proportional(key, p, config.batch_size)
+    indices = scored_draws.draw_proportional(key, p, config.batch_size)
     new_state = state.replace(
         distribution=p, num_fallbacks=state.num_fallbacks + (~valid).astype(jnp.int32)
     )
@@ -230,21 +219,9 @@ def gradient_norm_sampler(
       ValueError: n > ``max_examples`` (naming both), p_floor outside [0, 1/n], or another
         argument out of range, named in the message.
     """
-    config = gradient_norm_config(
-        num_examples,
-        batch_size,
-        p_floor=p_floor,
-        chunk_size=chunk_size,
-        max_examples=max_examples,
-        score_feedback=score_feedback,
-    )
-    return ScoringSampler(
-        init=functools.partial(init, config),
-        sample=functools.partial(sample, config),
-        update=functools.partial(update, config),
-        num_examples=config.num_examples,
-        batch_size=config.batch_size,
-        score_feedback=config.score_feedback,
-        score_chunk_size=config.chunk_size,
-        probabilities=distribution,
-    )
+    config = gradient_norm_config(num_examples, batch_size, p_floor=p_floor,
+                                  chunk_size=chunk_size, max_examples=max_examples,
+                                  score_feedback=score_feedback)
+    init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
+    return ScoringSampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
+                          config.score_feedback, config.chunk_size, probabilities=distribution)

@@ -51,7 +51,8 @@ class UniformConfig(NamedTuple):
 
 def uniform_config(num_examples: int, batch_size: int) -> UniformConfig:
     """Validates n and K (ints >= 1, not bools; ValueError naming the argument)."""
-    return UniformConfig(check_int("num_examples", num_examples), check_int("batch_size", batch_size))
+    num_examples = check_int("num_examples", num_examples)
+    return UniformConfig(num_examples, check_int("batch_size", batch_size))
 
 
 def init(config: UniformConfig) -> UniformSamplerState:

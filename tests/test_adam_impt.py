@@ -1,5 +1,7 @@
 """Tests of adambs_jax.adam_impt: Katharopoulos & Fleuret's Adam-impt, step by step."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,13 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax import adam_impt
+
+
+def config_of(num_examples, batch_size, **options):
+    """The config of adam_impt_sampler(num_examples, batch_size, **options) (its defaults)."""
+    params = inspect.signature(ab.adam_impt_sampler).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return adam_impt.adam_impt_config(num_examples, batch_size, **{**defaults, **options})
 
 
 def _fixed_score_fn(pattern):
@@ -30,15 +39,16 @@ def _table_score_fn(table):
 
 
 def test_config_fills_presample_size_and_default_threshold():
-    config = adam_impt.adam_impt_config(100, 8, presample=2.5)
+    config = config_of(100, 8, presample=2.5)
     assert config.presample_size == 20  # int(2.5 * 8)
     assert config.tau_threshold == pytest.approx((20 + 24) / 24)
     assert config.momentum == 0.9 and not config.score_presample_always
-    assert adam_impt.adam_impt_config(100, 8, uniform_phase_scores="presample").score_presample_always
+    assert config_of(100, 8, uniform_phase_scores="presample").score_presample_always
+    assert config_of(100, 8, tau_threshold=3).tau_threshold == 3.0
     with pytest.raises(AttributeError):
         config.momentum = 0.5
     with pytest.raises(ValueError, match="score_chunk_size"):
-        adam_impt.adam_impt_config(100, 8, score_chunk_size=0)
+        config_of(100, 8, score_chunk_size=0)
 
 
 def test_moving_average_is_momentum_weighted():
@@ -47,24 +57,27 @@ def test_moving_average_is_momentum_weighted():
 
 
 def test_importance_draw_probs_are_presample_size_q_over_n():
-    config = adam_impt.adam_impt_config(50, 4, presample=2)
+    config = config_of(50, 4, presample=2)
     presample_indices, scores = adam_impt.scored_presample(
         config, jax.random.key(0), lambda i: (i % 3).astype(jnp.float32) + 1.0
     )
     assert presample_indices.shape == (8,) and scores.shape == (8,)
     np.testing.assert_array_equal(scores, np.asarray(presample_indices) % 3 + 1.0)
-    indices, probs, valid = adam_impt.importance_draw(config, jax.random.key(1), presample_indices, scores)
+    indices, probs, valid = adam_impt.importance_draw(
+        config, jax.random.key(1), presample_indices, scores
+    )
     assert bool(valid)
     assert set(np.asarray(indices).tolist()) <= set(np.asarray(presample_indices).tolist())
     scores = np.asarray(scores, np.float64)
     q = scores / scores.sum()
     # every drawn index has prob 8 q / 50 of (one of) the presample positions holding it
-    possible = {(int(j), round(8 * q[i] / 50, 6)) for i, j in enumerate(np.asarray(presample_indices))}
+    presample_indices = np.asarray(presample_indices)
+    possible = {(int(j), round(8 * q[i] / 50, 6)) for i, j in enumerate(presample_indices)}
     assert all((int(j), round(float(p), 6)) in possible for j, p in zip(indices, probs))
 
 
 def test_uniform_draw_is_uniform_with_probs_one_over_n():
-    config = adam_impt.adam_impt_config(7, 5)
+    config = config_of(7, 5)
     indices, probs = adam_impt.uniform_draw(config, jax.random.key(0))
     assert indices.dtype == jnp.int32 and indices.shape == (5,)
     np.testing.assert_allclose(probs, np.full(5, 1 / 7), rtol=1e-7)

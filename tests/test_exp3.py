@@ -1,6 +1,7 @@
 """Tests of adambs_jax.exp3: each numbered step of AdamBS Algorithm 2 on its own, against
 the math in float64 (the whole update is tested against Algorithm 2 in test_samplers.py)."""
 
+import inspect
 import math
 
 import jax
@@ -8,13 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import adambs_jax as ab
 from adambs_jax import exp3, sumtree
+
+
+def config_of(num_examples, batch_size, **options):
+    """The config of exp3_sampler(num_examples, batch_size, **options) (its defaults)."""
+    params = inspect.signature(ab.exp3_sampler).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return exp3.exp3_config(num_examples, batch_size, **{**defaults, **options})
 
 
 def state_with(config, p):
     """An Exp3SamplerState of ``config`` whose distribution is p."""
     log_weights = jnp.log(jnp.asarray(p, jnp.float32))
-    return exp3.init(config).replace(log_weights=log_weights, tree=sumtree.build(jnp.exp(log_weights)))
+    tree = sumtree.build(jnp.exp(log_weights))
+    return exp3.init(config).replace(log_weights=log_weights, tree=tree)
 
 
 def floored_distribution(n, p_min, seed):
@@ -35,7 +45,7 @@ def project_float64(w, p_min):
 
 
 def test_config_fills_defaults_and_is_frozen():
-    config = exp3.exp3_config(200, 8, num_steps=50)
+    config = config_of(200, 8, num_steps=50)
     assert config.p_min == pytest.approx(0.1 / 200)
     assert config.step_size == pytest.approx(math.sqrt(2 * math.log(200) / (200 * 50)))
     assert config.adaptive_bound and config.grad_norm_bound is None
@@ -43,7 +53,7 @@ def test_config_fills_defaults_and_is_frozen():
     assert config.log_p_min == pytest.approx(math.log(0.1 / 200))
     with pytest.raises(AttributeError):
         config.p_min = 0.1
-    fixed = exp3.exp3_config(200, 8, step_size=1, grad_norm_bound=2)
+    fixed = config_of(200, 8, step_size=1, grad_norm_bound=2)
     assert fixed.step_size == 1.0 and fixed.grad_norm_bound == 2.0 and not fixed.adaptive_bound
 
 
@@ -59,18 +69,18 @@ def test_config_fills_defaults_and_is_frozen():
 )
 def test_config_names_the_bad_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
-        exp3.exp3_config(10, 4, **kwargs)
+        config_of(10, 4, **kwargs)
 
 
 def test_init_is_uniform_and_check_state_rejects_other_states():
-    config = exp3.exp3_config(5, 2, step_size=0.1, grad_norm_bound=3.0)
+    config = config_of(5, 2, step_size=0.1, grad_norm_bound=3.0)
     state = exp3.init(config)
     np.testing.assert_allclose(exp3.distribution(state), np.full(5, 0.2), rtol=1e-6)
     assert float(state.grad_norm_bound) == 3.0 and int(state.step) == 0
     with pytest.raises(TypeError, match="Exp3SamplerState"):
         exp3.check_state(config, object())
     with pytest.raises(ValueError, match="num_examples=9"):
-        exp3.check_state(config, exp3.init(exp3.exp3_config(9, 2, step_size=0.1)))
+        exp3.check_state(config, exp3.init(config_of(9, 2, step_size=0.1)))
     with pytest.raises(ValueError, match="tree"):
         exp3.check_state(config, state.replace(tree=jnp.zeros(32)))
 
@@ -154,7 +164,7 @@ def test_shifted_loss_estimate_is_alpha_p_times_h_in_float64():
 
 def test_project_and_write_is_the_exact_kl_projection_in_float64():
     n, p_min = 12, 0.01
-    config = exp3.exp3_config(n, 6, p_min=p_min, step_size=1.0)
+    config = config_of(n, 6, p_min=p_min, step_size=1.0)
     p_all = floored_distribution(n, p_min, 2)
     state = state_with(config, p_all)
     indices = jnp.array([1, 1, 4, 7, 7, 7], jnp.int32)
@@ -163,26 +173,33 @@ def test_project_and_write_is_the_exact_kl_projection_in_float64():
     root = sumtree.total(state.tree)
     p = sumtree.get_leaves(state.tree, draws.indices) / root
     log_scaled_w = state.log_weights[draws.indices] - exponent
-    log_weights, tree, ok = exp3.project_and_write(config, state, draws, p, log_scaled_w, jnp.log(root))
+    log_weights, tree, ok = exp3.project_and_write(
+        config, state, draws, p, log_scaled_w, jnp.log(root)
+    )
     assert bool(ok)
     w = p_all * np.exp(-np.bincount([1, 4, 7], weights=[2.0, 0.5, 6.0], minlength=n))
     expected = project_float64(w, p_min)
     leaves = np.asarray(sumtree.leaf_values(tree, n), np.float64)
     np.testing.assert_allclose(leaves / leaves.sum(), expected, rtol=1e-5)
     untouched = np.setdiff1d(np.arange(n), [1, 4, 7])
-    np.testing.assert_array_equal(np.asarray(log_weights)[untouched], np.asarray(state.log_weights)[untouched])
-    parents = np.arange(1, tree.shape[0] // 2)
-    np.testing.assert_array_equal(np.asarray(tree)[parents], np.asarray(tree)[2 * parents] + np.asarray(tree)[2 * parents + 1])
+    np.testing.assert_array_equal(
+        np.asarray(log_weights)[untouched], np.asarray(state.log_weights)[untouched]
+    )
+    tree, parents = np.asarray(tree), np.arange(1, tree.shape[0] // 2)
+    np.testing.assert_array_equal(tree[parents], tree[2 * parents] + tree[2 * parents + 1])
 
 
 def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
-    config = exp3.exp3_config(6, 2, step_size=1.0)
+    config = config_of(6, 2, step_size=1.0)
     state = state_with(config, floored_distribution(6, config.p_min, 3))
-    draws = exp3.merge_duplicate_draws(jnp.array([0, 3], jnp.int32), jnp.zeros(2), jnp.ones(2, bool))
+    indices = jnp.array([0, 3], jnp.int32)
+    draws = exp3.merge_duplicate_draws(indices, jnp.zeros(2), jnp.ones(2, bool))
     root = sumtree.total(state.tree)
     p = sumtree.get_leaves(state.tree, draws.indices) / root
     log_scaled_w = jnp.array([jnp.nan, 0.0])
-    log_weights, tree, ok = exp3.project_and_write(config, state, draws, p, log_scaled_w, jnp.log(root))
+    log_weights, tree, ok = exp3.project_and_write(
+        config, state, draws, p, log_scaled_w, jnp.log(root)
+    )
     assert not bool(ok)
     np.testing.assert_array_equal(log_weights, state.log_weights)
     np.testing.assert_array_equal(tree, state.tree)
@@ -192,7 +209,7 @@ def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
 
 
 def test_maybe_rescale_only_below_the_threshold_and_keeps_p():
-    config = exp3.exp3_config(20, 4, step_size=0.1)
+    config = config_of(20, 4, step_size=0.1)
     p = floored_distribution(20, config.p_min, 4)
     normal = state_with(config, p)
     kept = exp3.maybe_rescale(normal)
@@ -209,7 +226,7 @@ def test_maybe_rescale_only_below_the_threshold_and_keeps_p():
 
 
 def test_sample_and_update_are_the_bound_steps():
-    config = exp3.exp3_config(30, 5, step_size=0.5)
+    config = config_of(30, 5, step_size=0.5)
     state = exp3.init(config)
     indices, probs = exp3.sample(config, state, jax.random.key(0))
     np.testing.assert_allclose(probs, np.full(5, 1 / 30), rtol=1e-6)

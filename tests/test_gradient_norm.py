@@ -1,6 +1,8 @@
 """Tests of adambs_jax.gradient_norm: Lahire's p^GN oracle, step by step (the
 exact per-example norms of a real model are tested in test_baselines.py)."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,13 @@ import adambs_jax as ab
 from adambs_jax import gradient_norm as gns
 
 
+def config_of(num_examples, batch_size, **options):
+    """The config of gradient_norm_sampler(num_examples, batch_size, **options) (its defaults)."""
+    params = inspect.signature(ab.gradient_norm_sampler).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return gns.gradient_norm_config(num_examples, batch_size, **{**defaults, **options})
+
+
 def _table_score_fn(table):
     """A score_fn whose score of example j is ``table[j]``."""
     table = jnp.asarray(table, jnp.float32)
@@ -18,7 +27,7 @@ def _table_score_fn(table):
 
 
 def test_floored_distribution_is_proportional_plus_floor():
-    config = gns.gradient_norm_config(4, 2, p_floor=0.05)
+    config = config_of(4, 2, p_floor=0.05)
     assert config.proportional_mass == pytest.approx(0.8)
     p, valid = gns.floored_distribution(config, jnp.asarray([1.0, 0.0, 3.0, 4.0]))
     assert bool(valid)
