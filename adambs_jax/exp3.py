@@ -117,6 +117,7 @@ class Exp3Config(NamedTuple):
 
     @property
     def log_p_min(self) -> float:
+        """log p_min: the floor of the log-weights relative to log(root Z)."""
         return math.log(self.p_min)
 
 
