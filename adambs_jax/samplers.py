@@ -36,7 +36,6 @@ from adambs_jax.exp3 import (  # re-exported: their home is adambs_jax.exp3
     Exp3SamplerState,
     default_step_size,
 )
-from adambs_jax.exp3 import maybe_rescale as _maybe_rescale  # noqa: F401  (old private name)
 from adambs_jax.gradient_norm import GradientNormSamplerState
 from adambs_jax.uniform import UniformSamplerState
 
