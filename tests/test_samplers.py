@@ -11,7 +11,7 @@ from scipy import stats
 
 import adambs_jax as ab
 from adambs_jax import sumtree
-from adambs_jax.samplers import RESCALE_LOG_THRESHOLD, _maybe_rescale
+from adambs_jax.samplers import RESCALE_LOG_THRESHOLD
 
 
 def with_distribution(state, p):
@@ -225,18 +225,6 @@ def test_invariants_after_1e5_random_updates(step_size, bad_fraction):
     assert float(sumtree.total(state.tree)) >= math.exp(-RESCALE_LOG_THRESHOLD)
 
 
-def test_rescale_preserves_the_distribution():
-    n = 100
-    sampler = ab.exp3_sampler(n, 4, step_size=0.1)
-    p = random_distribution(n, 0.1 / n, 5)
-    tiny = np.asarray(p) * math.exp(-2 * RESCALE_LOG_THRESHOLD)
-    state = with_distribution(sampler.init(), tiny)
-    rescaled = _maybe_rescale(state)
-    assert int(rescaled.num_rescales) == 1
-    np.testing.assert_allclose(np.asarray(ab.probabilities(rescaled)), p, rtol=1e-5)
-    np.testing.assert_allclose(float(sumtree.total(rescaled.tree)), 1.0, rtol=1e-5)
-
-
 def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
     """E[update] is mirror descent on sum_j f_j^2 / p_j; its minimizer over {p >= p_min} is
     p_j = max(p_min, f_j / lambda) (p proportional to f, clipped). With a small constant step
@@ -403,3 +391,24 @@ def test_importance_weights_are_inverse_n_p():
 def test_probabilities_rejects_non_states():
     with pytest.raises(TypeError, match="state"):
         ab.probabilities(jnp.ones(3))
+
+
+# ---------------------------------------------------------------- the typed contract
+
+
+def test_factories_build_base_samplers_with_their_distribution():
+    from adambs_jax import base, samplers
+
+    assert samplers.Sampler is base.Sampler
+    for sampler in (ab.uniform_sampler(6, 2), ab.exp3_sampler(6, 2, step_size=0.1)):
+        assert isinstance(sampler, base.Sampler)
+        state = sampler.update(sampler.init(), jnp.array([0, 0]), jnp.array([1.0, 3.0]))
+        np.testing.assert_array_equal(sampler.probabilities(state), ab.probabilities(state))
+
+
+def test_probabilities_dispatches_on_state_classes_and_names_other_types():
+    gn = ab.gradient_norm_sampler(4, 2)
+    np.testing.assert_allclose(ab.probabilities(gn.init()), np.full(4, 0.25))
+    for not_a_distribution in (ab.adam_impt_sampler(4, 2).init(), {"distribution": jnp.ones(4)}):
+        with pytest.raises(TypeError, match=type(not_a_distribution).__name__):
+            ab.probabilities(not_a_distribution)

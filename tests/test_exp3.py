@@ -1,0 +1,237 @@
+"""Tests of adambs_jax.exp3: each numbered step of AdamBS Algorithm 2 on its own, against
+the math in float64 (the whole update is tested against Algorithm 2 in test_samplers.py)."""
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adambs_jax as ab
+from adambs_jax import exp3, sumtree
+
+
+def config_of(num_examples, batch_size, **options):
+    """The config of exp3_sampler(num_examples, batch_size, **options) (its defaults)."""
+    params = inspect.signature(ab.exp3_sampler).parameters.values()
+    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return exp3.exp3_config(num_examples, batch_size, **{**defaults, **options})
+
+
+def state_with(config, p):
+    """An Exp3SamplerState of ``config`` whose distribution is p."""
+    log_weights = jnp.log(jnp.asarray(p, jnp.float32))
+    tree = sumtree.build(jnp.exp(log_weights))
+    return exp3.init(config).replace(log_weights=log_weights, tree=tree)
+
+
+def floored_distribution(n, p_min, seed):
+    rng = np.random.default_rng(seed)
+    return p_min + (1 - n * p_min) * rng.dirichlet(np.full(n, 0.7))
+
+
+def project_float64(w, p_min):
+    """argmin_{q >= p_min, sum q = 1} KL(q || w) = max(p_min, w / Z), Z by bisection."""
+    lo, hi = 1e-300, 10.0
+    for _ in range(400):
+        z = math.sqrt(lo * hi)
+        lo, hi = (z, hi) if np.maximum(p_min, w / z).sum() > 1 else (lo, z)
+    return np.maximum(p_min, w / z)
+
+
+# ---------------------------------------------------------------- the config
+
+
+def test_config_fills_defaults_and_is_frozen():
+    config = config_of(200, 8, num_steps=50)
+    assert config.p_min == pytest.approx(0.1 / 200)
+    assert config.step_size == pytest.approx(math.sqrt(2 * math.log(200) / (200 * 50)))
+    assert config.adaptive_bound and config.grad_norm_bound is None
+    assert config.capacity == 256 and config.stratified is False
+    assert config.log_p_min == pytest.approx(math.log(0.1 / 200))
+    with pytest.raises(AttributeError):
+        config.p_min = 0.1
+    fixed = config_of(200, 8, step_size=1, grad_norm_bound=2)
+    assert fixed.step_size == 1.0 and fixed.grad_norm_bound == 2.0 and not fixed.adaptive_bound
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(step_size=0.1, stratified=1), TypeError, "stratified"),
+        (dict(step_size=0.1, p_min=True), ValueError, "p_min"),
+        (dict(num_steps=True), ValueError, "num_steps"),
+        (dict(step_size=float("inf")), ValueError, "step_size"),
+        (dict(step_size=0.1, grad_norm_bound=float("nan")), ValueError, "grad_norm_bound"),
+    ],
+)
+def test_config_names_the_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        config_of(10, 4, **kwargs)
+
+
+def test_init_is_uniform_and_check_state_rejects_other_states():
+    config = config_of(5, 2, step_size=0.1, grad_norm_bound=3.0)
+    state = exp3.init(config)
+    np.testing.assert_allclose(exp3.distribution(state), np.full(5, 0.2), rtol=1e-6)
+    assert float(state.grad_norm_bound) == 3.0 and int(state.step) == 0
+    with pytest.raises(TypeError, match="Exp3SamplerState"):
+        exp3.check_state(config, object())
+    with pytest.raises(ValueError, match="num_examples=9"):
+        exp3.check_state(config, exp3.init(config_of(9, 2, step_size=0.1)))
+    with pytest.raises(ValueError, match="tree"):
+        exp3.check_state(config, state.replace(tree=jnp.zeros(32)))
+
+
+# ---------------------------------------------------------------- step 1: clean the feedback
+
+
+def test_clean_feedback_drops_bad_entries_and_counts_them():
+    indices = jnp.array([-1, 0, 5, 3, 2, 4, 1])
+    feedback = jnp.array([1.0, jnp.nan, 2.0, -1.0, jnp.inf, 0.0, 0.5])
+    clean = exp3.clean_feedback(indices, feedback, num_examples=5)
+    expected_valid = np.array([False, False, False, False, False, True, True])
+    np.testing.assert_array_equal(clean.valid, expected_valid)
+    np.testing.assert_array_equal(clean.indices, [0, 0, 4, 3, 2, 4, 1])  # clipped into [0, n)
+    np.testing.assert_array_equal(clean.feedback, [0, 0, 0, 0, 0, 0, 0.5])
+    assert clean.indices.dtype == jnp.int32 and clean.feedback.dtype == jnp.float32
+    assert int(exp3.count_dropped(clean.valid)) == 5
+
+
+# ---------------------------------------------------------------- step 2: clip to the bound
+
+
+def test_clip_to_bound_running_max_and_fixed_bound():
+    f = jnp.array([0.5, 4.0, 1.0])
+    bound, ratio = exp3.clip_to_bound(f, jnp.float32(2.0), adaptive=True)
+    assert float(bound) == 4.0
+    np.testing.assert_allclose(ratio, [0.125, 1.0, 0.25], rtol=1e-7)
+    bound, ratio = exp3.clip_to_bound(f, jnp.float32(2.0), adaptive=False)
+    assert float(bound) == 2.0
+    np.testing.assert_allclose(ratio, [0.25, 1.0, 0.5], rtol=1e-7)  # min(f, L) / L
+    bound, ratio = exp3.clip_to_bound(jnp.zeros(3), jnp.float32(0.0), adaptive=True)
+    assert float(bound) == 0.0 and np.all(np.asarray(ratio) == 0)  # L = 0: the maximum loss
+
+
+# ---------------------------------------------------------------- step 3: merge duplicates
+
+
+def test_merge_duplicate_draws_sorts_stably_and_numbers_the_arms():
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 6, size=16).astype(np.int32)
+    ratio = rng.uniform(size=16).astype(np.float32)
+    valid = rng.uniform(size=16) > 0.3
+    draws = exp3.merge_duplicate_draws(jnp.asarray(indices), jnp.asarray(ratio), jnp.asarray(valid))
+    order = np.argsort(indices, kind="stable")
+    np.testing.assert_array_equal(draws.indices, indices[order])
+    np.testing.assert_array_equal(draws.ratio, ratio[order])
+    np.testing.assert_array_equal(draws.valid, valid[order])
+    arms, first, run = np.unique(indices[order], return_index=True, return_inverse=True)
+    np.testing.assert_array_equal(np.flatnonzero(draws.is_first), first)
+    np.testing.assert_array_equal(draws.run, run)
+
+
+# ---------------------------------------------------------------- step 4: alpha_p h_j
+
+
+def test_shifted_loss_estimate_is_alpha_p_times_h_in_float64():
+    n, batch_size, p_min, step_size, bound = 8, 12, 0.02, 0.7, 3.0
+    rng = np.random.default_rng(1)
+    p_all = floored_distribution(n, p_min, 1)
+    indices = np.sort(rng.integers(0, n, size=batch_size)).astype(np.int32)
+    feedback = rng.uniform(0, bound, size=batch_size)  # agreeing per arm is not needed: h sums
+    valid = rng.uniform(size=batch_size) > 0.2
+    draws = exp3.merge_duplicate_draws(
+        jnp.asarray(indices), jnp.asarray(feedback / bound, jnp.float32), jnp.asarray(valid)
+    )
+    p = p_all[indices]
+    alpha_h = exp3.shifted_loss_estimate(
+        jnp.asarray(p, jnp.float32), draws, p_min=p_min, step_size=step_size, batch_size=batch_size
+    )
+    # Algorithm 2, lines 2-4: l = L^2/p_min^2 - f^2/p^2, h_j = sum over draws of j of
+    # l / (K p_j), alpha_p = eta0 p_min^2 / L^2
+    loss = bound**2 / p_min**2 - feedback**2 / p**2
+    per_draw = np.where(valid, loss / (batch_size * p), 0.0)
+    h = np.array([per_draw[indices == j].sum() for j in indices])
+    expected = step_size * p_min**2 / bound**2 * h
+    np.testing.assert_allclose(alpha_h, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- step 5: project and write
+
+
+def test_project_and_write_is_the_exact_kl_projection_in_float64():
+    n, p_min = 12, 0.01
+    config = config_of(n, 6, p_min=p_min, step_size=1.0)
+    p_all = floored_distribution(n, p_min, 2)
+    state = state_with(config, p_all)
+    indices = jnp.array([1, 1, 4, 7, 7, 7], jnp.int32)
+    draws = exp3.merge_duplicate_draws(indices, jnp.zeros(6), jnp.ones(6, bool))
+    exponent = np.array([2.0, 2.0, 0.5, 6.0, 6.0, 6.0])  # alpha_p h_j, equal within an arm
+    root = sumtree.total(state.tree)
+    p = sumtree.get_leaves(state.tree, draws.indices) / root
+    log_scaled_w = state.log_weights[draws.indices] - exponent
+    log_weights, tree, ok = exp3.project_and_write(
+        config, state, draws, p, log_scaled_w, jnp.log(root)
+    )
+    assert bool(ok)
+    w = p_all * np.exp(-np.bincount([1, 4, 7], weights=[2.0, 0.5, 6.0], minlength=n))
+    expected = project_float64(w, p_min)
+    leaves = np.asarray(sumtree.leaf_values(tree, n), np.float64)
+    np.testing.assert_allclose(leaves / leaves.sum(), expected, rtol=1e-5)
+    untouched = np.setdiff1d(np.arange(n), [1, 4, 7])
+    np.testing.assert_array_equal(
+        np.asarray(log_weights)[untouched], np.asarray(state.log_weights)[untouched]
+    )
+    tree, parents = np.asarray(tree), np.arange(1, tree.shape[0] // 2)
+    np.testing.assert_array_equal(tree[parents], tree[2 * parents] + tree[2 * parents + 1])
+
+
+def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
+    config = config_of(6, 2, step_size=1.0)
+    state = state_with(config, floored_distribution(6, config.p_min, 3))
+    indices = jnp.array([0, 3], jnp.int32)
+    draws = exp3.merge_duplicate_draws(indices, jnp.zeros(2), jnp.ones(2, bool))
+    root = sumtree.total(state.tree)
+    p = sumtree.get_leaves(state.tree, draws.indices) / root
+    log_scaled_w = jnp.array([jnp.nan, 0.0])
+    log_weights, tree, ok = exp3.project_and_write(
+        config, state, draws, p, log_scaled_w, jnp.log(root)
+    )
+    assert not bool(ok)
+    np.testing.assert_array_equal(log_weights, state.log_weights)
+    np.testing.assert_array_equal(tree, state.tree)
+
+
+# ---------------------------------------------------------------- step 6: rescale
+
+
+def test_maybe_rescale_only_below_the_threshold_and_keeps_p():
+    config = config_of(20, 4, step_size=0.1)
+    p = floored_distribution(20, config.p_min, 4)
+    normal = state_with(config, p)
+    kept = exp3.maybe_rescale(normal)
+    assert int(kept.num_rescales) == 0
+    np.testing.assert_array_equal(kept.tree, normal.tree)
+    tiny = state_with(config, p * math.exp(-1.5 * exp3.RESCALE_LOG_THRESHOLD))
+    rescaled = exp3.maybe_rescale(tiny)
+    assert int(rescaled.num_rescales) == 1
+    assert float(sumtree.total(rescaled.tree)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(exp3.distribution(rescaled), p, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- sample and update
+
+
+def test_sample_and_update_are_the_bound_steps():
+    config = config_of(30, 5, step_size=0.5)
+    state = exp3.init(config)
+    indices, probs = exp3.sample(config, state, jax.random.key(0))
+    np.testing.assert_allclose(probs, np.full(5, 1 / 30), rtol=1e-6)
+    new = exp3.update(config, state, indices, jnp.array([0.1, jnp.nan, 1.0, 2.0, 0.5]))
+    assert int(new.step) == 1 and int(new.num_dropped_feedback) == 1
+    assert float(new.grad_norm_bound) == 2.0
+    p = np.asarray(exp3.distribution(new), np.float64)
+    assert abs(p.sum() - 1) < 1e-5 and p.min() >= config.p_min * (1 - 1e-5)

@@ -1,0 +1,36 @@
+"""Tests of adambs_jax.uniform: the uniform sampler's config and steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adambs_jax import uniform
+
+
+def test_config_is_validated_and_frozen():
+    config = uniform.uniform_config(12, 3)
+    assert config == (12, 3)
+    with pytest.raises(AttributeError):
+        config.batch_size = 4
+    with pytest.raises(ValueError, match="num_examples"):
+        uniform.uniform_config(True, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        uniform.uniform_config(12, 0)
+
+
+def test_steps_draw_uniformly_and_count_updates():
+    config = uniform.uniform_config(12, 3)
+    state = uniform.init(config)
+    assert state.num_examples == 12 and int(state.step) == 0
+    indices, probs = uniform.sample(config, state, jax.random.key(0))
+    assert indices.dtype == jnp.int32 and indices.shape == (3,)
+    assert np.all((np.asarray(indices) >= 0) & (np.asarray(indices) < 12))
+    np.testing.assert_allclose(probs, np.full(3, 1 / 12), rtol=1e-7)
+    state = uniform.update(config, state, indices, jnp.ones(3))
+    assert int(state.step) == 1
+    with pytest.raises(ValueError, match="indices"):
+        uniform.update(config, state, jnp.arange(4), jnp.ones(3))
+    p = uniform.distribution(state)
+    assert p.shape == (12,) and p.dtype == jnp.float32
+    np.testing.assert_allclose(p, np.full(12, 1 / 12), rtol=1e-7)
