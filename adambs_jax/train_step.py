@@ -59,18 +59,16 @@ FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
 
 def _diagnostics_probabilities(sampler, diagnostics) -> Optional[ProbabilitiesFn]:
     """The distribution the diagnostics read, or None when the step reports none."""
-    if diagnostics is None:
-        diagnostics = sampler.num_examples <= FULL_DIAGNOSTICS_MAX_EXAMPLES
-        if sampler.probabilities is None:  # by default, only samplers that have one
-            return None
-    if not diagnostics:
+    if diagnostics is False or (
+        diagnostics is None and sampler.num_examples > FULL_DIAGNOSTICS_MAX_EXAMPLES
+    ):
         return None
-    if sampler.probabilities is None:
+    if diagnostics and sampler.probabilities is None:
         raise ValueError(
             "diagnostics=True needs a sampler with a full distribution (sampler.probabilities, "
             f"as ab.probabilities gives); this {type(sampler).__name__} has none"
         )
-    return sampler.probabilities
+    return sampler.probabilities  # None (by default): a sampler without a distribution
 
 
 def _step_config(loss_fn, optimizer, sampler, feedback, diagnostics, reuse_per_example_grads,
