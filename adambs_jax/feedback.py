@@ -17,22 +17,43 @@ sampler then drives p_j proportional to f_j, the variance-minimizing distributio
 Samplers ignore feedback that is NaN, infinite or negative (``exp3_sampler`` counts it in
 ``state.num_dropped_feedback``; the train step reports the per-step count).
 
+Every kind is one entry of one table, ``FEEDBACK_REGISTRY``: how to score any examples with it
+(``feedback_function``, for scoring samplers) and how the train step computes it together with
+the gradient estimate (``adambs_jax.estimators``). A new kind is a name in ``FEEDBACK_KINDS``
+and an entry in the table.
+
 Every function here takes a batch (a pytree with leading axis K) and returns arrays with
 leading axis K; all are jittable.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 
+from adambs_jax.estimators import (
+    EstimateFn,
+    estimate_with_grad_norms_and_weighted_loss,
+    estimate_with_logit_bound,
+    estimate_with_loss,
+    estimate_with_per_example_grads,
+    estimator_with_user_feedback,
+)
 from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
+from adambs_jax.per_example import (
+    losses_and_output_grads,
+    per_example_losses,
+    per_example_losses_and_grads,
+)
+from adambs_jax.tree_utils import batch_size_of
+from adambs_jax.tree_utils import per_example_norms as tree_norms
 
 __all__ = [
     "FEEDBACK_KINDS",
+    "FEEDBACK_REGISTRY",
     "FeedbackFn",
+    "FeedbackKind",
     "batch_size_of",
     "tree_norms",
     "per_example_losses_and_grads",
@@ -40,103 +61,16 @@ __all__ = [
     "per_example_grad_norms",
     "losses_and_output_grads",
     "logit_grad_norms",
+    "feedback_kind",
     "feedback_function",
     "check_feedback_kind",
 ]
 
 FEEDBACK_KINDS = ("grad_norm", "logit_grad_norm", "loss")
+"""The names of the built-in feedback kinds (the keys of ``FEEDBACK_REGISTRY``)."""
 
 FeedbackFn = Callable[[Any, Any, jax.Array], jax.Array]
 """A user feedback: ``(params, batch, losses (K,)) -> scores (K,)``."""
-
-
-def batch_size_of(batch: Any, *, name: str = "batch") -> int:
-    """K, the common leading axis of every leaf of ``batch``.
-
-    Raises:
-      ValueError: ``batch`` has no array leaves, a scalar leaf, or leaves of different K.
-    """
-    leaves, _ = jax.tree_util.tree_flatten_with_path(batch)
-    if not leaves:
-        raise ValueError(
-            f"{name} must be a pytree of arrays with a leading batch axis, got no leaves"
-        )
-    sizes = {}
-    for path, leaf in leaves:
-        shape = jnp.shape(leaf)
-        if len(shape) < 1:
-            raise ValueError(
-                f"{name}: every leaf needs a leading batch axis; leaf "
-                f"{jax.tree_util.keystr(path)} is a scalar"
-            )
-        sizes.setdefault(shape[0], jax.tree_util.keystr(path))
-    if len(sizes) > 1:
-        raise ValueError(f"{name}: leaves have different leading axes {sorted(sizes)} ({sizes})")
-    return next(iter(sizes))
-
-
-def tree_norms(per_example_tree: Any) -> jax.Array:
-    """(K,) L2 norms over all leaves of a per-example pytree (every leaf (K, ...)).
-
-    norms_k = sqrt(sum_leaves sum_{non-leading axes} leaf[k]^2), accumulated in float32 (or
-    the leaves' dtype if wider).
-    """
-    leaves = jax.tree.leaves(per_example_tree)
-    batch_size = batch_size_of(per_example_tree, name="per_example_tree")
-
-    def squared_norms(leaf):
-        dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-        return jnp.sum(jnp.square(leaf.astype(dtype)).reshape(batch_size, -1), axis=1)
-
-    return jnp.sqrt(sum(squared_norms(leaf) for leaf in leaves))
-
-
-def per_example_losses_and_grads(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
-) -> tuple[jax.Array, Any]:
-    """Per-example losses (K,) and gradients g_k = d loss_k / d params (leaves (K, ...)).
-
-    Uses ``jax.vmap(jax.value_and_grad(...))`` over the examples: ``loss_fn`` is called on
-    batches of one example (leaves (1, ...)) and must return shape (1,). If ``loss_fn`` takes
-    a key, example k gets ``jax.random.split(key, K)[k]`` (independent dropout per example).
-
-    Args:
-      loss_fn: ``(params, batch[, key]) -> (K,)`` or a ``ModelLoss``.
-      params: the parameters (any pytree).
-      batch: a pytree with leading axis K.
-      key: optional PRNG key for a stochastic model.
-
-    Returns:
-      ``(losses (K,), grads)`` with grads a pytree like params with a leading K axis.
-    """
-    single_example_loss, keys, key_axis = _single_example_loss(loss_fn, batch, key)
-    losses, grads = jax.vmap(
-        jax.value_and_grad(single_example_loss), in_axes=(None, 0, key_axis)
-    )(params, batch, keys)
-    return losses, grads
-
-
-def per_example_losses(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
-) -> jax.Array:
-    """(K,) losses evaluated one example at a time under ``jax.vmap``, with the same
-    per-example keys as ``per_example_losses_and_grads`` (so the same dropout masks)."""
-    single_example_loss, keys, key_axis = _single_example_loss(loss_fn, batch, key)
-    return jax.vmap(single_example_loss, in_axes=(None, 0, key_axis))(params, batch, keys)
-
-
-def _single_example_loss(loss_fn, batch, key):
-    """``(params, example, example_key) -> scalar``, the per-example keys and their vmap axis."""
-    batch_size = batch_size_of(batch)
-    loss = with_key_argument(loss_fn)
-
-    def single_example_loss(p, example, example_key):
-        one = jax.tree.map(lambda leaf: leaf[None], example)
-        losses = check_losses(loss(p, one, example_key), 1)
-        return losses[0]
-
-    keys = None if key is None else jax.random.split(key, batch_size)
-    return single_example_loss, keys, None if key is None else 0
 
 
 def per_example_grad_norms(
@@ -146,27 +80,13 @@ def per_example_grad_norms(
 
     The ``"grad_norm"`` feedback of AdamBS (Algorithm 2). See
     ``per_example_losses_and_grads`` for the arguments.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      Algorithm 2 (feedback f = ||g_{i_k}||).
     """
     _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
     return tree_norms(grads)
-
-
-def losses_and_output_grads(
-    model_loss: ModelLoss, outputs: Any, batch: Any
-) -> tuple[jax.Array, Any]:
-    """Per-example losses (K,) and d loss_k / d outputs_k (same shape as ``outputs``).
-
-    One backward pass through ``loss_from_outputs`` only (a vjp with cotangent ones(K)):
-    since loss k depends on row k of the outputs only, row k of the result is
-    d loss_k / d outputs_k.
-    """
-    if not isinstance(model_loss, ModelLoss):
-        raise TypeError(f"model_loss must be a ModelLoss, got {type(model_loss).__name__}")
-    batch_size = batch_size_of(batch)
-    losses, pullback = jax.vjp(lambda z: model_loss.loss_from_outputs(z, batch), outputs)
-    check_losses(losses, batch_size, name="loss_from_outputs")
-    (output_grads,) = pullback(jnp.ones_like(losses))
-    return losses, output_grads
 
 
 def logit_grad_norms(
@@ -180,6 +100,10 @@ def logit_grad_norms(
     Args:
       model_loss: a ``ModelLoss(apply_fn, loss_from_outputs)``.
       params, batch, key: as for ``per_example_losses_and_grads``.
+
+    References:
+      Katharopoulos, Fleuret, "Not All Samples Are Created Equal: Deep Learning with
+      Importance Sampling", ICML 2018, §3.3 (the upper bound of the gradient norm).
     """
     if not isinstance(model_loss, ModelLoss):
         raise TypeError(
@@ -191,6 +115,93 @@ def logit_grad_norms(
     return tree_norms(output_grads)
 
 
+def _losses_as_scores(
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+) -> jax.Array:
+    """The ``"loss"`` feedback: the (K,) per-example losses themselves."""
+    return check_losses(with_key_argument(loss_fn)(params, batch, key), batch_size_of(batch))
+
+
+class FeedbackKind(NamedTuple):
+    """How one kind of feedback is computed, alone and fused with the gradient estimate.
+
+    Attributes:
+      scores: ``(loss_fn, params, batch, key=None) -> (K,)``, the feedback of any examples
+        (``feedback_function``; a scoring sampler's ``score_fn``).
+      estimate: the train step's estimator of G_hat and this feedback together
+        (``adambs_jax.estimators``).
+      estimate_reusing_grads: the estimator for ``reuse_per_example_grads=True`` (G_hat as
+        the weighted mean of stored per-example gradients); None if the kind has no
+        per-example gradients to reuse (the option then changes nothing).
+      needs_model_loss: the kind needs the model outputs, so a ``ModelLoss``.
+    """
+
+    scores: Callable[..., jax.Array]
+    estimate: EstimateFn
+    estimate_reusing_grads: Optional[EstimateFn] = None
+    needs_model_loss: bool = False
+
+    def estimator(self, reuse_per_example_grads: bool) -> EstimateFn:
+        """The train step's estimator for the given ``reuse_per_example_grads``."""
+        if reuse_per_example_grads and self.estimate_reusing_grads is not None:
+            return self.estimate_reusing_grads
+        return self.estimate
+
+
+FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
+    "grad_norm": FeedbackKind(
+        per_example_grad_norms,
+        estimate_with_grad_norms_and_weighted_loss,
+        estimate_reusing_grads=estimate_with_per_example_grads,
+    ),
+    "logit_grad_norm": FeedbackKind(
+        logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True
+    ),
+    "loss": FeedbackKind(_losses_as_scores, estimate_with_loss),
+}
+"""Every built-in feedback kind (``FEEDBACK_KINDS``) and how it is computed."""
+
+
+def _user_feedback_kind(feedback: FeedbackFn) -> FeedbackKind:
+    """A callable ``(params, batch, losses) -> (K,)`` as a kind: scores of the losses."""
+
+    def scores(loss_fn, params, batch, key=None):
+        return feedback(params, batch, _losses_as_scores(loss_fn, params, batch, key))
+
+    return FeedbackKind(scores, estimator_with_user_feedback(feedback))
+
+
+def feedback_kind(
+    feedback: Union[str, FeedbackFn], loss_fn: PerExampleLoss, *, name: str = "feedback"
+) -> FeedbackKind:
+    """The ``FeedbackKind`` of a kind name or a callable, validated against the loss it will
+    be computed from (the one dispatch on feedback kinds).
+
+    Raises:
+      ValueError: unknown name, or a kind that needs the model outputs (``"logit_grad_norm"``)
+        without a ``ModelLoss``.
+      TypeError: neither a string nor a callable.
+    """
+    if isinstance(feedback, str):
+        if feedback not in FEEDBACK_KINDS:
+            raise ValueError(
+                f"{name} must be one of {FEEDBACK_KINDS} or a callable, got {feedback!r}"
+            )
+        kind = FEEDBACK_REGISTRY[feedback]
+        if kind.needs_model_loss and not isinstance(loss_fn, ModelLoss):
+            raise ValueError(
+                f"{name}={feedback!r} needs the model outputs: pass the loss as "
+                f"ab.ModelLoss(apply_fn, loss_from_outputs) instead of a plain callable"
+            )
+        return kind
+    if not callable(feedback):
+        raise TypeError(
+            f"{name} must be one of {FEEDBACK_KINDS} or a callable "
+            f"(params, batch, losses) -> (K,), got {type(feedback).__name__}"
+        )
+    return _user_feedback_kind(feedback)
+
+
 def check_feedback_kind(
     feedback: Union[str, FeedbackFn], loss_fn: PerExampleLoss, *, name: str = "feedback"
 ) -> None:
@@ -200,21 +211,7 @@ def check_feedback_kind(
       ValueError: unknown name, or ``"logit_grad_norm"`` without a ``ModelLoss``.
       TypeError: neither a string nor a callable.
     """
-    if isinstance(feedback, str):
-        if feedback not in FEEDBACK_KINDS:
-            raise ValueError(
-                f"{name} must be one of {FEEDBACK_KINDS} or a callable, got {feedback!r}"
-            )
-        if feedback == "logit_grad_norm" and not isinstance(loss_fn, ModelLoss):
-            raise ValueError(
-                f"{name}='logit_grad_norm' needs the model outputs: pass the loss as "
-                f"ab.ModelLoss(apply_fn, loss_from_outputs) instead of a plain callable"
-            )
-    elif not callable(feedback):
-        raise TypeError(
-            f"{name} must be one of {FEEDBACK_KINDS} or a callable "
-            f"(params, batch, losses) -> (K,), got {type(feedback).__name__}"
-        )
+    feedback_kind(feedback, loss_fn, name=name)
 
 
 def feedback_function(
@@ -226,24 +223,11 @@ def feedback_function(
     the feedback with the gradient computation instead.
 
     Args:
-      feedback: ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"`` or a callable
-        ``(params, batch, losses) -> (K,)``.
+      feedback: a kind of ``FEEDBACK_KINDS`` or a callable ``(params, batch, losses) ->
+        (K,)``.
       loss_fn: the per-example loss (a ``ModelLoss`` for ``"logit_grad_norm"``).
     """
-    check_feedback_kind(feedback, loss_fn)
-    loss = with_key_argument(loss_fn)
-
-    if isinstance(feedback, str) and feedback == "grad_norm":
-        return lambda params, batch, key=None: per_example_grad_norms(loss_fn, params, batch, key)
-    if isinstance(feedback, str) and feedback == "logit_grad_norm":
-        return lambda params, batch, key=None: logit_grad_norms(loss_fn, params, batch, key)
-    if isinstance(feedback, str) and feedback == "loss":
-        return lambda params, batch, key=None: check_losses(
-            loss(params, batch, key), batch_size_of(batch)
-        )
-
-    def user_feedback(params, batch, key=None):
-        losses = check_losses(loss(params, batch, key), batch_size_of(batch))
-        return feedback(params, batch, losses)
-
-    return user_feedback
+    kind = feedback_kind(feedback, loss_fn)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    return lambda params, batch, key=None: kind.scores(loss_fn, params, batch, key)

@@ -43,6 +43,11 @@ class ModelLoss(NamedTuple):
         ``lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])``.
 
     Calling it, ``ModelLoss(...)(params, batch, key=None)``, returns the (K,) losses.
+
+    References:
+      Katharopoulos, Fleuret, "Not All Samples Are Created Equal: Deep Learning with
+      Importance Sampling", ICML 2018, §3.3 (the gradient-norm bound from the outputs that
+      needs this split); Liu, Wu, Mozafari, NeurIPS 2020, eq. 1 (per-example losses).
     """
 
     apply_fn: Callable[..., Any]

@@ -25,48 +25,20 @@ decides when to switch importance sampling on); the step then passes that state 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
+from adambs_jax.base import ScoreFn, ScoringSampler
+from adambs_jax.checks import check_optional_int
 from adambs_jax.feedback import FeedbackFn, check_feedback_kind, feedback_function
 from adambs_jax.losses import PerExampleLoss
+from adambs_jax.tree_utils import gather
 
+# ScoreFn and ScoringSampler live in adambs_jax.base (the sampler contract), gather in
+# adambs_jax.tree_utils; they stay importable from here.
 __all__ = ["ScoreFn", "ScoringSampler", "make_score_fn", "gather"]
-
-ScoreFn = Callable[[jax.Array], jax.Array]
-"""``indices (M,) int32 -> scores (M,) float32`` at the current parameters."""
-
-
-class ScoringSampler(NamedTuple):
-    """A sampler whose ``sample`` scores examples with the model through ``score_fn``.
-
-    Attributes:
-      init: ``() -> state``.
-      sample: ``(state, key, score_fn) -> (indices (K,) int32, probs (K,), state)``.
-      update: ``(state, indices (K,), feedback (K,)) -> state``.
-      num_examples: n.
-      batch_size: K.
-      score_feedback: which scores ``score_fn`` returns: ``"grad_norm"``,
-        ``"logit_grad_norm"``, ``"loss"`` or a callable ``(params, batch, losses) -> (K,)``;
-        None: the train step's own ``feedback``.
-      score_chunk_size: compute scores in chunks of this many examples (``jax.lax.map``), to
-        bound memory when scoring many examples (e.g. all n); None: all at once.
-    """
-
-    init: Callable[[], Any]
-    sample: Callable[[Any, jax.Array, ScoreFn], tuple[jax.Array, jax.Array, Any]]
-    update: Callable[[Any, jax.Array, jax.Array], Any]
-    num_examples: int
-    batch_size: int
-    score_feedback: Union[str, FeedbackFn, None] = None
-    score_chunk_size: Optional[int] = None
-
-
-def gather(data: Any, indices: jax.Array) -> Any:
-    """Rows ``indices`` of every leaf of ``data`` (leaves (n, ...) -> (M, ...)), on device."""
-    return jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), data)
 
 
 def make_score_fn(
@@ -93,8 +65,7 @@ def make_score_fn(
       ``score_fn``; its result is ``jax.lax.stop_gradient``-ed float32.
     """
     check_feedback_kind(feedback, loss_fn)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    chunk_size = check_optional_int("chunk_size", chunk_size)
     score_batch = feedback_function(feedback, loss_fn)
 
     def score(indices, chunk_key):

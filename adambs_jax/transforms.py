@@ -113,7 +113,8 @@ def importance_weighted_mean() -> ImportanceWeightedTransformation:
 
     With uniform sampling (w = 1) it is the plain mini-batch mean of the per-example updates.
 
-    Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, eq. 1.
     """
 
     def init_fn(params):
@@ -144,6 +145,10 @@ def with_importance_weighting(
     Raises:
       TypeError: ``optimizer`` is not an optax gradient transformation.
       ValueError: ``optimizer`` is already importance-weighted.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, eq. 1
+      and appendix D (the same estimate in front of other optimizers).
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -182,6 +187,25 @@ def adambs(
     Returns:
       An ``ImportanceWeightedTransformation``: ``update(per_example_grads, state, params,
       weights=w)`` with per-example gradients (leading axis K) and w (K,).
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      Algorithm 1, eqs. 1-2; Kingma, Ba, "Adam: A Method for Stochastic Optimization",
+      ICLR 2015.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import adambs_jax as ab
+      >>> params = {"w": jnp.zeros(2)}
+      >>> tx = ab.adambs(learning_rate=0.1)
+      >>> opt_state = tx.init(params)
+      >>> grads = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}  # per-example, K = 2
+      >>> weights = jnp.array([1.0, 0.5])  # 1 / (n p) of the two draws
+      >>> ab.weighted_mean(grads, weights)["w"].tolist()  # G_hat = (1/K) sum_k w_k g_k
+      [1.25, 2.0]
+      >>> updates, opt_state = tx.update(grads, opt_state, params, weights=weights)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # Adam's first step: -lr sign(G_hat)
+      [-0.1, -0.1]
     """
     return ImportanceWeightedTransformation(
         *optax.chain(
@@ -209,6 +233,10 @@ def amsgradbs(
     Args:
       learning_rate: a float or an optax schedule ``step -> lr``.
       b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_amsgrad``.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      appendix D; Reddi, Kale, Kumar, "On the Convergence of Adam and Beyond", ICLR 2018.
     """
     return ImportanceWeightedTransformation(
         *optax.chain(

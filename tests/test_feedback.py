@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import adambs_jax as ab
+from adambs_jax import estimators, tree_utils
 from adambs_jax import feedback as fb
 from adambs_jax.losses import check_losses, takes_key, with_key_argument
 
@@ -171,6 +172,58 @@ class FeedbackFunctionTest(chex.TestCase):
             fb.feedback_function("logit_grad_norm", lambda p, b: model_loss(p, b))
         with pytest.raises(TypeError, match="feedback"):
             fb.feedback_function(3, model_loss)
+
+    def test_non_callable_loss_is_refused_when_the_function_is_built(self):
+        with pytest.raises(TypeError, match="loss_fn must be callable"):
+            fb.feedback_function("loss", 3)
+
+
+class RegistryTest(chex.TestCase):
+    """One table of feedback kinds: how each is scored alone and estimated in the step."""
+
+    def test_the_table_holds_exactly_the_named_kinds(self):
+        self.assertIsInstance(fb.FEEDBACK_KINDS, tuple)
+        self.assertEqual(tuple(fb.FEEDBACK_REGISTRY), fb.FEEDBACK_KINDS)
+        self.assertIs(ab.FEEDBACK_KINDS, fb.FEEDBACK_KINDS)
+
+    def test_feedback_kind_returns_the_entry_and_its_estimators(self):
+        _, _, _, model_loss = _setup()
+        grad_norm = fb.feedback_kind("grad_norm", model_loss)
+        self.assertIs(grad_norm, fb.FEEDBACK_REGISTRY["grad_norm"])
+        self.assertIs(grad_norm.scores, ab.per_example_grad_norms)
+        self.assertIs(
+            grad_norm.estimator(False), estimators.estimate_with_grad_norms_and_weighted_loss
+        )
+        self.assertIs(grad_norm.estimator(True), estimators.estimate_with_per_example_grads)
+        logit = fb.feedback_kind("logit_grad_norm", model_loss)
+        self.assertTrue(logit.needs_model_loss)
+        # kinds without per-example gradients ignore reuse_per_example_grads
+        self.assertIs(logit.estimator(True), estimators.estimate_with_logit_bound)
+        self.assertIs(
+            fb.feedback_kind("loss", model_loss).estimator(True), estimators.estimate_with_loss
+        )
+
+    def test_a_callable_is_a_kind_of_its_own(self):
+        _, params, batch, model_loss = _setup()
+        user = lambda p, b, losses: losses + 1.0
+        kind = fb.feedback_kind(user, model_loss)
+        self.assertIsNone(kind.estimate_reusing_grads)
+        np.testing.assert_allclose(
+            kind.scores(model_loss, params, batch), model_loss(params, batch) + 1.0, rtol=1e-6
+        )
+        estimate = kind.estimator(True)(model_loss, params, batch, jnp.ones(BATCH_SIZE), None)
+        np.testing.assert_allclose(estimate.feedback, model_loss(params, batch) + 1.0, rtol=1e-6)
+
+    def test_errors_name_the_argument(self):
+        _, _, _, model_loss = _setup()
+        with pytest.raises(ValueError, match="sampler.score_feedback must be one of"):
+            fb.feedback_kind("norm", model_loss, name="sampler.score_feedback")
+        with pytest.raises(ValueError, match="score_feedback='logit_grad_norm' needs the model"):
+            fb.feedback_kind("logit_grad_norm", lambda p, b: 0, name="score_feedback")
+
+    def test_tree_helpers_are_the_shared_ones(self):
+        self.assertIs(fb.tree_norms, tree_utils.per_example_norms)
+        self.assertIs(fb.batch_size_of, tree_utils.batch_size_of)
 
 
 class LossInterfaceTest(chex.TestCase):

@@ -608,3 +608,59 @@ def test_api_doc_checkpoint_example_runs():
     blocks = [block for block in _api_examples() if block.startswith("# checkpoint example")]
     assert len(blocks) == 1, "docs/api.md lost its checkpoint example"
     exec(compile(blocks[0], f"{API_DOC.name}[checkpoint]", "exec"), {"__name__": "doc"})
+
+
+class SamplerContractTest(parameterized.TestCase):
+    """The step asks the sampler (its ``probabilities`` field) instead of probing its state."""
+
+    def test_diagnostics_need_a_sampler_with_a_distribution(self):
+        params, data, model_loss = _problem()
+        sampler = _fixed_distribution_sampler(jnp.full((NUM_EXAMPLES,), 1.0 / NUM_EXAMPLES))
+        self.assertIsNone(sampler.probabilities)
+        with pytest.raises(ValueError, match="diagnostics=True needs a sampler with a full"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, diagnostics=True)
+        step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
+        state = step.init(params)
+        _, metrics = step(state, data, jax.random.key(0))  # default: no diagnostics, no error
+        self.assertNotIn("effective_sample_size", metrics)
+        self.assertNotIn("grad_norm_bound", metrics)  # not an EXP3 state
+        self.assertIn("max_weight", metrics)
+
+    def test_diagnostics_read_the_sampler_s_probabilities(self):
+        params, data, model_loss = _problem()
+        p = jnp.linspace(1.0, 2.0, NUM_EXAMPLES)
+        p = p / jnp.sum(p)
+        sampler = _fixed_distribution_sampler(p)._replace(probabilities=lambda state: p)
+        step = ab.make_train_step(
+            model_loss, optax.sgd(0.1), sampler, feedback="loss", diagnostics=True
+        )
+        _, metrics = step(step.init(params), data, jax.random.key(0))
+        np.testing.assert_allclose(metrics["max_prob"], jnp.max(p), rtol=1e-6)
+        np.testing.assert_allclose(metrics["min_prob"], jnp.min(p), rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics["effective_sample_size"], 1.0 / (NUM_EXAMPLES * jnp.sum(p**2)), rtol=1e-5
+        )
+
+
+def test_moved_names_stay_importable():
+    from adambs_jax import base, checks, scoring, train_state, tree_utils
+
+    assert ab.train_step.check_key is checks.check_key
+    assert ab.train_step.TrainState is train_state.TrainState is ab.TrainState
+    assert scoring.ScoringSampler is base.ScoringSampler
+    assert scoring.ScoreFn is base.ScoreFn
+    assert scoring.gather is tree_utils.gather
+
+
+def test_score_fn_chunk_size_must_be_an_int():
+    params, data, model_loss = _problem()
+    for bad in (True, 2.0, -1):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1 or None"):
+            make_score_fn(model_loss, "loss", params, data, chunk_size=bad)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    results = doctest.testmod(ab.train_step, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0, results

@@ -259,3 +259,12 @@ class UnbiasednessTest(chex.TestCase):
             error = np.abs(mean - np.asarray(full_gradient[name]))
             rejected.append(np.any(error > 5 * std[name] + 1e-6))
         self.assertTrue(any(rejected))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from adambs_jax import transforms
+
+    results = doctest.testmod(transforms, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0, results

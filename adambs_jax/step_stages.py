@@ -1,0 +1,302 @@
+"""The stages of one train step, as functions of the step's configuration and state.
+
+``make_train_step`` validates its arguments into a ``StepConfig`` and binds ``run_step`` to it;
+a step runs, with K the batch size and n the dataset size:
+
+    key            ``step_key``: this step's key (the state's own key, split and advanced, if
+                   the call gives none); sample_key, model_key, score_key = split(key, 3)
+    draw           ``draw_batch``: I, p_I = sampler.sample(sampler_state, sample_key) (a
+                   scoring sampler first scores examples with the current model);
+                   w = 1 / (n p_I); batch = data[I], gathered on device
+    estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``)
+    guarded apply  ``guarded_apply``: params + optimizer(G_hat), sampler.update(state, I, f),
+                   both kept only if the losses, G_hat and the update are finite
+    new state      ``step_metrics`` and ``next_state``: the metrics, counters and next key
+
+Every stage is pure and traceable; the checks run in Python at trace time.
+
+Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adambs_jax.base import ProbabilitiesFn
+from adambs_jax.checks import check_key, check_state_size
+from adambs_jax.estimators import Estimate, EstimateFn
+from adambs_jax.feedback import FeedbackFn
+from adambs_jax.losses import PerExampleLoss
+from adambs_jax.samplers import Exp3SamplerState, Sampler, importance_weights
+from adambs_jax.scoring import ScoringSampler, make_score_fn
+from adambs_jax.sharding import constrain_batch
+from adambs_jax.train_state import TrainState
+from adambs_jax.transforms import ImportanceWeightedTransformation, weighted_mean
+from adambs_jax.tree_utils import all_finite, batch_size_of, gather, select
+
+__all__ = [
+    "StepConfig",
+    "Draw",
+    "Applied",
+    "step_key",
+    "draw_batch",
+    "guarded_apply",
+    "step_metrics",
+    "next_state",
+    "run_step",
+]
+
+
+class StepConfig(NamedTuple):
+    """Everything ``make_train_step`` fixed at build time, validated.
+
+    ``estimate``: the estimator of the feedback kind; ``probabilities``: the sampler's
+    ``probabilities`` if the step reports the O(n) diagnostics, else None.
+    """
+
+    loss_fn: PerExampleLoss
+    optimizer: optax.GradientTransformation
+    sampler: Union[Sampler, ScoringSampler]
+    estimate: EstimateFn
+    score_feedback: Union[str, FeedbackFn]
+    probabilities: Optional[ProbabilitiesFn]
+    skip_non_finite: bool
+    mesh: Optional[jax.sharding.Mesh]
+    data_axis: str
+
+    @property
+    def scoring(self) -> bool:
+        return isinstance(self.sampler, ScoringSampler)
+
+
+def _check_state(state, num_examples):
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"state must be an ab.TrainState (TrainState.create(...)), got {type(state).__name__}"
+        )
+    if jnp.shape(state.step) != ():
+        raise ValueError(f"state.step must be a scalar, got shape {jnp.shape(state.step)}")
+    if state.skipped_steps is not None and jnp.shape(state.skipped_steps) != ():
+        raise ValueError(
+            f"state.skipped_steps must be a scalar or None, got shape "
+            f"{jnp.shape(state.skipped_steps)}"
+        )
+    check_state_size(
+        state.sampler_state, num_examples, name="state.sampler_state", owner="the step's sampler"
+    )
+
+
+def _check_data(data, num_examples):
+    size = batch_size_of(data, name="data")
+    if size != num_examples:
+        raise ValueError(
+            f"data: every leaf must have leading axis n = sampler.num_examples = "
+            f"{num_examples}, got {size}"
+        )
+
+
+def step_key(state_key, key):
+    """Stage "key": ``(the state's next key, this step's key)``; the state's own key is split
+    and advanced when the step gets none."""
+    if key is None:
+        if state_key is None:
+            raise ValueError(
+                "key: pass a PRNG key to the step, or create the state with "
+                "TrainState.create(..., key=...)"
+            )
+        check_key(state_key, name="state.key")
+        state_key, key = jax.random.split(state_key)
+    else:
+        check_key(key, name="key")
+    return state_key, key
+
+
+class Draw(NamedTuple):
+    """The batch of one step: indices I (K,), weights w = 1 / (n p_I) (K,), ``data[I]``, and
+    the sampler state after ``sample`` (a scoring sampler's may have changed)."""
+
+    indices: jax.Array
+    weights: jax.Array
+    batch: Any
+    sampled_state: Any
+
+
+def _check_draws(indices, probs, batch_size):
+    if jnp.shape(indices) != (batch_size,) or jnp.shape(probs) != (batch_size,):
+        raise ValueError(
+            f"sampler.sample must return indices and probs of shape ({batch_size},) "
+            f"(sampler.batch_size), got {jnp.shape(indices)} and {jnp.shape(probs)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
+        raise TypeError(
+            f"sampler.sample must return integer indices, got {jnp.result_type(indices)}"
+        )
+
+
+def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_key) -> Draw:
+    """Stage "draw": sample (a scoring sampler scores with the current model), weigh, gather."""
+    sampler = config.sampler
+    if config.scoring:
+        score_fn = make_score_fn(
+            config.loss_fn, config.score_feedback, state.params, data, score_key,
+            chunk_size=sampler.score_chunk_size,
+        )
+        indices, probs, sampled_state = sampler.sample(state.sampler_state, sample_key, score_fn)
+    else:
+        indices, probs = sampler.sample(state.sampler_state, sample_key)
+        sampled_state = state.sampler_state
+    _check_draws(indices, probs, sampler.batch_size)
+    weights = jax.lax.stop_gradient(importance_weights(probs, sampler.num_examples))
+    batch = gather(data, indices)
+    if config.mesh is not None:  # per-example work split over the devices; the rest replicated
+        batch = constrain_batch(batch, config.mesh, config.data_axis)
+    return Draw(indices, weights, batch, sampled_state)
+
+
+def _optimizer_update(optimizer, estimate: Estimate, weights, opt_state, params):
+    """Feeds G_hat to a plain optimizer, or per-example grads + weights to an
+    ``ImportanceWeightedTransformation`` (``adambs``, ``with_importance_weighting(...)``)."""
+    if isinstance(optimizer, ImportanceWeightedTransformation):
+        if estimate.per_example:
+            per_example, batch_weights = estimate.gradient, weights
+        else:  # G_hat already averaged: a batch of one with weight 1 leaves it unchanged
+            per_example = jax.tree.map(lambda g: g[None], estimate.gradient)
+            batch_weights = jnp.ones((1,), weights.dtype)
+        return optimizer.update(per_example, opt_state, params, weights=batch_weights)
+    gradient = estimate.gradient
+    if estimate.per_example:
+        gradient = weighted_mean(gradient, weights)
+    return optimizer.update(gradient, opt_state, params)
+
+
+def _feedback_scores(estimate: Estimate, indices) -> jax.Array:
+    """The (K,) float32 feedback for ``sampler.update`` (no gradient flows into it)."""
+    scores = jax.lax.stop_gradient(estimate.feedback)
+    if jnp.shape(scores) != indices.shape:
+        raise ValueError(
+            f"feedback must give one score per example, shape {indices.shape}, "
+            f"got {jnp.shape(scores)}"
+        )
+    return scores.astype(jnp.float32)
+
+
+def _update_sampler_if(apply, update, state, sampled_state, indices, scores, scoring):
+    """``update(sampled_state, indices, scores)`` if ``apply``, else ``state`` unchanged.
+
+    A ``lax.while_loop`` that runs once or not at all, not ``jnp.where`` (which would read
+    and write the whole (n,)-sized sampler state every step) nor ``lax.cond`` (XLA copies
+    buffers through a conditional's branches): the loop's carry is updated in place, so the
+    guard adds no O(n) work (docs/performance.md, "Sampler" and "Non-finite guard").
+    """
+
+    def body(carry):
+        current, _ = carry
+        source = sampled_state if scoring else current  # a plain sampler's sample keeps it
+        return update(source, indices, scores), jnp.asarray(False)
+
+    new_state, _ = jax.lax.while_loop(lambda carry: carry[1], body, (state, apply))
+    return new_state
+
+
+class Applied(NamedTuple):
+    """The guarded updates of one step and its feedback; ``skipped``: int32, 1 if the
+    updates were not applied."""
+
+    params: Any
+    opt_state: Any
+    sampler_state: Any
+    scores: jax.Array
+    skipped: jax.Array
+
+
+def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -> Applied:
+    """Stage "guarded apply": the optimizer and sampler updates, kept only if the losses,
+    G_hat and the optimizer's update are all finite (``skip_non_finite``)."""
+    updates, opt_state = _optimizer_update(
+        config.optimizer, estimate, draw.weights, state.opt_state, state.params
+    )
+    params = optax.apply_updates(state.params, updates)
+    scores = _feedback_scores(estimate, draw.indices)
+    finite = all_finite(estimate.losses, estimate.gradient, updates)
+    if config.skip_non_finite:
+        params = select(finite, params, state.params)
+        opt_state = select(finite, opt_state, state.opt_state)
+        apply_update = finite
+    else:
+        # always True, yet neither a constant (XLA would inline the loop) nor independent
+        # of the gradient: see below
+        apply_update = finite | jax.lax.optimization_barrier(jnp.asarray(True))
+        finite = jnp.asarray(True)
+    # The sampler update runs in a loop whose predicate depends on the whole gradient
+    # computation. Besides skipping, this orders the in-place write of the sampler's tree
+    # after every read of it; a bare update made XLA copy the (2 capacity,) tree twice
+    # per step (2 x 8 MB at n = 10^6; docs/performance.md, "Non-finite guard").
+    sampler_state = _update_sampler_if(
+        apply_update, config.sampler.update, state.sampler_state, draw.sampled_state,
+        draw.indices, scores, config.scoring,
+    )
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    return Applied(params, opt_state, sampler_state, scores, skipped)
+
+
+def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabilities) -> dict:
+    """The step's metrics (``make_train_step``'s Returns), diagnostics from ``probabilities``."""
+    losses = estimate.losses.astype(jnp.float32)
+    valid = jnp.isfinite(feedback) & (feedback >= 0)
+    num_valid = jnp.sum(valid)
+    metrics = {
+        "loss": jnp.mean(losses),
+        "weighted_loss": jnp.mean(weights * losses),
+        "mean_feedback": jnp.sum(jnp.where(valid, feedback, 0.0)) / jnp.maximum(num_valid, 1),
+        "num_dropped_feedback": (feedback.shape[0] - num_valid).astype(jnp.int32),
+        "max_weight": jnp.max(weights),
+        "min_weight": jnp.min(weights),
+    }
+    if isinstance(sampler_state, Exp3SamplerState):
+        metrics["grad_norm_bound"] = jnp.asarray(sampler_state.grad_norm_bound, jnp.float32)
+    if probabilities is not None:
+        p = probabilities(sampler_state)
+        metrics["effective_sample_size"] = 1.0 / (p.shape[0] * jnp.sum(jnp.square(p)))
+        metrics["max_prob"] = jnp.max(p)
+        metrics["min_prob"] = jnp.min(p)
+    return metrics
+
+
+def next_state(state: TrainState, applied: Applied, state_key, metrics: dict):
+    """Stage "new state": the counters (``step``, ``skipped_steps``) and the next key."""
+    metrics["skipped"] = applied.skipped
+    skipped_steps = state.skipped_steps
+    if skipped_steps is not None:
+        skipped_steps = skipped_steps + applied.skipped
+        metrics["skipped_steps"] = skipped_steps
+    new_state = TrainState(
+        params=applied.params,
+        opt_state=applied.opt_state,
+        sampler_state=applied.sampler_state,
+        step=state.step + 1,
+        key=state_key,
+        skipped_steps=skipped_steps,
+    )
+    return new_state, metrics
+
+
+def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
+    """One step: key, draw, estimate, guarded apply, new state."""
+    num_examples = config.sampler.num_examples
+    _check_state(state, num_examples)
+    _check_data(data, num_examples)
+    state_key, key = step_key(state.key, key)
+    sample_key, model_key, score_key = jax.random.split(key, 3)
+    draw = draw_batch(config, state, data, sample_key, score_key)
+    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
+    applied = guarded_apply(config, state, draw, estimate)
+    metrics = step_metrics(
+        estimate, draw.weights, applied.scores, applied.sampler_state, config.probabilities
+    )
+    return next_state(state, applied, state_key, metrics)

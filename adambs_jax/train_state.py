@@ -1,0 +1,136 @@
+"""What a training step carries from one call to the next, and the step itself.
+
+``TrainState`` is the pytree a step updates (parameters, optimizer state, sampler state,
+counters, an optional key). ``TrainStep`` is what ``make_train_step`` returns: the step
+function bound to the optimizer and sampler it was built with, so that they are given once,
+as flax's ``TrainState`` keeps its ``tx``:
+
+    step = ab.make_train_step(loss_fn, optax.adam(1e-3), ab.exp3_sampler(n, K, num_steps=T))
+    state = step.init(params)               # = TrainState.create(params=..., optimizer=...,
+    state, metrics = step(state, data, key) #                       sampler=...)
+
+Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+Algorithm 1 (the state of AdamBS: theta, Adam's moments, the sampler's distribution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adambs_jax.base import AnySampler
+from adambs_jax.checks import check_key
+
+__all__ = ["TrainState", "TrainStep"]
+
+
+class TrainState(NamedTuple):
+    """Everything a training step updates; a pytree (checkpoint it with
+    ``ab.save_checkpoint`` / ``ab.restore_checkpoint``, which use orbax).
+
+    Attributes:
+      params: the model parameters (any pytree).
+      opt_state: the optax state of ``optimizer.init(params)``.
+      sampler_state: the sampler's state (``sampler.init()``).
+      step: int32 scalar, number of steps taken, skipped ones included (see
+        ``make_train_step``'s ``skip_non_finite``).
+      key: optional PRNG key; used (and advanced) by a step called without a key.
+      skipped_steps: int32 scalar, cumulative number of steps whose update was skipped
+        because the loss, gradient or update was not finite; ``TrainState.create`` sets it to
+        0. None (a state built by hand without it): the step keeps it None and reports only
+        the per-step ``metrics["skipped"]``.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      Algorithm 1. The layout follows ``flax.training.train_state.TrainState``.
+    """
+
+    params: Any
+    opt_state: Any
+    sampler_state: Any
+    step: jax.Array
+    key: Optional[jax.Array] = None
+    skipped_steps: Optional[jax.Array] = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Any,
+        optimizer: optax.GradientTransformation,
+        sampler: AnySampler,
+        key: Optional[jax.Array] = None,
+    ) -> "TrainState":
+        """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0, no
+        skipped steps.
+
+        ``params`` (and ``key``) are copied: the train step donates its state, and the
+        caller's arrays must survive that.
+
+        Raises:
+          TypeError: ``optimizer`` is not an optax transformation, or ``sampler`` has no
+            ``init``.
+          ValueError: ``key`` is not a PRNG key (a typed key of shape () from
+            ``jax.random.key`` or a raw uint32 key of shape (m,) from ``jax.random.PRNGKey``).
+        """
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+            )
+        if not callable(getattr(sampler, "init", None)):
+            raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}")
+        if key is not None:
+            check_key(key, name="key")
+        params = jax.tree.map(jnp.copy, params)
+        return cls(
+            params=params,
+            opt_state=optimizer.init(params),
+            sampler_state=sampler.init(),
+            step=jnp.zeros((), jnp.int32),
+            key=None if key is None else jnp.copy(key),
+            skipped_steps=jnp.zeros((), jnp.int32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A train step bound to its optimizer and sampler: ``make_train_step``'s result.
+
+    ``step(state, data, key=None) -> (state, metrics)`` calls ``step_fn`` (the jitted step,
+    or the pure one with ``jit=False``); ``step.init(params, key=None)`` is
+    ``TrainState.create(params=params, optimizer=step.optimizer, sampler=step.sampler,
+    key=key)``. Any other attribute is ``step_fn``'s, so a jitted step keeps ``lower``,
+    ``trace`` and the like, and ``jax.jit(step)`` of a pure step sees the function named
+    ``step_fn.__name__``.
+
+    Attributes:
+      step_fn: ``(state, data, key=None) -> (state, metrics)``.
+      optimizer: the optax optimizer the step applies.
+      sampler: the sampler the step draws from and updates.
+    """
+
+    step_fn: Callable[..., tuple[TrainState, dict]]
+    optimizer: optax.GradientTransformation
+    sampler: AnySampler
+
+    def __call__(self, state: TrainState, data: Any, key: Optional[jax.Array] = None):
+        return self.step_fn(state, data, key)
+
+    def init(self, params: Any, *, key: Optional[jax.Array] = None) -> TrainState:
+        """A fresh ``TrainState`` for ``params`` with this step's optimizer and sampler (the
+        arguments and errors of ``TrainState.create``)."""
+        return TrainState.create(
+            params=params, optimizer=self.optimizer, sampler=self.sampler, key=key
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names the dataclass does not have; dunder names other than the
+        # function's name stay unresolved so that copy and pickle see a plain object
+        step_fn = self.__dict__.get("step_fn")
+        if step_fn is None or name.startswith("__") and name not in ("__name__", "__qualname__"):
+            raise AttributeError(name)
+        return getattr(step_fn, name)

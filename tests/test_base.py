@@ -1,0 +1,45 @@
+"""Tests of adambs_jax.base: the typed sampler contract."""
+
+import jax.numpy as jnp
+
+from adambs_jax import base
+
+
+def _functions():
+    return dict(
+        init=lambda: jnp.zeros(()),
+        sample=lambda state, key: (jnp.zeros(2, jnp.int32), jnp.full(2, 0.25)),
+        update=lambda state, indices, feedback: state + 1,
+    )
+
+
+def test_sampler_fields_and_default_probabilities():
+    sampler = base.Sampler(**_functions(), num_examples=4, batch_size=2)
+    assert sampler._fields == (
+        "init", "sample", "update", "num_examples", "batch_size", "probabilities"
+    )
+    assert sampler.probabilities is None  # no full distribution unless the sampler says so
+    uniform = lambda state: jnp.full((4,), 0.25)
+    with_p = sampler._replace(probabilities=uniform)
+    assert with_p.probabilities(with_p.init()).shape == (4,)
+
+
+def test_scoring_sampler_fields_and_defaults():
+    sampler = base.ScoringSampler(**_functions(), num_examples=4, batch_size=2)
+    assert sampler._fields == (
+        "init", "sample", "update", "num_examples", "batch_size", "score_feedback",
+        "score_chunk_size", "probabilities",
+    )
+    assert sampler.score_feedback is None
+    assert sampler.score_chunk_size is None
+    assert sampler.probabilities is None
+
+
+def test_the_two_kinds_are_distinct_types():
+    # the train step tells them apart with isinstance: a ScoringSampler's sample takes score_fn
+    plain = base.Sampler(**_functions(), num_examples=4, batch_size=2)
+    scoring = base.ScoringSampler(**_functions(), num_examples=4, batch_size=2)
+    assert not isinstance(plain, base.ScoringSampler)
+    assert not isinstance(scoring, base.Sampler)
+    assert isinstance(plain, base.AnySampler.__args__)
+    assert isinstance(scoring, base.AnySampler.__args__)

@@ -1,0 +1,106 @@
+"""Tests of adambs_jax.train_state: the TrainState pytree and the TrainStep that
+make_train_step returns (the optimizer and sampler given once, ``step.init(params)``)."""
+
+import copy
+import pickle
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adambs_jax as ab
+from adambs_jax.train_state import TrainStep
+
+NUM_EXAMPLES, BATCH_SIZE = 12, 4
+
+
+def _loss(params, batch):
+    return jnp.square(batch["x"] @ params["w"] - batch["y"])
+
+
+def _problem():
+    x = jnp.linspace(-1.0, 1.0, 2 * NUM_EXAMPLES).reshape(NUM_EXAMPLES, 2)
+    return {"w": jnp.ones(2)}, {"x": x, "y": x[:, 0]}
+
+
+def _step(**options):
+    sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
+    return ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss", **options)
+
+
+def test_make_train_step_returns_a_train_step_holding_optimizer_and_sampler():
+    optimizer = optax.sgd(0.1)
+    sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+    step = ab.make_train_step(_loss, optimizer, sampler, feedback="loss")
+    assert isinstance(step, TrainStep) and ab.train_step.TrainStep is TrainStep
+    assert step.optimizer is optimizer and step.sampler is sampler
+
+
+def test_init_is_train_state_create_with_the_step_s_optimizer_and_sampler():
+    params, _ = _problem()
+    step = _step()
+    state = step.init(params, key=jax.random.key(3))
+    expected = ab.TrainState.create(
+        params=params, optimizer=step.optimizer, sampler=step.sampler, key=jax.random.key(3)
+    )
+    assert isinstance(state, ab.TrainState)
+    chex.assert_trees_all_equal(_comparable(state), _comparable(expected))
+    assert step.init(params).key is None
+    assert state.params["w"] is not params["w"]  # copied: the step donates its state
+
+
+def _comparable(state):
+    return state._replace(key=None if state.key is None else jax.random.key_data(state.key))
+
+
+def test_init_validates_like_create():
+    params, _ = _problem()
+    with pytest.raises(ValueError, match="key"):
+        _step().init(params, key=jnp.ones(2))
+    with pytest.raises(TypeError):
+        _step().init(params, jax.random.key(0))  # key is keyword-only
+
+
+def test_a_state_from_init_trains_like_one_from_create():
+    params, data = _problem()
+    step = _step()
+    from_init = step.init(params)
+    from_create = ab.TrainState.create(params=params, optimizer=optax.adam(0.1),
+                                       sampler=step.sampler)
+    for t in range(3):
+        from_init, _ = step(from_init, data, jax.random.key(t))
+        from_create, _ = step(from_create, data, key=jax.random.key(t))
+    np.testing.assert_allclose(from_init.params["w"], from_create.params["w"], rtol=1e-6)
+    assert int(from_init.step) == 3
+
+
+def test_the_jitted_step_keeps_the_jit_api():
+    params, data = _problem()
+    step = _step()
+    state = step.init(params)
+    compiled = step.lower(state, data, jax.random.key(0)).compile()
+    state, metrics = compiled(state, data, jax.random.key(0))
+    assert int(state.step) == 1 and np.isfinite(metrics["loss"])
+    assert step.__name__ == "step"
+
+
+def test_the_pure_step_composes_in_a_user_jit_under_its_own_name():
+    params, data = _problem()
+    pure = _step(jit=False)
+    assert not hasattr(pure.step_fn, "lower")
+    lowered = jax.jit(pure).lower(pure.init(params), data, jax.random.key(0))
+    assert lowered.as_text().startswith("module @jit_step")
+
+
+def test_copy_and_pickle_see_a_plain_object():
+    step = _step(jit=False)
+    assert copy.copy(step) == step
+    with pytest.raises(AttributeError):
+        step.__no_such_dunder__  # noqa: B018
+    with pytest.raises(AttributeError):
+        step.no_such_attribute  # noqa: B018
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(step)  # closures are not picklable; the error must not be a recursion
