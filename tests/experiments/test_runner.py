@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from experiments import chunks, reports, runner, tasks
 from experiments.configs import ExperimentConfig
