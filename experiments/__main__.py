@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from adambs_jax.feedback import FEEDBACK_KINDS
 from experiments.configs import CONFIGS, get_config
 from experiments.methods import METHODS, method_available
 
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="where the dataset files are (default "
                                            "$ADAMBS_DATA_DIR or ~/.cache/adambs_jax)")
     parser.add_argument("--eval-every", type=int, help="evaluate every this many steps")
-    parser.add_argument("--feedback", choices=("logit_grad_norm", "grad_norm", "loss"),
+    parser.add_argument("--feedback", choices=FEEDBACK_KINDS,
                         help="what the bandit samplers learn from (default: the config's)")
     parser.add_argument("--model", help="override the model (e.g. pixel-lstm)")
     parser.add_argument("--lr", type=float, help="override the learning rate")

@@ -2,9 +2,8 @@
 
     python -m experiments.bench_baselines [--out results/bench_baselines.json] [--runs 100]
 
-One model, defined here (Flax linen, so the benchmark depends on nothing else in
-``experiments``): the MLP 64 -> 128 -> 128 -> 10 on digits-sized random data (n = 1797,
-64 features, 10 classes), batch K = 128, ``optax.adam(1e-3)``; every method is
+One model, ``bench_step``'s MLP 64 -> 128 -> 128 -> 10 on digits-sized random data
+(n = 1797, 64 features, 10 classes), batch K = 128, ``optax.adam(1e-3)``; every method is
 ``ab.make_train_step`` with a different sampler (diagnostics off, so no variant pays for the
 O(n) metrics):
 
@@ -21,31 +20,21 @@ O(n) metrics):
 
 Every step is jitted with the state donated, warmed up (compilation excluded) and timed
 with ``block_until_ready``; the variants are interleaved in rounds (a change of machine load
-hits all of them), and the table reports the median over ``--runs`` steps and the ratio to
-``uniform`` (DESIGN.md §5; docs/algorithm.md quotes the numbers).
+hits all of them; ``experiments.bench_harness``), and the table reports the median over
+``--runs`` steps and the ratio to ``uniform`` (DESIGN.md §5; docs/algorithm.md quotes the
+numbers).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
-
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import adambs_jax as ab
-from experiments.machine import machine_info, versions
-from experiments.step_timing import time_interleaved, time_summary
+from experiments import bench_harness as harness
+from experiments.bench_step import BATCH_SIZE, LEARNING_RATE, make_problem, model_loss_of
 
-BATCH_SIZE = 128
-LEARNING_RATE = 1e-3
-NUM_EXAMPLES = 1797
-NUM_FEATURES = 64
-NUM_CLASSES = 10
+NUM_EXAMPLES = 1797  # bench_step's "mlp" problem
 P_GN_CHUNK_SIZE = 256
 
 VARIANTS = (
@@ -56,32 +45,6 @@ VARIANTS = (
     "adam_impt/presample-scoring",
     "p_gn",
 )
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(128)(x))
-        x = nn.relu(nn.Dense(128)(x))
-        return nn.Dense(NUM_CLASSES)(x)
-
-
-def make_problem(seed: int = 0):
-    """(model_loss, data, params): random digits-sized data, on device."""
-    rng = np.random.default_rng(seed)
-    data = {
-        "x": jnp.asarray(rng.normal(size=(NUM_EXAMPLES, NUM_FEATURES)), jnp.float32),
-        "y": jnp.asarray(rng.integers(0, NUM_CLASSES, size=(NUM_EXAMPLES,)), jnp.int32),
-    }
-    model = MLP()
-    params = jax.jit(model.init)(jax.random.key(seed), data["x"][:1])
-    model_loss = ab.ModelLoss(
-        apply_fn=lambda p, batch: model.apply(p, batch["x"]),
-        loss_from_outputs=lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["y"]
-        ),
-    )
-    return model_loss, data, params
 
 
 def sampler_and_feedback(variant: str, num_examples: int):
@@ -125,68 +88,38 @@ def library_step(model_loss, num_examples: int, variant: str):
 
 
 def run(runs: int, warmup: int, rounds: int, variants=VARIANTS):
-    model_loss, data, params = make_problem()
+    model, data, params = make_problem("mlp")
+    model_loss = model_loss_of(model)
     steps = {}
     for variant in variants:
         step, init = library_step(model_loss, NUM_EXAMPLES, variant)
         steps[variant] = (step, init(params))
-    timed = time_interleaved(steps, data, runs=runs, warmup=warmup, rounds=rounds)
+    results, timed = harness.time_variants(
+        steps, data, runs=runs, warmup=warmup, rounds=rounds,
+        model="mlp", num_examples=NUM_EXAMPLES, batch_size=BATCH_SIZE,
+    )
     for phase, expected in (("importance-phase", True), ("uniform-phase", False)):
         name = f"adam_impt/{phase}"
         if name in timed:
             on = bool(timed[name].state.sampler_state.importance_sampling_on)
             assert on == expected, f"{name}: importance_sampling_on is {on}"
-    results = []
-    for variant in variants:
-        summary = time_summary(timed[variant].times, timed[variants[0]].times)
-        results.append(
-            {
-                "model": "mlp",
-                "num_examples": NUM_EXAMPLES,
-                "batch_size": BATCH_SIZE,
-                "variant": variant,
-                "median_ms": summary["median_ms"],
-                "p10_ms": summary["p10_ms"],
-                "p90_ms": summary["p90_ms"],
-                "runs": summary["runs"],
-                f"ratio_vs_{variants[0]}": summary["ratio"],
-            }
-        )
-        print(f"{variant:30s} {summary['median_ms']:9.3f} ms  x{summary['ratio']:.2f}", flush=True)
     return results
 
 
 def markdown_table(results) -> str:
-    baseline = results[0]["variant"]
-    lines = [
-        f"| variant | median ms/step | p10–p90 ms | ratio vs {baseline} |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['variant']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}–{r['p90_ms']:.3f} | "
-            f"{r[f'ratio_vs_{baseline}']:.2f} |"
-        )
-    return "\n".join(lines)
+    columns = [("variant", "---", "{variant}"), *harness.step_time_columns(results[0]["variant"])]
+    return harness.markdown_table(columns, results)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/bench_baselines.json")
-    parser.add_argument("--runs", type=int, default=100, help="timed steps per variant (>= 30)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=10, help="interleaving rounds")
+    parser = harness.bench_parser(__doc__, "results/bench_baselines.json")
+    harness.add_step_timing_arguments(parser, min_runs=30)
     args = parser.parse_args(argv)
-    if args.runs < 30 or args.warmup < 1 or args.rounds < 1:
-        parser.error("--runs must be >= 30, --warmup and --rounds >= 1")
+    harness.check_step_timing_arguments(parser, args, min_runs=30)
     results = run(args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "baselines_train_step", "machine": {**machine_info(), **versions()}, "results": results}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print()
-    print(markdown_table(results))
-    print(f"\nmachine: {report['machine']}\nwrote {out}")
+    report = {"benchmark": "baselines_train_step", "machine": harness.machine_record(),
+              "results": results}
+    harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Writes a JSON file (``--out``, default ``results/bench_numerics.json``) and a PN
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,8 +37,11 @@ import numpy as np
 from tqdm import tqdm
 
 import adambs_jax as ab
-from experiments.machine import machine_info, versions
 from adambs_jax import sumtree
+from experiments import bench_harness as harness
+
+SUM_TOLERANCE = 1e-5          # |sum p - 1| must stay below
+MIN_P_TOLERANCE = 1 - 1e-5    # min p / p_min must stay above
 
 
 def make_chunk(sampler, base_feedback, chunk, nan_rate):
@@ -109,8 +111,8 @@ def plot(records, p_min_tolerance, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser():
+    parser = harness.bench_parser(__doc__, "results/bench_numerics.json")
     parser.add_argument("--num-examples", type=int, default=10**6)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-updates", type=int, default=10**6)
@@ -120,31 +122,19 @@ def main(argv=None):
     parser.add_argument("--feedback-sigma", type=float, default=1.5)
     parser.add_argument("--nan-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/bench_numerics.json")
     parser.add_argument("--plot", default=None, help="PNG path; default: --out with .png")
-    args = parser.parse_args(argv)
-    if args.num_updates < 1 or args.chunk < 1:
-        parser.error("--num-updates and --chunk must be >= 1")
-    chunk = min(args.chunk, args.num_updates)
-    num_chunks = math.ceil(args.num_updates / chunk)
-    total = num_chunks * chunk
+    return parser
 
-    n, batch_size = args.num_examples, args.batch_size
-    step_size = args.step_size or ab.default_step_size(n, total)
-    sampler = ab.exp3_sampler(n, batch_size, step_size=step_size)
-    state = sampler.init()
-    p_min = state.p_min
-    key = jax.random.key(args.seed)
-    base_key, run_key = jax.random.split(key)
-    base_feedback = jnp.exp(args.feedback_sigma * jax.random.normal(base_key, (n,), jnp.float32))
-    run_chunk = make_chunk(sampler, base_feedback, chunk, args.nan_rate)
 
+def run_updates(run_chunk, state, run_key, num_chunks: int, chunk: int, p_min: float):
+    """``(records, seconds, compile_seconds)``: the chunks run one after the other, each timed
+    (``block_until_ready``) and followed by the untimed :func:`measure` of its state."""
     records = [dict(updates=0, seconds=0.0, **measure(state, p_min))]
     compile_start = time.perf_counter()
     run_chunk.lower(state, run_key).compile()
     compile_seconds = time.perf_counter() - compile_start
     elapsed = 0.0
-    with tqdm(total=total, unit="upd", unit_scale=True) as progress:
+    with tqdm(total=num_chunks * chunk, unit="upd", unit_scale=True) as progress:
         for c in range(num_chunks):
             start = time.perf_counter()
             state = run_chunk(state, jax.random.fold_in(run_key, c))
@@ -158,8 +148,11 @@ def main(argv=None):
                 min_ratio=f"{record['min_p_over_p_min']:.6f}",
                 rescales=record["num_rescales"],
             )
+    return records, elapsed, compile_seconds
 
-    tolerance_sum, tolerance_min = 1e-5, 1 - 1e-5
+
+def summarize(records, total: int, seconds: float, compile_seconds: float) -> dict:
+    """The worst and final figures of a run, and whether it stayed within the tolerances."""
     summary = {
         "updates": total,
         "max_sum_p_error": max(r["sum_p_error"] for r in records),
@@ -171,15 +164,37 @@ def main(argv=None):
         "any_nan": any(r["any_nan"] for r in records),
         "num_rescales": records[-1]["num_rescales"],
         "num_dropped_feedback": records[-1]["num_dropped_feedback"],
-        "seconds": elapsed,
+        "seconds": seconds,
         "compile_seconds": compile_seconds,
-        "us_per_update": 1e6 * elapsed / total,
+        "us_per_update": 1e6 * seconds / total,
     }
     summary["passed"] = bool(
-        summary["max_sum_p_error"] <= tolerance_sum
-        and summary["min_min_p_over_p_min"] >= tolerance_min
+        summary["max_sum_p_error"] <= SUM_TOLERANCE
+        and summary["min_min_p_over_p_min"] >= MIN_P_TOLERANCE
         and not summary["any_nan"]
     )
+    return summary
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.num_updates < 1 or args.chunk < 1:
+        parser.error("--num-updates and --chunk must be >= 1")
+    chunk = min(args.chunk, args.num_updates)
+    num_chunks = math.ceil(args.num_updates / chunk)
+    total = num_chunks * chunk
+
+    n, batch_size = args.num_examples, args.batch_size
+    step_size = args.step_size or ab.default_step_size(n, total)
+    sampler = ab.exp3_sampler(n, batch_size, step_size=step_size)
+    state = sampler.init()
+    p_min = state.p_min
+    base_key, run_key = jax.random.split(jax.random.key(args.seed))
+    base_feedback = jnp.exp(args.feedback_sigma * jax.random.normal(base_key, (n,), jnp.float32))
+    run_chunk = make_chunk(sampler, base_feedback, chunk, args.nan_rate)
+    records, seconds, compile_seconds = run_updates(run_chunk, state, run_key, num_chunks,
+                                                    chunk, p_min)
     result = {
         "benchmark": "bench_numerics",
         "config": {
@@ -187,16 +202,14 @@ def main(argv=None):
             "step_size": step_size, "p_min": p_min, "feedback_sigma": args.feedback_sigma,
             "nan_rate": args.nan_rate, "seed": args.seed,
         },
-        "environment": {**machine_info(), **versions()},
-        "summary": summary,
+        "environment": harness.machine_record(),
+        "summary": summarize(records, total, seconds, compile_seconds),
         "records": records,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    harness.write_report(args.out, result)
     plot_path = args.plot or os.path.splitext(args.out)[0] + ".png"
-    plot(records, tolerance_min, plot_path)
-    print(json.dumps(summary, indent=2))
+    plot(records, MIN_P_TOLERANCE, plot_path)
+    print(json.dumps(result["summary"], indent=2))
     print(f"wrote {args.out} and {plot_path}")
     return result
 

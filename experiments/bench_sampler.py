@@ -12,9 +12,6 @@ projection applied to all n entries (O(n) elementwise work).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 
@@ -23,8 +20,15 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import adambs_jax as ab
-from experiments.machine import machine_info, versions
 from adambs_jax.projection import project_onto_floored_simplex
+from experiments import bench_harness as harness
+
+TABLE_COLUMNS = [
+    ("n", "---", "{num_examples:.0e}"),
+    ("tree (us, median)", "---", "{tree[median_us]:.1f}"),
+    ("dense (us, median)", "---", "{dense[median_us]:.1f}"),
+    ("dense / tree", "---", "{speedup:.1f}x"),
+]
 
 
 def tree_step_fn(num_examples, batch_size):
@@ -85,8 +89,7 @@ def time_step(make, num_examples, batch_size, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/bench_sampler.json")
+    parser = harness.bench_parser(__doc__, "results/bench_sampler.json")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6, 10**7])
     parser.add_argument("--repeats", type=int, default=500, help="runs per measurement (fewer at n >= 1e6 for the dense baseline)")
@@ -98,17 +101,11 @@ def main(argv=None):
         dense = time_step(dense_step_fn, n, args.batch_size, max(20, args.repeats // (10 if n >= 10**6 else 1)))
         rows.append({"num_examples": n, "tree": tree, "dense": dense, "speedup": dense["median_us"] / tree["median_us"]})
 
-    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size, "machine": {**machine_info(), **versions()}, "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-
+    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size, "machine": harness.machine_record(), "rows": rows}
+    out = harness.write_report(args.out, result)
     print(f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}")
-    print("| n | tree (us, median) | dense (us, median) | dense / tree |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['num_examples']:.0e} | {row['tree']['median_us']:.1f} | {row['dense']['median_us']:.1f} | {row['speedup']:.1f}x |")
-    print(f"\nwrote {args.out}")
+    print(harness.markdown_table(TABLE_COLUMNS, rows))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m experiments.bench_step [--out results/bench_step.json] [--runs 100]
 
-Two models (defined here, Flax linen, so the benchmark depends on nothing else in
-``experiments``):
+Two models (defined here, Flax linen; ``bench_baselines`` uses the same ``mlp``; the
+models depend on nothing else in ``experiments``):
 
 * ``mlp``: 64 -> 128 -> 128 -> 10 on digits-sized random data (n = 1797, 64 features,
   10 classes);
@@ -15,18 +15,13 @@ indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler`
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
 these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads=True``) and
-``adambs/loss/no-diagnostics``. Every step is jitted with the state donated,
-warmed up (compilation excluded) and timed with ``block_until_ready``, the variants
-interleaved in rounds; the table reports the median over ``--runs`` steps and the ratio to
-``adam`` (AdamBS paper: Liu, Wu, Mozafari,
-NeurIPS 2020; DESIGN.md §5).
+``adambs/loss/no-diagnostics``. Every step is jitted with the state donated, warmed up
+(compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
+rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
+and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -35,8 +30,7 @@ import numpy as np
 import optax
 
 import adambs_jax as ab
-from experiments.machine import machine_info, versions
-from experiments.step_timing import time_interleaved, time_summary
+from experiments import bench_harness as harness
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -150,61 +144,30 @@ def run(models, runs: int, warmup: int, rounds: int = 10):
             else:
                 step, init = library_step(model_loss, num_examples, variant)
             steps[variant] = (step, init(params))
-        timed = time_interleaved(steps, data, runs=runs, warmup=warmup, rounds=rounds)
-        for variant in VARIANTS:
-            summary = time_summary(timed[variant].times, timed["adam"].times)
-            results.append(
-                {
-                    "model": name,
-                    "num_examples": num_examples,
-                    "batch_size": BATCH_SIZE,
-                    "variant": variant,
-                    "median_ms": summary["median_ms"],
-                    "p10_ms": summary["p10_ms"],
-                    "p90_ms": summary["p90_ms"],
-                    "runs": summary["runs"],
-                    "ratio_vs_adam": summary["ratio"],
-                }
-            )
-            print(
-                f"{name:4s} {variant:32s} {summary['median_ms']:8.3f} ms  x{summary['ratio']:.2f}",
-                flush=True,
-            )
+        rows, timed = harness.time_variants(
+            steps, data, runs=runs, warmup=warmup, rounds=rounds, label=f"{name:4s} ",
+            model=name, num_examples=num_examples, batch_size=BATCH_SIZE,
+        )
+        results += rows
         del timed
     return results
 
 
 def markdown_table(results) -> str:
-    lines = [
-        "| model | n | variant | median ms/step | p10–p90 ms | ratio vs Adam |",
-        "|---|---:|---|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['model']} | {r['num_examples']} | {r['variant']} | {r['median_ms']:.3f} | "
-            f"{r['p10_ms']:.3f}–{r['p90_ms']:.3f} | {r['ratio_vs_adam']:.2f} |"
-        )
-    return "\n".join(lines)
+    columns = [("model", "---", "{model}"), ("n", "---:", "{num_examples}"),
+               ("variant", "---", "{variant}"), *harness.step_time_columns("adam", "Adam")]
+    return harness.markdown_table(columns, results)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/bench_step.json")
-    parser.add_argument("--runs", type=int, default=100, help="timed steps per variant (>= 50)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=10, help="interleaving rounds")
+    parser = harness.bench_parser(__doc__, "results/bench_step.json")
+    harness.add_step_timing_arguments(parser, min_runs=1)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.warmup < 1 or args.rounds < 1:
-        parser.error("--runs, --warmup and --rounds must be >= 1")
+    harness.check_step_timing_arguments(parser, args, min_runs=1)
     results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "train_step", "machine": {**machine_info(), **versions()}, "results": results}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print()
-    print(markdown_table(results))
-    print(f"\nmachine: {report['machine']}\nwrote {out}")
+    report = {"benchmark": "train_step", "machine": harness.machine_record(), "results": results}
+    harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from experiments.lookup import lookup
+
 ADAMBS = "AdamBS paper (000_3210f3def4dac4d3.txt)"
 LAHIRE = "Lahire (004_57fb09608c6ed123.txt)"
 OURS = "our choice (no paper value)"
@@ -172,120 +174,141 @@ def _paper_sources(section: str, batch: str, lr: str, epochs: str, model: str) -
 _PAPER_METHODS = ("adam", "adam-impt", "adambs")
 
 
-def _configs() -> list[ExperimentConfig]:
-    configs = []
-    for dataset in ("iris", "wine"):
-        configs.append(ExperimentConfig(
-            name=f"lahire-{dataset}",
-            description=(
-                f"Lahire Fig. 1 and Table 1 on {dataset.capitalize()}: MLP, SGD/RMSProp/Adam "
-                "x uniform/p^GN sampling, plus AdamBS (paper defaults); 1000 steps, 50 runs."
-            ),
-            dataset=dataset, model="lahire-mlp", methods=_LAHIRE_METHODS,
-            learning_rate=0.01, batch_size=5, num_steps=1000, num_seeds=50, eval_every=10,
-            target_loss=0.1, table_layout="lahire", sources=_LAHIRE_SOURCES,
-        ))
-    configs += [
-        ExperimentConfig(
-            name="digits-cnn",
-            description="AdamBS §5's comparison on sklearn digits (8x8 images) with a small CNN.",
-            dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
-            learning_rate=1e-3, batch_size=128, num_steps=1000, num_seeds=5, eval_every=25,
-            target_loss=0.01, sources=_SMALL_SOURCES,
+def _lahire(dataset: str) -> ExperimentConfig:
+    """Lahire Fig. 1 / Table 1 on ``dataset`` (``"iris"`` or ``"wine"``)."""
+    return ExperimentConfig(
+        name=f"lahire-{dataset}",
+        description=(
+            f"Lahire Fig. 1 and Table 1 on {dataset.capitalize()}: MLP, SGD/RMSProp/Adam "
+            "x uniform/p^GN sampling, plus AdamBS (paper defaults); 1000 steps, 50 runs."
         ),
-        ExperimentConfig(
-            name="mnist1d-mlp",
-            description="AdamBS §5's comparison on MNIST-1D (4000 train signals) with an MLP.",
-            dataset="mnist1d", model="mnist1d-mlp", methods=_ADAMBS_COMPARISON,
-            learning_rate=1e-3, batch_size=128, num_steps=2000, num_seeds=5, eval_every=50,
-            target_loss=0.5, sources=_SMALL_SOURCES,
+        dataset=dataset, model="lahire-mlp", methods=_LAHIRE_METHODS,
+        learning_rate=0.01, batch_size=5, num_steps=1000, num_seeds=50, eval_every=10,
+        target_loss=0.1, table_layout="lahire", sources=_LAHIRE_SOURCES,
+    )
+
+
+def _digits_cnn() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="digits-cnn",
+        description="AdamBS §5's comparison on sklearn digits (8x8 images) with a small CNN.",
+        dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
+        learning_rate=1e-3, batch_size=128, num_steps=1000, num_seeds=5, eval_every=25,
+        target_loss=0.01, sources=_SMALL_SOURCES,
+    )
+
+
+def _default(digits_cnn: ExperimentConfig) -> ExperimentConfig:
+    """``make run``'s quick look: ``digits-cnn`` with fewer seeds and steps, without AMSGrad."""
+    return digits_cnn.replace(
+        name="default",
+        description=(
+            "The quick look (a few minutes on 2 CPU cores): digits-cnn with 3 seeds and "
+            "600 steps, Adam vs Adam-impt vs AdamBS vs our AdamBS-tuned."
         ),
-        ExperimentConfig(
-            name="heavy-tailed",
-            description=(
-                "AdamBS §4.3's doubly heavy-tailed binary problem (one ReLU neuron, sigmoid "
-                "output; P(|z_ji| = 1) = i^-2 j^-2, so only a handful of the 1000 examples have "
-                "a nonzero feature: the extreme case for non-uniform sampling). Losses and "
-                "errors are evaluated on those informative examples (the others have loss "
-                "log 2 whatever the parameters). The bandit methods learn from the exact "
-                "gradient norm: the logit bound |sigmoid(z) - y| does not see ||z_j||."
-            ),
-            dataset="heavy-tailed", model="heavy-tailed-neuron", methods=_ADAMBS_COMPARISON,
-            learning_rate=1e-2, batch_size=32, num_steps=2000, num_seeds=5, eval_every=50,
-            target_loss=0.5, feedback="grad_norm", eval_informative_only=True,
-            dataset_options={"gamma": 1.0},
-            sources={
-                "model/data": f"{ADAMBS} §4.3 (theory only: the paper runs no experiment on it)",
-                "learning_rate": OURS, "batch_size": OURS, "num_steps": OURS,
-                "feedback": OURS + " (exact gradient norm; see description)",
-                "num_seeds": f"{ADAMBS} §5.1: five seeds",
-            },
+        methods=_ADAMBS_COMPARISON, num_steps=600, num_seeds=3,
+    )
+
+
+def _mnist1d_mlp() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="mnist1d-mlp",
+        description="AdamBS §5's comparison on MNIST-1D (4000 train signals) with an MLP.",
+        dataset="mnist1d", model="mnist1d-mlp", methods=_ADAMBS_COMPARISON,
+        learning_rate=1e-3, batch_size=128, num_steps=2000, num_seeds=5, eval_every=50,
+        target_loss=0.5, sources=_SMALL_SOURCES,
+    )
+
+
+def _heavy_tailed() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="heavy-tailed",
+        description=(
+            "AdamBS §4.3's doubly heavy-tailed binary problem (one ReLU neuron, sigmoid "
+            "output; P(|z_ji| = 1) = i^-2 j^-2, so only a handful of the 1000 examples have "
+            "a nonzero feature: the extreme case for non-uniform sampling). Losses and "
+            "errors are evaluated on those informative examples (the others have loss "
+            "log 2 whatever the parameters). The bandit methods learn from the exact "
+            "gradient norm: the logit bound |sigmoid(z) - y| does not see ||z_j||."
         ),
-        ExperimentConfig(
-            name="default",
-            description=(
-                "The quick look (a few minutes on 2 CPU cores): digits-cnn with 3 seeds and "
-                "600 steps, Adam vs Adam-impt vs AdamBS vs our AdamBS-tuned."
-            ),
-            dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON,
-            learning_rate=1e-3, batch_size=128, num_steps=600, num_seeds=3, eval_every=25,
-            target_loss=0.01, sources=_SMALL_SOURCES,
-        ),
-        # --- the AdamBS paper's Figures 2-4 (need the real data; GPU recommended) ---
-        ExperimentConfig(
-            name="paper-cifar10",
-            description="AdamBS Fig. 2(a): CNN on CIFAR-10, 10 epochs.",
-            dataset="cifar10", model="cifar-cnn", methods=_PAPER_METHODS,
-            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
-            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
-            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
-                                   f"{ADAMBS} §5.2: 4 conv 3x3 + max-pool, dropout 0.25, dense 512 "
-                                   "(Keras cifar10_cnn details, experiments/models/cnn.py)"),
-        ),
-        ExperimentConfig(
-            name="paper-cifar100",
-            description="AdamBS Fig. 2(b): CNN on CIFAR-100, 10 epochs.",
-            dataset="cifar100", model="cifar-cnn", methods=_PAPER_METHODS,
-            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
-            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
-            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
-                                   f"{ADAMBS} §5.2 (same CNN as CIFAR-10)"),
-        ),
-        ExperimentConfig(
-            name="paper-fashion-cnn",
-            description="AdamBS Fig. 2(c): CNN on Fashion-MNIST, 10 epochs.",
-            dataset="fashion-mnist", model="fashion-cnn", methods=_PAPER_METHODS,
-            learning_rate=1e-3, batch_size=128, num_epochs=10, num_seeds=5, eval_every=100,
-            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
-            sources=_paper_sources("§5.2", "128", "0.001", "10 epochs",
-                                   f"{ADAMBS} §5.2: 2 conv 3x3, max-pool, dense 128"),
-        ),
+        dataset="heavy-tailed", model="heavy-tailed-neuron", methods=_ADAMBS_COMPARISON,
+        learning_rate=1e-2, batch_size=32, num_steps=2000, num_seeds=5, eval_every=50,
+        target_loss=0.5, feedback="grad_norm", eval_informative_only=True,
+        dataset_options={"gamma": 1.0},
+        sources={
+            "model/data": f"{ADAMBS} §4.3 (theory only: the paper runs no experiment on it)",
+            "learning_rate": OURS, "batch_size": OURS, "num_steps": OURS,
+            "feedback": OURS + " (exact gradient norm; see description)",
+            "num_seeds": f"{ADAMBS} §5.1: five seeds",
+        },
+    )
+
+
+def _paper(name: str, description: str, dataset: str, model: str, section: str,
+           batch_size: int, learning_rate: str, num_epochs: int, model_source: str,
+           eval_every: int = 100, **changes) -> ExperimentConfig:
+    """A figure of the AdamBS paper (needs the real data; GPU recommended): Adam, Adam-impt and
+    AdamBS, five seeds, the training loss on the first 10 000 examples. ``learning_rate`` is
+    written as in the paper's ``section`` (it is also the source's text)."""
+    return ExperimentConfig(
+        name=name, description=description, dataset=dataset, model=model,
+        methods=_PAPER_METHODS, learning_rate=float(learning_rate), batch_size=batch_size,
+        num_epochs=num_epochs, num_seeds=5, eval_every=eval_every,
+        eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+        sources=_paper_sources(section, str(batch_size), learning_rate, f"{num_epochs} epochs",
+                               model_source),
+        **changes,
+    )
+
+
+def _paper_cnns() -> list[ExperimentConfig]:
+    """AdamBS Fig. 2: CNNs, §5.2 (batch 128, lr 0.001, 10 epochs)."""
+    return [
+        _paper("paper-cifar10", "AdamBS Fig. 2(a): CNN on CIFAR-10, 10 epochs.", "cifar10",
+               "cifar-cnn", "§5.2", 128, "0.001", 10,
+               f"{ADAMBS} §5.2: 4 conv 3x3 + max-pool, dropout 0.25, dense 512 "
+               "(Keras cifar10_cnn details, experiments/models/cnn.py)"),
+        _paper("paper-cifar100", "AdamBS Fig. 2(b): CNN on CIFAR-100, 10 epochs.", "cifar100",
+               "cifar-cnn", "§5.2", 128, "0.001", 10, f"{ADAMBS} §5.2 (same CNN as CIFAR-10)"),
+        _paper("paper-fashion-cnn", "AdamBS Fig. 2(c): CNN on Fashion-MNIST, 10 epochs.",
+               "fashion-mnist", "fashion-cnn", "§5.2", 128, "0.001", 10,
+               f"{ADAMBS} §5.2: 2 conv 3x3, max-pool, dense 128"),
     ]
-    for dataset, label in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
-        configs.append(ExperimentConfig(
-            name=f"paper-{'mnist' if dataset == 'mnist' else 'fashion'}-lstm",
-            description=(
-                f"AdamBS Fig. 3: LSTM (100 units, ReLU) on {label} rows (28 steps of 28 "
-                "pixels; --model pixel-lstm for one pixel per step), 200 epochs."
-            ),
-            dataset=dataset, model="row-lstm", methods=_PAPER_METHODS,
-            learning_rate=1e-6, batch_size=32, num_epochs=200, num_seeds=5, eval_every=1000,
-            eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
-            sources=_paper_sources("§5.3", "32", "1e-6", "200 epochs",
-                                   f"{ADAMBS} §5.3: LSTM, hidden 100, ReLU; the sequence layout "
-                                   "(rows) is our reading"),
-        ))
-    configs.append(ExperimentConfig(
-        name="paper-imdb-rcnn",
-        description="AdamBS Fig. 4: RCNN (conv 5, max-pool 4, LSTM, dense) on IMDB, 10 epochs.",
-        dataset="imdb", model="imdb-rcnn", methods=_PAPER_METHODS,
-        learning_rate=1e-3, batch_size=30, num_epochs=10, num_seeds=5, eval_every=200,
-        eval_train_examples=10_000, eval_batch_size=512, needs_files=True, loss_log_scale=False,
-        sources=_paper_sources("§5.4", "30", "0.001", "10 epochs",
-                               f"{ADAMBS} §5.4: conv 5 + max-pool 4 + LSTM + dense "
-                               "(Keras imdb_cnn_lstm sizes)"),
-    ))
-    return configs
+
+
+def _paper_lstm(dataset: str, label: str) -> ExperimentConfig:
+    """AdamBS Fig. 3: LSTM on the rows of MNIST or Fashion-MNIST, §5.3."""
+    return _paper(
+        f"paper-{'mnist' if dataset == 'mnist' else 'fashion'}-lstm",
+        f"AdamBS Fig. 3: LSTM (100 units, ReLU) on {label} rows (28 steps of 28 "
+        "pixels; --model pixel-lstm for one pixel per step), 200 epochs.",
+        dataset, "row-lstm", "§5.3", 32, "1e-6", 200,
+        f"{ADAMBS} §5.3: LSTM, hidden 100, ReLU; the sequence layout (rows) is our reading",
+        eval_every=1000,
+    )
+
+
+def _paper_imdb() -> ExperimentConfig:
+    """AdamBS Fig. 4: RCNN on IMDB, §5.4."""
+    return _paper(
+        "paper-imdb-rcnn",
+        "AdamBS Fig. 4: RCNN (conv 5, max-pool 4, LSTM, dense) on IMDB, 10 epochs.",
+        "imdb", "imdb-rcnn", "§5.4", 30, "0.001", 10,
+        f"{ADAMBS} §5.4: conv 5 + max-pool 4 + LSTM + dense (Keras imdb_cnn_lstm sizes)",
+        eval_every=200, eval_batch_size=512,
+    )
+
+
+def _configs() -> list[ExperimentConfig]:
+    """Every configuration, in the order ``--list`` shows them."""
+    digits_cnn = _digits_cnn()
+    return [
+        _lahire("iris"), _lahire("wine"),
+        digits_cnn, _mnist1d_mlp(), _heavy_tailed(), _default(digits_cnn),
+        *_paper_cnns(),
+        _paper_lstm("mnist", "MNIST"), _paper_lstm("fashion-mnist", "Fashion-MNIST"),
+        _paper_imdb(),
+    ]
 
 
 CONFIGS: dict[str, ExperimentConfig] = {config.name: config for config in _configs()}
@@ -296,6 +319,4 @@ def list_configs() -> list[str]:
 
 
 def get_config(name: str) -> ExperimentConfig:
-    if name not in CONFIGS:
-        raise KeyError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-    return CONFIGS[name]
+    return lookup(CONFIGS, name, "configuration")

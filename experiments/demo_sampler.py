@@ -77,7 +77,7 @@ def main(argv=None):
                 return sampler.update(s, indices, f_dev[indices]), None
 
             state, _ = jax.lax.scan(body, state, jax.random.split(key, chunk))
-            p = ab.probabilities(state)
+            p = sampler.probabilities(state)
             return state, jnp.sum(f_dev.astype(jnp.float32) ** 2 / p)
 
         state, key = sampler.init(), jax.random.PRNGKey(args.seed)
@@ -87,7 +87,7 @@ def main(argv=None):
             state, v = run_chunk(state, sub)
             curve.append(((i + 1) * chunk, float(v) / v_uniform))
         curves[label] = curve
-        finals[label] = np.asarray(ab.probabilities(state))
+        finals[label] = np.asarray(sampler.probabilities(state))
         v_best = float(np.sum(f.astype(np.float64) ** 2 / p_best)) / v_uniform
         print(f"{label}: V(p)/V(uniform) = {curve[-1][1]:.3f}   (optimum at this floor {v_best:.3f})")
 

@@ -59,8 +59,11 @@ from typing import Any
 import optax
 
 import adambs_jax as ab
+from adambs_jax.feedback import FEEDBACK_KINDS
+from adambs_jax.jsonable import to_jsonable
+from experiments.lookup import lookup
 
-BANDIT_FEEDBACKS = ("logit_grad_norm", "grad_norm", "loss")
+BANDIT_FEEDBACKS = FEEDBACK_KINDS  # the bandit samplers can learn from every feedback kind
 DEFAULT_BANDIT_FEEDBACK = "logit_grad_norm"
 
 
@@ -75,6 +78,8 @@ class BuiltMethod:
       sampler: an ``ab.Sampler`` or ``ab.ScoringSampler``.
       feedback: the train step's ``feedback`` argument.
       settings: the resolved hyperparameters (for the summary JSON).
+      sampling: the sampling kind of the method's :class:`MethodSpec` (what its sampler
+        can tell about what it learned, ``experiments.diagnostics``).
     """
 
     name: str
@@ -83,6 +88,7 @@ class BuiltMethod:
     sampler: Any
     feedback: str
     settings: dict
+    sampling: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +188,7 @@ def list_methods() -> list[str]:
 
 
 def method_spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+    return lookup(METHODS, name, "method")
 
 
 def method_available(name: str) -> bool:
@@ -260,7 +264,7 @@ def build_method(
         settings["grad_norm_bound"] = kwargs.get("grad_norm_bound", "running max")
     else:  # pragma: no cover - registry is static
         raise AssertionError(spec.sampling)
-    settings["sampler_options"] = {key: _jsonable(value) for key, value in kwargs.items()}
+    settings["sampler_options"] = {key: to_jsonable(value) for key, value in kwargs.items()}
     settings["feedback"] = step_feedback
     return BuiltMethod(
         name=name,
@@ -269,10 +273,5 @@ def build_method(
         sampler=sampler,
         feedback=step_feedback,
         settings=settings,
+        sampling=spec.sampling,
     )
-
-
-def _jsonable(value):
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    return repr(value)

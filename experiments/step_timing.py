@@ -1,4 +1,5 @@
-"""Timing jitted train steps side by side (DESIGN.md §5): the benchmarks' shared harness.
+"""Timing jitted train steps side by side (DESIGN.md §5), for the benchmarks' shared harness
+(``experiments.bench_harness``).
 
 Every variant's step is compiled and warmed up first, then the variants are interleaved in
 ``rounds`` rounds, each giving every variant ``runs / rounds`` consecutive steps, so that a

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lookup import lookup
 from experiments.models.cnn import CifarCNN, DigitsCNN, FashionCNN
 from experiments.models.mlp import HeavyTailedNeuron, lahire_mlp, mnist1d_mlp
 from experiments.models.recurrent import ImdbRCNN, PixelSequenceLSTM
@@ -114,9 +115,7 @@ def list_models() -> list[str]:
 
 def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``name`` (default input shape, dtype, task)."""
-    if name not in _SPECS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return _SPECS[name]
+    return lookup(_SPECS, name, "model", known=list_models())
 
 
 def get_model(name: str, num_classes: int, **kw) -> nn.Module:

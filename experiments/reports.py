@@ -1,0 +1,200 @@
+"""Reports of a finished run: ``summary.json`` (:func:`build_summary`), ``table.md``
+(:func:`markdown_table`, with Lahire's Table 1 layout if configured), ``metrics.jsonl`` and
+the plots (:func:`write_outputs`)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from adambs_jax.jsonable import to_jsonable
+from experiments import aggregate
+from experiments.configs import ExperimentConfig
+from experiments.machine import machine_info, versions
+from experiments.method_run import MethodResult
+from experiments.methods import method_spec
+
+TIMING_NOTE = (
+    "Wall-clock at step t = sum of the per-step times of steps 1..t; per-step time = "
+    "(perf_counter time around one timed chunk + block_until_ready) / chunk length. A chunk "
+    "is one jitted lax.scan of about chunk_steps steps (resolved.loop = 'scan'), or a Python "
+    "loop of eval_every calls of one jitted step ('python': chosen on CPU for models with "
+    "convolutions, whose backward pass XLA:CPU runs ~20x slower inside a loop). Excluded: "
+    "compilation (compile_s, ahead of time, once per method, reused for all seeds), two "
+    "untimed warm-up chunks per method, evaluation, Python between chunks. With 'scan' the "
+    "Python dispatch is paid once per chunk, so absolute times are below those of an eager "
+    "step-by-step loop; compare methods by the ratios measured here."
+)
+
+# ----------------------------------------------------------------------------- summary.json
+
+
+def method_summary(config: ExperimentConfig, r: MethodResult) -> dict:
+    """One method's entry of ``summary.json``: its aggregates over seeds and what it is."""
+    agg = aggregate.method_aggregates(
+        steps=r.steps, times=r.times, train_loss=r.train_loss, test_error=r.test_error,
+        train_error=r.train_error, step_times=r.step_times, compile_s=r.compile_s,
+        target_loss=config.target_loss,
+    )
+    if r.final_diagnostics and r.final_diagnostics[0]:
+        agg["final_sampler_diagnostics"] = {
+            key: aggregate.mean_std_dict([d[key] for d in r.final_diagnostics])
+            for key in r.final_diagnostics[0]
+        }
+    agg.update(label=r.label, settings=r.settings, warmup_s=r.warmup_s,
+               description=method_spec(r.name).description, source=method_spec(r.name).source)
+    return agg
+
+
+def build_summary(config: ExperimentConfig, resolved: dict, results: Sequence[MethodResult]) -> dict:
+    return {
+        "config": config.to_json(),
+        "resolved": resolved,
+        "versions": versions(),
+        "machine": machine_info(),
+        "timing_note": TIMING_NOTE,
+        "methods": {r.name: method_summary(config, r) for r in results},
+    }
+
+
+# ----------------------------------------------------------------------------- table.md
+
+
+def _table_intro(config: ExperimentConfig, summary: dict) -> list[str]:
+    """The title, the description and what was run and evaluated."""
+    res, machine = summary["resolved"], summary["machine"]
+    if config.eval_informative_only:
+        train_set = f"the {res['num_eval_train']} training examples with a nonzero feature vector"
+    elif config.eval_train_examples:
+        train_set = f"the first {res['num_eval_train']} training examples"
+    else:
+        train_set = f"all {res['num_eval_train']} training examples"
+    test_note = " (with a nonzero feature vector)." if config.eval_informative_only else "."
+    return [
+        f"# {config.name}",
+        "",
+        config.description,
+        "",
+        f"{config.dataset} (n = {res['num_train']}), model {config.model}, K = {config.batch_size}, "
+        f"lr = {config.learning_rate}, {res['num_steps']} steps, {len(res['seeds'])} seeds "
+        f"(mean ± std over seeds). Device: {machine['jax_device_kind']} "
+        f"({machine['cpu_model']}, {machine['cpu_count']} cores).",
+        "",
+        f"Evaluated every {config.eval_every} steps: training loss on {train_set}, test error "
+        f"on {res['num_eval_test']} test examples{test_note} Steps run as {res['loop']!r} "
+        "chunks (see Timing).",
+        "",
+    ]
+
+
+def _shows_ess(summary: dict) -> bool:
+    return any("effective_sample_size" in m.get("final_sampler_diagnostics", {})
+               for m in summary["methods"].values())
+
+
+def _table_header(target: float | None, show_ess: bool) -> list[str]:
+    header = ["method", "final train loss", "final test error (%)"]
+    if target is not None:
+        header += [f"time to loss ≤ {target:g} (s)", f"steps to loss ≤ {target:g}"]
+    header += ["time / step (ms)", "train time / run (s)", "compile (s)"]
+    return header + (["final ESS of p"] if show_ess else [])
+
+
+def _crossing_cell(t: dict, fmt: str) -> str:
+    """A time- or steps-to-target cell: mean ± std over the seeds that got there, and how many."""
+    if t["reached"]:
+        return fmt.format(t["mean"], t["std"]) + f" ({t['reached']}/{t['num_seeds']})"
+    return f"never (0/{t['num_seeds']})"
+
+
+def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list[str]:
+    row = [
+        f"{m['label']} (`{name}`)",
+        aggregate.format_mean_std(m["final_train_loss"]),
+        aggregate.format_mean_std(m["final_test_error"], scale=100),
+    ]
+    if target is not None:
+        row += [_crossing_cell(m["time_to_target_s"], "{:.3g} ± {:.2g}"),
+                _crossing_cell(m["steps_to_target"], "{:.0f} ± {:.0f}")]
+    row += [
+        aggregate.format_mean_std(m["time_per_step_s"], scale=1e3),
+        aggregate.format_mean_std(m["train_time_per_run_s"]),
+        f"{m['compile_s']:.2f}",
+    ]
+    if show_ess:
+        ess = m.get("final_sampler_diagnostics", {}).get("effective_sample_size")
+        row.append(aggregate.format_mean_std(ess) if ess else "—")
+    return row
+
+
+def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> list[str]:
+    """Diverged seeds, what the ESS and the target columns mean, Lahire's layout, timing."""
+    lines = []
+    diverged = {name: m["num_diverged"] for name, m in summary["methods"].items() if m["num_diverged"]}
+    if diverged:
+        lines += ["", f"Diverged (non-finite final loss) seeds: {diverged}."]
+    if show_ess:
+        lines += ["", "Final ESS of p: effective sample size 1/(n sum_j p_j^2) of the sampler's "
+                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."]
+    if config.target_loss is not None:
+        lines += ["", f"Time/steps to target: mean ± std over the seeds that reached a full "
+                  f"training loss ≤ {config.target_loss:g} (evaluated every {config.eval_every} "
+                  "steps), and how many did."]
+    if config.table_layout == "lahire":
+        lines += ["", lahire_table(summary)]
+    return lines + ["", "Timing: " + summary["timing_note"], ""]
+
+
+def markdown_table(config: ExperimentConfig, summary: dict) -> str:
+    """``table.md``: one row per method (and Lahire's Table 1 layout if configured)."""
+    target, show_ess = config.target_loss, _shows_ess(summary)
+    header = _table_header(target, show_ess)
+    lines = _table_intro(config, summary)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in summary["methods"].items():
+        lines.append("| " + " | ".join(_table_row(name, m, target, show_ess)) + " |")
+    return "\n".join(lines + _table_notes(config, summary, show_ess))
+
+
+def lahire_table(summary: dict) -> str:
+    """Lahire's Table 1 layout: wall-clock per run (s), rows sampling, columns optimizer."""
+    methods = summary["methods"]
+    optimizers = [o for o in ("sgd", "rmsprop", "adam") if o in methods or f"{o}-gn" in methods]
+    lines = [
+        "Wall-clock time (s) per run (Lahire Table 1 layout; mean ± std over seeds):",
+        "",
+        "| sampling | " + " | ".join(o.upper() if o == "sgd" else o.capitalize() if o == "adam"
+                                    else "RMSProp" for o in optimizers) + " |",
+        "|" + "---|" * (len(optimizers) + 1),
+    ]
+    for sampling, suffix in (("u", ""), ("p^GN", "-gn")):
+        cells = []
+        for o in optimizers:
+            m = methods.get(o + suffix)
+            cells.append(aggregate.format_mean_std(m["train_time_per_run_s"]) if m else "—")
+        lines.append(f"| {sampling} | " + " | ".join(cells) + " |")
+    if "adambs" in methods:
+        lines += ["", "AdamBS: " + aggregate.format_mean_std(methods["adambs"]["train_time_per_run_s"])
+                  + " s per run."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_outputs(out_dir: Path, config: ExperimentConfig, summary: dict, rows: list[dict],
+                  results: Sequence[MethodResult]) -> None:
+    from experiments import plotting
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metrics.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(to_jsonable(row)) + "\n")
+    table = markdown_table(config, summary)
+    (out_dir / "table.md").write_text(table)
+    summary["files"] = {
+        "metrics": "metrics.jsonl", "table": "table.md",
+        "plots": plotting.plot_all(out_dir, config, summary),
+    }
+    with open(out_dir / "summary.json", "w") as f:
+        json.dump(to_jsonable(summary), f, indent=1)

@@ -1,0 +1,99 @@
+"""Tests for experiments.chunks: the chunk plan, the scan chunk and the metric reductions."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.chunks import (
+    MEAN,
+    METRIC_REDUCTIONS,
+    chunk_plan,
+    compile_chunks,
+    eval_points,
+    make_chunk,
+    reduce_step_metrics,
+    reduction_of,
+    timed_call,
+)
+
+
+@pytest.mark.parametrize("num_steps, eval_every, chunk_steps, expected", [
+    (1000, 10, 100, [(10, 10)] * 10),
+    (600, 25, 100, [(25, 4)] * 6),
+    (12, 4, 8, [(4, 1)] * 3),          # 3 intervals: largest divisor <= 2 is 1
+    (37, 10, 100, [(10, 3), (7, 1)]),  # remainder chunk
+    (5, 10, 100, [(5, 1)]),
+    (1000, 1000, 100, [(1000, 1)]),
+])
+def test_chunk_plan(num_steps, eval_every, chunk_steps, expected):
+    plan = chunk_plan(num_steps, eval_every, chunk_steps)
+    assert plan == expected
+    points = eval_points(plan)
+    assert points[0] == 0 and points[-1] == num_steps
+    assert len(points) == 1 + sum(count for _, count in plan)
+
+
+class CounterState(NamedTuple):
+    params: jax.Array
+    step: jax.Array
+
+
+def test_make_chunk_keeps_params_and_reduces_metrics():
+    def step_nt(state, data, key):  # params counts up; the metrics report the old value
+        del data, key
+        metrics = {"loss": state.params, "max_weight": state.params,
+                   "num_dropped_feedback": jnp.ones((), jnp.int32)}
+        return CounterState(state.params + 1.0, state.step + 1), metrics
+
+    initial = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32))
+    chunk = jax.jit(make_chunk(step_nt, interval=3, num_intervals=2))
+    final, params_stack, metrics = chunk(initial, None, jax.random.key(0))
+    assert float(final.params) == 6.0 and int(final.step) == 6
+    np.testing.assert_allclose(params_stack, [3.0, 6.0])
+    np.testing.assert_allclose(metrics["loss"], [1.0, 4.0])           # mean of 0,1,2 / 3,4,5
+    np.testing.assert_allclose(metrics["max_weight"], [2.0, 5.0])     # max
+    np.testing.assert_allclose(metrics["num_dropped_feedback"], [3.0, 3.0])  # sum
+    python = reduce_step_metrics([{"loss": 0.0, "max_weight": 0.0, "num_dropped_feedback": 1},
+                                  {"loss": 2.0, "max_weight": 2.0, "num_dropped_feedback": 1}])
+    assert python == {"loss": [1.0], "max_weight": [2.0], "num_dropped_feedback": [2.0]}
+
+
+def test_one_table_of_reductions():
+    assert reduction_of("loss") is MEAN and reduction_of("anything else") is MEAN
+    values = np.array([0.5, 3.0, 1.5], np.float32)
+    for name, reduction in METRIC_REDUCTIONS.items():  # device and host reduce alike
+        np.testing.assert_allclose(float(reduction.on_device(jnp.asarray(values))),
+                                   float(reduction.on_host(values.astype(np.float64))), err_msg=name)
+    assert float(METRIC_REDUCTIONS["max_weight"].on_host(values)) == 3.0
+    assert float(METRIC_REDUCTIONS["num_dropped_feedback"].on_host(values)) == 5.0
+
+
+def counting_step(state, data, key):
+    del data
+    metrics = {"loss": state.params + jax.random.uniform(key),
+               "num_dropped_feedback": jnp.ones((), jnp.int32)}
+    return CounterState(state.params + 1.0, state.step + 1), metrics
+
+
+def test_python_loop_chunk_matches_scan_chunk():
+    """Both loops give the same state, snapshot and reduced metrics (same keys per step)."""
+    outputs = {}
+    for loop in ("scan", "python"):
+        def args():  # a fresh state each time: the chunks donate it
+            return CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32)), None, jax.random.key(3)
+
+        chunk = compile_chunks(counting_step, [(4, 1)], loop, args())[(4, 1)]
+        state, params_stack, metrics, seconds = timed_call(chunk, *args())
+        assert seconds > 0
+        outputs[loop] = (float(state.params), np.asarray(params_stack), jax.device_get(metrics))
+    (scan_params, scan_stack, scan_metrics) = outputs["scan"]
+    (python_params, python_stack, python_metrics) = outputs["python"]
+    assert scan_params == python_params == 4.0
+    np.testing.assert_allclose(scan_stack, python_stack)
+    for name in ("loss", "num_dropped_feedback"):
+        np.testing.assert_allclose(scan_metrics[name], python_metrics[name], rtol=1e-6)
+    assert python_metrics["num_dropped_feedback"] == [4.0]
