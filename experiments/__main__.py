@@ -119,14 +119,14 @@ def main(argv=None) -> int:
         return 2
     out_dir = Path(args.out) if args.out else Path("results") / config.name
 
-    from experiments.data import ChecksumMismatchError
+    from experiments.data import CorruptFileError
     from experiments.runner import run_experiment
 
     started = time.perf_counter()
     try:
         summary = run_experiment(config, out_dir, data_dir=args.data_dir,
                                  progress=not args.no_progress)
-    except (FileNotFoundError, ChecksumMismatchError) as err:  # the loader says what to do
+    except (FileNotFoundError, CorruptFileError) as err:  # the loader says what to do
         print(f"error: {config.name}: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
