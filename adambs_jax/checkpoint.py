@@ -181,14 +181,15 @@ def save_checkpoint(
       orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
 
     Examples:
-      >>> import os, tempfile
-      >>> import jax.numpy as jnp, optax
-      >>> import adambs_jax as ab
+      >>> import os, tempfile, jax.numpy as jnp, optax, adambs_jax as ab
+      >>> sampler = ab.uniform_sampler(10, 2)
       >>> state = ab.TrainState.create(params={"w": jnp.ones(3)}, optimizer=optax.sgd(0.1),
-      ...                              sampler=ab.uniform_sampler(10, 2))
-      >>> path = ab.save_checkpoint(os.path.join(tempfile.mkdtemp(), "step_0"), state)
-      >>> ab.read_checkpoint_metadata(path)["sampler_kind"]
-      'UniformSamplerState'
+      ...                              sampler=sampler)
+      >>> run = tempfile.mkdtemp()
+      >>> path = ab.save_checkpoint(os.path.join(run, "step_0"), state, sampler=sampler,
+      ...                           extra_metadata={"epoch": 0})
+      >>> ab.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
+      ({'epoch': 0}, ['step_0'])
     """
     check_train_state(state, "state")
     path = _check_path(path)
@@ -252,17 +253,13 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
       orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
 
     Examples:
-      >>> import os, tempfile
-      >>> import jax.numpy as jnp, optax
-      >>> import adambs_jax as ab
-      >>> sampler = ab.uniform_sampler(10, 2)
-      >>> state = ab.TrainState.create(params={"w": jnp.arange(3.0)}, optimizer=optax.sgd(0.1),
-      ...                              sampler=sampler)
-      >>> path = ab.save_checkpoint(os.path.join(tempfile.mkdtemp(), "step_0"), state)
-      >>> like = ab.TrainState.create(params={"w": jnp.zeros(3)}, optimizer=optax.sgd(0.1),
-      ...                             sampler=sampler)
-      >>> ab.restore_checkpoint(path, like).params["w"]
-      Array([0., 1., 2.], dtype=float32)
+      >>> import os, tempfile, jax.numpy as jnp, optax, adambs_jax as ab
+      >>> def fresh(w):  # the same model, optimizer and sampler each time
+      ...     return ab.TrainState.create(params={"w": w}, optimizer=optax.sgd(0.1),
+      ...                                 sampler=ab.uniform_sampler(10, 2))
+      >>> path = ab.save_checkpoint(os.path.join(tempfile.mkdtemp(), "c"), fresh(jnp.ones(3)))
+      >>> ab.restore_checkpoint(path, like=fresh(jnp.zeros(3))).params["w"]
+      Array([1., 1., 1.], dtype=float32)
     """
     check_train_state(like, "like")
     path = _check_path(path)
