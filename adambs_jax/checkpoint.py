@@ -117,6 +117,14 @@ def _check_extra(extra_metadata: Any) -> dict:
     return dict(extra_metadata)
 
 
+def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"path: a checkpoint (or file) already exists at {path}; pass overwrite=True to "
+            f"replace it"
+        )
+
+
 def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> None:
     """One process: under the save lock, into a private directory renamed into place.
     Several processes of one job: orbax's coordinated save straight to ``path``."""
@@ -125,11 +133,7 @@ def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> 
             checkpointer.save(path, args, force=overwrite)
         return
     with exclusive_save_lock(path):
-        if path.exists() and not overwrite:  # checked again under the lock
-            raise ValueError(
-                f"path: a checkpoint (or file) already exists at {path}; pass overwrite=True "
-                f"to replace it"
-            )
+        _refuse_existing(path, overwrite)  # again: another process may have saved meanwhile
         with open_checkpointer() as checkpointer:
             write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
 
@@ -197,11 +201,7 @@ def save_checkpoint(
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     metadata = describe_state(state, sampler=sampler)
     metadata["extra"] = _check_extra(extra_metadata)
-    if path.exists() and not overwrite:
-        raise ValueError(
-            f"path: a checkpoint (or file) already exists at {path}; pass overwrite=True to "
-            f"replace it"
-        )
+    _refuse_existing(path, overwrite)
     _write(path, save_args(state, metadata), overwrite=overwrite)
     return path
 
