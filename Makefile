@@ -24,4 +24,4 @@ bench: setup
 	$(PY) -m experiments.bench_sampler
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .hypothesis
+	rm -rf $(VENV) results .pytest_cache .hypothesis build dist *.egg-info

@@ -1,10 +1,57 @@
 """adambs_jax: adaptive mini-batch selection with bandit sampling (AdamBS) for JAX/Optax/Flax.
 
-Reference: R. Liu, T. Wu, B. Mozafari, "Adam with Bandit Sampling for Deep Learning",
-NeurIPS 2020.
+What is exported, as in optax: the names a training script needs are top-level
+(``ab.exp3_sampler``, ``ab.adambs``, ``ab.make_train_step``, ``ab.save_checkpoint``, ...),
+and every module of the package is a documented submodule, reachable as ``ab.<module>``
+(``ab.samplers``, ``ab.checkpoint``, ``ab.tree_utils``, ...) for the rest. ``__all__`` lists
+both; the version is ``ab.__version__`` (written once, in ``adambs_jax/version.py``).
+
+References:
+  R. Liu, T. Wu, B. Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
 """
 
-from adambs_jax import sumtree
+from adambs_jax import (
+    base,
+    baselines,
+    checkpoint,
+    checkpoint_metadata,
+    checkpoint_storage,
+    checks,
+    feedback,
+    jsonable,
+    losses,
+    projection,
+    samplers,
+    scoring,
+    sharding,
+    sumtree,
+    train_step,
+    transforms,
+    tree_utils,
+)
+from adambs_jax.baselines import (
+    AdamImptState,
+    GradientNormSamplerState,
+    adam_impt_sampler,
+    gradient_norm_sampler,
+    resample_proportional,
+    variance_reduction,
+)
+from adambs_jax.checkpoint import (
+    CheckpointManager,
+    read_checkpoint_metadata,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from adambs_jax.feedback import (
+    FEEDBACK_KINDS,
+    logit_grad_norms,
+    per_example_grad_norms,
+    per_example_losses,
+    per_example_losses_and_grads,
+    tree_norms,
+)
+from adambs_jax.losses import ModelLoss
 from adambs_jax.projection import ProjectionResult, project_onto_floored_simplex
 from adambs_jax.samplers import (
     Exp3SamplerState,
@@ -16,22 +63,9 @@ from adambs_jax.samplers import (
     probabilities,
     uniform_sampler,
 )
-
-__version__ = "0.1.0"
-
-# Issue 3: importance-weighted optax transforms, per-example feedback, the jitted train step.
-from adambs_jax import feedback, losses, scoring
-from adambs_jax.feedback import (
-    FEEDBACK_KINDS,
-    logit_grad_norms,
-    per_example_grad_norms,
-    per_example_losses,
-    per_example_losses_and_grads,
-    tree_norms,
-)
-from adambs_jax.losses import ModelLoss
 from adambs_jax.scoring import ScoreFn, ScoringSampler, make_score_fn
-from adambs_jax.train_step import TrainState, make_train_step
+from adambs_jax.sharding import data_parallel_mesh, replicate
+from adambs_jax.train_step import TrainState, check_key, make_train_step
 from adambs_jax.transforms import (
     ImportanceWeightedTransformation,
     adambs,
@@ -40,25 +74,71 @@ from adambs_jax.transforms import (
     weighted_mean,
     with_importance_weighting,
 )
+from adambs_jax.version import __version__
 
-# Issue: the baselines the papers compare against (Adam-impt, p^GN), as scoring samplers.
-from adambs_jax import baselines
-from adambs_jax.baselines import (
-    AdamImptState,
-    GradientNormSamplerState,
-    adam_impt_sampler,
-    gradient_norm_sampler,
-    resample_proportional,
-    variance_reduction,
-)
-
-# Issue 6: data parallelism on a mesh, checkpoints, non-finite steps.
-from adambs_jax import checkpoint, sharding
-from adambs_jax.checkpoint import (
-    CheckpointManager,
-    read_checkpoint_metadata,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from adambs_jax.sharding import data_parallel_mesh, replicate
-from adambs_jax.train_step import check_key
+__all__ = [
+    # submodules
+    "base",
+    "baselines",
+    "checkpoint",
+    "checkpoint_metadata",
+    "checkpoint_storage",
+    "checks",
+    "feedback",
+    "jsonable",
+    "losses",
+    "projection",
+    "samplers",
+    "scoring",
+    "sharding",
+    "sumtree",
+    "train_step",
+    "transforms",
+    "tree_utils",
+    # samplers (Algorithm 2 of the paper) and the projection they use
+    "Exp3SamplerState",
+    "Sampler",
+    "UniformSamplerState",
+    "default_step_size",
+    "exp3_sampler",
+    "importance_weights",
+    "probabilities",
+    "uniform_sampler",
+    "ProjectionResult",
+    "project_onto_floored_simplex",
+    # samplers that score candidates with the model, and the baselines of the papers
+    "ScoreFn",
+    "ScoringSampler",
+    "make_score_fn",
+    "AdamImptState",
+    "GradientNormSamplerState",
+    "adam_impt_sampler",
+    "gradient_norm_sampler",
+    "resample_proportional",
+    "variance_reduction",
+    # per-example feedback and losses
+    "FEEDBACK_KINDS",
+    "logit_grad_norms",
+    "per_example_grad_norms",
+    "per_example_losses",
+    "per_example_losses_and_grads",
+    "tree_norms",
+    "ModelLoss",
+    # importance-weighted optimizers (Algorithm 1)
+    "ImportanceWeightedTransformation",
+    "adambs",
+    "amsgradbs",
+    "importance_weighted_mean",
+    "weighted_mean",
+    "with_importance_weighting",
+    # the jitted train step, data parallelism, checkpoints
+    "TrainState",
+    "check_key",
+    "make_train_step",
+    "data_parallel_mesh",
+    "replicate",
+    "CheckpointManager",
+    "read_checkpoint_metadata",
+    "restore_checkpoint",
+    "save_checkpoint",
+]

@@ -27,11 +27,16 @@ Several hosts: call ``save_checkpoint`` / ``restore_checkpoint`` on every proces
 same path (orbax coordinates the processes; each writes the shards it owns). Restored arrays
 get the shardings of ``like``'s arrays, e.g. replicated over a mesh if ``like`` went through
 ``ab.replicate``.
+
+Concurrent saves to one path are refused, not mixed: the first holds the lock file
+``<path>.adambs-lock``; a save that returns wrote its own state, one that raises changed
+nothing (``adambs_jax.checkpoint_storage``). Damaged (truncated, corrupted) files are
+refused with a ``ValueError`` naming the checkpoint, never half-loaded.
+``adambs_jax.checkpoint_metadata`` describes and compares checkpoints.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -41,6 +46,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from adambs_jax.checkpoint_metadata import (
+    CHECKPOINT_FORMAT,
+    check_train_state,
+    describe_state,
+    raw_keys,
+    rewrap_keys,
+    verify_metadata,
+)
+from adambs_jax.checkpoint_storage import (
+    METADATA_ITEM,
+    STATE_ITEM,
+    damaged_checkpoint_errors,
+    exclusive_save_lock,
+    metadata_restore_args,
+    open_checkpointer,
+    save_args,
+    state_restore_args,
+    write_atomically,
+)
 from adambs_jax.train_step import TrainState
 
 __all__ = [
@@ -52,175 +76,7 @@ __all__ = [
     "CheckpointManager",
 ]
 
-CHECKPOINT_FORMAT = 1
-"""Version of the layout below; bumped if it changes incompatibly."""
-
-_STATE_ITEM = "state"
-_METADATA_ITEM = "adambs_metadata"
-_MAX_LISTED = 6  # differences listed per kind in an error message
-
 PathLike = Union[str, os.PathLike]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _is_key(leaf: Any) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _key_impl_name(leaf: Any) -> str:
-    if not isinstance(leaf, jax.ShapeDtypeStruct):
-        return str(jax.random.key_impl(leaf))
-    impl = getattr(leaf.dtype, "_impl", None)  # an abstract key (jax.eval_shape) has no API
-    return str(getattr(impl, "name", leaf.dtype))
-
-
-def _raw_keys(tree: Any) -> Any:
-    """Typed PRNG key leaves replaced by their uint32 data (works on abstract trees too)."""
-    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    return repr(value)
-
-
-def _static_config(obj: Any, prefix: str = "") -> dict:
-    """The static (non-pytree) fields of the flax dataclasses in a sampler state, e.g.
-    ``{"num_examples": 96, "p_min": 0.001}``; nested states get dotted names."""
-    config = {}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for field in dataclasses.fields(obj):
-            value = getattr(obj, field.name)
-            if not field.metadata.get("pytree_node", True):
-                config[prefix + field.name] = _json_value(value)
-            else:
-                config.update(_static_config(value, f"{prefix}{field.name}."))
-    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
-        for name in obj._fields:
-            config.update(_static_config(getattr(obj, name), f"{prefix}{name}."))
-    elif isinstance(obj, Mapping):
-        for name, value in obj.items():
-            config.update(_static_config(value, f"{prefix}{name}."))
-    return config
-
-
-def _host_int(value: Any) -> Optional[int]:
-    if value is None or isinstance(value, jax.ShapeDtypeStruct):
-        return None
-    if isinstance(value, jax.Array):  # a replicated array may span hosts: read a local copy
-        value = value.addressable_data(0)
-    return int(np.asarray(value))
-
-
-def _check_train_state(state: Any, name: str) -> None:
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            f"{name} must be an ab.TrainState (TrainState.create(...)), got "
-            f"{type(state).__name__}"
-        )
-
-
-def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
-    """The metadata stored with a checkpoint of ``state`` (JSON-serializable).
-
-    Keys: ``format``, ``library``, ``version``, ``sampler_kind`` (class name of
-    ``state.sampler_state``), ``sampler_config`` (its static fields: ``num_examples``,
-    ``p_min``, ...), ``batch_size`` (``sampler.batch_size`` if ``sampler`` is given, else
-    None), ``step``, ``skipped_steps``, ``typed_keys`` ({leaf path: PRNG implementation} of
-    typed keys) and ``leaves`` (path, shape, dtype of every array, keys as raw data).
-    """
-    _check_train_state(state, "state")
-    from adambs_jax import __version__  # pylint: disable=import-outside-toplevel
-
-    typed_keys = {
-        jax.tree_util.keystr(path): _key_impl_name(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-        if _is_key(leaf)
-    }
-    raw = jax.eval_shape(_raw_keys, state)
-    leaves = [
-        {"path": jax.tree_util.keystr(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(raw)[0]
-    ]
-    batch_size = getattr(sampler, "batch_size", None) if sampler is not None else None
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "library": "adambs_jax",
-        "version": __version__,
-        "sampler_kind": type(state.sampler_state).__name__,
-        "sampler_config": _static_config(state.sampler_state),
-        "batch_size": _json_value(batch_size),
-        "step": _host_int(state.step),
-        "skipped_steps": _host_int(state.skipped_steps),
-        "typed_keys": typed_keys,
-        "leaves": leaves,
-    }
-
-
-def _differences(saved: dict, expected: dict) -> list[str]:
-    """Human-readable differences between a checkpoint's metadata and a template's."""
-    problems = []
-    if saved.get("sampler_kind") != expected["sampler_kind"]:
-        problems.append(
-            f"sampler kind: checkpoint {saved.get('sampler_kind')}, `like` "
-            f"{expected['sampler_kind']}"
-        )
-    saved_config, expected_config = saved.get("sampler_config", {}), expected["sampler_config"]
-    for name in sorted(set(saved_config) | set(expected_config)):
-        if saved_config.get(name) != expected_config.get(name):
-            label = "dataset size (num_examples)" if name.endswith("num_examples") else name
-            problems.append(
-                f"sampler {label}: checkpoint {saved_config.get(name)!r}, "
-                f"`like` {expected_config.get(name)!r}"
-            )
-    if (
-        saved.get("batch_size") is not None
-        and expected["batch_size"] is not None
-        and saved["batch_size"] != expected["batch_size"]
-    ):
-        problems.append(
-            f"batch size: checkpoint {saved['batch_size']}, sampler {expected['batch_size']}"
-        )
-    if saved.get("typed_keys", {}) != expected["typed_keys"]:
-        problems.append(
-            f"PRNG keys: checkpoint has typed keys {saved.get('typed_keys', {})}, `like` "
-            f"{expected['typed_keys']} (typed jax.random.key vs raw uint32 PRNGKey, or "
-            f"another implementation)"
-        )
-    saved_leaves = {leaf["path"]: leaf for leaf in saved.get("leaves", [])}
-    expected_leaves = {leaf["path"]: leaf for leaf in expected["leaves"]}
-    missing = [path for path in expected_leaves if path not in saved_leaves]
-    extra = [path for path in saved_leaves if path not in expected_leaves]
-    if missing:
-        problems.append(
-            f"{len(missing)} arrays of `like` are not in the checkpoint (a different model, "
-            f"optimizer or sampler?): {', '.join(missing[:_MAX_LISTED])}"
-        )
-    if extra:
-        problems.append(
-            f"{len(extra)} arrays of the checkpoint are not in `like`: "
-            f"{', '.join(extra[:_MAX_LISTED])}"
-        )
-    mismatched = [
-        f"{path} checkpoint {saved_leaves[path]['dtype']}{tuple(saved_leaves[path]['shape'])} "
-        f"vs `like` {leaf['dtype']}{tuple(leaf['shape'])}"
-        for path, leaf in expected_leaves.items()
-        if path in saved_leaves
-        and (saved_leaves[path]["shape"] != leaf["shape"]
-             or saved_leaves[path]["dtype"] != leaf["dtype"])
-    ]
-    if mismatched:
-        problems.append(
-            f"{len(mismatched)} arrays differ in shape or dtype: "
-            f"{'; '.join(mismatched[:_MAX_LISTED])}"
-        )
-    return problems
 
 
 def _abstract(like_raw_leaf: Any, like_leaf: Any) -> jax.ShapeDtypeStruct:
@@ -232,31 +88,12 @@ def _abstract(like_raw_leaf: Any, like_leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 def _abstract_raw_tree(like: TrainState) -> Any:
-    raw = jax.eval_shape(_raw_keys, like)
+    raw = jax.eval_shape(raw_keys, like)
     leaves, treedef = jax.tree.flatten(raw)
     like_leaves = jax.tree.leaves(like)
     if len(like_leaves) != len(leaves):  # cannot happen: key_data keeps one leaf per key
         raise AssertionError("key conversion changed the number of leaves")
     return jax.tree.unflatten(treedef, [_abstract(a, b) for a, b in zip(leaves, like_leaves)])
-
-
-def _rewrap_keys(restored_raw: Any, like: TrainState) -> TrainState:
-    like_leaves, treedef = jax.tree.flatten(like)
-    raw_leaves = jax.tree.leaves(restored_raw)
-    if len(raw_leaves) != len(like_leaves):
-        raise ValueError(
-            f"restore_checkpoint: the checkpoint gave {len(raw_leaves)} arrays, `like` has "
-            f"{len(like_leaves)}"
-        )
-    leaves = [
-        jax.random.wrap_key_data(raw, impl=_key_impl_name(template)) if _is_key(template) else raw
-        for raw, template in zip(raw_leaves, like_leaves)
-    ]
-    return jax.tree.unflatten(treedef, leaves)
-
-
-def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
 def _check_path(path: Any, name: str = "path") -> pathlib.Path:
@@ -280,29 +117,31 @@ def _check_extra(extra_metadata: Any) -> dict:
     return dict(extra_metadata)
 
 
-def _save_args(state: TrainState, metadata: dict) -> ocp.args.Composite:
-    return ocp.args.Composite(
-        **{
-            _STATE_ITEM: ocp.args.StandardSave(_raw_keys(state)),
-            _METADATA_ITEM: ocp.args.JsonSave(metadata),
-        }
-    )
+def _refuse_existing(path: pathlib.Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"path: a checkpoint (or file) already exists at {path}; pass overwrite=True to "
+            f"replace it"
+        )
 
 
-def _verify(saved: dict, like: TrainState, sampler: Any, where: str) -> None:
-    if saved.get("library") != "adambs_jax" or "leaves" not in saved:
-        raise ValueError(f"{where} is not an adambs_jax checkpoint (no adambs_jax metadata)")
-    if saved.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{where} has checkpoint format {saved.get('format')}, this version reads "
-            f"{CHECKPOINT_FORMAT}"
-        )
-    problems = _differences(saved, describe_state(like, sampler=sampler))
-    if problems:
-        raise ValueError(
-            f"{where} does not fit the template `like`; refusing to restore it:\n  - "
-            + "\n  - ".join(problems)
-        )
+def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> None:
+    """One process: under the save lock, into a private directory renamed into place.
+    Several processes of one job: orbax's coordinated save straight to ``path``."""
+    if jax.process_count() > 1:
+        with open_checkpointer() as checkpointer:
+            checkpointer.save(path, args, force=overwrite)
+        return
+    with exclusive_save_lock(path):
+        _refuse_existing(path, overwrite)  # again: another process may have saved meanwhile
+        with open_checkpointer() as checkpointer:
+            write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
+
+
+def _read_state(path: pathlib.Path, like: TrainState) -> TrainState:
+    with damaged_checkpoint_errors(f"the checkpoint at {path}"), open_checkpointer() as ckpt:
+        restored = ckpt.restore(path, state_restore_args(_abstract_raw_tree(like)))
+    return rewrap_keys(restored[STATE_ITEM], like)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -318,9 +157,11 @@ def save_checkpoint(
 ) -> pathlib.Path:
     """Writes ``state`` (every array) and its metadata to the directory ``path`` (orbax).
 
-    Synchronous: when it returns the checkpoint is complete on disk (orbax writes to a
-    temporary directory and renames it, so a crash never leaves a half checkpoint at
-    ``path``), and ``state`` may be donated to the next step.
+    Synchronous: when it returns the checkpoint is complete on disk (it is written to a
+    private temporary directory and renamed, so a crash never leaves a half checkpoint at
+    ``path``, and an overwritten checkpoint is replaced only by a complete one), and
+    ``state`` may be donated to the next step. One save to a path at a time: a second
+    process saving to the same path meanwhile is refused (see the module docstring).
 
     Args:
       path: the checkpoint directory; must not exist unless ``overwrite``.
@@ -337,20 +178,31 @@ def save_checkpoint(
     Raises:
       TypeError: ``state`` is not a ``TrainState``, ``path`` is not a path,
         ``extra_metadata`` is not a JSON-serializable dict, ``overwrite`` is not a bool.
-      ValueError: ``path`` exists and ``overwrite`` is False.
+      ValueError: ``path`` exists and ``overwrite`` is False, or another process is saving
+        to ``path`` right now (or crashed doing so, leaving its lock file).
+
+    References:
+      orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, optax, adambs_jax as ab
+      >>> sampler = ab.uniform_sampler(10, 2)
+      >>> state = ab.TrainState.create(params={"w": jnp.ones(3)}, optimizer=optax.sgd(0.1),
+      ...                              sampler=sampler)
+      >>> run = tempfile.mkdtemp()
+      >>> path = ab.save_checkpoint(os.path.join(run, "step_0"), state, sampler=sampler,
+      ...                           extra_metadata={"epoch": 0})
+      >>> ab.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
+      ({'epoch': 0}, ['step_0'])
     """
-    _check_train_state(state, "state")
+    check_train_state(state, "state")
     path = _check_path(path)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     metadata = describe_state(state, sampler=sampler)
     metadata["extra"] = _check_extra(extra_metadata)
-    if path.exists() and not overwrite:
-        raise ValueError(
-            f"path: a checkpoint (or file) already exists at {path}; pass overwrite=True to "
-            f"replace it"
-        )
-    _checkpointer().save(path, _save_args(state, metadata), force=overwrite)
+    _refuse_existing(path, overwrite)
+    _write(path, save_args(state, metadata), overwrite=overwrite)
     return path
 
 
@@ -359,16 +211,16 @@ def read_checkpoint_metadata(path: PathLike) -> dict:
 
     Raises:
       FileNotFoundError: no checkpoint at ``path``.
+      ValueError: ``path`` is not an adambs_jax checkpoint, or its metadata file is damaged.
     """
     path = _check_path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: no checkpoint directory at {path}")
-    if not (path / _METADATA_ITEM).exists():
-        raise ValueError(f"path: {path} is not an adambs_jax checkpoint (no {_METADATA_ITEM})")
-    restored = _checkpointer().restore(
-        path, ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()})
-    )
-    return dict(restored[_METADATA_ITEM])
+    if not (path / METADATA_ITEM).exists():
+        raise ValueError(f"path: {path} is not an adambs_jax checkpoint (no {METADATA_ITEM})")
+    with damaged_checkpoint_errors(f"the checkpoint at {path}"), open_checkpointer() as ckpt:
+        restored = ckpt.restore(path, metadata_restore_args())
+    return dict(restored[METADATA_ITEM])
 
 
 def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None) -> TrainState:
@@ -394,17 +246,26 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
       ValueError: the checkpoint does not fit ``like``: another sampler kind (e.g. exp3 vs
         uniform), dataset size ``num_examples``, ``p_min``, batch size, typed vs raw PRNG
         key, or arrays of other paths, shapes or dtypes (another model or optimizer). The
-        message lists every difference; nothing is loaded.
+        message lists every difference; nothing is loaded. Or its files are damaged
+        (truncated, corrupted, missing): the message names the checkpoint.
+
+    References:
+      orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, optax, adambs_jax as ab
+      >>> def fresh(w):  # the same model, optimizer and sampler each time
+      ...     return ab.TrainState.create(params={"w": w}, optimizer=optax.sgd(0.1),
+      ...                                 sampler=ab.uniform_sampler(10, 2))
+      >>> path = ab.save_checkpoint(os.path.join(tempfile.mkdtemp(), "c"), fresh(jnp.ones(3)))
+      >>> ab.restore_checkpoint(path, like=fresh(jnp.zeros(3))).params["w"]
+      Array([1., 1., 1.], dtype=float32)
     """
-    _check_train_state(like, "like")
+    check_train_state(like, "like")
     path = _check_path(path)
     saved = read_checkpoint_metadata(path)
-    _verify(saved, like, sampler, f"the checkpoint at {path}")
-    restored = _checkpointer().restore(
-        path,
-        ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(_abstract_raw_tree(like))}),
-    )
-    return _rewrap_keys(restored[_STATE_ITEM], like)
+    verify_metadata(saved, like, sampler, f"the checkpoint at {path}")
+    return _read_state(path, like)
 
 
 class CheckpointManager:
@@ -441,7 +302,7 @@ class CheckpointManager:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
             ),
-            item_names=(_STATE_ITEM, _METADATA_ITEM),
+            item_names=(STATE_ITEM, METADATA_ITEM),
         )
 
     def save(
@@ -449,17 +310,30 @@ class CheckpointManager:
     ) -> None:
         """Saves ``state`` as step ``step`` (an int >= 0, e.g. ``int(state.step)``).
 
+        One process saves into the directory at a time (the lock file
+        ``<directory>.adambs-lock``, as for ``save_checkpoint``); steps saved meanwhile by
+        another process are seen before ``step`` is checked.
+
         Raises:
-          ValueError: ``step`` is negative or already saved. TypeError: bad ``state``.
+          ValueError: ``step`` is negative or already saved, or another process is saving
+            into this directory right now. TypeError: bad ``state``.
         """
-        _check_train_state(state, "state")
+        check_train_state(state, "state")
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        if int(step) in self.all_steps():
-            raise ValueError(f"step: a checkpoint of step {int(step)} already exists")
         metadata = describe_state(state, sampler=self.sampler)
         metadata["extra"] = _check_extra(extra_metadata)
-        self._manager.save(int(step), args=_save_args(state, metadata), force=True)
+        if jax.process_count() > 1:  # orbax coordinates the processes of one job
+            self._save_step(int(step), save_args(state, metadata))
+            return
+        with exclusive_save_lock(self.directory, name="directory"):
+            self._manager.reload()
+            self._save_step(int(step), save_args(state, metadata))
+
+    def _save_step(self, step: int, args: ocp.args.Composite) -> None:
+        if step in self.all_steps():
+            raise ValueError(f"step: a checkpoint of step {step} already exists")
+        self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
     def all_steps(self) -> list[int]:
@@ -475,9 +349,10 @@ class CheckpointManager:
         ``restore_checkpoint`` does.
 
         Raises:
-          FileNotFoundError: no checkpoint (of that step). ValueError: it does not fit ``like``.
+          FileNotFoundError: no checkpoint (of that step). ValueError: it does not fit
+            ``like``, or its files are damaged.
         """
-        _check_train_state(like, "like")
+        check_train_state(like, "like")
         if step is None:
             step = self.latest_step()
             if step is None:
@@ -487,18 +362,15 @@ class CheckpointManager:
                 f"step: no checkpoint of step {step} in {self.directory} (saved: "
                 f"{self.all_steps()})"
             )
-        saved = self._manager.restore(
-            int(step), args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()})
-        )[_METADATA_ITEM]
         where = f"the checkpoint of step {step} in {self.directory}"
-        _verify(dict(saved), like, self.sampler, where)
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                **{_STATE_ITEM: ocp.args.StandardRestore(_abstract_raw_tree(like))}
-            ),
-        )
-        return _rewrap_keys(restored[_STATE_ITEM], like)
+        with damaged_checkpoint_errors(where, name="step"):
+            saved = self._manager.restore(int(step), args=metadata_restore_args())
+        verify_metadata(dict(saved[METADATA_ITEM]), like, self.sampler, where)
+        with damaged_checkpoint_errors(where, name="step"):
+            restored = self._manager.restore(
+                int(step), args=state_restore_args(_abstract_raw_tree(like))
+            )
+        return rewrap_keys(restored[STATE_ITEM], like)
 
     def restore_latest(self, like: TrainState) -> Optional[TrainState]:
         """``restore(like)`` of the latest step, or None if nothing was saved yet."""
