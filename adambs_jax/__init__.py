@@ -11,23 +11,32 @@ References:
 """
 
 from adambs_jax import (
+    adam_impt,
     base,
     baselines,
     checkpoint,
     checkpoint_metadata,
     checkpoint_storage,
     checks,
+    estimators,
+    exp3,
     feedback,
+    gradient_norm,
     jsonable,
     losses,
+    per_example,
     projection,
     samplers,
+    scored_draws,
     scoring,
     sharding,
+    step_stages,
     sumtree,
+    train_state,
     train_step,
     transforms,
     tree_utils,
+    uniform,
 )
 from adambs_jax.baselines import (
     AdamImptState,
@@ -65,7 +74,8 @@ from adambs_jax.samplers import (
 )
 from adambs_jax.scoring import ScoreFn, ScoringSampler, make_score_fn
 from adambs_jax.sharding import data_parallel_mesh, replicate
-from adambs_jax.train_step import TrainState, check_key, make_train_step
+from adambs_jax.checks import check_key
+from adambs_jax.train_step import TrainState, TrainStep, make_train_step
 from adambs_jax.transforms import (
     ImportanceWeightedTransformation,
     adambs,
@@ -78,23 +88,32 @@ from adambs_jax.version import __version__
 
 __all__ = [
     # submodules
+    "adam_impt",
     "base",
     "baselines",
     "checkpoint",
     "checkpoint_metadata",
     "checkpoint_storage",
     "checks",
+    "estimators",
+    "exp3",
     "feedback",
+    "gradient_norm",
     "jsonable",
     "losses",
+    "per_example",
     "projection",
     "samplers",
+    "scored_draws",
     "scoring",
     "sharding",
+    "step_stages",
     "sumtree",
+    "train_state",
     "train_step",
     "transforms",
     "tree_utils",
+    "uniform",
     # samplers (Algorithm 2 of the paper) and the projection they use
     "Exp3SamplerState",
     "Sampler",
@@ -133,6 +152,7 @@ __all__ = [
     "with_importance_weighting",
     # the jitted train step, data parallelism, checkpoints
     "TrainState",
+    "TrainStep",
     "check_key",
     "make_train_step",
     "data_parallel_mesh",

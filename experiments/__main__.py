@@ -4,7 +4,6 @@
                                [--methods a,b,c] [--data-dir D] [--list]
                                [--eval-every E] [--feedback F] [--model M] [--lr LR]
                                [--batch-size K] [--loop L] [--no-download] [--no-progress]
-    adambs-experiments NAME ...          (the same, as a console script)
 
 ``python -m experiments --list`` lists the configurations and methods. Results go to
 ``results/NAME/`` (or ``--out``): ``metrics.jsonl``, ``summary.json``, ``table.md`` and the
