@@ -1,0 +1,17 @@
+"""The README's usage block is a complete program: run it exactly as printed."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_usage_runs_as_printed(capsys):
+    text = (ROOT / "README.md").read_text()
+    usage = text[text.index("## Usage") :]
+    blocks = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+    assert blocks, "README's Usage section has no python block"
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    loss = float(re.search(r"batch loss ([0-9.]+)", printed).group(1))
+    assert loss < 1.0  # trained: the initial loss is about log(4) = 1.39
