@@ -1,0 +1,200 @@
+"""Layer calls seen while tracing a per-example loss, and which parameters they cover.
+
+The ghost-norm pass (``adambs_jax.ghost.api``) traces the loss twice. The first, abstract
+trace (``Recorder``) records every call of a supported layer (a *site*: module path, call
+number, the layer's rule and configuration, the parameter leaves the layer read, the shape of
+its per-example output, and whether it ran in the loss's own trace rather than inside a
+``scan``/``remat``/nested transform). ``build_plan`` turns the sites into a ``GhostPlan``:
+
+* a parameter leaf is *covered* (its per-example gradient norm comes from the layer rule) iff
+  every call that reads it is a supported call in the loss's own trace — a layer applied
+  inside ``nn.scan`` (an RNN cell) or under ``nn.remat`` is not, and neither is an ``Embed``
+  whose ``attend`` (tied output layer) is also used;
+* the leaves of normalization layers (LayerNorm, BatchNorm, ...) are *direct*: small, they
+  get exact per-example gradients through per-example copies, without a warning;
+* every other leaf is *fallback*: per-example copies too (exact, the cost of ``vmap`` for
+  those leaves only), and reported.
+
+The second, real trace (``Perturber``) adds a zero perturbation to the output of each covered
+site and captures its input; the perturbation's gradient is the site's output gradient.
+Assumption (not checked): a covered leaf is read only through its layer's calls (a leaf the
+loss also uses directly, e.g. a per-example weight-decay term, would be missed).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from adambs_jax.ghost import layer_norms
+
+__all__ = ["Factor", "LayerRule", "Site", "GhostPlan", "Recorder", "Perturber", "build_plan",
+           "current_trace", "site_sq_norms"]
+
+
+class Factor(NamedTuple):
+    """One parameter's per-example gradient as rows: ``kind`` is ``"matmul"`` (A_k^T B_k,
+    left A (K, T, d), right B (K, T, p)), ``"sum"`` (sum_t b_t, left None) or ``"embed"``
+    (left tokens (K, T), right B (K, T, F)); see ``layer_norms``."""
+
+    kind: str
+    left: Optional[jax.Array]
+    right: jax.Array
+
+
+class LayerRule(NamedTuple):
+    """How one layer class's per-example gradients factor.
+
+    Attributes:
+      name: e.g. ``"Dense"``.
+      config: ``module -> hashable`` configuration, or None if this instance is unsupported
+        (e.g. a convolution with feature groups); then its leaves fall back.
+      factors: ``(config, inputs (K, ...), output_grads (K, ...)) -> {param name: Factor}``,
+        per-example stacks of one call's first argument and d loss_k / d output_k.
+    """
+
+    name: str
+    config: Callable[[Any], Any]
+    factors: Callable[[Any, jax.Array, jax.Array], dict]
+
+
+class Site(NamedTuple):
+    """One recorded layer call (see the module docstring)."""
+
+    path: str
+    call: int
+    rule: Optional[LayerRule]  # None: a normalization layer (direct)
+    config: Any
+    leaf_indices: tuple  # indices into the flattened params; -1: a leaf not found there
+    output: Optional[jax.ShapeDtypeStruct]  # per-example output
+    in_loss_trace: bool
+
+    @property
+    def key(self) -> tuple:
+        return (self.path, self.call)
+
+    @property
+    def ghost_able(self) -> bool:
+        return (self.rule is not None and self.config is not None and self.in_loss_trace
+                and -1 not in self.leaf_indices and self.output is not None)
+
+
+class GhostPlan(NamedTuple):
+    """Sites to perturb (by key) and the partition of the parameter leaves (indices)."""
+
+    perturbed: dict
+    covered: frozenset
+    direct: frozenset
+    fallback: tuple
+
+
+def current_trace() -> Any:
+    """The innermost JAX trace (to tell the loss's own trace from a nested ``scan`` body)."""
+    try:
+        from jax._src import core  # pylint: disable=import-outside-toplevel
+        return core.trace_ctx.trace
+    except (ImportError, AttributeError):  # pragma: no cover - older/newer JAX internals
+        return None
+
+
+class Recorder:
+    """Interception handler of the abstract trace: records every site (see ``Site``)."""
+
+    def __init__(self, leaf_ids: dict):
+        self.leaf_ids = leaf_ids
+        self.loss_trace = current_trace()
+        self.sites: list = []
+        self.bad_paths: set = set()
+        self._calls = collections.Counter()
+
+    def on_call(self, path, rule, config, inputs, call_next, own_leaves):
+        del inputs
+        outputs = call_next()
+        call = self._calls[path]
+        self._calls[path] += 1
+        indices = tuple(self.leaf_ids.get(id(leaf), -1) for leaf in own_leaves())
+        output = None
+        if isinstance(outputs, jax.Array) or hasattr(outputs, "aval"):
+            output = jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs))
+        in_loss_trace = current_trace() is self.loss_trace
+        self.sites.append(Site(path, call, rule, config, indices, output, in_loss_trace))
+        return outputs
+
+    def on_other_method(self, path: str) -> None:
+        """A covered layer's parameters used by another method (e.g. ``Embed.attend``)."""
+        self.bad_paths.add(path)
+
+
+class Perturber:
+    """Interception handler of the real trace: output + zero perturbation, input captured."""
+
+    def __init__(self, plan: GhostPlan, perturbations: dict):
+        self.plan = plan
+        self.perturbations = perturbations
+        self.captured: dict = {}
+        self._calls = collections.Counter()
+
+    def on_call(self, path, rule, config, inputs, call_next, own_leaves):
+        del rule, config, own_leaves
+        call = self._calls[path]
+        self._calls[path] += 1
+        if (path, call) not in self.plan.perturbed:
+            return call_next()
+        self.captured[(path, call)] = inputs
+        return call_next() + self.perturbations[(path, call)]
+
+    def on_other_method(self, path: str) -> None:
+        del path
+
+
+def build_plan(sites: list, bad_paths: set, num_leaves: int) -> GhostPlan:
+    """The ``GhostPlan`` of recorded sites (fixed point: a path is perturbed iff all its calls
+    are ghost-able and every leaf it reads is read by perturbed paths only)."""
+    readers = collections.defaultdict(set)
+    for site in sites:
+        for index in site.leaf_indices:
+            readers[index].add(site.path)
+    ghost_paths = {site.path for site in sites if site.rule is not None} - set(bad_paths)
+    ghost_paths -= {site.path for site in sites if site.rule is not None and not site.ghost_able}
+    while True:
+        covered = {i for i, paths in readers.items() if i >= 0 and paths <= ghost_paths}
+        leaky = {s.path for s in sites if s.path in ghost_paths
+                 and not set(s.leaf_indices) <= covered}
+        if not leaky:
+            break
+        ghost_paths -= leaky
+    direct_paths = {site.path for site in sites if site.rule is None}
+    direct = {i for i, paths in readers.items()
+              if i >= 0 and i not in covered and paths <= direct_paths}
+    fallback = tuple(i for i in range(num_leaves) if i not in covered and i not in direct)
+    perturbed = {site.key: site for site in sites if site.path in ghost_paths}
+    return GhostPlan(perturbed, frozenset(covered), frozenset(direct), fallback)
+
+
+def site_sq_norms(plan: GhostPlan, captured: dict, output_grads: dict) -> list:
+    """(K,) squared norms of each covered path's parameters, calls of a path concatenated
+    along the rows (a layer applied twice has g_k = [A1; A2]^T [B1; B2])."""
+    by_path = collections.defaultdict(list)
+    for key, site in plan.perturbed.items():
+        by_path[site.path].append(site.rule.factors(site.config, captured[key],
+                                                    output_grads[key]))
+    results = []
+    for calls in by_path.values():
+        for name in calls[0]:
+            factors = [call[name] for call in calls]
+            results.append(_factor_sq_norms(factors))
+    return results
+
+
+def _factor_sq_norms(factors: list) -> jax.Array:
+    kind = factors[0].kind
+    right = jnp.concatenate([f.right for f in factors], axis=1)
+    if kind == "sum":
+        return layer_norms.sum_sq_norms(right)
+    left = jnp.concatenate([f.left for f in factors], axis=1)
+    if kind == "matmul":
+        return layer_norms.matmul_sq_norms(left, right)
+    return layer_norms.embed_sq_norms(left, right)
