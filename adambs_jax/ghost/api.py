@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from adambs_jax import feedback
-from adambs_jax.ghost import linen, sites
+from adambs_jax.ghost import linen, nnx, sites
 from adambs_jax.ghost.layer_norms import norm_dtype
 from adambs_jax.losses import PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.tree_utils import batch_size_of
@@ -61,12 +61,7 @@ class GhostCoverage(NamedTuple):
 def _interception(handler):
     with contextlib.ExitStack() as stack:
         stack.enter_context(linen.interception(handler))
-        try:
-            from adambs_jax.ghost import nnx  # pylint: disable=import-outside-toplevel
-        except ImportError:  # pragma: no cover - flax without nnx
-            nnx = None
-        if nnx is not None:
-            stack.enter_context(nnx.interception(handler))
+        stack.enter_context(nnx.interception(handler))
         yield
 
 
