@@ -24,6 +24,7 @@ wider) squared norms; products use ``Precision.HIGHEST`` so that TF32 does not r
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence, Union
 
 import jax
@@ -107,21 +108,29 @@ def conv_patches(
     input_dilation: Sequence[int],
     kernel_dilation: Sequence[int],
 ) -> jax.Array:
-    """(N, out_spatial..., C * prod(kernel_size)) im2col patches of channels-last ``inputs``.
+    """(N, out_spatial..., prod(kernel_size) * C) im2col patches of channels-last ``inputs``.
 
     ``inputs`` is (N, spatial..., C) (channels last, as Flax convolutions take them); row
     (n, position) of the result is the receptive field the convolution multiplies with its
-    kernel at that output position, so conv(x, W)[n, pos] = patches[n, pos] @ W.reshape(-1, p)
-    up to the order of the patch features (which no norm depends on).
+    kernel at that output position, features ordered (kernel offset, channel), so that
+    conv(x, W)[n, pos] = patches[n, pos] @ W.reshape(-1, p) for an HWIO kernel W. Padding
+    strings resolve as in ``lax.conv_general_dilated`` (on the undilated input shape). Built
+    from one pad and prod(kernel_size) strided slices: data movement only, unlike
+    ``lax.conv_general_dilated_patches`` (a convolution with a one-hot kernel).
     """
-    channels_first = jnp.moveaxis(inputs, -1, 1)
-    patches = lax.conv_general_dilated_patches(
-        channels_first,
-        filter_shape=tuple(kernel_size),
-        window_strides=tuple(strides),
-        padding=padding,
-        lhs_dilation=tuple(input_dilation),
-        rhs_dilation=tuple(kernel_dilation),
-        precision=_HIGHEST,
-    )
-    return jnp.moveaxis(patches, 1, -1)
+    spatial = inputs.shape[1:-1]
+    effective = [(k - 1) * r + 1 for k, r in zip(kernel_size, kernel_dilation)]
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(spatial, effective, strides, padding)
+    config = [(0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, input_dilation)]
+    padded = lax.pad(inputs, jnp.zeros((), inputs.dtype), config + [(0, 0, 0)])
+    out_shape = [(n - e) // s + 1 for n, e, s in zip(padded.shape[1:-1], effective, strides)]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        start = [o * r for o, r in zip(offset, kernel_dilation)]
+        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out_shape, strides)]
+        slices.append(lax.slice(padded, [0, *start, 0], [padded.shape[0], *limit,
+                                                         padded.shape[-1]],
+                                [1, *strides, 1]))
+    return jnp.concatenate(slices, axis=-1)
