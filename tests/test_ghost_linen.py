@@ -16,7 +16,8 @@ K = 4
 
 
 def _coverage_and_check(model, inputs, *, batch_stats=False):
-    """Ghost norms of sum(sin(model(x))) per example equal the vmap norms; returns coverage."""
+    """Ghost norms of sum(sin(model(x))) per example equal the vmap norms, and G_hat the
+    gradient of the weighted mean loss; returns the coverage."""
     variables = model.init(jax.random.key(0), inputs[:1])
     params = {"params": variables["params"]}
     state = {k: v for k, v in variables.items() if k != "params"}
@@ -28,13 +29,26 @@ def _coverage_and_check(model, inputs, *, batch_stats=False):
             out = model.apply({**p, **state}, x)
         return jnp.sum(jnp.sin(out).reshape(out.shape[0], -1), axis=1)
 
+    weights = jnp.linspace(0.5, 2.0, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        norms = ghost.per_example_grad_norms(loss_fn, params, inputs, method="ghost")
+        _, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, inputs, weights)
     expected = feedback.per_example_grad_norms(loss_fn, params, inputs)
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     assert np.all(np.asarray(expected) > 0)
+    expected_grad = jax.grad(
+        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
+    _assert_gradients_close(grad, expected_grad)
     return ghost.ghost_coverage(loss_fn, params, inputs)
+
+
+def _assert_gradients_close(actual, expected):
+    """rtol 1e-4, and float32 summation error (1e-5 of the largest entry of all leaves) for
+    tiny entries (e.g. the bias of a convolution followed by batch statistics, ~0)."""
+    atol = 1e-5 * max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(expected))
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
+                                                         rtol=1e-4, atol=atol),
+                 actual, expected)
 
 
 def _images(shape=(K, 9, 9, 3)):
@@ -77,7 +91,7 @@ def test_dense_on_sequences(length, width):
 
 def test_dense_general_and_flax_attention_are_covered():
     inputs = jax.random.normal(jax.random.key(3), (K, 5, 2, 3))
-    coverage = _coverage_and_check(nn.DenseGeneral((3, 2), axis=(-2, -1)), inputs)
+    coverage = _coverage_and_check(nn.DenseGeneral((3, 2), axis=(-1, -2)), inputs)
     assert len(coverage.ghost) == 2
     attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
     coverage = _coverage_and_check(attention, inputs.reshape(K, 5, 6))
@@ -149,3 +163,27 @@ def test_batch_norm_params_take_the_direct_path(train):
     coverage = _coverage_and_check(_BatchNormCNN(train), _images(), batch_stats=True)
     assert {name.split("']")[1] for name in coverage.direct} == {"['BatchNorm_0"}
     assert not coverage.fallback and len(coverage.ghost) == 4
+
+
+def test_a_kernel_also_read_by_the_loss_falls_back_exactly():
+    """A weight-decay term inside the per-example loss reads the kernel outside its layer."""
+    model = nn.Sequential([nn.Dense(4), jnp.tanh, nn.Dense(3)])
+    inputs = jax.random.normal(jax.random.key(7), (K, 5))
+    params = model.init(jax.random.key(0), inputs[:1])
+
+    def loss_fn(p, x):
+        decay = 0.1 * jnp.sum(p["params"]["layers_0"]["kernel"] ** 2)
+        return jnp.sum(jnp.sin(model.apply(p, x)), axis=1) + decay
+
+    coverage = ghost.ghost_coverage(loss_fn, params, inputs)
+    assert coverage.fallback == ("['params']['layers_0']['bias']",
+                                 "['params']['layers_0']['kernel']")
+    assert len(coverage.ghost) == 2
+    weights = jnp.linspace(0.5, 2.0, K)
+    with pytest.warns(UserWarning, match="layers_0"):
+        _, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, inputs, weights)
+    expected = feedback.per_example_grad_norms(loss_fn, params, inputs)
+    np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
+    expected_grad = jax.grad(
+        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
+    _assert_gradients_close(grad, expected_grad)

@@ -10,7 +10,8 @@ OUT = jax.ShapeDtypeStruct((1, 3), jnp.float32)
 
 
 def _site(path, leaves, call=0, rule=RULE, config=(), in_loss_trace=True):
-    return sites.Site(path, call, rule, config, tuple(leaves), OUT, in_loss_trace)
+    named = tuple((f"param{n}", index) for n, index in enumerate(leaves))
+    return sites.Site(path, call, rule, config, named, OUT, in_loss_trace)
 
 
 def test_supported_calls_cover_their_leaves_and_the_rest_falls_back():
@@ -45,3 +46,11 @@ def test_norm_layer_leaf_also_read_by_a_covered_layer_is_not_direct():
     recorded = [_site("a", (0,)), _site("n", (0,), rule=None, config=None)]
     plan = sites.build_plan(recorded, set(), 1)
     assert plan.fallback == (0,) and not plan.covered and not plan.direct
+
+
+def test_outside_reads_lists_the_leaves_an_equation_or_output_reads():
+    def fn(leaves, x):
+        return leaves[0] * x, leaves[2]
+
+    jaxpr = jax.make_jaxpr(fn)([1.0, 2.0, 3.0, 4.0], 5.0)
+    assert sites.outside_reads(jaxpr, 4) == {0, 2}

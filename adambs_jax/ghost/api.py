@@ -12,14 +12,15 @@ forward and ONE backward pass
 How: the loss is evaluated per example under ``jax.vmap`` (the same semantics and dropout
 keys as ``feedback.per_example_grad_norms``: example k gets ``jax.random.split(key, K)[k]``),
 every supported layer call is intercepted (``ghost.linen``, ``ghost.nnx``) and a zero
-perturbation z is added to its output, and the weighted loss is differentiated w.r.t.
-(params, z). The gradient w.r.t. z_k is (w_k / K) b_k with b_k = d loss_k / d output_k; dividing
-by w_k / K gives b_k, and the layer rules (``ghost.layer_norms``: Goodfellow 2015; Li et al.
-2022 ghost clipping; Bu et al. 2023 book-keeping) give each layer's per-example squared norm
-from b_k and the captured layer input. Parameters no rule covers (custom layers, RNN cells
-under ``scan``, normalization layers) get one copy per example: the gradient w.r.t. copy k is
-(w_k / K) times example k's gradient, exact, in the same backward pass (the cost of ``vmap``
-for those parameters only). The squared norms of all parameters add up: the result is exact.
+perturbation z is added to its output, and the weighted loss is differentiated w.r.t. z. The
+gradient w.r.t. z_k is (w_k / K) b_k with b_k = d loss_k / d output_k; the layer rules
+(``ghost.layer_norms``: Goodfellow 2015; Li et al. 2022 ghost clipping; Bu et al. 2023
+book-keeping) give from it and the captured layer input each layer's weighted per-example
+squared norm, divided by (w_k / K)^2 at the end, and the layer's share of G_hat. Parameters
+no rule covers (custom layers, RNN cells under ``scan``, normalization layers, leaves also
+read outside their layer) get one copy per example, differentiated too: the gradient w.r.t.
+copy k is (w_k / K) times example k's gradient, exact, in the same backward pass (the cost
+of ``vmap`` for those parameters only). The squared norms of all parameters add up: exact.
 
 Weights must be non-zero (1 / (n p) always is): an example of weight 0 gets a NaN norm, which
 the samplers drop as invalid feedback. Norms are of the gradient before rounding to the
@@ -77,7 +78,8 @@ def _one_example_loss(loss, params, example, example_key):
 
 
 def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
-    """Records the layer calls of one abstract per-example trace (``sites.Recorder``)."""
+    """Records the layer calls of one abstract per-example trace (``sites.Recorder``), then
+    uncovers the layers whose leaves are also read elsewhere (``sites.Skipper``)."""
     leaves, treedef = jax.tree.flatten(params)
     recorders = []
 
@@ -89,8 +91,22 @@ def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
         return value
 
     jax.eval_shape(jax.vmap(record, in_axes=(None, 0, key_axis)), leaves, batch, keys)
-    recorder = recorders[0]
-    return sites.build_plan(recorder.sites, recorder.bad_paths, len(leaves))
+    recorded, bad_paths = recorders[0].sites, set(recorders[0].bad_paths)
+    plan = sites.build_plan(recorded, bad_paths, len(leaves))
+    if not plan.perturbed:
+        return plan
+
+    def skip(leaf_list, example, example_key):
+        with _interception(sites.Skipper(plan, {})):
+            return _one_example_loss(loss, treedef.unflatten(leaf_list), example, example_key)
+
+    jaxpr = jax.make_jaxpr(jax.vmap(skip, in_axes=(None, 0, key_axis)))(leaves, batch, keys)
+    read_elsewhere = sites.outside_reads(jaxpr, len(leaves)) & plan.covered
+    if not read_elsewhere:
+        return plan
+    bad_paths |= {site.path for site in plan.perturbed.values()
+                  if read_elsewhere & set(site.leaf_indices)}
+    return sites.build_plan(recorded, bad_paths, len(leaves))
 
 
 def _leaf_names(params, indices) -> tuple:
@@ -123,43 +139,43 @@ def ghost_coverage(loss_fn: PerExampleLoss, params: Any, batch: Any,
 
 
 def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
-    """(losses, G_hat, (K,) squared norms) in one backward pass (see the module docstring)."""
+    """(losses, G_hat, (K,) squared norms) in one backward pass (see the module docstring).
+
+    Autodiff runs w.r.t. the perturbations and the per-example copies only: the covered
+    leaves' gradients come from the captured rows (``sites.site_norms_and_grads``), so their
+    weight-gradient products are not computed twice (book-keeping, Bu et al. 2023).
+    """
     batch_size = weights.shape[0]
     leaves, treedef = jax.tree.flatten(params)
-    shared = {i: leaves[i] for i in plan.covered}
     copies = {i: jnp.broadcast_to(leaf, (batch_size,) + jnp.shape(leaf))
               for i, leaf in enumerate(leaves) if i not in plan.covered}
     zeros = {key: jnp.zeros((batch_size,) + site.output.shape, site.output.dtype)
              for key, site in plan.perturbed.items()}
 
-    def one_example(shared_, copies_, zeros_, example, example_key):
-        merged = [shared_[i] if i in shared_ else copies_[i] for i in range(len(leaves))]
+    def one_example(copies_, zeros_, example, example_key):
+        merged = [copies_[i] if i in copies_ else leaf for i, leaf in enumerate(leaves)]
         perturber = sites.Perturber(plan, zeros_)
         with _interception(perturber):
             value = _one_example_loss(loss, treedef.unflatten(merged), example, example_key)
         return value, perturber.captured
 
-    def weighted_loss(shared_, copies_, zeros_):
-        losses, captured = jax.vmap(one_example, in_axes=(None, 0, 0, 0, key_axis))(
-            shared_, copies_, zeros_, batch, keys)
+    def weighted_loss(copies_, zeros_):
+        losses, captured = jax.vmap(one_example, in_axes=(0, 0, 0, key_axis))(
+            copies_, zeros_, batch, keys)
         return jnp.mean(weights.astype(losses.dtype) * losses), (losses, captured)
 
-    (_, (losses, captured)), (shared_grads, copy_grads, output_grads) = jax.value_and_grad(
-        weighted_loss, argnums=(0, 1, 2), has_aux=True)(shared, copies, zeros)
-    scale = weights.astype(jnp.float32) / batch_size  # d weighted loss / d loss_k
-
-    def unweighted(g):  # row k of a weighted per-example cotangent, divided by w_k / K
+    (_, (losses, captured)), (copy_grads, cotangents) = jax.value_and_grad(
+        weighted_loss, argnums=(0, 1), has_aux=True)(copies, zeros)
+    sq_norms, grads = sites.site_norms_and_grads(plan, captured, cotangents,
+                                                 [jnp.shape(leaf) for leaf in leaves])
+    for i, g in copy_grads.items():
         g = g.astype(norm_dtype(g.dtype))
-        return g / scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-
-    sq_norms = sites.site_sq_norms(plan, captured, jax.tree.map(unweighted, output_grads))
-    sq_norms += [jnp.sum(jnp.square(unweighted(g)).reshape(batch_size, -1), axis=1)
-                 for g in copy_grads.values()]
-    grads = [shared_grads[i] if i in shared_grads
-             else jnp.sum(copy_grads[i].astype(norm_dtype(leaf.dtype)), axis=0).astype(leaf.dtype)
-             for i, leaf in enumerate(leaves)]
+        sq_norms.append(jnp.sum(jnp.square(g).reshape(batch_size, -1), axis=1))
+        grads[i] = jnp.sum(g, axis=0)
+    scale = weights.astype(jnp.float32) / batch_size  # d weighted loss / d loss_k
     total = sum(sq_norms) if sq_norms else jnp.zeros((batch_size,), jnp.float32)
-    return losses, treedef.unflatten(grads), total
+    gradient = treedef.unflatten([grads[i].astype(leaf.dtype) for i, leaf in enumerate(leaves)])
+    return losses, gradient, total / jnp.square(scale).astype(total.dtype)
 
 
 def _check_method(method) -> None:

@@ -35,8 +35,11 @@ __all__ = [
     "norm_dtype",
     "use_ghost_form",
     "matmul_sq_norms",
+    "matmul_sq_norms_and_sum",
     "sum_sq_norms",
+    "sum_sq_norms_and_sum",
     "embed_sq_norms",
+    "embed_sq_norms_and_sum",
     "conv_patches",
 ]
 
@@ -63,6 +66,17 @@ def matmul_sq_norms(inputs: jax.Array, output_grads: jax.Array) -> jax.Array:
     The squared norm of the per-example gradient of a weight used as y_t = W^T a_t at the
     T rows of each example; ghost (Gram) or explicit form by ``use_ghost_form``.
     """
+    return matmul_sq_norms_and_sum(inputs, output_grads)[0]
+
+
+def matmul_sq_norms_and_sum(inputs: jax.Array, output_grads: jax.Array):
+    """``(sq_norms (K,), sum_k A_k^T B_k (d, p))``: the norms and the summed gradient.
+
+    With B the *weighted* output gradients (w_k / K) b_k the sum is the layer's share of
+    G_hat (book-keeping, Bu et al. 2023): in the explicit form the per-example gradients
+    are formed anyway, so G_hat costs a sum over K instead of another (K T, d) x (K T, p)
+    product; in the ghost form it is that one product, as in the ordinary backward pass.
+    """
     if inputs.ndim != 3 or output_grads.ndim != 3 or inputs.shape[:2] != output_grads.shape[:2]:
         raise ValueError(
             f"inputs and output_grads must be (K, T, d) and (K, T, p), got {inputs.shape} "
@@ -73,14 +87,21 @@ def matmul_sq_norms(inputs: jax.Array, output_grads: jax.Array) -> jax.Array:
     if use_ghost_form(num_rows, in_features, b.shape[2]):
         input_gram = jnp.einsum("ktd,ksd->kts", a, a, precision=_HIGHEST)
         grad_gram = jnp.einsum("ktp,ksp->kts", b, b, precision=_HIGHEST)
-        return jnp.sum(input_gram * grad_gram, axis=(1, 2))
+        total = jnp.einsum("ktd,ktp->dp", a, b, precision=_HIGHEST)
+        return jnp.sum(input_gram * grad_gram, axis=(1, 2)), total
     per_example_grads = jnp.einsum("ktd,ktp->kdp", a, b, precision=_HIGHEST)
-    return jnp.sum(jnp.square(per_example_grads), axis=(1, 2))
+    return jnp.sum(jnp.square(per_example_grads), axis=(1, 2)), jnp.sum(per_example_grads, 0)
 
 
 def sum_sq_norms(output_grads: jax.Array) -> jax.Array:
     """(K,) ||sum_t b_t||^2 for B (K, T, p): the per-example gradient norm of a bias."""
-    return jnp.sum(jnp.square(jnp.sum(_wide(output_grads), axis=1)), axis=1)
+    return sum_sq_norms_and_sum(output_grads)[0]
+
+
+def sum_sq_norms_and_sum(output_grads: jax.Array):
+    """``(sq_norms (K,), sum_k sum_t b_t (p,))`` of a bias."""
+    per_example_grads = jnp.sum(_wide(output_grads), axis=1)
+    return jnp.sum(jnp.square(per_example_grads), axis=1), jnp.sum(per_example_grads, axis=0)
 
 
 def embed_sq_norms(tokens: jax.Array, output_grads: jax.Array) -> jax.Array:
@@ -98,6 +119,15 @@ def embed_sq_norms(tokens: jax.Array, output_grads: jax.Array) -> jax.Array:
     same_token = (tokens[:, :, None] == tokens[:, None, :]).astype(b.dtype)
     grad_gram = jnp.einsum("ktf,ksf->kts", b, b, precision=_HIGHEST)
     return jnp.sum(same_token * grad_gram, axis=(1, 2))
+
+
+def embed_sq_norms_and_sum(tokens: jax.Array, output_grads: jax.Array, num_embeddings: int):
+    """``(sq_norms (K,), table gradient (num_embeddings, F))``: the rows b_t scattered-added
+    to their tokens' rows, as the backward pass of the lookup does."""
+    sq_norms = embed_sq_norms(tokens, output_grads)
+    b = _wide(output_grads)
+    table = jnp.zeros((num_embeddings, b.shape[-1]), b.dtype)
+    return sq_norms, table.at[tokens.reshape(-1)].add(b.reshape(-1, b.shape[-1]))
 
 
 def conv_patches(

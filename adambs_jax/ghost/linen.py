@@ -61,9 +61,9 @@ LINEN_NORMALIZATION_LAYERS = tuple(
 """Layers whose (small, elementwise) parameters take the direct per-example path."""
 
 
-def _own_params(module) -> list:
+def _own_params(module) -> dict:
     params = module.variables.get("params", {})
-    return [value for value in params.values() if not hasattr(value, "items")]
+    return {name: value for name, value in params.items() if not hasattr(value, "items")}
 
 
 def _interceptor(handler):

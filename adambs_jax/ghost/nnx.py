@@ -59,10 +59,11 @@ NNX_NORMALIZATION_LAYERS = tuple(
 """Layers whose (small, elementwise) parameters take the direct per-example path."""
 
 
-def _own_params(module) -> list:
-    params = [value for value in vars(module).values() if isinstance(value, nnx.Param)]
-    return [param.get_value() if hasattr(param, "get_value") else param.value
-            for param in params]
+def _own_params(module) -> dict:
+    params = {name: value for name, value in vars(module).items()
+              if isinstance(value, nnx.Param)}
+    return {name: param.get_value() if hasattr(param, "get_value") else param.value
+            for name, param in params.items()}
 
 
 class _Names:

@@ -38,7 +38,7 @@ def dense_factors(config, inputs, output_grads):
     """Dense / DenseGeneral: y = x . W over ``axes`` of x (per-example axes, 0-based)."""
     axes, use_bias = config
     per_example_ndim = inputs.ndim - 1
-    axes = tuple(sorted(a % per_example_ndim + 1 for a in axes))
+    axes = tuple(sorted(a % per_example_ndim + 1 for a in axes))  # as flax orders the kernel
     moved = jnp.moveaxis(inputs, axes, tuple(range(inputs.ndim - len(axes), inputs.ndim)))
     in_features = math.prod(inputs.shape[a] for a in axes)
     left = _rows(moved.astype(output_grads.dtype), in_features)

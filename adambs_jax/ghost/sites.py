@@ -15,10 +15,13 @@ its per-example output, and whether it ran in the loss's own trace rather than i
 * every other leaf is *fallback*: per-example copies too (exact, the cost of ``vmap`` for
   those leaves only), and reported.
 
-The second, real trace (``Perturber``) adds a zero perturbation to the output of each covered
-site and captures its input; the perturbation's gradient is the site's output gradient.
-Assumption (not checked): a covered leaf is read only through its layer's calls (a leaf the
-loss also uses directly, e.g. a per-example weight-decay term, would be missed).
+A second abstract trace (``Skipper``) replaces the covered layers' calls by zeros: a covered
+leaf still read there is also read outside its layer (e.g. a weight-decay term in the loss, a
+weight tied by hand), and its layer falls back too (``outside_reads``).
+
+The real trace (``Perturber``) adds a zero perturbation to the output of each covered site and
+captures its input; the perturbation's gradient is the site's (weighted) output gradient, from
+which ``site_norms_and_grads`` gives the norms and the covered leaves' share of G_hat.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from adambs_jax.ghost import layer_norms
 
-__all__ = ["Factor", "LayerRule", "Site", "GhostPlan", "Recorder", "Perturber", "build_plan",
-           "current_trace", "site_sq_norms"]
+__all__ = ["Factor", "LayerRule", "Site", "GhostPlan", "Recorder", "Perturber", "Skipper",
+           "build_plan", "outside_reads", "current_trace", "site_norms_and_grads"]
 
 
 class Factor(NamedTuple):
@@ -68,13 +72,17 @@ class Site(NamedTuple):
     call: int
     rule: Optional[LayerRule]  # None: a normalization layer (direct)
     config: Any
-    leaf_indices: tuple  # indices into the flattened params; -1: a leaf not found there
+    leaves: tuple  # (parameter name, index into the flattened params; -1: not found there)
     output: Optional[jax.ShapeDtypeStruct]  # per-example output
     in_loss_trace: bool
 
     @property
     def key(self) -> tuple:
         return (self.path, self.call)
+
+    @property
+    def leaf_indices(self) -> tuple:
+        return tuple(index for _, index in self.leaves)
 
     @property
     def ghost_able(self) -> bool:
@@ -115,7 +123,8 @@ class Recorder:
         outputs = call_next()
         call = self._calls[path]
         self._calls[path] += 1
-        indices = tuple(self.leaf_ids.get(id(leaf), -1) for leaf in own_leaves())
+        indices = tuple((name, self.leaf_ids.get(id(leaf), -1))
+                        for name, leaf in own_leaves().items())
         output = None
         if isinstance(outputs, jax.Array) or hasattr(outputs, "aval"):
             output = jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs))
@@ -150,6 +159,30 @@ class Perturber:
         del path
 
 
+class Skipper(Perturber):
+    """Interception handler of the reads check: a covered call returns zeros, uncalled."""
+
+    def on_call(self, path, rule, config, inputs, call_next, own_leaves):
+        call = self._calls[path]
+        self._calls[path] += 1
+        site = self.plan.perturbed.get((path, call))
+        if site is None:
+            return call_next()
+        return jnp.zeros(site.output.shape, site.output.dtype)
+
+
+def outside_reads(jaxpr, num_leaves: int) -> set:
+    """Indices of the first ``num_leaves`` inputs of a (closed) jaxpr that any equation or
+    output reads (run on the ``Skipper`` trace: reads outside the covered layers)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    position = {var: i for i, var in enumerate(jaxpr.invars[:num_leaves])}
+    read = set()
+    for var in [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars):
+        if isinstance(var, jax_core.Var) and var in position:
+            read.add(position[var])
+    return read
+
+
 def build_plan(sites: list, bad_paths: set, num_leaves: int) -> GhostPlan:
     """The ``GhostPlan`` of recorded sites (fixed point: a path is perturbed iff all its calls
     are ghost-able and every leaf it reads is read by perturbed paths only)."""
@@ -174,27 +207,36 @@ def build_plan(sites: list, bad_paths: set, num_leaves: int) -> GhostPlan:
     return GhostPlan(perturbed, frozenset(covered), frozenset(direct), fallback)
 
 
-def site_sq_norms(plan: GhostPlan, captured: dict, output_grads: dict) -> list:
-    """(K,) squared norms of each covered path's parameters, calls of a path concatenated
-    along the rows (a layer applied twice has g_k = [A1; A2]^T [B1; B2])."""
+def site_norms_and_grads(plan: GhostPlan, captured: dict, cotangents: dict,
+                         leaf_shapes: list) -> tuple[list, dict]:
+    """``([(K,) squared norms], {leaf index: gradient})`` of the covered leaves.
+
+    ``cotangents`` are the perturbations' gradients (w_k / K) b_k: the squared norms are
+    then those of the weighted per-example gradients (divide by (w_k / K)^2), and the
+    gradients the covered leaves' share of G_hat. The calls of a path are concatenated
+    along the rows (a layer applied twice has g_k = [A1; A2]^T [B1; B2]).
+    """
     by_path = collections.defaultdict(list)
     for key, site in plan.perturbed.items():
-        by_path[site.path].append(site.rule.factors(site.config, captured[key],
-                                                    output_grads[key]))
-    results = []
+        by_path[site.path].append((site, site.rule.factors(site.config, captured[key],
+                                                           cotangents[key])))
+    sq_norms, grads = [], {}
     for calls in by_path.values():
-        for name in calls[0]:
-            factors = [call[name] for call in calls]
-            results.append(_factor_sq_norms(factors))
-    return results
+        indices = dict(calls[0][0].leaves)
+        for name in calls[0][1]:
+            shape = leaf_shapes[indices[name]]
+            sq, total = _factor_norms_and_sum([factors[name] for _, factors in calls], shape)
+            sq_norms.append(sq)
+            grads[indices[name]] = total.reshape(shape)
+    return sq_norms, grads
 
 
-def _factor_sq_norms(factors: list) -> jax.Array:
+def _factor_norms_and_sum(factors: list, shape: tuple):
     kind = factors[0].kind
     right = jnp.concatenate([f.right for f in factors], axis=1)
     if kind == "sum":
-        return layer_norms.sum_sq_norms(right)
+        return layer_norms.sum_sq_norms_and_sum(right)
     left = jnp.concatenate([f.left for f in factors], axis=1)
     if kind == "matmul":
-        return layer_norms.matmul_sq_norms(left, right)
-    return layer_norms.embed_sq_norms(left, right)
+        return layer_norms.matmul_sq_norms_and_sum(left, right)
+    return layer_norms.embed_sq_norms_and_sum(left, right, shape[0])
