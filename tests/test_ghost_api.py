@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import adambs_jax as ab
 from adambs_jax import feedback
 from adambs_jax import ghost
 
@@ -203,7 +204,9 @@ def test_loss_without_key_and_plain_function_loss():
         return jnp.sum(jnp.tanh(b @ p["w"] + p["b"]) ** 2, axis=1)
 
     expected = feedback.per_example_grad_norms(loss_fn, params, x)
-    _assert_close(ghost.per_example_grad_norms(loss_fn, params, x), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: plain vmap, nothing to report
+        _assert_close(ghost.per_example_grad_norms(loss_fn, params, x), expected)
     with pytest.warns(UserWarning, match=r"\['b'\], \['w'\]"):
         ghost_norms = ghost.per_example_grad_norms(loss_fn, params, x, method="ghost")
     _assert_close(ghost_norms, expected)
@@ -226,3 +229,18 @@ def test_argument_errors():
         ghost.per_example_grad_norms(loss_fn, params, batch, method="fast")
     with pytest.raises(ValueError, match=r"weights must have shape \(6,\)"):
         ghost.ghost_losses_grad_and_norms(loss_fn, params, batch, jnp.ones(K + 1))
+
+
+def test_model_loss_and_zero_weight():
+    """A ``ModelLoss`` works as a loss; an example of weight 0 gets a NaN norm (its output
+    gradients are lost in the weighted backward pass), which samplers drop as feedback."""
+    model, make_inputs = MODELS["mlp"]
+    loss_fn, params, batch = _problem(model, make_inputs)
+    model_loss = ab.ModelLoss(
+        lambda p, b: model.apply(p, b["x"]),
+        lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]))
+    weights = jnp.ones(K).at[2].set(0.0)
+    _, _, norms = ghost.ghost_losses_grad_and_norms(model_loss, params, batch, weights)
+    expected = np.asarray(feedback.per_example_grad_norms(model_loss, params, batch))
+    assert np.isnan(norms[2])
+    _assert_close(np.delete(np.asarray(norms), 2), np.delete(expected, 2))

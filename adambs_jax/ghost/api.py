@@ -110,7 +110,8 @@ def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
 
 
 def _leaf_names(params, indices) -> tuple:
-    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
     return tuple(paths[i] for i in sorted(indices))
 
 
@@ -122,8 +123,9 @@ def _warn_fallback(params, plan) -> None:
     warnings.warn(
         f"ghost norms: no layer rule covers the parameters {shown}; their per-example "
         f"gradients come from per-example copies (exact, at the cost of vmap for them). "
-        f"Covered: exact flax Dense, DenseGeneral, Conv, Embed and normalization layers "
-        f"called outside scan/remat.",
+        f"Covered: linen Dense, DenseGeneral, Conv, Embed, NNX Linear, Conv, Embed (exact "
+        f"types, called outside scan/remat, parameters read by no other operation) and "
+        f"normalization layers.",
         stacklevel=3,
     )
 
@@ -197,7 +199,7 @@ def _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key):
 
 def ghost_losses_grad_and_norms(
     loss_fn: PerExampleLoss, params: Any, batch: Any, weights: jax.Array,
-    key: Optional[jax.Array] = None, *, method: str = "ghost",
+    key: Optional[jax.Array] = None, *, method: str = "auto",
 ) -> tuple[jax.Array, Any, jax.Array]:
     """``(losses (K,), G_hat, norms (K,))`` of a per-example loss in one backward pass.
 
@@ -208,9 +210,10 @@ def ghost_losses_grad_and_norms(
       batch: a pytree with leading axis K.
       weights: (K,) non-zero weights w_k; G_hat = d/d params (1/K) sum_k w_k loss_k.
       key: optional PRNG key; example k gets ``jax.random.split(key, K)[k]``.
-      method: ``"ghost"`` (layer rules, per-example copies for the rest, warns about those),
-        ``"vmap"`` (per-example gradients by ``vmap``, G_hat by one more ``jax.grad``) or
-        ``"auto"`` (ghost if a layer rule covers any parameter, else vmap, no warning).
+      method: ``"ghost"`` (layer rules, per-example copies for the rest, with a warning
+        naming those), ``"vmap"`` (per-example gradients by ``vmap``, G_hat by one more
+        ``jax.grad``) or ``"auto"`` (ghost if a layer rule covers any parameter, else vmap
+        without a warning).
 
     Returns:
       The losses, G_hat (like params) and the exact norms ||d loss_k / d params||_2 (float32).
@@ -226,8 +229,7 @@ def ghost_losses_grad_and_norms(
     plan = _plan(loss, params, batch, keys, key_axis)
     if method == "auto" and not plan.covered:
         return _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key)
-    if method == "ghost":
-        _warn_fallback(params, plan)
+    _warn_fallback(params, plan)
     losses, grads, sq_norms = _ghost_pass(loss, params, batch, weights, keys, key_axis, plan)
     return losses, grads, jnp.sqrt(sq_norms)
 
@@ -240,7 +242,8 @@ def per_example_grad_norms(
 
     ``method="vmap"`` is ``feedback.per_example_grad_norms``; ``"ghost"`` and ``"auto"`` use
     ``ghost_losses_grad_and_norms`` with unit weights (under ``jit`` the unused G_hat is
-    dropped). See that function for the arguments.
+    dropped). See that function for the arguments; it warns (at trace time) about the
+    parameters whose per-example gradients fall back to per-example copies.
     """
     _check_method(method)
     if method == "vmap":
