@@ -100,12 +100,12 @@ class GhostPlan(NamedTuple):
 
 
 def current_trace() -> Any:
-    """The innermost JAX trace (to tell the loss's own trace from a nested ``scan`` body)."""
-    try:
-        from jax._src import core  # pylint: disable=import-outside-toplevel
-        return core.trace_ctx.trace
-    except (ImportError, AttributeError):  # pragma: no cover - older/newer JAX internals
-        return None
+    """An opaque token of the innermost JAX trace, comparable with ``==`` (to tell the loss's
+    own trace from a nested ``scan`` / ``remat`` / ``jit`` body); as ``flax.core.tracers``."""
+    get_state = getattr(jax_core, "get_opaque_trace_state", None)
+    if get_state is None:  # pragma: no cover - JAX before 0.10
+        get_state = jax.core.get_opaque_trace_state
+    return get_state(convention="flax")
 
 
 class Recorder:
@@ -128,7 +128,7 @@ class Recorder:
         output = None
         if isinstance(outputs, jax.Array) or hasattr(outputs, "aval"):
             output = jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs))
-        in_loss_trace = current_trace() is self.loss_trace
+        in_loss_trace = current_trace() == self.loss_trace
         self.sites.append(Site(path, call, rule, config, indices, output, in_loss_trace))
         return outputs
 
