@@ -1,6 +1,6 @@
 """Layer calls seen while tracing a per-example loss, and which parameters they cover.
 
-The ghost-norm pass (``adambs_jax.ghost.api``) traces the loss twice. The first, abstract
+The ghost-norm pass (``adambs_jax.ghost.api``) traces the loss three times. The first, abstract
 trace (``Recorder``) records every call of a supported layer (a *site*: module path, call
 number, the layer's rule and configuration, the parameter leaves the layer read, the shape of
 its per-example output, and whether it ran in the loss's own trace rather than inside a
