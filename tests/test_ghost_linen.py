@@ -187,3 +187,22 @@ def test_a_kernel_also_read_by_the_loss_falls_back_exactly():
     expected_grad = jax.grad(
         lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
     _assert_gradients_close(grad, expected_grad)
+
+
+def test_a_model_applied_under_an_inner_jit_falls_back_exactly():
+    model = nn.Dense(3)
+    inputs = jax.random.normal(jax.random.key(8), (K, 5))
+    params = model.init(jax.random.key(0), inputs[:1])
+
+    @jax.jit
+    def outputs(p, x):
+        return model.apply(p, x)
+
+    def loss_fn(p, x):
+        return jnp.sum(jnp.sin(outputs(p, x)), axis=1)
+
+    coverage = ghost.ghost_coverage(loss_fn, params, inputs)
+    assert not coverage.ghost and len(coverage.fallback) == 2
+    norms = ghost.per_example_grad_norms(loss_fn, params, inputs, method="auto")
+    np.testing.assert_allclose(np.asarray(norms), np.asarray(
+        feedback.per_example_grad_norms(loss_fn, params, inputs)), rtol=1e-4)

@@ -36,7 +36,6 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from adambs_jax import feedback
 from adambs_jax.ghost import linen, nnx, sites
 from adambs_jax.ghost.layer_norms import norm_dtype
 from adambs_jax.losses import PerExampleLoss, check_losses, with_key_argument
@@ -180,6 +179,13 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
     return losses, gradient, total / jnp.square(scale).astype(total.dtype)
 
 
+def _feedback_module():
+    # imported on use: adambs_jax.feedback may import this module (feedback="grad_norm")
+    from adambs_jax import feedback  # pylint: disable=import-outside-toplevel
+
+    return feedback
+
+
 def _check_method(method) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -187,6 +193,7 @@ def _check_method(method) -> None:
 
 def _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key):
     """Today's path: vmap norms, and G_hat from one more ``jax.grad`` of the weighted loss."""
+    feedback = _feedback_module()
     norms = feedback.per_example_grad_norms(loss_fn, params, batch, key)
 
     def weighted_loss(p):
@@ -247,7 +254,7 @@ def per_example_grad_norms(
     """
     _check_method(method)
     if method == "vmap":
-        return feedback.per_example_grad_norms(loss_fn, params, batch, key)
+        return _feedback_module().per_example_grad_norms(loss_fn, params, batch, key)
     weights = jnp.ones((batch_size_of(batch),), jnp.float32)
     _, _, norms = ghost_losses_grad_and_norms(loss_fn, params, batch, weights, key,
                                               method=method)

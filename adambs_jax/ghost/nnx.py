@@ -12,7 +12,9 @@ A loss on an NNX model takes the parameters as state and merges them, e.g.
 ``loss_fn = lambda params, batch: per_example_loss(nnx.merge(graphdef, params, rest), batch)``
 with ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``; the ghost pass maps a
 layer's parameters to the leaves of ``params`` by identity. Layers are named by the order of
-their first call (``Linear_0``, ...), the same in every trace of the same loss.
+their first call (``Linear_0``, ...), the same in every trace of the same loss. The classes
+are patched process-wide while a ghost pass traces: do not trace NNX models in another
+thread at the same time.
 """
 
 from __future__ import annotations
