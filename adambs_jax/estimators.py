@@ -10,10 +10,12 @@ Learning", NeurIPS 2020, eq. 1)
 and the sampler needs one score f_k per draw (Algorithm 2). Each feedback kind has its own
 cheapest way of producing both:
 
-* ``"grad_norm"``: the per-example gradients (``vmap(grad)``) for the norms, and G_hat from one
-  more ``jax.grad`` of the weighted loss (``estimate_with_grad_norms_and_weighted_loss``; XLA
-  reduces each per-example gradient to its norm without storing K x params floats), or the
-  weighted mean of the stored per-example gradients (``estimate_with_per_example_grads``);
+* ``"grad_norm"``: by default ghost norms (``estimate_with_ghost_norms``): the exact norms
+  and G_hat from one forward and one backward pass, layer by layer (``adambs_jax.ghost``);
+  or the per-example gradients (``vmap(grad)``) for the norms and G_hat from one more
+  ``jax.grad`` of the weighted loss (``estimate_with_vmap_norms``; XLA reduces each
+  per-example gradient to its norm without storing K x params floats), or the weighted mean
+  of the stored per-example gradients (``estimate_with_per_example_grads``);
 * ``"logit_grad_norm"``: one forward pass, d loss_k / d z_k by a backward pass through the
   loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k / d z_k,
   which is G_hat (``estimate_with_logit_bound``) — about the cost of one plain step;
@@ -31,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from adambs_jax import ghost
 from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.per_example import (
     losses_and_output_grads,
@@ -42,8 +45,9 @@ from adambs_jax.tree_utils import per_example_norms
 __all__ = [
     "Estimate",
     "EstimateFn",
+    "estimate_with_ghost_norms",
     "estimate_with_per_example_grads",
-    "estimate_with_grad_norms_and_weighted_loss",
+    "estimate_with_vmap_norms",
     "estimate_with_logit_bound",
     "estimate_with_loss",
     "estimator_with_user_feedback",
@@ -78,8 +82,19 @@ def estimate_with_per_example_grads(loss_fn, params, batch, weights, key) -> Est
     return Estimate(losses, grads, per_example_norms(grads), per_example=True)
 
 
-def estimate_with_grad_norms_and_weighted_loss(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"``: the norms from per-example gradients, G_hat from the weighted loss."""
+def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
+    """``"grad_norm"`` (default): the exact norms and G_hat from one backward pass
+    (``adambs_jax.ghost``: per-layer ghost norms, per-example copies for the parameters no
+    layer rule covers; the vmap path when no layer is covered)."""
+    losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
+        loss_fn, params, batch, weights, key, method="auto"
+    )
+    return Estimate(losses, gradient, norms, per_example=False)
+
+
+def estimate_with_vmap_norms(loss_fn, params, batch, weights, key) -> Estimate:
+    """``"grad_norm"`` by ``vmap``: the norms from per-example gradients, G_hat from the
+    weighted loss."""
     # the per-example gradients only feed the norms, so XLA can reduce them as they are
     # produced instead of materializing K x params; G_hat is one more (cheap) backward pass
     _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)

@@ -32,9 +32,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 
+from adambs_jax import ghost
 from adambs_jax.estimators import (
     EstimateFn,
-    estimate_with_grad_norms_and_weighted_loss,
+    estimate_with_ghost_norms,
+    estimate_with_vmap_norms,
     estimate_with_logit_bound,
     estimate_with_loss,
     estimate_with_per_example_grads,
@@ -74,19 +76,29 @@ FeedbackFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 
 def per_example_grad_norms(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+    loss_fn: PerExampleLoss,
+    params: Any,
+    batch: Any,
+    key: Optional[jax.Array] = None,
+    *,
+    method: str = "auto",
 ) -> jax.Array:
     """(K,) exact per-example gradient norms ||d loss_k / d params||_2 over all parameters.
 
-    The ``"grad_norm"`` feedback of AdamBS (Algorithm 2). See
-    ``per_example_losses_and_grads`` for the arguments.
+    The ``"grad_norm"`` feedback of AdamBS (Algorithm 2). ``method``: ``"ghost"`` (per-layer
+    ghost norms from one backward pass, ``adambs_jax.ghost``; parameters no layer rule
+    covers get per-example copies, with a warning naming them), ``"vmap"`` (norms of
+    ``vmap`` per-example gradients, K x params memory) or ``"auto"`` (default: ghost when a
+    layer rule covers any parameter, else vmap). All three are exact (they agree to float32
+    rounding). See ``per_example_losses_and_grads`` for the other arguments.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
-      Algorithm 2 (feedback f = ||g_{i_k}||).
+      Algorithm 2 (feedback f = ||g_{i_k}||); Goodfellow, "Efficient Per-Example Gradient
+      Computations", 2015; Bu et al., "Differentially Private Optimization on Large Model
+      at Small Cost" (book-keeping), ICML 2023.
     """
-    _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
-    return tree_norms(grads)
+    return ghost.per_example_grad_norms(loss_fn, params, batch, key, method=method)
 
 
 def logit_grad_norms(
@@ -134,25 +146,34 @@ class FeedbackKind(NamedTuple):
         the weighted mean of stored per-example gradients); None if the kind has no
         per-example gradients to reuse (the option then changes nothing).
       needs_model_loss: the kind needs the model outputs, so a ``ModelLoss``.
+      estimate_by_vmap: the estimator for ``grad_norm_method="vmap"``; None if the kind has
+        no other way.
     """
 
     scores: Callable[..., jax.Array]
     estimate: EstimateFn
     estimate_reusing_grads: Optional[EstimateFn] = None
     needs_model_loss: bool = False
+    estimate_by_vmap: Optional[EstimateFn] = None
 
-    def estimator(self, reuse_per_example_grads: bool) -> EstimateFn:
-        """The train step's estimator for the given ``reuse_per_example_grads``."""
+    def estimator(
+        self, reuse_per_example_grads: bool, grad_norm_method: str = "auto"
+    ) -> EstimateFn:
+        """The train step's estimator for the given ``reuse_per_example_grads`` and, for
+        ``"grad_norm"``, ``grad_norm_method`` (``"vmap"`` selects ``estimate_by_vmap``)."""
         if reuse_per_example_grads and self.estimate_reusing_grads is not None:
             return self.estimate_reusing_grads
+        if grad_norm_method == "vmap" and self.estimate_by_vmap is not None:
+            return self.estimate_by_vmap
         return self.estimate
 
 
 FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
     "grad_norm": FeedbackKind(
         per_example_grad_norms,
-        estimate_with_grad_norms_and_weighted_loss,
+        estimate_with_ghost_norms,
         estimate_reusing_grads=estimate_with_per_example_grads,
+        estimate_by_vmap=estimate_with_vmap_norms,
     ),
     "logit_grad_norm": FeedbackKind(
         logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True

@@ -66,7 +66,7 @@ def _logit_bound(params, batch):
 @pytest.mark.parametrize(
     "estimate, feedback",
     [
-        (estimators.estimate_with_grad_norms_and_weighted_loss, "grad_norm"),
+        (estimators.estimate_with_vmap_norms, "grad_norm"),
         (estimators.estimate_with_per_example_grads, "grad_norm"),
         (estimators.estimate_with_logit_bound, "logit_grad_norm"),
         (estimators.estimate_with_loss, "loss"),
@@ -97,7 +97,7 @@ def test_only_the_reusing_estimator_keeps_per_example_gradients():
     kept = estimators.estimate_with_per_example_grads(MODEL_LOSS, params, batch, weights, None)
     assert kept.per_example
     chex.assert_shape(kept.gradient["w"], (BATCH_SIZE, 3, 3))
-    recomputed = estimators.estimate_with_grad_norms_and_weighted_loss(
+    recomputed = estimators.estimate_with_vmap_norms(
         MODEL_LOSS, params, batch, weights, None
     )
     assert not recomputed.per_example
@@ -114,7 +114,7 @@ def test_a_stochastic_loss_gets_the_same_per_example_keys_for_norms_and_gradient
         return _cross_entropy(_linear(p, {**b, "x": jnp.where(keep, 2.0 * b["x"], 0.0)}), b)
 
     key = jax.random.key(7)
-    fused = estimators.estimate_with_grad_norms_and_weighted_loss(
+    fused = estimators.estimate_with_vmap_norms(
         dropout_loss, params, batch, weights, key
     )
     kept = estimators.estimate_with_per_example_grads(dropout_loss, params, batch, weights, key)

@@ -191,9 +191,8 @@ class RegistryTest(chex.TestCase):
         grad_norm = fb.feedback_kind("grad_norm", model_loss)
         self.assertIs(grad_norm, fb.FEEDBACK_REGISTRY["grad_norm"])
         self.assertIs(grad_norm.scores, ab.per_example_grad_norms)
-        self.assertIs(
-            grad_norm.estimator(False), estimators.estimate_with_grad_norms_and_weighted_loss
-        )
+        self.assertIs(grad_norm.estimator(False), estimators.estimate_with_ghost_norms)
+        self.assertIs(grad_norm.estimator(False, "vmap"), estimators.estimate_with_vmap_norms)
         self.assertIs(grad_norm.estimator(True), estimators.estimate_with_per_example_grads)
         logit = fb.feedback_kind("logit_grad_norm", model_loss)
         self.assertTrue(logit.needs_model_loss)

@@ -119,7 +119,7 @@ def test_norms_losses_and_gradient_match_vmap(name):
         warnings.simplefilter("ignore")  # the GRU cell falls back (tested below)
         losses, grad, norms = jax.jit(
             lambda p: ghost.ghost_losses_grad_and_norms(loss_fn, p, batch, weights, key))(params)
-    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params, batch, key))
+    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap"))
     expected_losses = feedback.per_example_losses(loss_fn, params, batch, key)
     _assert_close(losses, expected_losses, rtol=1e-6)
 
@@ -169,8 +169,8 @@ def test_bfloat16_params_give_float32_norms_of_the_float32_gradient(name):
     norms = ghost.per_example_grad_norms(loss_fn, params, batch, key, method="ghost")
     assert norms.dtype == jnp.float32
     params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params32, batch, key))
-    rounded = feedback.per_example_grad_norms(loss_fn, params, batch, key)  # bf16 gradients
+    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params32, batch, key, method="vmap"))
+    rounded = feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")  # bf16 gradients
     _assert_close(norms, rounded, rtol=2e-2)
 
 
@@ -188,7 +188,7 @@ def test_methods_agree_and_vmap_is_todays_feedback(method):
     loss_fn, params, batch = _problem(*MODELS["cifar_cnn"])
     key = jax.random.key(5)
     norms = ghost.per_example_grad_norms(loss_fn, params, batch, key, method=method)
-    expected = feedback.per_example_grad_norms(loss_fn, params, batch, key)
+    expected = feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")
     if method == "vmap":
         np.testing.assert_array_equal(np.asarray(norms), np.asarray(expected))
     _assert_close(norms, expected)
@@ -203,7 +203,7 @@ def test_loss_without_key_and_plain_function_loss():
     def loss_fn(p, b):
         return jnp.sum(jnp.tanh(b @ p["w"] + p["b"]) ** 2, axis=1)
 
-    expected = feedback.per_example_grad_norms(loss_fn, params, x)
+    expected = feedback.per_example_grad_norms(loss_fn, params, x, method="vmap")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto: plain vmap, nothing to report
         _assert_close(ghost.per_example_grad_norms(loss_fn, params, x), expected)
@@ -241,6 +241,6 @@ def test_model_loss_and_zero_weight():
         lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]))
     weights = jnp.ones(K).at[2].set(0.0)
     _, _, norms = ghost.ghost_losses_grad_and_norms(model_loss, params, batch, weights)
-    expected = np.asarray(feedback.per_example_grad_norms(model_loss, params, batch))
+    expected = np.asarray(feedback.per_example_grad_norms(model_loss, params, batch, method="vmap"))
     assert np.isnan(norms[2])
     _assert_close(np.delete(np.asarray(norms), 2), np.delete(expected, 2))

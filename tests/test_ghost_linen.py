@@ -33,7 +33,7 @@ def _coverage_and_check(model, inputs, *, batch_stats=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, inputs, weights)
-    expected = feedback.per_example_grad_norms(loss_fn, params, inputs)
+    expected = feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     assert np.all(np.asarray(expected) > 0)
     expected_grad = jax.grad(
@@ -182,7 +182,7 @@ def test_a_kernel_also_read_by_the_loss_falls_back_exactly():
     weights = jnp.linspace(0.5, 2.0, K)
     with pytest.warns(UserWarning, match="layers_0"):
         _, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, inputs, weights)
-    expected = feedback.per_example_grad_norms(loss_fn, params, inputs)
+    expected = feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     expected_grad = jax.grad(
         lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
@@ -205,4 +205,4 @@ def test_a_model_applied_under_an_inner_jit_falls_back_exactly():
     assert not coverage.ghost and len(coverage.fallback) == 2
     norms = ghost.per_example_grad_norms(loss_fn, params, inputs, method="auto")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(
-        feedback.per_example_grad_norms(loss_fn, params, inputs)), rtol=1e-4)
+        feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")), rtol=1e-4)

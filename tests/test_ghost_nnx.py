@@ -68,7 +68,7 @@ def test_nnx_norms_and_gradient_match_vmap(name):
         warnings.simplefilter("ignore")
         losses, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, batch, weights,
                                                                 key)
-    expected = feedback.per_example_grad_norms(loss_fn, params, batch, key)
+    expected = feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     expected_grad = jax.grad(
         lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, batch, key)))(params)

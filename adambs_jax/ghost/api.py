@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from adambs_jax.ghost import linen, nnx, sites
 from adambs_jax.ghost.layer_norms import norm_dtype
 from adambs_jax.losses import PerExampleLoss, check_losses, with_key_argument
-from adambs_jax.tree_utils import batch_size_of
+from adambs_jax.per_example import per_example_losses_and_grads
+from adambs_jax.tree_utils import batch_size_of, per_example_norms
 
 __all__ = ["METHODS", "GhostCoverage", "ghost_coverage", "ghost_losses_grad_and_norms",
            "per_example_grad_norms"]
@@ -179,11 +180,11 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
     return losses, gradient, total / jnp.square(scale).astype(total.dtype)
 
 
-def _feedback_module():
-    # imported on use: adambs_jax.feedback may import this module (feedback="grad_norm")
-    from adambs_jax import feedback  # pylint: disable=import-outside-toplevel
+def _estimators_module():
+    # imported on use: adambs_jax.estimators imports this module (feedback="grad_norm")
+    from adambs_jax import estimators  # pylint: disable=import-outside-toplevel
 
-    return feedback
+    return estimators
 
 
 def _check_method(method) -> None:
@@ -192,16 +193,9 @@ def _check_method(method) -> None:
 
 
 def _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key):
-    """Today's path: vmap norms, and G_hat from one more ``jax.grad`` of the weighted loss."""
-    feedback = _feedback_module()
-    norms = feedback.per_example_grad_norms(loss_fn, params, batch, key)
-
-    def weighted_loss(p):
-        losses = feedback.per_example_losses(loss_fn, p, batch, key)
-        return jnp.mean(weights.astype(losses.dtype) * losses), losses
-
-    (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
-    return losses, gradient, norms
+    """The vmap path: per-example gradients for the norms, G_hat from one more ``jax.grad``."""
+    estimate = _estimators_module().estimate_with_vmap_norms(loss_fn, params, batch, weights, key)
+    return estimate.losses, estimate.gradient, estimate.feedback
 
 
 def ghost_losses_grad_and_norms(
@@ -247,14 +241,15 @@ def per_example_grad_norms(
 ) -> jax.Array:
     """(K,) exact per-example gradient norms ||d loss_k / d params||_2 (float32).
 
-    ``method="vmap"`` is ``feedback.per_example_grad_norms``; ``"ghost"`` and ``"auto"`` use
+    ``method="vmap"`` takes the norms of ``vmap`` per-example gradients; ``"ghost"`` and ``"auto"`` use
     ``ghost_losses_grad_and_norms`` with unit weights (under ``jit`` the unused G_hat is
     dropped). See that function for the arguments; it warns (at trace time) about the
     parameters whose per-example gradients fall back to per-example copies.
     """
     _check_method(method)
     if method == "vmap":
-        return _feedback_module().per_example_grad_norms(loss_fn, params, batch, key)
+        _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
+        return per_example_norms(grads)
     weights = jnp.ones((batch_size_of(batch),), jnp.float32)
     _, _, norms = ghost_losses_grad_and_norms(loss_fn, params, batch, weights, key,
                                               method=method)
