@@ -197,15 +197,23 @@ def _accepts_apply(update) -> bool:
     return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply):
+def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply, finite):
     """``sampler.update(..., apply=apply)``: the state bitwise unchanged when ``apply`` is
     False, with no ``while_loop`` or ``cond`` (a data-dependent branch makes XLA:GPU copy its
     predicate to the host every step, issue 11). A plain sampler masks its own update
     (exp3 rewrites the K touched leaves, O(K log n)); a scoring sampler's ``sample`` already
     changed its state, so the step selects between the updated and the step's input state
     (O(state): the library's scoring samplers hold O(n) at most and score n examples anyway).
+
+    The sampler state enters the update through an ``optimization_barrier`` with ``finite``,
+    which depends on the whole gradient computation: every read of the tree (the draws,
+    p_I, the weights) is then scheduled before its in-place write. Without it XLA copied
+    the tree twice per step when nothing else ordered them (``skip_non_finite=False``;
+    docs/performance.md, "Non-finite guard").
     """
     sampler = config.sampler
+    sampler_state, apply, _ = jax.lax.optimization_barrier((state.sampler_state, apply, finite))
+    state = state._replace(sampler_state=sampler_state)
     if not config.scoring and _accepts_apply(sampler.update):
         return sampler.update(state.sampler_state, draw.indices, scores, apply=apply)
     source = draw.sampled_state if config.scoring else state.sampler_state
@@ -235,9 +243,11 @@ def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -
     if config.skip_non_finite:
         params = select(finite, params, state.params)
         opt_state = select(finite, opt_state, state.opt_state)
-    else:
-        finite = jnp.asarray(True)
-    sampler_state = _update_sampler(config, state, draw, scores, finite)
+        apply = finite
+    else:  # always True, but not a constant XLA could fold (see _update_sampler)
+        apply = finite | jax.lax.optimization_barrier(jnp.asarray(True))
+    sampler_state = _update_sampler(config, state, draw, scores, apply, finite)
+    finite = finite if config.skip_non_finite else jnp.asarray(True)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     return Applied(params, opt_state, sampler_state, scores, skipped)
 

@@ -1,5 +1,7 @@
 """Tests of adambs_jax.step_stages: each stage of the train step on its own."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,19 @@ def test_a_sampler_without_apply_is_selected():
                .sampler_state.step) == 0
     assert int(step_stages.guarded_apply(config, state, draw, _estimate(0.5))
                .sampler_state.step) == 1
+
+
+@pytest.mark.parametrize("skip_non_finite", [True, False])
+def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
+    # every read of the tree must be scheduled before its in-place write; otherwise XLA
+    # copies the O(n) tree every step (docs/performance.md, "Non-finite guard")
+    n = 100_000
+    sampler = ab.exp3_sampler(n, 128, num_steps=10)
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss",
+                              diagnostics=False, skip_non_finite=skip_non_finite)
+    state = step.init({"w": jnp.asarray(2.0)})
+    data = {"x": jnp.ones((n,)), "y": jnp.ones((n,))}
+    hlo = step.lower(state, data, jax.random.key(0)).compile().as_text()
+    tree_size = state.sampler_state.tree.shape[0]
+    assert f"f32[{tree_size}]" in hlo
+    assert not re.search(rf"f32\[{tree_size}\]\S* copy\(", hlo)
