@@ -167,7 +167,7 @@ def exp3_sampler(
       stratified: draw one index in each of K equal slices of the probability mass
         (lower variance, still marginally p); default i.i.d. with replacement.
       arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
-        ``sumtree.default_arity()``: 32 on GPU/TPU, 4 on CPU (docs/performance.md). The
+        ``sumtree.default_arity()``: 32 on GPU/TPU, 16 on CPU (docs/performance.md). The
         largest n is about 2^31 (B - 1) / B (int32 node indices); larger is refused.
 
     Renormalization: the tree's root shrinks with every update, so the state must be

@@ -11,9 +11,9 @@ Why B-ary: a draw or an update walks one path per level, and on an accelerator e
 is a few tiny kernels whose launch, not their arithmetic, is the cost (issue 11 measured
 ~40 binary levels at 80-120 µs per step on an H100). With B = 32 a tree over 10^8 leaves has
 6 levels instead of 27; each level gathers B children per path (K x B values) and reduces
-them. On a CPU the per-level cost is XLA's per-operation overhead plus the K x B gather, so
-a small B is best there (docs/performance.md has the measurements behind
-``default_arity``).
+them. On a CPU the per-level cost is XLA's per-operation overhead plus the K x B gather;
+B = 4 .. 16 are about equally fast there and B = 2 is slowest (docs/performance.md has the
+measurements behind ``default_arity``).
 
 Costs: ``build`` O(n); ``total`` O(1); ``draw`` O(K B log_B n); ``set_leaves``
 O(K log K + K B log_B n).
@@ -114,10 +114,12 @@ def layout_for(num_leaves: int, arity: int = 2) -> TreeLayout:
 
 
 def default_arity(backend: str | None = None) -> int:
-    """B by backend: 32 on GPU/TPU (few levels: launches dominate), 4 on CPU (measured
-    fastest there from n = 10^3 to 10^7, docs/performance.md)."""
+    """B by backend: 32 on GPU/TPU (few levels: each is a kernel launch), 16 on CPU (the
+    lowest total of sample + update at n = 10^3 .. 10^7 in three runs on a 2-core CPU;
+    4, 8 and 16 are within that machine's noise of each other, 2 is 1.5-4x slower:
+    docs/performance.md, "Tree arity")."""
     backend = backend or jax.default_backend()
-    return 4 if backend == "cpu" else 32
+    return 16 if backend == "cpu" else 32
 
 
 def sum_children(children: jax.Array) -> jax.Array:

@@ -168,7 +168,7 @@ def test_draw_never_returns_padding_or_zero_leaves_at_the_edges(arity):
 
 def test_default_arity_by_backend():
     assert sumtree.default_arity("gpu") == sumtree.default_arity("tpu") == 32
-    assert sumtree.default_arity("cpu") in (2, 4, 8)
+    assert sumtree.default_arity("cpu") in (4, 8, 16)  # measured: docs/performance.md
 
 
 def test_stratified_targets_cover_each_slice_once():
