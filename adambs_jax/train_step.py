@@ -23,7 +23,11 @@ mini-batch training. Per step, with K the batch size and n the dataset size, the
 Faults: a skipped step is counted in ``metrics["skipped"]`` and ``state.skipped_steps``
 (``skip_non_finite=True``, the default). Scale-out: with ``mesh=``, the gathered batch is split
 over the devices of a ``jax.sharding.Mesh`` and everything else is replicated
-(``adambs_jax.sharding``). Checkpoints: ``adambs_jax.checkpoint``.
+(``adambs_jax.sharding``). Checkpoints: ``adambs_jax.checkpoint``. Small models:
+``steps_per_call=N`` runs N steps in one jitted ``lax.scan`` (``adambs_jax.train_loop``).
+The step has no ``while_loop`` or ``cond`` of its own (a skipped sampler update is masked,
+the sampler's renormalization runs every ``sampler.renormalize_every`` steps from the
+``TrainStep``), so on a GPU nothing in it waits for the host.
 """
 
 from __future__ import annotations
