@@ -31,6 +31,7 @@ NeurIPS 2020, §4.2: "a segment tree ... to update p in O(K log n)").
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_TREE_SIZE",
     "TreeLayout",
     "layout_for",
+    "max_leaves",
     "default_arity",
     "build",
     "total",
@@ -95,11 +97,7 @@ def layout_for(num_leaves: int, arity: int = 2) -> TreeLayout:
         raise ValueError(f"num_leaves must be an int >= 1, got {num_leaves!r}")
     if arity not in _SUPPORTED_ARITIES:
         raise ValueError(f"arity must be one of {_SUPPORTED_ARITIES}, got {arity!r}")
-    sizes = [_round_up(num_leaves, arity)]
-    while sizes[-1] > arity:  # parents of level l + 1, padded to a multiple of B
-        sizes.append(_round_up(sizes[-1] // arity, arity))
-    sizes.append(1)  # the root, parent of the top B nodes
-    sizes = tuple(reversed(sizes))
+    sizes = _level_sizes(num_leaves, arity)
     offsets, start = [], 0
     for level_size in sizes:
         offsets.append(start)
@@ -107,10 +105,29 @@ def layout_for(num_leaves: int, arity: int = 2) -> TreeLayout:
     if start > MAX_TREE_SIZE:
         raise ValueError(
             f"num_examples={num_leaves} needs a tree of {start} nodes with arity {arity}, more "
-            f"than int32 indices address ({MAX_TREE_SIZE}); use a larger arity (at most "
-            f"{(MAX_TREE_SIZE // (arity + 1)) * arity} examples with arity {arity})"
+            f"than int32 indices address ({MAX_TREE_SIZE}); at most {max_leaves(arity)} "
+            f"examples with arity {arity}: use a larger arity"
         )
     return TreeLayout(num_leaves, arity, sizes, tuple(offsets), start)
+
+
+def _level_sizes(num_leaves: int, arity: int) -> tuple:
+    """Nodes per level, root first: leaves padded to a multiple of B, then their parents."""
+    sizes = [_round_up(num_leaves, arity)]
+    while sizes[-1] > arity:  # parents of level l + 1, padded to a multiple of B
+        sizes.append(_round_up(sizes[-1] // arity, arity))
+    sizes.append(1)  # the root, parent of the top B nodes
+    return tuple(reversed(sizes))
+
+
+@functools.lru_cache(maxsize=None)
+def max_leaves(arity: int) -> int:
+    """The largest n whose tree with ``arity`` fits int32 node indices (bisection)."""
+    low, high = 1, MAX_TREE_SIZE  # sum(sizes) > n, so n = MAX_TREE_SIZE never fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if sum(_level_sizes(middle, arity)) <= MAX_TREE_SIZE else (low, middle)
+    return low
 
 
 def default_arity(backend: str | None = None) -> int:

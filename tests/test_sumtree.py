@@ -45,6 +45,12 @@ def test_layout_rejects_bad_arguments_and_trees_beyond_int32():
     with pytest.raises(ValueError, match="num_examples=1073741825.*larger arity"):
         sumtree.layout_for(2**30 + 1, 2)
     assert sumtree.layout_for(10**9, 32).size < 2**31  # n = 10^9 fits with a wide tree
+    for arity in (2, 32):  # the limit the message names is exact
+        largest = sumtree.max_leaves(arity)
+        assert sumtree.layout_for(largest, arity).size <= sumtree.MAX_TREE_SIZE
+        with pytest.raises(ValueError, match=f"at most {largest} examples with arity {arity}"):
+            sumtree.layout_for(largest + 1, arity)
+    assert sumtree.max_leaves(2) == 2**30
 
 
 @pytest.mark.parametrize("arity", ARITIES)
