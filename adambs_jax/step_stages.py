@@ -205,11 +205,13 @@ def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply, finite
     changed its state, so the step selects between the updated and the step's input state
     (O(state): the library's scoring samplers hold O(n) at most and score n examples anyway).
 
-    The sampler state enters the update through an ``optimization_barrier`` with ``finite``,
-    which depends on the whole gradient computation: every read of the tree (the draws,
-    p_I, the weights) is then scheduled before its in-place write. Without it XLA copied
-    the tree twice per step when nothing else ordered them (``skip_non_finite=False``;
-    docs/performance.md, "Non-finite guard").
+    Every read of the tree (the draws, p_I, the weights) must be scheduled before its
+    in-place write, or XLA copies the O(n) tree every step. What orders them is that
+    ``apply`` depends on the whole gradient computation (with ``skip_non_finite=False`` it
+    is ``finite | optimization_barrier(True)``: a constant True brought two tree copies back,
+    docs/performance.md, "Non-finite guard"); the sampler state also enters the update
+    through an ``optimization_barrier`` with ``finite``, to keep that order explicit (no
+    copies either way in the measurement; ``test_the_compiled_step_does_not_copy_the_tree``).
     """
     sampler = config.sampler
     sampler_state, apply, _ = jax.lax.optimization_barrier((state.sampler_state, apply, finite))
