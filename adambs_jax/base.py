@@ -5,12 +5,18 @@ A sampler is a NamedTuple of pure functions plus its static sizes:
     state = sampler.init()
     indices, probs = sampler.sample(state, key)          # (K,) int32, (K,) p[indices]
     state = sampler.update(state, indices, feedback)     # feedback (K,) >= 0
+    state = sampler.update(state, indices, feedback, apply=ok)   # unchanged if not ok
+    if sampler.renormalize_every and t % sampler.renormalize_every == 0:
+        state = sampler.renormalize(state)               # O(n), every M updates
 
 A ``ScoringSampler``'s ``sample`` also takes a ``score_fn`` over the current model and
 returns its new state (``adambs_jax.scoring``). A sampler whose state holds a full
 distribution p over the n examples gives ``probabilities: state -> (n,)`` (O(n); for
 metrics, tests and plots); ``None`` when it has none (e.g. Adam-impt, whose marginal
-distribution is not computed). Nothing in the library inspects a state's attributes to
+distribution is not computed). A sampler whose weights shrink with every update (exp3: the
+tree's root) gives ``renormalize_every`` M and ``renormalize: state -> state``: the caller
+(``TrainStep`` does it) runs ``renormalize`` at least every M updates, a static count, so
+that no update needs a data-dependent branch; None and None for the others. Nothing in the library inspects a state's attributes to
 find out what kind of sampler made it: it asks the sampler.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
@@ -30,6 +36,7 @@ __all__ = [
     "ScoringSampleFn",
     "UpdateFn",
     "ProbabilitiesFn",
+    "RenormalizeFn",
     "Sampler",
     "ScoringSampler",
     "AnySampler",
@@ -63,9 +70,16 @@ class ScoringSampleFn(Protocol):
 
 class UpdateFn(Protocol):
     def __call__(
-        self, state: SamplerState, indices: jax.Array, feedback: jax.Array
+        self, state: SamplerState, indices: jax.Array, feedback: jax.Array, *, apply=True
     ) -> SamplerState:
-        """Learns from the feedback (K,) of the draws ``indices`` (K,)."""
+        """Learns from the feedback (K,) of the draws ``indices`` (K,); with ``apply`` False
+        (a bool scalar, may be traced) returns ``state`` bitwise unchanged, without a
+        branch. A user sampler may omit ``apply``: the train step then selects."""
+
+
+class RenormalizeFn(Protocol):
+    def __call__(self, state: SamplerState) -> SamplerState:
+        """Rescales the state's internal weights (O(n)); its distribution is unchanged."""
 
 
 class ProbabilitiesFn(Protocol):
@@ -79,10 +93,12 @@ class Sampler(NamedTuple):
     Attributes:
       init: ``() -> state``.
       sample: ``(state, key) -> (indices (K,) int32, probs (K,) float32)``, probs = p[indices].
-      update: ``(state, indices (K,), feedback (K,)) -> state``.
+      update: ``(state, indices (K,), feedback (K,), *, apply=True) -> state``.
       num_examples: n.
       batch_size: K.
       probabilities: ``state -> p (n,)``, or None if the sampler has no full distribution.
+      renormalize_every: M: call ``renormalize`` at least every M updates; None: never needed.
+      renormalize: ``state -> state`` (O(n)), or None.
     """
 
     init: InitFn
@@ -91,6 +107,8 @@ class Sampler(NamedTuple):
     num_examples: int
     batch_size: int
     probabilities: Optional[ProbabilitiesFn] = None
+    renormalize_every: Optional[int] = None
+    renormalize: Optional[RenormalizeFn] = None
 
 
 class ScoringSampler(NamedTuple):
@@ -99,7 +117,7 @@ class ScoringSampler(NamedTuple):
     Attributes:
       init: ``() -> state``.
       sample: ``(state, key, score_fn) -> (indices (K,) int32, probs (K,), state)``.
-      update: ``(state, indices (K,), feedback (K,)) -> state``.
+      update: ``(state, indices (K,), feedback (K,), *, apply=True) -> state``.
       num_examples: n.
       batch_size: K.
       score_feedback: which scores ``score_fn`` returns: a feedback kind
@@ -108,6 +126,7 @@ class ScoringSampler(NamedTuple):
       score_chunk_size: compute scores in chunks of this many examples (``jax.lax.map``), to
         bound memory when scoring many examples (e.g. all n); None: all at once.
       probabilities: ``state -> p (n,)``, or None if the sampler has no full distribution.
+      renormalize_every, renormalize: as ``Sampler``'s.
     """
 
     init: InitFn
@@ -118,6 +137,8 @@ class ScoringSampler(NamedTuple):
     score_feedback: Any = None
     score_chunk_size: Optional[int] = None
     probabilities: Optional[ProbabilitiesFn] = None
+    renormalize_every: Optional[int] = None
+    renormalize: Optional[RenormalizeFn] = None
 
 
 AnySampler = Union[Sampler, ScoringSampler]

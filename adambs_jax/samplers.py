@@ -8,6 +8,7 @@ A sampler is a NamedTuple of pure functions (``adambs_jax.base.Sampler``), in th
     indices, probs = sampler.sample(state, key)           # (K,) int32, (K,) p[indices]
     state = sampler.update(state, indices, feedback)       # feedback (K,) >= 0
     p = sampler.probabilities(state)                       # (n,), O(n)
+    state = sampler.renormalize(state)   # exp3: at least every sampler.renormalize_every
 
 All of them work under ``jax.jit`` and compile once for a fixed n and K. Each factory here
 only validates its arguments into a frozen config and binds the module-level functions of
@@ -17,8 +18,8 @@ its algorithm to it: ``adambs_jax.exp3`` (AdamBS Algorithm 2, step by step) and
 ``exp3_sampler`` is AdamBS Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020): EXP3 with multiple
 plays on the n arms, with loss l_j = L^2/p_min^2 - f_j^2/p_j^2, an importance-weighted loss
 estimate, a multiplicative step and an exact KL projection onto {q >= p_min, sum q = 1}.
-Per step it costs O(K log K + K log n): only the sampled leaves of a prefix-sum tree change,
-and normalization is lazy (p = leaf / root).
+Per step it costs O(K log K + K B log_B n): only the sampled leaves of a B-ary prefix-sum tree
+change, and normalization is lazy (p = leaf / root).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 from adambs_jax import exp3, uniform
 from adambs_jax.base import Sampler
 from adambs_jax.exp3 import (  # re-exported: their home is adambs_jax.exp3
-    RESCALE_LOG_THRESHOLD,
     Exp3SamplerState,
     default_step_size,
 )
@@ -48,7 +48,6 @@ __all__ = [
     "probabilities",
     "importance_weights",
     "default_step_size",
-    "RESCALE_LOG_THRESHOLD",
 ]
 
 
@@ -99,6 +98,9 @@ def uniform_sampler(num_examples: int, batch_size: int) -> Sampler:
     """Draws K indices i.i.d. uniformly from {0..n-1}; probs = 1/n, so the importance
     weights are 1 and training is plain mini-batch training. ``update`` learns nothing.
 
+    Indices are int32, or int64 when n > 2^31 - 1 (which needs ``jax_enable_x64``; without
+    it such an n is refused, naming ``num_examples``).
+
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, §5
       (the uniform baselines: Adam, SGD, RMSProp).
@@ -128,6 +130,7 @@ def exp3_sampler(
     num_steps: Optional[int] = None,
     grad_norm_bound: Optional[float] = None,
     stratified: bool = False,
+    arity: Optional[int] = None,
 ) -> Sampler:
     """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -146,9 +149,10 @@ def exp3_sampler(
     (clipped at p_min): the variance-optimal sampling distribution (paper §4.2). The steps
     are the functions of ``adambs_jax.exp3``, bound to a validated ``Exp3Config``.
 
-    Bad feedback: an entry that is negative, NaN or infinite is dropped (treated as if that
-    draw had not happened: it adds nothing to h) and counted in
-    ``state.num_dropped_feedback``. If an update would still produce a non-finite weight,
+    Bad feedback: an entry that is negative, NaN or infinite, or whose index is outside
+    [0, n) (checked in the indices' own dtype), is dropped (treated as if that draw had not
+    happened: it adds nothing to h) and counted in ``state.num_dropped_feedback``; float
+    indices are a TypeError. If an update would still produce a non-finite weight,
     the whole update is skipped and the state returned unchanged (except ``step``).
 
     Args:
@@ -162,9 +166,21 @@ def exp3_sampler(
         default: the running max of all feedback seen, kept in the state (so l_j >= 0).
       stratified: draw one index in each of K equal slices of the probability mass
         (lower variance, still marginally p); default i.i.d. with replacement.
+      arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
+        ``sumtree.default_arity()``: 32 on GPU/TPU, 16 on CPU (docs/performance.md). The
+        largest n is about 2^31 (B - 1) / B (int32 node indices); larger is refused.
+
+    Renormalization: the tree's root shrinks with every update, so the state must be
+    ``sampler.renormalize``-d (O(n)) at least every ``sampler.renormalize_every`` updates (a
+    static count from the configuration, usually millions; ``exp3.renormalization_period``).
+    ``make_train_step``'s jitted step does it; call it yourself when you drive
+    ``sampler.update`` (or a ``jit=False`` step) in your own loop. ``update(..., apply=False)``
+    returns the state bitwise unchanged (the train step's non-finite guard).
 
     Returns:
-      A ``Sampler`` whose ``probabilities(state)`` is p = leaves / root.
+      A ``Sampler`` whose ``probabilities(state)`` is p = leaves / root, with
+      ``renormalize_every`` (None when ``update`` renormalizes itself, for a configuration
+      whose root could shrink without bound in one update) and ``renormalize``.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -187,6 +203,10 @@ def exp3_sampler(
     """
     config = exp3.exp3_config(num_examples, batch_size, p_min=p_min, step_size=step_size,
                               num_steps=num_steps, grad_norm_bound=grad_norm_bound,
-                              stratified=stratified)
+                              stratified=stratified, arity=arity)
     bound = (functools.partial(f, config) for f in (exp3.init, exp3.sample, exp3.update))
-    return Sampler(*bound, config.num_examples, config.batch_size, exp3.distribution)
+    return Sampler(
+        *bound, config.num_examples, config.batch_size, exp3.distribution,
+        renormalize_every=config.renormalize_every or None,
+        renormalize=functools.partial(exp3.renormalize, config),
+    )

@@ -22,6 +22,7 @@ Algorithm 1.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -186,22 +187,39 @@ def _feedback_scores(estimate: Estimate, indices) -> jax.Array:
     return scores.astype(jnp.float32)
 
 
-def _update_sampler_if(apply, update, state, sampled_state, indices, scores, scoring):
-    """``update(sampled_state, indices, scores)`` if ``apply``, else ``state`` unchanged.
+def _accepts_apply(update) -> bool:
+    """Whether ``update`` takes the ``apply`` keyword of the sampler contract (every library
+    sampler does; a user's may not)."""
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: assume the old contract
+        return False
+    return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)
 
-    A ``lax.while_loop`` that runs once or not at all, not ``jnp.where`` (which would read
-    and write the whole (n,)-sized sampler state every step) nor ``lax.cond`` (XLA copies
-    buffers through a conditional's branches): the loop's carry is updated in place, so the
-    guard adds no O(n) work (docs/performance.md, "Sampler" and "Non-finite guard").
+
+def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply, finite):
+    """``sampler.update(..., apply=apply)``: the state bitwise unchanged when ``apply`` is
+    False, with no ``while_loop`` or ``cond`` (a data-dependent branch makes XLA:GPU copy its
+    predicate to the host every step, issue 11). A plain sampler masks its own update
+    (exp3 rewrites the K touched leaves, O(K log n)); a scoring sampler's ``sample`` already
+    changed its state, so the step selects between the updated and the step's input state
+    (O(state): the library's scoring samplers hold O(n) at most and score n examples anyway).
+
+    Every read of the tree (the draws, p_I, the weights) must be scheduled before its
+    in-place write, or XLA copies the O(n) tree every step. What orders them is that
+    ``apply`` depends on the whole gradient computation (with ``skip_non_finite=False`` it
+    is ``finite | optimization_barrier(True)``: a constant True brought two tree copies back,
+    docs/performance.md, "Non-finite guard"); the sampler state also enters the update
+    through an ``optimization_barrier`` with ``finite``, to keep that order explicit (no
+    copies either way in the measurement; ``test_the_compiled_step_does_not_copy_the_tree``).
     """
-
-    def body(carry):
-        current, _ = carry
-        source = sampled_state if scoring else current  # a plain sampler's sample keeps it
-        return update(source, indices, scores), jnp.asarray(False)
-
-    new_state, _ = jax.lax.while_loop(lambda carry: carry[1], body, (state, apply))
-    return new_state
+    sampler = config.sampler
+    sampler_state, apply, _ = jax.lax.optimization_barrier((state.sampler_state, apply, finite))
+    state = state._replace(sampler_state=sampler_state)
+    if not config.scoring and _accepts_apply(sampler.update):
+        return sampler.update(state.sampler_state, draw.indices, scores, apply=apply)
+    source = draw.sampled_state if config.scoring else state.sampler_state
+    return select(apply, sampler.update(source, draw.indices, scores), state.sampler_state)
 
 
 class Applied(NamedTuple):
@@ -227,20 +245,11 @@ def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -
     if config.skip_non_finite:
         params = select(finite, params, state.params)
         opt_state = select(finite, opt_state, state.opt_state)
-        apply_update = finite
-    else:
-        # always True, yet neither a constant (XLA would inline the loop) nor independent
-        # of the gradient: see below
-        apply_update = finite | jax.lax.optimization_barrier(jnp.asarray(True))
-        finite = jnp.asarray(True)
-    # The sampler update runs in a loop whose predicate depends on the whole gradient
-    # computation. Besides skipping, this orders the in-place write of the sampler's tree
-    # after every read of it; a bare update made XLA copy the (2 capacity,) tree twice
-    # per step (2 x 8 MB at n = 10^6; docs/performance.md, "Non-finite guard").
-    sampler_state = _update_sampler_if(
-        apply_update, config.sampler.update, state.sampler_state, draw.sampled_state,
-        draw.indices, scores, config.scoring,
-    )
+        apply = finite
+    else:  # always True, but not a constant XLA could fold (see _update_sampler)
+        apply = finite | jax.lax.optimization_barrier(jnp.asarray(True))
+    sampler_state = _update_sampler(config, state, draw, scores, apply, finite)
+    finite = finite if config.skip_non_finite else jnp.asarray(True)
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     return Applied(params, opt_state, sampler_state, scores, skipped)
 

@@ -1,89 +1,197 @@
-"""A jittable prefix-sum (segment) tree over nonnegative weights, as a flat array.
+"""A jittable B-ary prefix-sum (segment) tree over nonnegative weights, as one flat array.
 
-Layout (a binary heap): ``tree`` has length ``2 * capacity`` where ``capacity`` is the
-smallest power of two >= the number of leaves ``n``. Index 1 is the root, node ``i`` has
-children ``2 i`` and ``2 i + 1``, leaf ``j`` lives at ``capacity + j``; index 0 and the
-padding leaves ``n .. capacity - 1`` hold 0, so they are never drawn.
+Layout. The tree has ``depth`` levels below the root; level ``l`` holds ``sizes[l]`` nodes
+(a multiple of the arity B, except the root level of size 1) and starts at ``offsets[l]``
+in the flat array; level ``depth`` holds the leaves, leaf j at ``offsets[depth] + j``.
+Node q of level l has the B children ``B q .. B q + B - 1`` of level l + 1. Levels are
+padded with zeros to a multiple of B (never to B^depth), so the array has about
+n B / (B - 1) entries for any n; zero nodes are never drawn.
 
-Costs: ``build`` O(n); ``total`` O(1); ``draw`` O(K log n); ``set_leaves`` O(K log K + K log n).
+Why B-ary: a draw or an update walks one path per level, and on an accelerator each level
+is a few tiny kernels whose launch, not their arithmetic, is the cost (issue 11 measured
+~40 binary levels at 80-120 µs per step on an H100). With B = 32 a tree over 10^8 leaves has
+6 levels instead of 27; each level gathers B children per path (K x B values) and reduces
+them. On a CPU the per-level cost is XLA's per-operation overhead plus the K x B gather;
+B = 4 .. 16 are about equally fast there and B = 2 is slowest (docs/performance.md has the
+measurements behind ``default_arity``).
 
-Numerics. Unlike delta-update trees (flashbax's float32 sum tree drifts, its issue #52), every
-parent touched by ``set_leaves`` is recomputed as ``left + right`` from its two children, so
-each internal node is always exactly the floating-point sum of its children, however many
-updates are applied. Duplicate indices in one call are aggregated before writing so the
-result never depends on XLA's scatter order.
+Costs: ``build`` O(n); ``total`` O(1); ``draw`` O(K B log_B n); ``set_leaves``
+O(K log K + K B log_B n).
 
-These are the data structure of Namkoong et al. (ICML 2017) and AdamBS (Liu et al., NeurIPS
-2020, §4.2: "a segment tree ... to update p in O(K log n)").
+Numerics. Every parent touched by ``set_leaves`` is recomputed from its B children with
+``sum_children``, a fixed pairwise order (((c0 + c1) + (c2 + c3)) + ...) that ``build``
+uses too, so each internal node is always bitwise what a fresh build gives, however many
+updates are applied (unlike delta-update trees: flashbax's float32 sum tree drifts, its
+issue #52). Duplicate indices in one call are aggregated before writing so the result never
+depends on XLA's scatter order.
+
+Reference: the data structure of Namkoong et al. (ICML 2017) and AdamBS (Liu, Wu, Mozafari,
+NeurIPS 2020, §4.2: "a segment tree ... to update p in O(K log n)").
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "capacity_for",
-    "depth_for",
+    "MAX_TREE_SIZE",
+    "TreeLayout",
+    "layout_for",
+    "max_leaves",
+    "default_arity",
     "build",
     "total",
     "leaf_values",
     "get_leaves",
     "set_leaves",
+    "sum_children",
     "draw",
     "uniforms_to_targets",
 ]
 
+MAX_TREE_SIZE = 2**31 - 1
+"""Largest flat tree the int32 node indices address (about 2^31 (B - 1) / B leaves)."""
 
-def capacity_for(num_leaves: int) -> int:
-    """Smallest power of two >= ``num_leaves`` (the number of leaf slots)."""
-    if num_leaves < 1:
-        raise ValueError(f"num_leaves must be >= 1, got {num_leaves}")
-    return 1 << (int(num_leaves) - 1).bit_length()
+_SUPPORTED_ARITIES = (2, 4, 8, 16, 32, 64, 128)
 
 
-def depth_for(num_leaves: int) -> int:
-    """Number of edges from the root to a leaf, log2(capacity)."""
-    return capacity_for(num_leaves).bit_length() - 1
+class TreeLayout(NamedTuple):
+    """The static shape of a tree (hashable; part of a compiled step, not of its data).
+
+    Attributes:
+      num_leaves: n.
+      arity: B, the number of children of a node (a power of two).
+      sizes: nodes per level, root level first (1, then multiples of B).
+      offsets: start of each level in the flat array.
+      size: length of the flat array.
+    """
+
+    num_leaves: int
+    arity: int
+    sizes: tuple
+    offsets: tuple
+    size: int
+
+    @property
+    def depth(self) -> int:
+        """Levels below the root (edges on a root-to-leaf path)."""
+        return len(self.sizes) - 1
 
 
-def _capacity_of(tree: jax.Array) -> int:
-    size = tree.shape[0]
-    if tree.ndim != 1 or size < 2 or size & (size - 1):
-        raise ValueError(f"tree must be a flat array of length 2 * 2^d, got shape {tree.shape}")
-    return size // 2
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
-def build(weights: jax.Array) -> jax.Array:
-    """Builds the tree from ``weights`` (n,) >= 0 in O(n). Returns (2 * capacity,)."""
+def layout_for(num_leaves: int, arity: int = 2) -> TreeLayout:
+    """The layout of a tree over ``num_leaves`` leaves with ``arity`` children per node.
+
+    Raises:
+      ValueError: ``num_leaves`` < 1, ``arity`` not a power of two in [2, 128], or a tree
+        too large for int32 node indices (naming both and the limit).
+    """
+    if isinstance(num_leaves, bool) or not isinstance(num_leaves, int) or num_leaves < 1:
+        raise ValueError(f"num_leaves must be an int >= 1, got {num_leaves!r}")
+    if arity not in _SUPPORTED_ARITIES:
+        raise ValueError(f"arity must be one of {_SUPPORTED_ARITIES}, got {arity!r}")
+    sizes = _level_sizes(num_leaves, arity)
+    offsets, start = [], 0
+    for level_size in sizes:
+        offsets.append(start)
+        start += level_size
+    if start > MAX_TREE_SIZE:
+        raise ValueError(
+            f"num_examples={num_leaves} needs a tree of {start} nodes with arity {arity}, more "
+            f"than int32 indices address ({MAX_TREE_SIZE}); at most {max_leaves(arity)} "
+            f"examples with arity {arity}: use a larger arity"
+        )
+    return TreeLayout(num_leaves, arity, sizes, tuple(offsets), start)
+
+
+def _level_sizes(num_leaves: int, arity: int) -> tuple:
+    """Nodes per level, root first: leaves padded to a multiple of B, then their parents."""
+    sizes = [_round_up(num_leaves, arity)]
+    while sizes[-1] > arity:  # parents of level l + 1, padded to a multiple of B
+        sizes.append(_round_up(sizes[-1] // arity, arity))
+    sizes.append(1)  # the root, parent of the top B nodes
+    return tuple(reversed(sizes))
+
+
+@functools.lru_cache(maxsize=None)
+def max_leaves(arity: int) -> int:
+    """The largest n whose tree with ``arity`` fits int32 node indices (bisection)."""
+    low, high = 1, MAX_TREE_SIZE  # sum(sizes) > n, so n = MAX_TREE_SIZE never fits
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if sum(_level_sizes(middle, arity)) <= MAX_TREE_SIZE else (low, middle)
+    return low
+
+
+def default_arity(backend: str | None = None) -> int:
+    """B by backend: 32 on GPU/TPU (few levels: each is a kernel launch), 16 on CPU (the
+    lowest total of sample + update at n = 10^3 .. 10^7 in three runs on a 2-core CPU;
+    4, 8 and 16 are within that machine's noise of each other, 2 is 1.5-4x slower:
+    docs/performance.md, "Tree arity")."""
+    backend = backend or jax.default_backend()
+    return 16 if backend == "cpu" else 32
+
+
+def sum_children(children: jax.Array) -> jax.Array:
+    """Sum over the last axis (size B) in a fixed pairwise order: bitwise the same wherever
+    it is computed, so ``build`` and ``set_leaves`` agree exactly."""
+    while children.shape[-1] > 1:
+        children = children[..., 0::2] + children[..., 1::2]
+    return children[..., 0]
+
+
+def _check_tree(tree: jax.Array, layout: TreeLayout) -> None:
+    if tree.shape != (layout.size,):
+        raise ValueError(
+            f"tree must have shape ({layout.size},) for {layout.num_leaves} leaves with arity "
+            f"{layout.arity}, got {tree.shape}"
+        )
+
+
+def build(weights: jax.Array, layout: TreeLayout) -> jax.Array:
+    """Builds the tree from ``weights`` (n,) >= 0 in O(n). Returns (layout.size,)."""
     weights = jnp.asarray(weights)
-    if weights.ndim != 1 or weights.shape[0] < 1:
-        raise ValueError(f"weights must have shape (n,) with n >= 1, got {weights.shape}")
-    n = weights.shape[0]
-    capacity = capacity_for(n)
-    level = jnp.zeros((capacity,), weights.dtype).at[:n].set(weights)
+    if weights.shape != (layout.num_leaves,):
+        raise ValueError(
+            f"weights must have shape ({layout.num_leaves},) (one per leaf), got {weights.shape}"
+        )
+    level = jnp.zeros((layout.sizes[-1],), weights.dtype).at[: layout.num_leaves].set(weights)
     levels = [level]
-    while level.shape[0] > 1:
-        level = level[0::2] + level[1::2]  # parents are exactly left + right, as in set_leaves
+    for size in reversed(layout.sizes[:-1]):
+        parents = sum_children(level.reshape(-1, layout.arity))
+        level = jnp.zeros((size,), weights.dtype).at[: parents.shape[0]].set(parents)
         levels.append(level)
-    # heap order: [unused 0, root, level 1, ..., leaves]
-    return jnp.concatenate([jnp.zeros((1,), weights.dtype)] + levels[::-1])
+    return jnp.concatenate(levels[::-1])
 
 
 def total(tree: jax.Array) -> jax.Array:
     """The root: sum of all leaves."""
-    return tree[1]
+    return tree[0]
 
 
-def leaf_values(tree: jax.Array, num_leaves: int) -> jax.Array:
-    """All n leaf values, (n,). O(n); for tests, plots and rescaling."""
-    capacity = _capacity_of(tree)
-    return tree[capacity : capacity + num_leaves]
+def leaf_values(tree: jax.Array, layout: TreeLayout) -> jax.Array:
+    """All n leaf values, (n,). O(n); for tests, plots and renormalization."""
+    _check_tree(tree, layout)
+    start = layout.offsets[-1]
+    return tree[start : start + layout.num_leaves]
 
 
-def get_leaves(tree: jax.Array, indices: jax.Array) -> jax.Array:
+def get_leaves(tree: jax.Array, indices: jax.Array, layout: TreeLayout) -> jax.Array:
     """Leaf values at ``indices`` (K,)."""
-    return tree[_capacity_of(tree) + indices]
+    return tree[layout.offsets[-1] + indices]
+
+
+def _children(tree: jax.Array, layout: TreeLayout, level: int, parents: jax.Array):
+    """(K, B) values of the children (at ``level``) of nodes ``parents`` (K,)."""
+    first = layout.offsets[level] + layout.arity * parents
+    return tree[first[:, None] + jnp.arange(layout.arity, dtype=first.dtype)]
 
 
 def _dedupe_last(indices: jax.Array, values: jax.Array):
@@ -94,31 +202,31 @@ def _dedupe_last(indices: jax.Array, values: jax.Array):
     order = jnp.argsort(indices, stable=True)
     sorted_idx = indices[order]
     sorted_val = values[order]
-    # position of the last element of each run of equal indices
     is_last = jnp.concatenate([sorted_idx[1:] != sorted_idx[:-1], jnp.array([True])])
     last_pos = jnp.where(is_last, jnp.arange(k), k)
-    # reverse cumulative min gives, for each position, the end of its run
-    run_end = jax.lax.cummin(last_pos, reverse=True)
+    run_end = jax.lax.cummin(last_pos, reverse=True)  # for each position, the end of its run
     return sorted_idx, sorted_val[run_end]
 
 
-def set_leaves(tree: jax.Array, indices: jax.Array, values: jax.Array) -> jax.Array:
+def set_leaves(
+    tree: jax.Array, indices: jax.Array, values: jax.Array, layout: TreeLayout
+) -> jax.Array:
     """Sets leaves ``indices`` (K,) to ``values`` (K,) and recomputes their ancestors.
 
-    Duplicated indices take the value of their last occurrence. O(K log K + K log n).
+    Duplicated indices take the value of their last occurrence. O(K log K + K B log_B n).
     """
-    capacity = _capacity_of(tree)
+    _check_tree(tree, layout)
     if indices.shape != values.shape or indices.ndim != 1:
         raise ValueError(
             f"indices and values must both have shape (K,), got {indices.shape} and {values.shape}"
         )
-    indices, values = _dedupe_last(indices, values.astype(tree.dtype))
-    node = capacity + indices
-    tree = tree.at[node].set(values)
-    for _ in range(capacity.bit_length() - 1):  # one pass per tree level, not per example
-        node = node // 2
+    node, values = _dedupe_last(indices, values.astype(tree.dtype))
+    tree = tree.at[layout.offsets[-1] + node].set(values)
+    for level in range(layout.depth - 1, -1, -1):  # one pass per level, not per example
+        node = node // layout.arity
+        sums = sum_children(_children(tree, layout, level + 1, node))
         # every copy of a duplicated parent writes the same value: order-independent
-        tree = tree.at[node].set(tree[2 * node] + tree[2 * node + 1])
+        tree = tree.at[layout.offsets[level] + node].set(sums)
     return tree
 
 
@@ -136,23 +244,26 @@ def uniforms_to_targets(
     return uniforms * root
 
 
-def draw(tree: jax.Array, targets: jax.Array) -> jax.Array:
+def draw(tree: jax.Array, targets: jax.Array, layout: TreeLayout) -> jax.Array:
     """Finds for each target t the leaf j with prefix(j) <= t < prefix(j) + leaf_j.
 
-    Descends the tree once per level, vectorized over the K targets: O(K log n). A leaf
-    with weight 0 (padding or a zero-weight example) is never returned, even when rounding
-    puts a target at or past the end of the mass: at each node we only step into a child
-    whose subtree has positive weight. Requires total(tree) > 0.
+    Descends once per level, vectorized over the K targets: at a node, the child taken is
+    the LAST child with positive weight whose exclusive prefix sum is <= t. In exact
+    arithmetic that is the child containing t; under rounding (a target at or past the end
+    of the mass) it is still a child of positive weight, so a leaf of weight 0 (padding or a
+    zero-weight example) is never returned. Requires total(tree) > 0.
 
     Returns int32 leaf indices (K,).
     """
-    capacity = _capacity_of(tree)
-    node = jnp.ones(targets.shape, jnp.int32)
+    _check_tree(tree, layout)
+    node = jnp.zeros(targets.shape, jnp.int32)
     target = targets.astype(tree.dtype)
-    for _ in range(capacity.bit_length() - 1):
-        left = tree[2 * node]
-        right = tree[2 * node + 1]
-        go_right = (target >= left) & (right > 0)
-        target = jnp.where(go_right, target - left, target)
-        node = 2 * node + go_right.astype(jnp.int32)
-    return node - capacity
+    child_ids = jnp.arange(layout.arity, dtype=jnp.int32)
+    for level in range(1, layout.depth + 1):
+        children = _children(tree, layout, level, node)
+        before = jnp.cumsum(children, axis=1) - children  # exclusive prefix sums
+        eligible = (before <= target[:, None]) & (children > 0)
+        child = jnp.max(jnp.where(eligible, child_ids, 0), axis=1)
+        target = target - jnp.take_along_axis(before, child[:, None], axis=1)[:, 0]
+        node = layout.arity * node + child
+    return node

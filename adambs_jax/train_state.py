@@ -107,18 +107,43 @@ class TrainStep:
     ``trace`` and the like, and ``jax.jit(step)`` of a pure step sees the function named
     ``step_fn.__name__``.
 
+    Renormalization: a sampler with ``renormalize_every`` M (exp3: its tree's root shrinks
+    with every update) must be renormalized at least every M updates. With ``renormalize``
+    set (the jitted steps of ``make_train_step``), this object counts in Python the steps
+    taken since the last renormalization (no device sync) and, before a call that would take
+    that count past M, runs ``renormalize`` (one jitted, donated O(n) call). So use one
+    ``TrainStep`` per training state. A restored checkpoint or a new ``TrainStep`` starts
+    counting at 0; M is half of what the sampler tolerates, so that is still safe.
+
     Attributes:
       step_fn: ``(state, data, key=None) -> (state, metrics)``.
       optimizer: the optax optimizer the step applies.
       sampler: the sampler the step draws from and updates.
+      renormalize: ``state -> state`` renormalizing ``state.sampler_state``, or None (the
+        sampler needs none, or ``jit=False``: the caller renormalizes).
+      steps_per_call: steps one call of ``step_fn`` takes (``make_train_step``'s
+        ``steps_per_call``; metrics then have a leading axis of that size).
     """
 
     step_fn: Callable[..., tuple[TrainState, dict]]
     optimizer: optax.GradientTransformation
     sampler: AnySampler
+    renormalize: Optional[Callable[[TrainState], TrainState]] = None
+    steps_per_call: int = 1
+    _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
 
     def __call__(self, state: TrainState, data: Any, key: Optional[jax.Array] = None):
-        return self.step_fn(state, data, key)
+        every = self.sampler.renormalize_every
+        if self.renormalize is None or not every:
+            return self.step_fn(state, data, key)
+        calls = self.steps_per_call
+        if self._pending[0] + min(calls, every) > every:
+            state = self.renormalize(state)
+            self._pending[0] = 0
+        state, metrics = self.step_fn(state, data, key)
+        # a call of more than M steps renormalizes after each M of them (train_loop)
+        self._pending[0] = self._pending[0] + calls if calls <= every else calls % every
+        return state, metrics
 
     def init(self, params: Any, *, key: Optional[jax.Array] = None) -> TrainState:
         """A fresh ``TrainState`` for ``params`` with this step's optimizer and sampler (the

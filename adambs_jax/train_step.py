@@ -23,7 +23,11 @@ mini-batch training. Per step, with K the batch size and n the dataset size, the
 Faults: a skipped step is counted in ``metrics["skipped"]`` and ``state.skipped_steps``
 (``skip_non_finite=True``, the default). Scale-out: with ``mesh=``, the gathered batch is split
 over the devices of a ``jax.sharding.Mesh`` and everything else is replicated
-(``adambs_jax.sharding``). Checkpoints: ``adambs_jax.checkpoint``.
+(``adambs_jax.sharding``). Checkpoints: ``adambs_jax.checkpoint``. Small models:
+``steps_per_call=N`` runs N steps in one jitted ``lax.scan`` (``adambs_jax.train_loop``).
+The step has no ``while_loop`` or ``cond`` of its own (a skipped sampler update is masked,
+the sampler's renormalization runs every ``sampler.renormalize_every`` steps from the
+``TrainStep``), so on a GPU nothing in it waits for the host.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import jax
 import optax
 
 from adambs_jax.base import ProbabilitiesFn
-from adambs_jax.checks import check_bool, check_key
+from adambs_jax.checks import check_bool, check_int, check_key
 from adambs_jax.feedback import FeedbackFn, feedback_kind
 from adambs_jax.losses import PerExampleLoss
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh, replicated_sharding
 from adambs_jax.step_stages import StepConfig, run_step
+from adambs_jax.train_loop import run_steps
 from adambs_jax.train_state import TrainState, TrainStep
 
 # TrainState and TrainStep live in adambs_jax.train_state, check_key in adambs_jax.checks;
@@ -114,6 +119,7 @@ def make_train_step(
     mesh: Optional[jax.sharding.Mesh] = None,
     data_axis: str = DEFAULT_DATA_AXIS,
     jit: bool = True,
+    steps_per_call: int = 1,
 ) -> TrainStep:
     """Builds ``step(state, data, key=None) -> (state, metrics)``, one jitted call, bound to
     ``optimizer`` and ``sampler`` (a ``TrainStep``; ``step.init(params)`` makes its state).
@@ -150,8 +156,9 @@ def make_train_step(
         ``params`` nor ``opt_state`` nor ``sampler_state`` (like ``optax.apply_if_finite``),
         reports ``metrics["skipped"] = 1`` and adds 1 to ``state.skipped_steps``; ``step``
         still advances by 1 (it counts calls, so keys derived from it and the state's own key
-        move on to a fresh batch). Costs one O(params) reduction. The sampler update is
-        skipped by a zero-or-one-iteration ``lax.while_loop``, so it stays O(K log n).
+        move on to a fresh batch). Costs one O(params) reduction. The sampler update gets
+        ``apply=finite`` (exp3 then rewrites its K touched leaves with their old values: no
+        branch, O(K log n)); a sampler whose ``update`` has no ``apply`` is selected.
         False: the update is applied whatever it is (as before; ``metrics["skipped"]`` is 0).
       mesh: a ``jax.sharding.Mesh`` for data parallelism (see ``adambs_jax.sharding``): the
         gathered batch is split along ``data_axis`` (``with_sharding_constraint``), the state,
@@ -163,7 +170,14 @@ def make_train_step(
       jit: the step calls ``jax.jit(step, donate_argnums=0)`` (default; the input state's
         buffers are reused, do not touch it after the call; with ``mesh``, with replicated in
         and out shardings); False: the pure function, to compose in your own
-        ``jit``/``lax.scan`` (the batch constraint of ``mesh`` is applied inside it).
+        ``jit``/``lax.scan`` (the batch constraint of ``mesh`` is applied inside it); then
+        call ``state.sampler_state = sampler.renormalize(...)`` at least every
+        ``sampler.renormalize_every`` steps yourself (the jitted step's ``TrainStep`` does).
+      steps_per_call: N >= 1 (default 1): one call runs N steps in one jitted ``lax.scan``
+        with the keys ``jax.random.split(key, N)`` (or, with no key, the state's own key
+        advanced each step) and returns every metric stacked with a leading axis N. Use it
+        for small models, where dispatching a call per step costs as much as the step
+        (``adambs_jax.train_loop``); results equal N single steps with those keys.
 
     Returns:
       A ``TrainStep``: ``step.init(params, key=None)`` is ``TrainState.create(params=params,
@@ -210,14 +224,35 @@ def make_train_step(
         skip_non_finite, mesh, data_axis, jit,
     )
 
-    def step(state: TrainState, data: Any, key: Optional[jax.Array] = None):
-        return run_step(config, state, data, key)
+    steps_per_call = check_int("steps_per_call", steps_per_call)
 
-    if jit and mesh is None:
-        step = jax.jit(step, donate_argnums=0)
-    elif jit:
-        replicated = replicated_sharding(mesh)
-        step = jax.jit(
-            step, donate_argnums=0, in_shardings=replicated, out_shardings=replicated
-        )
-    return TrainStep(step, optimizer, sampler)
+    def step(state: TrainState, data: Any, key: Optional[jax.Array] = None):
+        if steps_per_call == 1:
+            return run_step(config, state, data, key)
+        return run_steps(config, steps_per_call, state, data, key)
+
+    if not jit:
+        return TrainStep(step, optimizer, sampler, steps_per_call=steps_per_call)
+    return TrainStep(
+        _jitted(step, mesh), optimizer, sampler, _renormalize_fn(sampler, mesh), steps_per_call
+    )
+
+
+def _jitted(fn, mesh):
+    """``jax.jit(fn, donate_argnums=0)``, with replicated shardings under ``mesh``."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    replicated = replicated_sharding(mesh)
+    return jax.jit(fn, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
+
+
+def _renormalize_fn(sampler, mesh):
+    """The jitted, donated ``state -> state`` that renormalizes ``state.sampler_state``, or
+    None when the sampler needs no renormalization."""
+    if not sampler.renormalize_every or sampler.renormalize is None:
+        return None
+
+    def renormalize(state: TrainState) -> TrainState:
+        return state._replace(sampler_state=sampler.renormalize(state.sampler_state))
+
+    return _jitted(renormalize, mesh)

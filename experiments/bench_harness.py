@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from experiments.machine import machine_info, versions
-from experiments.step_timing import time_interleaved, time_summary
+from experiments.step_timing import time_interleaved, time_summary, time_throughput
 
 
 def machine_record() -> dict:
@@ -66,6 +69,26 @@ def time_variants(steps: dict, data: Any, *, runs: int, warmup: int, rounds: int
         print(f"{label}{variant:32s} {summary['median_ms']:9.3f} ms  x{summary['ratio']:.2f}",
               flush=True)
     return rows, timed
+
+
+def add_throughput(rows: list[dict], variants: dict, data: Any, *, rounds: int, steps: int,
+                   scale: float = 1e3, unit: str = "ms") -> None:
+    """Adds to each row (one per variant, the first the baseline) the median ``pipelined_<unit>``
+    and ``scan_<unit>`` per step (``step_timing.time_throughput``), their ratios to the
+    baseline's (``ratio_pipelined_vs_<baseline>``, ``ratio_scan_vs_<baseline>``), the number
+    of scanned steps and the backend. ``variants``: name -> (step, state, multi step, state)."""
+    times = time_throughput(variants, data, rounds=rounds, steps=steps)
+    baseline = next(iter(variants))
+    medians = {name: {mode: statistics.median(t) for mode, t in modes.items()}
+               for name, modes in times.items()}
+    for row in rows:
+        variant = medians[row["variant"]]
+        for mode in ("pipelined", "scan"):
+            row[f"{mode}_{unit}"] = scale * variant[mode]
+            row[f"ratio_{mode}_vs_{baseline}"] = variant[mode] / medians[baseline][mode]
+        row.update(scan_steps=steps, backend=jax.default_backend())
+        print(f"{row['variant']:40s} pipelined {row[f'pipelined_{unit}']:9.3f} {unit}  "
+              f"scan {row[f'scan_{unit}']:9.3f} {unit}", flush=True)
 
 
 def step_time_columns(baseline: str, baseline_label: str | None = None) -> list[tuple]:

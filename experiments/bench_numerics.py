@@ -5,7 +5,8 @@
 
 Runs ``--num-updates`` sample + update steps of ``exp3_sampler(n, K)`` (default n = 10^6,
 K = 128, eta0 of Lemma 1 with T = num_updates) on random feedback, jitted in ``lax.scan``
-chunks of ``--chunk`` updates with the state donated. The feedback of a draw of example j is
+chunks of ``--chunk`` updates with the state donated; ``sampler.renormalize`` runs after
+every chunk and every ``sampler.renormalize_every`` updates within one. The feedback of a draw of example j is
 b_j u with b_j ~ LogNormal(0, ``--feedback-sigma``) fixed per example (heavy-tailed, so
 many examples are pushed down to the floor p_min) and u ~ Uniform(0.5, 1.5) fresh per draw;
 ``--nan-rate`` replaces that fraction of the feedback with NaN (dropped by the sampler).
@@ -18,7 +19,8 @@ computes it (float32), then
   float32 prefix-sum tree's root is from the exact total of its leaves);
 * ``min_p_over_p_min`` = min_j p_j / p_min (must stay >= 1 - 1e-5);
 * ``any_nan``          = any NaN or infinity in p or the log-weights;
-* ``num_rescales``, ``num_dropped_feedback`` (the sampler's counters).
+* ``num_rescales``, ``num_dropped_feedback`` (the sampler's counters; ``num_rescales``
+  counts the renormalizations, one per chunk at least).
 
 Writes a JSON file (``--out``, default ``results/bench_numerics.json``) and a PNG plot of
 |sum p - 1| and min p / p_min against the number of updates (``--plot``).
@@ -59,8 +61,15 @@ def make_chunk(sampler, base_feedback, chunk, nan_rate):
             )
         return sampler.update(state, indices, feedback), None
 
+    # renormalize at least every sampler.renormalize_every updates (static positions), and
+    # at the end of every chunk (O(n) once per chunk: negligible)
+    every = min(chunk, sampler.renormalize_every or chunk)
+
     def run(state, key):
-        state, _ = jax.lax.scan(one_update, state, jax.random.split(key, chunk))
+        keys = jax.random.split(key, chunk)
+        for start in range(0, chunk, every):
+            state, _ = jax.lax.scan(one_update, state, keys[start : start + every])
+            state = sampler.renormalize(state)
         return state
 
     return jax.jit(run, donate_argnums=0)
@@ -68,9 +77,9 @@ def make_chunk(sampler, base_feedback, chunk, nan_rate):
 
 def measure(state, p_min):
     """The O(n) host-side figures of one state (see the module docstring)."""
-    n = state.num_examples
     p32 = np.asarray(ab.probabilities(state))  # float32, p = leaf / root
-    leaves = np.asarray(sumtree.leaf_values(state.tree, n), dtype=np.float64)
+    layout = sumtree.layout_for(state.num_examples, state.arity)
+    leaves = np.asarray(sumtree.leaf_values(state.tree, layout), dtype=np.float64)
     root = float(np.asarray(sumtree.total(state.tree)))
     log_weights = np.asarray(state.log_weights)
     return {

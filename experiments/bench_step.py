@@ -1,6 +1,7 @@
 """Benchmark: time of one training step, plain Adam vs AdamBS with each feedback kind.
 
     python -m experiments.bench_step [--out results/bench_step.json] [--runs 100]
+        [--scan-steps 50] [--throughput-rounds 5]
 
 Two models (defined here, Flax linen; ``bench_baselines`` uses the same ``mlp``; the
 models depend on nothing else in ``experiments``):
@@ -19,9 +20,17 @@ these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads
 (compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
 rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
 and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
+
+Three figures per variant, as a user sees them (issue 11): ``median_ms`` (synced: every step
+blocked on, the latency of one step), ``pipelined_ms`` (``--scan-steps`` steps dispatched back
+to back, blocked once: a training loop's throughput) and ``scan_ms`` (the same number of
+steps in one jitted ``lax.scan``, ``make_train_step(..., steps_per_call=N)``: device time
+without dispatch), each with its ratio to ``adam`` and the backend in every row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -78,8 +87,9 @@ def model_loss_of(model) -> ab.ModelLoss:
     )
 
 
-def plain_adam_step(model_loss, num_examples):
-    """The baseline: uniform indices, gather, grad of the mean loss, optax.adam."""
+def plain_adam_step(model_loss, num_examples, steps_per_call=1):
+    """The baseline: uniform indices, gather, grad of the mean loss, optax.adam; with
+    ``steps_per_call`` N, N of them in one ``lax.scan`` (keys ``split(key, N)``)."""
     optimizer = optax.adam(LEARNING_RATE)
 
     def step(state, data, key):
@@ -93,10 +103,14 @@ def plain_adam_step(model_loss, num_examples):
     def init(params):
         return (jax.tree.map(jnp.copy, params), optimizer.init(params))
 
-    return jax.jit(step, donate_argnums=0), init
+    def multi_step(state, data, key):
+        keys = jax.random.split(key, steps_per_call)
+        return jax.lax.scan(lambda carry, k: step(carry, data, k), state, keys)
+
+    return jax.jit(step if steps_per_call == 1 else multi_step, donate_argnums=0), init
 
 
-def library_step(model_loss, num_examples, variant: str):
+def library_step(model_loss, num_examples, variant: str, steps_per_call=1):
     """``make_train_step`` for a variant name ``uniform`` or ``adambs/<feedback>[/...]``."""
     optimizer = optax.adam(LEARNING_RATE)
     parts = variant.split("/")
@@ -108,7 +122,7 @@ def library_step(model_loss, num_examples, variant: str):
     diagnostics = False if "no-diagnostics" in parts else None
     step = ab.make_train_step(
         model_loss, optimizer, sampler, feedback=feedback, diagnostics=diagnostics,
-        reuse_per_example_grads="reuse-per-example" in parts,
+        reuse_per_example_grads="reuse-per-example" in parts, steps_per_call=steps_per_call,
     )
 
     def init(params):
@@ -128,34 +142,50 @@ VARIANTS = (
 )
 
 
-def run(models, runs: int, warmup: int, rounds: int = 10):
+def _variant_steps(model_loss, num_examples, variant, steps_per_call):
+    """(one-step function, init, ``steps_per_call``-step function) of a variant."""
+    if variant == "adam":
+        make = functools.partial(plain_adam_step, model_loss, num_examples)
+    else:
+        make = functools.partial(library_step, model_loss, num_examples, variant)
+    step, init = make()
+    multi_step, _ = make(steps_per_call=steps_per_call)
+    return step, init, multi_step
+
+
+def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
+        throughput_rounds: int = 5):
     """Times every variant of each model, interleaved: ``rounds`` rounds, each giving every
     variant ``runs / rounds`` consecutive steps, so that a change of the machine's load
-    during the benchmark hits all variants alike (ratios side by side, DESIGN.md §5)."""
+    during the benchmark hits all variants alike (ratios side by side, DESIGN.md §5); then
+    the pipelined and scanned throughput of ``scan_steps`` steps, ``throughput_rounds``
+    interleaved rounds."""
     results = []
     for name in models:
         model, data, params = make_problem(name)
         model_loss = model_loss_of(model)
         num_examples = data["y"].shape[0]
-        steps = {}
+        steps, throughput = {}, {}
         for variant in VARIANTS:
-            if variant == "adam":
-                step, init = plain_adam_step(model_loss, num_examples)
-            else:
-                step, init = library_step(model_loss, num_examples, variant)
+            step, init, multi_step = _variant_steps(model_loss, num_examples, variant, scan_steps)
             steps[variant] = (step, init(params))
+            throughput[variant] = (step, init(params), multi_step, init(params))
         rows, timed = harness.time_variants(
             steps, data, runs=runs, warmup=warmup, rounds=rounds, label=f"{name:4s} ",
             model=name, num_examples=num_examples, batch_size=BATCH_SIZE,
         )
+        del timed, steps
+        harness.add_throughput(rows, throughput, data, rounds=throughput_rounds, steps=scan_steps)
         results += rows
-        del timed
     return results
 
 
 def markdown_table(results) -> str:
     columns = [("model", "---", "{model}"), ("n", "---:", "{num_examples}"),
-               ("variant", "---", "{variant}"), *harness.step_time_columns("adam", "Adam")]
+               ("variant", "---", "{variant}"), *harness.step_time_columns("adam", "Adam"),
+               ("pipelined ms", "---:", "{pipelined_ms:.3f}"),
+               ("ratio", "---:", "{ratio_pipelined_vs_adam:.2f}"),
+               ("scan ms", "---:", "{scan_ms:.3f}"), ("ratio", "---:", "{ratio_scan_vs_adam:.2f}")]
     return harness.markdown_table(columns, results)
 
 
@@ -163,10 +193,15 @@ def main(argv=None):
     parser = harness.bench_parser(__doc__, "results/bench_step.json")
     harness.add_step_timing_arguments(parser, min_runs=1)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--scan-steps", type=int, default=50,
+                        help="steps per pipelined burst and per lax.scan call")
+    parser.add_argument("--throughput-rounds", type=int, default=5)
     args = parser.parse_args(argv)
     harness.check_step_timing_arguments(parser, args, min_runs=1)
-    results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "train_step", "machine": harness.machine_record(), "results": results}
+    results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds,
+                  args.scan_steps, args.throughput_rounds)
+    report = {"benchmark": "train_step", "backend": jax.default_backend(),
+              "machine": harness.machine_record(), "results": results}
     harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))
 
 

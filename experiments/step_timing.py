@@ -56,3 +56,42 @@ def time_summary(times, baseline_times) -> dict:
         "runs": len(times),
         "ratio": median / statistics.median(baseline_times),
     }
+
+
+def time_pipelined(step: Callable, state: Any, data: Any, keys) -> tuple[Any, float]:
+    """Dispatches one step per key back to back, as a training loop does, and blocks once at
+    the end: ``(state, seconds per step)``. On an accelerator this hides the dispatch of
+    each step behind the device work of the previous ones (unless the step syncs)."""
+    start = time.perf_counter()
+    for key in keys:
+        state, metrics = step(state, data, key)
+    jax.block_until_ready((state, metrics))
+    return state, (time.perf_counter() - start) / len(keys)
+
+
+def time_scanned(multi_step: Callable, state: Any, data: Any, key, num_steps: int):
+    """One call of ``multi_step`` (``num_steps`` steps in one ``lax.scan``): ``(state, seconds
+    per step)``, i.e. the device time of a step without its dispatch."""
+    start = time.perf_counter()
+    state, metrics = multi_step(state, data, key)
+    jax.block_until_ready((state, metrics))
+    return state, (time.perf_counter() - start) / num_steps
+
+
+def time_throughput(variants: dict, data: Any, *, rounds: int, steps: int) -> dict:
+    """``variants``: name -> (single step, its state, multi step of ``steps`` steps, its
+    state). Returns name -> ``{"pipelined": [s/step per round], "scan": [...]}``, the
+    variants interleaved in ``rounds`` rounds (after one warm-up round, compilation
+    excluded)."""
+    live = {name: list(value) for name, value in variants.items()}
+    times = {name: {"pipelined": [], "scan": []} for name in variants}
+    for round_index in range(rounds + 1):
+        keys = list(jax.random.split(jax.random.key(100 + round_index), steps))
+        for name, (single, single_state, multi, multi_state) in live.items():
+            single_state, pipelined = time_pipelined(single, single_state, data, keys)
+            multi_state, scanned = time_scanned(multi, multi_state, data, keys[0], steps)
+            live[name][1], live[name][3] = single_state, multi_state
+            if round_index:  # round 0 compiles and warms up
+                times[name]["pipelined"].append(pipelined)
+                times[name]["scan"].append(scanned)
+    return times

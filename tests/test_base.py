@@ -16,9 +16,11 @@ def _functions():
 def test_sampler_fields_and_default_probabilities():
     sampler = base.Sampler(**_functions(), num_examples=4, batch_size=2)
     assert sampler._fields == (
-        "init", "sample", "update", "num_examples", "batch_size", "probabilities"
+        "init", "sample", "update", "num_examples", "batch_size", "probabilities",
+        "renormalize_every", "renormalize",
     )
     assert sampler.probabilities is None  # no full distribution unless the sampler says so
+    assert sampler.renormalize_every is None and sampler.renormalize is None
     uniform = lambda state: jnp.full((4,), 0.25)
     with_p = sampler._replace(probabilities=uniform)
     assert with_p.probabilities(with_p.init()).shape == (4,)
@@ -28,8 +30,9 @@ def test_scoring_sampler_fields_and_defaults():
     sampler = base.ScoringSampler(**_functions(), num_examples=4, batch_size=2)
     assert sampler._fields == (
         "init", "sample", "update", "num_examples", "batch_size", "score_feedback",
-        "score_chunk_size", "probabilities",
+        "score_chunk_size", "probabilities", "renormalize_every", "renormalize",
     )
+    assert sampler.renormalize_every is None and sampler.renormalize is None
     assert sampler.score_feedback is None
     assert sampler.score_chunk_size is None
     assert sampler.probabilities is None

@@ -20,11 +20,23 @@ def config_of(num_examples, batch_size, **options):
     return exp3.exp3_config(num_examples, batch_size, **{**defaults, **options})
 
 
-def state_with(config, p):
-    """An Exp3SamplerState of ``config`` whose distribution is p."""
-    log_weights = jnp.log(jnp.asarray(p, jnp.float32))
-    tree = sumtree.build(jnp.exp(log_weights))
+def state_with(config, p, log_root=exp3.INITIAL_LOG_ROOT):
+    """An Exp3SamplerState of ``config`` whose distribution is p, with root e^log_root."""
+    log_weights = jnp.log(jnp.asarray(p, jnp.float32)) + log_root
+    tree = sumtree.build(jnp.exp(log_weights), config.layout)
     return exp3.init(config).replace(log_weights=log_weights, tree=tree)
+
+
+def assert_tree_is_exact(tree, layout):
+    """Every parent is bitwise what a fresh build of the leaves gives (no drift)."""
+    rebuilt = sumtree.build(sumtree.leaf_values(tree, layout), layout)
+    np.testing.assert_array_equal(np.asarray(tree), np.asarray(rebuilt))
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def floored_distribution(n, p_min, seed):
@@ -49,7 +61,8 @@ def test_config_fills_defaults_and_is_frozen():
     assert config.p_min == pytest.approx(0.1 / 200)
     assert config.step_size == pytest.approx(math.sqrt(2 * math.log(200) / (200 * 50)))
     assert config.adaptive_bound and config.grad_norm_bound is None
-    assert config.capacity == 256 and config.stratified is False
+    assert config.layout == sumtree.layout_for(200, sumtree.default_arity())
+    assert config.stratified is False
     assert config.log_p_min == pytest.approx(math.log(0.1 / 200))
     with pytest.raises(AttributeError):
         config.p_min = 0.1
@@ -171,7 +184,7 @@ def test_project_and_write_is_the_exact_kl_projection_in_float64():
     draws = exp3.merge_duplicate_draws(indices, jnp.zeros(6), jnp.ones(6, bool))
     exponent = np.array([2.0, 2.0, 0.5, 6.0, 6.0, 6.0])  # alpha_p h_j, equal within an arm
     root = sumtree.total(state.tree)
-    p = sumtree.get_leaves(state.tree, draws.indices) / root
+    p = sumtree.get_leaves(state.tree, draws.indices, config.layout) / root
     log_scaled_w = state.log_weights[draws.indices] - exponent
     log_weights, tree, ok = exp3.project_and_write(
         config, state, draws, p, log_scaled_w, jnp.log(root)
@@ -179,14 +192,13 @@ def test_project_and_write_is_the_exact_kl_projection_in_float64():
     assert bool(ok)
     w = p_all * np.exp(-np.bincount([1, 4, 7], weights=[2.0, 0.5, 6.0], minlength=n))
     expected = project_float64(w, p_min)
-    leaves = np.asarray(sumtree.leaf_values(tree, n), np.float64)
+    leaves = np.asarray(sumtree.leaf_values(tree, config.layout), np.float64)
     np.testing.assert_allclose(leaves / leaves.sum(), expected, rtol=1e-5)
     untouched = np.setdiff1d(np.arange(n), [1, 4, 7])
     np.testing.assert_array_equal(
         np.asarray(log_weights)[untouched], np.asarray(state.log_weights)[untouched]
     )
-    tree, parents = np.asarray(tree), np.arange(1, tree.shape[0] // 2)
-    np.testing.assert_array_equal(tree[parents], tree[2 * parents] + tree[2 * parents + 1])
+    assert_tree_is_exact(tree, config.layout)
 
 
 def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
@@ -195,7 +207,7 @@ def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
     indices = jnp.array([0, 3], jnp.int32)
     draws = exp3.merge_duplicate_draws(indices, jnp.zeros(2), jnp.ones(2, bool))
     root = sumtree.total(state.tree)
-    p = sumtree.get_leaves(state.tree, draws.indices) / root
+    p = sumtree.get_leaves(state.tree, draws.indices, config.layout) / root
     log_scaled_w = jnp.array([jnp.nan, 0.0])
     log_weights, tree, ok = exp3.project_and_write(
         config, state, draws, p, log_scaled_w, jnp.log(root)
@@ -205,21 +217,53 @@ def test_project_and_write_keeps_the_old_leaves_when_the_result_is_not_finite():
     np.testing.assert_array_equal(tree, state.tree)
 
 
-# ---------------------------------------------------------------- step 6: rescale
+# ---------------------------------------------------------------- renormalization
 
 
-def test_maybe_rescale_only_below_the_threshold_and_keeps_p():
+def test_renormalize_restores_the_root_and_keeps_p():
     config = config_of(20, 4, step_size=0.1)
     p = floored_distribution(20, config.p_min, 4)
-    normal = state_with(config, p)
-    kept = exp3.maybe_rescale(normal)
-    assert int(kept.num_rescales) == 0
-    np.testing.assert_array_equal(kept.tree, normal.tree)
-    tiny = state_with(config, p * math.exp(-1.5 * exp3.RESCALE_LOG_THRESHOLD))
-    rescaled = exp3.maybe_rescale(tiny)
-    assert int(rescaled.num_rescales) == 1
-    assert float(sumtree.total(rescaled.tree)) == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(exp3.distribution(rescaled), p, rtol=1e-5)
+    tiny = state_with(config, p, log_root=-30.0)
+    renormalized = exp3.renormalize(config, tiny)
+    assert int(renormalized.num_rescales) == 1
+    assert float(jnp.log(sumtree.total(renormalized.tree))) == pytest.approx(
+        exp3.INITIAL_LOG_ROOT, abs=1e-4)
+    np.testing.assert_allclose(exp3.distribution(renormalized), p, rtol=1e-5)
+    assert_tree_is_exact(renormalized.tree, config.layout)
+
+
+def test_renormalization_period_follows_the_drift_bound():
+    budget = exp3.INITIAL_LOG_ROOT + math.log(1e-4) - exp3.LEAF_FLOOR_LOG
+    # drift = -log max(1 - eta0, (n - K) p_min) per update; M = budget / (2.02 drift)
+    assert exp3.renormalization_period(1000, 8, 1e-4, 0.1) == int(budget / (2.02 * -math.log(0.9)))
+    assert exp3.renormalization_period(1000, 8, 1e-4, 5.0) == int(
+        budget / (2.02 * -math.log(992e-4)))
+    assert exp3.renormalization_period(4, 8, 0.25, 1.0) == 0  # unbounded: every update
+    assert config_of(10**4, 128, num_steps=10**5).renormalize_every > 10**5  # default eta0
+
+
+def test_tiny_p_min_is_refused_with_the_smallest_allowed():
+    smallest = math.exp(exp3.MIN_RENORMALIZATION_BUDGET + exp3.LEAF_FLOOR_LOG
+                        - exp3.INITIAL_LOG_ROOT)
+    with pytest.raises(ValueError, match=r"p_min=1e-60.*smallest allowed p_min is"):
+        config_of(10, 2, step_size=0.1, p_min=1e-60)
+    assert config_of(10, 2, step_size=0.1, p_min=smallest * 1.01).p_min > 0
+
+
+def test_renormalizing_every_update_when_the_drift_is_unbounded():
+    # n <= K and eta0 >= 1: one update may shrink the root without bound
+    sampler = ab.exp3_sampler(4, 8, step_size=2.0)
+    assert sampler.renormalize_every is None
+    state = sampler.init()
+    indices = jnp.array([0, 1, 2, 3, 0, 1, 2, 3], jnp.int32)
+    feedback = jnp.array([0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0])
+    for _ in range(50):
+        state = sampler.update(state, indices, feedback)
+    assert int(state.num_rescales) == 50
+    assert float(jnp.log(sumtree.total(state.tree))) == pytest.approx(
+        exp3.INITIAL_LOG_ROOT, abs=1e-3)
+    skipped = sampler.update(state, indices, feedback, apply=False)
+    assert_bitwise_equal(skipped, state)
 
 
 # ---------------------------------------------------------------- sample and update
@@ -235,3 +279,80 @@ def test_sample_and_update_are_the_bound_steps():
     assert float(new.grad_norm_bound) == 2.0
     p = np.asarray(exp3.distribution(new), np.float64)
     assert abs(p.sum() - 1) < 1e-5 and p.min() >= config.p_min * (1 - 1e-5)
+
+
+# ---------------------------------------------------------------- apply, indices, keys
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_with_apply_false_is_bitwise_unchanged(jit):
+    sampler = ab.exp3_sampler(50, 8, step_size=0.5, arity=4)
+    state = sampler.update(sampler.init(), jnp.arange(8), jnp.linspace(0.0, 2.0, 8))
+    update = jax.jit(sampler.update) if jit else sampler.update
+    indices = jnp.array([3, 3, 7, 49, 0, 12, 12, 5], jnp.int32)
+    feedback = jnp.array([1.0, 2.0, jnp.nan, 5.0, 0.1, 3.0, 3.0, -1.0])
+    assert_bitwise_equal(update(state, indices, feedback, apply=False), state)
+    applied = update(state, indices, feedback, apply=True)
+    assert int(applied.step) == int(state.step) + 1
+    assert int(applied.num_dropped_feedback) == int(state.num_dropped_feedback) + 2
+    assert_bitwise_equal(applied, sampler.update(state, indices, feedback))
+
+
+def test_int64_index_beyond_int32_is_dropped_not_wrapped():
+    with jax.enable_x64(True):  # jax.experimental.enable_x64 in older jax
+        sampler = ab.exp3_sampler(10, 2, step_size=0.5)
+        state = sampler.init()
+        indices = jnp.array([2**32 + 3, 1], jnp.int64)
+        new = sampler.update(state, indices, jnp.array([1.0, 1.0]))
+        assert int(new.num_dropped_feedback) == 1
+        # arm 3 is untouched (it was not drawn), arm 1 learned
+        assert float(new.log_weights[3]) == float(state.log_weights[3])
+        assert float(new.log_weights[1]) != float(state.log_weights[1])
+
+
+def test_small_and_unsigned_index_dtypes_are_range_checked():
+    sampler = ab.exp3_sampler(1000, 3, step_size=0.5)
+    new = sampler.update(sampler.init(), jnp.array([5, 120, -3], jnp.int8), jnp.ones(3))
+    assert int(new.num_dropped_feedback) == 1
+    new = sampler.update(sampler.init(), jnp.array([5, 999, 1000], jnp.uint32), jnp.ones(3))
+    assert int(new.num_dropped_feedback) == 1
+
+
+def test_float_indices_and_non_keys_are_refused_by_name():
+    sampler = ab.exp3_sampler(10, 2, step_size=0.5)
+    with pytest.raises(TypeError, match="indices"):
+        sampler.update(sampler.init(), jnp.array([1.0, 2.0]), jnp.ones(2))
+    with pytest.raises(ValueError, match="key"):
+        sampler.sample(sampler.init(), jnp.zeros(3))
+
+
+def test_largest_trees_are_refused_naming_num_examples():
+    with pytest.raises(ValueError, match="num_examples=2147483647.*arity 2"):
+        config_of(2**31 - 1, 8, step_size=0.1, arity=2)
+    config = config_of(10**9, 8, step_size=0.1, arity=32)  # issue 16 bug 2: fits with B = 32
+    assert config.layout.size < 2**31
+
+
+def test_tiny_p_min_never_gives_zero_probabilities():
+    # issue 16 bug 1: p_min = 1e-30 (a floor "turned off") and 3000 skewed updates
+    n, batch_size = 1000, 32
+    sampler = ab.exp3_sampler(n, batch_size, p_min=1e-30, step_size=0.5)
+    feedback = jnp.where(jnp.arange(n) < 10, 100.0, 1e-3)
+
+    def body(state, key):
+        indices, _ = sampler.sample(state, key)
+        return sampler.update(state, indices, feedback[indices]), None
+
+    keys = jax.random.split(jax.random.key(0), 3000)
+    every = sampler.renormalize_every
+    state = sampler.init()
+    run = jax.jit(lambda s, k: jax.lax.scan(body, s, k)[0])
+    for start in range(0, 3000, every):
+        state = sampler.renormalize(run(state, keys[start : start + every]))
+    p = np.asarray(exp3.distribution(state), np.float64)
+    assert p.min() > 0 and abs(p.sum() - 1) < 1e-5
+    assert np.asarray(sumtree.leaf_values(state.tree, sampler_layout(state))).min() >= 2.0**-100
+
+
+def sampler_layout(state):
+    return exp3.tree_layout(state.num_examples, state.arity)

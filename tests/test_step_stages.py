@@ -1,5 +1,7 @@
 """Tests of adambs_jax.step_stages: each stage of the train step on its own."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,61 @@ def test_step_metrics_report_the_bound_of_an_exp3_state_only():
     )
     assert "grad_norm_bound" not in metrics
     np.testing.assert_allclose(metrics["effective_sample_size"], 1.0, rtol=1e-6)
+
+
+def _primitives(jaxpr):
+    """Names of every primitive in ``jaxpr`` and its sub-jaxprs (scan bodies, pjit, ...)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds a Jaxpr
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize("sampler_name", ["exp3", "uniform"])
+@pytest.mark.parametrize("skip_non_finite", [True, False])
+def test_the_step_has_no_while_loop_or_cond(sampler_name, skip_non_finite):
+    # issue 11: a data-dependent branch makes XLA:GPU copy its predicate to the host
+    sampler = (ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10) if sampler_name == "exp3"
+               else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE))
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="grad_norm",
+                              skip_non_finite=skip_non_finite, jit=False)
+    state = step.init({"w": jnp.asarray(2.0)})
+    primitives = _primitives(jax.make_jaxpr(step.step_fn)(state, _data(), jax.random.key(0)).jaxpr)
+    assert "sort" in primitives or sampler_name == "uniform"  # the walk sees the sampler
+    assert not primitives & {"while", "cond"}, primitives & {"while", "cond"}
+
+
+def test_a_sampler_without_apply_is_selected():
+    base = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+
+    def old_update(state, indices, feedback):  # the contract before ``apply``
+        return base.update(state, indices, feedback)
+
+    config = _config(sampler=base._replace(update=old_update))
+    state = _state(config)
+    draw = step_stages.draw_batch(config, state, _data(), jax.random.key(0), None)
+    assert int(step_stages.guarded_apply(config, state, draw, _estimate(jnp.nan))
+               .sampler_state.step) == 0
+    assert int(step_stages.guarded_apply(config, state, draw, _estimate(0.5))
+               .sampler_state.step) == 1
+
+
+@pytest.mark.parametrize("skip_non_finite", [True, False])
+def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
+    # every read of the tree must be scheduled before its in-place write; otherwise XLA
+    # copies the O(n) tree every step (docs/performance.md, "Non-finite guard")
+    n = 100_000
+    sampler = ab.exp3_sampler(n, 128, num_steps=10)
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss",
+                              diagnostics=False, skip_non_finite=skip_non_finite)
+    state = step.init({"w": jnp.asarray(2.0)})
+    data = {"x": jnp.ones((n,)), "y": jnp.ones((n,))}
+    hlo = step.lower(state, data, jax.random.key(0)).compile().as_text()
+    tree_size = state.sampler_state.tree.shape[0]
+    assert f"f32[{tree_size}]" in hlo
+    assert not re.search(rf"f32\[{tree_size}\]\S* copy\(", hlo)

@@ -1,4 +1,5 @@
-"""Tests of adambs_jax.sumtree: structure, exact sums, order independence, drawing."""
+"""Tests of adambs_jax.sumtree: layout, exact sums, order independence, drawing, for every
+arity the samplers use."""
 
 import chex
 import jax
@@ -10,42 +11,65 @@ from hypothesis import strategies as st
 
 from adambs_jax import sumtree
 
+ARITIES = (2, 4, 32)
 
-def assert_parents_are_sums(tree):
+
+def assert_parents_are_sums(tree, layout):
+    """Every node of every level is bitwise the fixed-order sum of its B children."""
     tree = np.asarray(tree)
-    capacity = tree.shape[0] // 2
-    parents = np.arange(1, capacity)
-    # exact equality: every parent is the float32 sum of its two children
-    np.testing.assert_array_equal(tree[parents], tree[2 * parents] + tree[2 * parents + 1])
+    for level in range(layout.depth):
+        parents = tree[layout.offsets[level] : layout.offsets[level] + layout.sizes[level]]
+        children = tree[layout.offsets[level + 1] : layout.offsets[level + 1] + layout.sizes[level + 1]]
+        sums = np.asarray(sumtree.sum_children(jnp.asarray(children.reshape(-1, layout.arity))))
+        np.testing.assert_array_equal(parents[: sums.shape[0]], sums)
+        np.testing.assert_array_equal(parents[sums.shape[0] :], 0)
 
 
-@pytest.mark.parametrize("n,capacity", [(1, 1), (2, 2), (3, 4), (7, 8), (8, 8), (1000, 1024)])
-def test_capacity_is_next_power_of_two(n, capacity):
-    assert sumtree.capacity_for(n) == capacity
-    assert sumtree.depth_for(n) == capacity.bit_length() - 1
+@pytest.mark.parametrize("arity", ARITIES)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 33, 1000, 1025])
+def test_layout_levels_are_padded_to_the_arity_not_to_a_power(n, arity):
+    layout = sumtree.layout_for(n, arity)
+    assert layout.sizes[0] == 1 and layout.sizes[-1] >= n
+    assert all(size % arity == 0 for size in layout.sizes[1:])
+    for parent_size, child_size in zip(layout.sizes[1:-1], layout.sizes[2:]):
+        assert parent_size * arity >= child_size  # every child slot has a parent
+    assert layout.size == sum(layout.sizes) < n * arity / (arity - 1) + arity * (layout.depth + 1)
+    assert layout.offsets == tuple(np.cumsum((0,) + layout.sizes[:-1]))
 
 
-def test_capacity_rejects_empty():
+def test_layout_rejects_bad_arguments_and_trees_beyond_int32():
     with pytest.raises(ValueError, match="num_leaves"):
-        sumtree.capacity_for(0)
+        sumtree.layout_for(0)
+    with pytest.raises(ValueError, match="arity"):
+        sumtree.layout_for(10, 3)
+    with pytest.raises(ValueError, match="num_examples=1073741825.*larger arity"):
+        sumtree.layout_for(2**30 + 1, 2)
+    assert sumtree.layout_for(10**9, 32).size < 2**31  # n = 10^9 fits with a wide tree
+    for arity in (2, 32):  # the limit the message names is exact
+        largest = sumtree.max_leaves(arity)
+        assert sumtree.layout_for(largest, arity).size <= sumtree.MAX_TREE_SIZE
+        with pytest.raises(ValueError, match=f"at most {largest} examples with arity {arity}"):
+            sumtree.layout_for(largest + 1, arity)
+    assert sumtree.max_leaves(2) == 2**30
 
 
-@settings(max_examples=30, deadline=None)
+@pytest.mark.parametrize("arity", ARITIES)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(st.floats(0, 1e3, width=32, allow_subnormal=False), min_size=1, max_size=70))
-def test_build_sums_and_padding(weights):
+def test_build_sums_and_padding(arity, weights):
     weights = np.asarray(weights, np.float32)
-    tree = sumtree.build(jnp.asarray(weights))
-    capacity = sumtree.capacity_for(len(weights))
-    assert tree.shape == (2 * capacity,)
-    assert_parents_are_sums(tree)
-    np.testing.assert_array_equal(sumtree.leaf_values(tree, len(weights)), weights)
-    np.testing.assert_array_equal(np.asarray(tree)[capacity + len(weights) :], 0)
+    layout = sumtree.layout_for(len(weights), arity)
+    tree = sumtree.build(jnp.asarray(weights), layout)
+    assert tree.shape == (layout.size,)
+    assert_parents_are_sums(tree, layout)
+    np.testing.assert_array_equal(sumtree.leaf_values(tree, layout), weights)
+    np.testing.assert_array_equal(np.asarray(tree)[layout.offsets[-1] + len(weights) :], 0)
     np.testing.assert_allclose(float(sumtree.total(tree)), weights.sum(dtype=np.float64), rtol=1e-5)
 
 
 def test_build_rejects_bad_shape():
     with pytest.raises(ValueError, match="weights"):
-        sumtree.build(jnp.ones((2, 3)))
+        sumtree.build(jnp.ones((2, 3)), sumtree.layout_for(6))
 
 
 class SetLeavesTest(chex.TestCase):
@@ -53,69 +77,82 @@ class SetLeavesTest(chex.TestCase):
     def test_equals_rebuild_bitwise(self):
         rng = np.random.default_rng(0)
         n = 37
-        weights = rng.random(n).astype(np.float32)
-        tree = sumtree.build(jnp.asarray(weights))
-        set_leaves = self.variant(sumtree.set_leaves)
-        for _ in range(20):
-            idx = rng.integers(0, n, size=8)
-            vals = rng.random(8).astype(np.float32)
-            tree = set_leaves(tree, jnp.asarray(idx), jnp.asarray(vals))
-            for i, v in zip(idx, vals):  # numpy sequential semantics: last write wins
-                weights[i] = v
-            # recomputing parents from children gives exactly what a fresh build gives
-            np.testing.assert_array_equal(np.asarray(tree), np.asarray(sumtree.build(weights)))
+        for arity in ARITIES:
+            layout = sumtree.layout_for(n, arity)
+            weights = rng.random(n).astype(np.float32)
+            tree = sumtree.build(jnp.asarray(weights), layout)
+            set_leaves = self.variant(lambda t, i, v: sumtree.set_leaves(t, i, v, layout))
+            for _ in range(10):
+                idx = rng.integers(0, n, size=8)
+                vals = rng.random(8).astype(np.float32)
+                tree = set_leaves(tree, jnp.asarray(idx), jnp.asarray(vals))
+                for i, v in zip(idx, vals):  # numpy sequential semantics: last write wins
+                    weights[i] = v
+                # recomputing parents from children gives exactly what a fresh build gives
+                rebuilt = sumtree.build(jnp.asarray(weights), layout)
+                np.testing.assert_array_equal(np.asarray(tree), np.asarray(rebuilt))
 
     def test_duplicates_are_order_independent(self):
         n = 16
-        tree = sumtree.build(jnp.ones(n))
-        idx = jnp.array([3, 3, 5, 3, 5, 9])
-        vals = jnp.array([2.0, 2.0, 7.0, 2.0, 7.0, 0.5])
-        reference = sumtree.set_leaves(tree, idx, vals)
-        for seed in range(10):
-            perm = np.random.default_rng(seed).permutation(6)
-            permuted = sumtree.set_leaves(tree, idx[perm], vals[perm])
-            np.testing.assert_array_equal(np.asarray(permuted), np.asarray(reference))
-        assert_parents_are_sums(reference)
+        for arity in ARITIES:
+            layout = sumtree.layout_for(n, arity)
+            tree = sumtree.build(jnp.ones(n), layout)
+            idx = jnp.array([3, 3, 5, 3, 5, 9])
+            vals = jnp.array([2.0, 2.0, 7.0, 2.0, 7.0, 0.5])
+            reference = sumtree.set_leaves(tree, idx, vals, layout)
+            for seed in range(5):
+                perm = np.random.default_rng(seed).permutation(6)
+                permuted = sumtree.set_leaves(tree, idx[perm], vals[perm], layout)
+                np.testing.assert_array_equal(np.asarray(permuted), np.asarray(reference))
+            assert_parents_are_sums(reference, layout)
 
     def test_last_duplicate_wins(self):
-        tree = sumtree.build(jnp.ones(4))
-        tree = sumtree.set_leaves(tree, jnp.array([1, 1, 1]), jnp.array([5.0, 6.0, 7.0]))
-        np.testing.assert_array_equal(sumtree.leaf_values(tree, 4), [1, 7, 1, 1])
+        layout = sumtree.layout_for(4)
+        tree = sumtree.build(jnp.ones(4), layout)
+        tree = sumtree.set_leaves(tree, jnp.array([1, 1, 1]), jnp.array([5.0, 6.0, 7.0]), layout)
+        np.testing.assert_array_equal(sumtree.leaf_values(tree, layout), [1, 7, 1, 1])
 
     def test_rejects_mismatched_shapes(self):
-        tree = sumtree.build(jnp.ones(4))
+        layout = sumtree.layout_for(4)
+        tree = sumtree.build(jnp.ones(4), layout)
         with self.assertRaisesRegex(ValueError, "indices and values"):
-            sumtree.set_leaves(tree, jnp.array([0, 1]), jnp.array([1.0]))
+            sumtree.set_leaves(tree, jnp.array([0, 1]), jnp.array([1.0]), layout)
+        with self.assertRaisesRegex(ValueError, "tree must have shape"):
+            sumtree.set_leaves(tree[:-1], jnp.array([0]), jnp.array([1.0]), layout)
 
 
-def test_many_updates_keep_exact_sums():
+@pytest.mark.parametrize("arity", ARITIES)
+def test_many_updates_keep_exact_sums(arity):
     n = 1000
-    tree = sumtree.build(jnp.full((n,), 1.0 / n))
+    layout = sumtree.layout_for(n, arity)
+    tree = sumtree.build(jnp.full((n,), 1.0 / n), layout)
 
     def body(tree, key):
         k1, k2 = jax.random.split(key)
         idx = jax.random.randint(k1, (64,), 0, n)
         vals = jax.random.uniform(k2, (64,), minval=1e-6, maxval=1e-2)
-        return sumtree.set_leaves(tree, idx, vals), None
+        return sumtree.set_leaves(tree, idx, vals, layout), None
 
     tree, _ = jax.jit(lambda t, ks: jax.lax.scan(body, t, ks))(
-        tree, jax.random.split(jax.random.PRNGKey(0), 20_000)
+        tree, jax.random.split(jax.random.PRNGKey(0), 10_000)
     )
-    assert_parents_are_sums(tree)
-    leaves = np.asarray(sumtree.leaf_values(tree, n), np.float64)
+    assert_parents_are_sums(tree, layout)
+    leaves = np.asarray(sumtree.leaf_values(tree, layout), np.float64)
     np.testing.assert_allclose(float(sumtree.total(tree)), leaves.sum(), rtol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("arity", ARITIES)
+@settings(max_examples=25, deadline=None)
 @given(
     st.lists(st.floats(0, 100, width=32, allow_subnormal=False), min_size=1, max_size=40).filter(lambda w: sum(w) > 0),
     st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=16),
 )
-def test_draw_finds_the_prefix_interval(weights, uniforms):
+def test_draw_finds_the_prefix_interval(arity, weights, uniforms):
     weights = np.asarray(weights, np.float32)
-    tree = sumtree.build(jnp.asarray(weights))
+    layout = sumtree.layout_for(len(weights), arity)
+    tree = sumtree.build(jnp.asarray(weights), layout)
     targets = jnp.asarray(uniforms, jnp.float32) * sumtree.total(tree)
-    drawn = np.asarray(sumtree.draw(tree, targets))
+    drawn = np.asarray(sumtree.draw(tree, targets, layout))
     assert np.all(weights[drawn] > 0), "a zero-weight leaf was drawn"
     prefix = np.concatenate([[0.0], np.cumsum(weights, dtype=np.float64)])
     scale = prefix[-1]
@@ -124,13 +161,20 @@ def test_draw_finds_the_prefix_interval(weights, uniforms):
         assert prefix[j] - 1e-5 * scale <= t <= prefix[j + 1] + 1e-5 * scale
 
 
-def test_draw_never_returns_padding_or_zero_leaves_at_the_edges():
-    weights = jnp.array([0.0, 1.0, 0.0, 2.0, 0.0])  # capacity 8: three padding leaves
-    tree = sumtree.build(weights)
+@pytest.mark.parametrize("arity", ARITIES)
+def test_draw_never_returns_padding_or_zero_leaves_at_the_edges(arity):
+    weights = jnp.array([0.0, 1.0, 0.0, 2.0, 0.0])  # padded levels: zero leaves and nodes
+    layout = sumtree.layout_for(5, arity)
+    tree = sumtree.build(weights, layout)
     root = sumtree.total(tree)
     edge_targets = jnp.array([0.0, root, jnp.nextafter(root, 2 * root), 1e30, 0.99999 * root])
-    drawn = np.asarray(sumtree.draw(tree, edge_targets))
+    drawn = np.asarray(sumtree.draw(tree, edge_targets, layout))
     assert set(drawn.tolist()) <= {1, 3}
+
+
+def test_default_arity_by_backend():
+    assert sumtree.default_arity("gpu") == sumtree.default_arity("tpu") == 32
+    assert sumtree.default_arity("cpu") in (4, 8, 16)  # measured: docs/performance.md
 
 
 def test_stratified_targets_cover_each_slice_once():

@@ -104,3 +104,41 @@ def test_copy_and_pickle_see_a_plain_object():
         step.no_such_attribute  # noqa: B018
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         pickle.dumps(step)  # closures are not picklable; the error must not be a recursion
+
+
+def _drifting_step(**options):
+    # eta0 = 5 >= 1: each update may shrink the root by (n - K) p_min, M is a few steps
+    sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, step_size=5.0, p_min=1e-3)
+    return ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss", **options)
+
+
+def _assert_sampler_state_is_sound(sampler_state):
+    layout = ab.exp3.tree_layout(sampler_state.num_examples, sampler_state.arity)
+    leaves = np.asarray(ab.sumtree.leaf_values(sampler_state.tree, layout))
+    assert np.all(np.isfinite(leaves)) and leaves.min() >= 2.0**-100
+    p = np.asarray(ab.probabilities(sampler_state), np.float64)
+    assert p.min() > 0 and abs(p.sum() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 1000])
+def test_the_step_renormalizes_every_m_steps_without_a_sync(steps_per_call):
+    params, data = _problem()
+    step = _drifting_step(steps_per_call=steps_per_call)
+    every = step.sampler.renormalize_every
+    assert every is not None and every < 50
+    state = step.init(params, key=jax.random.key(0))
+    num_calls = 10**4 // steps_per_call
+    for _ in range(num_calls):
+        state, _ = step(state, data)
+    assert int(state.step) == 10**4
+    assert int(state.sampler_state.num_rescales) >= 10**4 // every - 1
+    _assert_sampler_state_is_sound(state.sampler_state)
+
+
+def test_a_pure_step_leaves_renormalization_to_the_caller():
+    params, data = _problem()
+    step = _drifting_step(jit=False)
+    assert step.renormalize is None
+    state = step.init(params)
+    state, _ = jax.jit(step)(state, data, jax.random.key(0))
+    assert int(state.sampler_state.num_rescales) == 0
