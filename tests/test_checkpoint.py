@@ -105,7 +105,9 @@ def test_metadata(tmp_path):
     path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})
     metadata = ab.read_checkpoint_metadata(path)
     assert metadata["sampler_kind"] == "Exp3SamplerState"
-    assert metadata["sampler_config"] == {"num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES}
+    assert metadata["sampler_config"] == {
+        "num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES, "arity": state.sampler_state.arity
+    }
     assert metadata["batch_size"] == BATCH_SIZE
     assert metadata["step"] == 0 and metadata["skipped_steps"] == 0
     assert metadata["version"] == ab.__version__
