@@ -9,14 +9,20 @@ models depend on nothing else in ``experiments``):
 * ``mlp``: 64 -> 128 -> 128 -> 10 on digits-sized random data (n = 1797, 64 features,
   10 classes);
 * ``cnn``: conv 3x3x16 (stride 2) -> conv 3x3x32 (stride 2) -> dense 10 on random 28x28x1
-  images (n = 10,000).
+  images (n = 10,000);
+* ``cifar``: the AdamBS paper's CIFAR-10 CNN (``experiments.models.cnn.CifarCNN``, 4 conv
+  3x3 + max-pool + dense 512, eval mode) on random 32x32x3 images (n = 50,000);
+* ``transformer``: one pre-LayerNorm transformer block (token + position embedding, 4-head
+  self-attention from Dense layers, MLP 4x, LayerNorm) on random token sequences, T = 32,
+  width 64, vocabulary 1000, mean-pooled into 10 classes (n = 10,000).
 
 Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step with uniform
 indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
 these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads=True``) and
-``adambs/loss/no-diagnostics``. Every step is jitted with the state donated, warmed up
+``adambs/loss/no-diagnostics``, and ``adambs/grad_norm/vmap`` (exact norms by ``vmap``
+per-example gradients instead of the default ghost norms: ``grad_norm_method="vmap"``). Every step is jitted with the state donated, warmed up
 (compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
 rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
 and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
@@ -40,6 +46,7 @@ import optax
 
 import adambs_jax as ab
 from experiments import bench_harness as harness
+from experiments.models.cnn import CifarCNN
 
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
@@ -53,6 +60,23 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
+class TransformerBlock(nn.Module):
+    """A small pre-LayerNorm transformer classifier built from standard Flax layers."""
+
+    vocab: int = 1000
+    width: int = 64
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.width)(tokens)
+        x = x + nn.Embed(tokens.shape[1], self.width)(jnp.arange(tokens.shape[1]))
+        x = x + nn.SelfAttention(num_heads=self.heads, qkv_features=self.width)(nn.LayerNorm()(x))
+        h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+        x = x + nn.Dense(self.width)(nn.gelu(h))
+        return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+
 class CNN(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -61,19 +85,26 @@ class CNN(nn.Module):
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
+MODELS = {
+    "mlp": lambda: (MLP(), 1797, (64,)),
+    "cnn": lambda: (CNN(), 10_000, (28, 28, 1)),
+    "cifar": lambda: (CifarCNN(), 50_000, (32, 32, 3)),
+    "transformer": lambda: (TransformerBlock(), 10_000, (32,)),
+}
+"""name -> () -> (model, n, example shape)."""
+
+
 def make_problem(name: str, seed: int = 0):
     """(model, data, params): random data of the given shape, on device."""
     rng = np.random.default_rng(seed)
-    if name == "mlp":
-        model, n, shape = MLP(), 1797, (64,)
-    elif name == "cnn":
-        model, n, shape = CNN(), 10_000, (28, 28, 1)
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    model, n, shape = MODELS[name]()
+    if name == "transformer":
+        x = rng.integers(0, model.vocab, size=(n,) + shape).astype(np.int32)
     else:
-        raise ValueError(f"model must be 'mlp' or 'cnn', got {name!r}")
-    data = {
-        "x": jnp.asarray(rng.normal(size=(n,) + shape), jnp.float32),
-        "y": jnp.asarray(rng.integers(0, 10, size=(n,)), jnp.int32),
-    }
+        x = rng.normal(size=(n,) + shape).astype(np.float32)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(rng.integers(0, 10, size=(n,)), jnp.int32)}
     params = jax.jit(model.init)(jax.random.key(seed), data["x"][:1])
     return model, data, params
 
@@ -120,9 +151,11 @@ def library_step(model_loss, num_examples, variant: str, steps_per_call=1):
         sampler = ab.exp3_sampler(num_examples, BATCH_SIZE, num_steps=10_000)
         feedback = parts[1]
     diagnostics = False if "no-diagnostics" in parts else None
+    options = {"grad_norm_method": "vmap"} if "vmap" in parts else {}
     step = ab.make_train_step(
         model_loss, optimizer, sampler, feedback=feedback, diagnostics=diagnostics,
         reuse_per_example_grads="reuse-per-example" in parts, steps_per_call=steps_per_call,
+        **options,
     )
 
     def init(params):
@@ -135,6 +168,7 @@ VARIANTS = (
     "adam",
     "uniform",
     "adambs/grad_norm",
+    "adambs/grad_norm/vmap",
     "adambs/grad_norm/reuse-per-example",
     "adambs/logit_grad_norm",
     "adambs/loss",
@@ -154,7 +188,7 @@ def _variant_steps(model_loss, num_examples, variant, steps_per_call):
 
 
 def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
-        throughput_rounds: int = 5):
+        throughput_rounds: int = 5, variants=VARIANTS):
     """Times every variant of each model, interleaved: ``rounds`` rounds, each giving every
     variant ``runs / rounds`` consecutive steps, so that a change of the machine's load
     during the benchmark hits all variants alike (ratios side by side, DESIGN.md §5); then
@@ -166,7 +200,7 @@ def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
         model_loss = model_loss_of(model)
         num_examples = data["y"].shape[0]
         steps, throughput = {}, {}
-        for variant in VARIANTS:
+        for variant in variants:
             step, init, multi_step = _variant_steps(model_loss, num_examples, variant, scan_steps)
             steps[variant] = (step, init(params))
             throughput[variant] = (step, init(params), multi_step, init(params))
@@ -192,14 +226,21 @@ def markdown_table(results) -> str:
 def main(argv=None):
     parser = harness.bench_parser(__doc__, "results/bench_step.json")
     harness.add_step_timing_arguments(parser, min_runs=1)
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--models", default="mlp,cnn",
+                        help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated; 'adam' (the baseline of the ratios) is always run")
     parser.add_argument("--scan-steps", type=int, default=50,
                         help="steps per pipelined burst and per lax.scan call")
     parser.add_argument("--throughput-rounds", type=int, default=5)
     args = parser.parse_args(argv)
     harness.check_step_timing_arguments(parser, args, min_runs=1)
+    variants = ("adam",) + tuple(v for v in args.variants.split(",") if v and v != "adam")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds,
-                  args.scan_steps, args.throughput_rounds)
+                  args.scan_steps, args.throughput_rounds, variants)
     report = {"benchmark": "train_step", "backend": jax.default_backend(),
               "machine": harness.machine_record(), "results": results}
     harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))

@@ -107,8 +107,10 @@ _CHILD = textwrap.dedent(
 def test_eight_devices_match_one_device(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
+    # the child imports the package from wherever this process does (a checkout that is
+    # not pip-installed, e.g. PYTHONPATH on an accelerator machine): pass our sys.path on
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ckpt")],
         capture_output=True, text=True, env=env, timeout=300,
