@@ -50,10 +50,9 @@ from adambs_jax.checkpoint_metadata import (
     CHECKPOINT_FORMAT,
     check_train_state,
     describe_state,
-    raw_keys,
-    rewrap_keys,
     verify_metadata,
 )
+from adambs_jax.checkpoint_restore import finish_restore, restore_target
 from adambs_jax.checkpoint_storage import (
     METADATA_ITEM,
     STATE_ITEM,
@@ -77,23 +76,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def _abstract(like_raw_leaf: Any, like_leaf: Any) -> jax.ShapeDtypeStruct:
-    """What orbax should restore a leaf as: shape, dtype and the sharding of ``like``."""
-    sharding = getattr(like_leaf, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.ShapeDtypeStruct(like_raw_leaf.shape, like_raw_leaf.dtype, sharding=sharding)
-
-
-def _abstract_raw_tree(like: TrainState) -> Any:
-    raw = jax.eval_shape(raw_keys, like)
-    leaves, treedef = jax.tree.flatten(raw)
-    like_leaves = jax.tree.leaves(like)
-    if len(like_leaves) != len(leaves):  # cannot happen: key_data keeps one leaf per key
-        raise AssertionError("key conversion changed the number of leaves")
-    return jax.tree.unflatten(treedef, [_abstract(a, b) for a, b in zip(leaves, like_leaves)])
 
 
 def _check_path(path: Any, name: str = "path") -> pathlib.Path:
@@ -138,10 +120,11 @@ def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> 
             write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
 
 
-def _read_state(path: pathlib.Path, like: TrainState) -> TrainState:
-    with damaged_checkpoint_errors(f"the checkpoint at {path}"), open_checkpointer() as ckpt:
-        restored = ckpt.restore(path, state_restore_args(_abstract_raw_tree(like)))
-    return rewrap_keys(restored[STATE_ITEM], like)
+def _read_state(path: pathlib.Path, like: TrainState, saved: dict) -> TrainState:
+    where = f"the checkpoint at {path}"
+    with damaged_checkpoint_errors(where), open_checkpointer() as ckpt:
+        restored = ckpt.restore(path, state_restore_args(restore_target(like, saved)))
+    return finish_restore(restored[STATE_ITEM], like, saved, where)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -265,7 +248,7 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
     path = _check_path(path)
     saved = read_checkpoint_metadata(path)
     verify_metadata(saved, like, sampler, f"the checkpoint at {path}")
-    return _read_state(path, like)
+    return _read_state(path, like, saved)
 
 
 class CheckpointManager:
@@ -365,12 +348,13 @@ class CheckpointManager:
         where = f"the checkpoint of step {step} in {self.directory}"
         with damaged_checkpoint_errors(where, name="step"):
             saved = self._manager.restore(int(step), args=metadata_restore_args())
-        verify_metadata(dict(saved[METADATA_ITEM]), like, self.sampler, where)
+        saved = dict(saved[METADATA_ITEM])
+        verify_metadata(saved, like, self.sampler, where)
         with damaged_checkpoint_errors(where, name="step"):
             restored = self._manager.restore(
-                int(step), args=state_restore_args(_abstract_raw_tree(like))
+                int(step), args=state_restore_args(restore_target(like, saved))
             )
-        return rewrap_keys(restored[STATE_ITEM], like)
+        return finish_restore(restored[STATE_ITEM], like, saved, where)
 
     def restore_latest(self, like: TrainState) -> Optional[TrainState]:
         """``restore(like)`` of the latest step, or None if nothing was saved yet."""

@@ -165,8 +165,8 @@ def test_update_touches_only_sampled_leaves():
     )
 
 
-def test_adaptive_bound_is_running_max_and_fixed_bound_clips():
-    sampler = ab.exp3_sampler(10, 3, step_size=0.1)
+def test_running_max_bound_and_fixed_bound_clips():
+    sampler = ab.exp3_sampler(10, 3, step_size=0.1, grad_norm_bound="running_max")
     state = sampler.init()
     update = jax.jit(sampler.update)
     state = update(state, jnp.array([0, 1, 2]), jnp.array([0.5, 2.5, 1.0]))
