@@ -16,7 +16,10 @@ A checkpoint directory holds two orbax items: ``state`` (the arrays, orbax's
 ``num_examples``, ``p_min`` —, batch size if known, step, and every leaf's path, shape and
 dtype). ``restore_checkpoint`` checks that metadata against the template ``like`` before it
 reads an array and refuses a checkpoint of another dataset size, sampler kind, ``p_min``,
-batch size, optimizer or model with a ``ValueError`` that lists every difference.
+batch size, optimizer or model with a ``ValueError`` that lists every difference. The
+learned sampler state comes from the checkpoint, the hyperparameters (a fixed bound L, the
+bound mode, the tree's arity, ``step_size``, ``stratified``) from the sampler of ``like``;
+a non-finite exp3 state is refused (``adambs_jax.checkpoint_restore``).
 
 PRNG keys: typed keys (``jax.random.key``) are saved as their raw uint32 data
 (``jax.random.key_data``) with the implementation's name in the metadata, and rewrapped
@@ -221,7 +224,10 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
         ``batch_size`` must match.
 
     Returns:
-      The restored ``TrainState``: same pytree structure, dtypes and key types as ``like``.
+      The restored ``TrainState``: same pytree structure, dtypes and key types as ``like``;
+      an exp3 sampler state keeps its learned weights, counters and adaptive L and takes a
+      fixed L, a changed bound mode (L restarts at 0) and the arity (tree rebuilt) from
+      ``like`` (docs/api.md, "What a restore keeps").
 
     Raises:
       FileNotFoundError: nothing at ``path``.
@@ -230,7 +236,8 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
         uniform), dataset size ``num_examples``, ``p_min``, batch size, typed vs raw PRNG
         key, or arrays of other paths, shapes or dtypes (another model or optimizer). The
         message lists every difference; nothing is loaded. Or its files are damaged
-        (truncated, corrupted, missing): the message names the checkpoint.
+        (truncated, corrupted, missing), or its exp3 sampler state is not finite: the
+        message names the checkpoint (and the field).
 
     References:
       orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).

@@ -49,17 +49,23 @@ from adambs_jax.exp3_config import (  # re-exported: the configuration of this m
     renormalization_period,
     tree_layout,
 )
+from adambs_jax.exp3_bound import (  # re-exported: step 2's bound L
+    clip_ratio,
+    clip_to_bound,
+    clipped_fraction,
+    quantile_bound,
+)
 from adambs_jax.exp3_health import check_state_finite
 from adambs_jax.projection import project_onto_floored_simplex
 
 __all__ = [
     "INITIAL_LOG_ROOT",
     "LEAF_FLOOR_LOG",
+    "Exp3SamplerState",
     "MIN_RENORMALIZATION_BUDGET",
     "BOUND_MODES",
     "DEFAULT_BOUND_QUANTILE",
     "DEFAULT_BOUND_LEARNING_RATE",
-    "Exp3SamplerState",
     "Exp3Config",
     "exp3_config",
     "renormalization_period",
@@ -72,6 +78,7 @@ __all__ = [
     "CleanFeedback",
     "clean_feedback",
     "clip_to_bound",
+    "clip_ratio",
     "quantile_bound",
     "bound_for_update",
     "clipped_fraction",
@@ -202,46 +209,6 @@ def clean_feedback(indices, feedback, num_examples: int) -> CleanFeedback:
     return CleanFeedback(indices, feedback, valid)
 
 
-def clip_to_bound(feedback, stored_bound, adaptive: bool):
-    """Step 2: ``(L, ratio)`` with L = max(stored L, max f) if ``adaptive`` else the stored
-    L, and ratio_k = min(f_k, L) / L in [0, 1] (0 while L = 0: every loss is the maximum)."""
-    if adaptive:
-        bound = jnp.maximum(stored_bound, jnp.max(feedback))
-    else:
-        bound = stored_bound
-    return bound, _ratio(feedback, bound)
-
-
-def _ratio(feedback, bound):
-    return jnp.where(bound > 0, jnp.minimum(feedback, bound) / jnp.where(bound > 0, bound, 1), 0.0)
-
-
-# log L stays where exp(log L) and L^2 / L are normal float32 numbers, whatever the feedback
-_LOG_BOUND_RANGE = (-80.0, 80.0)
-
-
-def quantile_bound(feedback, valid, stored_bound, *, quantile: float, learning_rate: float):
-    """Step 2, "quantile" mode: L_t tracks the tau-quantile of the valid feedback by
-    stochastic approximation in log space (Robbins-Monro on the quantile's defining equation
-    P(f > L) = 1 - tau):
-
-        log L_t = log L_{t-1} + eta_L (#{valid k: f_k > L_{t-1}} / #valid - (1 - tau)),
-
-    so one update moves log L by at most eta_L (one outlier by eta_L / #valid), whatever
-    its size. While L = 0 (no valid feedback yet) L is the batch's tau-quantile (nearest
-    rank) of the valid feedback instead; without valid feedback L is unchanged. log L is
-    kept in [-80, 80]."""
-    num_valid = jnp.sum(valid)
-    above = jnp.sum(valid & (feedback > stored_bound)) / jnp.maximum(num_valid, 1)
-    log_bound = jnp.log(stored_bound) + learning_rate * (above - (1.0 - quantile))
-    moved = jnp.exp(jnp.clip(log_bound, *_LOG_BOUND_RANGE))
-    ordered = jnp.sort(jnp.where(valid, feedback, jnp.inf))
-    rank = jnp.clip(jnp.ceil(quantile * num_valid).astype(jnp.int32) - 1, 0, feedback.shape[0] - 1)
-    first = jnp.clip(ordered[rank], 0.0, math.exp(_LOG_BOUND_RANGE[1]))
-    bound = jnp.where(stored_bound > 0, moved, first)
-    return jnp.where(num_valid > 0, bound, stored_bound).astype(jnp.float32)
-
-
 def bound_for_update(config: Exp3Config, clean: CleanFeedback, stored_bound):
     """Step 2: ``(L, ratio)``, ratio_k = min(f_k, L) / L in [0, 1], with L per
     ``config.bound_mode``: the configured fixed L (not the stored one: after a restore the
@@ -251,21 +218,10 @@ def bound_for_update(config: Exp3Config, clean: CleanFeedback, stored_bound):
         bound = quantile_bound(clean.feedback, clean.valid, stored_bound,
                                quantile=config.bound_quantile,
                                learning_rate=config.bound_learning_rate)
-        return bound, _ratio(clean.feedback, bound)
+        return bound, clip_ratio(clean.feedback, bound)
     if config.bound_mode == "fixed":
         stored_bound = jnp.asarray(config.grad_norm_bound, jnp.float32)
     return clip_to_bound(clean.feedback, stored_bound, config.adaptive_bound)
-
-
-def clipped_fraction(feedback, grad_norm_bound) -> jax.Array:
-    """float32 scalar: the fraction of the valid (finite, >= 0) entries of ``feedback`` (K,)
-    above ``grad_norm_bound`` (the L of the update that used them), i.e. clipped; 0 without
-    valid feedback. A metric for the bound: ~1 - tau in "quantile" mode, 0 for the running
-    max."""
-    feedback = jnp.asarray(feedback, jnp.float32)
-    valid = jnp.isfinite(feedback) & (feedback >= 0)
-    clipped = jnp.sum(valid & (feedback > grad_norm_bound))
-    return (clipped / jnp.maximum(jnp.sum(valid), 1)).astype(jnp.float32)
 
 
 class MergedDraws(NamedTuple):
