@@ -22,14 +22,14 @@ __all__ = [
     "INITIAL_LOG_ROOT",
     "LEAF_FLOOR_LOG",
     "MIN_RENORMALIZATION_BUDGET",
-    "BOUND_MODES",
-    "DEFAULT_BOUND_QUANTILE",
-    "DEFAULT_BOUND_LEARNING_RATE",
     "Exp3Config",
     "exp3_config",
     "renormalization_period",
     "default_step_size",
     "tree_layout",
+    "BOUND_MODES",
+    "DEFAULT_BOUND_QUANTILE",
+    "DEFAULT_BOUND_LEARNING_RATE",
 ]
 
 INITIAL_LOG_ROOT = 100 * math.log(2.0)
