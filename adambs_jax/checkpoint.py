@@ -16,7 +16,10 @@ A checkpoint directory holds two orbax items: ``state`` (the arrays, orbax's
 ``num_examples``, ``p_min`` —, batch size if known, step, and every leaf's path, shape and
 dtype). ``restore_checkpoint`` checks that metadata against the template ``like`` before it
 reads an array and refuses a checkpoint of another dataset size, sampler kind, ``p_min``,
-batch size, optimizer or model with a ``ValueError`` that lists every difference.
+batch size, optimizer or model with a ``ValueError`` that lists every difference. The
+learned sampler state comes from the checkpoint, the hyperparameters (a fixed bound L, the
+bound mode, the tree's arity, ``step_size``, ``stratified``) from the sampler of ``like``;
+a non-finite exp3 state is refused (``adambs_jax.checkpoint_restore``).
 
 PRNG keys: typed keys (``jax.random.key``) are saved as their raw uint32 data
 (``jax.random.key_data``) with the implementation's name in the metadata, and rewrapped
@@ -50,10 +53,9 @@ from adambs_jax.checkpoint_metadata import (
     CHECKPOINT_FORMAT,
     check_train_state,
     describe_state,
-    raw_keys,
-    rewrap_keys,
     verify_metadata,
 )
+from adambs_jax.checkpoint_restore import finish_restore, restore_target
 from adambs_jax.checkpoint_storage import (
     METADATA_ITEM,
     STATE_ITEM,
@@ -77,23 +79,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def _abstract(like_raw_leaf: Any, like_leaf: Any) -> jax.ShapeDtypeStruct:
-    """What orbax should restore a leaf as: shape, dtype and the sharding of ``like``."""
-    sharding = getattr(like_leaf, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.ShapeDtypeStruct(like_raw_leaf.shape, like_raw_leaf.dtype, sharding=sharding)
-
-
-def _abstract_raw_tree(like: TrainState) -> Any:
-    raw = jax.eval_shape(raw_keys, like)
-    leaves, treedef = jax.tree.flatten(raw)
-    like_leaves = jax.tree.leaves(like)
-    if len(like_leaves) != len(leaves):  # cannot happen: key_data keeps one leaf per key
-        raise AssertionError("key conversion changed the number of leaves")
-    return jax.tree.unflatten(treedef, [_abstract(a, b) for a, b in zip(leaves, like_leaves)])
 
 
 def _check_path(path: Any, name: str = "path") -> pathlib.Path:
@@ -138,10 +123,11 @@ def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> 
             write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
 
 
-def _read_state(path: pathlib.Path, like: TrainState) -> TrainState:
-    with damaged_checkpoint_errors(f"the checkpoint at {path}"), open_checkpointer() as ckpt:
-        restored = ckpt.restore(path, state_restore_args(_abstract_raw_tree(like)))
-    return rewrap_keys(restored[STATE_ITEM], like)
+def _read_state(path: pathlib.Path, like: TrainState, saved: dict) -> TrainState:
+    where = f"the checkpoint at {path}"
+    with damaged_checkpoint_errors(where), open_checkpointer() as ckpt:
+        restored = ckpt.restore(path, state_restore_args(restore_target(like, saved)))
+    return finish_restore(restored[STATE_ITEM], like, saved, where)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -238,7 +224,10 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
         ``batch_size`` must match.
 
     Returns:
-      The restored ``TrainState``: same pytree structure, dtypes and key types as ``like``.
+      The restored ``TrainState``: same pytree structure, dtypes and key types as ``like``;
+      an exp3 sampler state keeps its learned weights, counters and adaptive L and takes a
+      fixed L, a changed bound mode (L restarts at 0) and the arity (tree rebuilt) from
+      ``like`` (docs/api.md, "What a restore keeps").
 
     Raises:
       FileNotFoundError: nothing at ``path``.
@@ -247,7 +236,8 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
         uniform), dataset size ``num_examples``, ``p_min``, batch size, typed vs raw PRNG
         key, or arrays of other paths, shapes or dtypes (another model or optimizer). The
         message lists every difference; nothing is loaded. Or its files are damaged
-        (truncated, corrupted, missing): the message names the checkpoint.
+        (truncated, corrupted, missing), or its exp3 sampler state is not finite: the
+        message names the checkpoint (and the field).
 
     References:
       orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
@@ -265,7 +255,7 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
     path = _check_path(path)
     saved = read_checkpoint_metadata(path)
     verify_metadata(saved, like, sampler, f"the checkpoint at {path}")
-    return _read_state(path, like)
+    return _read_state(path, like, saved)
 
 
 class CheckpointManager:
@@ -365,12 +355,13 @@ class CheckpointManager:
         where = f"the checkpoint of step {step} in {self.directory}"
         with damaged_checkpoint_errors(where, name="step"):
             saved = self._manager.restore(int(step), args=metadata_restore_args())
-        verify_metadata(dict(saved[METADATA_ITEM]), like, self.sampler, where)
+        saved = dict(saved[METADATA_ITEM])
+        verify_metadata(saved, like, self.sampler, where)
         with damaged_checkpoint_errors(where, name="step"):
             restored = self._manager.restore(
-                int(step), args=state_restore_args(_abstract_raw_tree(like))
+                int(step), args=state_restore_args(restore_target(like, saved))
             )
-        return rewrap_keys(restored[STATE_ITEM], like)
+        return finish_restore(restored[STATE_ITEM], like, saved, where)
 
     def restore_latest(self, like: TrainState) -> Optional[TrainState]:
         """``restore(like)`` of the latest step, or None if nothing was saved yet."""

@@ -4,7 +4,9 @@
 (library version, sampler kind and static configuration, batch size, step, and every leaf's
 path, shape and dtype); ``verify_metadata`` compares a checkpoint's metadata with a
 template's and refuses a mismatch with a ``ValueError`` listing every difference, before a
-single array is read. No file is touched here: ``adambs_jax.checkpoint`` does the reading and
+single array is read. The hyperparameters a restore takes from the new sampler
+(``NEW_SAMPLER_FIELDS``: the tree's ``arity``, the ``bound_mode``; and so the shape of an
+exp3 tree) are not compared (``adambs_jax.checkpoint_restore`` says what a restore keeps). No file is touched here: ``adambs_jax.checkpoint`` does the reading and
 writing.
 
 PRNG keys: typed keys (``jax.random.key``) are stored as their raw uint32 data
@@ -21,14 +23,19 @@ import jax
 import numpy as np
 
 from adambs_jax.checks import is_prng_key
+from adambs_jax.exp3 import Exp3SamplerState
 from adambs_jax.jsonable import to_jsonable
 from adambs_jax.train_step import TrainState
 from adambs_jax.version import __version__
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "NEW_SAMPLER_FIELDS",
+    "is_exp3_state",
+    "exp3_states",
     "describe_state",
     "metadata_differences",
+    "exp3_tree_paths",
     "verify_metadata",
     "raw_keys",
     "rewrap_keys",
@@ -39,6 +46,26 @@ CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout; bumped if it changes incompatibly."""
 
 _MAX_LISTED = 6  # differences listed per kind in an error message
+
+NEW_SAMPLER_FIELDS = ("arity", "bound_mode")
+"""Static sampler fields a restore takes from the new sampler, not compared with the
+checkpoint (``num_examples`` and ``p_min`` are: another value is refused)."""
+
+
+def is_exp3_state(node: Any) -> bool:
+    return isinstance(node, Exp3SamplerState)
+
+
+def exp3_states(tree: Any) -> list:
+    """``[(path, state)]`` of every ``Exp3SamplerState`` in ``tree`` (a ``TrainState``)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_exp3_state)[0]
+    return [(path, node) for path, node in flat if is_exp3_state(node)]
+
+
+def exp3_tree_paths(tree: Any) -> set:
+    """The leaf paths (``keystr``) of the exp3 trees in ``tree``: rebuilt on a restore when
+    the arity differs, so their shape is not compared."""
+    return {jax.tree_util.keystr(path) + ".tree" for path, _ in exp3_states(tree)}
 
 
 def _json_value(value: Any) -> Any:
@@ -168,6 +195,8 @@ def _sampler_differences(saved: dict, expected: dict) -> list[str]:
         )
     saved_config, expected_config = saved.get("sampler_config", {}), expected["sampler_config"]
     for name in sorted(set(saved_config) | set(expected_config)):
+        if name.rsplit(".", 1)[-1] in NEW_SAMPLER_FIELDS:
+            continue  # the new sampler's (checkpoint_restore)
         if saved_config.get(name) != expected_config.get(name):
             label = "dataset size (num_examples)" if name.endswith("num_examples") else name
             problems.append(
@@ -191,7 +220,7 @@ def _sampler_differences(saved: dict, expected: dict) -> list[str]:
     return problems
 
 
-def _leaf_differences(saved: dict, expected: dict) -> list[str]:
+def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozenset()) -> list[str]:
     problems = []
     saved_leaves = {leaf["path"]: leaf for leaf in saved.get("leaves", [])}
     expected_leaves = {leaf["path"]: leaf for leaf in expected["leaves"]}
@@ -212,7 +241,7 @@ def _leaf_differences(saved: dict, expected: dict) -> list[str]:
         f"vs `like` {leaf['dtype']}{tuple(leaf['shape'])}"
         for path, leaf in expected_leaves.items()
         if path in saved_leaves
-        and (saved_leaves[path]["shape"] != leaf["shape"]
+        and ((saved_leaves[path]["shape"] != leaf["shape"] and path not in rebuilt)
              or saved_leaves[path]["dtype"] != leaf["dtype"])
     ]
     if mismatched:
@@ -223,10 +252,13 @@ def _leaf_differences(saved: dict, expected: dict) -> list[str]:
     return problems
 
 
-def metadata_differences(saved: dict, expected: dict) -> list[str]:
+def metadata_differences(saved: dict, expected: dict, rebuilt=frozenset()) -> list[str]:
     """Human-readable differences between a checkpoint's metadata ``saved`` and a
-    template's ``expected`` (both as ``describe_state`` returns them); empty if it fits."""
-    return _sampler_differences(saved, expected) + _leaf_differences(saved, expected)
+    template's ``expected`` (both as ``describe_state`` returns them); empty if it fits.
+    ``rebuilt``: leaf paths whose shape may differ (``exp3_tree_paths``)."""
+    return _sampler_differences(saved, expected) + _leaf_differences(
+        saved, expected, frozenset(rebuilt)
+    )
 
 
 def verify_metadata(saved: dict, like: TrainState, sampler: Any, where: str) -> None:
@@ -239,7 +271,9 @@ def verify_metadata(saved: dict, like: TrainState, sampler: Any, where: str) -> 
             f"{where} has checkpoint format {saved.get('format')}, this version reads "
             f"{CHECKPOINT_FORMAT}"
         )
-    problems = metadata_differences(saved, describe_state(like, sampler=sampler))
+    problems = metadata_differences(
+        saved, describe_state(like, sampler=sampler), exp3_tree_paths(like)
+    )
     if problems:
         raise ValueError(
             f"{where} does not fit the template `like`; refusing to restore it:\n  - "

@@ -6,7 +6,8 @@ One ``update`` with draws I = (i_1..i_K) and feedback f (K,) runs the numbered s
 Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020), each a module-level function here:
 
   1. ``clean_feedback``          drop negative / NaN / inf feedback and out-of-range indices
-  2. ``clip_to_bound``           ratio_k = min(f_k, L) / L with L fixed or the running max
+  2. ``bound_for_update``        ratio_k = min(f_k, L) / L with L fixed, the running max
+                                 (``clip_to_bound``) or a running quantile (``quantile_bound``)
   3. ``merge_duplicate_draws``   sort the draws; runs of equal indices are one arm
   4. ``shifted_loss_estimate``   alpha_p h_j, from l_j = L^2/p_min^2 - f_j^2/p_j^2
   5. ``project_and_write``       exact KL projection onto {q >= p_min}, write the K leaves
@@ -36,6 +37,9 @@ from flax import struct
 from adambs_jax import sumtree
 from adambs_jax.checks import check_key, check_per_draw, check_state_size
 from adambs_jax.exp3_config import (  # re-exported: the configuration of this module's steps
+    BOUND_MODES,
+    DEFAULT_BOUND_LEARNING_RATE,
+    DEFAULT_BOUND_QUANTILE,
     INITIAL_LOG_ROOT,
     LEAF_FLOOR_LOG,
     MIN_RENORMALIZATION_BUDGET,
@@ -45,6 +49,13 @@ from adambs_jax.exp3_config import (  # re-exported: the configuration of this m
     renormalization_period,
     tree_layout,
 )
+from adambs_jax.exp3_bound import (  # re-exported: step 2's bound L
+    clip_ratio,
+    clip_to_bound,
+    clipped_fraction,
+    quantile_bound,
+)
+from adambs_jax.exp3_health import check_state_finite
 from adambs_jax.projection import project_onto_floored_simplex
 
 __all__ = [
@@ -58,11 +69,19 @@ __all__ = [
     "default_step_size",
     "init",
     "check_state",
+    "check_state_finite",
     "sample",
     "distribution",
     "CleanFeedback",
     "clean_feedback",
     "clip_to_bound",
+    "clip_ratio",
+    "quantile_bound",
+    "bound_for_update",
+    "clipped_fraction",
+    "BOUND_MODES",
+    "DEFAULT_BOUND_QUANTILE",
+    "DEFAULT_BOUND_LEARNING_RATE",
     "MergedDraws",
     "merge_duplicate_draws",
     "shifted_loss_estimate",
@@ -82,14 +101,16 @@ class Exp3SamplerState:
       log_weights: (n,) float32, log of the unnormalized weights u_j; the source of truth.
       tree: (layout.size,) float32 B-ary prefix-sum tree whose leaves are exp(log_weights); the
         distribution is p_j = u_j / root (lazy normalization).
-      grad_norm_bound: float32 scalar L, the feedback clip; the running max of all valid
-        feedback seen when the sampler was built without a fixed bound.
+      grad_norm_bound: float32 scalar L, the feedback clip: the fixed bound, the running max
+        of all valid feedback ("running_max") or a running quantile of it ("quantile", the
+        default); 0 until the first valid feedback in the two adaptive modes.
       step: int32 scalar, number of updates applied.
       num_dropped_feedback: int32 scalar, cumulative count of feedback entries that were
         negative, NaN or infinite (or had an out-of-range index) and so were ignored.
       num_rescales: int32 scalar, how many O(n) renormalizations (``renormalize``) ran.
-      num_examples, p_min, arity: static configuration, part of the pytree structure
-        (``arity``: the tree's number of children per node, ``adambs_jax.sumtree``).
+      num_examples, p_min, arity, bound_mode: static configuration, part of the pytree
+        structure (``arity``: the tree's number of children per node, ``adambs_jax.sumtree``;
+        ``bound_mode``: one of ``BOUND_MODES``, what a restore compares L's mode with).
     """
 
     log_weights: jax.Array
@@ -101,11 +122,12 @@ class Exp3SamplerState:
     num_examples: int = struct.field(pytree_node=False)
     p_min: float = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
+    bound_mode: str = struct.field(pytree_node=False, default="running_max")
 
 
 def init(config: Exp3Config) -> Exp3SamplerState:
-    """Uniform p = 1/n with root 2^100; L = 0 until feedback arrives (adaptive) or the fixed
-    bound."""
+    """Uniform p = 1/n with root 2^100; L = 0 until feedback arrives (adaptive modes) or the
+    fixed bound."""
     n = config.num_examples
     log_weights = jnp.full((n,), INITIAL_LOG_ROOT - math.log(n), jnp.float32)
     bound = 0.0 if config.adaptive_bound else config.grad_norm_bound
@@ -119,6 +141,7 @@ def init(config: Exp3Config) -> Exp3SamplerState:
         num_examples=config.num_examples,
         p_min=config.p_min,
         arity=config.layout.arity,
+        bound_mode=config.bound_mode,
     )
 
 
@@ -186,15 +209,19 @@ def clean_feedback(indices, feedback, num_examples: int) -> CleanFeedback:
     return CleanFeedback(indices, feedback, valid)
 
 
-def clip_to_bound(feedback, stored_bound, adaptive: bool):
-    """Step 2: ``(L, ratio)`` with L = max(stored L, max f) if ``adaptive`` else the stored
-    L, and ratio_k = min(f_k, L) / L in [0, 1] (0 while L = 0: every loss is the maximum)."""
-    if adaptive:
-        bound = jnp.maximum(stored_bound, jnp.max(feedback))
-    else:
-        bound = stored_bound
-    ratio = jnp.where(bound > 0, jnp.minimum(feedback, bound) / jnp.where(bound > 0, bound, 1), 0.0)
-    return bound, ratio
+def bound_for_update(config: Exp3Config, clean: CleanFeedback, stored_bound):
+    """Step 2: ``(L, ratio)``, ratio_k = min(f_k, L) / L in [0, 1], with L per
+    ``config.bound_mode``: the configured fixed L (not the stored one: after a restore the
+    new sampler's L rules), the running max (``clip_to_bound``) or the running quantile
+    (``quantile_bound``)."""
+    if config.bound_mode == "quantile":
+        bound = quantile_bound(clean.feedback, clean.valid, stored_bound,
+                               quantile=config.bound_quantile,
+                               learning_rate=config.bound_learning_rate)
+        return bound, clip_ratio(clean.feedback, bound)
+    if config.bound_mode == "fixed":
+        stored_bound = jnp.asarray(config.grad_norm_bound, jnp.float32)
+    return clip_to_bound(clean.feedback, stored_bound, config.adaptive_bound)
 
 
 class MergedDraws(NamedTuple):
@@ -254,7 +281,10 @@ def project_and_write(config: Exp3Config, state: Exp3SamplerState, draws: Merged
         log_scaled_w - log_root, draws.is_first, rest_mass, config.p_min
     ).log_normalizer
     new_log_weights = jnp.maximum(log_scaled_w, log_root + log_z + config.log_p_min)
-    written = jnp.all(jnp.isfinite(new_log_weights)) & jnp.isfinite(log_z) & apply
+    # the leaves written are exp(new_log_weights): both must be finite (never NaN, inf or a
+    # log-weight of -inf), else the old leaves are written back
+    written = (jnp.all(jnp.isfinite(new_log_weights) & jnp.isfinite(jnp.exp(new_log_weights)))
+               & jnp.isfinite(log_z) & apply)
     old_log_weights = state.log_weights[draws.indices]
     # read every old value before the scatters below may reuse the buffers in place
     old_log_weights, new_log_weights, log_weights, tree = jax.lax.optimization_barrier(
@@ -300,7 +330,7 @@ def update(config: Exp3Config, state: Exp3SamplerState, indices, feedback, *,
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
-    bound, ratio = clip_to_bound(clean.feedback, state.grad_norm_bound, config.adaptive_bound)
+    bound, ratio = bound_for_update(config, clean, state.grad_norm_bound)
     draws = merge_duplicate_draws(clean.indices, ratio, clean.valid)
     root = sumtree.total(state.tree)
     leaves = sumtree.get_leaves(state.tree, draws.indices, config.layout)

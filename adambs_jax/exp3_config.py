@@ -1,7 +1,7 @@
 """The validated, static configuration of AdamBS Algorithm 2 (``adambs_jax.exp3``).
 
 ``exp3_config`` turns the arguments of ``adambs_jax.exp3_sampler`` into a frozen
-``Exp3Config``: n, K, p_min, eta0, the bound L, the tree's layout, and
+``Exp3Config``: n, K, p_min, eta0, the bound L's mode (``BOUND_MODES``), the tree's layout, and
 ``renormalize_every``, the static number of updates after which the weights must be scaled
 back (``renormalization_period``, the derivation in its docstring).
 
@@ -27,6 +27,9 @@ __all__ = [
     "renormalization_period",
     "default_step_size",
     "tree_layout",
+    "BOUND_MODES",
+    "DEFAULT_BOUND_QUANTILE",
+    "DEFAULT_BOUND_LEARNING_RATE",
 ]
 
 INITIAL_LOG_ROOT = 100 * math.log(2.0)
@@ -39,6 +42,18 @@ MIN_RENORMALIZATION_BUDGET = 20.0
 """The smallest budget log(2^100 p_min / 2^-100) (nats of root shrinkage) ``p_min`` may leave."""
 
 
+BOUND_MODES = ("fixed", "running_max", "quantile")
+"""How L is kept: a fixed number, the running max of the valid feedback (the paper), or a
+running tau-quantile of it (the default: one outlier cannot set L for good)."""
+
+DEFAULT_BOUND_QUANTILE = 0.9
+"""tau of the default "quantile" bound: clipping at the 90th percentile of the feedback
+lowers the variance term V(p) (docs/algorithm.md, ``experiments/demo_sampler``)."""
+
+DEFAULT_BOUND_LEARNING_RATE = 0.01
+"""eta_L of the "quantile" bound: log L moves by at most eta_L per update."""
+
+
 class Exp3Config(NamedTuple):
     """The validated, static configuration of an ``exp3_sampler`` (see ``exp3_config``).
 
@@ -47,7 +62,10 @@ class Exp3Config(NamedTuple):
       batch_size: K >= 1.
       p_min: the probability floor, 0 < p_min <= 1/n.
       step_size: eta0 > 0; alpha_p = eta0 p_min^2 / L^2.
-      grad_norm_bound: a fixed L > 0, or None for the running max kept in the state.
+      grad_norm_bound: the fixed L > 0 ("fixed" mode), else None (L is kept in the state).
+      bound_mode: one of ``BOUND_MODES``.
+      bound_quantile: tau in (0, 1) of the "quantile" mode.
+      bound_learning_rate: eta_L > 0 of the "quantile" mode (log L moves by <= eta_L).
       stratified: one draw per slice of the mass (True) or i.i.d. draws (False).
       layout: the tree's static ``sumtree.TreeLayout`` (its arity B and level sizes).
       renormalize_every: M >= 1, renormalize at least every M updates; 0: ``update``
@@ -62,11 +80,14 @@ class Exp3Config(NamedTuple):
     stratified: bool
     layout: sumtree.TreeLayout
     renormalize_every: int
+    bound_mode: str = "running_max"
+    bound_quantile: float = DEFAULT_BOUND_QUANTILE
+    bound_learning_rate: float = DEFAULT_BOUND_LEARNING_RATE
 
     @property
     def adaptive_bound(self) -> bool:
-        """Whether L is the running max of the feedback (no fixed ``grad_norm_bound``)."""
-        return self.grad_norm_bound is None
+        """Whether L is learned from the feedback (no fixed ``grad_norm_bound``)."""
+        return self.bound_mode != "fixed"
 
     @property
     def log_p_min(self) -> float:
@@ -131,34 +152,56 @@ def renormalization_period(num_examples: int, batch_size: int, p_min: float,
     return min(int(budget / (2.02 * drift)), 2**31 - 1)
 
 
+def _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate) -> dict:
+    """The bound's fields of ``Exp3Config``: ``grad_norm_bound`` None means "quantile"."""
+    if grad_norm_bound is None:
+        grad_norm_bound = "quantile"
+    if isinstance(grad_norm_bound, str):
+        if grad_norm_bound not in BOUND_MODES[1:]:
+            raise ValueError(
+                f"grad_norm_bound must be a number > 0 (a fixed L), \"running_max\" or "
+                f"\"quantile\" (or None: \"quantile\"), got {grad_norm_bound!r}"
+            )
+        mode, fixed = grad_norm_bound, None
+    else:
+        mode, fixed = "fixed", check_number("grad_norm_bound", grad_norm_bound, positive=True)
+    quantile = check_number("bound_quantile", bound_quantile)
+    if not 0 < quantile < 1:
+        raise ValueError(f"bound_quantile must be in (0, 1), got {bound_quantile!r}")
+    return dict(grad_norm_bound=fixed, bound_mode=mode, bound_quantile=quantile,
+                bound_learning_rate=check_number("bound_learning_rate", bound_learning_rate,
+                                                 positive=True))
+
+
 def exp3_config(num_examples, batch_size, *, p_min, step_size, num_steps, grad_norm_bound,
-                stratified, arity=None) -> Exp3Config:
+                stratified, arity=None, bound_quantile=DEFAULT_BOUND_QUANTILE,
+                bound_learning_rate=DEFAULT_BOUND_LEARNING_RATE) -> Exp3Config:
     """Validates the arguments of ``exp3_sampler`` into an ``Exp3Config`` (same meaning; the
-    factory's defaults are the only ones), filling in p_min = 0.1 / n, eta0 and the tree's
-    arity (``sumtree.default_arity()``) where None.
+    factory's defaults are the only ones), filling in p_min = 0.1 / n, eta0, the tree's
+    arity (``sumtree.default_arity()``) and the bound mode ("quantile") where None.
 
     Raises:
       ValueError: an argument out of range, named in the message (a tree too large for
         int32 indices names ``num_examples`` and the limit; a ``p_min`` too small for the
-        float32 leaves names the smallest allowed).
+        float32 leaves names the smallest allowed; ``grad_norm_bound``, ``bound_quantile``,
+        ``bound_learning_rate`` out of range).
       TypeError: ``stratified`` is not a bool.
     """
     num_examples = check_int("num_examples", num_examples)
     batch_size = check_int("batch_size", batch_size)
     p_min = _checked_p_min(num_examples, p_min)
     step_size = _checked_step_size(num_examples, step_size, num_steps)
-    if grad_norm_bound is not None:
-        grad_norm_bound = check_number("grad_norm_bound", grad_norm_bound, positive=True)
+    bound = _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate)
     arity = sumtree.default_arity() if arity is None else arity
     return Exp3Config(
         num_examples=num_examples,
         batch_size=batch_size,
         p_min=p_min,
         step_size=step_size,
-        grad_norm_bound=grad_norm_bound,
         stratified=check_bool("stratified", stratified),
         layout=tree_layout(num_examples, arity),
         renormalize_every=renormalization_period(num_examples, batch_size, p_min, step_size),
+        **bound,
     )
 
 

@@ -25,7 +25,7 @@ change, and normalization is lazy (p = leaf / root).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -128,9 +128,11 @@ def exp3_sampler(
     p_min: Optional[float] = None,
     step_size: Optional[float] = None,
     num_steps: Optional[int] = None,
-    grad_norm_bound: Optional[float] = None,
+    grad_norm_bound: Union[float, str, None] = None,
     stratified: bool = False,
     arity: Optional[int] = None,
+    bound_quantile: float = exp3.DEFAULT_BOUND_QUANTILE,
+    bound_learning_rate: float = exp3.DEFAULT_BOUND_LEARNING_RATE,
 ) -> Sampler:
     """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -162,8 +164,19 @@ def exp3_sampler(
       step_size: eta0 (dimensionless); default sqrt(2 log(n) / (n T)) (Lemma 1 with
         R^2 = log n), which needs ``num_steps``.
       num_steps: T, the planned number of training steps; only used for the default eta0.
-      grad_norm_bound: L, a fixed bound on the feedback (feedback is clipped to it);
-        default: the running max of all feedback seen, kept in the state (so l_j >= 0).
+      grad_norm_bound: L, the bound feedback is clipped to (so l_j >= 0), kept in
+        ``state.grad_norm_bound``: a number > 0 (fixed); ``"running_max"``, the max of all
+        valid feedback seen (the paper's choice: one outlier, e.g. 1e30, then sets L for
+        good and every ratio f/L is ~0, so the sampler stops learning); or ``"quantile"``
+        (the default, also for None): a running ``bound_quantile``-quantile of the valid
+        feedback, learned by stochastic approximation in log space (``exp3.quantile_bound``;
+        one update moves log L by at most ``bound_learning_rate``), started at the first
+        batch's quantile. ``exp3.clipped_fraction(feedback, L)`` is the clipped share.
+      bound_quantile: tau in (0, 1) of the "quantile" bound; default 0.9 (clipping at the
+        90th percentile lowers V(p), docs/algorithm.md).
+      bound_learning_rate: eta_L > 0 of the "quantile" bound, the largest move of log L per
+        update; default 0.01 (L follows a change of the feedback's scale by a factor e in
+        about 1 / (eta_L (1 - tau)) = 1000 updates at worst).
       stratified: draw one index in each of K equal slices of the probability mass
         (lower variance, still marginally p); default i.i.d. with replacement.
       arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
@@ -203,7 +216,9 @@ def exp3_sampler(
     """
     config = exp3.exp3_config(num_examples, batch_size, p_min=p_min, step_size=step_size,
                               num_steps=num_steps, grad_norm_bound=grad_norm_bound,
-                              stratified=stratified, arity=arity)
+                              stratified=stratified, arity=arity,
+                              bound_quantile=bound_quantile,
+                              bound_learning_rate=bound_learning_rate)
     bound = (functools.partial(f, config) for f in (exp3.init, exp3.sample, exp3.update))
     return Sampler(
         *bound, config.num_examples, config.batch_size, exp3.distribution,

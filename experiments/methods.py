@@ -255,13 +255,16 @@ def build_method(
             kwargs["p_min"] = float(kwargs.pop("p_min_times_n")) / n
         if "step_size" not in kwargs:
             kwargs.setdefault("num_steps", int(num_steps))
+        # the paper's bound (the library's default is the robust quantile bound since
+        # issue 16): the experiments reproduce Algorithm 2 as published
+        kwargs.setdefault("grad_norm_bound", "running_max")
         sampler = ab.exp3_sampler(n, k, **kwargs)
         step_feedback = feedback
         settings["p_min"] = kwargs.get("p_min", 0.1 / n)
         settings["step_size"] = kwargs.get(
             "step_size", ab.default_step_size(n, int(kwargs.get("num_steps", num_steps)))
         )
-        settings["grad_norm_bound"] = kwargs.get("grad_norm_bound", "running max")
+        settings["grad_norm_bound"] = kwargs["grad_norm_bound"]
     else:  # pragma: no cover - registry is static
         raise AssertionError(spec.sampling)
     settings["sampler_options"] = {key: to_jsonable(value) for key, value in kwargs.items()}

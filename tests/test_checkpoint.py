@@ -106,7 +106,8 @@ def test_metadata(tmp_path):
     metadata = ab.read_checkpoint_metadata(path)
     assert metadata["sampler_kind"] == "Exp3SamplerState"
     assert metadata["sampler_config"] == {
-        "num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES, "arity": state.sampler_state.arity
+        "num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES, "arity": state.sampler_state.arity,
+        "bound_mode": "quantile",
     }
     assert metadata["batch_size"] == BATCH_SIZE
     assert metadata["step"] == 0 and metadata["skipped_steps"] == 0

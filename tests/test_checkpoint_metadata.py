@@ -26,9 +26,8 @@ def test_describe_state_is_json_and_names_every_leaf():
     meta = cm.describe_state(_state(sampler, jax.random.key(0)), sampler=sampler)
     assert json.loads(json.dumps(meta)) == meta
     assert meta["format"] == cm.CHECKPOINT_FORMAT and meta["version"] == ab.__version__
-    assert meta["sampler_config"] == {
-        "num_examples": 16, "p_min": pytest.approx(0.1 / 16), "arity": sampler.init().arity
-    }
+    assert meta["sampler_config"] == {"num_examples": 16, "p_min": pytest.approx(0.1 / 16),
+                                      "arity": sampler.init().arity, "bound_mode": "quantile"}
     assert meta["batch_size"] == 4
     assert meta["typed_keys"] == {".key": "threefry2x32"}
     leaves = {leaf["path"]: leaf for leaf in meta["leaves"]}

@@ -113,19 +113,83 @@ def test_clean_feedback_drops_bad_entries_and_counts_them():
     assert int(exp3.count_dropped(clean.valid)) == 5
 
 
-# ---------------------------------------------------------------- step 2: clip to the bound
+# ------------------------------------------- step 2: the bound modes in the update (exp3_bound)
 
 
-def test_clip_to_bound_running_max_and_fixed_bound():
-    f = jnp.array([0.5, 4.0, 1.0])
-    bound, ratio = exp3.clip_to_bound(f, jnp.float32(2.0), adaptive=True)
-    assert float(bound) == 4.0
-    np.testing.assert_allclose(ratio, [0.125, 1.0, 0.25], rtol=1e-7)
-    bound, ratio = exp3.clip_to_bound(f, jnp.float32(2.0), adaptive=False)
-    assert float(bound) == 2.0
-    np.testing.assert_allclose(ratio, [0.25, 1.0, 0.5], rtol=1e-7)  # min(f, L) / L
-    bound, ratio = exp3.clip_to_bound(jnp.zeros(3), jnp.float32(0.0), adaptive=True)
-    assert float(bound) == 0.0 and np.all(np.asarray(ratio) == 0)  # L = 0: the maximum loss
+def _half_high(n):
+    return jnp.where(jnp.arange(n) < n // 2, 1.0, 0.1).astype(jnp.float32)
+
+
+def _run_after_an_outlier(mode, feedback, num_chunks=4, n=100, k=32):
+    """Mass on the high-feedback half after an update with a 1e30 outlier, then
+    ``num_chunks`` x 500 updates with ``feedback``."""
+    sampler = ab.exp3_sampler(n, k, p_min=0.5 / n, step_size=0.05, grad_norm_bound=mode)
+
+    @jax.jit
+    def chunk(state, key):
+        def body(s, key):
+            indices, _ = sampler.sample(s, key)
+            return sampler.update(s, indices, feedback[indices]), None
+        return sampler.renormalize(jax.lax.scan(body, state, jax.random.split(key, 500))[0])
+
+    state = sampler.init()
+    indices, _ = sampler.sample(state, jax.random.key(5))
+    state = sampler.update(state, indices, feedback[indices].at[0].set(1e30))
+    masses = []
+    for c in range(num_chunks):
+        state = chunk(state, jax.random.key(1 + c))
+        masses.append(float(jnp.sum(ab.probabilities(state)[: n // 2])))
+    return state, masses
+
+
+def test_a_huge_outlier_no_longer_freezes_learning():
+    # issue 16: one 1e30 set the running max L for good; every ratio f / L was then 0
+    feedback = _half_high(100)
+    state, masses = _run_after_an_outlier("quantile", feedback)
+    assert float(state.grad_norm_bound) == pytest.approx(1.0, rel=0.05)
+    assert np.mean(masses[1:]) > 0.57  # p moves towards f (optimum: 0.75, uniform 0.5)
+    old, old_masses = _run_after_an_outlier("running_max", feedback)
+    assert float(old.grad_norm_bound) == pytest.approx(1e30)
+    assert np.mean(old_masses[1:]) < np.mean(masses[1:]) - 0.05
+    # running max: the feedback no longer matters at all; the quantile bound still uses it
+    for mode, same in [("running_max", True), ("quantile", False)]:
+        a, _ = _run_after_an_outlier(mode, feedback, num_chunks=1)
+        b, _ = _run_after_an_outlier(mode, feedback[::-1], num_chunks=1)
+        assert np.array_equal(np.asarray(a.log_weights), np.asarray(b.log_weights)) == same
+
+
+def test_running_max_mode_is_the_old_running_max_bitwise():
+    # the max comes first: from then on the running max is the fixed L = max, bitwise
+    n, k = 50, 8
+    feedback = jnp.linspace(0.1, 3.0, n)
+    running = ab.exp3_sampler(n, k, step_size=0.5, grad_norm_bound="running_max")
+    fixed = ab.exp3_sampler(n, k, step_size=0.5, grad_norm_bound=3.0)
+    a, b = running.init(), fixed.init()
+    assert float(a.grad_norm_bound) == 0.0 and a.bound_mode == "running_max"
+    for t in range(30):
+        indices, _ = running.sample(a, jax.random.key(t))
+        f = feedback[indices].at[0].set(3.0 if t == 0 else feedback[indices][0])
+        a, b = running.update(a, indices, f), fixed.update(b, indices, f)
+        np.testing.assert_array_equal(a.log_weights, b.log_weights)
+        np.testing.assert_array_equal(a.tree, b.tree)
+        assert float(a.grad_norm_bound) == 3.0
+
+
+@pytest.mark.parametrize("mode", ["quantile", "running_max", 1.0])
+@pytest.mark.parametrize("feedback", [jnp.nan, jnp.inf, -jnp.inf, 1e30, 3e38],
+                         ids=["nan", "inf", "-inf", "1e30", "3e38"])
+@pytest.mark.parametrize("step_size", [0.5, 1e30])
+def test_an_update_never_writes_a_non_finite_leaf(mode, feedback, step_size):
+    n, k = 30, 8
+    sampler = ab.exp3_sampler(n, k, step_size=step_size, grad_norm_bound=mode)
+    state = sampler.init()
+    update = jax.jit(sampler.update)
+    for t in range(6):
+        indices, _ = sampler.sample(state, jax.random.key(t))
+        f = jnp.linspace(0.0, 2.0, k).at[t % k].set(feedback)
+        state = update(state, indices, f)
+        exp3.check_state_finite(state)  # finite log-weights, tree, root > 0, L
+        assert np.all(np.isfinite(np.asarray(ab.probabilities(state))))
 
 
 # ---------------------------------------------------------------- step 3: merge duplicates

@@ -165,8 +165,8 @@ def test_update_touches_only_sampled_leaves():
     )
 
 
-def test_adaptive_bound_is_running_max_and_fixed_bound_clips():
-    sampler = ab.exp3_sampler(10, 3, step_size=0.1)
+def test_running_max_bound_and_fixed_bound_clips():
+    sampler = ab.exp3_sampler(10, 3, step_size=0.1, grad_norm_bound="running_max")
     state = sampler.init()
     update = jax.jit(sampler.update)
     state = update(state, jnp.array([0, 1, 2]), jnp.array([0.5, 2.5, 1.0]))
@@ -301,11 +301,33 @@ def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
         (dict(num_examples=10, batch_size=4), "num_steps"),
         (dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound=0.0), "grad_norm_bound"),
         (dict(num_examples=2.5, batch_size=4, step_size=0.1), "num_examples"),
+        (dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound="max"),
+         "grad_norm_bound must be a number > 0 .*\"running_max\" or \"quantile\""),
+        (dict(num_examples=10, batch_size=4, step_size=0.1, bound_quantile=1.0), "bound_quantile"),
+        (dict(num_examples=10, batch_size=4, step_size=0.1, bound_quantile=0.0), "bound_quantile"),
+        (dict(num_examples=10, batch_size=4, step_size=0.1, bound_learning_rate=0.0),
+         "bound_learning_rate"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ab.exp3_sampler(**kwargs)
+
+
+def test_the_bound_options_set_the_mode():
+    cases = [(None, "quantile", 0.0), ("quantile", "quantile", 0.0),
+             ("running_max", "running_max", 0.0), (2.5, "fixed", 2.5)]
+    for option, mode, initial in cases:
+        state = ab.exp3_sampler(10, 4, step_size=0.1, grad_norm_bound=option).init()
+        assert state.bound_mode == mode and float(state.grad_norm_bound) == initial
+    # bound_quantile and bound_learning_rate reach the update
+    idx, f = jnp.arange(4), jnp.array([1.0, 2.0, 3.0, 4.0])
+    bounds = [float(ab.exp3_sampler(10, 4, step_size=0.1, bound_quantile=q).update(
+        ab.exp3_sampler(10, 4, step_size=0.1).init(), idx, f).grad_norm_bound) for q in (0.5, 0.9)]
+    assert bounds == [2.0, 4.0]
+    state = ab.exp3_sampler(10, 4, step_size=0.1).init().replace(grad_norm_bound=jnp.float32(1.0))
+    moved = ab.exp3_sampler(10, 4, step_size=0.1, bound_learning_rate=0.5).update(state, idx, f)
+    assert math.log(float(moved.grad_norm_bound)) == pytest.approx(0.5 * (0.75 - 0.1), rel=1e-5)
 
 
 def test_uniform_sampler_validates_sizes():
