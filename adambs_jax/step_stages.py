@@ -23,7 +23,7 @@ Algorithm 1.
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from adambs_jax.samplers import Exp3SamplerState, Sampler, importance_weights
 from adambs_jax.scoring import ScoringSampler, make_score_fn
 from adambs_jax.sharding import constrain_batch
 from adambs_jax.train_state import TrainState
-from adambs_jax.transforms import ImportanceWeightedTransformation, weighted_mean
+from adambs_jax.transforms import weighted_mean
 from adambs_jax.tree_utils import all_finite, batch_size_of, gather, select
 
 __all__ = [
@@ -58,7 +58,9 @@ class StepConfig(NamedTuple):
     """Everything ``make_train_step`` fixed at build time, validated.
 
     ``estimate``: the estimator of the feedback kind; ``probabilities``: the sampler's
-    ``probabilities`` if the step reports the O(n) diagnostics, else None.
+    ``probabilities`` if the step reports the O(n) diagnostics, else None; ``extra_args``:
+    ``{"loss", "weighted_loss", "losses", "weights"} -> dict`` of keyword arguments for
+    ``optimizer.update``, or None (none).
     """
 
     loss_fn: PerExampleLoss
@@ -70,6 +72,7 @@ class StepConfig(NamedTuple):
     skip_non_finite: bool
     mesh: Optional[jax.sharding.Mesh]
     data_axis: str
+    extra_args: Optional[Callable[[dict], dict]] = None
 
     @property
     def scoring(self) -> bool:
@@ -160,20 +163,25 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     return Draw(indices, weights, batch, sampled_state)
 
 
-def _optimizer_update(optimizer, estimate: Estimate, weights, opt_state, params):
-    """Feeds G_hat to a plain optimizer, or per-example grads + weights to an
-    ``ImportanceWeightedTransformation`` (``adambs``, ``with_importance_weighting(...)``)."""
-    if isinstance(optimizer, ImportanceWeightedTransformation):
-        if estimate.per_example:
-            per_example, batch_weights = estimate.gradient, weights
-        else:  # G_hat already averaged: a batch of one with weight 1 leaves it unchanged
-            per_example = jax.tree.map(lambda g: g[None], estimate.gradient)
-            batch_weights = jnp.ones((1,), weights.dtype)
-        return optimizer.update(per_example, opt_state, params, weights=batch_weights)
+def _optimizer_update(config: StepConfig, estimate: Estimate, weights, opt_state, params):
+    """``(updates, opt_state, G_hat)``: the optimizer gets only the averaged gradient G_hat
+    (never ``weights``; the per-example gradients of ``reuse_per_example_grads`` are averaged
+    here), so every optax wrapper sees G_hat, and ``config.extra_args`` of the losses (the
+    ``value=`` of ``optax.contrib.reduce_on_plateau``)."""
     gradient = estimate.gradient
     if estimate.per_example:
         gradient = weighted_mean(gradient, weights)
-    return optimizer.update(gradient, opt_state, params)
+    extra_args = {}
+    if config.extra_args is not None:
+        losses = estimate.losses
+        extra_args = config.extra_args({
+            "loss": jnp.mean(losses),
+            "weighted_loss": jnp.mean(weights.astype(losses.dtype) * losses),
+            "losses": losses,
+            "weights": weights,
+        })
+    updates, opt_state = config.optimizer.update(gradient, opt_state, params, **extra_args)
+    return updates, opt_state, gradient
 
 
 def _feedback_scores(estimate: Estimate, indices) -> jax.Array:
@@ -236,12 +244,12 @@ class Applied(NamedTuple):
 def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -> Applied:
     """Stage "guarded apply": the optimizer and sampler updates, kept only if the losses,
     G_hat and the optimizer's update are all finite (``skip_non_finite``)."""
-    updates, opt_state = _optimizer_update(
-        config.optimizer, estimate, draw.weights, state.opt_state, state.params
+    updates, opt_state, gradient = _optimizer_update(
+        config, estimate, draw.weights, state.opt_state, state.params
     )
     params = optax.apply_updates(state.params, updates)
     scores = _feedback_scores(estimate, draw.indices)
-    finite = all_finite(estimate.losses, estimate.gradient, updates)
+    finite = all_finite(estimate.losses, gradient, updates)
     if config.skip_non_finite:
         params = select(finite, params, state.params)
         opt_state = select(finite, opt_state, state.opt_state)

@@ -25,7 +25,23 @@ import optax
 from adambs_jax.base import AnySampler
 from adambs_jax.checks import check_key
 
-__all__ = ["TrainState", "TrainStep"]
+__all__ = ["TrainState", "TrainStep", "as_gradient_transformation"]
+
+
+def as_gradient_transformation(optimizer: Any) -> optax.GradientTransformation:
+    """``optimizer`` as an optax transformation: an ``optax.MultiSteps`` (which flax's
+    ``TrainState`` also accepts) becomes its ``gradient_transformation()``.
+
+    Raises:
+      TypeError: neither an optax transformation nor an ``optax.MultiSteps``.
+    """
+    if isinstance(optimizer, optax.MultiSteps):
+        return optimizer.gradient_transformation()
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    return optimizer
 
 
 class TrainState(NamedTuple):
@@ -77,10 +93,7 @@ class TrainState(NamedTuple):
           ValueError: ``key`` is not a PRNG key (a typed key of shape () from
             ``jax.random.key`` or a raw uint32 key of shape (m,) from ``jax.random.PRNGKey``).
         """
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(
-                f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-            )
+        optimizer = as_gradient_transformation(optimizer)
         if not callable(getattr(sampler, "init", None)):
             raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}")
         if key is not None:
