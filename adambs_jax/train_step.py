@@ -166,10 +166,13 @@ def make_train_step(
         (K,)`` (then called with a fresh key each step, for dropout), or a
         ``ModelLoss(apply_fn, loss_from_outputs)`` (needed for ``"logit_grad_norm"``).
         ``batch`` is ``data`` gathered at the sampled indices (leaves (K, ...)).
-      optimizer: any optax optimizer of the averaged gradient (``optax.adam``: AdamBS;
-        ``optax.sgd``, ``optax.rmsprop``, ``optax.amsgrad``, ``optax.adamw``, ...), or one
-        that takes per-example gradients and ``weights`` (``adambs``, ``amsgradbs``,
-        ``with_importance_weighting(...)``); both give the same step.
+      optimizer: any optax optimizer or wrapper (``optax.adam``: AdamBS; ``optax.sgd``,
+        ``optax.adamw``, ``optax.chain(optax.clip_by_global_norm(1.0), ...)``,
+        ``inject_hyperparams``, ``apply_if_finite``, ``masked``, ``contrib.schedule_free``,
+        ``optax.MultiSteps`` ...), including ``ab.adambs`` / ``ab.amsgradbs`` /
+        ``ab.with_importance_weighting(...)`` however wrapped. The importance weights enter
+        the loss: the optimizer only ever gets the averaged unbiased gradient G_hat,
+        ``optimizer.update(G_hat, opt_state, params, **extra_args)``, never ``weights``.
       sampler: ``exp3_sampler``, ``uniform_sampler``, or a ``ScoringSampler`` (its ``sample``
         gets a ``score_fn`` over the current model; see ``adambs_jax.scoring``).
       feedback: per-example score for ``sampler.update``: ``"grad_norm"`` (exact, via
@@ -215,6 +218,21 @@ def make_train_step(
         advanced each step) and returns every metric stacked with a leading axis N. Use it
         for small models, where dispatching a call per step costs as much as the step
         (``adambs_jax.train_loop``); results equal N single steps with those keys.
+
+      grad_norm_method: for ``feedback="grad_norm"``: ``"auto"`` (default: ghost norms,
+        ``adambs_jax.ghost``, where a layer rule covers a parameter, else ``vmap``),
+        ``"ghost"`` (forced; uncovered parameters get per-example copies, with a warning) or
+        ``"vmap"`` (per-example gradients by ``jax.vmap``). All are exact: the same step to
+        float32 rounding.
+      loss_takes_key: whether ``loss_fn`` (a ``ModelLoss``'s ``apply_fn``) takes the key as
+        its third argument. None (default): guessed from the signature, counting positional
+        parameters without a default (and one named ``key``/``rng``), so ``lambda p, b,
+        model=model: ...`` gets no key; True/False: stated.
+      optimizer_extra_args: keyword arguments for ``optimizer.update``, a callable of the
+        dict ``{"loss", "weighted_loss", "losses" (K,), "weights" (K,)}`` returning a dict.
+        None (default): an ``optax.GradientTransformationExtraArgs`` gets ``value=`` the
+        unbiased loss estimate ``weighted_loss`` (what ``optax.contrib.reduce_on_plateau``
+        needs; other optax transformations ignore it); a plain one gets none.
 
     Returns:
       A ``TrainStep``: ``step.init(params, key=None)`` is ``TrainState.create(params=params,
