@@ -34,6 +34,7 @@ from adambs_jax.checks import check_key, check_state_size
 from adambs_jax.estimators import Estimate, EstimateFn
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
+from adambs_jax.model_state import batch_extras, loss_parts
 from adambs_jax.samplers import Exp3SamplerState, Sampler, importance_weights
 from adambs_jax.scoring import ScoringSampler, make_score_fn
 from adambs_jax.sharding import constrain_batch
@@ -73,6 +74,8 @@ class StepConfig(NamedTuple):
     mesh: Optional[jax.sharding.Mesh]
     data_axis: str
     extra_args: Optional[Callable[[dict], dict]] = None
+    has_aux: bool = False
+    model_state: bool = False
 
     @property
     def scoring(self) -> bool:
@@ -285,13 +288,18 @@ def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabili
     return metrics
 
 
-def next_state(state: TrainState, applied: Applied, state_key, metrics: dict):
-    """Stage "new state": the counters (``step``, ``skipped_steps``) and the next key."""
+def next_state(state: TrainState, applied: Applied, state_key, metrics: dict, model_state=None):
+    """Stage "new state": the counters (``step``, ``skipped_steps``), the next key and the
+    model state (``model_state``: the step's new one, or None to keep the state's)."""
     metrics["skipped"] = applied.skipped
     skipped_steps = state.skipped_steps
     if skipped_steps is not None:
         skipped_steps = skipped_steps + applied.skipped
         metrics["skipped_steps"] = skipped_steps
+    if model_state is None:
+        model_state = state.model_state
+    else:  # kept only with the update: a skipped step leaves the model state too
+        model_state = select(applied.skipped == 0, model_state, state.model_state)
     new_state = TrainState(
         params=applied.params,
         opt_state=applied.opt_state,
@@ -299,6 +307,7 @@ def next_state(state: TrainState, applied: Applied, state_key, metrics: dict):
         step=state.step + 1,
         key=state_key,
         skipped_steps=skipped_steps,
+        model_state=model_state,
     )
     return new_state, metrics
 
@@ -310,10 +319,15 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax
     _check_data(data, num_examples)
     state_key, key = step_key(state.key, key)
     sample_key, model_key, score_key = jax.random.split(key, 3)
+    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
     estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
+    aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(
         estimate, draw.weights, applied.scores, applied.sampler_state, config.probabilities
     )
-    return next_state(state, applied, state_key, metrics)
+    if config.has_aux:
+        metrics["aux"] = aux
+    return next_state(state, applied, state_key, metrics, model_state)

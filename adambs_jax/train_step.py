@@ -42,6 +42,7 @@ from adambs_jax.base import ProbabilitiesFn
 from adambs_jax.checks import check_bool, check_int, check_key
 from adambs_jax.feedback import FeedbackFn, feedback_kind
 from adambs_jax.losses import PerExampleLoss, with_explicit_key
+from adambs_jax.model_state import check_model_state_options
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh, replicated_sharding
@@ -127,6 +128,10 @@ def _step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
     check_bool("jit", options["jit"])
     if mesh is not None:
         check_mesh(mesh, options["data_axis"], sampler.batch_size)
+    check_model_state_options(
+        loss_fn, feedback if isinstance(feedback, str) else None, options["has_aux"],
+        options["model_state"], isinstance(sampler, ScoringSampler),
+    )
     score_feedback = feedback
     if isinstance(sampler, ScoringSampler) and sampler.score_feedback is not None:
         feedback_kind(sampler.score_feedback, loss_fn, name="sampler.score_feedback")
@@ -138,6 +143,7 @@ def _step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
         loss_fn, optimizer, sampler, estimate, score_feedback,
         _diagnostics_probabilities(sampler, diagnostics), options["skip_non_finite"], mesh,
         options["data_axis"], _extra_args_fn(optimizer, options["optimizer_extra_args"]),
+        options["has_aux"], options["model_state"],
     )
 
 
@@ -157,6 +163,8 @@ def make_train_step(
     grad_norm_method: str = "auto",
     loss_takes_key: Optional[bool] = None,
     optimizer_extra_args: Optional[Callable[[dict], dict]] = None,
+    has_aux: bool = False,
+    model_state: bool = False,
 ) -> TrainStep:
     """Builds ``step(state, data, key=None) -> (state, metrics)``, one jitted call, bound to
     ``optimizer`` and ``sampler`` (a ``TrainStep``; ``step.init(params)`` makes its state).
@@ -233,6 +241,15 @@ def make_train_step(
         None (default): an ``optax.GradientTransformationExtraArgs`` gets ``value=`` the
         unbiased loss estimate ``weighted_loss`` (what ``optax.contrib.reduce_on_plateau``
         needs; other optax transformations ignore it); a plain one gets none.
+      has_aux: the loss returns ``(losses (K,), aux)``; ``aux`` (a pytree of arrays, of the
+        batched forward at the step's parameters and model key) is ``metrics["aux"]``.
+      model_state: the loss is ``(params, batch, key, model_state) -> (losses,
+        new_model_state)`` (with ``has_aux``: ``-> (losses, aux, new_model_state)``; a
+        ``ModelLoss``'s ``apply_fn(params, batch, key, model_state) -> (outputs,
+        new_model_state)``): ``state.model_state`` goes in, the new one is kept (not on a
+        skipped step). G_hat comes from one batched forward/backward (batch statistics over
+        the batch); ``feedback="grad_norm"`` (per-example evaluation) and scoring samplers
+        are refused (``adambs_jax.model_state``).
 
     Returns:
       A ``TrainStep``: ``step.init(params, key=None)`` is ``TrainState.create(params=params,
@@ -278,7 +295,7 @@ def make_train_step(
         feedback=feedback, diagnostics=diagnostics, mesh=mesh, data_axis=data_axis, jit=jit,
         reuse_per_example_grads=reuse_per_example_grads, skip_non_finite=skip_non_finite,
         grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
-        optimizer_extra_args=optimizer_extra_args,
+        optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
     )
     config = _step_config(loss_fn, optimizer, sampler, options)
     optimizer = config.optimizer
