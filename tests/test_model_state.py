@@ -202,3 +202,24 @@ def test_build_time_refusals():
         ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="loss", has_aux=True)
     with pytest.raises(TypeError, match="model_state"):
         ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="loss", model_state=1)
+
+
+def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
+    state, _, (_, _, _, keys) = _train("nnx", optax.adam(0.05), steps=6)
+    model = NnxNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    data, sampler = _data(), ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        grads = nnx.grad(lambda m: jnp.mean(_cross_entropy(m(batch["x"]), batch)))(model)
+        optimizer.update(model, grads)
+
+    model.train()
+    for key in keys:
+        indices, _ = sampler.sample(sampler.init(), jax.random.split(key, 3)[0])
+        train_step(model, optimizer, jax.tree.map(lambda leaf: leaf[indices], data))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest),
+                                atol=1e-5, rtol=1e-5)
