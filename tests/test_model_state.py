@@ -1,6 +1,8 @@
 """Tests of adambs_jax.model_state: model state (linen batch_stats, NNX graph state) and
 auxiliary outputs in the train step, on the batch as a whole (issue 13)."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -70,7 +72,7 @@ def _nnx_setup():
     return params, rest, apply_fn
 
 
-SETUPS = {"linen": _linen_setup, "nnx": _nnx_setup}
+SETUPS = {"linen": functools.cache(_linen_setup), "nnx": functools.cache(_nnx_setup)}
 
 
 def _plain_training(apply_fn, optimizer, params, model_state, keys):
@@ -100,10 +102,15 @@ def _plain_training(apply_fn, optimizer, params, model_state, keys):
     return params, model_state
 
 
-def _full_loss(apply_fn, params, model_state):
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_loss(apply_fn, params, model_state):
     data = _data()
     logits, _ = apply_fn(params, data, jax.random.key(9), model_state)
-    return float(jnp.mean(_cross_entropy(logits, data)))
+    return jnp.mean(_cross_entropy(logits, data))
+
+
+def _full_loss(apply_fn, params, model_state):
+    return float(_mean_loss(apply_fn, params, model_state))
 
 
 def _train(setup, optimizer, feedback="loss", sampler=None, steps=NUM_STEPS):
@@ -223,3 +230,60 @@ def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
     chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest),
                                 atol=1e-5, rtol=1e-5)
+
+
+def _kernels(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _biases(params):
+    return jax.tree.map(lambda p: p.ndim <= 1, params)
+
+
+def _masked(adam):  # the biases are frozen: set_to_zero on what the mask leaves out
+    return optax.chain(optax.masked(adam(0.05), _kernels),
+                       optax.masked(optax.set_to_zero(), _biases))
+
+
+OPTIMIZERS = {  # issue 13's list: (ours, the plain optax optimizer it must equal)
+    "adam": lambda adam: optax.adam(0.05),
+    "adambs": lambda adam: adam(0.05),
+    "chain_clip_adam": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),
+    "inject_hyperparams": lambda adam: optax.inject_hyperparams(adam)(learning_rate=0.05),
+    "apply_if_finite": lambda adam: optax.apply_if_finite(adam(0.05), 3),
+    "multi_steps": lambda adam: optax.MultiSteps(adam(0.05), 2),
+    "masked": _masked,
+    "schedule_free": lambda adam: optax.contrib.schedule_free(adam(0.05), 0.05),
+    "reduce_on_plateau": lambda adam: optax.chain(
+        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)),
+}
+MATRIX_STEPS = 4
+_PLAIN = {}  # (setup, optimizer) -> plain training's result, shared by the feedback kinds
+
+
+@pytest.mark.parametrize("feedback", ["grad_norm", "logit_grad_norm", "loss"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_matrix_trains_like_plain_optax_or_is_refused_at_build_time(setup, optimizer, feedback):
+    """linen and NNX (BatchNorm + Dropout) x feedback kinds x optimizers: each combination
+    trains (loss down, batch statistics updated, equal to plain optax training on uniform
+    batches) or raises at build time."""
+    if feedback == "grad_norm":
+        params, _, apply_fn = SETUPS[setup]()
+        with pytest.raises(ValueError, match="ill-defined"):
+            ab.make_train_step(ab.ModelLoss(apply_fn, _cross_entropy),
+                               OPTIMIZERS[optimizer](ab.adambs), ab.uniform_sampler(64, 8),
+                               feedback=feedback, model_state=True)
+        return
+    state, _, (params, model_state, apply_fn, keys) = _train(
+        setup, OPTIMIZERS[optimizer](ab.adambs), feedback, steps=MATRIX_STEPS)
+    if (setup, optimizer) not in _PLAIN:
+        _PLAIN[setup, optimizer] = _plain_training(
+            apply_fn, OPTIMIZERS[optimizer](optax.adam), params, model_state, keys)
+    want_params, want_state = _PLAIN[setup, optimizer]
+    chex.assert_trees_all_close(state.params, want_params, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(want_state),
+                                atol=1e-5, rtol=1e-5)
+    assert _batch_stats_changed(model_state, state.model_state)
+    assert _full_loss(apply_fn, state.params, state.model_state) < _full_loss(
+        apply_fn, params, model_state)
