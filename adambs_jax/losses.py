@@ -16,7 +16,9 @@ A loss is therefore either
 
 ``batch`` is any pytree whose leaves have a leading axis K (the gathered rows of the dataset).
 Row k of the outputs and loss k must depend on example k only (no batch statistics): per-
-example gradients and the logit bound assume it.
+example gradients and the logit bound assume it. A model with batch statistics (BatchNorm)
+uses ``make_train_step(..., model_state=True)`` (``adambs_jax.model_state``), which computes
+the step on the batch as a whole and refuses the per-example ``"grad_norm"`` feedback.
 """
 
 from __future__ import annotations

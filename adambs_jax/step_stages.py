@@ -9,9 +9,12 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``)
-    guarded apply  ``guarded_apply``: params + optimizer(G_hat), sampler.update(state, I, f),
-                   both kept only if the losses, G_hat and the update are finite
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``);
+                   the loss's ``aux`` and new model state from the batched forward
+                   (``adambs_jax.model_state``)
+    guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets
+                   the weights), sampler.update(state, I, f), both (and the new model state)
+                   kept only if the losses, G_hat and the update are finite
     new state      ``step_metrics`` and ``next_state``: the metrics, counters and next key
 
 Every stage is pure and traceable; the checks run in Python at trace time.

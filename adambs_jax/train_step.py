@@ -263,7 +263,7 @@ def make_train_step(
       (int32, this step), ``max_weight``/``min_weight`` (of w = 1/(n p) in the batch),
       ``skipped`` (int32, 1 if this step's update was skipped), ``skipped_steps`` (int32,
       cumulative; absent if ``state.skipped_steps`` is None), ``grad_norm_bound`` (the
-      sampler's L, if it has one), and the diagnostics above.
+      sampler's L, if it has one), the diagnostics above, and ``aux`` (with ``has_aux``).
 
     Raises:
       TypeError / ValueError: bad ``loss_fn``, ``optimizer``, ``sampler``, ``feedback``,
