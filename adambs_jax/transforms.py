@@ -50,11 +50,10 @@ class ImportanceWeightedTransformation(optax.GradientTransformationExtraArgs):
     """An ``optax.GradientTransformationExtraArgs`` whose ``update`` expects per-example
     updates (every leaf with a leading axis K) and keyword-only ``weights`` (K,).
 
-    It is a marker subclass (no extra fields): ``with_importance_weighting``, ``adambs`` and
-    ``amsgradbs`` return it, so that ``make_train_step`` knows to feed per-example gradients
-    and weights rather than an already-averaged gradient. It composes in ``optax.chain`` like
-    any other transformation (the chain is then a plain ``GradientTransformationExtraArgs``
-    that still needs ``weights``).
+    It is a marker subclass (no extra fields) that ``with_importance_weighting``, ``adambs``
+    and ``amsgradbs`` return. Given no ``weights`` its ``update`` takes the averaged gradient
+    G_hat instead (leaves shaped like ``params``), which is how ``make_train_step`` and any
+    optax wrapper use it; it composes in ``optax.chain`` like any other transformation.
     """
 
     __slots__ = ()
@@ -160,9 +159,11 @@ def _check_stack(updates, weights, params) -> None:
 def importance_weighted_mean() -> ImportanceWeightedTransformation:
     """An optax transformation computing G_hat = (1/K) sum_k w_k u_k (AdamBS eq. 1).
 
-    ``update(updates, state, params=None, *, weights, **extra_args)`` takes per-example
-    ``updates`` (every leaf (K, ...)) and ``weights`` (K,), and returns updates without the K
-    axis. Other extra arguments are ignored, so it composes with transformations that need
+    ``update(updates, state, params=None, *, weights=None, **extra_args)`` takes per-example
+    ``updates`` (every leaf (K, ...), (K,) + its parameter's shape when ``params`` is given)
+    and ``weights`` (K,), and returns updates without the K axis; without ``weights`` it
+    returns an already-averaged G_hat unchanged (leaves shaped like ``params``, which must be
+    given), the path of ``make_train_step`` and of optax wrappers. Other extra arguments are ignored, so it composes with transformations that need
     their own (``optax.chain`` passes every extra argument to every stage). It keeps no state
     (``optax.EmptyState``); ``init`` takes the parameters (no K axis).
 
