@@ -29,6 +29,7 @@ from adambs_jax import (
     gradient_norm,
     jsonable,
     losses,
+    model_state,
     per_example,
     projection,
     samplers,
@@ -81,6 +82,7 @@ from adambs_jax.samplers import (
 from adambs_jax.scoring import ScoreFn, ScoringSampler, make_score_fn
 from adambs_jax.sharding import data_parallel_mesh, replicate
 from adambs_jax.checks import check_key
+from adambs_jax.estimators import importance_weighted_grad
 from adambs_jax.train_step import TrainState, TrainStep, make_train_step
 from adambs_jax.transforms import (
     ImportanceWeightedTransformation,
@@ -112,6 +114,7 @@ __all__ = [
     "gradient_norm",
     "jsonable",
     "losses",
+    "model_state",
     "per_example",
     "projection",
     "samplers",
@@ -159,6 +162,7 @@ __all__ = [
     "ImportanceWeightedTransformation",
     "adambs",
     "amsgradbs",
+    "importance_weighted_grad",
     "importance_weighted_mean",
     "weighted_mean",
     "with_importance_weighting",

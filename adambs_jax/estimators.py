@@ -46,10 +46,12 @@ __all__ = [
     "Estimate",
     "EstimateFn",
     "estimate_with_ghost_norms",
+    "estimate_with_forced_ghost_norms",
     "estimate_with_per_example_grads",
     "estimate_with_vmap_norms",
     "estimate_with_logit_bound",
     "estimate_with_loss",
+    "importance_weighted_grad",
     "estimator_with_user_feedback",
 ]
 
@@ -83,11 +85,20 @@ def estimate_with_per_example_grads(loss_fn, params, batch, weights, key) -> Est
 
 
 def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` (default): the exact norms and G_hat from one backward pass
-    (``adambs_jax.ghost``: per-layer ghost norms, per-example copies for the parameters no
-    layer rule covers; the vmap path when no layer is covered)."""
+    """``"grad_norm"`` (default, ``grad_norm_method="auto"``): the exact norms and G_hat from
+    one backward pass (``adambs_jax.ghost``: per-layer ghost norms, per-example copies for the
+    parameters no layer rule covers; the vmap path when no layer is covered)."""
     losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
         loss_fn, params, batch, weights, key, method="auto"
+    )
+    return Estimate(losses, gradient, norms, per_example=False)
+
+
+def estimate_with_forced_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
+    """``"grad_norm"`` with ``grad_norm_method="ghost"``: ghost norms even where no layer rule
+    covers a parameter (those get per-example copies, with a warning naming them)."""
+    losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
+        loss_fn, params, batch, weights, key, method="ghost"
     )
     return Estimate(losses, gradient, norms, per_example=False)
 
@@ -123,15 +134,39 @@ def estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key
 
 def _weighted_loss_and_grad(loss_fn, params, batch, weights, key):
     """The (K,) losses and G_hat = grad of (1/K) sum_k w_k loss_k (one ``jax.grad``)."""
+    return importance_weighted_grad(loss_fn, params, batch, weights, key)
+
+
+def importance_weighted_grad(
+    loss_fn: PerExampleLoss, params, batch, weights: jax.Array,
+    key: Optional[jax.Array] = None, *, has_aux: bool = False,
+):
+    """``(losses (K,), G_hat)``: the importance-weighted gradient of a hand-written loop.
+
+    G_hat = grad of (1/K) sum_k w_k loss_k(params) = (1/K) sum_k w_k g_{i_k} (Liu, Wu,
+    Mozafari, NeurIPS 2020, eq. 1), from one batched ``jax.grad`` (batch statistics, if the
+    model has any, are those of the batch). Give G_hat to any optax optimizer without
+    ``weights`` (``tx.update(G_hat, opt_state, params)``); wrappers and clipping then see the
+    averaged gradient, as in ``make_train_step``.
+
+    Args:
+      loss_fn: ``(params, batch[, key]) -> (K,)``, or with ``has_aux`` ``-> ((K,), aux)``.
+      params: the parameters; batch: leaves (K, ...); weights: (K,) = 1 / (n p_I).
+      key: passed to a loss that takes one.
+      has_aux: the loss returns ``(losses, aux)``; then the result is
+        ``((losses, aux), G_hat)``.
+    """
     loss = with_key_argument(loss_fn)
     batch_size = weights.shape[0]
 
     def weighted_loss(p):
-        losses = check_losses(loss(p, batch, key), batch_size)
-        return jnp.mean(weights.astype(losses.dtype) * losses), losses
+        out = loss(p, batch, key)
+        losses, aux = out if has_aux else (out, None)
+        losses = check_losses(losses, batch_size)
+        return jnp.mean(weights.astype(losses.dtype) * losses), (losses, aux)
 
-    (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
-    return losses, gradient
+    (_, (losses, aux)), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+    return ((losses, aux) if has_aux else losses), gradient
 
 
 def estimate_with_loss(loss_fn, params, batch, weights, key) -> Estimate:

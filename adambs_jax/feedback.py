@@ -35,6 +35,7 @@ import jax
 from adambs_jax import ghost
 from adambs_jax.estimators import (
     EstimateFn,
+    estimate_with_forced_ghost_norms,
     estimate_with_ghost_norms,
     estimate_with_vmap_norms,
     estimate_with_logit_bound,
@@ -148,6 +149,7 @@ class FeedbackKind(NamedTuple):
       needs_model_loss: the kind needs the model outputs, so a ``ModelLoss``.
       estimate_by_vmap: the estimator for ``grad_norm_method="vmap"``; None if the kind has
         no other way.
+      estimate_by_ghost: the estimator for ``grad_norm_method="ghost"``; None likewise.
     """
 
     scores: Callable[..., jax.Array]
@@ -155,16 +157,20 @@ class FeedbackKind(NamedTuple):
     estimate_reusing_grads: Optional[EstimateFn] = None
     needs_model_loss: bool = False
     estimate_by_vmap: Optional[EstimateFn] = None
+    estimate_by_ghost: Optional[EstimateFn] = None
 
     def estimator(
         self, reuse_per_example_grads: bool, grad_norm_method: str = "auto"
     ) -> EstimateFn:
         """The train step's estimator for the given ``reuse_per_example_grads`` and, for
-        ``"grad_norm"``, ``grad_norm_method`` (``"vmap"`` selects ``estimate_by_vmap``)."""
+        ``"grad_norm"``, ``grad_norm_method`` (``"vmap"`` selects ``estimate_by_vmap``,
+        ``"ghost"`` ``estimate_by_ghost``)."""
         if reuse_per_example_grads and self.estimate_reusing_grads is not None:
             return self.estimate_reusing_grads
         if grad_norm_method == "vmap" and self.estimate_by_vmap is not None:
             return self.estimate_by_vmap
+        if grad_norm_method == "ghost" and self.estimate_by_ghost is not None:
+            return self.estimate_by_ghost
         return self.estimate
 
 
@@ -174,6 +180,7 @@ FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
         estimate_with_ghost_norms,
         estimate_reusing_grads=estimate_with_per_example_grads,
         estimate_by_vmap=estimate_with_vmap_norms,
+        estimate_by_ghost=estimate_with_forced_ghost_norms,
     ),
     "logit_grad_norm": FeedbackKind(
         logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True

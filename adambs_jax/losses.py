@@ -16,7 +16,9 @@ A loss is therefore either
 
 ``batch`` is any pytree whose leaves have a leading axis K (the gathered rows of the dataset).
 Row k of the outputs and loss k must depend on example k only (no batch statistics): per-
-example gradients and the logit bound assume it.
+example gradients and the logit bound assume it. A model with batch statistics (BatchNorm)
+uses ``make_train_step(..., model_state=True)`` (``adambs_jax.model_state``), which computes
+the step on the batch as a whole and refuses the per-example ``"grad_norm"`` feedback.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
-__all__ = ["ModelLoss", "PerExampleLoss", "takes_key", "with_key_argument", "check_losses"]
+__all__ = [
+    "ModelLoss", "PerExampleLoss", "KEY_NAMES", "takes_key", "with_explicit_key",
+    "with_key_argument", "check_losses",
+]
 
 PerExampleLoss = Callable[..., jax.Array]
 """``(params, batch) -> (K,)`` or ``(params, batch, key) -> (K,)``."""
@@ -63,12 +68,19 @@ class ModelLoss(NamedTuple):
         return self.loss_from_outputs(self.outputs(params, batch, key), batch)
 
 
-def takes_key(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts a third positional argument (the PRNG key).
+KEY_NAMES = ("key", "rng", "rngs", "prng_key", "dropout_key")
+"""A third positional parameter with a default counts as the key only under these names."""
 
-    True for ``f(params, batch, key)``, ``f(params, batch, key=None)``, ``f(*args)`` and a
-    ``ModelLoss``; False for ``f(params, batch)`` and for callables whose signature cannot be
-    inspected.
+
+def takes_key(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes the PRNG key as a third positional argument (a guess from the
+    signature; ``make_train_step(..., loss_takes_key=True/False)`` states it instead).
+
+    Counted are positional parameters without a default, and one with a default only if it
+    is named like a key (``KEY_NAMES``): True for ``f(params, batch, key)``, ``f(params,
+    batch, key=None)``, ``f(*args)`` and a ``ModelLoss``; False for ``f(params, batch)``,
+    ``lambda p, b, model=model: ...`` (a bound loop variable, not a key) and callables whose
+    signature cannot be inspected.
     """
     if isinstance(fn, ModelLoss):
         return True
@@ -83,9 +95,32 @@ def takes_key(fn: Callable[..., Any]) -> bool:
         if parameter.kind in (
             inspect.Parameter.POSITIONAL_ONLY,
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
+        ) and (parameter.default is inspect.Parameter.empty or parameter.name in KEY_NAMES):
             num_positional += 1
     return num_positional >= 3
+
+
+def with_explicit_key(loss_fn: PerExampleLoss, loss_takes_key: Optional[bool]) -> PerExampleLoss:
+    """``loss_fn`` with its key argument stated, not guessed (``make_train_step``'s
+    ``loss_takes_key``): None keeps ``takes_key``'s guess; True makes it ``(params, batch,
+    key)``, False ``(params, batch)``. For a ``ModelLoss`` it applies to ``apply_fn``.
+
+    Raises:
+      TypeError: ``loss_takes_key`` is not None or a bool.
+    """
+    if loss_takes_key is None:
+        return loss_fn
+    if not isinstance(loss_takes_key, bool):
+        raise TypeError(f"loss_takes_key must be None, True or False, got {loss_takes_key!r}")
+    if isinstance(loss_fn, ModelLoss):
+        return loss_fn._replace(apply_fn=_stated_key(loss_fn.apply_fn, loss_takes_key))
+    return _stated_key(loss_fn, loss_takes_key)
+
+
+def _stated_key(fn, with_key: bool):
+    if with_key:
+        return lambda params, batch, key: fn(params, batch, key)
+    return lambda params, batch: fn(params, batch)
 
 
 def with_key_argument(loss_fn: PerExampleLoss) -> Callable[[Any, Any, Any], jax.Array]:

@@ -9,9 +9,12 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``)
-    guarded apply  ``guarded_apply``: params + optimizer(G_hat), sampler.update(state, I, f),
-                   both kept only if the losses, G_hat and the update are finite
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``);
+                   the loss's ``aux`` and new model state from the batched forward
+                   (``adambs_jax.model_state``)
+    guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets
+                   the weights), sampler.update(state, I, f), both (and the new model state)
+                   kept only if the losses, G_hat and the update are finite
     new state      ``step_metrics`` and ``next_state``: the metrics, counters and next key
 
 Every stage is pure and traceable; the checks run in Python at trace time.
@@ -23,7 +26,7 @@ Algorithm 1.
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +37,13 @@ from adambs_jax.checks import check_key, check_state_size
 from adambs_jax.estimators import Estimate, EstimateFn
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
+from adambs_jax.model_state import batch_extras, loss_parts
+from adambs_jax import exp3_bound
 from adambs_jax.samplers import Exp3SamplerState, Sampler, importance_weights
 from adambs_jax.scoring import ScoringSampler, make_score_fn
 from adambs_jax.sharding import constrain_batch
 from adambs_jax.train_state import TrainState
-from adambs_jax.transforms import ImportanceWeightedTransformation, weighted_mean
+from adambs_jax.transforms import weighted_mean
 from adambs_jax.tree_utils import all_finite, batch_size_of, gather, select
 
 __all__ = [
@@ -58,7 +63,9 @@ class StepConfig(NamedTuple):
     """Everything ``make_train_step`` fixed at build time, validated.
 
     ``estimate``: the estimator of the feedback kind; ``probabilities``: the sampler's
-    ``probabilities`` if the step reports the O(n) diagnostics, else None.
+    ``probabilities`` if the step reports the O(n) diagnostics, else None; ``extra_args``:
+    ``{"loss", "weighted_loss", "losses", "weights"} -> dict`` of keyword arguments for
+    ``optimizer.update``, or None (none).
     """
 
     loss_fn: PerExampleLoss
@@ -70,6 +77,9 @@ class StepConfig(NamedTuple):
     skip_non_finite: bool
     mesh: Optional[jax.sharding.Mesh]
     data_axis: str
+    extra_args: Optional[Callable[[dict], dict]] = None
+    has_aux: bool = False
+    model_state: bool = False
 
     @property
     def scoring(self) -> bool:
@@ -160,20 +170,25 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     return Draw(indices, weights, batch, sampled_state)
 
 
-def _optimizer_update(optimizer, estimate: Estimate, weights, opt_state, params):
-    """Feeds G_hat to a plain optimizer, or per-example grads + weights to an
-    ``ImportanceWeightedTransformation`` (``adambs``, ``with_importance_weighting(...)``)."""
-    if isinstance(optimizer, ImportanceWeightedTransformation):
-        if estimate.per_example:
-            per_example, batch_weights = estimate.gradient, weights
-        else:  # G_hat already averaged: a batch of one with weight 1 leaves it unchanged
-            per_example = jax.tree.map(lambda g: g[None], estimate.gradient)
-            batch_weights = jnp.ones((1,), weights.dtype)
-        return optimizer.update(per_example, opt_state, params, weights=batch_weights)
+def _optimizer_update(config: StepConfig, estimate: Estimate, weights, opt_state, params):
+    """``(updates, opt_state, G_hat)``: the optimizer gets only the averaged gradient G_hat
+    (never ``weights``; the per-example gradients of ``reuse_per_example_grads`` are averaged
+    here), so every optax wrapper sees G_hat, and ``config.extra_args`` of the losses (the
+    ``value=`` of ``optax.contrib.reduce_on_plateau``)."""
     gradient = estimate.gradient
     if estimate.per_example:
         gradient = weighted_mean(gradient, weights)
-    return optimizer.update(gradient, opt_state, params)
+    extra_args = {}
+    if config.extra_args is not None:
+        losses = estimate.losses
+        extra_args = config.extra_args({
+            "loss": jnp.mean(losses),
+            "weighted_loss": jnp.mean(weights.astype(losses.dtype) * losses),
+            "losses": losses,
+            "weights": weights,
+        })
+    updates, opt_state = config.optimizer.update(gradient, opt_state, params, **extra_args)
+    return updates, opt_state, gradient
 
 
 def _feedback_scores(estimate: Estimate, indices) -> jax.Array:
@@ -236,12 +251,12 @@ class Applied(NamedTuple):
 def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -> Applied:
     """Stage "guarded apply": the optimizer and sampler updates, kept only if the losses,
     G_hat and the optimizer's update are all finite (``skip_non_finite``)."""
-    updates, opt_state = _optimizer_update(
-        config.optimizer, estimate, draw.weights, state.opt_state, state.params
+    updates, opt_state, gradient = _optimizer_update(
+        config, estimate, draw.weights, state.opt_state, state.params
     )
     params = optax.apply_updates(state.params, updates)
     scores = _feedback_scores(estimate, draw.indices)
-    finite = all_finite(estimate.losses, estimate.gradient, updates)
+    finite = all_finite(estimate.losses, gradient, updates)
     if config.skip_non_finite:
         params = select(finite, params, state.params)
         opt_state = select(finite, opt_state, state.opt_state)
@@ -268,7 +283,9 @@ def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabili
         "min_weight": jnp.min(weights),
     }
     if isinstance(sampler_state, Exp3SamplerState):
-        metrics["grad_norm_bound"] = jnp.asarray(sampler_state.grad_norm_bound, jnp.float32)
+        bound = jnp.asarray(sampler_state.grad_norm_bound, jnp.float32)
+        metrics["grad_norm_bound"] = bound
+        metrics["clipped_fraction"] = exp3_bound.clipped_fraction(feedback, bound)
     if probabilities is not None:
         p = probabilities(sampler_state)
         metrics["effective_sample_size"] = 1.0 / (p.shape[0] * jnp.sum(jnp.square(p)))
@@ -277,13 +294,18 @@ def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabili
     return metrics
 
 
-def next_state(state: TrainState, applied: Applied, state_key, metrics: dict):
-    """Stage "new state": the counters (``step``, ``skipped_steps``) and the next key."""
+def next_state(state: TrainState, applied: Applied, state_key, metrics: dict, model_state=None):
+    """Stage "new state": the counters (``step``, ``skipped_steps``), the next key and the
+    model state (``model_state``: the step's new one, or None to keep the state's)."""
     metrics["skipped"] = applied.skipped
     skipped_steps = state.skipped_steps
     if skipped_steps is not None:
         skipped_steps = skipped_steps + applied.skipped
         metrics["skipped_steps"] = skipped_steps
+    if model_state is None:
+        model_state = state.model_state
+    else:  # kept only with the update: a skipped step leaves the model state too
+        model_state = select(applied.skipped == 0, model_state, state.model_state)
     new_state = TrainState(
         params=applied.params,
         opt_state=applied.opt_state,
@@ -291,6 +313,7 @@ def next_state(state: TrainState, applied: Applied, state_key, metrics: dict):
         step=state.step + 1,
         key=state_key,
         skipped_steps=skipped_steps,
+        model_state=model_state,
     )
     return new_state, metrics
 
@@ -302,10 +325,15 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax
     _check_data(data, num_examples)
     state_key, key = step_key(state.key, key)
     sample_key, model_key, score_key = jax.random.split(key, 3)
+    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
     estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
+    aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(
         estimate, draw.weights, applied.scores, applied.sampler_state, config.probabilities
     )
-    return next_state(state, applied, state_key, metrics)
+    if config.has_aux:
+        metrics["aux"] = aux
+    return next_state(state, applied, state_key, metrics, model_state)

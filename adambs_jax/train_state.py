@@ -25,7 +25,23 @@ import optax
 from adambs_jax.base import AnySampler
 from adambs_jax.checks import check_key
 
-__all__ = ["TrainState", "TrainStep"]
+__all__ = ["TrainState", "TrainStep", "as_gradient_transformation"]
+
+
+def as_gradient_transformation(optimizer: Any) -> optax.GradientTransformation:
+    """``optimizer`` as an optax transformation: an ``optax.MultiSteps`` (which flax's
+    ``TrainState`` also accepts) becomes its ``gradient_transformation()``.
+
+    Raises:
+      TypeError: neither an optax transformation nor an ``optax.MultiSteps``.
+    """
+    if isinstance(optimizer, optax.MultiSteps):
+        return optimizer.gradient_transformation()
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    return optimizer
 
 
 class TrainState(NamedTuple):
@@ -43,6 +59,10 @@ class TrainState(NamedTuple):
         because the loss, gradient or update was not finite; ``TrainState.create`` sets it to
         0. None (a state built by hand without it): the step keeps it None and reports only
         the per-step ``metrics["skipped"]``.
+      model_state: any pytree the model carries besides ``params`` (linen ``batch_stats``,
+        NNX non-``Param`` state, EMA parameters, a loader position), None by default. A step
+        built with ``model_state=True`` passes it to the loss and keeps the loss's new one
+        (``adambs_jax.model_state``); other steps leave it unchanged.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -55,6 +75,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     key: Optional[jax.Array] = None
     skipped_steps: Optional[jax.Array] = None
+    model_state: Any = None
 
     @classmethod
     def create(
@@ -64,11 +85,12 @@ class TrainState(NamedTuple):
         optimizer: optax.GradientTransformation,
         sampler: AnySampler,
         key: Optional[jax.Array] = None,
+        model_state: Any = None,
     ) -> "TrainState":
         """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0, no
-        skipped steps.
+        skipped steps, ``model_state`` (default None).
 
-        ``params`` (and ``key``) are copied: the train step donates its state, and the
+        ``params`` (``key``, ``model_state``) are copied: the train step donates its state, and the
         caller's arrays must survive that.
 
         Raises:
@@ -77,10 +99,7 @@ class TrainState(NamedTuple):
           ValueError: ``key`` is not a PRNG key (a typed key of shape () from
             ``jax.random.key`` or a raw uint32 key of shape (m,) from ``jax.random.PRNGKey``).
         """
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise TypeError(
-                f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-            )
+        optimizer = as_gradient_transformation(optimizer)
         if not callable(getattr(sampler, "init", None)):
             raise TypeError(f"sampler must be a Sampler, got {type(sampler).__name__}")
         if key is not None:
@@ -93,6 +112,7 @@ class TrainState(NamedTuple):
             step=jnp.zeros((), jnp.int32),
             key=None if key is None else jnp.copy(key),
             skipped_steps=jnp.zeros((), jnp.int32),
+            model_state=jax.tree.map(jnp.copy, model_state),
         )
 
 
@@ -145,11 +165,14 @@ class TrainStep:
         self._pending[0] = self._pending[0] + calls if calls <= every else calls % every
         return state, metrics
 
-    def init(self, params: Any, *, key: Optional[jax.Array] = None) -> TrainState:
+    def init(
+        self, params: Any, *, key: Optional[jax.Array] = None, model_state: Any = None
+    ) -> TrainState:
         """A fresh ``TrainState`` for ``params`` with this step's optimizer and sampler (the
         arguments and errors of ``TrainState.create``)."""
         return TrainState.create(
-            params=params, optimizer=self.optimizer, sampler=self.sampler, key=key
+            params=params, optimizer=self.optimizer, sampler=self.sampler, key=key,
+            model_state=model_state,
         )
 
     def __getattr__(self, name: str) -> Any:

@@ -32,21 +32,23 @@ the sampler's renormalization runs every ``sampler.renormalize_every`` steps fro
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import optax
 
+from adambs_jax import ghost
 from adambs_jax.base import ProbabilitiesFn
 from adambs_jax.checks import check_bool, check_int, check_key
 from adambs_jax.feedback import FeedbackFn, feedback_kind
-from adambs_jax.losses import PerExampleLoss
+from adambs_jax.losses import PerExampleLoss, with_explicit_key
+from adambs_jax.model_state import check_model_state_options
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh, replicated_sharding
 from adambs_jax.step_stages import StepConfig, run_step
 from adambs_jax.train_loop import run_steps
-from adambs_jax.train_state import TrainState, TrainStep
+from adambs_jax.train_state import TrainState, TrainStep, as_gradient_transformation
 
 # TrainState and TrainStep live in adambs_jax.train_state, check_key in adambs_jax.checks;
 # they stay importable from here.
@@ -76,34 +78,72 @@ def _diagnostics_probabilities(sampler, diagnostics) -> Optional[ProbabilitiesFn
     return sampler.probabilities  # None (by default): a sampler without a distribution
 
 
-def _step_config(loss_fn, optimizer, sampler, feedback, diagnostics, reuse_per_example_grads,
-                 skip_non_finite, mesh, data_axis, jit) -> StepConfig:
+def _extra_args_fn(optimizer, optimizer_extra_args) -> Optional[Callable[[dict], dict]]:
+    """The ``optimizer_extra_args`` option resolved: by default an optimizer that takes extra
+    arguments (``optax.GradientTransformationExtraArgs``) gets ``value`` = the step's
+    unbiased loss estimate, ``weighted_loss`` (for ``optax.contrib.reduce_on_plateau``)."""
+    if optimizer_extra_args is None:
+        if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+            return lambda losses: {"value": losses["weighted_loss"]}
+        return None
+    if not callable(optimizer_extra_args):
+        raise TypeError(
+            f"optimizer_extra_args must be None or a callable (dict of the step's losses) -> "
+            f"dict of keyword arguments, got {type(optimizer_extra_args).__name__}"
+        )
+
+    def extra_args(losses):
+        args = optimizer_extra_args(losses)
+        if not isinstance(args, dict):
+            raise TypeError(f"optimizer_extra_args must return a dict, got {type(args).__name__}")
+        return args
+
+    return extra_args
+
+
+def _check_grad_norm_method(grad_norm_method) -> str:
+    if grad_norm_method not in ghost.METHODS:
+        raise ValueError(
+            f"grad_norm_method must be one of {ghost.METHODS}, got {grad_norm_method!r}"
+        )
+    return grad_norm_method
+
+
+def _step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
     """Validates ``make_train_step``'s arguments (its Raises) and binds them."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
-        )
+    optimizer = as_gradient_transformation(optimizer)
     if not isinstance(sampler, (Sampler, ScoringSampler)):
         raise TypeError(
             f"sampler must be a Sampler or ScoringSampler, got {type(sampler).__name__}"
         )
+    loss_fn = with_explicit_key(loss_fn, options["loss_takes_key"])
+    feedback, diagnostics, mesh = options["feedback"], options["diagnostics"], options["mesh"]
     kind = feedback_kind(feedback, loss_fn)
-    check_bool("reuse_per_example_grads", reuse_per_example_grads)
+    check_bool("reuse_per_example_grads", options["reuse_per_example_grads"])
     if diagnostics is not None and not isinstance(diagnostics, bool):
         raise TypeError(f"diagnostics must be a bool or None, got {diagnostics!r}")
-    check_bool("skip_non_finite", skip_non_finite)
-    check_bool("jit", jit)
+    check_bool("skip_non_finite", options["skip_non_finite"])
+    check_bool("jit", options["jit"])
     if mesh is not None:
-        check_mesh(mesh, data_axis, sampler.batch_size)
+        check_mesh(mesh, options["data_axis"], sampler.batch_size)
+    check_model_state_options(
+        loss_fn, feedback if isinstance(feedback, str) else None, options["has_aux"],
+        options["model_state"], isinstance(sampler, ScoringSampler),
+    )
     score_feedback = feedback
     if isinstance(sampler, ScoringSampler) and sampler.score_feedback is not None:
         feedback_kind(sampler.score_feedback, loss_fn, name="sampler.score_feedback")
         score_feedback = sampler.score_feedback
+    estimate = kind.estimator(
+        options["reuse_per_example_grads"], _check_grad_norm_method(options["grad_norm_method"])
+    )
     return StepConfig(
-        loss_fn, optimizer, sampler, kind.estimator(reuse_per_example_grads), score_feedback,
-        _diagnostics_probabilities(sampler, diagnostics), skip_non_finite, mesh, data_axis,
+        loss_fn, optimizer, sampler, estimate, score_feedback,
+        _diagnostics_probabilities(sampler, diagnostics), options["skip_non_finite"], mesh,
+        options["data_axis"], _extra_args_fn(optimizer, options["optimizer_extra_args"]),
+        options["has_aux"], options["model_state"],
     )
 
 
@@ -120,6 +160,11 @@ def make_train_step(
     data_axis: str = DEFAULT_DATA_AXIS,
     jit: bool = True,
     steps_per_call: int = 1,
+    grad_norm_method: str = "auto",
+    loss_takes_key: Optional[bool] = None,
+    optimizer_extra_args: Optional[Callable[[dict], dict]] = None,
+    has_aux: bool = False,
+    model_state: bool = False,
 ) -> TrainStep:
     """Builds ``step(state, data, key=None) -> (state, metrics)``, one jitted call, bound to
     ``optimizer`` and ``sampler`` (a ``TrainStep``; ``step.init(params)`` makes its state).
@@ -129,10 +174,13 @@ def make_train_step(
         (K,)`` (then called with a fresh key each step, for dropout), or a
         ``ModelLoss(apply_fn, loss_from_outputs)`` (needed for ``"logit_grad_norm"``).
         ``batch`` is ``data`` gathered at the sampled indices (leaves (K, ...)).
-      optimizer: any optax optimizer of the averaged gradient (``optax.adam``: AdamBS;
-        ``optax.sgd``, ``optax.rmsprop``, ``optax.amsgrad``, ``optax.adamw``, ...), or one
-        that takes per-example gradients and ``weights`` (``adambs``, ``amsgradbs``,
-        ``with_importance_weighting(...)``); both give the same step.
+      optimizer: any optax optimizer or wrapper (``optax.adam``: AdamBS; ``optax.sgd``,
+        ``optax.adamw``, ``optax.chain(optax.clip_by_global_norm(1.0), ...)``,
+        ``inject_hyperparams``, ``apply_if_finite``, ``masked``, ``contrib.schedule_free``,
+        ``optax.MultiSteps`` ...), including ``ab.adambs`` / ``ab.amsgradbs`` /
+        ``ab.with_importance_weighting(...)`` however wrapped. The importance weights enter
+        the loss: the optimizer only ever gets the averaged unbiased gradient G_hat,
+        ``optimizer.update(G_hat, opt_state, params, **extra_args)``, never ``weights``.
       sampler: ``exp3_sampler``, ``uniform_sampler``, or a ``ScoringSampler`` (its ``sample``
         gets a ``score_fn`` over the current model; see ``adambs_jax.scoring``).
       feedback: per-example score for ``sampler.update``: ``"grad_norm"`` (exact, via
@@ -179,6 +227,30 @@ def make_train_step(
         for small models, where dispatching a call per step costs as much as the step
         (``adambs_jax.train_loop``); results equal N single steps with those keys.
 
+      grad_norm_method: for ``feedback="grad_norm"``: ``"auto"`` (default: ghost norms,
+        ``adambs_jax.ghost``, where a layer rule covers a parameter, else ``vmap``),
+        ``"ghost"`` (forced; uncovered parameters get per-example copies, with a warning) or
+        ``"vmap"`` (per-example gradients by ``jax.vmap``). All are exact: the same step to
+        float32 rounding.
+      loss_takes_key: whether ``loss_fn`` (a ``ModelLoss``'s ``apply_fn``) takes the key as
+        its third argument. None (default): guessed from the signature, counting positional
+        parameters without a default (and one named ``key``/``rng``), so ``lambda p, b,
+        model=model: ...`` gets no key; True/False: stated.
+      optimizer_extra_args: keyword arguments for ``optimizer.update``, a callable of the
+        dict ``{"loss", "weighted_loss", "losses" (K,), "weights" (K,)}`` returning a dict.
+        None (default): an ``optax.GradientTransformationExtraArgs`` gets ``value=`` the
+        unbiased loss estimate ``weighted_loss`` (what ``optax.contrib.reduce_on_plateau``
+        needs; other optax transformations ignore it); a plain one gets none.
+      has_aux: the loss returns ``(losses (K,), aux)``; ``aux`` (a pytree of arrays, of the
+        batched forward at the step's parameters and model key) is ``metrics["aux"]``.
+      model_state: the loss is ``(params, batch, key, model_state) -> (losses,
+        new_model_state)`` (with ``has_aux``: ``-> (losses, aux, new_model_state)``; a
+        ``ModelLoss``'s ``apply_fn(params, batch, key, model_state) -> (outputs,
+        new_model_state)``): ``state.model_state`` goes in, the new one is kept (not on a
+        skipped step). G_hat comes from one batched forward/backward (batch statistics over
+        the batch); ``feedback="grad_norm"`` (per-example evaluation) and scoring samplers
+        are refused (``adambs_jax.model_state``).
+
     Returns:
       A ``TrainStep``: ``step.init(params, key=None)`` is ``TrainState.create(params=params,
       optimizer=optimizer, sampler=sampler, key=key)``, and
@@ -191,7 +263,8 @@ def make_train_step(
       (int32, this step), ``max_weight``/``min_weight`` (of w = 1/(n p) in the batch),
       ``skipped`` (int32, 1 if this step's update was skipped), ``skipped_steps`` (int32,
       cumulative; absent if ``state.skipped_steps`` is None), ``grad_norm_bound`` (the
-      sampler's L, if it has one), and the diagnostics above.
+      sampler's L, if it has one) and ``clipped_fraction`` (exp3: the share of this step's
+      valid feedback above L), the diagnostics above, and ``aux`` (with ``has_aux``).
 
     Raises:
       TypeError / ValueError: bad ``loss_fn``, ``optimizer``, ``sampler``, ``feedback``,
@@ -219,10 +292,14 @@ def make_train_step(
       >>> int(state.step), round(float(metrics["loss"]), 4)  # log 2 at params = 0
       (1, 0.6931)
     """
-    config = _step_config(
-        loss_fn, optimizer, sampler, feedback, diagnostics, reuse_per_example_grads,
-        skip_non_finite, mesh, data_axis, jit,
+    options = dict(
+        feedback=feedback, diagnostics=diagnostics, mesh=mesh, data_axis=data_axis, jit=jit,
+        reuse_per_example_grads=reuse_per_example_grads, skip_non_finite=skip_non_finite,
+        grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
+        optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
     )
+    config = _step_config(loss_fn, optimizer, sampler, options)
+    optimizer = config.optimizer
 
     steps_per_call = check_int("steps_per_call", steps_per_call)
 

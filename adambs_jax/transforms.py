@@ -16,8 +16,16 @@ exactly how AdamBS (Algorithm 1) and AMSGrad with bandit sampling (appendix D) u
     state = tx.init(params)                             # params: no K axis
     updates, state = tx.update(per_example_grads, state, params, weights=w)
 
-``make_train_step`` accepts both a plain optax optimizer (it then computes G_hat itself) and
-one built here (it then feeds it per-example gradients and ``weights``).
+Given no ``weights``, ``importance_weighted_mean()`` passes an already-averaged G_hat through
+(its leaves must be shaped like ``params``). That is how ``make_train_step`` uses every
+optimizer: it computes G_hat (the weights enter the loss) and calls ``update(G_hat, state,
+params)``, so every optax wrapper around these transforms (``optax.chain``, ``masked``,
+``inject_hyperparams``, ``apply_if_finite``, ``MultiSteps``, ``contrib.schedule_free``) sees
+the averaged gradient. In a hand-written loop do the same with
+``ab.estimators.importance_weighted_grad(loss_fn, params, batch, weights)``.
+The per-example stack with ``weights=`` is averaged only by the first, unwrapped stage: a
+stage before it (a clip) or a wrapper (``masked``) would see the stack, so it is refused where
+the stack's shapes show it (leaves not (K,) + their parameter's shape).
 """
 
 from __future__ import annotations
@@ -42,11 +50,10 @@ class ImportanceWeightedTransformation(optax.GradientTransformationExtraArgs):
     """An ``optax.GradientTransformationExtraArgs`` whose ``update`` expects per-example
     updates (every leaf with a leading axis K) and keyword-only ``weights`` (K,).
 
-    It is a marker subclass (no extra fields): ``with_importance_weighting``, ``adambs`` and
-    ``amsgradbs`` return it, so that ``make_train_step`` knows to feed per-example gradients
-    and weights rather than an already-averaged gradient. It composes in ``optax.chain`` like
-    any other transformation (the chain is then a plain ``GradientTransformationExtraArgs``
-    that still needs ``weights``).
+    It is a marker subclass (no extra fields) that ``with_importance_weighting``, ``adambs``
+    and ``amsgradbs`` return. Given no ``weights`` its ``update`` takes the averaged gradient
+    G_hat instead (leaves shaped like ``params``), which is how ``make_train_step`` and any
+    optax wrapper use it; it composes in ``optax.chain`` like any other transformation.
     """
 
     __slots__ = ()
@@ -102,12 +109,61 @@ def weighted_mean(per_example_updates: Any, weights: jax.Array) -> Any:
     return jax.tree.map(mean, per_example_updates)
 
 
+_FIRST_STAGE = (
+    "ab.importance_weighted_mean (in ab.adambs, ab.amsgradbs, ab.with_importance_weighting) "
+    "averages a per-example stack only as the first, unwrapped stage of the optimizer; "
+    "otherwise give it the averaged gradient G_hat and no weights "
+    "(ab.estimators.importance_weighted_grad; make_train_step does this)"
+)
+
+
+def _check_averaged(updates, params) -> None:
+    """Without ``weights`` the updates must be G_hat itself: leaves shaped like ``params``."""
+    if params is None:
+        raise TypeError(
+            "weights: the importance weights (K,) are required (keyword-only argument "
+            "`weights=` of the update; ab.importance_weights(probs, num_examples)) for "
+            "per-example updates; for an already-averaged gradient G_hat pass `params` "
+            "(its leaves must be shaped like params). " + _FIRST_STAGE
+        )
+    if jax.tree.structure(updates) != jax.tree.structure(params) or any(
+        jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))
+    ):
+        raise ValueError(
+            "updates: without weights the updates must be the averaged gradient G_hat, shaped "
+            "like params; got per-example or mismatched leaves. " + _FIRST_STAGE
+        )
+
+
+def _check_stack(updates, weights, params) -> None:
+    """With ``weights`` every leaf must be (K,) + the shape of its parameter."""
+    if params is None:
+        return  # weighted_mean checks the leading K axis
+    if jax.tree.structure(updates) != jax.tree.structure(params):
+        raise ValueError(
+            "updates: the per-example updates do not have the structure of params "
+            "(a wrapper such as optax.masked changed them). " + _FIRST_STAGE
+        )
+    if jnp.ndim(weights) != 1:
+        return  # weighted_mean names the bad weights
+    batch_size = jnp.shape(weights)[0]
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+        if jnp.shape(u) != (batch_size,) + jnp.shape(p):
+            raise ValueError(
+                f"updates: with weights every leaf must be (K,) + its parameter's shape, "
+                f"K={batch_size}; got {jnp.shape(u)} for a parameter of shape "
+                f"{jnp.shape(p)}. " + _FIRST_STAGE
+            )
+
+
 def importance_weighted_mean() -> ImportanceWeightedTransformation:
     """An optax transformation computing G_hat = (1/K) sum_k w_k u_k (AdamBS eq. 1).
 
-    ``update(updates, state, params=None, *, weights, **extra_args)`` takes per-example
-    ``updates`` (every leaf (K, ...)) and ``weights`` (K,), and returns updates without the K
-    axis. Other extra arguments are ignored, so it composes with transformations that need
+    ``update(updates, state, params=None, *, weights=None, **extra_args)`` takes per-example
+    ``updates`` (every leaf (K, ...), (K,) + its parameter's shape when ``params`` is given)
+    and ``weights`` (K,), and returns updates without the K axis; without ``weights`` it
+    returns an already-averaged G_hat unchanged (leaves shaped like ``params``, which must be
+    given), the path of ``make_train_step`` and of optax wrappers. Other extra arguments are ignored, so it composes with transformations that need
     their own (``optax.chain`` passes every extra argument to every stage). It keeps no state
     (``optax.EmptyState``); ``init`` takes the parameters (no K axis).
 
@@ -122,7 +178,11 @@ def importance_weighted_mean() -> ImportanceWeightedTransformation:
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None, *, weights=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        if weights is None:  # the averaged-gradient path: G_hat passes through
+            _check_averaged(updates, params)
+            return updates, state
+        _check_stack(updates, weights, params)
         return weighted_mean(updates, weights), state
 
     return ImportanceWeightedTransformation(init_fn, update_fn)

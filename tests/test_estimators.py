@@ -130,3 +130,22 @@ def test_loss_estimator_checks_the_shape_of_the_losses():
     mean_loss = lambda p, b: jnp.mean(MODEL_LOSS(p, b))
     with pytest.raises(ValueError, match="per-example losses of shape"):
         estimators.estimate_with_loss(mean_loss, params, batch, weights, None)
+
+
+def test_importance_weighted_grad_is_the_weighted_mean_and_carries_aux():
+    params, batch = _problem()[:2]
+    weights = jnp.linspace(0.5, 2.0, BATCH_SIZE)
+    losses, g_hat = estimators.importance_weighted_grad(MODEL_LOSS, params, batch, weights)
+    want_losses, stack = ab.per_example_losses_and_grads(MODEL_LOSS, params, batch)
+    chex.assert_trees_all_close(g_hat, ab.weighted_mean(stack, weights), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+
+    def loss_with_aux(p, b):
+        logits = _linear(p, b)
+        return _cross_entropy(logits, b), {"logits": logits}
+
+    (aux_losses, aux), aux_grad = estimators.importance_weighted_grad(
+        loss_with_aux, params, batch, weights, has_aux=True)
+    chex.assert_trees_all_close(aux_grad, g_hat)
+    np.testing.assert_allclose(aux_losses, losses)
+    assert aux["logits"].shape == (BATCH_SIZE,) + params["b"].shape

@@ -664,3 +664,123 @@ def test_docstring_examples_run():
 
     results = doctest.testmod(ab.train_step, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0 and results.failed == 0, results
+
+
+def _plain_optax_loop(model_loss, optimizer, sampler, params, data, keys, extra_args=False):
+    """Plain mini-batch training with ``optimizer`` on the mean gradient (uniform draws with
+    the step's key split), ``value=`` the batch mean loss when ``extra_args``."""
+
+    @jax.jit
+    def reference_step(params, opt_state, key):
+        indices, _ = sampler.sample(sampler.init(), jax.random.split(key, 3)[0])
+        batch = jax.tree.map(lambda leaf: leaf[indices], data)
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(model_loss(p, batch)))(params)
+        kwargs = {"value": loss} if extra_args else {}
+        updates, opt_state = optimizer.update(grads, opt_state, params, **kwargs)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    for key in keys:
+        params, opt_state = reference_step(params, opt_state, key)
+    return params
+
+
+WRAPPERS = {  # issue 13: each wrapper around ab.adambs equals it around optax.adam
+    "chain_clip": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),
+    "chain_after": lambda adam: optax.chain(adam(0.05), optax.add_decayed_weights(1e-3)),
+    "inject_hyperparams": lambda adam: optax.inject_hyperparams(adam)(learning_rate=0.05),
+    "apply_if_finite": lambda adam: optax.apply_if_finite(adam(0.05), 3),
+    "masked": lambda adam: optax.chain(  # masked-out leaves get the raw gradient: zero it
+        optax.masked(adam(0.05), {"w": True, "b": False}),
+        optax.masked(optax.set_to_zero(), {"w": False, "b": True})),
+    "multi_steps": lambda adam: optax.MultiSteps(adam(0.05), 2),
+    "schedule_free": lambda adam: optax.contrib.schedule_free(adam(0.05), 0.05),
+    "reduce_on_plateau": lambda adam: optax.chain(
+        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)),
+}
+
+
+class OptaxWrapperTest(parameterized.TestCase):
+    @parameterized.named_parameters(*WRAPPERS.items())
+    def test_wrapped_adambs_is_plain_optax_training_when_uniform(self, wrap):
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        optimizer = wrap(ab.adambs)
+        step = ab.make_train_step(model_loss, optimizer, sampler, feedback="loss")
+        state = step.init(params)
+        keys = [jax.random.key(200 + t) for t in range(6)]
+        for key in keys:
+            state, _ = step(state, data, key)
+        reference = wrap(optax.adam)
+        if isinstance(reference, optax.MultiSteps):
+            reference = reference.gradient_transformation()
+        want = _plain_optax_loop(model_loss, reference, sampler, params, data, keys, True)
+        chex.assert_trees_all_close(state.params, want, atol=1e-6, rtol=1e-6)
+        self.assertLess(_full_loss(model_loss, state.params, data),
+                        _full_loss(model_loss, params, data))
+
+    def test_masked_out_scalar_keeps_its_shape_in_the_step(self):
+        params, data, model_loss = _problem()
+        params = dict(params, s=jnp.asarray(0.0))
+        optimizer = optax.masked(ab.adambs(0.05), {"w": True, "b": True, "s": False})
+        step = ab.make_train_step(
+            model_loss, optimizer, ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5))
+        state, _ = step(step.init(params), data, jax.random.key(0))
+        self.assertEqual(state.params["s"].shape, ())
+
+    def test_reduce_on_plateau_gets_the_unbiased_loss_as_value(self):
+        params, data, model_loss = _problem()
+        seen = []
+        optimizer = optax.contrib.reduce_on_plateau()
+        step = ab.make_train_step(
+            model_loss, optimizer, ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5),
+            jit=False,
+            optimizer_extra_args=lambda m: seen.append(sorted(m)) or {"value": m["loss"]},
+        )
+        step(step.init(params), data, jax.random.key(0))
+        self.assertEqual(seen, [["loss", "losses", "weighted_loss", "weights"]])
+        with pytest.raises(TypeError, match="optimizer_extra_args"):
+            ab.make_train_step(model_loss, optimizer, ab.uniform_sampler(NUM_EXAMPLES, 4),
+                               optimizer_extra_args={"value": 1.0})
+
+
+class LossOptionsTest(parameterized.TestCase):
+    def test_a_default_argument_is_not_taken_for_the_key(self):
+        params, data, _ = _problem()
+        models = {"m": _linear_model}
+        loss = lambda p, b, model=models["m"]: _cross_entropy(model(p, b), b)  # noqa: E731
+        step = ab.make_train_step(loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4))
+        state, metrics = step(step.init(params), data, jax.random.key(0))
+        self.assertTrue(np.isfinite(float(metrics["loss"])))
+
+    def test_loss_takes_key_states_the_signature(self):
+        params, data, _ = _problem()
+        calls = []
+
+        def loss(p, b, *args):
+            calls.append(len(args))
+            return _cross_entropy(_linear_model(p, b), b)
+
+        for takes_key, want in ((True, 1), (False, 0)):
+            step = ab.make_train_step(loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
+                                      feedback="loss", loss_takes_key=takes_key, jit=False)
+            step(step.init(params), data, jax.random.key(0))
+            self.assertEqual(calls[-1], want)
+        with pytest.raises(TypeError, match="loss_takes_key"):
+            ab.make_train_step(loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
+                               loss_takes_key="yes")
+
+    @pytest.mark.filterwarnings("ignore:ghost norms. no layer rule covers")
+    def test_grad_norm_methods_give_the_same_step(self):
+        params, data, model_loss = _problem()
+        results = {}
+        for method in ("vmap", "ghost", "auto"):
+            sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5)
+            step = ab.make_train_step(model_loss, optax.adam(0.05), sampler,
+                                      grad_norm_method=method)
+            state, metrics = step(step.init(params), data, jax.random.key(3))
+            results[method] = (state.params, metrics["mean_feedback"])
+        for method in ("ghost", "auto"):
+            chex.assert_trees_all_close(results[method], results["vmap"], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="grad_norm_method"):
+            ab.make_train_step(model_loss, optax.adam(0.05), sampler, grad_norm_method="exact")

@@ -268,3 +268,71 @@ def test_docstring_examples_run():
 
     results = doctest.testmod(transforms, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0 and results.failed == 0, results
+
+
+class AveragedGradientPathTest(parameterized.TestCase):
+    """Issue 13: the importance weights enter the loss, so every optax wrapper around these
+    transforms sees the averaged gradient G_hat (``importance_weighted_grad``)."""
+
+    def _hand_loop_gradient(self):
+        params, data, loss_fn = _problem()
+        weights = jnp.linspace(0.5, 1.5, NUM_EXAMPLES)
+        losses, g_hat = ab.estimators.importance_weighted_grad(loss_fn, params, data, weights)
+        _, stack = ab.per_example_losses_and_grads(loss_fn, params, data)
+        chex.assert_trees_all_close(g_hat, ab.weighted_mean(stack, weights), rtol=1e-5)
+        self.assertEqual(losses.shape, (NUM_EXAMPLES,))
+        return params, g_hat
+
+    def test_a_clip_before_the_weighting_clips_the_averaged_gradient(self):
+        params, g_hat = self._hand_loop_gradient()
+        scaled = jax.tree.map(lambda g: 100.0 * g, g_hat)  # norm well above 1
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0), ab.with_importance_weighting(optax.sgd(1.0))
+        )
+        updates, _ = tx.update(scaled, tx.init(params), params)
+        np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-5)
+
+    def test_masked_adambs_keeps_a_masked_out_scalar_s_shape(self):
+        params, g_hat = self._hand_loop_gradient()
+        tx = optax.masked(ab.adambs(0.1), {"w": True, "b": False})
+        updates, _ = tx.update(g_hat, tx.init(params), params)
+        self.assertEqual(updates["b"].shape, ())
+        self.assertEqual(updates["w"].shape, (NUM_FEATURES,))
+
+    @parameterized.named_parameters(
+        ("apply_if_finite", lambda tx: optax.apply_if_finite(tx, 3)),
+        ("multi_steps", lambda tx: optax.MultiSteps(tx, 2).gradient_transformation()),
+        ("inject_hyperparams", None),
+        ("schedule_free", lambda tx: optax.contrib.schedule_free(tx, 0.1)),
+    )
+    def test_wrapped_adambs_equals_wrapped_adam(self, wrap):
+        params, g_hat = self._hand_loop_gradient()
+        if wrap is None:
+            ours = optax.inject_hyperparams(ab.adambs)(learning_rate=0.1)
+            theirs = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+        else:
+            ours, theirs = wrap(ab.adambs(0.1)), wrap(optax.adam(0.1))
+        got, _ = jax.jit(ours.update)(g_hat, ours.init(params), params)
+        want, _ = theirs.update(g_hat, theirs.init(params), params)
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+    def test_a_stack_without_weights_is_refused(self):
+        params, _ = self._hand_loop_gradient()
+        grads = jax.tree.map(lambda p: jnp.ones((4,) + p.shape), params)
+        tx = ab.adambs(0.1)
+        with pytest.raises(ValueError, match="first, unwrapped stage"):
+            tx.update(grads, tx.init(params), params)
+
+    def test_a_stack_of_the_wrong_shape_is_refused(self):
+        params, _ = self._hand_loop_gradient()
+        grads = {"w": jnp.ones((4, NUM_FEATURES)), "b": jnp.ones((4, 2))}
+        tx = ab.adambs(0.1)
+        with pytest.raises(ValueError, match="first, unwrapped stage"):
+            tx.update(grads, tx.init(params), params, weights=jnp.ones(4))
+
+    def test_the_stack_path_still_averages_when_verified(self):
+        params, _ = self._hand_loop_gradient()
+        grads, weights = {"w": jnp.ones((4, NUM_FEATURES)), "b": jnp.arange(4.0)}, jnp.ones(4)
+        tx = ab.importance_weighted_mean()
+        mean, _ = tx.update(grads, tx.init(params), params, weights=weights)
+        np.testing.assert_allclose(mean["b"], 1.5)
