@@ -368,7 +368,9 @@ class ScoringHookTest(parameterized.TestCase):
                 model_loss, "logit_grad_norm", params, data, jax.random.key(0),
                 chunk_size=chunk_size,
             )
-            np.testing.assert_allclose(jax.jit(score_fn)(indices), expected, rtol=1e-6)
+            # float32 on CPU; a GPU's TF32 matmuls differ by ~4e-5 between the two programs
+            rtol = 1e-6 if jax.default_backend() == "cpu" else 1e-4
+            np.testing.assert_allclose(jax.jit(score_fn)(indices), expected, rtol=rtol)
         score_fn = make_score_fn(model_loss, "grad_norm", params, data, None, chunk_size=2)
         np.testing.assert_allclose(
             jax.jit(score_fn)(indices),

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from adambs_jax.ghost.rules import conv_config, conv_factors, dense_factors, embed_factors
+from adambs_jax.ghost.rules import conv_config_of, conv_factors, dense_factors, embed_factors
 from adambs_jax.ghost.sites import LayerRule
 
 __all__ = ["LINEN_RULES", "LINEN_NORMALIZATION_LAYERS", "interception"]
@@ -38,12 +38,10 @@ def _dense_general_config(module):
 
 
 def _conv_config(module):
-    if (module.mask is not None or module.feature_group_count != 1
-            or module.conv_general_dilated is not None
+    if (module.conv_general_dilated is not None
             or getattr(module, "conv_general_dilated_cls", None) is not None):
-        return None
-    return conv_config(module.kernel_size, module.strides, module.padding,
-                       module.input_dilation, module.kernel_dilation, module.use_bias)
+        return None  # a user-supplied convolution: its gradient is not the im2col one
+    return conv_config_of(module)
 
 
 LINEN_RULES = {

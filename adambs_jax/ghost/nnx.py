@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from adambs_jax.ghost.rules import conv_config, conv_factors, dense_factors, embed_factors
+from adambs_jax.ghost.rules import conv_config_of, conv_factors, dense_factors, embed_factors
 from adambs_jax.ghost.sites import LayerRule
 
 __all__ = ["NNX_RULES", "NNX_NORMALIZATION_LAYERS", "interception"]
@@ -40,11 +40,9 @@ def _linear_config(module):
 
 
 def _conv_config(module):
-    if (module.mask is not None or module.feature_group_count != 1
-            or module.conv_general_dilated is not jax.lax.conv_general_dilated):
-        return None
-    return conv_config(module.kernel_size, module.strides, module.padding,
-                       module.input_dilation, module.kernel_dilation, module.use_bias)
+    if module.conv_general_dilated is not jax.lax.conv_general_dilated:
+        return None  # a user-supplied convolution: its gradient is not the im2col one
+    return conv_config_of(module)
 
 
 NNX_RULES = {

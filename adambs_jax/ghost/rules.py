@@ -26,7 +26,7 @@ from flax.linen.linear import canonicalize_padding
 from adambs_jax.ghost.layer_norms import conv_patches
 from adambs_jax.ghost.sites import Factor
 
-__all__ = ["dense_factors", "conv_factors", "embed_factors", "conv_config"]
+__all__ = ["dense_factors", "conv_factors", "embed_factors", "conv_config", "conv_config_of"]
 
 
 def _rows(x, num_features):
@@ -91,3 +91,13 @@ def conv_config(kernel_size, strides, padding, input_dilation, kernel_dilation, 
         padding = tuple(tuple(pair) for pair in padding)
     return (kernel_size, _broadcast(strides, rank), padding, _broadcast(input_dilation, rank),
             _broadcast(kernel_dilation, rank), bool(use_bias))
+
+
+def conv_config_of(module):
+    """``conv_config`` of a linen ``nn.Conv`` or an NNX ``nnx.Conv`` (same attribute names),
+    or None for a grouped or masked convolution (not covered: the caller checks the
+    framework-specific ways to replace the convolution itself)."""
+    if module.mask is not None or module.feature_group_count != 1:
+        return None
+    return conv_config(module.kernel_size, module.strides, module.padding,
+                       module.input_dilation, module.kernel_dilation, module.use_bias)
