@@ -101,6 +101,20 @@ def _check_state(state, num_examples):
     check_state_size(
         state.sampler_state, num_examples, name="state.sampler_state", owner="the step's sampler"
     )
+    _check_float_params(state.params)
+
+
+def _check_float_params(params):
+    """Gradients need floating-point parameters: name the first integer (or bool) leaf
+    instead of letting ``jax.grad`` fail without one."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"state.params: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; gradients "
+                f"need floating-point parameters. Keep integer state (counters, indices) out of "
+                f"params, e.g. in the model state (make_train_step(..., model_state=True))"
+            )
 
 
 def _check_data(data, num_examples):

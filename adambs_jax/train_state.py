@@ -155,15 +155,34 @@ class TrainStep:
     def __call__(self, state: TrainState, data: Any, key: Optional[jax.Array] = None):
         every = self.sampler.renormalize_every
         if self.renormalize is None or not every:
-            return self.step_fn(state, data, key)
+            return self._call_step(state, data, key)
         calls = self.steps_per_call
         if self._pending[0] + min(calls, every) > every:
-            state = self.renormalize(state)
+            state = self._call(self.renormalize, state)
             self._pending[0] = 0
-        state, metrics = self.step_fn(state, data, key)
+        state, metrics = self._call_step(state, data, key)
         # a call of more than M steps renormalizes after each M of them (train_loop)
         self._pending[0] = self._pending[0] + calls if calls <= every else calls % every
         return state, metrics
+
+    def _call_step(self, state, data, key):
+        return self._call(self.step_fn, state, data, key)
+
+    @staticmethod
+    def _call(function, state, *args):
+        """``function(state, *args)``; a state whose buffers were donated to an earlier call
+        gets an error that says so, instead of XLA's "Buffer has been deleted or donated"."""
+        try:
+            return function(state, *args)
+        except (ValueError, RuntimeError) as error:
+            if "deleted or donated" not in str(error) and "has been deleted" not in str(error):
+                raise
+            raise ValueError(
+                "state: its arrays were donated to an earlier step call (the jitted step "
+                "reuses the input state's buffers); pass the state that call returned, e.g. "
+                "`state, metrics = step(state, data, key)`, or build the step with jit=False "
+                "to keep inputs alive"
+            ) from error
 
     def init(
         self, params: Any, *, key: Optional[jax.Array] = None, model_state: Any = None

@@ -142,3 +142,37 @@ def test_a_pure_step_leaves_renormalization_to_the_caller():
     state = step.init(params)
     state, _ = jax.jit(step)(state, data, jax.random.key(0))
     assert int(state.sampler_state.num_rescales) == 0
+
+
+def test_a_donated_state_stepped_again_is_named():
+    """Issue 16: reusing a state whose buffers the jitted step donated gets an error that
+    says what happened and what to do, not XLA's buffer error."""
+    import optax
+
+    import adambs_jax as ab
+
+    data = {"x": jnp.ones((8, 2)), "y": jnp.zeros((8,))}
+    step = ab.make_train_step(
+        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]), optax.sgd(0.1),
+        ab.uniform_sampler(8, 4), feedback="loss",
+    )
+    state = step.init({"w": jnp.ones((2,))})
+    new_state, _ = step(state, data, jax.random.key(0))
+    with pytest.raises(ValueError, match="state: its arrays were donated to an earlier step"):
+        step(state, data, jax.random.key(1))
+    step(new_state, data, jax.random.key(1))  # the returned state is fine
+
+
+def test_integer_params_are_named():
+    import optax
+
+    import adambs_jax as ab
+
+    data = {"x": jnp.ones((8, 2)), "y": jnp.zeros((8,))}
+    step = ab.make_train_step(
+        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]), optax.sgd(0.1),
+        ab.uniform_sampler(8, 4), feedback="loss",
+    )
+    state = step.init({"w": jnp.ones((2,)), "count": jnp.zeros((), jnp.int32)})
+    with pytest.raises(TypeError, match=r"state.params: leaf \['count'\] has dtype int32"):
+        step(state, data, jax.random.key(0))
