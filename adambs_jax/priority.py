@@ -1,0 +1,272 @@
+"""A stale-score priority sampler: prioritized replay applied to supervised training.
+
+The tree (``adambs_jax.sumtree``) holds one priority per example, computed from the score
+s_j the example got the last time it was drawn (``initial_score`` before that):
+
+    u_j = clip((s_j + eps)^alpha, MIN_PRIORITY, max_priority(n))
+    p_j = (1 - lambda) u_j / sum_i u_i + lambda / n,        lambda = uniform_mix in (0, 1]
+
+so p_j >= lambda / n > 0 and the importance weight 1 / (n p_j) <= 1 / lambda is bounded.
+``sample`` draws each of the K indices independently: with probability lambda uniformly,
+else from the tree (u_j / sum u); the probs it returns are the exact mixture p_{i_k}, so the
+weighted mean (1/K) sum_k g_{i_k} / (n p_{i_k}) is unbiased for the mean gradient.
+``update`` sets s_j = f_k for the drawn examples with valid feedback (the last valid one
+wins for a duplicated index); nothing else changes, so the scores of examples not drawn
+recently are stale. Priorities are absolute (not relative to a root that shrinks, as in
+exp3), so no renormalization is needed.
+
+Numerics: (s + eps)^alpha is clipped to [MIN_PRIORITY, max_priority(n)] =
+[1e-30, min(1e30, 1e37 / n)], so the root sum u stays positive (a tree draw needs it) and
+finite in float32 (at most 1e37 < 3.4e38) whatever the feedback; an infinite power becomes
+the cap. Priorities of ratio beyond that range are compressed to it.
+
+Steps, as in ``adambs_jax.exp3``: ``priority_config`` (validation), ``init``, ``sample``,
+``priorities``, ``mixture_probabilities``, ``update`` (feedback cleaning reuses
+``exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
+``base.Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
+
+References:
+  Schaul, Quan, Antonoglou, Silver, "Prioritized Experience Replay", ICLR 2016 (priorities
+  (s + eps)^alpha, the sum tree); Katharopoulos, Fleuret, "Not All Samples Are Created
+  Equal: Deep Learning with Importance Sampling", ICML 2018 (importance sampling of
+  training examples by a score, mixed with uniform); Liu, Wu, Mozafari, "Adam with Bandit
+  Sampling for Deep Learning", NeurIPS 2020, eq. (1) (the weights 1 / (n p)).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from adambs_jax import sumtree
+from adambs_jax.base import Sampler
+from adambs_jax.checks import check_int, check_key, check_number, check_per_draw, check_state_size
+from adambs_jax.exp3 import clean_feedback, count_dropped
+
+__all__ = [
+    "MIN_PRIORITY",
+    "MAX_PRIORITY",
+    "PrioritySamplerState",
+    "PriorityConfig",
+    "priority_config",
+    "max_priority",
+    "init",
+    "check_state",
+    "priorities",
+    "mixture_probabilities",
+    "sample",
+    "update",
+    "distribution",
+    "priority_sampler",
+]
+
+MIN_PRIORITY = 1e-30
+"""Smallest priority u_j (a normal float32): keeps the root > 0 even for eps^alpha ~ 0."""
+
+MAX_PRIORITY = 1e30
+"""Largest priority u_j for n <= 10^7 (``max_priority``): (s + eps)^alpha may overflow."""
+
+_ROOT_LIMIT = 1e37  # n u_max <= 1e37 < float32's 3.4e38: the root never overflows
+
+
+@struct.dataclass
+class PrioritySamplerState:
+    """State of ``priority_sampler``.
+
+    Attributes:
+      tree: (layout.size,) float32 prefix-sum tree whose leaves are the priorities u_j.
+      step: int32 scalar, number of updates applied.
+      num_dropped_feedback: int32 scalar, cumulative count of feedback entries that were
+        negative, NaN or infinite (or had an out-of-range index) and so were ignored.
+      num_examples, arity: static (part of the pytree structure).
+    """
+
+    tree: jax.Array
+    step: jax.Array
+    num_dropped_feedback: jax.Array
+    num_examples: int = struct.field(pytree_node=False)
+    arity: int = struct.field(pytree_node=False)
+
+
+class PriorityConfig(NamedTuple):
+    """The validated, static configuration of a ``priority_sampler``."""
+
+    num_examples: int
+    batch_size: int
+    alpha: float
+    uniform_mix: float
+    eps: float
+    initial_score: float
+    layout: sumtree.TreeLayout
+
+
+def max_priority(num_examples: int) -> float:
+    """The cap on u_j: min(1e30, 1e37 / n), so that the root stays finite in float32."""
+    return min(MAX_PRIORITY, _ROOT_LIMIT / num_examples)
+
+
+def priority_config(num_examples, batch_size, *, alpha, uniform_mix, eps, initial_score,
+                    arity=None) -> PriorityConfig:
+    """Validates the arguments of ``priority_sampler`` (ValueError naming the argument)."""
+    num_examples = check_int("num_examples", num_examples)
+    batch_size = check_int("batch_size", batch_size)
+    alpha = check_number("alpha", alpha, nonnegative=True)
+    uniform_mix = check_number("uniform_mix", uniform_mix, positive=True)
+    if uniform_mix > 1:
+        raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix!r}")
+    eps = check_number("eps", eps, positive=True)
+    initial_score = check_number("initial_score", initial_score, nonnegative=True)
+    layout = sumtree.layout_for(num_examples, sumtree.default_arity() if arity is None else arity)
+    return PriorityConfig(num_examples, batch_size, alpha, uniform_mix, eps, initial_score, layout)
+
+
+def priorities(config: PriorityConfig, scores) -> jax.Array:
+    """u = clip((s + eps)^alpha, MIN_PRIORITY, max_priority(n)), float32, for scores >= 0."""
+    power = jnp.power(jnp.asarray(scores, jnp.float32) + config.eps, config.alpha)
+    return jnp.clip(power, MIN_PRIORITY, max_priority(config.num_examples))
+
+
+def init(config: PriorityConfig) -> PrioritySamplerState:
+    """Every score is ``initial_score``: equal priorities, so p is uniform."""
+    scores = jnp.full((config.num_examples,), config.initial_score, jnp.float32)
+    return PrioritySamplerState(
+        tree=sumtree.build(priorities(config, scores), config.layout),
+        step=jnp.zeros((), jnp.int32),
+        num_dropped_feedback=jnp.zeros((), jnp.int32),
+        num_examples=config.num_examples,
+        arity=config.layout.arity,
+    )
+
+
+def check_state(config: PriorityConfig, state) -> None:
+    """TypeError unless ``state`` is a ``PrioritySamplerState``; ValueError if it was built
+    for another n or arity."""
+    if not isinstance(state, PrioritySamplerState):
+        raise TypeError(
+            f"state must be a PrioritySamplerState (sampler.init()), got {type(state).__name__}"
+        )
+    check_state_size(state, config.num_examples)
+    if state.arity != config.layout.arity or state.tree.shape != (config.layout.size,):
+        raise ValueError(
+            f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
+            f"has a tree of shape ({config.layout.size},) with arity {config.layout.arity}"
+        )
+
+
+def mixture_probabilities(config: PriorityConfig, tree, leaves) -> jax.Array:
+    """p = (1 - lambda) u / root + lambda / n for the priorities ``leaves`` of ``tree``."""
+    lam = config.uniform_mix
+    return (1.0 - lam) * (leaves / sumtree.total(tree)) + lam / config.num_examples
+
+
+def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
+    """K independent draws from the mixture: ``(indices (K,) int32, probs (K,) = p[indices])``.
+
+    Draw k is uniform with probability lambda (a Bernoulli per draw), else a tree draw from
+    u / root. With lambda = 1 (static) the tree is not walked."""
+    check_state(config, state)
+    check_key(key, name="key")
+    mix_key, uniform_key, tree_key = jax.random.split(key, 3)
+    shape = (config.batch_size,)
+    indices = jax.random.randint(uniform_key, shape, 0, config.num_examples, jnp.int32)
+    if config.uniform_mix < 1.0:
+        from_uniform = jax.random.bernoulli(mix_key, config.uniform_mix, shape)
+        uniforms = jax.random.uniform(tree_key, shape, jnp.float32)
+        targets = sumtree.uniforms_to_targets(uniforms, sumtree.total(state.tree),
+                                              stratified=False)
+        from_tree = sumtree.draw(state.tree, targets, config.layout)
+        indices = jnp.where(from_uniform, indices, from_tree)
+    leaves = sumtree.get_leaves(state.tree, indices, config.layout)
+    return indices, mixture_probabilities(config, state.tree, leaves)
+
+
+def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedback, *,
+           apply=True) -> PrioritySamplerState:
+    """Sets s_j = f_k for every valid draw k of example j (finite, >= 0, index in [0, n)).
+
+    Invalid entries keep their leaf and are counted in ``num_dropped_feedback``. For a
+    duplicated index the last valid entry wins: the draws are reordered stably with the
+    invalid ones first, and ``sumtree.set_leaves`` keeps the last write. ``apply`` (a bool
+    scalar, may be traced) False rewrites the K old leaves (O(K B log_B n), no branch), so
+    the state is bitwise unchanged: every parent is recomputed from the same children.
+
+    Raises:
+      TypeError: ``indices`` are not integers.
+    """
+    check_per_draw("indices", indices, config.batch_size)
+    check_per_draw("feedback", feedback, config.batch_size)
+    check_state(config, state)
+    apply = jnp.asarray(apply, bool)
+    clean = clean_feedback(indices, feedback, config.num_examples)
+    order = jnp.argsort(clean.valid, stable=True)  # invalid (False) first: valid ones win
+    idx, valid = clean.indices[order], clean.valid[order]
+    old = sumtree.get_leaves(state.tree, idx, config.layout)
+    new = jnp.where(valid & apply, priorities(config, clean.feedback[order]), old)
+    return state.replace(
+        tree=sumtree.set_leaves(state.tree, idx, new, config.layout),
+        step=state.step + apply.astype(jnp.int32),
+        num_dropped_feedback=state.num_dropped_feedback
+        + jnp.where(apply, count_dropped(clean.valid), 0),
+    )
+
+
+def distribution(config: PriorityConfig, state: PrioritySamplerState) -> jax.Array:
+    """The full mixture p (n,). O(n): for tests, metrics and plots."""
+    check_state(config, state)
+    leaves = sumtree.leaf_values(state.tree, config.layout)
+    return mixture_probabilities(config, state.tree, leaves)
+
+
+def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
+                     uniform_mix: float = 0.1, eps: float = 1e-6, initial_score: float = 1.0,
+                     arity: Optional[int] = None) -> Sampler:
+    """A stale-score priority sampler with exact importance weights.
+
+    p_j = (1 - lambda) u_j / sum_i u_i + lambda / n with u_j = (s_j + eps)^alpha, s_j the
+    feedback example j got when it was last drawn (``initial_score`` until then). Each draw
+    is uniform with probability lambda, else from u / sum u; probs are the exact p_{i_k},
+    so the weights 1 / (n p) <= 1 / lambda make the batch gradient unbiased. ``update``
+    writes the drawn examples' new scores (invalid feedback: dropped and counted in
+    ``state.num_dropped_feedback``; duplicates: the last valid one wins; ``apply=False``:
+    bitwise unchanged). The priority is clipped to [1e-30, min(1e30, 1e37 / n)] so the tree
+    stays finite in float32 (``adambs_jax.priority``).
+
+    Args:
+      num_examples: n >= 1.
+      batch_size: K >= 1 (draws are with replacement).
+      alpha: the exponent >= 0 (0: uniform; 1: proportional to the score).
+      uniform_mix: lambda in (0, 1], the uniform share (1: exactly uniform).
+      eps: > 0, added to every score (a score of 0 still gets a priority).
+      initial_score: the score >= 0 of an example never drawn.
+      arity: B of the prefix-sum tree; default ``sumtree.default_arity()``.
+
+    Returns:
+      A ``Sampler`` with ``probabilities`` (O(n)); no renormalization is needed.
+
+    References:
+      Schaul et al., "Prioritized Experience Replay", ICLR 2016; Katharopoulos, Fleuret,
+      "Not All Samples Are Created Equal", ICML 2018; Liu, Wu, Mozafari, "Adam with Bandit
+      Sampling for Deep Learning", NeurIPS 2020, eq. (1).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from adambs_jax.priority import priority_sampler
+      >>> sampler = priority_sampler(4, 3, uniform_mix=0.2)
+      >>> state = sampler.update(sampler.init(), jnp.array([0, 1, 2]), jnp.array([1., 2., 5.]))
+      >>> [round(float(p), 3) for p in sampler.probabilities(state)]
+      [0.139, 0.228, 0.494, 0.139]
+      >>> indices, probs = sampler.sample(state, jax.random.key(0))
+      >>> bool(jnp.allclose(probs, sampler.probabilities(state)[indices]))
+      True
+    """
+    config = priority_config(num_examples, batch_size, alpha=alpha, uniform_mix=uniform_mix,
+                             eps=eps, initial_score=initial_score, arity=arity)
+    init_fn, sample_fn, update_fn, probabilities_fn = (
+        functools.partial(f, config) for f in (init, sample, update, distribution)
+    )
+    return Sampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
+                   probabilities_fn, renormalize_every=None, renormalize=None)
