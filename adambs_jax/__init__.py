@@ -31,6 +31,7 @@ from adambs_jax import (
     losses,
     model_state,
     per_example,
+    priority,
     projection,
     samplers,
     scored_draws,
@@ -68,6 +69,7 @@ from adambs_jax.feedback import (
     tree_norms,
 )
 from adambs_jax.losses import ModelLoss
+from adambs_jax.priority import PrioritySamplerState, priority_sampler
 from adambs_jax.projection import ProjectionResult, project_onto_floored_simplex
 from adambs_jax.samplers import (
     Exp3SamplerState,
@@ -116,6 +118,7 @@ __all__ = [
     "losses",
     "model_state",
     "per_example",
+    "priority",
     "projection",
     "samplers",
     "scored_draws",
@@ -138,6 +141,8 @@ __all__ = [
     "importance_weights",
     "probabilities",
     "uniform_sampler",
+    "PrioritySamplerState",
+    "priority_sampler",
     "ProjectionResult",
     "project_onto_floored_simplex",
     # samplers that score candidates with the model, and the baselines of the papers
