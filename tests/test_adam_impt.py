@@ -1,7 +1,5 @@
 """Tests of adambs_jax.adam_impt: Katharopoulos & Fleuret's Adam-impt, step by step."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,13 +7,14 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax import adam_impt
+from tests.helpers import config_with_factory_defaults
 
 
 def config_of(num_examples, batch_size, **options):
     """The config of adam_impt_sampler(num_examples, batch_size, **options) (its defaults)."""
-    params = inspect.signature(ab.adam_impt_sampler).parameters.values()
-    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-    return adam_impt.adam_impt_config(num_examples, batch_size, **{**defaults, **options})
+    return config_with_factory_defaults(
+        ab.adam_impt_sampler, adam_impt.adam_impt_config, num_examples, batch_size, **options
+    )
 
 
 def _fixed_score_fn(pattern):

@@ -1,7 +1,6 @@
 """Tests of adambs_jax.exp3: each numbered step of AdamBS Algorithm 2 on its own, against
 the math in float64 (the whole update is tested against Algorithm 2 in test_samplers.py)."""
 
-import inspect
 import math
 
 import jax
@@ -11,13 +10,14 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax import exp3, sumtree
+from tests.helpers import config_with_factory_defaults
 
 
 def config_of(num_examples, batch_size, **options):
     """The config of exp3_sampler(num_examples, batch_size, **options) (its defaults)."""
-    params = inspect.signature(ab.exp3_sampler).parameters.values()
-    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-    return exp3.exp3_config(num_examples, batch_size, **{**defaults, **options})
+    return config_with_factory_defaults(
+        ab.exp3_sampler, exp3.exp3_config, num_examples, batch_size, **options
+    )
 
 
 def state_with(config, p, log_root=exp3.INITIAL_LOG_ROOT):

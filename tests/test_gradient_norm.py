@@ -1,8 +1,6 @@
 """Tests of adambs_jax.gradient_norm: Lahire's p^GN oracle, step by step (the
 exact per-example norms of a real model are tested in test_baselines.py)."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,13 +9,14 @@ from scipy import stats
 
 import adambs_jax as ab
 from adambs_jax import gradient_norm as gns
+from tests.helpers import config_with_factory_defaults
 
 
 def config_of(num_examples, batch_size, **options):
     """The config of gradient_norm_sampler(num_examples, batch_size, **options) (its defaults)."""
-    params = inspect.signature(ab.gradient_norm_sampler).parameters.values()
-    defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-    return gns.gradient_norm_config(num_examples, batch_size, **{**defaults, **options})
+    return config_with_factory_defaults(
+        ab.gradient_norm_sampler, gns.gradient_norm_config, num_examples, batch_size, **options
+    )
 
 
 def _table_score_fn(table):

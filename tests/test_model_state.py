@@ -138,17 +138,25 @@ def _batch_stats_changed(old, new):
     return any(float(jnp.max(jnp.abs(a - b))) > 1e-3 for a, b in zip(stats(old), stats(new)))
 
 
-@pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_trains_and_equals_plain_flax_training_when_uniform(setup):
-    state, _, (params, model_state, apply_fn, keys) = _train(setup, optax.adam(0.05), steps=8)
-    want_params, want_state = _plain_training(apply_fn, optax.adam(0.05), params, model_state,
-                                              keys)
+def _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
+                                    apply_fn):
+    """The step's params and model state equal plain training's, the batch statistics moved
+    and the full-data loss went down."""
     chex.assert_trees_all_close(state.params, want_params, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(_key_data(state.model_state), _key_data(want_state),
                                 atol=1e-5, rtol=1e-5)
     assert _batch_stats_changed(model_state, state.model_state)
     assert _full_loss(apply_fn, state.params, state.model_state) < _full_loss(
         apply_fn, params, model_state)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_trains_and_equals_plain_flax_training_when_uniform(setup):
+    state, _, (params, model_state, apply_fn, keys) = _train(setup, optax.adam(0.05), steps=8)
+    want_params, want_state = _plain_training(apply_fn, optax.adam(0.05), params, model_state,
+                                              keys)
+    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
+                                    apply_fn)
 
 
 def test_nnx_rng_counter_advances_with_the_model_state():
@@ -281,9 +289,5 @@ def test_matrix_trains_like_plain_optax_or_is_refused_at_build_time(setup, optim
         _PLAIN[setup, optimizer] = _plain_training(
             apply_fn, OPTIMIZERS[optimizer](optax.adam), params, model_state, keys)
     want_params, want_state = _PLAIN[setup, optimizer]
-    chex.assert_trees_all_close(state.params, want_params, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(want_state),
-                                atol=1e-5, rtol=1e-5)
-    assert _batch_stats_changed(model_state, state.model_state)
-    assert _full_loss(apply_fn, state.params, state.model_state) < _full_loss(
-        apply_fn, params, model_state)
+    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
+                                    apply_fn)
