@@ -64,7 +64,7 @@ class StepConfig(NamedTuple):
 
     ``estimate``: the estimator of the feedback kind; ``probabilities``: the sampler's
     ``probabilities`` if the step reports the O(n) diagnostics, else None; ``extra_args``:
-    ``{"loss", "weighted_loss", "losses", "weights"} -> dict`` of keyword arguments for
+    ``{"loss", "sampled_loss", "losses", "weights"} -> dict`` of keyword arguments for
     ``optimizer.update``, or None (none).
     """
 
@@ -196,8 +196,8 @@ def _optimizer_update(config: StepConfig, estimate: Estimate, weights, opt_state
     if config.extra_args is not None:
         losses = estimate.losses
         extra_args = config.extra_args({
-            "loss": jnp.mean(losses),
-            "weighted_loss": jnp.mean(weights.astype(losses.dtype) * losses),
+            "loss": jnp.mean(weights.astype(losses.dtype) * losses),
+            "sampled_loss": jnp.mean(losses),
             "losses": losses,
             "weights": weights,
         })
@@ -289,8 +289,10 @@ def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabili
     valid = jnp.isfinite(feedback) & (feedback >= 0)
     num_valid = jnp.sum(valid)
     metrics = {
-        "loss": jnp.mean(losses),
-        "weighted_loss": jnp.mean(weights * losses),
+        # the headline loss is unbiased for the full-data mean loss; the raw mean of the
+        # sampled batch overstates it under a non-uniform sampler (issue 15)
+        "loss": jnp.mean(weights * losses),
+        "sampled_loss": jnp.mean(losses),
         "mean_feedback": jnp.sum(jnp.where(valid, feedback, 0.0)) / jnp.maximum(num_valid, 1),
         "num_dropped_feedback": (feedback.shape[0] - num_valid).astype(jnp.int32),
         "max_weight": jnp.max(weights),

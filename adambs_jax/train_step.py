@@ -81,10 +81,10 @@ def _diagnostics_probabilities(sampler, diagnostics) -> Optional[ProbabilitiesFn
 def _extra_args_fn(optimizer, optimizer_extra_args) -> Optional[Callable[[dict], dict]]:
     """The ``optimizer_extra_args`` option resolved: by default an optimizer that takes extra
     arguments (``optax.GradientTransformationExtraArgs``) gets ``value`` = the step's
-    unbiased loss estimate, ``weighted_loss`` (for ``optax.contrib.reduce_on_plateau``)."""
+    unbiased loss estimate, ``loss`` (for ``optax.contrib.reduce_on_plateau``)."""
     if optimizer_extra_args is None:
         if isinstance(optimizer, optax.GradientTransformationExtraArgs):
-            return lambda losses: {"value": losses["weighted_loss"]}
+            return lambda losses: {"value": losses["loss"]}
         return None
     if not callable(optimizer_extra_args):
         raise TypeError(
@@ -237,9 +237,9 @@ def make_train_step(
         parameters without a default (and one named ``key``/``rng``), so ``lambda p, b,
         model=model: ...`` gets no key; True/False: stated.
       optimizer_extra_args: keyword arguments for ``optimizer.update``, a callable of the
-        dict ``{"loss", "weighted_loss", "losses" (K,), "weights" (K,)}`` returning a dict.
+        dict ``{"loss", "sampled_loss", "losses" (K,), "weights" (K,)}`` returning a dict.
         None (default): an ``optax.GradientTransformationExtraArgs`` gets ``value=`` the
-        unbiased loss estimate ``weighted_loss`` (what ``optax.contrib.reduce_on_plateau``
+        unbiased loss estimate ``loss`` (what ``optax.contrib.reduce_on_plateau``
         needs; other optax transformations ignore it); a plain one gets none.
       has_aux: the loss returns ``(losses (K,), aux)``; ``aux`` (a pytree of arrays, of the
         batched forward at the step's parameters and model key) is ``metrics["aux"]``.
@@ -258,8 +258,9 @@ def make_train_step(
       pytree of arrays with leading axis n (on device). ``key`` is split as
       ``sample_key, model_key, score_key = jax.random.split(key, 3)``; if None, the state's
       own key is split and advanced. ``metrics`` is a dict of scalars:
-      ``loss`` (batch mean of the losses), ``weighted_loss`` ((1/K) sum_k w_k loss_k, unbiased
-      for the full-data loss), ``mean_feedback`` (over valid entries), ``num_dropped_feedback``
+      ``loss`` ((1/K) sum_k w_k loss_k, unbiased for the full-data mean loss),
+      ``sampled_loss`` (the plain mean of the sampled batch's losses: under a non-uniform
+      sampler it is not the training loss), ``mean_feedback`` (over valid entries), ``num_dropped_feedback``
       (int32, this step), ``max_weight``/``min_weight`` (of w = 1/(n p) in the batch),
       ``skipped`` (int32, 1 if this step's update was skipped), ``skipped_steps`` (int32,
       cumulative; absent if ``state.skipped_steps`` is None), ``grad_norm_bound`` (the

@@ -109,7 +109,7 @@ def test_baselines_train_inside_make_train_step(method):
     switched_on = []
     for t in range(num_steps):
         state, metrics = step(state, data, jax.random.key(t))
-        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["weighted_loss"]))
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["sampled_loss"]))
         if method.startswith("adam_impt"):
             switched_on.append(bool(state.sampler_state.importance_sampling_on))
     final_loss = float(jnp.mean(MODEL_LOSS(state.params, data)))

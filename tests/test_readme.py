@@ -13,5 +13,5 @@ def test_readme_usage_runs_as_printed(capsys):
     assert blocks, "README's Usage section has no python block"
     exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
-    loss = float(re.search(r"batch loss ([0-9.]+)", printed).group(1))
+    loss = float(re.search(r"loss ([0-9.]+) \(unbiased\)", printed).group(1))
     assert loss < 1.0  # trained: the initial loss is about log(4) = 1.39

@@ -114,7 +114,7 @@ class UniformIsPlainTrainingTest(parameterized.TestCase):
             )
             chex.assert_trees_all_close(state.params, reference_params, atol=1e-6, rtol=1e-6)
         self.assertEqual(int(state.step), 10)
-        np.testing.assert_allclose(metrics["weighted_loss"], metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["sampled_loss"], metrics["loss"], rtol=1e-5)
 
 
 class GradientEstimateTest(parameterized.TestCase):
@@ -154,8 +154,8 @@ class GradientEstimateTest(parameterized.TestCase):
         losses, expected_gradient, expected_feedback = _reference_estimate(params, batch, weights)
         step_gradient = jax.tree.map(lambda old, new: old - new, params, new_state.params)
         chex.assert_trees_all_close(step_gradient, expected_gradient, atol=1e-6, rtol=1e-5)
-        np.testing.assert_allclose(metrics["loss"], jnp.mean(losses), rtol=1e-5)
-        np.testing.assert_allclose(metrics["weighted_loss"], jnp.mean(weights * losses), rtol=1e-5)
+        np.testing.assert_allclose(metrics["sampled_loss"], jnp.mean(losses), rtol=1e-5)
+        np.testing.assert_allclose(metrics["loss"], jnp.mean(weights * losses), rtol=1e-5)
         np.testing.assert_allclose(metrics["max_weight"], jnp.max(weights), rtol=1e-6)
         np.testing.assert_allclose(metrics["min_weight"], jnp.min(weights), rtol=1e-6)
         np.testing.assert_allclose(
@@ -740,7 +740,7 @@ class OptaxWrapperTest(parameterized.TestCase):
             optimizer_extra_args=lambda m: seen.append(sorted(m)) or {"value": m["loss"]},
         )
         step(step.init(params), data, jax.random.key(0))
-        self.assertEqual(seen, [["loss", "losses", "weighted_loss", "weights"]])
+        self.assertEqual(seen, [["loss", "losses", "sampled_loss", "weights"]])
         with pytest.raises(TypeError, match="optimizer_extra_args"):
             ab.make_train_step(model_loss, optimizer, ab.uniform_sampler(NUM_EXAMPLES, 4),
                                optimizer_extra_args={"value": 1.0})
