@@ -41,3 +41,147 @@ def test_bad_data_is_refused_by_name():
         ArraySource({"x": np.zeros((3, 2)), "y": np.zeros(4)})
     with pytest.raises(TypeError, match="source must be a data source"):
         check_source(np.zeros(3))
+
+
+# ---- MemmapSource, write_memmap_dataset, open_memmap_dataset ----
+
+import json
+import os
+import threading
+
+from adambs_jax.sources import (
+    MANIFEST_NAME,
+    MemmapSource,
+    open_memmap_dataset,
+    write_memmap_dataset,
+)
+
+
+def _mixed_arrays(n=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(n, 3, 2)).astype(np.float32),
+        "y": rng.integers(0, 10, size=n).astype(np.int64),
+        "mask": rng.random(n) < 0.5,
+        "h": rng.normal(size=(n, 4)).astype(np.float16),
+    }
+
+
+def _assert_same_batch(got, expected):
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and isinstance(got[name], np.ndarray)
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_memmap_source_equals_array_source_on_random_indices_with_duplicates(tmp_path):
+    arrays = _mixed_arrays()
+    write_memmap_dataset(tmp_path, arrays, chunk_size=7)   # 50 = 7 * 7 + 1: a ragged last chunk
+    source, reference = open_memmap_dataset(tmp_path), ArraySource(arrays)
+    rng = np.random.default_rng(1)
+    for size in (1, 16, 200):
+        indices = rng.integers(0, 50, size=size)
+        assert size < 50 or len(np.unique(indices)) < size   # duplicates at K = 200
+        _assert_same_batch(source.read(indices), reference.read(indices))
+    assert source.num_examples == 50 and check_source(source) == 50
+
+
+def test_memmap_source_over_a_dict_of_npy_paths(tmp_path):
+    arrays = _mixed_arrays(n=20)
+    paths = {}
+    for name, array in arrays.items():
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], array)
+    source = MemmapSource(paths)
+    assert all(isinstance(a, np.memmap) for a in source.arrays.values()) and source.manifest is None
+    indices = np.array([19, 3, 3, 0, 19])
+    _assert_same_batch(source.read(indices), ArraySource(arrays).read(indices))
+
+
+def test_memmap_source_reads_concurrently_from_threads(tmp_path):
+    arrays = _mixed_arrays(n=400)
+    write_memmap_dataset(tmp_path, arrays)
+    source, reference = MemmapSource(tmp_path), ArraySource(arrays)
+    draws = [np.random.default_rng(seed).integers(0, 400, size=64) for seed in range(16)]
+    results = [None] * len(draws)
+
+    def read(i):
+        results[i] = source.read(draws[i])
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(draws))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for indices, got in zip(draws, results):
+        _assert_same_batch(got, reference.read(indices))
+
+
+def test_manifest_round_trip_and_chunked_writing(tmp_path):
+    arrays = _mixed_arrays(n=30)
+    chunks = ({k: v[s:s + 8] for k, v in arrays.items()} for s in range(0, 30, 8))
+    manifest = write_memmap_dataset(tmp_path, chunks, num_examples=30)
+    with open(tmp_path / MANIFEST_NAME) as stream:
+        assert json.load(stream) == manifest
+    assert manifest["num_examples"] == 30
+    for name, array in arrays.items():
+        spec = manifest["fields"][name]
+        assert spec["shape"] == list(array.shape) and np.dtype(spec["dtype"]) == array.dtype
+        assert len(spec["sha256"]) == 64
+    source = open_memmap_dataset(tmp_path, verify=True)
+    assert source.manifest == manifest
+    _assert_same_batch(source.read(np.arange(30)), arrays)
+
+
+def test_a_corrupted_file_is_refused_when_verified(tmp_path):
+    write_memmap_dataset(tmp_path, _mixed_arrays(n=30))
+    with open(tmp_path / "x.npy", "r+b") as stream:   # flip one byte of the data, not the header
+        stream.seek(-5, os.SEEK_END)
+        byte = stream.read(1)
+        stream.seek(-5, os.SEEK_END)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    open_memmap_dataset(tmp_path)   # without verify only the shapes and dtypes are checked
+    with pytest.raises(ValueError, match=r"field 'x': the sha256 of x.npy does not match"):
+        open_memmap_dataset(tmp_path, verify=True)
+    np.save(tmp_path / "y.npy", np.zeros(29, np.int64))   # another shape than the manifest's
+    with pytest.raises(ValueError, match=r"field 'y': y.npy has shape \(29,\)"):
+        open_memmap_dataset(tmp_path)
+
+
+def test_bad_memmap_inputs_are_refused_by_name(tmp_path):
+    arrays = {"x": np.zeros((4, 2))}
+    with pytest.raises(FileNotFoundError, match="directory: .* holds no manifest.json"):
+        open_memmap_dataset(tmp_path)
+    write_memmap_dataset(tmp_path, arrays)
+    with pytest.raises(FileExistsError, match="directory: .* already holds a dataset"):
+        write_memmap_dataset(tmp_path, arrays)
+    write_memmap_dataset(tmp_path, {"x": np.ones((3, 2))}, overwrite=True)
+    assert open_memmap_dataset(tmp_path).num_examples == 3
+    out = tmp_path / "other"
+    with pytest.raises(ValueError, match="num_examples: required"):
+        write_memmap_dataset(out, iter([arrays]))
+    with pytest.raises(ValueError, match="num_examples=5, but the arrays have n = 4"):
+        write_memmap_dataset(out, arrays, num_examples=5)
+    with pytest.raises(ValueError, match="num_examples=5, but the chunks hold 4 examples"):
+        write_memmap_dataset(out, iter([arrays]), num_examples=5)
+    with pytest.raises(ValueError, match="num_examples=3, but the chunks hold more"):
+        write_memmap_dataset(out, iter([arrays]), num_examples=3)
+    with pytest.raises(ValueError, match="chunk 1, field 'x': shape \\(3,\\)"):
+        write_memmap_dataset(out, iter([arrays, {"x": np.zeros((4, 3))}]), num_examples=8)
+    with pytest.raises(ValueError, match="chunk 1 has fields"):
+        write_memmap_dataset(out, iter([arrays, {"x": np.zeros((4, 2)), "z": np.zeros(4)}]),
+                             num_examples=8)
+    with pytest.raises(ValueError, match="field names must be"):
+        write_memmap_dataset(out, {"../x": np.zeros(3)})
+    with pytest.raises(TypeError, match="object dtype"):
+        write_memmap_dataset(out, {"x": np.array([None, 1], dtype=object)})
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        write_memmap_dataset(out, arrays, chunk_size=0)
+    with pytest.raises(TypeError, match="files must be a dict"):
+        MemmapSource(3)
+    with pytest.raises(ValueError, match=r"files\['x'\]: cannot open"):
+        MemmapSource({"x": tmp_path / "missing.npy"})
+    with pytest.raises(ValueError, match="files: every leaf must have the same leading axis"):
+        MemmapSource({"x": np.zeros((3, 1)), "y": np.zeros(4)})
+    with pytest.raises(ValueError, match=r"indices: every index must be in \[0, 3\)"):
+        open_memmap_dataset(tmp_path).read(np.array([3]))
