@@ -26,7 +26,9 @@ from adambs_jax import (
     exp3_health,
     feedback,
     ghost,
+    grain_source,
     gradient_norm,
+    groups,
     jsonable,
     losses,
     model_state,
@@ -69,6 +71,7 @@ from adambs_jax.feedback import (
     per_example_losses_and_grads,
     tree_norms,
 )
+from adambs_jax.groups import GroupSamplerState, group_sampler
 from adambs_jax.losses import ModelLoss
 from adambs_jax.priority import PrioritySamplerState, priority_sampler
 from adambs_jax.projection import ProjectionResult, project_onto_floored_simplex
@@ -114,7 +117,9 @@ __all__ = [
     "exp3_health",
     "feedback",
     "ghost",
+    "grain_source",
     "gradient_norm",
+    "groups",
     "jsonable",
     "losses",
     "model_state",
@@ -143,6 +148,8 @@ __all__ = [
     "importance_weights",
     "probabilities",
     "uniform_sampler",
+    "GroupSamplerState",
+    "group_sampler",
     "PrioritySamplerState",
     "priority_sampler",
     "ProjectionResult",
