@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,experiments]"
+	$(PY) -m pip install --quiet -e ".[dev,experiments,data]"
 	touch $@
 
 # the main job: the default experiment, a few minutes on a laptop CPU

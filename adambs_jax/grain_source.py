@@ -21,6 +21,7 @@ grain and array_record are imported on first use; without them an ImportError sa
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -44,8 +45,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def _require(module: str):
     """Imports an optional dependency, or says which extra installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as error:
