@@ -10,3 +10,14 @@ def config_with_factory_defaults(factory, validator, num_examples, batch_size, *
     params = inspect.signature(factory).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
     return validator(num_examples, batch_size, **{**defaults, **options})
+
+
+def run_api_doc_example(marker):
+    """Runs the one ```python block of docs/api.md that starts with the comment ``marker``."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith(marker)]
+    assert len(blocks) == 1, f"docs/api.md lost its example {marker!r}"
+    exec(compile(blocks[0], f"api.md:{marker}", "exec"), {"__name__": "doc"})

@@ -12,6 +12,7 @@ import adambs_jax as ab
 from adambs_jax import grain_source
 from adambs_jax.grain_source import ArrayRecordSource, shard_paths, write_array_record
 from adambs_jax.sources import ArraySource, check_source
+from tests.helpers import run_api_doc_example
 
 
 def _arrays(n=37, seed=0):
@@ -120,3 +121,7 @@ def test_a_missing_extra_names_the_pip_install(monkeypatch):
         ArrayRecordSource("anything")
     with pytest.raises(ImportError, match=r"needs array_record: pip install adambs-jax\[data\]"):
         write_array_record("anything", {"x": np.zeros(2)})
+
+
+def test_api_doc_array_record_example_runs():
+    run_api_doc_example("# array_record example")

@@ -12,6 +12,7 @@ from scipy import stats
 import adambs_jax as ab
 from adambs_jax import groups
 from adambs_jax.groups import GroupSamplerState, group_sampler
+from tests.helpers import run_api_doc_example
 
 N, K, M = 32, 8, 4   # G = 8 groups, B = 2 drawn per step
 
@@ -178,3 +179,7 @@ def test_bad_arguments_are_refused_by_name():
         sampler.sample(group_sampler(64, 8, 4, num_steps=10).init(), jax.random.key(0))
     with pytest.raises(TypeError, match="indices must have an integer dtype"):
         sampler.update(sampler.init(), jnp.zeros(8), jnp.ones(8))
+
+
+def test_api_doc_groups_example_runs():
+    run_api_doc_example("# groups sampler example")

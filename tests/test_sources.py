@@ -5,6 +5,7 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax.sources import ArraySource, check_read_indices, check_source
+from tests.helpers import run_api_doc_example
 
 
 def _arrays(n=6):
@@ -185,3 +186,7 @@ def test_bad_memmap_inputs_are_refused_by_name(tmp_path):
         MemmapSource({"x": np.zeros((3, 1)), "y": np.zeros(4)})
     with pytest.raises(ValueError, match=r"indices: every index must be in \[0, 3\)"):
         open_memmap_dataset(tmp_path).read(np.array([3]))
+
+
+def test_api_doc_memmap_example_runs():
+    run_api_doc_example("# memmap dataset example")
