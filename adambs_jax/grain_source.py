@@ -116,8 +116,10 @@ def write_array_record(path: PathLike, arrays: Mapping[str, Any], *,
     packed, fields = _packed(arrays)
     n = packed.shape[0]
     count = _shard_count(n, records_per_shard, num_shards)
-    bounds = np.linspace(0, n, count + 1).round().astype(int) if records_per_shard is None \
-        else np.minimum(np.arange(count + 1) * records_per_shard, n)
+    if records_per_shard is None:   # num_shards (or one) shards of equal size, up to one record
+        bounds = np.linspace(0, n, count + 1).round().astype(int)
+    else:
+        bounds = np.minimum(np.arange(count + 1) * records_per_shard, n)
     paths = shard_paths(path, count)
     for shard, start, stop in zip(paths, bounds[:-1], bounds[1:]):
         writer = array_record.ArrayRecordWriter(shard, "group_size:1")
@@ -210,5 +212,7 @@ class ArrayRecordSource:
     def read(self, indices: np.ndarray) -> dict:
         indices = check_read_indices(indices, self.num_examples)
         unique, inverse = np.unique(indices, return_inverse=True)
-        fields = self.decode(self.source.__getitems__(unique.tolist()))
+        # grain's batched read needs at least one key (it starts >= 1 reader thread)
+        records = self.source.__getitems__(unique.tolist()) if unique.size else []
+        fields = self.decode(records)
         return {name: value[inverse.reshape(-1)] for name, value in fields.items()}

@@ -148,7 +148,9 @@ def _accepts_apply(update) -> bool:
 def _base(base: Union[str, Callable[..., Sampler]], config: GroupConfig, kwargs) -> Sampler:
     if isinstance(base, str):
         if base not in BASE_SAMPLERS:
-            raise ValueError(f"base must be one of {sorted(BASE_SAMPLERS)} or a factory, got {base!r}")
+            raise ValueError(
+                f"base must be one of {sorted(BASE_SAMPLERS)} or a factory, got {base!r}"
+            )
         base = BASE_SAMPLERS[base]
     elif not callable(base):
         raise TypeError(f"base must be a name or a sampler factory, got {type(base).__name__}")

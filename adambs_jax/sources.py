@@ -192,11 +192,15 @@ def _open_npy(name: str, value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"files[{name!r}] must be a .npy path or an array, got {type(value).__name__}")
+        raise TypeError(
+            f"files[{name!r}] must be a .npy path or an array, got {type(value).__name__}"
+        )
     try:
         return np.load(value, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"files[{name!r}]: cannot open {os.fspath(value)!r} as .npy: {error}") from error
+        raise ValueError(
+            f"files[{name!r}]: cannot open {os.fspath(value)!r} as .npy: {error}"
+        ) from error
 
 
 def file_sha256(path: PathLike, block_size: int = 1 << 22) -> str:
@@ -212,7 +216,8 @@ def _read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"directory: {directory!r} holds no {MANIFEST_NAME} (write it with write_memmap_dataset)"
+            f"directory: {directory!r} holds no {MANIFEST_NAME} "
+            f"(write it with write_memmap_dataset)"
         )
     with open(path) as stream:
         manifest = json.load(stream)

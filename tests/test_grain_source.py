@@ -51,6 +51,7 @@ def test_round_trip_equals_the_array_source(tmp_path, shards):
         indices = rng.integers(0, 37, size=size)
         _assert_same_batch(source.read(indices), reference.read(indices))
     _assert_same_batch(source.read(np.arange(37)), arrays)
+    _assert_same_batch(source.read(np.zeros(0, int)), reference.read(np.zeros(0, int)))
 
 
 def test_shards_layouts_and_record_keys(tmp_path):
@@ -62,7 +63,8 @@ def test_shards_layouts_and_record_keys(tmp_path):
     assert record_bytes == 12 + 20 + 8 + 8 + 1 + 8   # packed, no padding
     # the grain dataset over the same source gives record j = example j, undecoded
     source = ArrayRecordSource(paths)
-    _assert_same_batch(source.decode([source.dataset[25]]), ArraySource(_arrays()).read(np.array([25])))
+    expected = ArraySource(_arrays()).read(np.array([25]))
+    _assert_same_batch(source.decode([source.dataset[25]]), expected)
 
 
 def test_reads_concurrently_from_threads(tmp_path):

@@ -85,6 +85,7 @@ def test_memmap_source_equals_array_source_on_random_indices_with_duplicates(tmp
         assert size < 50 or len(np.unique(indices)) < size   # duplicates at K = 200
         _assert_same_batch(source.read(indices), reference.read(indices))
     assert source.num_examples == 50 and check_source(source) == 50
+    _assert_same_batch(source.read(np.zeros(0, int)), reference.read(np.zeros(0, int)))
 
 
 def test_memmap_source_over_a_dict_of_npy_paths(tmp_path):
