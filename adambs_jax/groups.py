@@ -27,10 +27,10 @@ bounds of them) are reduced to one per drawn group, their root mean square
 
     F_g = sqrt((1/m) sum_{j in g} f_j^2),
 
-because (1) it is an upper bound of the norm of the group's mean gradient, the quantity
-whose proportional q minimizes the estimate's variance (1/(B G^2)) sum_g ||gbar_g||^2 / q_g
-- ||gbar||^2: ||(1/m) sum_j g_j|| <= (1/m) sum_j ||g_j|| (triangle inequality) <= F_g (power
-means); the paper lets an upper bound stand in for the norm (§5); (2) with it the group
+because (1) it is an upper bound of the norm of the group's mean gradient gbar_g, the
+quantity whose proportional q minimizes the estimate's variance
+(1/B) ((1/G^2) sum_g ||gbar_g||^2 / q_g - ||gbar||^2) (gbar: the full mean gradient):
+||(1/m) sum_j g_j|| <= (1/m) sum_j ||g_j|| (triangle inequality) <= F_g (power means); the paper lets an upper bound stand in for the norm (§5); (2) with it the group
 bandit's objective sum_g F_g^2 / q_g equals, up to the constant m^2, AdamBS's per-example
 objective sum_j f_j^2 / p_j restricted to distributions constant on each group
 (p_j = q_g / m); (3) with m = 1 it is f itself. A group with any invalid feedback value
