@@ -74,6 +74,11 @@ def test_weighted_gradient_estimate_is_unbiased(exp3_groups):
     exact = sum(q[g] * (K // M) / K * grads[g * M:(g + 1) * M].sum(0) / (N // M * q[g])
                 for g in range(N // M))
     np.testing.assert_allclose(exact, grads.mean(axis=0), rtol=1e-5)
+    # and its variance is (1/B) ((1/G^2) sum_g ||gbar_g||^2 / q_g - ||gbar||^2)
+    group_means = grads.reshape(N // M, M, 3).mean(axis=1)
+    variance = (np.sum(np.square(group_means).sum(1) / q) / (N // M) ** 2
+                - np.square(grads.mean(0)).sum()) / (K // M)
+    np.testing.assert_allclose(estimates.var(axis=0).sum(), variance, rtol=0.05)
 
 
 def test_group_feedback_is_the_root_mean_square_and_invalid_groups_are_nan():
