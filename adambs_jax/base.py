@@ -24,6 +24,7 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Optional, Protocol, Union
 
 import jax
@@ -40,6 +41,7 @@ __all__ = [
     "Sampler",
     "ScoringSampler",
     "AnySampler",
+    "accepts_apply",
 ]
 
 SamplerState = Any
@@ -142,3 +144,13 @@ class ScoringSampler(NamedTuple):
 
 
 AnySampler = Union[Sampler, ScoringSampler]
+
+
+def accepts_apply(update) -> bool:
+    """Whether ``update`` takes the ``apply`` keyword of the contract (every library sampler
+    does; a user's may not, and its caller then selects between the old and new state)."""
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: assume the old contract
+        return False
+    return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)

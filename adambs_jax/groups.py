@@ -45,7 +45,6 @@ Sampling Probabilities for Non-Smooth Optimization", ICML 2017.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -53,7 +52,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from adambs_jax import samplers
-from adambs_jax.base import Sampler
+from adambs_jax.base import Sampler, accepts_apply
 from adambs_jax.checks import check_int, check_per_draw
 from adambs_jax.tree_utils import select
 from adambs_jax.uniform import index_dtype
@@ -137,14 +136,6 @@ def group_feedback(config: GroupConfig, feedback):
     return jnp.where(valid, rms, jnp.nan)
 
 
-def _accepts_apply(update) -> bool:
-    try:
-        parameters = inspect.signature(update).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
 def _base(base: Union[str, Callable[..., Sampler]], config: GroupConfig, kwargs) -> Sampler:
     if isinstance(base, str):
         if base not in BASE_SAMPLERS:
@@ -202,7 +193,7 @@ def update(config: GroupConfig, base: Sampler, state: GroupSamplerState, indices
         raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
     groups = drawn_groups(config, indices)
     per_group = group_feedback(config, feedback)
-    if _accepts_apply(base.update):
+    if accepts_apply(base.update):
         new_base = base.update(state.base, groups, per_group, apply=apply)
     else:  # a user sampler without ``apply``: keep the old state where not applied
         new_base = select(jnp.asarray(apply, bool), base.update(state.base, groups, per_group),

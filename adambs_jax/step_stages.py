@@ -25,14 +25,13 @@ Algorithm 1.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adambs_jax.base import ProbabilitiesFn
+from adambs_jax.base import ProbabilitiesFn, accepts_apply
 from adambs_jax.checks import check_key, check_state_size
 from adambs_jax.estimators import Estimate, EstimateFn
 from adambs_jax.feedback import FeedbackFn
@@ -216,16 +215,6 @@ def _feedback_scores(estimate: Estimate, indices) -> jax.Array:
     return scores.astype(jnp.float32)
 
 
-def _accepts_apply(update) -> bool:
-    """Whether ``update`` takes the ``apply`` keyword of the sampler contract (every library
-    sampler does; a user's may not)."""
-    try:
-        parameters = inspect.signature(update).parameters.values()
-    except (TypeError, ValueError):  # a callable without a signature: assume the old contract
-        return False
-    return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
 def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply, finite):
     """``sampler.update(..., apply=apply)``: the state bitwise unchanged when ``apply`` is
     False, with no ``while_loop`` or ``cond`` (a data-dependent branch makes XLA:GPU copy its
@@ -245,7 +234,7 @@ def _update_sampler(config: StepConfig, state, draw: Draw, scores, apply, finite
     sampler = config.sampler
     sampler_state, apply, _ = jax.lax.optimization_barrier((state.sampler_state, apply, finite))
     state = state._replace(sampler_state=sampler_state)
-    if not config.scoring and _accepts_apply(sampler.update):
+    if not config.scoring and accepts_apply(sampler.update):
         return sampler.update(state.sampler_state, draw.indices, scores, apply=apply)
     source = draw.sampled_state if config.scoring else state.sampler_state
     return select(apply, sampler.update(source, draw.indices, scores), state.sampler_state)
