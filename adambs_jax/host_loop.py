@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from adambs_jax.checks import check_int
-from adambs_jax.host_step import Draws, HostTrainStep
+from adambs_jax.host_step import Draws, HostTrainStep, replicate_on_mesh
 from adambs_jax.sources import check_source
 
 __all__ = ["LoadedBatch", "HostLoader", "process_rows", "run_host_loop"]
@@ -209,7 +209,7 @@ def run_host_loop(
       the list of each step's metrics (device arrays).
     """
     num_steps = check_int("num_steps", num_steps)
-    keys = None if key is None else jax.random.split(key, num_steps)
+    keys = None if key is None else replicate_on_mesh(jax.random.split(key, num_steps), step.mesh)
     metrics_list = []
     with HostLoader(step, source, draws, num_threads=num_threads) as loader:
         for t in range(num_steps):

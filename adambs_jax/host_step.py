@@ -59,6 +59,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
+import numpy as np
 import optax
 
 from adambs_jax.checks import check_int
@@ -76,7 +77,10 @@ from adambs_jax.train_state import TrainState, TrainStep
 from adambs_jax.train_step import _renormalize_fn, _step_config
 from adambs_jax.tree_utils import batch_size_of
 
-__all__ = ["Draws", "HostTrainStep", "make_host_train_step", "draw_from", "run_host_step"]
+__all__ = [
+    "Draws", "HostTrainStep", "make_host_train_step", "draw_from", "run_host_step",
+    "replicate_on_mesh",
+]
 
 
 class Draws(NamedTuple):
@@ -98,6 +102,29 @@ def draw_from(sampler: Sampler, sampler_state: Any, key: jax.Array) -> Draws:
     sample_key = jax.random.split(key, 3)[0]
     indices, probs = sampler.sample(sampler_state, sample_key)
     return Draws(indices, probs)
+
+
+def _replicated_leaf(leaf, sharding):
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+        return leaf
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = _replicated_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_process_local_data(sharding, host, host.shape)
+
+
+def replicate_on_mesh(tree: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
+    """``tree`` with every leaf replicated over ``mesh`` (None: unchanged). With several
+    processes each passes the same host values, as to ``ab.replicate``; a leaf that is not
+    yet a global array is copied through the host (``jax.device_put`` cannot place a
+    process's array on other processes' devices)."""
+    if mesh is None:
+        return tree
+    sharding = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda leaf: _replicated_leaf(leaf, sharding), tree)
 
 
 def _check_batch(batch, batch_size: int):
@@ -168,6 +195,8 @@ class HostTrainStep:
                 state = TrainStep._call(self.renormalize, state)
                 self._pending[0] = 0
             self._pending[0] += 1
+        if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
+            draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
         return TrainStep._call(self.step_fn, state, batch, draws, key)
 
     def init(self, params: Any, key: jax.Array, *, model_state: Any = None):
@@ -179,8 +208,7 @@ class HostTrainStep:
             params=params, optimizer=self.optimizer, sampler=self.sampler, key=keys[0],
             model_state=model_state,
         )
-        if self.mesh is not None:
-            state = jax.device_put(state, replicated_sharding(self.mesh))
+        state, keys = replicate_on_mesh((state, keys), self.mesh)
         draws = [self.draw(state.sampler_state, keys[j + 1]) for j in range(self.lookahead)]
         return state, draws
 

@@ -205,6 +205,7 @@ _MESH_CHILD = textwrap.dedent(
 
 
 def _run_child(tmp_path, script, *args, env_extra=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "child.py"
     path.write_text(script)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -229,3 +230,68 @@ def test_eight_devices_shard_the_batch_and_match_one_device(tmp_path):
     assert out["batch_devices"] == 8 and out["shard_rows"] == [2] * 8, out
     assert out["param_diff"] <= 1e-5 and out["prob_diff"] <= 1e-6, out
     assert out["state_replicated"] and out["metrics_replicated"], out
+
+
+_TWO_PROCESS_CHILD = textwrap.dedent(
+    r'''
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[2], num_processes=2,
+                               process_id=int(sys.argv[1]), initialization_timeout=60)
+    import jax.numpy as jnp, numpy as np, optax
+    import adambs_jax as ab
+    sys.path.insert(0, sys.argv[3])
+    from test_host_loop import _recording_run
+
+    state, seen = _recording_run(ab.data_parallel_mesh())
+    print("RESULT " + json.dumps({
+        "process": jax.process_index(), "devices": jax.device_count(),
+        "params": np.asarray(state.params.addressable_data(0)).tolist(), "seen": seen}))
+    '''
+)
+
+
+def _recording_run(mesh, steps=5):
+    """Trains with exp3 from a source that records the indices each read got."""
+    n, batch_size = 64, 8
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    seen = []
+
+    class RecordingSource(ab.sources.ArraySource):
+        def read(self, indices):
+            seen.append(np.asarray(indices).tolist())
+            return super().read(indices)
+
+    source = RecordingSource({"x": x, "y": (x[:, 0] > 0).astype(np.int32)})
+    sampler = ab.exp3_sampler(n, batch_size, num_steps=steps, step_size=0.5)
+    step = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, feedback="loss", mesh=mesh)
+    state, draws = step.init(jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                             jax.random.key(0))
+    state, _, _ = ab.run_host_loop(step, state, draws, source, steps, key=jax.random.key(1),
+                                   num_threads=1)  # one thread: reads in order
+    return state, seen[:steps]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return str(sock.getsockname()[1])
+
+
+def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
+    port, tests_dir = _free_port(), os.path.dirname(__file__)
+    children = [_run_child(tmp_path / str(i), _TWO_PROCESS_CHILD, str(i), port, tests_dir)
+                for i in range(2)]
+    outs = sorted((_result(child, timeout=240) for child in children),
+                  key=lambda out: out["process"])
+    reference, reference_seen = _recording_run(None)
+    half = len(reference_seen[0]) // 2
+    for process, out in enumerate(outs):
+        assert out["devices"] == 4, out
+        np.testing.assert_allclose(out["params"], reference.params, rtol=1e-5, atol=1e-6)
+        # the dataset is not replicated: each process read only its half of every batch
+        expected = [indices[process * half:(process + 1) * half] for indices in reference_seen]
+        assert out["seen"] == expected, (process, out["seen"], reference_seen)
