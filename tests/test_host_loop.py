@@ -7,6 +7,8 @@ must be set before jax is imported); the two-process test runs two subprocesses 
 
 import json
 import os
+import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +297,12 @@ def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
         # the dataset is not replicated: each process read only its half of every batch
         expected = [indices[process * half:(process + 1) * half] for indices in reference_seen]
         assert out["seen"] == expected, (process, out["seen"], reference_seen)
+
+
+def test_api_doc_host_data_example_runs():
+    """The example of docs/api.md, "Data on the host", runs and its asserts hold."""
+    api_doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", api_doc.read_text(), re.S)
+              if block.startswith("# host data example")]
+    assert len(blocks) == 1, "docs/api.md lost its host data example"
+    exec(compile(blocks[0], f"{api_doc.name}[host data]", "exec"), {"__name__": "doc"})
