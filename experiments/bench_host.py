@@ -16,7 +16,9 @@ Each variant is compiled and warmed up, then the variants are interleaved in ``-
 rounds of ``--steps`` steps (blocked once at the end of a round). Reported per variant:
 median steps per second over rounds, the ratios to ``no_sampler`` and ``uniform``, and the
 fraction of a round's wall time the main thread spent waiting for a batch in
-``HostLoader.next`` (on CPU, where the device is the host, the loader-starvation proxy).
+``HostLoader.next`` (on CPU, where the device is the host, the loader-starvation proxy),
+and the rate of the same step on one batch already on the device (``step only``: what the
+step costs without the loader; ``loop / step only`` is what the loader leaves of it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ TABLE_COLUMNS = [
     ("vs no sampler", "---:", "{ratio_vs_no_sampler:.2f}"),
     ("vs uniform", "---:", "{ratio_vs_uniform:.2f}"),
     ("main thread waiting", "---:", "{wait_fraction:.1%}"),
+    ("step only steps/s", "---:", "{step_only_steps_per_s:.1f}"),
+    ("loop / step only", "---:", "{loop_vs_step_only:.2f}"),
 ]
 
 
@@ -111,6 +115,20 @@ class Runner:
         jax.block_until_ready((self.state, metrics))
         return time.perf_counter() - start, self.loader.wait_seconds - waited
 
+    def run_step_only(self, steps: int) -> float:
+        """Wall seconds of ``steps`` steps on one batch already on the device (no loader:
+        what the step costs by itself), blocked once."""
+        batch, current = self.loader.next()
+        metrics = None
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.key, key = jax.random.split(self.key)
+            self.state, metrics, _ = self.step(self.state, batch, current, key)
+        jax.block_until_ready((self.state, metrics))
+        wall = time.perf_counter() - start
+        self.loader.put(current)  # keep L batches scheduled
+        return wall
+
 
 def bench(source, args) -> list[dict]:
     runners = {variant: Runner(variant, source, args) for variant in VARIANTS}
@@ -118,13 +136,16 @@ def bench(source, args) -> list[dict]:
         runner.run(args.warmup)
     rates = {variant: [] for variant in VARIANTS}
     waits = {variant: [] for variant in VARIANTS}
+    alone = {variant: [] for variant in VARIANTS}
     for round_index in range(args.rounds):
         for variant, runner in runners.items():
             wall, waited = runner.run(args.steps)
             rates[variant].append(args.steps / wall)
             waits[variant].append(waited / wall)
+            alone[variant].append(args.steps / runner.run_step_only(args.steps))
         print(f"round {round_index}: " + "  ".join(
-            f"{v} {rates[v][-1]:.1f}/s" for v in VARIANTS), flush=True)
+            f"{v} {rates[v][-1]:.1f}/s (step only {alone[v][-1]:.1f}/s)" for v in VARIANTS),
+            flush=True)
     for runner in runners.values():
         runner.loader.close()
     medians = {variant: statistics.median(r) for variant, r in rates.items()}
@@ -134,6 +155,8 @@ def bench(source, args) -> list[dict]:
         "ratio_vs_no_sampler": medians[variant] / medians["no_sampler"],
         "ratio_vs_uniform": medians[variant] / medians["uniform"],
         "wait_fraction": statistics.median(waits[variant]),
+        "step_only_steps_per_s": statistics.median(alone[variant]),
+        "loop_vs_step_only": medians[variant] / statistics.median(alone[variant]),
     } for variant in VARIANTS]
 
 
