@@ -29,6 +29,8 @@ from adambs_jax import (
     grain_source,
     gradient_norm,
     groups,
+    host_loop,
+    host_step,
     jsonable,
     losses,
     model_state,
@@ -90,6 +92,8 @@ from adambs_jax.sharding import data_parallel_mesh, replicate
 from adambs_jax.checks import check_key
 from adambs_jax.estimators import importance_weighted_grad
 from adambs_jax.train_step import TrainState, TrainStep, make_train_step
+from adambs_jax.host_loop import HostLoader, run_host_loop
+from adambs_jax.host_step import Draws, HostTrainStep, make_host_train_step
 from adambs_jax.transforms import (
     ImportanceWeightedTransformation,
     adambs,
@@ -120,6 +124,8 @@ __all__ = [
     "grain_source",
     "gradient_norm",
     "groups",
+    "host_loop",
+    "host_step",
     "jsonable",
     "losses",
     "model_state",
@@ -185,6 +191,11 @@ __all__ = [
     "TrainStep",
     "check_key",
     "make_train_step",
+    "Draws",
+    "HostLoader",
+    "HostTrainStep",
+    "make_host_train_step",
+    "run_host_loop",
     "data_parallel_mesh",
     "replicate",
     "CheckpointManager",

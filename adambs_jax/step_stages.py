@@ -51,6 +51,8 @@ __all__ = [
     "Applied",
     "step_key",
     "draw_batch",
+    "draw_weights",
+    "place_batch",
     "guarded_apply",
     "step_metrics",
     "next_state",
@@ -175,12 +177,23 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     else:
         indices, probs = sampler.sample(state.sampler_state, sample_key)
         sampled_state = state.sampler_state
-    _check_draws(indices, probs, sampler.batch_size)
-    weights = jax.lax.stop_gradient(importance_weights(probs, sampler.num_examples))
-    batch = gather(data, indices)
+    weights = draw_weights(config, indices, probs)
+    batch = place_batch(config, gather(data, indices))
+    return Draw(indices, weights, batch, sampled_state)
+
+
+def draw_weights(config: StepConfig, indices, probs) -> jax.Array:
+    """The importance weights w = 1 / (n p_I) (K,) of draws ``indices`` made with the
+    probabilities ``probs``, after checking their shapes; no gradient flows into them."""
+    _check_draws(indices, probs, config.sampler.batch_size)
+    return jax.lax.stop_gradient(importance_weights(probs, config.sampler.num_examples))
+
+
+def place_batch(config: StepConfig, batch):
+    """The gathered batch, split over the mesh's data axis when the step has a mesh."""
     if config.mesh is not None:  # per-example work split over the devices; the rest replicated
         batch = constrain_batch(batch, config.mesh, config.data_axis)
-    return Draw(indices, weights, batch, sampled_state)
+    return batch
 
 
 def _optimizer_update(config: StepConfig, estimate: Estimate, weights, opt_state, params):
