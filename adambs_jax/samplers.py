@@ -133,6 +133,7 @@ def exp3_sampler(
     arity: Optional[int] = None,
     bound_quantile: float = exp3.DEFAULT_BOUND_QUANTILE,
     bound_learning_rate: float = exp3.DEFAULT_BOUND_LEARNING_RATE,
+    preset: Optional[str] = None,
 ) -> Sampler:
     """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -182,6 +183,12 @@ def exp3_sampler(
       arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
         ``sumtree.default_arity()``: 32 on GPU/TPU, 16 on CPU (docs/performance.md). The
         largest n is about 2^31 (B - 1) / B (int32 node indices); larger is refused.
+      preset: named settings of ``p_min`` and ``grad_norm_bound`` (``exp3_config.EXP3_PRESETS``),
+        used where those arguments are None (an explicit value overrides the preset):
+        ``"paper"`` (p_min = 0.1/n, ``"running_max"``: Algorithm 2 as published) or
+        ``"low_variance"`` (p_min = 0.5/n, ``"quantile"``: the clipped bound; the settings
+        docs/algorithm.md found to reduce the variance term V(p)). None (default): the
+        defaults above.
 
     Renormalization: the tree's root shrinks with every update, so the state must be
     ``sampler.renormalize``-d (O(n)) at least every ``sampler.renormalize_every`` updates (a
@@ -218,7 +225,7 @@ def exp3_sampler(
                               num_steps=num_steps, grad_norm_bound=grad_norm_bound,
                               stratified=stratified, arity=arity,
                               bound_quantile=bound_quantile,
-                              bound_learning_rate=bound_learning_rate)
+                              bound_learning_rate=bound_learning_rate, preset=preset)
     bound = (functools.partial(f, config) for f in (exp3.init, exp3.sample, exp3.update))
     return Sampler(
         *bound, config.num_examples, config.batch_size, exp3.distribution,
