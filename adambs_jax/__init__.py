@@ -27,10 +27,12 @@ from adambs_jax import (
     feedback,
     ghost,
     gradient_norm,
+    infobatch,
     jsonable,
     losses,
     model_state,
     per_example,
+    preconditioner,
     priority,
     projection,
     samplers,
@@ -67,8 +69,10 @@ from adambs_jax.feedback import (
     per_example_grad_norms,
     per_example_losses,
     per_example_losses_and_grads,
+    preconditioned_grad_norms,
     tree_norms,
 )
+from adambs_jax.infobatch import InfobatchSamplerState, infobatch_sampler
 from adambs_jax.losses import ModelLoss
 from adambs_jax.priority import PrioritySamplerState, priority_sampler
 from adambs_jax.projection import ProjectionResult, project_onto_floored_simplex
@@ -115,10 +119,12 @@ __all__ = [
     "feedback",
     "ghost",
     "gradient_norm",
+    "infobatch",
     "jsonable",
     "losses",
     "model_state",
     "per_example",
+    "preconditioner",
     "priority",
     "projection",
     "samplers",
@@ -145,6 +151,8 @@ __all__ = [
     "uniform_sampler",
     "PrioritySamplerState",
     "priority_sampler",
+    "InfobatchSamplerState",
+    "infobatch_sampler",
     "ProjectionResult",
     "project_onto_floored_simplex",
     # samplers that score candidates with the model, and the baselines of the papers
@@ -163,6 +171,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_losses",
     "per_example_losses_and_grads",
+    "preconditioned_grad_norms",
     "tree_norms",
     "ModelLoss",
     # importance-weighted optimizers (Algorithm 1)

@@ -61,6 +61,7 @@ __all__ = [
     "sample",
     "update",
     "distribution",
+    "state_distribution",
     "priority_sampler",
 ]
 
@@ -83,6 +84,8 @@ class PrioritySamplerState:
       num_dropped_feedback: int32 scalar, cumulative count of feedback entries that were
         negative, NaN or infinite (or had an out-of-range index) and so were ignored.
       num_examples, arity: static (part of the pytree structure).
+      uniform_mix: static, lambda: with the tree it gives the full distribution
+        (``ab.probabilities(state)`` needs no sampler).
     """
 
     tree: jax.Array
@@ -90,6 +93,7 @@ class PrioritySamplerState:
     num_dropped_feedback: jax.Array
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
+    uniform_mix: float = struct.field(pytree_node=False, default=1.0)
 
 
 class PriorityConfig(NamedTuple):
@@ -139,12 +143,13 @@ def init(config: PriorityConfig) -> PrioritySamplerState:
         num_dropped_feedback=jnp.zeros((), jnp.int32),
         num_examples=config.num_examples,
         arity=config.layout.arity,
+        uniform_mix=config.uniform_mix,
     )
 
 
 def check_state(config: PriorityConfig, state) -> None:
     """TypeError unless ``state`` is a ``PrioritySamplerState``; ValueError if it was built
-    for another n or arity."""
+    for another n, arity or uniform_mix."""
     if not isinstance(state, PrioritySamplerState):
         raise TypeError(
             f"state must be a PrioritySamplerState (sampler.init()), got {type(state).__name__}"
@@ -155,12 +160,20 @@ def check_state(config: PriorityConfig, state) -> None:
             f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
             f"has a tree of shape ({config.layout.size},) with arity {config.layout.arity}"
         )
+    if state.uniform_mix != config.uniform_mix:
+        raise ValueError(
+            f"state: built with uniform_mix={state.uniform_mix}, but this sampler has "
+            f"uniform_mix={config.uniform_mix}"
+        )
 
 
 def mixture_probabilities(config: PriorityConfig, tree, leaves) -> jax.Array:
     """p = (1 - lambda) u / root + lambda / n for the priorities ``leaves`` of ``tree``."""
-    lam = config.uniform_mix
-    return (1.0 - lam) * (leaves / sumtree.total(tree)) + lam / config.num_examples
+    return _mixture(config.uniform_mix, config.num_examples, tree, leaves)
+
+
+def _mixture(lam: float, num_examples: int, tree, leaves) -> jax.Array:
+    return (1.0 - lam) * (leaves / sumtree.total(tree)) + lam / num_examples
 
 
 def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
@@ -215,10 +228,19 @@ def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedbac
 
 
 def distribution(config: PriorityConfig, state: PrioritySamplerState) -> jax.Array:
-    """The full mixture p (n,). O(n): for tests, metrics and plots."""
+    """The full mixture p (n,) (with ``config``'s lambda). O(n): for tests, metrics, plots."""
     check_state(config, state)
     leaves = sumtree.leaf_values(state.tree, config.layout)
     return mixture_probabilities(config, state.tree, leaves)
+
+
+def state_distribution(state: PrioritySamplerState) -> jax.Array:
+    """The full mixture p (n,) from the state alone (its static n, arity and lambda): what
+    ``ab.probabilities(state)`` gives. O(n)."""
+    if not isinstance(state, PrioritySamplerState):
+        raise TypeError(f"state must be a PrioritySamplerState, got {type(state).__name__}")
+    leaves = sumtree.leaf_values(state.tree, sumtree.layout_for(state.num_examples, state.arity))
+    return _mixture(state.uniform_mix, state.num_examples, state.tree, leaves)
 
 
 def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,

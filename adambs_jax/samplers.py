@@ -30,13 +30,15 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from adambs_jax import exp3, uniform
+from adambs_jax import exp3, infobatch, priority, uniform
 from adambs_jax.base import Sampler
 from adambs_jax.exp3 import (  # re-exported: their home is adambs_jax.exp3
     Exp3SamplerState,
     default_step_size,
 )
 from adambs_jax.gradient_norm import GradientNormSamplerState
+from adambs_jax.infobatch import InfobatchSamplerState
+from adambs_jax.priority import PrioritySamplerState
 from adambs_jax.uniform import UniformSamplerState
 
 __all__ = [
@@ -55,8 +57,9 @@ def probabilities(state) -> jax.Array:
     """The full distribution p (n,) of a sampler state. O(n): for tests, metrics, plots.
 
     Dispatches on the library's state classes: ``UniformSamplerState`` (1/n),
-    ``Exp3SamplerState`` (leaves / root) and ``GradientNormSamplerState`` (the distribution
-    of its latest draw). Adam-impt's ``AdamImptState`` has no full distribution (the marginal
+    ``Exp3SamplerState`` (leaves / root), ``GradientNormSamplerState`` (the distribution
+    of its latest draw), ``PrioritySamplerState`` (the mixture with its static lambda) and
+    ``InfobatchSamplerState`` (this epoch's leaves / root). Adam-impt's ``AdamImptState`` has no full distribution (the marginal
     of its presample-and-resample draw is not computed). A sampler's own
     ``sampler.probabilities`` (None where it has no distribution) is the typed way to ask.
 
@@ -74,9 +77,14 @@ def probabilities(state) -> jax.Array:
         return exp3.distribution(state)
     if isinstance(state, GradientNormSamplerState):
         return state.distribution
+    if isinstance(state, PrioritySamplerState):
+        return priority.state_distribution(state)
+    if isinstance(state, InfobatchSamplerState):
+        return infobatch.distribution(state)
     raise TypeError(
         f"state: not a sampler state with a full distribution (UniformSamplerState, "
-        f"Exp3SamplerState or GradientNormSamplerState): {type(state).__name__}"
+        f"Exp3SamplerState, GradientNormSamplerState, PrioritySamplerState or "
+        f"InfobatchSamplerState): {type(state).__name__}"
     )
 
 

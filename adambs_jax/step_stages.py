@@ -34,7 +34,7 @@ import optax
 
 from adambs_jax.base import ProbabilitiesFn
 from adambs_jax.checks import check_key, check_state_size
-from adambs_jax.estimators import Estimate, EstimateFn
+from adambs_jax.estimators import Estimate, EstimateFn, OptimizerAwareEstimator
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
 from adambs_jax.model_state import batch_extras, loss_parts
@@ -334,6 +334,14 @@ def next_state(state: TrainState, applied: Applied, state_key, metrics: dict, mo
     return new_state, metrics
 
 
+def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
+    """``opt_state=`` for an estimator that reads the optimizer state
+    (``"preconditioned_grad_norm"``); nothing for the others, whose programs are unchanged."""
+    if isinstance(config.estimate, OptimizerAwareEstimator):
+        return {"opt_state": state.opt_state}
+    return {}
+
+
 def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
     """One step: key, draw, estimate, guarded apply, new state."""
     num_examples = config.sampler.num_examples
@@ -344,7 +352,8 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax
     parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
-    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
+    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key,
+                               **_estimator_extras(config, state))
     aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(
