@@ -59,8 +59,9 @@ def probabilities(state) -> jax.Array:
     Dispatches on the library's state classes: ``UniformSamplerState`` (1/n),
     ``Exp3SamplerState`` (leaves / root), ``GradientNormSamplerState`` (the distribution
     of its latest draw), ``PrioritySamplerState`` (the mixture with its static lambda) and
-    ``InfobatchSamplerState`` (this epoch's leaves / root). Adam-impt's ``AdamImptState`` has no full distribution (the marginal
-    of its presample-and-resample draw is not computed). A sampler's own
+    ``InfobatchSamplerState`` (this epoch's leaves / root). Adam-impt's ``AdamImptState``
+    has no full distribution (the marginal of its presample-and-resample draw is not
+    computed). A sampler's own
     ``sampler.probabilities`` (None where it has no distribution) is the typed way to ask.
 
     References:

@@ -51,13 +51,16 @@ b1 = 0.9, b2 = 0.999 (the AdamBS paper, §5.1, and PyTorch) and eps = 1e-8 (opta
 Keras' default is 1e-7).
 
 Feedback: the bandit methods (``adambs``, ``amsgrad-bs``, ``adambs-tuned``,
-``adambs-lowvar``) and ``adam-priority`` learn from the step's ``feedback``, by default ``"logit_grad_norm"`` (the Katharopoulos-Fleuret upper bound:
+``adambs-lowvar``) and ``adam-priority`` learn from the step's ``feedback``, by default
+``"logit_grad_norm"`` (the Katharopoulos-Fleuret upper bound:
 "we use the upper bound in the place of per-example gradient norm in our method", AdamBS
 §5.1); a configuration may choose ``"grad_norm"`` or ``"loss"`` instead. ``adam-impt``
 uses its ``score_feedback`` (default ``"logit_grad_norm"``) also as the step's feedback:
 while importance sampling is off, its switch (the moving average of the variance
 reduction) learns from the scores of the training batch, as in Katharopoulos & Fleuret's
-code. Every other method uses ``"loss"``: its sampler ignores the step's feedback (p^GN
+code. ``adambs-lowvar-precond`` and ``adam-priority-precond`` always learn from
+``"preconditioned_grad_norm"``, ``infobatch`` from ``"loss"`` (its scores are the last seen
+losses). Every other method uses ``"loss"``: its sampler ignores the step's feedback (p^GN
 scores all n examples itself before drawing), and ``"loss"`` costs nothing beyond the plain
 step, so uniform Adam is exactly one plain Adam step.
 
