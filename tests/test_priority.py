@@ -201,3 +201,15 @@ def test_trains_a_linear_model_with_adam_and_loss_feedback():
     assert full_loss(state.params) < 0.5 * before
     assert int(state.sampler_state.step) == 30
     assert not np.allclose(np.asarray(sampler.probabilities(state.sampler_state)), 1 / 64)
+
+
+def test_ab_probabilities_reads_the_state_alone():
+    sampler = priority_sampler(N, K, alpha=0.5, uniform_mix=0.4)
+    state = skewed_state(sampler)
+    assert state.uniform_mix == 0.4  # static: the state carries what p needs
+    np.testing.assert_array_equal(np.asarray(ab.probabilities(state)),
+                                  np.asarray(sampler.probabilities(state)))
+    np.testing.assert_allclose(np.asarray(ab.probabilities(state), np.float64),
+                               expected_p(SCORES, alpha=0.5, uniform_mix=0.4), rtol=1e-5)
+    with pytest.raises(ValueError, match="uniform_mix=0.4, but this sampler has uniform_mix=0.1"):
+        priority_sampler(N, K).sample(state, jax.random.key(0))
