@@ -9,7 +9,9 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``);
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``;
+                   only ``"preconditioned_grad_norm"``'s estimator also gets the optimizer
+                   state, ``_estimator_extras``);
                    the loss's ``aux`` and new model state from the batched forward
                    (``adambs_jax.model_state``)
     guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets

@@ -157,13 +157,23 @@ def _primitives(jaxpr):
     return names
 
 
-@pytest.mark.parametrize("sampler_name", ["exp3", "uniform"])
+_SAMPLERS = {
+    "exp3": lambda: ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10),
+    "uniform": lambda: ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE),
+    "priority": lambda: ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE),
+    "infobatch": lambda: ab.infobatch_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10),
+}
+
+
+@pytest.mark.parametrize("sampler_name, feedback", [
+    ("exp3", "grad_norm"), ("uniform", "grad_norm"), ("priority", "preconditioned_grad_norm"),
+    ("infobatch", "loss"),
+])
 @pytest.mark.parametrize("skip_non_finite", [True, False])
-def test_the_step_has_no_while_loop_or_cond(sampler_name, skip_non_finite):
+def test_the_step_has_no_while_loop_or_cond(sampler_name, feedback, skip_non_finite):
     # issue 11: a data-dependent branch makes XLA:GPU copy its predicate to the host
-    sampler = (ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10) if sampler_name == "exp3"
-               else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE))
-    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="grad_norm",
+    sampler = _SAMPLERS[sampler_name]()
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback,
                               skip_non_finite=skip_non_finite, jit=False)
     state = step.init({"w": jnp.asarray(2.0)})
     primitives = _primitives(jax.make_jaxpr(step.step_fn)(state, _data(), jax.random.key(0)).jaxpr)
