@@ -31,10 +31,12 @@ from adambs_jax import (
     groups,
     host_loop,
     host_step,
+    infobatch,
     jsonable,
     losses,
     model_state,
     per_example,
+    preconditioner,
     priority,
     projection,
     samplers,
@@ -71,9 +73,11 @@ from adambs_jax.feedback import (
     per_example_grad_norms,
     per_example_losses,
     per_example_losses_and_grads,
+    preconditioned_grad_norms,
     tree_norms,
 )
 from adambs_jax.groups import GroupSamplerState, group_sampler
+from adambs_jax.infobatch import InfobatchSamplerState, infobatch_sampler
 from adambs_jax.losses import ModelLoss
 from adambs_jax.priority import PrioritySamplerState, priority_sampler
 from adambs_jax.projection import ProjectionResult, project_onto_floored_simplex
@@ -126,10 +130,12 @@ __all__ = [
     "groups",
     "host_loop",
     "host_step",
+    "infobatch",
     "jsonable",
     "losses",
     "model_state",
     "per_example",
+    "preconditioner",
     "priority",
     "projection",
     "samplers",
@@ -158,6 +164,8 @@ __all__ = [
     "group_sampler",
     "PrioritySamplerState",
     "priority_sampler",
+    "InfobatchSamplerState",
+    "infobatch_sampler",
     "ProjectionResult",
     "project_onto_floored_simplex",
     # samplers that score candidates with the model, and the baselines of the papers
@@ -176,6 +184,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_losses",
     "per_example_losses_and_grads",
+    "preconditioned_grad_norms",
     "tree_norms",
     "ModelLoss",
     # importance-weighted optimizers (Algorithm 1)

@@ -19,10 +19,15 @@ cheapest way of producing both:
 * ``"logit_grad_norm"``: one forward pass, d loss_k / d z_k by a backward pass through the
   loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k / d z_k,
   which is G_hat (``estimate_with_logit_bound``) — about the cost of one plain step;
+* ``"preconditioned_grad_norm"``: the per-example gradients (``vmap(grad)``), scaled by the
+  optimizer's 1 / (sqrt(v_hat) + eps) (``adambs_jax.preconditioner``), for the norms, and G_hat
+  from one more ``jax.grad`` of the weighted loss (``estimate_with_preconditioned_norms``: an
+  ``OptimizerAwareEstimator``, the one kind that also reads the optimizer state);
 * ``"loss"`` and callables: G_hat = grad of the weighted loss (one ``jax.grad``) and the
   feedback from the per-example losses (``estimate_with_loss``, ``estimator_with_user_feedback``).
 
-Every estimator is ``(loss_fn, params, batch, weights (K,), key) -> Estimate``. Which one a kind
+Every estimator is ``(loss_fn, params, batch, weights (K,), key) -> Estimate`` (an
+``OptimizerAwareEstimator`` also takes ``opt_state=``). Which one a kind
 uses is recorded in one table, ``adambs_jax.feedback``'s registry of feedback kinds.
 """
 
@@ -40,6 +45,7 @@ from adambs_jax.per_example import (
     per_example_losses,
     per_example_losses_and_grads,
 )
+from adambs_jax.preconditioner import preconditioned_norms
 from adambs_jax.tree_utils import per_example_norms
 
 __all__ = [
@@ -51,6 +57,8 @@ __all__ = [
     "estimate_with_vmap_norms",
     "estimate_with_logit_bound",
     "estimate_with_loss",
+    "OptimizerAwareEstimator",
+    "estimate_with_preconditioned_norms",
     "importance_weighted_grad",
     "estimator_with_user_feedback",
 ]
@@ -103,9 +111,9 @@ def estimate_with_forced_ghost_norms(loss_fn, params, batch, weights, key) -> Es
     return Estimate(losses, gradient, norms, per_example=False)
 
 
-def estimate_with_vmap_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` by ``vmap``: the norms from per-example gradients, G_hat from the
-    weighted loss."""
+def _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key):
+    """``(losses, G_hat, per-example grads)``: the per-example gradients by ``vmap`` and G_hat
+    from one more backward pass of the weighted loss (same per-example keys)."""
     # the per-example gradients only feed the norms, so XLA can reduce them as they are
     # produced instead of materializing K x params; G_hat is one more (cheap) backward pass
     _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
@@ -115,7 +123,41 @@ def estimate_with_vmap_norms(loss_fn, params, batch, weights, key) -> Estimate:
         return jnp.mean(weights.astype(losses.dtype) * losses), losses
 
     (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+    return losses, gradient, grads
+
+
+def estimate_with_vmap_norms(loss_fn, params, batch, weights, key) -> Estimate:
+    """``"grad_norm"`` by ``vmap``: the norms from per-example gradients, G_hat from the
+    weighted loss."""
+    losses, gradient, grads = _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
     return Estimate(losses, gradient, per_example_norms(grads), per_example=False)
+
+
+class OptimizerAwareEstimator(NamedTuple):
+    """An estimator whose feedback reads the optimizer state: the train step calls it as
+    ``estimate(loss_fn, params, batch, weights, key, opt_state=state.opt_state)`` (and only
+    this kind of estimator gets ``opt_state``, so every other step compiles as before)."""
+
+    estimate: Callable[..., Estimate]
+
+    def __call__(self, loss_fn, params, batch, weights, key, opt_state=None) -> Estimate:
+        if opt_state is None:
+            raise ValueError("opt_state: this feedback reads the optimizer state; pass it")
+        return self.estimate(loss_fn, params, batch, weights, key, opt_state)
+
+
+def _estimate_with_preconditioned_norms(loss_fn, params, batch, weights, key,
+                                        opt_state) -> Estimate:
+    losses, gradient, grads = _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+    return Estimate(losses, gradient, preconditioned_norms(grads, params, opt_state),
+                    per_example=False)
+
+
+estimate_with_preconditioned_norms = OptimizerAwareEstimator(_estimate_with_preconditioned_norms)
+"""``"preconditioned_grad_norm"``: f_k = ||g_k / (sqrt(v_hat) + eps)|| from the ``vmap``
+per-example gradients and the optimizer's second moment (``adambs_jax.preconditioner``; the
+plain ||g_k|| before its first update), G_hat from the weighted loss. An optimizer without a
+second moment (``optax.sgd``) is refused, by name, when the step is traced."""
 
 
 def estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key) -> Estimate:

@@ -12,6 +12,12 @@ sampler then drives p_j proportional to f_j, the variance-minimizing distributio
   bound is proportional to an upper bound of the gradient norm. It costs one forward pass
   and a backward pass through the loss only; it needs a ``ModelLoss``.
 * ``"loss"`` — the per-example loss itself (for losses >= 0).
+* ``"preconditioned_grad_norm"`` — the norm of the per-example gradient preconditioned by
+  the optimizer, ||g_k / (sqrt(v_hat) + eps)||_2, with v_hat Adam's/RMSProp's second moment
+  read from the optimizer state (``adambs_jax.preconditioner``): the step an adaptive
+  optimizer would take for example k (Lahire: p^GN is optimal for SGD, not for Adam). Exact
+  ``vmap`` per-example gradients (ghost norms cannot apply a diagonal preconditioner). The
+  train step's feedback only (a scoring sampler's ``score_fn`` has no optimizer state).
 * a callable ``feedback(params, batch, losses) -> (K,)`` of your own.
 
 Samplers ignore feedback that is NaN, infinite or negative (``exp3_sampler`` counts it in
@@ -41,6 +47,7 @@ from adambs_jax.estimators import (
     estimate_with_logit_bound,
     estimate_with_loss,
     estimate_with_per_example_grads,
+    estimate_with_preconditioned_norms,
     estimator_with_user_feedback,
 )
 from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
@@ -49,6 +56,7 @@ from adambs_jax.per_example import (
     per_example_losses,
     per_example_losses_and_grads,
 )
+from adambs_jax.preconditioner import preconditioned_norms
 from adambs_jax.tree_utils import batch_size_of
 from adambs_jax.tree_utils import per_example_norms as tree_norms
 
@@ -64,12 +72,13 @@ __all__ = [
     "per_example_grad_norms",
     "losses_and_output_grads",
     "logit_grad_norms",
+    "preconditioned_grad_norms",
     "feedback_kind",
     "feedback_function",
     "check_feedback_kind",
 ]
 
-FEEDBACK_KINDS = ("grad_norm", "logit_grad_norm", "loss")
+FEEDBACK_KINDS = ("grad_norm", "logit_grad_norm", "loss", "preconditioned_grad_norm")
 """The names of the built-in feedback kinds (the keys of ``FEEDBACK_REGISTRY``)."""
 
 FeedbackFn = Callable[[Any, Any, jax.Array], jax.Array]
@@ -135,6 +144,35 @@ def _losses_as_scores(
     return check_losses(with_key_argument(loss_fn)(params, batch, key), batch_size_of(batch))
 
 
+def preconditioned_grad_norms(
+    loss_fn: PerExampleLoss, params: Any, batch: Any, opt_state: Any,
+    key: Optional[jax.Array] = None,
+) -> jax.Array:
+    """(K,) ||g_k / (sqrt(v_hat) + eps)||_2: the per-example gradients (``vmap``) scaled by
+    the optimizer's diagonal preconditioner, v_hat its (bias-corrected) second moment in
+    ``opt_state`` (``adambs_jax.preconditioner``: eps, b2 from ``inject_hyperparams`` where
+    present, else 1e-8 and 0.999); the plain ||g_k|| before the optimizer's first update.
+
+    Raises:
+      ValueError: ``opt_state`` has no second moment (e.g. ``optax.sgd``'s).
+
+    References:
+      Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning"; Kingma, Ba,
+      "Adam", ICLR 2015.
+    """
+    _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
+    return preconditioned_norms(grads, params, opt_state)
+
+
+def _refuse_scoring_without_optimizer_state(loss_fn, params, batch, key=None):
+    raise ValueError(
+        'feedback "preconditioned_grad_norm" reads the optimizer state, which a scoring '
+        "sampler's score_fn does not have: use it as the train step's feedback of a sampler "
+        "that learns from it (exp3, priority, infobatch), or give the scoring sampler another "
+        "score_feedback"
+    )
+
+
 class FeedbackKind(NamedTuple):
     """How one kind of feedback is computed, alone and fused with the gradient estimate.
 
@@ -186,6 +224,9 @@ FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
         logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True
     ),
     "loss": FeedbackKind(_losses_as_scores, estimate_with_loss),
+    "preconditioned_grad_norm": FeedbackKind(
+        _refuse_scoring_without_optimizer_state, estimate_with_preconditioned_norms
+    ),
 }
 """Every built-in feedback kind (``FEEDBACK_KINDS``) and how it is computed."""
 

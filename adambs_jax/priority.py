@@ -15,13 +15,18 @@ wins for a duplicated index); nothing else changes, so the scores of examples no
 recently are stale. Priorities are absolute (not relative to a root that shrinks, as in
 exp3), so no renormalization is needed.
 
+Optional refresh (``refresh_every`` M): the sampler becomes a ``ScoringSampler`` whose
+``sample`` first re-scores the next ceil(n / M) examples (cyclically) with the current model
+(``refresh``), so every score is at most M steps old, for ceil(n / M) more scored examples
+per step.
+
 Numerics: (s + eps)^alpha is clipped to [MIN_PRIORITY, max_priority(n)] =
 [1e-30, min(1e30, 1e37 / n)], so the root sum u stays positive (a tree draw needs it) and
 finite in float32 (at most 1e37 < 3.4e38) whatever the feedback; an infinite power becomes
 the cap. Priorities of ratio beyond that range are compressed to it.
 
 Steps, as in ``adambs_jax.exp3``: ``priority_config`` (validation), ``init``, ``sample``,
-``priorities``, ``mixture_probabilities``, ``update`` (feedback cleaning reuses
+``priorities``, ``mixture_probabilities``, ``refresh``, ``update`` (feedback cleaning reuses
 ``exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
 ``base.Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
 
@@ -36,15 +41,23 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from adambs_jax import sumtree
-from adambs_jax.base import Sampler
-from adambs_jax.checks import check_int, check_key, check_number, check_per_draw, check_state_size
+from adambs_jax.base import Sampler, ScoringSampler
+from adambs_jax.checks import (
+    check_int,
+    check_key,
+    check_number,
+    check_optional_int,
+    check_per_draw,
+    check_state_size,
+)
 from adambs_jax.exp3 import clean_feedback, count_dropped
 
 __all__ = [
@@ -59,8 +72,10 @@ __all__ = [
     "priorities",
     "mixture_probabilities",
     "sample",
+    "refresh",
     "update",
     "distribution",
+    "state_distribution",
     "priority_sampler",
 ]
 
@@ -82,14 +97,20 @@ class PrioritySamplerState:
       step: int32 scalar, number of updates applied.
       num_dropped_feedback: int32 scalar, cumulative count of feedback entries that were
         negative, NaN or infinite (or had an out-of-range index) and so were ignored.
+      cursor: int32 scalar, the first example the next refresh scores (``refresh_every``;
+        0 and unused without refresh).
       num_examples, arity: static (part of the pytree structure).
+      uniform_mix: static, lambda: with the tree it gives the full distribution
+        (``ab.probabilities(state)`` needs no sampler).
     """
 
     tree: jax.Array
     step: jax.Array
     num_dropped_feedback: jax.Array
+    cursor: jax.Array
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
+    uniform_mix: float = struct.field(pytree_node=False, default=1.0)
 
 
 class PriorityConfig(NamedTuple):
@@ -102,6 +123,7 @@ class PriorityConfig(NamedTuple):
     eps: float
     initial_score: float
     layout: sumtree.TreeLayout
+    refresh_chunk: Optional[int] = None
 
 
 def max_priority(num_examples: int) -> float:
@@ -110,8 +132,9 @@ def max_priority(num_examples: int) -> float:
 
 
 def priority_config(num_examples, batch_size, *, alpha, uniform_mix, eps, initial_score,
-                    arity=None) -> PriorityConfig:
-    """Validates the arguments of ``priority_sampler`` (ValueError naming the argument)."""
+                    arity=None, refresh_every=None) -> PriorityConfig:
+    """Validates the arguments of ``priority_sampler`` (ValueError naming the argument);
+    ``refresh_every`` M becomes ``refresh_chunk`` = ceil(n / M) examples scored per step."""
     num_examples = check_int("num_examples", num_examples)
     batch_size = check_int("batch_size", batch_size)
     alpha = check_number("alpha", alpha, nonnegative=True)
@@ -121,7 +144,10 @@ def priority_config(num_examples, batch_size, *, alpha, uniform_mix, eps, initia
     eps = check_number("eps", eps, positive=True)
     initial_score = check_number("initial_score", initial_score, nonnegative=True)
     layout = sumtree.layout_for(num_examples, sumtree.default_arity() if arity is None else arity)
-    return PriorityConfig(num_examples, batch_size, alpha, uniform_mix, eps, initial_score, layout)
+    refresh_every = check_optional_int("refresh_every", refresh_every)
+    chunk = None if refresh_every is None else math.ceil(num_examples / refresh_every)
+    return PriorityConfig(num_examples, batch_size, alpha, uniform_mix, eps, initial_score, layout,
+                          chunk)
 
 
 def priorities(config: PriorityConfig, scores) -> jax.Array:
@@ -137,14 +163,16 @@ def init(config: PriorityConfig) -> PrioritySamplerState:
         tree=sumtree.build(priorities(config, scores), config.layout),
         step=jnp.zeros((), jnp.int32),
         num_dropped_feedback=jnp.zeros((), jnp.int32),
+        cursor=jnp.zeros((), jnp.int32),
         num_examples=config.num_examples,
         arity=config.layout.arity,
+        uniform_mix=config.uniform_mix,
     )
 
 
 def check_state(config: PriorityConfig, state) -> None:
     """TypeError unless ``state`` is a ``PrioritySamplerState``; ValueError if it was built
-    for another n or arity."""
+    for another n, arity or uniform_mix."""
     if not isinstance(state, PrioritySamplerState):
         raise TypeError(
             f"state must be a PrioritySamplerState (sampler.init()), got {type(state).__name__}"
@@ -155,12 +183,20 @@ def check_state(config: PriorityConfig, state) -> None:
             f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
             f"has a tree of shape ({config.layout.size},) with arity {config.layout.arity}"
         )
+    if state.uniform_mix != config.uniform_mix:
+        raise ValueError(
+            f"state: built with uniform_mix={state.uniform_mix}, but this sampler has "
+            f"uniform_mix={config.uniform_mix}"
+        )
 
 
 def mixture_probabilities(config: PriorityConfig, tree, leaves) -> jax.Array:
     """p = (1 - lambda) u / root + lambda / n for the priorities ``leaves`` of ``tree``."""
-    lam = config.uniform_mix
-    return (1.0 - lam) * (leaves / sumtree.total(tree)) + lam / config.num_examples
+    return _mixture(config.uniform_mix, config.num_examples, tree, leaves)
+
+
+def _mixture(lam: float, num_examples: int, tree, leaves) -> jax.Array:
+    return (1.0 - lam) * (leaves / sumtree.total(tree)) + lam / num_examples
 
 
 def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
@@ -182,6 +218,25 @@ def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
         indices = jnp.where(from_uniform, indices, from_tree)
     leaves = sumtree.get_leaves(state.tree, indices, config.layout)
     return indices, mixture_probabilities(config, state.tree, leaves)
+
+
+def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array, score_fn):
+    """The ``sample`` of a sampler with ``refresh_every`` M (a ``ScoringSampler``): scores the
+    next C = ceil(n / M) examples in order (cyclically, from ``state.cursor``) with the current
+    model, sets their scores, then draws as ``sample``: ``(indices, probs, state)``. Every
+    score is at most M steps old; the cost is C more scored examples per step. A refreshed
+    score that is NaN, infinite or negative keeps the old priority."""
+    check_state(config, state)
+    chunk, n = config.refresh_chunk, config.num_examples
+    idx = (state.cursor + jnp.arange(chunk, dtype=jnp.int32)) % n
+    scores = jnp.asarray(score_fn(idx), jnp.float32)
+    valid = jnp.isfinite(scores) & (scores >= 0)
+    old = sumtree.get_leaves(state.tree, idx, config.layout)
+    new = jnp.where(valid, priorities(config, jnp.where(valid, scores, 0.0)), old)
+    state = state.replace(tree=sumtree.set_leaves(state.tree, idx, new, config.layout),
+                          cursor=(state.cursor + chunk) % n)
+    indices, probs = sample(config, state, key)
+    return indices, probs, state
 
 
 def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedback, *,
@@ -215,15 +270,26 @@ def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedbac
 
 
 def distribution(config: PriorityConfig, state: PrioritySamplerState) -> jax.Array:
-    """The full mixture p (n,). O(n): for tests, metrics and plots."""
+    """The full mixture p (n,) (with ``config``'s lambda). O(n): for tests, metrics, plots."""
     check_state(config, state)
     leaves = sumtree.leaf_values(state.tree, config.layout)
     return mixture_probabilities(config, state.tree, leaves)
 
 
+def state_distribution(state: PrioritySamplerState) -> jax.Array:
+    """The full mixture p (n,) from the state alone (its static n, arity and lambda): what
+    ``ab.probabilities(state)`` gives. O(n)."""
+    if not isinstance(state, PrioritySamplerState):
+        raise TypeError(f"state must be a PrioritySamplerState, got {type(state).__name__}")
+    leaves = sumtree.leaf_values(state.tree, sumtree.layout_for(state.num_examples, state.arity))
+    return _mixture(state.uniform_mix, state.num_examples, state.tree, leaves)
+
+
 def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
                      uniform_mix: float = 0.1, eps: float = 1e-6, initial_score: float = 1.0,
-                     arity: Optional[int] = None) -> Sampler:
+                     arity: Optional[int] = None, refresh_every: Optional[int] = None,
+                     score_feedback=None,
+                     score_chunk_size: Optional[int] = None) -> Union[Sampler, ScoringSampler]:
     """A stale-score priority sampler with exact importance weights.
 
     p_j = (1 - lambda) u_j / sum_i u_i + lambda / n with u_j = (s_j + eps)^alpha, s_j the
@@ -243,9 +309,16 @@ def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
       eps: > 0, added to every score (a score of 0 still gets a priority).
       initial_score: the score >= 0 of an example never drawn.
       arity: B of the prefix-sum tree; default ``sumtree.default_arity()``.
+      refresh_every: M: also re-score all n examples with the current model once every M
+        steps, in chunks of ceil(n / M) per step (``refresh``), so no score is older than M
+        steps; None (default): scores change only when drawn.
+      score_feedback, score_chunk_size: with ``refresh_every``, the kind the refresh scores
+        with (None: the step's ``feedback``; ``"preconditioned_grad_norm"`` cannot score) and
+        the ``ScoringSampler``'s chunking (``adambs_jax.scoring``).
 
     Returns:
-      A ``Sampler`` with ``probabilities`` (O(n)); no renormalization is needed.
+      A ``Sampler`` with ``probabilities`` (O(n)); no renormalization is needed. With
+      ``refresh_every``, a ``ScoringSampler`` (its ``sample`` refreshes, then draws).
 
     References:
       Schaul et al., "Prioritized Experience Replay", ICLR 2016; Katharopoulos, Fleuret,
@@ -264,9 +337,16 @@ def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
       True
     """
     config = priority_config(num_examples, batch_size, alpha=alpha, uniform_mix=uniform_mix,
-                             eps=eps, initial_score=initial_score, arity=arity)
-    init_fn, sample_fn, update_fn, probabilities_fn = (
-        functools.partial(f, config) for f in (init, sample, update, distribution)
+                             eps=eps, initial_score=initial_score, arity=arity,
+                             refresh_every=refresh_every)
+    init_fn, sample_fn, update_fn, probabilities_fn, refresh_fn = (
+        functools.partial(f, config) for f in (init, sample, update, distribution, refresh)
     )
+    if config.refresh_chunk is not None:
+        return ScoringSampler(init_fn, refresh_fn, update_fn, config.num_examples,
+                              config.batch_size, score_feedback, score_chunk_size,
+                              probabilities_fn)
+    if score_feedback is not None or score_chunk_size is not None:
+        raise ValueError("score_feedback and score_chunk_size need refresh_every (a refresh)")
     return Sampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
                    probabilities_fn, renormalize_every=None, renormalize=None)

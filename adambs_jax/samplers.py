@@ -30,13 +30,15 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from adambs_jax import exp3, uniform
+from adambs_jax import exp3, infobatch, priority, uniform
 from adambs_jax.base import Sampler
 from adambs_jax.exp3 import (  # re-exported: their home is adambs_jax.exp3
     Exp3SamplerState,
     default_step_size,
 )
 from adambs_jax.gradient_norm import GradientNormSamplerState
+from adambs_jax.infobatch import InfobatchSamplerState
+from adambs_jax.priority import PrioritySamplerState
 from adambs_jax.uniform import UniformSamplerState
 
 __all__ = [
@@ -55,9 +57,11 @@ def probabilities(state) -> jax.Array:
     """The full distribution p (n,) of a sampler state. O(n): for tests, metrics, plots.
 
     Dispatches on the library's state classes: ``UniformSamplerState`` (1/n),
-    ``Exp3SamplerState`` (leaves / root) and ``GradientNormSamplerState`` (the distribution
-    of its latest draw). Adam-impt's ``AdamImptState`` has no full distribution (the marginal
-    of its presample-and-resample draw is not computed). A sampler's own
+    ``Exp3SamplerState`` (leaves / root), ``GradientNormSamplerState`` (the distribution
+    of its latest draw), ``PrioritySamplerState`` (the mixture with its static lambda) and
+    ``InfobatchSamplerState`` (this epoch's leaves / root). Adam-impt's ``AdamImptState``
+    has no full distribution (the marginal of its presample-and-resample draw is not
+    computed). A sampler's own
     ``sampler.probabilities`` (None where it has no distribution) is the typed way to ask.
 
     References:
@@ -74,9 +78,14 @@ def probabilities(state) -> jax.Array:
         return exp3.distribution(state)
     if isinstance(state, GradientNormSamplerState):
         return state.distribution
+    if isinstance(state, PrioritySamplerState):
+        return priority.state_distribution(state)
+    if isinstance(state, InfobatchSamplerState):
+        return infobatch.distribution(state)
     raise TypeError(
         f"state: not a sampler state with a full distribution (UniformSamplerState, "
-        f"Exp3SamplerState or GradientNormSamplerState): {type(state).__name__}"
+        f"Exp3SamplerState, GradientNormSamplerState, PrioritySamplerState or "
+        f"InfobatchSamplerState): {type(state).__name__}"
     )
 
 
@@ -133,6 +142,7 @@ def exp3_sampler(
     arity: Optional[int] = None,
     bound_quantile: float = exp3.DEFAULT_BOUND_QUANTILE,
     bound_learning_rate: float = exp3.DEFAULT_BOUND_LEARNING_RATE,
+    preset: Optional[str] = None,
 ) -> Sampler:
     """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -182,6 +192,12 @@ def exp3_sampler(
       arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
         ``sumtree.default_arity()``: 32 on GPU/TPU, 16 on CPU (docs/performance.md). The
         largest n is about 2^31 (B - 1) / B (int32 node indices); larger is refused.
+      preset: named settings of ``p_min`` and ``grad_norm_bound`` (``exp3_config.EXP3_PRESETS``),
+        used where those arguments are None (an explicit value overrides the preset):
+        ``"paper"`` (p_min = 0.1/n, ``"running_max"``: Algorithm 2 as published) or
+        ``"low_variance"`` (p_min = 0.5/n, ``"quantile"``: the clipped bound; the settings
+        docs/algorithm.md found to reduce the variance term V(p)). None (default): the
+        defaults above.
 
     Renormalization: the tree's root shrinks with every update, so the state must be
     ``sampler.renormalize``-d (O(n)) at least every ``sampler.renormalize_every`` updates (a
@@ -218,7 +234,7 @@ def exp3_sampler(
                               num_steps=num_steps, grad_norm_bound=grad_norm_bound,
                               stratified=stratified, arity=arity,
                               bound_quantile=bound_quantile,
-                              bound_learning_rate=bound_learning_rate)
+                              bound_learning_rate=bound_learning_rate, preset=preset)
     bound = (functools.partial(f, config) for f in (exp3.init, exp3.sample, exp3.update))
     return Sampler(
         *bound, config.num_examples, config.batch_size, exp3.distribution,

@@ -9,7 +9,9 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``);
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``;
+                   only ``"preconditioned_grad_norm"``'s estimator also gets the optimizer
+                   state, ``_estimator_extras``);
                    the loss's ``aux`` and new model state from the batched forward
                    (``adambs_jax.model_state``)
     guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets
@@ -33,7 +35,7 @@ import optax
 
 from adambs_jax.base import ProbabilitiesFn, accepts_apply
 from adambs_jax.checks import check_key, check_state_size
-from adambs_jax.estimators import Estimate, EstimateFn
+from adambs_jax.estimators import Estimate, EstimateFn, OptimizerAwareEstimator
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
 from adambs_jax.model_state import batch_extras, loss_parts
@@ -336,6 +338,14 @@ def next_state(state: TrainState, applied: Applied, state_key, metrics: dict, mo
     return new_state, metrics
 
 
+def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
+    """``opt_state=`` for an estimator that reads the optimizer state
+    (``"preconditioned_grad_norm"``); nothing for the others, whose programs are unchanged."""
+    if isinstance(config.estimate, OptimizerAwareEstimator):
+        return {"opt_state": state.opt_state}
+    return {}
+
+
 def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
     """One step: key, draw, estimate, guarded apply, new state."""
     num_examples = config.sampler.num_examples
@@ -346,7 +356,8 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax
     parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
-    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
+    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key,
+                               **_estimator_extras(config, state))
     aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(

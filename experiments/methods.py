@@ -27,6 +27,21 @@ name                what it is (source)
                     p_min = 0.5/n (docs/algorithm.md, "What the shift does": with the
                     default floor the EXP3 step is dominated by the L^2/p_min^2 shift and the
                     learned p is *worse* than uniform; with 0.5/n it no longer hurts)
+``adambs-lowvar``   **ours**: AdamBS with ``exp3_sampler(preset="low_variance")``: p_min = 0.5/n
+                    and the clipped bound (L = running 0.9-quantile), the settings
+                    docs/algorithm.md found to lower the variance term (issue 15)
+``adambs-lowvar-precond``  the same, learning from ``"preconditioned_grad_norm"``
+``adam-priority``   **ours**: Adam with the stale-score priority sampler
+                    (``ab.priority_sampler``: p_j proportional to the score example j got when
+                    last drawn, mixed with 10% uniform, exact weights 1/(n p)), learning from
+                    the configuration's feedback like the bandit methods (issue 15)
+``adam-priority-precond``  the same, learning from ``"preconditioned_grad_norm"`` (the norm of
+                    Adam's preconditioned per-example gradient, Lahire's point that p^GN is
+                    optimal for SGD, not for Adam)
+``infobatch``       Adam with InfoBatch (Qin et al., ICLR 2024): each epoch, below-mean-loss
+                    examples are pruned with probability 0.5 and the kept ones' gradients
+                    rescaled by 1/(1 - 0.5); annealed (uniform) over the last 12.5% of the
+                    steps (``ab.infobatch_sampler``, feedback ``"loss"``)
 ==================  =========================================================================
 
 Optimizer hyperparameters: ``sgd`` has no momentum; ``rmsprop`` uses PyTorch's defaults
@@ -35,14 +50,17 @@ SGD, RMSProp and ADAM of pytorch with default hyper-parameters"; ``adam``/``amsg
 b1 = 0.9, b2 = 0.999 (the AdamBS paper, §5.1, and PyTorch) and eps = 1e-8 (optax and PyTorch;
 Keras' default is 1e-7).
 
-Feedback: the bandit methods (``adambs``, ``amsgrad-bs``, ``adambs-tuned``) learn from the
-step's ``feedback``, by default ``"logit_grad_norm"`` (the Katharopoulos-Fleuret upper bound:
+Feedback: the bandit methods (``adambs``, ``amsgrad-bs``, ``adambs-tuned``,
+``adambs-lowvar``) and ``adam-priority`` learn from the step's ``feedback``, by default
+``"logit_grad_norm"`` (the Katharopoulos-Fleuret upper bound:
 "we use the upper bound in the place of per-example gradient norm in our method", AdamBS
 §5.1); a configuration may choose ``"grad_norm"`` or ``"loss"`` instead. ``adam-impt``
 uses its ``score_feedback`` (default ``"logit_grad_norm"``) also as the step's feedback:
 while importance sampling is off, its switch (the moving average of the variance
 reduction) learns from the scores of the training batch, as in Katharopoulos & Fleuret's
-code. Every other method uses ``"loss"``: its sampler ignores the step's feedback (p^GN
+code. ``adambs-lowvar-precond`` and ``adam-priority-precond`` always learn from
+``"preconditioned_grad_norm"``, ``infobatch`` from ``"loss"`` (its scores are the last seen
+losses). Every other method uses ``"loss"``: its sampler ignores the step's feedback (p^GN
 scores all n examples itself before drawing), and ``"loss"`` costs nothing beyond the plain
 step, so uniform Adam is exactly one plain Adam step.
 
@@ -59,6 +77,7 @@ from typing import Any
 import optax
 
 import adambs_jax as ab
+from adambs_jax.exp3_config import preset_options
 from adambs_jax.feedback import FEEDBACK_KINDS
 from adambs_jax.jsonable import to_jsonable
 from experiments.lookup import lookup
@@ -99,12 +118,15 @@ class MethodSpec:
       name: registry name.
       label: legend label.
       optimizer: ``"sgd"``, ``"rmsprop"``, ``"adam"`` or ``"amsgrad"``.
-      sampling: ``"uniform"``, ``"gradient-norm"``, ``"adam-impt"`` or ``"exp3"``.
+      sampling: ``"uniform"``, ``"gradient-norm"``, ``"adam-impt"``, ``"exp3"``,
+        ``"priority"`` or ``"infobatch"`` (a key of ``_SAMPLER_BUILDERS``).
       description: one line for ``--list`` and the docs.
       source: where the method comes from.
       sampler_defaults: keyword arguments of the sampler factory set by the method itself
         (a configuration's per-method options override them).
       requires: the ``adambs_jax`` attribute the sampler needs (None: always available).
+      feedback: the step's feedback this method always uses (None: the configuration's
+        ``feedback`` for a learning sampler, ``"loss"`` for the others).
     """
 
     name: str
@@ -115,6 +137,7 @@ class MethodSpec:
     source: str
     sampler_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     requires: str | None = None
+    feedback: str | None = None
 
 
 def _rmsprop_pytorch_defaults(learning_rate):
@@ -138,6 +161,8 @@ _OPTIMIZER_LABELS = {"sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "amsgra
 
 _LAHIRE = "Lahire, Non-Uniform Sampling and Adaptive Optimizers in Deep Learning, Fig. 1"
 _ADAMBS = "Liu, Wu, Mozafari, Adam with Bandit Sampling for Deep Learning, NeurIPS 2020"
+_PRIORITY = ("this project (issue 15); prioritized replay of Schaul et al., ICLR 2016, applied to "
+             "supervised training with exact weights")
 
 
 def _registry() -> dict[str, MethodSpec]:
@@ -176,7 +201,43 @@ def _registry() -> dict[str, MethodSpec]:
             "this project (not in the paper)", sampler_defaults={"p_min_times_n": 0.5},
         ),
     ]
+    specs += _issue_15_methods()
     return {spec.name: spec for spec in specs}
+
+
+def _issue_15_methods() -> list[MethodSpec]:
+    """The samplers of issue 15: the exp3 preset, the priority sampler, InfoBatch, and
+    variants learning from the preconditioned gradient norm."""
+    precond = "preconditioned_grad_norm"
+    lowvar = dict(sampler_defaults={"preset": "low_variance"})
+    return [
+        MethodSpec(
+            "adambs-lowvar", "AdamBS-lowvar (ours)", "adam", "exp3",
+            "OUR PRESET: AdamBS with p_min = 0.5/n and the clipped (0.9-quantile) bound",
+            "this project (docs/algorithm.md; issue 15)", **lowvar,
+        ),
+        MethodSpec(
+            "adambs-lowvar-precond", "AdamBS-lowvar + precond. norm (ours)", "adam", "exp3",
+            "AdamBS-lowvar learning from the preconditioned per-example gradient norm",
+            "this project (issue 15)", **lowvar, feedback=precond,
+        ),
+        MethodSpec(
+            "adam-priority", "Adam + priority (ours)", "adam", "priority",
+            "Adam, stale-score priority sampler (p ~ last seen score, 10% uniform)",
+            _PRIORITY, requires="priority_sampler",
+        ),
+        MethodSpec(
+            "adam-priority-precond", "Adam + priority, precond. norm (ours)", "adam", "priority",
+            "Adam, priority sampler learning from the preconditioned per-example gradient norm",
+            _PRIORITY, requires="priority_sampler", feedback=precond,
+        ),
+        MethodSpec(
+            "infobatch", "InfoBatch", "adam", "infobatch",
+            "Adam, InfoBatch: prune below-mean-loss examples each epoch (r = 0.5), rescale",
+            "Qin et al., InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data "
+            "Pruning, ICLR 2024", requires="infobatch_sampler", feedback="loss",
+        ),
+    ]
 
 
 METHODS: dict[str, MethodSpec] = _registry()
@@ -216,8 +277,9 @@ def build_method(
       feedback: what the bandit methods learn from (``"logit_grad_norm"``, the paper's
         choice, ``"grad_norm"`` or ``"loss"``); ignored by the other methods.
       options: keyword arguments for the sampler factory (``exp3_sampler``,
-        ``adam_impt_sampler``, ``gradient_norm_sampler``), overriding the method's own;
-        for the exp3 methods ``p_min_times_n`` sets p_min = value / n.
+        ``adam_impt_sampler``, ``gradient_norm_sampler``, ``priority_sampler``,
+        ``infobatch_sampler``), overriding the method's own; for the exp3 methods
+        ``p_min_times_n`` sets p_min = value / n (over a ``preset``'s).
 
     Raises:
       KeyError: unknown method. RuntimeError: the installed ``adambs_jax`` lacks the
@@ -232,41 +294,16 @@ def build_method(
         raise ValueError(f"feedback must be one of {BANDIT_FEEDBACKS}, got {feedback!r}")
     n, k = int(num_examples), int(batch_size)
     kwargs = {**spec.sampler_defaults, **dict(options or {})}
-    step_feedback = "loss"
     settings: dict[str, Any] = {
         "optimizer": spec.optimizer,
         "learning_rate": float(learning_rate),
         **OPTIMIZER_SETTINGS[spec.optimizer],
         "sampling": spec.sampling,
     }
-    if spec.sampling == "uniform":
-        if kwargs:
-            raise ValueError(f"method {name!r} takes no sampler options, got {sorted(kwargs)}")
-        sampler = ab.uniform_sampler(n, k)
-    elif spec.sampling == "gradient-norm":
-        sampler = ab.gradient_norm_sampler(n, k, **kwargs)
-    elif spec.sampling == "adam-impt":
-        sampler = ab.adam_impt_sampler(n, k, **kwargs)
-        # while importance sampling is off, Adam-impt's switch learns from the step's
-        # feedback of the batch (K&F's code): it must be the same kind as the presample scores
-        step_feedback = sampler.score_feedback
-    elif spec.sampling == "exp3":
-        if "p_min_times_n" in kwargs:
-            kwargs["p_min"] = float(kwargs.pop("p_min_times_n")) / n
-        if "step_size" not in kwargs:
-            kwargs.setdefault("num_steps", int(num_steps))
-        # the paper's bound (the library's default is the robust quantile bound since
-        # issue 16): the experiments reproduce Algorithm 2 as published
-        kwargs.setdefault("grad_norm_bound", "running_max")
-        sampler = ab.exp3_sampler(n, k, **kwargs)
-        step_feedback = feedback
-        settings["p_min"] = kwargs.get("p_min", 0.1 / n)
-        settings["step_size"] = kwargs.get(
-            "step_size", ab.default_step_size(n, int(kwargs.get("num_steps", num_steps)))
-        )
-        settings["grad_norm_bound"] = kwargs["grad_norm_bound"]
-    else:  # pragma: no cover - registry is static
-        raise AssertionError(spec.sampling)
+    sampler, step_feedback = _SAMPLER_BUILDERS[spec.sampling](
+        name, n, k, int(num_steps), kwargs, settings, feedback)
+    if spec.feedback is not None:
+        step_feedback = spec.feedback
     settings["sampler_options"] = {key: to_jsonable(value) for key, value in kwargs.items()}
     settings["feedback"] = step_feedback
     return BuiltMethod(
@@ -278,3 +315,75 @@ def build_method(
         settings=settings,
         sampling=spec.sampling,
     )
+
+
+# ----------------------------------------------------------------------------- sampler builders
+# each: (name, n, K, T, kwargs (may be rewritten), settings (filled), feedback) ->
+# (sampler, the step's feedback)
+
+
+def _uniform(name, n, k, num_steps, kwargs, settings, feedback):
+    if kwargs:
+        raise ValueError(f"method {name!r} takes no sampler options, got {sorted(kwargs)}")
+    return ab.uniform_sampler(n, k), "loss"
+
+
+def _gradient_norm(name, n, k, num_steps, kwargs, settings, feedback):
+    return ab.gradient_norm_sampler(n, k, **kwargs), "loss"
+
+
+def _adam_impt(name, n, k, num_steps, kwargs, settings, feedback):
+    sampler = ab.adam_impt_sampler(n, k, **kwargs)
+    # while importance sampling is off, Adam-impt's switch learns from the step's
+    # feedback of the batch (K&F's code): it must be the same kind as the presample scores
+    return sampler, sampler.score_feedback
+
+
+def _exp3(name, n, k, num_steps, kwargs, settings, feedback):
+    if "p_min_times_n" in kwargs:
+        kwargs["p_min"] = float(kwargs.pop("p_min_times_n")) / n
+    preset = kwargs.pop("preset", None)
+    p_min, bound = preset_options(preset, n, kwargs.get("p_min"), kwargs.get("grad_norm_bound"))
+    if p_min is not None:
+        kwargs["p_min"] = p_min
+    # without a preset, the paper's bound (the library's default is the robust quantile
+    # bound since issue 16): the experiments reproduce Algorithm 2 as published
+    kwargs["grad_norm_bound"] = "running_max" if bound is None else bound
+    if "step_size" not in kwargs:
+        kwargs.setdefault("num_steps", num_steps)
+    sampler = ab.exp3_sampler(n, k, **kwargs)
+    if preset is not None:
+        kwargs["preset"] = preset  # recorded with the options it resolved to
+        settings["preset"] = preset
+    settings["p_min"] = kwargs.get("p_min", 0.1 / n)
+    settings["step_size"] = kwargs.get(
+        "step_size", ab.default_step_size(n, int(kwargs.get("num_steps", num_steps)))
+    )
+    settings["grad_norm_bound"] = kwargs["grad_norm_bound"]
+    return sampler, feedback
+
+
+def _priority(name, n, k, num_steps, kwargs, settings, feedback):
+    sampler = ab.priority_sampler(n, k, **kwargs)
+    config = sampler.sample.args[0]  # the validated PriorityConfig the factory bound
+    settings.update(alpha=config.alpha, uniform_mix=config.uniform_mix, eps=config.eps)
+    return sampler, feedback
+
+
+def _infobatch(name, n, k, num_steps, kwargs, settings, feedback):
+    kwargs.setdefault("num_steps", num_steps)
+    sampler = ab.infobatch_sampler(n, k, **kwargs)
+    config = sampler.sample.args[0]
+    settings.update(prune_ratio=config.prune_ratio, anneal_fraction=config.anneal_fraction,
+                    epoch_steps=config.epoch_steps)
+    return sampler, "loss"
+
+
+_SAMPLER_BUILDERS = {
+    "uniform": _uniform,
+    "gradient-norm": _gradient_norm,
+    "adam-impt": _adam_impt,
+    "exp3": _exp3,
+    "priority": _priority,
+    "infobatch": _infobatch,
+}

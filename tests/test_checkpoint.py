@@ -100,6 +100,36 @@ def test_resume_is_bitwise_identical(tmp_path, make_key, use_state_key):
     )
 
 
+@pytest.mark.parametrize("make_sampler", [
+    lambda: ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, uniform_mix=0.2),
+    lambda: ab.infobatch_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=NUM_STEPS),
+], ids=["priority", "infobatch"])
+def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
+    """The priority (and InfoBatch) sampler's state is saved and restored bitwise; its
+    static configuration is described, and another uniform_mix is refused."""
+    sampler = make_sampler()
+    step = ab.make_train_step(_loss, OPTIMIZER, sampler, feedback="loss")
+    state = _fresh_state(jax.random.key(3), sampler=sampler)
+    for t in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
+        state, _ = step(state, _data())
+    ab.save_checkpoint(tmp_path / "s", state, sampler=sampler)
+    metadata = ab.read_checkpoint_metadata(tmp_path / "s")
+    assert metadata["sampler_kind"] == type(state.sampler_state).__name__
+    assert metadata["sampler_config"]["num_examples"] == NUM_EXAMPLES
+    like = _fresh_state(jax.random.key(0), sampler=sampler)
+    restored = ab.restore_checkpoint(tmp_path / "s", like, sampler=sampler)
+    for a, b in zip(jax.tree.leaves(_host(state)), jax.tree.leaves(_host(restored))):
+        np.testing.assert_array_equal(a, b)
+    p = np.asarray(ab.probabilities(restored.sampler_state))
+    assert not np.allclose(p, 1 / NUM_EXAMPLES)  # it learned something, and it came back
+    np.testing.assert_array_equal(p, np.asarray(sampler.probabilities(restored.sampler_state)))
+    if isinstance(state.sampler_state, ab.PrioritySamplerState):
+        assert metadata["sampler_config"]["uniform_mix"] == 0.2
+        other = ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, uniform_mix=0.5)
+        with pytest.raises(ValueError, match="uniform_mix"):
+            ab.restore_checkpoint(tmp_path / "s", _fresh_state(sampler=other))
+
+
 def test_metadata(tmp_path):
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})

@@ -258,3 +258,56 @@ class LossInterfaceTest(chex.TestCase):
         with pytest.raises(TypeError, match="floating"):
             check_losses(jnp.arange(3), 3)
         check_losses(jnp.ones(3), 3)
+
+
+def _adam_state_after_one_update(params):
+    optimizer = optax.adam(0.1)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3) + 0.1 * p, params)
+    return optimizer.update(grads, optimizer.init(params), params)[1]
+
+
+def _preconditioned_reference(grads_one_at_a_time, opt_state):
+    """||g_k / (sqrt(nu / (1 - 0.999)) + 1e-8)|| in float64, g_k one example at a time."""
+    nu = opt_state[0].nu
+    norms = []
+    for g in grads_one_at_a_time:
+        scaled = jax.tree.map(
+            lambda gk, v: np.asarray(gk, np.float64)
+            / (np.sqrt(np.asarray(v, np.float64) / (1 - 0.999)) + 1e-8), g, nu)
+        norms.append(_flat_norm(scaled))
+    return np.asarray(norms)
+
+
+def test_preconditioned_grad_norms_match_a_float64_reference():
+    _, params, batch, model_loss = _setup()
+    opt_state = _adam_state_after_one_update(params)
+    expected = _preconditioned_reference(_one_at_a_time_grads(model_loss, params, batch),
+                                         opt_state)
+    got = ab.preconditioned_grad_norms(model_loss, params, batch, opt_state)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4)
+    assert "preconditioned_grad_norm" in fb.FEEDBACK_KINDS
+
+
+def test_the_preconditioned_estimator_reads_the_optimizer_state():
+    _, params, batch, model_loss = _setup()
+    opt_state = _adam_state_after_one_update(params)
+    weights = jnp.linspace(0.5, 2.0, BATCH_SIZE)
+    estimate = fb.feedback_kind("preconditioned_grad_norm", model_loss).estimator(True)
+    assert isinstance(estimate, estimators.OptimizerAwareEstimator)
+    result = estimate(model_loss, params, batch, weights, None, opt_state=opt_state)
+    losses, gradient = ab.importance_weighted_grad(model_loss, params, batch, weights)
+    chex.assert_trees_all_close(result.gradient, gradient, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-6)
+    np.testing.assert_allclose(
+        result.feedback, ab.preconditioned_grad_norms(model_loss, params, batch, opt_state),
+        rtol=1e-6)
+    assert not result.per_example
+    with pytest.raises(ValueError, match="opt_state"):
+        estimate(model_loss, params, batch, weights, None)
+
+
+def test_a_scoring_sampler_cannot_score_with_the_preconditioned_norm():
+    _, params, batch, model_loss = _setup()
+    score = fb.feedback_function("preconditioned_grad_norm", model_loss)
+    with pytest.raises(ValueError, match="reads the optimizer state"):
+        score(params, batch)

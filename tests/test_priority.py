@@ -201,3 +201,68 @@ def test_trains_a_linear_model_with_adam_and_loss_feedback():
     assert full_loss(state.params) < 0.5 * before
     assert int(state.sampler_state.step) == 30
     assert not np.allclose(np.asarray(sampler.probabilities(state.sampler_state)), 1 / 64)
+
+
+def test_ab_probabilities_reads_the_state_alone():
+    sampler = priority_sampler(N, K, alpha=0.5, uniform_mix=0.4)
+    state = skewed_state(sampler)
+    assert state.uniform_mix == 0.4  # static: the state carries what p needs
+    np.testing.assert_array_equal(np.asarray(ab.probabilities(state)),
+                                  np.asarray(sampler.probabilities(state)))
+    np.testing.assert_allclose(np.asarray(ab.probabilities(state), np.float64),
+                               expected_p(SCORES, alpha=0.5, uniform_mix=0.4), rtol=1e-5)
+    with pytest.raises(ValueError, match="uniform_mix=0.4, but this sampler has uniform_mix=0.1"):
+        priority_sampler(N, K).sample(state, jax.random.key(0))
+
+
+def test_refresh_rescores_every_example_once_in_m_steps():
+    m = 4
+    sampler = priority_sampler(N, K, uniform_mix=0.2, refresh_every=m)
+    assert isinstance(sampler, ab.ScoringSampler) and sampler.batch_size == K
+    assert sampler.sample.args[0].refresh_chunk == 5  # ceil(20 / 4)
+    table = jnp.asarray(SCORES, jnp.float32)
+    seen = []
+
+    def score_fn(indices):
+        seen.append(np.asarray(indices))
+        return table[indices]
+
+    state = sampler.init()
+    for t in range(m):
+        indices, probs, state = sampler.sample(state, jax.random.key(t), score_fn)
+        p = np.asarray(sampler.probabilities(state))
+        np.testing.assert_allclose(np.asarray(probs), p[np.asarray(indices)], rtol=1e-6)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(N))  # each once
+    assert int(state.cursor) == 0
+    np.testing.assert_allclose(np.asarray(sampler.probabilities(state), np.float64),
+                               expected_p(SCORES, uniform_mix=0.2), rtol=1e-5)
+    # an invalid refreshed score keeps the old priority
+    bad = lambda indices: jnp.full(indices.shape, jnp.nan)  # noqa: E731
+    _, _, after = sampler.sample(state, jax.random.key(9), bad)
+    np.testing.assert_array_equal(np.asarray(after.tree), np.asarray(state.tree))
+    with pytest.raises(ValueError, match="need refresh_every"):
+        priority_sampler(N, K, score_feedback="loss")
+    with pytest.raises(ValueError, match="refresh_every"):
+        priority_sampler(N, K, refresh_every=0)
+
+
+def test_a_refreshing_sampler_trains_in_make_train_step():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(x @ np.array([1.0, -1.0, 2.0], np.float32))}
+
+    def loss_fn(params, batch):
+        return jnp.square(batch["x"] @ params["w"] - batch["y"])
+
+    sampler = priority_sampler(32, 8, refresh_every=4, score_feedback="loss")
+    step = ab.make_train_step(loss_fn, optax.adam(0.05), sampler, feedback="loss")
+    state = step.init({"w": jnp.zeros(3)})
+    before = float(jnp.mean(loss_fn(state.params, data)))
+    for key in jax.random.split(jax.random.key(0), 20):
+        state, _ = step(state, data, key)
+    assert float(jnp.mean(loss_fn(state.params, data))) < 0.5 * before
+    assert int(state.sampler_state.cursor) == 0  # 20 steps of 8 = 5 full passes over 32
+    leaves = sumtree.leaf_values(state.sampler_state.tree,
+                                 sumtree.layout_for(32, state.sampler_state.arity))
+    assert np.all(np.asarray(leaves) != priority.priorities(  # every score was refreshed
+        sampler.sample.args[0], jnp.asarray(1.0)))

@@ -330,6 +330,37 @@ def test_the_bound_options_set_the_mode():
     assert math.log(float(moved.grad_norm_bound)) == pytest.approx(0.5 * (0.75 - 0.1), rel=1e-5)
 
 
+def _exp3_config_of(sampler):
+    """The ``Exp3Config`` an ``exp3_sampler`` bound into its functions."""
+    return sampler.sample.args[0]
+
+
+@pytest.mark.parametrize("preset, p_min_times_n, bound", [
+    ("low_variance", 0.5, "quantile"), ("paper", 0.1, "running_max"),
+])
+def test_exp3_presets_set_p_min_and_the_bound(preset, p_min_times_n, bound):
+    n = 40
+    config = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset=preset))
+    expected = exp3.exp3_config(n, 4, p_min=p_min_times_n / n, step_size=None, num_steps=100,
+                                grad_norm_bound=bound, stratified=False)
+    assert config == expected
+    assert config.p_min == pytest.approx(p_min_times_n / n) and config.bound_mode == bound
+    assert config.bound_quantile == 0.9  # the clipped bound at the 90th percentile
+
+
+def test_explicit_arguments_override_the_preset():
+    n = 40
+    config = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset="low_variance",
+                                             p_min=0.2 / n, grad_norm_bound=3.0))
+    assert config.p_min == pytest.approx(0.2 / n)
+    assert config.bound_mode == "fixed" and config.grad_norm_bound == 3.0
+    only_bound = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset="low_variance",
+                                                 grad_norm_bound="running_max"))
+    assert only_bound.p_min == pytest.approx(0.5 / n) and only_bound.bound_mode == "running_max"
+    with pytest.raises(ValueError, match="preset must be None or one of"):
+        ab.exp3_sampler(n, 4, num_steps=100, preset="fast")
+
+
 def test_uniform_sampler_validates_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         ab.uniform_sampler(10, 0)

@@ -157,13 +157,23 @@ def _primitives(jaxpr):
     return names
 
 
-@pytest.mark.parametrize("sampler_name", ["exp3", "uniform"])
+_SAMPLERS = {
+    "exp3": lambda: ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10),
+    "uniform": lambda: ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE),
+    "priority": lambda: ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE),
+    "infobatch": lambda: ab.infobatch_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10),
+}
+
+
+@pytest.mark.parametrize("sampler_name, feedback", [
+    ("exp3", "grad_norm"), ("uniform", "grad_norm"), ("priority", "preconditioned_grad_norm"),
+    ("infobatch", "loss"),
+])
 @pytest.mark.parametrize("skip_non_finite", [True, False])
-def test_the_step_has_no_while_loop_or_cond(sampler_name, skip_non_finite):
+def test_the_step_has_no_while_loop_or_cond(sampler_name, feedback, skip_non_finite):
     # issue 11: a data-dependent branch makes XLA:GPU copy its predicate to the host
-    sampler = (ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10) if sampler_name == "exp3"
-               else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE))
-    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="grad_norm",
+    sampler = _SAMPLERS[sampler_name]()
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback,
                               skip_non_finite=skip_non_finite, jit=False)
     state = step.init({"w": jnp.asarray(2.0)})
     primitives = _primitives(jax.make_jaxpr(step.step_fn)(state, _data(), jax.random.key(0)).jaxpr)
@@ -200,3 +210,29 @@ def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
     tree_size = state.sampler_state.tree.shape[0]
     assert f"f32[{tree_size}]" in hlo
     assert not re.search(rf"f32\[{tree_size}\]\S* copy\(", hlo)
+
+
+def test_the_preconditioned_feedback_gets_the_step_s_optimizer_state():
+    # the sampler learns ||g_k / (sqrt(v_hat) + eps)|| with v_hat of the state the step sees
+    sampler = ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, alpha=1.0, eps=1e-6)
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler,
+                              feedback="preconditioned_grad_norm", jit=False)
+    state, _ = step(step.init({"w": jnp.asarray(2.0)}), _data(), jax.random.key(1))
+    key = jax.random.key(2)
+    indices, _ = sampler.sample(state.sampler_state, jax.random.split(key, 3)[0])
+    batch = jax.tree.map(lambda leaf: leaf[indices], _data())
+    expected = ab.preconditioned_grad_norms(_loss, state.params, batch, state.opt_state)
+    new_state, _ = step(state, _data(), key)
+    priorities = sampler.probabilities(new_state.sampler_state)  # p ~ u = f + eps
+    tree = new_state.sampler_state.tree
+    leaves = ab.sumtree.leaf_values(
+        tree, ab.sumtree.layout_for(NUM_EXAMPLES, new_state.sampler_state.arity))
+    np.testing.assert_allclose(leaves[indices], expected + 1e-6, rtol=1e-5)
+    assert float(priorities.sum()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_preconditioned_feedback_refuses_sgd_when_traced():
+    step = ab.make_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE),
+                              feedback="preconditioned_grad_norm")
+    with pytest.raises(ValueError, match="second-moment"):
+        step(step.init({"w": jnp.asarray(2.0)}), _data(), jax.random.key(0))

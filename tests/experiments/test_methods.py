@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
+import adambs_jax as ab
 from adambs_jax.feedback import FEEDBACK_KINDS
 from experiments.methods import BANDIT_FEEDBACKS, build_method, list_methods, method_available
 
@@ -42,3 +44,56 @@ def test_unknown_feedback_is_refused():
     with pytest.raises(ValueError, match="feedback must be one of"):
         build_method("adambs", num_examples=20, batch_size=4, num_steps=10, learning_rate=0.1,
                      feedback="bogus")
+
+
+def _build(name, **kwargs):
+    return build_method(name, num_examples=50, batch_size=4, num_steps=80, learning_rate=0.1,
+                        **kwargs)
+
+
+def test_the_issue_15_methods_are_registered():
+    names = set(list_methods())
+    assert {"adambs-lowvar", "adambs-lowvar-precond", "adam-priority",
+            "adam-priority-precond", "infobatch"} <= names
+    for name in ("adam", "adambs", "adam-impt", "adam-gn", "adambs-tuned"):
+        assert name in names  # the existing methods stay
+
+
+def test_adambs_lowvar_is_the_low_variance_preset():
+    built = _build("adambs-lowvar")
+    assert built.sampler.sample.args[0] == ab.exp3_sampler(
+        50, 4, num_steps=80, preset="low_variance").sample.args[0]
+    assert built.settings["p_min"] == pytest.approx(0.5 / 50)
+    assert built.settings["grad_norm_bound"] == "quantile"
+    assert built.settings["preset"] == "low_variance" and built.feedback == "logit_grad_norm"
+    # a configuration's option overrides the preset
+    paper_floor = _build("adambs-lowvar", options={"p_min_times_n": 0.1})
+    assert paper_floor.settings["p_min"] == pytest.approx(0.1 / 50)
+    assert paper_floor.settings["grad_norm_bound"] == "quantile"
+    # the paper's method keeps the paper's bound
+    assert _build("adambs").settings["grad_norm_bound"] == "running_max"
+
+
+def test_adam_priority_builds_the_priority_sampler_with_the_configuration_feedback():
+    built = _build("adam-priority", feedback="grad_norm")
+    assert built.sampling == "priority" and built.feedback == "grad_norm"
+    assert isinstance(built.sampler.init(), ab.PrioritySamplerState)
+    assert built.settings["uniform_mix"] == 0.1 and built.settings["alpha"] == 1.0
+    mixed = _build("adam-priority", options={"uniform_mix": 0.5})
+    assert mixed.settings["uniform_mix"] == 0.5
+    json.dumps(mixed.settings)
+
+
+@pytest.mark.parametrize("name", ["adam-priority-precond", "adambs-lowvar-precond"])
+def test_precond_methods_always_use_the_preconditioned_feedback(name):
+    built = _build(name, feedback="loss")
+    assert built.feedback == built.settings["feedback"] == "preconditioned_grad_norm"
+    assert "preconditioned_grad_norm" in FEEDBACK_KINDS
+
+
+def test_infobatch_method_learns_from_the_loss_and_epochs_of_n_over_k_steps():
+    built = _build("infobatch", feedback="grad_norm")
+    assert built.sampling == "infobatch" and built.feedback == "loss"
+    assert built.sampler.renormalize_every == math.ceil(50 / 4)
+    assert built.settings["prune_ratio"] == 0.5 and built.settings["anneal_fraction"] == 0.125
+    assert built.settings["sampler_options"]["num_steps"] == 80
