@@ -188,6 +188,9 @@ class FeedbackKind(NamedTuple):
       estimate_by_vmap: the estimator for ``grad_norm_method="vmap"``; None if the kind has
         no other way.
       estimate_by_ghost: the estimator for ``grad_norm_method="ghost"``; None likewise.
+      per_example_evaluation: the kind evaluates the model one example at a time (exact
+        per-example gradients), so batch statistics would be per-example: refused with
+        model state (``adambs_jax.model_state``).
     """
 
     scores: Callable[..., jax.Array]
@@ -196,6 +199,7 @@ class FeedbackKind(NamedTuple):
     needs_model_loss: bool = False
     estimate_by_vmap: Optional[EstimateFn] = None
     estimate_by_ghost: Optional[EstimateFn] = None
+    per_example_evaluation: bool = False
 
     def estimator(
         self, reuse_per_example_grads: bool, grad_norm_method: str = "auto"
@@ -219,13 +223,15 @@ FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
         estimate_reusing_grads=estimate_with_per_example_grads,
         estimate_by_vmap=estimate_with_vmap_norms,
         estimate_by_ghost=estimate_with_forced_ghost_norms,
+        per_example_evaluation=True,
     ),
     "logit_grad_norm": FeedbackKind(
         logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True
     ),
     "loss": FeedbackKind(_losses_as_scores, estimate_with_loss),
     "preconditioned_grad_norm": FeedbackKind(
-        _refuse_scoring_without_optimizer_state, estimate_with_preconditioned_norms
+        _refuse_scoring_without_optimizer_state, estimate_with_preconditioned_norms,
+        per_example_evaluation=True,
     ),
 }
 """Every built-in feedback kind (``FEEDBACK_KINDS``) and how it is computed."""

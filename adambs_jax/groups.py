@@ -66,6 +66,7 @@ __all__ = [
     "expand_groups",
     "group_feedback",
     "drawn_groups",
+    "state_distribution",
 ]
 
 BASE_SAMPLERS = {"exp3": samplers.exp3_sampler, "uniform": samplers.uniform_sampler}
@@ -201,11 +202,16 @@ def update(config: GroupConfig, base: Sampler, state: GroupSamplerState, indices
     return state.replace(base=new_base)
 
 
+def state_distribution(state: GroupSamplerState, group_probs) -> jax.Array:
+    """p (n,) from the base's q (G,): every example of group g has q_g / m. O(n)."""
+    return jnp.repeat(group_probs / state.group_size, state.group_size,
+                      total_repeat_length=state.num_examples)
+
+
 def probabilities(config: GroupConfig, base: Sampler, state: GroupSamplerState) -> jax.Array:
     """p (n,): every example of group g has q_g / m. O(n)."""
     _check_state(config, state)
-    return jnp.repeat(base.probabilities(state.base) / config.group_size, config.group_size,
-                      total_repeat_length=config.num_examples)
+    return state_distribution(state, base.probabilities(state.base))
 
 
 def renormalize(base: Sampler, state: GroupSamplerState) -> GroupSamplerState:

@@ -46,12 +46,14 @@ class LossParts(NamedTuple):
     extras: Optional[Callable[[Any, Any, Any], tuple[Any, Any]]]
 
 
-def check_model_state_options(loss_fn, feedback_name, has_aux, model_state, scoring) -> None:
+def check_model_state_options(loss_fn, feedback_name, has_aux, model_state, scoring, *,
+                              per_example_feedback: bool = False) -> None:
     """The build-time refusals of ``has_aux`` / ``model_state`` (``make_train_step``).
 
     Raises:
       TypeError: ``has_aux`` or ``model_state`` is not a bool.
-      ValueError: ``"grad_norm"`` feedback with model state (per-example gradients would
+      ValueError: a feedback kind that evaluates examples one at a time
+        (``per_example_feedback``: ``"grad_norm"``, ``"preconditioned_grad_norm"``) with model state (per-example gradients would
         compute per-example batch statistics), model state with a scoring sampler (it scores
         subsets of examples), ``has_aux`` with a ``ModelLoss``.
     """
@@ -64,9 +66,9 @@ def check_model_state_options(loss_fn, feedback_name, has_aux, model_state, scor
         )
     if not model_state:
         return
-    if feedback_name == "grad_norm":
+    if per_example_feedback:  # the kind evaluates the model one example at a time
         raise ValueError(
-            'feedback="grad_norm" with model_state=True is ill-defined: the exact per-example '
+            f'feedback="{feedback_name}" with model_state=True is ill-defined: the exact per-example '
             "gradient norms evaluate the model one example at a time, so batch statistics "
             '(BatchNorm) would be per-example; use feedback="logit_grad_norm" (with a '
             'ModelLoss) or feedback="loss"'

@@ -59,7 +59,8 @@ def probabilities(state) -> jax.Array:
     Dispatches on the library's state classes: ``UniformSamplerState`` (1/n),
     ``Exp3SamplerState`` (leaves / root), ``GradientNormSamplerState`` (the distribution
     of its latest draw), ``PrioritySamplerState`` (the mixture with its static lambda) and
-    ``InfobatchSamplerState`` (this epoch's leaves / root). Adam-impt's ``AdamImptState``
+    ``InfobatchSamplerState`` (this epoch's leaves / root), ``GroupSamplerState`` (each
+    example of group g: q_g / m, q its base state's distribution). Adam-impt's ``AdamImptState``
     has no full distribution (the marginal of its presample-and-resample draw is not
     computed). A sampler's own
     ``sampler.probabilities`` (None where it has no distribution) is the typed way to ask.
@@ -82,10 +83,14 @@ def probabilities(state) -> jax.Array:
         return priority.state_distribution(state)
     if isinstance(state, InfobatchSamplerState):
         return infobatch.distribution(state)
+    from adambs_jax import groups  # groups builds on this module's factories: import late
+
+    if isinstance(state, groups.GroupSamplerState):
+        return groups.state_distribution(state, probabilities(state.base))
     raise TypeError(
         f"state: not a sampler state with a full distribution (UniformSamplerState, "
         f"Exp3SamplerState, GradientNormSamplerState, PrioritySamplerState or "
-        f"InfobatchSamplerState): {type(state).__name__}"
+        f"InfobatchSamplerState, or a GroupSamplerState of one): {type(state).__name__}"
     )
 
 

@@ -131,6 +131,7 @@ def _step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
     check_model_state_options(
         loss_fn, feedback if isinstance(feedback, str) else None, options["has_aux"],
         options["model_state"], isinstance(sampler, ScoringSampler),
+        per_example_feedback=getattr(kind, "per_example_evaluation", False),
     )
     score_feedback = feedback
     if isinstance(sampler, ScoringSampler) and sampler.score_feedback is not None:
@@ -184,7 +185,9 @@ def make_train_step(
       sampler: ``exp3_sampler``, ``uniform_sampler``, or a ``ScoringSampler`` (its ``sample``
         gets a ``score_fn`` over the current model; see ``adambs_jax.scoring``).
       feedback: per-example score for ``sampler.update``: ``"grad_norm"`` (exact, via
-        vmap), ``"logit_grad_norm"`` (Katharopoulos–Fleuret bound), ``"loss"``, or a callable
+        vmap), ``"logit_grad_norm"`` (Katharopoulos–Fleuret bound), ``"loss"``,
+        ``"preconditioned_grad_norm"`` (||g_k / (sqrt(v_hat) + eps)|| with Adam's/RMSProp's
+        v_hat from the optimizer state, ``adambs_jax.preconditioner``), or a callable
         ``(params, batch, losses) -> (K,)``. NaN, infinite or negative entries are dropped by
         the sampler and counted in ``metrics["num_dropped_feedback"]``.
       diagnostics: add the O(n) metrics ``effective_sample_size`` = 1 / (n sum_j p_j^2),

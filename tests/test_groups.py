@@ -42,6 +42,7 @@ def test_drawn_groups_follow_the_base_distribution(exp3_groups):
     sampler, state = exp3_groups
     q = np.asarray(sampler.probabilities(state))[::M] * M     # the base's q (G,)
     np.testing.assert_allclose(q, np.asarray(ab.probabilities(state.base)), rtol=1e-6)
+    np.testing.assert_array_equal(ab.probabilities(state), sampler.probabilities(state))
     assert q.max() / q.min() > 1.5                            # a non-uniform state
     indices, _ = _draws(sampler, state, 20000)
     counts = np.bincount(np.asarray(indices[:, ::M]).ravel() // M, minlength=N // M)

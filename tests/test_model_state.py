@@ -210,6 +210,9 @@ def test_build_time_refusals():
     sampler = ab.uniform_sampler(NUM_EXAMPLES, 4)
     with pytest.raises(ValueError, match='"logit_grad_norm".*"loss"'):
         ab.make_train_step(loss, optax.adam(0.1), sampler, model_state=True)
+    with pytest.raises(ValueError, match='feedback="preconditioned_grad_norm" with model_state'):
+        ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm",
+                           model_state=True)
     with pytest.raises(ValueError, match="ScoringSampler"):
         ab.make_train_step(loss, optax.adam(0.1), ab.adam_impt_sampler(NUM_EXAMPLES, 4),
                            feedback="loss", model_state=True)
