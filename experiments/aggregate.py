@@ -118,11 +118,11 @@ def method_aggregates(
         "num_seeds": int(train_loss.shape[0]),
         "num_diverged": int(np.sum(~np.isfinite(final_loss))),
         "steps": [int(s) for s in steps],
-        "curve_time_mean": _floats(time_mean),
-        "curve_train_loss_mean": _floats(loss_mean),
-        "curve_train_loss_std": _floats(loss_std),
-        "curve_test_error_mean": _floats(err_mean),
-        "curve_test_error_std": _floats(err_std),
+        "curve_time_mean": floats(time_mean),
+        "curve_train_loss_mean": floats(loss_mean),
+        "curve_train_loss_std": floats(loss_std),
+        "curve_test_error_mean": floats(err_mean),
+        "curve_test_error_std": floats(err_std),
         "final_train_loss": mean_std_dict(final_loss),
         "final_test_error": mean_std_dict(test_error[:, -1]),
         "train_time_per_run_s": mean_std_dict(times[:, -1]),
@@ -148,7 +148,8 @@ def mean_std_dict(values) -> dict:
     return {"mean": float(mean), "std": float(std)}
 
 
-def _floats(values) -> list:
+def floats(values) -> list:
+    """A JSON-ready list of floats (non-finite values as None: gaps in the plots)."""
     return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +39,20 @@ class Reduction(NamedTuple):
 
 MEAN = Reduction(lambda values: jnp.mean(values.astype(jnp.float32)), np.mean)
 MAX = Reduction(jnp.max, np.max)
+MIN = Reduction(jnp.min, np.min)
 SUM = Reduction(lambda values: jnp.sum(values).astype(jnp.float32), np.sum)
 
 METRIC_REDUCTIONS: dict[str, Reduction] = {
     "max_weight": MAX,             # the largest importance weight of the interval
+    "min_weight": MIN,             # the smallest
     "num_dropped_feedback": SUM,   # a count: how many draws' feedback was dropped
+    "skipped": SUM,                # a count: how many steps of the interval were skipped
+    "skipped_steps": MAX,          # cumulative: its value at the end of the interval
 }
-"""The metrics not reduced by their mean (every other metric: :data:`MEAN`)."""
+"""The metrics not reduced by their mean (every other metric: :data:`MEAN`, among them
+``loss``, the unbiased (1/K) sum_k w_k loss_k of the step, and ``sampled_loss``, the plain
+mean of the sampled batch's losses; ``metrics.jsonl`` has them as ``batch_loss`` and
+``batch_sampled_loss``)."""
 
 
 def reduction_of(name: str) -> Reduction:
@@ -66,12 +73,27 @@ def reduce_step_metrics(metrics_list: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- chunks
 
 
-def make_chunk(step: Callable, interval: int, num_intervals: int) -> Callable:
-    """``chunk(state, data, run_key) -> (state, params_stack, metrics_stack)``.
+class Snapshots(NamedTuple):
+    """What a chunk keeps after each of its evaluation intervals, every leaf with a leading
+    ``num_intervals`` axis: the parameters (evaluated after the timed call) and, if asked
+    for, the sampler's state (for ``experiments.diagnostics``; else None)."""
+
+    params: Any
+    sampler_state: Any = None
+
+
+def _snapshot(state, keep_sampler_state: bool) -> Snapshots:
+    return Snapshots(state.params, state.sampler_state if keep_sampler_state else None)
+
+
+def make_chunk(step: Callable, interval: int, num_intervals: int,
+               keep_sampler_state: bool = False) -> Callable:
+    """``chunk(state, data, run_key) -> (state, snapshots, metrics_stack)``.
 
     ``num_intervals * interval`` training steps in one nested ``lax.scan``; after every
-    ``interval`` steps the parameters are kept (``params_stack``: every leaf gets a leading
-    ``num_intervals`` axis), to be evaluated after the timed call. Step t uses the key
+    ``interval`` steps the parameters (and the sampler's state if ``keep_sampler_state``)
+    are kept (:class:`Snapshots`: every leaf gets a leading ``num_intervals`` axis), to be
+    evaluated after the timed call. Step t uses the key
     ``fold_in(run_key, t)`` (t = ``state.step``), so a run's keys do not depend on how it is
     cut into chunks. ``metrics_stack[name]`` is ``(num_intervals,)``: the step's metric
     reduced over each interval (:func:`reduction_of`: the mean, the max for ``max_weight``,
@@ -84,11 +106,11 @@ def make_chunk(step: Callable, interval: int, num_intervals: int) -> Callable:
         def one_interval(state, _):
             state, metrics = jax.lax.scan(one_step, state, None, length=interval)
             out = {name: reduction_of(name).on_device(value) for name, value in metrics.items()}
-            return state, (state.params, out)
+            return state, (_snapshot(state, keep_sampler_state), out)
 
-        state, (params_stack, metrics_stack) = jax.lax.scan(
+        state, (snapshots, metrics_stack) = jax.lax.scan(
             one_interval, state, None, length=num_intervals)
-        return state, params_stack, metrics_stack
+        return state, snapshots, metrics_stack
 
     return chunk
 
@@ -152,18 +174,19 @@ def choose_loop(loop: str, loss, params, batch) -> str:
     return "python" if has_convolution(loss, params, batch) else "scan"
 
 
-def compile_chunks(step: Callable, plan, loop: str, example_args) -> dict:
+def compile_chunks(step: Callable, plan, loop: str, example_args,
+                   keep_sampler_state: bool = False) -> dict:
     """``{(interval, count): chunk}`` with ``chunk(state, data, run_key) -> (state,
-    params_stack or None, metrics)``, compiled ahead of time.
+    snapshots or None, metrics)``, compiled ahead of time.
 
     ``"scan"``: one compiled ``make_chunk`` per distinct shape; ``metrics`` is a dict of
     ``(count,)`` arrays. ``"python"``: one compiled step (key ``fold_in(run_key, t)`` as in
-    the scan), called ``interval * count`` times; ``params_stack`` is None (the caller
-    takes the final parameters) and ``metrics`` the list of the steps' metric dicts.
+    the scan), called ``interval * count`` times; ``snapshots`` is None (:func:`timed_call`
+    takes the final state's) and ``metrics`` the list of the steps' metric dicts.
     """
     if loop == "scan":
         return {
-            shape: jax.jit(make_chunk(step, *shape), donate_argnums=0)
+            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state), donate_argnums=0)
             .lower(*example_args).compile()
             for shape in sorted(set(plan))
         }
@@ -183,21 +206,25 @@ def compile_chunks(step: Callable, plan, loop: str, example_args) -> dict:
 
         return chunk
 
-    return {shape: python_chunk(shape[0] * shape[1]) for shape in sorted(set(plan))}
+    chunks = {shape: python_chunk(shape[0] * shape[1]) for shape in sorted(set(plan))}
+    for chunk in chunks.values():  # read by timed_call (the python loop keeps no snapshots)
+        chunk.keep_sampler_state = keep_sampler_state
+    return chunks
 
 
 def timed_call(chunk: Callable, state, data, run_key):
-    """``(state, params_stack, metrics, seconds)``: one chunk call, timed with
+    """``(state, snapshots, metrics, seconds)``: one chunk call, timed with
     ``perf_counter`` around the call and ``block_until_ready`` of the returned state.
 
-    With the Python loop (``params_stack`` None) the stack becomes the final parameters
-    (one interval per chunk) and the metrics are reduced here, after the clock stopped.
+    With the Python loop (``snapshots`` None) the snapshots become the final state's (one
+    interval per chunk) and the metrics are reduced here, after the clock stopped.
     """
     started = time.perf_counter()
-    state, params_stack, metrics = chunk(state, data, run_key)
+    state, snapshots, metrics = chunk(state, data, run_key)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - started
-    if params_stack is None:  # python loop: one interval per chunk
-        params_stack = jax.tree.map(lambda leaf: leaf[None], state.params)
+    if snapshots is None:  # python loop: one interval per chunk
+        final = _snapshot(state, getattr(chunk, "keep_sampler_state", False))
+        snapshots = jax.tree.map(lambda leaf: leaf[None], final)
         metrics = reduce_step_metrics(metrics)
-    return state, params_stack, metrics, seconds
+    return state, snapshots, metrics, seconds

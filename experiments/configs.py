@@ -26,6 +26,7 @@ from experiments.lookup import lookup
 ADAMBS = "AdamBS paper (000_3210f3def4dac4d3.txt)"
 LAHIRE = "Lahire (004_57fb09608c6ed123.txt)"
 OURS = "our choice (no paper value)"
+LR_SCHEDULES = ("linear", "cosine")  # the compute-matched protocol's decays to zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,16 @@ class ExperimentConfig:
       eval_informative_only: evaluate losses and errors only on the examples whose
         features are not all zero (heavy-tailed: an all-zero example has the loss log 2 under
         every parameter, so those examples only add a constant to the full loss).
+      diagnostic_examples: m, the examples whose exact gradient norms the sampler
+        diagnostics compare p with at every evaluation point (all n if n <= m, else a fixed
+        random subset of m; 0: no such diagnostics). See ``experiments.diagnostics``.
+      budget_seconds: None (the default): every method runs the configuration's steps.
+        A number S: the compute-matched protocol (``experiments.compute_matched``): every
+        method gets S seconds of training on this machine, T_m = floor(S x its measured
+        steps/s) steps, and its learning rate decays to zero at T_m.
+      lr_schedule: the decay of the compute-matched protocol, the same shape for every
+        method: ``"linear"`` (lr (1 - t/T_m)) or ``"cosine"`` (lr (1 + cos(pi t/T_m))/2).
+      calibration_rounds: timed chunks per method (interleaved) that measure its steps/s.
       max_steps: cap on the steps per run (``--max-steps``, for a quick look; AdamBS's
         default eta0 then uses the capped T).
     """
@@ -97,6 +108,10 @@ class ExperimentConfig:
     max_steps: int | None = None
     loop: str = "auto"
     eval_informative_only: bool = False
+    diagnostic_examples: int = 1024
+    budget_seconds: float | None = None
+    lr_schedule: str = "linear"
+    calibration_rounds: int = 5
 
     def __post_init__(self):
         if (self.num_steps is None) == (self.num_epochs is None):
@@ -104,6 +119,14 @@ class ExperimentConfig:
         if min(self.eval_every, self.chunk_steps, self.batch_size, self.num_seeds) < 1:
             raise ValueError(
                 f"{self.name}: eval_every, chunk_steps, batch_size, num_seeds must be >= 1")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise ValueError(f"{self.name}: budget_seconds must be > 0, got {self.budget_seconds}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, "
+                             f"got {self.lr_schedule!r}")
+        if self.calibration_rounds < 1 or self.diagnostic_examples < 0:
+            raise ValueError(f"{self.name}: calibration_rounds must be >= 1 and "
+                             "diagnostic_examples >= 0")
 
     def steps_for(self, num_examples: int) -> int:
         """Training steps per run for a training set of ``num_examples``."""

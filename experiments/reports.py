@@ -36,6 +36,10 @@ def method_summary(config: ExperimentConfig, r: MethodResult) -> dict:
         train_error=r.train_error, step_times=r.step_times, compile_s=r.compile_s,
         target_loss=config.target_loss,
     )
+    for name, values in r.curves.items():  # sampled_loss and the sampler diagnostics
+        mean, std = aggregate.mean_and_std(values)
+        agg[f"curve_{name}_mean"], agg[f"curve_{name}_std"] = (
+            aggregate.floats(mean), aggregate.floats(std))
     if r.final_diagnostics and r.final_diagnostics[0]:
         agg["final_sampler_diagnostics"] = {
             key: aggregate.mean_std_dict([d[key] for d in r.final_diagnostics])
