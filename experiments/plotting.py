@@ -101,6 +101,9 @@ def plot_loss(path: Path, config, summary: dict, title: str, x_key: str, x_label
     if config.target_loss is not None:
         ax.axhline(config.target_loss, color="gray", linestyle=":", linewidth=1,
                    label=f"target {config.target_loss:g}")
+    if x_key == "time" and getattr(config, "budget_seconds", None) is not None:
+        ax.axvline(config.budget_seconds, color="black", linestyle="-.", linewidth=0.8,
+                   label=f"budget {config.budget_seconds:g} s")
     _finish(fig, ax, title, path)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adambs_jax.jsonable import to_jsonable
-from experiments import aggregate
+from experiments import aggregate, budget_report
 from experiments.configs import ExperimentConfig
 from experiments.machine import machine_info, versions
 from experiments.method_run import MethodResult
@@ -150,7 +150,10 @@ def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> lis
 
 
 def markdown_table(config: ExperimentConfig, summary: dict) -> str:
-    """``table.md``: one row per method (and Lahire's Table 1 layout if configured)."""
+    """``table.md``: one row per method (and Lahire's Table 1 layout if configured); a
+    compute-matched run's: ``experiments.budget_report.budget_table``."""
+    if "compute_matched" in summary:
+        return budget_report.budget_table(config, summary)
     target, show_ess = config.target_loss, _shows_ess(summary)
     header = _table_header(target, show_ess)
     lines = _table_intro(config, summary)
