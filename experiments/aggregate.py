@@ -1,5 +1,8 @@
 """Aggregation over seeds: mean/std bands, time-to-target, the per-method summary.
 
+``python -m experiments.aggregate FOLDERS`` writes the summary tables of several runs
+(method x configuration, per step and per second: ``experiments.results_table``).
+
 Everything here is plain numpy on arrays shaped ``(num_seeds, num_eval_points)``: one row
 per seed, one column per evaluation point (the same steps for every seed of a method).
 A non-finite value (a diverged run) propagates into the mean: it is reported, not hidden.
@@ -159,3 +162,11 @@ def format_mean_std(stats: dict, *, scale: float = 1.0, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "nan"
     return f"{mean:.{digits}g} ± {std:.{digits - 1}g}" if digits > 1 else f"{mean:.0f} ± {std:.0f}"
+
+
+if __name__ == "__main__":  # python -m experiments.aggregate FOLDERS: experiments.results_table
+    import sys
+
+    from experiments.results_table import main
+
+    sys.exit(main())
