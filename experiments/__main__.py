@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-schedule", choices=("linear", "cosine"),
                         help="the compute-matched decay (default linear)")
     parser.add_argument("--calibration-rounds", type=int,
-                        help="timed chunks per method that measure its steps/s (default 5)")
+                        help="one-chunk runs per method that measure its steps/s (default 10)")
     parser.add_argument("--diagnostic-examples", type=int,
                         help="examples whose gradient norms the sampler diagnostics use "
                              "(default 1024; 0: none)")

@@ -136,6 +136,23 @@ def chunk_plan(num_steps: int, eval_every: int, chunk_steps: int) -> list[tuple[
     return plan
 
 
+def fixed_chunk_plan(num_steps: int, eval_every: int, chunk_steps: int) -> list[tuple[int, int]]:
+    """Like :func:`chunk_plan`, but every chunk but the last two has the one shape
+    ``(eval_every, max(1, chunk_steps // eval_every))`` whatever ``num_steps`` is: then the
+    remaining full intervals in one chunk, then a remainder of fewer than ``eval_every``
+    steps. The compute-matched protocol uses it so that a run's chunks have the shape its
+    speed was calibrated on (at most three shapes: three compilations)."""
+    num_steps, eval_every = int(num_steps), int(eval_every)
+    full, rest = divmod(num_steps, eval_every)
+    per_chunk = max(1, int(chunk_steps) // eval_every)
+    plan = [(eval_every, per_chunk)] * (full // per_chunk)
+    if full % per_chunk:
+        plan.append((eval_every, full % per_chunk))
+    if rest:
+        plan.append((rest, 1))
+    return plan
+
+
 def eval_points(plan: Sequence[tuple[int, int]]) -> list[int]:
     """Step 0 and the step after every interval of ``plan``."""
     steps = [0]

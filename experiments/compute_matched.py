@@ -9,10 +9,13 @@ budget), not as a prefix of a longer run.
 For a configuration with ``budget_seconds = S`` (``python -m experiments NAME
 --budget-seconds S``), :func:`run_compute_matched`:
 
-1. **calibrates** each method's speed: its chunks are compiled and warmed up exactly as for
-   training (``experiments.method_run``), then ``calibration_rounds`` timed chunks of each
-   method run interleaved (round after round, every method once per round, so a drift of
-   the machine's speed hits all alike); steps/s = steps per chunk / the median chunk time;
+1. **calibrates** each method's speed (:func:`measure_rates`): its chunks are compiled and
+   warmed up exactly as for training (``experiments.method_run``), then
+   ``calibration_rounds`` one-chunk runs of each method go interleaved (round after round,
+   every method once per round, so a drift of the machine's speed hits all alike), each
+   with its untimed evaluation as in training; steps/s = steps per chunk / the mean chunk
+   time. The budget runs are cut into chunks of that same shape
+   (``experiments.chunks.fixed_chunk_plan``);
 2. sets each method's horizon T_m = floor(S * steps/s_m) (:func:`steps_for_budget`, at
    least 1);
 3. builds each method for T_m steps (AdamBS's default eta0 uses T_m) with the learning rate
@@ -46,7 +49,6 @@ from pathlib import Path
 
 import optax
 
-from experiments.chunks import timed_call
 from experiments.configs import ExperimentConfig
 from experiments.method_run import MethodRun
 from experiments.methods import BuiltMethod, build_method
@@ -101,7 +103,8 @@ def build_decayed(setup: Setup, name: str) -> BuiltMethod:
 
 def calibration_setup(setup: Setup) -> Setup:
     """A setup of one full chunk (``chunk_steps`` steps in a scan, ``eval_every`` in the
-    Python loop): the chunk shape most of a budget run's steps run in."""
+    Python loop): the chunk shape most of a budget run's steps run in
+    (``experiments.chunks.fixed_chunk_plan``)."""
     config = setup.config
     per_chunk = config.chunk_steps if setup.loop == "scan" else config.eval_every
     return setup.with_num_steps(max(config.eval_every, per_chunk // config.eval_every
@@ -109,25 +112,31 @@ def calibration_setup(setup: Setup) -> Setup:
 
 
 def measure_rates(setup: Setup, names, log: Callable[[str], None] = print) -> dict:
-    """``name -> {"steps_per_s", "chunk_steps", "chunk_s"}``: each method's calibrated speed
-    (compiled and warmed up by ``MethodRun``; ``calibration_rounds`` interleaved chunks)."""
+    """``name -> {"steps_per_s", "chunk_steps", "chunk_s", "compile_s"}``: each method's
+    calibrated speed.
+
+    Every method is compiled and warmed up by ``MethodRun`` for a one-chunk run, then
+    ``calibration_rounds`` such runs go round after round (every method once per round), each
+    exactly as in training (the untimed evaluation and diagnostics after the timed chunk, so
+    the chunk starts in the same state of the machine's caches as a training chunk does).
+    steps/s = steps per chunk / the *mean* chunk time: a run's time is the sum of its chunks'.
+    """
     calibration = calibration_setup(setup)
     seed = setup.seeds[0]
-    (shape,) = set(calibration.plan)
-    runs, states, times = {}, {}, {name: [] for name in names}
+    runs = {}
     for name in names:
         log(f"  calibrating {name} ...")
         runs[name] = MethodRun(calibration, name, build_decayed(calibration, name))
-        states[name] = runs[name].new_state(seed)
     for _ in range(setup.config.calibration_rounds):
-        for name in names:
-            states[name], _, _, seconds = timed_call(
-                runs[name].compiled[shape], states[name], setup.data, setup.train_key(seed))
-            times[name].append(seconds)
-    steps = shape[0] * shape[1]
-    return {name: {"steps_per_s": steps / statistics.median(chunk_s), "chunk_steps": steps,
-                   "chunk_s": chunk_s, "compile_s": runs[name].compile_s}
-            for name, chunk_s in times.items()}
+        for run in runs.values():
+            run.run_seed(seed)
+    steps = calibration.num_steps
+    out = {}
+    for name, run in runs.items():
+        chunk_s = [seconds for seed_times in run.chunk_times for seconds in seed_times]
+        out[name] = {"steps_per_s": steps / statistics.fmean(chunk_s), "chunk_steps": steps,
+                     "chunk_s": chunk_s, "compile_s": run.compile_s}
+    return out
 
 
 def budget_runs(setup: Setup, rates: dict, log: Callable[[str], None] = print) -> list[MethodRun]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import adambs_jax as ab
-from experiments.chunks import choose_loop, chunk_plan, eval_points
+from experiments.chunks import choose_loop, chunk_plan, eval_points, fixed_chunk_plan
 from experiments.configs import ExperimentConfig
 from experiments.diagnostics import GradNormProbe
 from experiments.tasks import make_evaluator, make_model_loss, make_stack_evaluator
@@ -40,10 +40,12 @@ class Setup:
     grad_norm_probe: GradNormProbe | None = None  # None: no score diagnostics
 
     def with_num_steps(self, num_steps: int) -> "Setup":
-        """The same setup for runs of ``num_steps`` steps (its own chunk plan and evaluation
-        points; everything else shared)."""
-        plan = chunk_plan(num_steps, self.config.eval_every,
-                          self.config.chunk_steps if self.loop == "scan" else self.config.eval_every)
+        """The same setup for runs of ``num_steps`` steps, cut into chunks of one fixed shape
+        (``experiments.chunks.fixed_chunk_plan``: the compute-matched protocol's); its own
+        evaluation points, everything else shared."""
+        plan = fixed_chunk_plan(
+            num_steps, self.config.eval_every,
+            self.config.chunk_steps if self.loop == "scan" else self.config.eval_every)
         return dataclasses.replace(self, num_steps=int(num_steps), plan=plan,
                                    steps_at=eval_points(plan))
 

@@ -14,6 +14,7 @@ from experiments.chunks import (
     chunk_plan,
     compile_chunks,
     eval_points,
+    fixed_chunk_plan,
     make_chunk,
     reduce_step_metrics,
     reduction_of,
@@ -35,6 +36,19 @@ def test_chunk_plan(num_steps, eval_every, chunk_steps, expected):
     points = eval_points(plan)
     assert points[0] == 0 and points[-1] == num_steps
     assert len(points) == 1 + sum(count for _, count in plan)
+
+
+@pytest.mark.parametrize("num_steps, eval_every, chunk_steps, expected", [
+    (1000, 10, 100, [(10, 10)] * 10),
+    (2823, 10, 100, [(10, 10)] * 28 + [(10, 2), (3, 1)]),  # chunk_plan would cut 6 intervals
+    (5, 10, 100, [(5, 1)]),
+    (250, 1000, 100, [(250, 1)]),
+    (75, 25, 25, [(25, 1)] * 3),                            # the python loop's plan
+])
+def test_fixed_chunk_plan(num_steps, eval_every, chunk_steps, expected):
+    plan = fixed_chunk_plan(num_steps, eval_every, chunk_steps)
+    assert plan == expected
+    assert eval_points(plan)[-1] == num_steps
 
 
 class CounterState(NamedTuple):
