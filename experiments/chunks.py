@@ -86,8 +86,37 @@ def _snapshot(state, keep_sampler_state: bool) -> Snapshots:
     return Snapshots(state.params, state.sampler_state if keep_sampler_state else None)
 
 
+class Renormalization(NamedTuple):
+    """A sampler's O(n) ``renormalize`` (``state -> state`` of the *sampler's* state) and its
+    period M (``renormalize_every``): exp3's tree rescaling, InfoBatch's epoch boundary."""
+
+    renormalize: Callable
+    every: int
+
+
+def renormalization_of(sampler) -> Renormalization | None:
+    """The sampler's :class:`Renormalization`, or None if it needs none."""
+    every, renormalize = sampler.renormalize_every, sampler.renormalize
+    return Renormalization(renormalize, int(every)) if every and renormalize is not None else None
+
+
+def _renormalize_if_crossed(state, step_before, renormalization: Renormalization | None):
+    """After an interval: the sampler's state renormalized if the interval crossed a multiple
+    of M (``state.step // M`` changed), selected with ``jnp.where`` (no ``lax.cond``: the
+    O(n) renormalization is computed at every interval end, a cost of O(n / eval_every) per
+    step, and kept only where a boundary was crossed)."""
+    if renormalization is None:
+        return state
+    crossed = (state.step // renormalization.every) != (step_before // renormalization.every)
+    renormalized = renormalization.renormalize(state.sampler_state)
+    sampler_state = jax.tree.map(lambda new, old: jnp.where(crossed, new, old),
+                                 renormalized, state.sampler_state)
+    return state._replace(sampler_state=sampler_state)
+
+
 def make_chunk(step: Callable, interval: int, num_intervals: int,
-               keep_sampler_state: bool = False) -> Callable:
+               keep_sampler_state: bool = False,
+               renormalization: Renormalization | None = None) -> Callable:
     """``chunk(state, data, run_key) -> (state, snapshots, metrics_stack)``.
 
     ``num_intervals * interval`` training steps in one nested ``lax.scan``; after every
@@ -97,14 +126,19 @@ def make_chunk(step: Callable, interval: int, num_intervals: int,
     ``fold_in(run_key, t)`` (t = ``state.step``), so a run's keys do not depend on how it is
     cut into chunks. ``metrics_stack[name]`` is ``(num_intervals,)``: the step's metric
     reduced over each interval (:func:`reduction_of`: the mean, the max for ``max_weight``,
-    the sum for ``num_dropped_feedback``).
+    the sum for ``num_dropped_feedback``). With a ``renormalization`` (M), the sampler is
+    renormalized at the end of each interval that crossed a multiple of M steps: at most
+    ``interval - 1`` steps after the boundary (``make_train_step``'s jitted ``TrainStep``
+    does it at the boundary, from a Python counter that a scan cannot have).
     """
     def chunk(state, data, run_key):
         def one_step(state, _):
             return step(state, data, jax.random.fold_in(run_key, state.step))
 
         def one_interval(state, _):
+            step_before = state.step
             state, metrics = jax.lax.scan(one_step, state, None, length=interval)
+            state = _renormalize_if_crossed(state, step_before, renormalization)
             out = {name: reduction_of(name).on_device(value) for name, value in metrics.items()}
             return state, (_snapshot(state, keep_sampler_state), out)
 
@@ -192,19 +226,22 @@ def choose_loop(loop: str, loss, params, batch) -> str:
 
 
 def compile_chunks(step: Callable, plan, loop: str, example_args,
-                   keep_sampler_state: bool = False) -> dict:
+                   keep_sampler_state: bool = False,
+                   renormalization: Renormalization | None = None) -> dict:
     """``{(interval, count): chunk}`` with ``chunk(state, data, run_key) -> (state,
     snapshots or None, metrics)``, compiled ahead of time.
 
     ``"scan"``: one compiled ``make_chunk`` per distinct shape; ``metrics`` is a dict of
     ``(count,)`` arrays. ``"python"``: one compiled step (key ``fold_in(run_key, t)`` as in
-    the scan), called ``interval * count`` times; ``snapshots`` is None (:func:`timed_call`
-    takes the final state's) and ``metrics`` the list of the steps' metric dicts.
+    the scan), called ``interval * count`` times, and the sampler renormalized right after
+    every M-th step (exactly at the boundary: the loop counts steps in Python); ``snapshots``
+    is None (:func:`timed_call` takes the final state's) and ``metrics`` the list of the
+    steps' metric dicts.
     """
     if loop == "scan":
         return {
-            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state), donate_argnums=0)
-            .lower(*example_args).compile()
+            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization),
+                           donate_argnums=0).lower(*example_args).compile()
             for shape in sorted(set(plan))
         }
 
@@ -212,21 +249,26 @@ def compile_chunks(step: Callable, plan, loop: str, example_args,
         return step(state, data, jax.random.fold_in(run_key, state.step))
 
     compiled_step = jax.jit(keyed_step, donate_argnums=0).lower(*example_args).compile()
+    renormalize = None
+    if renormalization is not None:
+        renormalize = jax.jit(lambda state: state._replace(
+            sampler_state=renormalization.renormalize(state.sampler_state)),
+            donate_argnums=0).lower(example_args[0]).compile()
 
     def python_chunk(num_steps):
         def chunk(state, data, run_key):
-            metrics = []
-            for _ in range(num_steps):
+            metrics, first = [], int(state.step)  # the loop syncs every step anyway
+            for t in range(first + 1, first + num_steps + 1):
                 state, step_metrics = compiled_step(state, data, run_key)
                 metrics.append(step_metrics)
+                if renormalize is not None and t % renormalization.every == 0:
+                    state = renormalize(state)
             return state, None, metrics
 
+        chunk.keep_sampler_state = keep_sampler_state  # read by timed_call
         return chunk
 
-    chunks = {shape: python_chunk(shape[0] * shape[1]) for shape in sorted(set(plan))}
-    for chunk in chunks.values():  # read by timed_call (the python loop keeps no snapshots)
-        chunk.keep_sampler_state = keep_sampler_state
-    return chunks
+    return {shape: python_chunk(shape[0] * shape[1]) for shape in sorted(set(plan))}
 
 
 def timed_call(chunk: Callable, state, data, run_key):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import adambs_jax as ab
-from experiments.chunks import compile_chunks, timed_call
+from experiments.chunks import compile_chunks, renormalization_of, timed_call
 from experiments.diagnostics import keeps_sampler_state, sampler_probe
 from experiments.methods import BuiltMethod, build_method
 from experiments.run_setup import Setup
@@ -65,7 +65,8 @@ class MethodRun:
         self.probe = sampler_probe(self.built, setup.grad_norm_probe)
         started = time.perf_counter()
         self.compiled = compile_chunks(step, setup.plan, setup.loop, example_args,
-                                       keeps_sampler_state(self.built))
+                                       keeps_sampler_state(self.built),
+                                       renormalization_of(self.built.sampler))
         self.compile_s = time.perf_counter() - started
         started = time.perf_counter()  # untimed calls: first-execution costs (allocations, ...)
         for _ in range(WARMUP_CHUNKS):

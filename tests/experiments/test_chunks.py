@@ -12,6 +12,7 @@ from experiments.chunks import (
     MEAN,
     METRIC_REDUCTIONS,
     chunk_plan,
+    Renormalization,
     compile_chunks,
     eval_points,
     fixed_chunk_plan,
@@ -119,3 +120,18 @@ def test_python_loop_chunk_matches_scan_chunk():
     for name in ("loss", "num_dropped_feedback"):
         np.testing.assert_allclose(scan_metrics[name], python_metrics[name], rtol=1e-6)
     assert python_metrics["num_dropped_feedback"] == [4.0]
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_chunks_renormalize_the_sampler_every_m_steps(loop):
+    """M = 5, 12 steps: renormalized twice (boundaries 5 and 10), in the scan at the end of
+    the interval that crossed the boundary, in the Python loop right after step 5 and 10."""
+    renormalization = Renormalization(lambda sampler_state: sampler_state + 100.0, 5)
+    state = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()))
+    shape = (4, 3) if loop == "scan" else (12, 1)
+    chunk = compile_chunks(counting_step, [shape], loop, (state, None, jax.random.key(0)),
+                           keep_sampler_state=True, renormalization=renormalization)[shape]
+    state, snapshots, _, _ = timed_call(chunk, state, None, jax.random.key(0))
+    assert int(state.step) == 12 and float(state.sampler_state) == -12.0 + 200.0
+    if loop == "scan":  # interval ends 4, 8, 12: boundary 5 seen at 8, 10 at 12
+        np.testing.assert_allclose(snapshots.sampler_state, [-4.0, 92.0, 188.0])
