@@ -44,7 +44,6 @@ import numpy as np
 import adambs_jax as ab
 from experiments.methods import BuiltMethod
 
-DEFAULT_DIAGNOSTIC_EXAMPLES = 1024
 GRAD_NORM_CHUNK = 256  # examples per vmapped / ghost pass of the gradient-norm probe
 
 

@@ -38,7 +38,8 @@ class MethodResult:
     step_times: np.ndarray   # (S,) seconds per step (mean over the run)
     chunk_times: list        # per seed: the timed chunk durations
     final_diagnostics: list = dataclasses.field(default_factory=list)  # per seed, at the end
-    curves: dict = dataclasses.field(default_factory=dict)  # name -> (S, P): sampled_loss, diagnostics
+    # name -> (S, P): sampled_loss and the sampler diagnostics
+    curves: dict = dataclasses.field(default_factory=dict)
 
 
 def _round(value: float) -> float:

@@ -101,7 +101,7 @@ def _table_header(target: float | None, show_ess: bool) -> list[str]:
     if target is not None:
         header += [f"time to loss ≤ {target:g} (s)", f"steps to loss ≤ {target:g}"]
     header += ["time / step (ms)", "train time / run (s)", "compile (s)"]
-    return header + (["final ESS of p"] if show_ess else [])
+    return header + (["final ESS of p", "final V(p)/V(u)"] if show_ess else [])
 
 
 def _crossing_cell(t: dict, fmt: str) -> str:
@@ -126,8 +126,9 @@ def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list
         f"{m['compile_s']:.2f}",
     ]
     if show_ess:
-        ess = m.get("final_sampler_diagnostics", {}).get("effective_sample_size")
-        row.append(aggregate.format_mean_std(ess) if ess else "—")
+        final = m.get("final_sampler_diagnostics", {})
+        for key in ("effective_sample_size", "variance_ratio"):
+            row.append(aggregate.format_mean_std(final[key]) if key in final else "—")
     return row
 
 
@@ -139,7 +140,11 @@ def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> lis
         lines += ["", f"Diverged (non-finite final loss) seeds: {diverged}."]
     if show_ess:
         lines += ["", "Final ESS of p: effective sample size 1/(n sum_j p_j^2) of the sampler's "
-                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."]
+                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."
+                  " Final V(p)/V(u): its gradient-variance term sum_j g_j^2/(n^2 p_j) relative "
+                  "to uniform's, g_j the exact per-example gradient norms at the final "
+                  "parameters (1 = as good as uniform, lower is better; "
+                  "experiments/diagnostics.py)."]
     if config.target_loss is not None:
         lines += ["", f"Time/steps to target: mean ± std over the seeds that reached a full "
                   f"training loss ≤ {config.target_loss:g} (evaluated every {config.eval_every} "

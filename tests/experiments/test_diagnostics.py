@@ -79,7 +79,8 @@ def test_variance_ratio_formulas():
     assert variance_ratio(uniform, g, n) == pytest.approx(1.0)
     optimum = g / g.sum()
     assert variance_ratio(optimum, g, n) == pytest.approx(optimal_variance_ratio(g))
-    assert optimal_variance_ratio(g) == pytest.approx(second_moment(optimum) / second_moment(uniform))
+    assert optimal_variance_ratio(g) == pytest.approx(
+        second_moment(optimum) / second_moment(uniform))
     p = rng.dirichlet(np.ones(n))
     assert variance_ratio(p, g, n) == pytest.approx(second_moment(p) / second_moment(uniform))
     assert variance_ratio(p, g, n) >= optimal_variance_ratio(g)  # p* is the minimum
@@ -106,8 +107,11 @@ def test_grad_norm_probe_is_exact_and_feeds_the_sampler_diagnostics():
                             logits, batch["y"]))
     params = jnp.asarray(np.random.default_rng(3).normal(size=(3, 2)), jnp.float32)
     probe = GradNormProbe(loss, data, 12, max_examples=8)
-    expected = [np.linalg.norm(jax.grad(lambda p: loss(p, {"x": x[i:i + 1], "y": data["y"][i:i + 1]})[0])(params))
-                for i in probe.indices]
+    def norm_of(i):  # ||d loss_i / d params|| by hand, one example at a time
+        example = {"x": x[i:i + 1], "y": data["y"][i:i + 1]}
+        return np.linalg.norm(jax.grad(lambda p: loss(p, example)[0])(params))
+
+    expected = [norm_of(i) for i in probe.indices]
     np.testing.assert_allclose(probe(params), expected, rtol=1e-5)
     method = build_method("adambs", num_examples=12, batch_size=4, num_steps=10, learning_rate=0.1)
     d = sampler_diagnostics(method, method.sampler.init(), params, probe)

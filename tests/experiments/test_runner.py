@@ -57,7 +57,7 @@ def test_runner_writes_all_files(tiny_run):
     for method in config.methods:
         assert f"`{method}`" in table
     assert "Lahire Table 1 layout" in table
-    assert "final ESS of p" in table  # adambs learns a distribution
+    assert "final ESS of p" in table and "final V(p)/V(u)" in table  # adambs learns a p
 
 
 def test_runner_metrics_rows(tiny_run):
