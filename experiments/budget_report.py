@@ -104,8 +104,8 @@ def budget_table(config, summary: dict) -> str:
         lines.append("| " + " | ".join(_row(config, name, m, show_variance)) + " |")
     lines += [
         "", f"Protocol: {REFERENCE}. Each method's run is a run of its own (its schedule ends "
-        "at its T_m). Calibration: steps per chunk / median time of "
-        f"{budget['calibration_rounds']} interleaved timed chunks after compilation and "
+        "at its T_m). Calibration: steps per chunk / mean time of "
+        f"{budget['calibration_rounds']} interleaved one-chunk runs after compilation and "
         "warm-up. 'At budget': at T_m; 'measured train time' is what the run took (it differs "
         f"from {budget['budget_s']:g} s by the calibration's error). Step {step}: the largest "
         "step every method evaluated (the per-step view; the methods' schedules differ there).",
