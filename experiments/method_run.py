@@ -15,7 +15,7 @@ from experiments.diagnostics import keeps_sampler_state, sampler_probe
 from experiments.methods import BuiltMethod, build_method
 from experiments.run_setup import Setup
 
-WARMUP_CHUNKS = 2  # untimed chunk calls per method before its timed runs
+WARMUP_CHUNKS = 2  # untimed calls of the first chunk shape per method before its timed runs
 CURVES = ("time_s", "train_loss", "train_error", "test_loss", "test_error", "sampled_loss")
 """The curves of every method; ``sampled_loss`` is the step metric of that name averaged over
 the evaluation interval that ends at the point (NaN at step 0). The sampler diagnostics
@@ -70,8 +70,10 @@ class MethodRun:
                                        renormalization_of(self.built.sampler))
         self.compile_s = time.perf_counter() - started
         started = time.perf_counter()  # untimed calls: first-execution costs (allocations, ...)
-        for _ in range(WARMUP_CHUNKS):
-            jax.block_until_ready(self.compiled[setup.plan[0]](
+        # ... and one of every other shape (a remainder chunk), so no timed call is a first
+        warmup = [setup.plan[0]] * WARMUP_CHUNKS + sorted(set(setup.plan) - {setup.plan[0]})
+        for shape in warmup:
+            jax.block_until_ready(self.compiled[shape](
                 self.new_state(seeds[0]), setup.data, setup.train_key(seeds[0])))
         self.warmup_s = time.perf_counter() - started
         self.shape = (len(seeds), len(setup.steps_at))

@@ -15,8 +15,9 @@ error), untimed. Last, ``experiments.reports`` writes the summary, the table and
 **What the wall-clock means.** A run's wall-clock at step t is the sum of the per-step times
 of steps 1..t; the per-step time is the time of one timed chunk call
 (:func:`experiments.chunks.timed_call`) / chunk length (inside a chunk, time is attributed
-to its steps evenly). It excludes compilation, two untimed warm-up chunks per method,
-evaluation (and the sampler diagnostics, which are O(n)), and Python between chunks.
+to its steps evenly). It excludes compilation, the untimed warm-up chunks of each method
+(two of its first chunk shape, one of each other), evaluation (and the sampler diagnostics,
+which are O(n)), and Python between chunks.
 
 Outputs (:func:`~experiments.reports.write_outputs`): ``metrics.jsonl`` (one line per
 method x seed x evaluation point), ``summary.json``, ``table.md``, ``loss_vs_time.png``,
