@@ -22,8 +22,9 @@ TIMING_NOTE = (
     "convolutions, whose backward pass XLA:CPU runs ~20x slower inside a loop). Excluded: "
     "compilation (compile_s, ahead of time, once per method, reused for all seeds), untimed "
     "warm-up chunks per method (two of the first chunk shape, one of each other), "
-    "evaluation, Python between chunks. With 'scan' the Python dispatch is paid once per chunk, so absolute times are below those of an eager "
-    "step-by-step loop; compare methods by the ratios measured here."
+    "evaluation, Python between chunks. With 'scan' the Python dispatch is paid once per "
+    "chunk, so absolute times are below those of an eager step-by-step loop; compare "
+    "methods by the ratios measured here."
 )
 
 # ----------------------------------------------------------------------------- summary.json
