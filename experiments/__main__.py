@@ -4,10 +4,16 @@
                                [--methods a,b,c] [--data-dir D] [--list]
                                [--eval-every E] [--feedback F] [--model M] [--lr LR]
                                [--batch-size K] [--loop L] [--no-download] [--no-progress]
+                               [--budget-seconds S] [--lr-schedule linear|cosine]
+                               [--calibration-rounds R] [--diagnostic-examples M]
 
 ``python -m experiments --list`` lists the configurations and methods. Results go to
 ``results/NAME/`` (or ``--out``): ``metrics.jsonl``, ``summary.json``, ``table.md`` and the
 plots ``loss_vs_time.png``, ``loss_vs_steps.png``, ``error_vs_steps.png``.
+
+``--budget-seconds S`` runs the compute-matched protocol (``experiments.compute_matched``):
+every method gets S seconds of training, its learning rate decayed to zero at the number of
+steps its calibrated speed fits into S.
 
 Exit codes: 0 success, 2 bad arguments or missing data files (the loader's message says
 which files to put where).
@@ -51,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true",
                         help="never download missing dataset files (fail with the list of files)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--budget-seconds", type=float,
+                        help="compute-matched protocol: S seconds of training per method and "
+                             "run, learning rate decayed to 0 at the steps that fit")
+    parser.add_argument("--lr-schedule", choices=("linear", "cosine"),
+                        help="the compute-matched decay (default linear)")
+    parser.add_argument("--calibration-rounds", type=int,
+                        help="one-chunk runs per method that measure its steps/s (default 10)")
+    parser.add_argument("--diagnostic-examples", type=int,
+                        help="examples whose gradient norms the sampler diagnostics use "
+                             "(default 1024; 0: none)")
     return parser
 
 
@@ -87,7 +103,10 @@ def apply_overrides(config, args):
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
         changes["methods"] = methods
     for attr, key in (("eval_every", "eval_every"), ("feedback", "feedback"), ("model", "model"),
-                      ("lr", "learning_rate"), ("batch_size", "batch_size"), ("loop", "loop")):
+                      ("lr", "learning_rate"), ("batch_size", "batch_size"), ("loop", "loop"),
+                      ("budget_seconds", "budget_seconds"), ("lr_schedule", "lr_schedule"),
+                      ("calibration_rounds", "calibration_rounds"),
+                      ("diagnostic_examples", "diagnostic_examples")):
         value = getattr(args, attr)
         if value is not None:
             changes[key] = value

@@ -1,5 +1,8 @@
 """Aggregation over seeds: mean/std bands, time-to-target, the per-method summary.
 
+``python -m experiments.aggregate FOLDERS`` writes the summary tables of several runs
+(method x configuration, per step and per second: ``experiments.results_table``).
+
 Everything here is plain numpy on arrays shaped ``(num_seeds, num_eval_points)``: one row
 per seed, one column per evaluation point (the same steps for every seed of a method).
 A non-finite value (a diverged run) propagates into the mean: it is reported, not hidden.
@@ -118,11 +121,11 @@ def method_aggregates(
         "num_seeds": int(train_loss.shape[0]),
         "num_diverged": int(np.sum(~np.isfinite(final_loss))),
         "steps": [int(s) for s in steps],
-        "curve_time_mean": _floats(time_mean),
-        "curve_train_loss_mean": _floats(loss_mean),
-        "curve_train_loss_std": _floats(loss_std),
-        "curve_test_error_mean": _floats(err_mean),
-        "curve_test_error_std": _floats(err_std),
+        "curve_time_mean": floats(time_mean),
+        "curve_train_loss_mean": floats(loss_mean),
+        "curve_train_loss_std": floats(loss_std),
+        "curve_test_error_mean": floats(err_mean),
+        "curve_test_error_std": floats(err_std),
         "final_train_loss": mean_std_dict(final_loss),
         "final_test_error": mean_std_dict(test_error[:, -1]),
         "train_time_per_run_s": mean_std_dict(times[:, -1]),
@@ -148,7 +151,8 @@ def mean_std_dict(values) -> dict:
     return {"mean": float(mean), "std": float(std)}
 
 
-def _floats(values) -> list:
+def floats(values) -> list:
+    """A JSON-ready list of floats (non-finite values as None: gaps in the plots)."""
     return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
 
 
@@ -158,3 +162,11 @@ def format_mean_std(stats: dict, *, scale: float = 1.0, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "nan"
     return f"{mean:.{digits}g} ± {std:.{digits - 1}g}" if digits > 1 else f"{mean:.0f} ± {std:.0f}"
+
+
+if __name__ == "__main__":  # python -m experiments.aggregate FOLDERS: experiments.results_table
+    import sys
+
+    from experiments.results_table import main
+
+    sys.exit(main())

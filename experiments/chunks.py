@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +39,20 @@ class Reduction(NamedTuple):
 
 MEAN = Reduction(lambda values: jnp.mean(values.astype(jnp.float32)), np.mean)
 MAX = Reduction(jnp.max, np.max)
+MIN = Reduction(jnp.min, np.min)
 SUM = Reduction(lambda values: jnp.sum(values).astype(jnp.float32), np.sum)
 
 METRIC_REDUCTIONS: dict[str, Reduction] = {
     "max_weight": MAX,             # the largest importance weight of the interval
+    "min_weight": MIN,             # the smallest
     "num_dropped_feedback": SUM,   # a count: how many draws' feedback was dropped
+    "skipped": SUM,                # a count: how many steps of the interval were skipped
+    "skipped_steps": MAX,          # cumulative: its value at the end of the interval
 }
-"""The metrics not reduced by their mean (every other metric: :data:`MEAN`)."""
+"""The metrics not reduced by their mean (every other metric: :data:`MEAN`, among them
+``loss``, the unbiased (1/K) sum_k w_k loss_k of the step, and ``sampled_loss``, the plain
+mean of the sampled batch's losses; ``metrics.jsonl`` has them as ``batch_loss`` and
+``batch_sampled_loss``)."""
 
 
 def reduction_of(name: str) -> Reduction:
@@ -66,29 +73,78 @@ def reduce_step_metrics(metrics_list: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- chunks
 
 
-def make_chunk(step: Callable, interval: int, num_intervals: int) -> Callable:
-    """``chunk(state, data, run_key) -> (state, params_stack, metrics_stack)``.
+class Snapshots(NamedTuple):
+    """What a chunk keeps after each of its evaluation intervals, every leaf with a leading
+    ``num_intervals`` axis: the parameters (evaluated after the timed call) and, if asked
+    for, the sampler's state (for ``experiments.diagnostics``; else None)."""
+
+    params: Any
+    sampler_state: Any = None
+
+
+def _snapshot(state, keep_sampler_state: bool) -> Snapshots:
+    return Snapshots(state.params, state.sampler_state if keep_sampler_state else None)
+
+
+class Renormalization(NamedTuple):
+    """A sampler's O(n) ``renormalize`` (``state -> state`` of the *sampler's* state) and its
+    period M (``renormalize_every``): exp3's tree rescaling, InfoBatch's epoch boundary."""
+
+    renormalize: Callable
+    every: int
+
+
+def renormalization_of(sampler) -> Renormalization | None:
+    """The sampler's :class:`Renormalization`, or None if it needs none."""
+    every, renormalize = sampler.renormalize_every, sampler.renormalize
+    return Renormalization(renormalize, int(every)) if every and renormalize is not None else None
+
+
+def _renormalize_if_crossed(state, step_before, renormalization: Renormalization | None):
+    """After an interval: the sampler's state renormalized if the interval crossed a multiple
+    of M (``state.step // M`` changed), selected with ``jnp.where`` (no ``lax.cond``: the
+    O(n) renormalization is computed at every interval end, a cost of O(n / eval_every) per
+    step, and kept only where a boundary was crossed)."""
+    if renormalization is None:
+        return state
+    crossed = (state.step // renormalization.every) != (step_before // renormalization.every)
+    renormalized = renormalization.renormalize(state.sampler_state)
+    sampler_state = jax.tree.map(lambda new, old: jnp.where(crossed, new, old),
+                                 renormalized, state.sampler_state)
+    return state._replace(sampler_state=sampler_state)
+
+
+def make_chunk(step: Callable, interval: int, num_intervals: int,
+               keep_sampler_state: bool = False,
+               renormalization: Renormalization | None = None) -> Callable:
+    """``chunk(state, data, run_key) -> (state, snapshots, metrics_stack)``.
 
     ``num_intervals * interval`` training steps in one nested ``lax.scan``; after every
-    ``interval`` steps the parameters are kept (``params_stack``: every leaf gets a leading
-    ``num_intervals`` axis), to be evaluated after the timed call. Step t uses the key
+    ``interval`` steps the parameters (and the sampler's state if ``keep_sampler_state``)
+    are kept (:class:`Snapshots`: every leaf gets a leading ``num_intervals`` axis), to be
+    evaluated after the timed call. Step t uses the key
     ``fold_in(run_key, t)`` (t = ``state.step``), so a run's keys do not depend on how it is
     cut into chunks. ``metrics_stack[name]`` is ``(num_intervals,)``: the step's metric
     reduced over each interval (:func:`reduction_of`: the mean, the max for ``max_weight``,
-    the sum for ``num_dropped_feedback``).
+    the sum for ``num_dropped_feedback``). With a ``renormalization`` (M), the sampler is
+    renormalized at the end of each interval that crossed a multiple of M steps: at most
+    ``interval - 1`` steps after the boundary (``make_train_step``'s jitted ``TrainStep``
+    does it at the boundary, from a Python counter that a scan cannot have).
     """
     def chunk(state, data, run_key):
         def one_step(state, _):
             return step(state, data, jax.random.fold_in(run_key, state.step))
 
         def one_interval(state, _):
+            step_before = state.step
             state, metrics = jax.lax.scan(one_step, state, None, length=interval)
+            state = _renormalize_if_crossed(state, step_before, renormalization)
             out = {name: reduction_of(name).on_device(value) for name, value in metrics.items()}
-            return state, (state.params, out)
+            return state, (_snapshot(state, keep_sampler_state), out)
 
-        state, (params_stack, metrics_stack) = jax.lax.scan(
+        state, (snapshots, metrics_stack) = jax.lax.scan(
             one_interval, state, None, length=num_intervals)
-        return state, params_stack, metrics_stack
+        return state, snapshots, metrics_stack
 
     return chunk
 
@@ -109,6 +165,23 @@ def chunk_plan(num_steps: int, eval_every: int, chunk_steps: int) -> list[tuple[
         target = max(1, min(full, int(chunk_steps) // eval_every))
         per_chunk = max(d for d in range(1, target + 1) if full % d == 0)
         plan += [(eval_every, per_chunk)] * (full // per_chunk)
+    if rest:
+        plan.append((rest, 1))
+    return plan
+
+
+def fixed_chunk_plan(num_steps: int, eval_every: int, chunk_steps: int) -> list[tuple[int, int]]:
+    """Like :func:`chunk_plan`, but every chunk but the last two has the one shape
+    ``(eval_every, max(1, chunk_steps // eval_every))`` whatever ``num_steps`` is: then the
+    remaining full intervals in one chunk, then a remainder of fewer than ``eval_every``
+    steps. The compute-matched protocol uses it so that a run's chunks have the shape its
+    speed was calibrated on (at most three shapes: three compilations)."""
+    num_steps, eval_every = int(num_steps), int(eval_every)
+    full, rest = divmod(num_steps, eval_every)
+    per_chunk = max(1, int(chunk_steps) // eval_every)
+    plan = [(eval_every, per_chunk)] * (full // per_chunk)
+    if full % per_chunk:
+        plan.append((eval_every, full % per_chunk))
     if rest:
         plan.append((rest, 1))
     return plan
@@ -152,19 +225,23 @@ def choose_loop(loop: str, loss, params, batch) -> str:
     return "python" if has_convolution(loss, params, batch) else "scan"
 
 
-def compile_chunks(step: Callable, plan, loop: str, example_args) -> dict:
+def compile_chunks(step: Callable, plan, loop: str, example_args,
+                   keep_sampler_state: bool = False,
+                   renormalization: Renormalization | None = None) -> dict:
     """``{(interval, count): chunk}`` with ``chunk(state, data, run_key) -> (state,
-    params_stack or None, metrics)``, compiled ahead of time.
+    snapshots or None, metrics)``, compiled ahead of time.
 
     ``"scan"``: one compiled ``make_chunk`` per distinct shape; ``metrics`` is a dict of
     ``(count,)`` arrays. ``"python"``: one compiled step (key ``fold_in(run_key, t)`` as in
-    the scan), called ``interval * count`` times; ``params_stack`` is None (the caller
-    takes the final parameters) and ``metrics`` the list of the steps' metric dicts.
+    the scan), called ``interval * count`` times, and the sampler renormalized right after
+    every M-th step (exactly at the boundary: the loop counts steps in Python); ``snapshots``
+    is None (:func:`timed_call` takes the final state's) and ``metrics`` the list of the
+    steps' metric dicts.
     """
     if loop == "scan":
         return {
-            shape: jax.jit(make_chunk(step, *shape), donate_argnums=0)
-            .lower(*example_args).compile()
+            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization),
+                           donate_argnums=0).lower(*example_args).compile()
             for shape in sorted(set(plan))
         }
 
@@ -172,32 +249,41 @@ def compile_chunks(step: Callable, plan, loop: str, example_args) -> dict:
         return step(state, data, jax.random.fold_in(run_key, state.step))
 
     compiled_step = jax.jit(keyed_step, donate_argnums=0).lower(*example_args).compile()
+    renormalize = None
+    if renormalization is not None:
+        renormalize = jax.jit(lambda state: state._replace(
+            sampler_state=renormalization.renormalize(state.sampler_state)),
+            donate_argnums=0).lower(example_args[0]).compile()
 
     def python_chunk(num_steps):
         def chunk(state, data, run_key):
-            metrics = []
-            for _ in range(num_steps):
+            metrics, first = [], int(state.step)  # the loop syncs every step anyway
+            for t in range(first + 1, first + num_steps + 1):
                 state, step_metrics = compiled_step(state, data, run_key)
                 metrics.append(step_metrics)
+                if renormalize is not None and t % renormalization.every == 0:
+                    state = renormalize(state)
             return state, None, metrics
 
+        chunk.keep_sampler_state = keep_sampler_state  # read by timed_call
         return chunk
 
     return {shape: python_chunk(shape[0] * shape[1]) for shape in sorted(set(plan))}
 
 
 def timed_call(chunk: Callable, state, data, run_key):
-    """``(state, params_stack, metrics, seconds)``: one chunk call, timed with
+    """``(state, snapshots, metrics, seconds)``: one chunk call, timed with
     ``perf_counter`` around the call and ``block_until_ready`` of the returned state.
 
-    With the Python loop (``params_stack`` None) the stack becomes the final parameters
-    (one interval per chunk) and the metrics are reduced here, after the clock stopped.
+    With the Python loop (``snapshots`` None) the snapshots become the final state's (one
+    interval per chunk) and the metrics are reduced here, after the clock stopped.
     """
     started = time.perf_counter()
-    state, params_stack, metrics = chunk(state, data, run_key)
+    state, snapshots, metrics = chunk(state, data, run_key)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - started
-    if params_stack is None:  # python loop: one interval per chunk
-        params_stack = jax.tree.map(lambda leaf: leaf[None], state.params)
+    if snapshots is None:  # python loop: one interval per chunk
+        final = _snapshot(state, getattr(chunk, "keep_sampler_state", False))
+        snapshots = jax.tree.map(lambda leaf: leaf[None], final)
         metrics = reduce_step_metrics(metrics)
-    return state, params_stack, metrics, seconds
+    return state, snapshots, metrics, seconds

@@ -26,6 +26,7 @@ from experiments.lookup import lookup
 ADAMBS = "AdamBS paper (000_3210f3def4dac4d3.txt)"
 LAHIRE = "Lahire (004_57fb09608c6ed123.txt)"
 OURS = "our choice (no paper value)"
+LR_SCHEDULES = ("linear", "cosine")  # the compute-matched protocol's decays to zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,16 @@ class ExperimentConfig:
       eval_informative_only: evaluate losses and errors only on the examples whose
         features are not all zero (heavy-tailed: an all-zero example has the loss log 2 under
         every parameter, so those examples only add a constant to the full loss).
+      diagnostic_examples: m, the examples whose exact gradient norms the sampler
+        diagnostics compare p with at every evaluation point (all n if n <= m, else a fixed
+        random subset of m; 0: no such diagnostics). See ``experiments.diagnostics``.
+      budget_seconds: None (the default): every method runs the configuration's steps.
+        A number S: the compute-matched protocol (``experiments.compute_matched``): every
+        method gets S seconds of training on this machine, T_m = floor(S x its measured
+        steps/s) steps, and its learning rate decays to zero at T_m.
+      lr_schedule: the decay of the compute-matched protocol, the same shape for every
+        method: ``"linear"`` (lr (1 - t/T_m)) or ``"cosine"`` (lr (1 + cos(pi t/T_m))/2).
+      calibration_rounds: one-chunk runs per method (interleaved) that measure its steps/s.
       max_steps: cap on the steps per run (``--max-steps``, for a quick look; AdamBS's
         default eta0 then uses the capped T).
     """
@@ -97,6 +108,10 @@ class ExperimentConfig:
     max_steps: int | None = None
     loop: str = "auto"
     eval_informative_only: bool = False
+    diagnostic_examples: int = 1024
+    budget_seconds: float | None = None
+    lr_schedule: str = "linear"
+    calibration_rounds: int = 10
 
     def __post_init__(self):
         if (self.num_steps is None) == (self.num_epochs is None):
@@ -104,6 +119,14 @@ class ExperimentConfig:
         if min(self.eval_every, self.chunk_steps, self.batch_size, self.num_seeds) < 1:
             raise ValueError(
                 f"{self.name}: eval_every, chunk_steps, batch_size, num_seeds must be >= 1")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise ValueError(f"{self.name}: budget_seconds must be > 0, got {self.budget_seconds}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, "
+                             f"got {self.lr_schedule!r}")
+        if self.calibration_rounds < 1 or self.diagnostic_examples < 0:
+            raise ValueError(f"{self.name}: calibration_rounds must be >= 1 and "
+                             "diagnostic_examples >= 0")
 
     def steps_for(self, num_examples: int) -> int:
         """Training steps per run for a training set of ``num_examples``."""
@@ -195,6 +218,9 @@ def _digits_cnn() -> ExperimentConfig:
         dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
         learning_rate=1e-3, batch_size=128, num_steps=1000, num_seeds=5, eval_every=25,
         target_loss=0.01, sources=_SMALL_SOURCES,
+        # the CNN's exact per-example gradient norms cost ~0.4 s per 1024 examples on this
+        # CPU: the diagnostics use a fixed random subset of 256 of the 1438 examples
+        diagnostic_examples=256,
     )
 
 
@@ -255,6 +281,7 @@ def _paper(name: str, description: str, dataset: str, model: str, section: str,
         methods=_PAPER_METHODS, learning_rate=float(learning_rate), batch_size=batch_size,
         num_epochs=num_epochs, num_seeds=5, eval_every=eval_every,
         eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+        diagnostic_examples=256,
         sources=_paper_sources(section, str(batch_size), learning_rate, f"{num_epochs} epochs",
                                model_source),
         **changes,

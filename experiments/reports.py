@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adambs_jax.jsonable import to_jsonable
-from experiments import aggregate
+from experiments import aggregate, budget_report
 from experiments.configs import ExperimentConfig
 from experiments.machine import machine_info, versions
 from experiments.method_run import MethodResult
@@ -20,10 +20,11 @@ TIMING_NOTE = (
     "is one jitted lax.scan of about chunk_steps steps (resolved.loop = 'scan'), or a Python "
     "loop of eval_every calls of one jitted step ('python': chosen on CPU for models with "
     "convolutions, whose backward pass XLA:CPU runs ~20x slower inside a loop). Excluded: "
-    "compilation (compile_s, ahead of time, once per method, reused for all seeds), two "
-    "untimed warm-up chunks per method, evaluation, Python between chunks. With 'scan' the "
-    "Python dispatch is paid once per chunk, so absolute times are below those of an eager "
-    "step-by-step loop; compare methods by the ratios measured here."
+    "compilation (compile_s, ahead of time, once per method, reused for all seeds), untimed "
+    "warm-up chunks per method (two of the first chunk shape, one of each other), "
+    "evaluation, Python between chunks. With 'scan' the Python dispatch is paid once per "
+    "chunk, so absolute times are below those of an eager step-by-step loop; compare "
+    "methods by the ratios measured here."
 )
 
 # ----------------------------------------------------------------------------- summary.json
@@ -36,6 +37,10 @@ def method_summary(config: ExperimentConfig, r: MethodResult) -> dict:
         train_error=r.train_error, step_times=r.step_times, compile_s=r.compile_s,
         target_loss=config.target_loss,
     )
+    for name, values in r.curves.items():  # sampled_loss and the sampler diagnostics
+        mean, std = aggregate.mean_and_std(values)
+        agg[f"curve_{name}_mean"], agg[f"curve_{name}_std"] = (
+            aggregate.floats(mean), aggregate.floats(std))
     if r.final_diagnostics and r.final_diagnostics[0]:
         agg["final_sampler_diagnostics"] = {
             key: aggregate.mean_std_dict([d[key] for d in r.final_diagnostics])
@@ -97,7 +102,7 @@ def _table_header(target: float | None, show_ess: bool) -> list[str]:
     if target is not None:
         header += [f"time to loss ≤ {target:g} (s)", f"steps to loss ≤ {target:g}"]
     header += ["time / step (ms)", "train time / run (s)", "compile (s)"]
-    return header + (["final ESS of p"] if show_ess else [])
+    return header + (["final ESS of p", "final V(p)/V(u)"] if show_ess else [])
 
 
 def _crossing_cell(t: dict, fmt: str) -> str:
@@ -122,8 +127,9 @@ def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list
         f"{m['compile_s']:.2f}",
     ]
     if show_ess:
-        ess = m.get("final_sampler_diagnostics", {}).get("effective_sample_size")
-        row.append(aggregate.format_mean_std(ess) if ess else "—")
+        final = m.get("final_sampler_diagnostics", {})
+        for key in ("effective_sample_size", "variance_ratio"):
+            row.append(aggregate.format_mean_std(final[key]) if key in final else "—")
     return row
 
 
@@ -135,7 +141,11 @@ def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> lis
         lines += ["", f"Diverged (non-finite final loss) seeds: {diverged}."]
     if show_ess:
         lines += ["", "Final ESS of p: effective sample size 1/(n sum_j p_j^2) of the sampler's "
-                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."]
+                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."
+                  " Final V(p)/V(u): its gradient-variance term sum_j g_j^2/(n^2 p_j) relative "
+                  "to uniform's, g_j the exact per-example gradient norms at the final "
+                  "parameters (1 = as good as uniform, lower is better; "
+                  "experiments/diagnostics.py)."]
     if config.target_loss is not None:
         lines += ["", f"Time/steps to target: mean ± std over the seeds that reached a full "
                   f"training loss ≤ {config.target_loss:g} (evaluated every {config.eval_every} "
@@ -146,7 +156,10 @@ def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> lis
 
 
 def markdown_table(config: ExperimentConfig, summary: dict) -> str:
-    """``table.md``: one row per method (and Lahire's Table 1 layout if configured)."""
+    """``table.md``: one row per method (and Lahire's Table 1 layout if configured); a
+    compute-matched run's: ``experiments.budget_report.budget_table``."""
+    if "compute_matched" in summary:
+        return budget_report.budget_table(config, summary)
     target, show_ess = config.target_loss, _shows_ess(summary)
     header = _table_header(target, show_ess)
     lines = _table_intro(config, summary)

@@ -1,6 +1,7 @@
 """What every method of a run shares, built once from the configuration: the data on device,
-the model's loss, each seed's initial parameters and training key, the chunk plan and the
-compiled evaluation (with its result at step 0)."""
+the model's loss, each seed's initial parameters and training key, the chunk plan, the
+compiled evaluation (with its result at step 0) and the gradient-norm probe of the sampler
+diagnostics."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import adambs_jax as ab
-from experiments.chunks import choose_loop, chunk_plan, eval_points
+from experiments.chunks import choose_loop, chunk_plan, eval_points, fixed_chunk_plan
 from experiments.configs import ExperimentConfig
+from experiments.diagnostics import GradNormProbe
 from experiments.tasks import make_evaluator, make_model_loss, make_stack_evaluator
 
 
@@ -35,6 +37,17 @@ class Setup:
     evaluate_stack: Callable
     initial_eval: dict        # seed -> evaluation at step 0
     eval_compile_s: float
+    grad_norm_probe: GradNormProbe | None = None  # None: no score diagnostics
+
+    def with_num_steps(self, num_steps: int) -> "Setup":
+        """The same setup for runs of ``num_steps`` steps, cut into chunks of one fixed shape
+        (``experiments.chunks.fixed_chunk_plan``: the compute-matched protocol's); its own
+        evaluation points, everything else shared."""
+        plan = fixed_chunk_plan(
+            num_steps, self.config.eval_every,
+            self.config.chunk_steps if self.loop == "scan" else self.config.eval_every)
+        return dataclasses.replace(self, num_steps=int(num_steps), plan=plan,
+                                   steps_at=eval_points(plan))
 
     @property
     def seeds(self) -> list[int]:
@@ -103,6 +116,8 @@ def prepare(config: ExperimentConfig, data_dir=None) -> Setup:
         initial_params=initial_params, loop=loop, plan=plan, steps_at=eval_points(plan),
         eval_sets=evaluation_sets(config, dataset), evaluate_stack=evaluate_stack,
         initial_eval={}, eval_compile_s=0.0,
+        grad_norm_probe=(GradNormProbe(loss, data, dataset.num_train, config.diagnostic_examples)
+                         if config.diagnostic_examples else None),
     )
     started = time.perf_counter()  # the first evaluation compiles it
     setup.initial_eval = {

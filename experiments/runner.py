@@ -15,12 +15,15 @@ error), untimed. Last, ``experiments.reports`` writes the summary, the table and
 **What the wall-clock means.** A run's wall-clock at step t is the sum of the per-step times
 of steps 1..t; the per-step time is the time of one timed chunk call
 (:func:`experiments.chunks.timed_call`) / chunk length (inside a chunk, time is attributed
-to its steps evenly). It excludes compilation, two untimed warm-up chunks per method,
-evaluation (and the sampler diagnostics, which are O(n)), and Python between chunks.
+to its steps evenly). It excludes compilation, the untimed warm-up chunks of each method
+(two of its first chunk shape, one of each other), evaluation (and the sampler diagnostics,
+which are O(n)), and Python between chunks.
 
 Outputs (:func:`~experiments.reports.write_outputs`): ``metrics.jsonl`` (one line per
 method x seed x evaluation point), ``summary.json``, ``table.md``, ``loss_vs_time.png``,
-``loss_vs_steps.png``, ``error_vs_steps.png``.
+``loss_vs_steps.png``, ``error_vs_steps.png`` and, if a sampler has a full distribution,
+``diagnostics_vs_steps.png``. With ``budget_seconds`` set, the compute-matched protocol
+(``experiments.compute_matched``) runs instead and writes the same files.
 
 The names of those rooms that callers used from here stay importable from here.
 """
@@ -89,7 +92,7 @@ def describe_run(setup: Setup) -> str:
 def run_interleaved(method_runs: list[MethodRun], setup: Setup, progress: bool) -> None:
     """Seeds outer and methods inner: the methods of a seed run back to back, so slow drifts
     of the machine's speed hit every method alike."""
-    bar = _progress(len(method_runs) * len(setup.seeds) * len(setup.plan), progress)
+    bar = _progress(len(setup.seeds) * sum(len(r.setup.plan) for r in method_runs), progress)
     try:
         for seed in setup.seeds:
             for method_run in method_runs:
@@ -128,10 +131,18 @@ def run_experiment(
 ) -> dict:
     """Runs ``config`` and writes its results under ``out_dir``; returns the summary dict.
 
+    With ``config.budget_seconds`` set, the compute-matched protocol runs instead
+    (``experiments.compute_matched``: every method the same wall-clock budget, its learning
+    rate decayed to zero at the steps that fit in it).
+
     Raises:
       FileNotFoundError: the dataset's files are missing (from ``load_dataset``).
       RuntimeError: a method's sampler is missing from the installed ``adambs_jax``.
     """
+    if config.budget_seconds is not None:  # every method gets the same wall-clock budget
+        from experiments.compute_matched import run_compute_matched
+
+        return run_compute_matched(config, out_dir, data_dir=data_dir, progress=progress, log=log)
     check_methods_available(config)
     started = time.perf_counter()
     setup = prepare(config, data_dir)

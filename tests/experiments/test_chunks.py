@@ -12,8 +12,10 @@ from experiments.chunks import (
     MEAN,
     METRIC_REDUCTIONS,
     chunk_plan,
+    Renormalization,
     compile_chunks,
     eval_points,
+    fixed_chunk_plan,
     make_chunk,
     reduce_step_metrics,
     reduction_of,
@@ -37,9 +39,23 @@ def test_chunk_plan(num_steps, eval_every, chunk_steps, expected):
     assert len(points) == 1 + sum(count for _, count in plan)
 
 
+@pytest.mark.parametrize("num_steps, eval_every, chunk_steps, expected", [
+    (1000, 10, 100, [(10, 10)] * 10),
+    (2823, 10, 100, [(10, 10)] * 28 + [(10, 2), (3, 1)]),  # chunk_plan would cut 6 intervals
+    (5, 10, 100, [(5, 1)]),
+    (250, 1000, 100, [(250, 1)]),
+    (75, 25, 25, [(25, 1)] * 3),                            # the python loop's plan
+])
+def test_fixed_chunk_plan(num_steps, eval_every, chunk_steps, expected):
+    plan = fixed_chunk_plan(num_steps, eval_every, chunk_steps)
+    assert plan == expected
+    assert eval_points(plan)[-1] == num_steps
+
+
 class CounterState(NamedTuple):
     params: jax.Array
     step: jax.Array
+    sampler_state: jax.Array | None = None
 
 
 def test_make_chunk_keeps_params_and_reduces_metrics():
@@ -51,9 +67,10 @@ def test_make_chunk_keeps_params_and_reduces_metrics():
 
     initial = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32))
     chunk = jax.jit(make_chunk(step_nt, interval=3, num_intervals=2))
-    final, params_stack, metrics = chunk(initial, None, jax.random.key(0))
+    final, snapshots, metrics = chunk(initial, None, jax.random.key(0))
     assert float(final.params) == 6.0 and int(final.step) == 6
-    np.testing.assert_allclose(params_stack, [3.0, 6.0])
+    np.testing.assert_allclose(snapshots.params, [3.0, 6.0])
+    assert snapshots.sampler_state is None  # not asked for
     np.testing.assert_allclose(metrics["loss"], [1.0, 4.0])           # mean of 0,1,2 / 3,4,5
     np.testing.assert_allclose(metrics["max_weight"], [2.0, 5.0])     # max
     np.testing.assert_allclose(metrics["num_dropped_feedback"], [3.0, 3.0])  # sum
@@ -63,7 +80,9 @@ def test_make_chunk_keeps_params_and_reduces_metrics():
 
 
 def test_one_table_of_reductions():
-    assert reduction_of("loss") is MEAN and reduction_of("anything else") is MEAN
+    for name in ("loss", "sampled_loss", "anything else"):
+        assert reduction_of(name) is MEAN
+    assert float(METRIC_REDUCTIONS["min_weight"].on_host(np.array([0.5, 3.0]))) == 0.5
     values = np.array([0.5, 3.0, 1.5], np.float32)
     for name, reduction in METRIC_REDUCTIONS.items():  # device and host reduce alike
         np.testing.assert_allclose(float(reduction.on_device(jnp.asarray(values))),
@@ -76,7 +95,7 @@ def counting_step(state, data, key):
     del data
     metrics = {"loss": state.params + jax.random.uniform(key),
                "num_dropped_feedback": jnp.ones((), jnp.int32)}
-    return CounterState(state.params + 1.0, state.step + 1), metrics
+    return CounterState(state.params + 1.0, state.step + 1, state.sampler_state - 1.0), metrics
 
 
 def test_python_loop_chunk_matches_scan_chunk():
@@ -84,16 +103,35 @@ def test_python_loop_chunk_matches_scan_chunk():
     outputs = {}
     for loop in ("scan", "python"):
         def args():  # a fresh state each time: the chunks donate it
-            return CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32)), None, jax.random.key(3)
+            state = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()))
+            return state, None, jax.random.key(3)
 
-        chunk = compile_chunks(counting_step, [(4, 1)], loop, args())[(4, 1)]
-        state, params_stack, metrics, seconds = timed_call(chunk, *args())
+        chunk = compile_chunks(counting_step, [(4, 1)], loop, args(),
+                               keep_sampler_state=True)[(4, 1)]
+        state, snapshots, metrics, seconds = timed_call(chunk, *args())
         assert seconds > 0
-        outputs[loop] = (float(state.params), np.asarray(params_stack), jax.device_get(metrics))
+        outputs[loop] = (float(state.params), snapshots, jax.device_get(metrics))
     (scan_params, scan_stack, scan_metrics) = outputs["scan"]
     (python_params, python_stack, python_metrics) = outputs["python"]
     assert scan_params == python_params == 4.0
-    np.testing.assert_allclose(scan_stack, python_stack)
+    for stack in (scan_stack, python_stack):  # one snapshot: the state after the 4 steps
+        np.testing.assert_allclose(stack.params, [4.0])
+        np.testing.assert_allclose(stack.sampler_state, [-4.0])
     for name in ("loss", "num_dropped_feedback"):
         np.testing.assert_allclose(scan_metrics[name], python_metrics[name], rtol=1e-6)
     assert python_metrics["num_dropped_feedback"] == [4.0]
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_chunks_renormalize_the_sampler_every_m_steps(loop):
+    """M = 5, 12 steps: renormalized twice (boundaries 5 and 10), in the scan at the end of
+    the interval that crossed the boundary, in the Python loop right after step 5 and 10."""
+    renormalization = Renormalization(lambda sampler_state: sampler_state + 100.0, 5)
+    state = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()))
+    shape = (4, 3) if loop == "scan" else (12, 1)
+    chunk = compile_chunks(counting_step, [shape], loop, (state, None, jax.random.key(0)),
+                           keep_sampler_state=True, renormalization=renormalization)[shape]
+    state, snapshots, _, _ = timed_call(chunk, state, None, jax.random.key(0))
+    assert int(state.step) == 12 and float(state.sampler_state) == -12.0 + 200.0
+    if loop == "scan":  # interval ends 4, 8, 12: boundary 5 seen at 8, 10 at 12
+        np.testing.assert_allclose(snapshots.sampler_state, [-4.0, 92.0, 188.0])

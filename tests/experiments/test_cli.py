@@ -41,3 +41,15 @@ def test_cli_runs_a_tiny_config(tmp_path, capsys):
     assert str(out) in printed and "loss_vs_time.png" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resolved"]["num_steps"] == 6 and summary["config"]["num_seeds"] == 1
+
+
+def test_cli_budget_options_reach_the_config():
+    from experiments.__main__ import _parser, apply_overrides
+
+    args = _parser().parse_args(["lahire-iris", "--budget-seconds", "2.5", "--lr-schedule",
+                                 "cosine", "--calibration-rounds", "3",
+                                 "--diagnostic-examples", "0"])
+    config = apply_overrides(CONFIGS["lahire-iris"], args)
+    assert (config.budget_seconds, config.lr_schedule, config.calibration_rounds,
+            config.diagnostic_examples) == (2.5, "cosine", 3, 0)
+    assert CONFIGS["lahire-iris"].budget_seconds is None  # per-step by default

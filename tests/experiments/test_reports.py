@@ -30,7 +30,8 @@ def result(name, label, final_loss, diagnostics):
 
 def synthetic_summary():
     results = [result("adam", "Adam", 0.6, {}),
-               result("adambs", "AdamBS", 0.4, {"effective_sample_size": 0.9})]
+               result("adambs", "AdamBS", 0.4,
+                      {"effective_sample_size": 0.9, "variance_ratio": 1.5})]
     return build_summary(CONFIG, RESOLVED, results)
 
 
@@ -48,11 +49,11 @@ def test_markdown_table_rows_and_notes():
     text = markdown_table(CONFIG, synthetic_summary())
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
-    assert header.split(" | ")[-1] == "final ESS of p |"
+    assert header.split(" | ")[-2:] == ["final ESS of p", "final V(p)/V(u) |"]
     assert "time to loss ≤ 0.5 (s)" in header
     adam = next(line for line in lines if "(`adam`)" in line)
     adambs = next(line for line in lines if "(`adambs`)" in line)
-    assert "never (0/2)" in adam and adam.endswith("| 1.25 | — |")
-    assert "10 ± 0 (2/2)" in adambs and adambs.endswith("| 0.9 ± 0 |")
+    assert "never (0/2)" in adam and adam.endswith("| 1.25 | — | — |")
+    assert "10 ± 0 (2/2)" in adambs and adambs.endswith("| 0.9 ± 0 | 1.5 ± 0 |")
     assert "all 120 training examples, test error on 30 test examples." in text
     assert "Lahire Table 1 layout" in text and text.endswith("measured here.\n")

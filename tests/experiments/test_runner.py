@@ -14,7 +14,8 @@ from experiments.methods import method_available
 from experiments.runner import run_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png")
+PLOTS = ("loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png",
+         "diagnostics_vs_steps.png")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -56,7 +57,7 @@ def test_runner_writes_all_files(tiny_run):
     for method in config.methods:
         assert f"`{method}`" in table
     assert "Lahire Table 1 layout" in table
-    assert "final ESS of p" in table  # adambs learns a distribution
+    assert "final ESS of p" in table and "final V(p)/V(u)" in table  # adambs learns a p
 
 
 def test_runner_metrics_rows(tiny_run):
@@ -77,8 +78,16 @@ def test_runner_metrics_rows(tiny_run):
     for method in config.methods:
         times = [r["time_s"] for r in rows if r["method"] == method and r["seed"] == 0]
         assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
-    # the sampler diagnostics of AdamBS are there (at chunk ends)
-    assert any("effective_sample_size" in r for r in rows if r["method"] == "adambs")
+    # the sampler diagnostics of AdamBS are there at every evaluation point
+    adambs = [r for r in rows if r["method"] == "adambs"]
+    for row in adambs:
+        assert {"effective_sample_size", "variance_ratio", "variance_ratio_optimal",
+                "spearman_p_vs_grad_norm"} <= set(row)
+        assert 0 < row["variance_ratio_optimal"] <= 1
+    assert [r["variance_ratio"] for r in adambs if r["step"] == 0] == [1.0, 1.0]  # uniform start
+    assert all("variance_ratio" not in r for r in rows if r["method"] == "adam")
+    # both losses of the train step, averaged over each interval
+    assert all({"batch_loss", "batch_sampled_loss"} <= set(r) for r in rows if r["step"] > 0)
 
 
 def test_runner_summary(tiny_run):
@@ -104,6 +113,11 @@ def test_runner_summary(tiny_run):
         assert m["settings"]["learning_rate"] == 0.01
     ess = summary["methods"]["adambs"]["final_sampler_diagnostics"]["effective_sample_size"]
     assert 0 < ess["mean"] <= 1
+    # the sampled-batch loss and the diagnostics have curves (none at step 0 for the loss)
+    sampled = summary["methods"]["adambs"]["curve_sampled_loss_mean"]
+    assert sampled[0] is None and all(v > 0 for v in sampled[1:])
+    assert len(summary["methods"]["adambs"]["curve_variance_ratio_mean"]) == 4
+    assert "curve_variance_ratio_mean" not in summary["methods"]["adam"]
     # the run learns something
     adam = summary["methods"]["adam"]
     assert adam["curve_train_loss_mean"][-1] < adam["curve_train_loss_mean"][0]
