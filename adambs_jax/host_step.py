@@ -65,13 +65,12 @@ import optax
 from adambs_jax.checks import check_int
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
-from adambs_jax.model_state import batch_extras, loss_parts
+from adambs_jax.model_state import loss_parts
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, batch_sharding, replicated_sharding
 from adambs_jax.step_stages import (
-    Draw, StepConfig, _check_state, draw_weights, guarded_apply, next_state, place_batch,
-    step_key, step_metrics,
+    Draw, StepConfig, _check_state, draw_weights, learn_from_draw, place_batch, step_key,
 )
 from adambs_jax.train_state import TrainState, TrainStep
 from adambs_jax.train_step import _renormalize_fn, _step_config
@@ -149,15 +148,7 @@ def run_host_step(config: StepConfig, state: TrainState, batch: Any, draws: Draw
     config = config._replace(loss_fn=parts.losses_only)
     weights = draw_weights(config, indices, probs)
     draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
-    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key)
-    aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
-    applied = guarded_apply(config, state, draw, estimate)
-    metrics = step_metrics(
-        estimate, draw.weights, applied.scores, applied.sampler_state, config.probabilities
-    )
-    if config.has_aux:
-        metrics["aux"] = aux
-    new_state, metrics = next_state(state, applied, state_key, metrics, model_state)
+    new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
     return new_state, metrics, draw_from(sampler, new_state.sampler_state, key)
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "guarded_apply",
     "step_metrics",
     "next_state",
+    "learn_from_draw",
     "run_step",
 ]
 
@@ -346,16 +347,11 @@ def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
     return {}
 
 
-def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
-    """One step: key, draw, estimate, guarded apply, new state."""
-    num_examples = config.sampler.num_examples
-    _check_state(state, num_examples)
-    _check_data(data, num_examples)
-    state_key, key = step_key(state.key, key)
-    sample_key, model_key, score_key = jax.random.split(key, 3)
-    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
-    config = config._replace(loss_fn=parts.losses_only)
-    draw = draw_batch(config, state, data, sample_key, score_key)
+def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, model_key,
+                    state_key):
+    """Stages estimate, guarded apply, metrics and new state, for a drawn batch: shared by
+    the step over the whole dataset (``run_step``) and the step on a gathered batch
+    (``adambs_jax.host_step``). ``parts``: ``model_state.loss_parts`` of the step's loss."""
     estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key,
                                **_estimator_extras(config, state))
     aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
@@ -366,3 +362,16 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax
     if config.has_aux:
         metrics["aux"] = aux
     return next_state(state, applied, state_key, metrics, model_state)
+
+
+def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
+    """One step: key, draw, estimate, guarded apply, new state."""
+    num_examples = config.sampler.num_examples
+    _check_state(state, num_examples)
+    _check_data(data, num_examples)
+    state_key, key = step_key(state.key, key)
+    sample_key, model_key, score_key = jax.random.split(key, 3)
+    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    config = config._replace(loss_fn=parts.losses_only)
+    draw = draw_batch(config, state, data, sample_key, score_key)
+    return learn_from_draw(config, state, draw, parts, model_key, state_key)

@@ -74,17 +74,19 @@ def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
         np.testing.assert_array_equal(host_metrics[-1][name], metrics[name])
 
 
-def test_exp3_with_lookahead_one_gives_make_train_steps_result():
-    # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step
+@pytest.mark.parametrize("feedback", ["loss", "preconditioned_grad_norm"])
+def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
+    # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step;
+    # the optimizer-aware feedback gets the optimizer state in both steps
     data, num_steps = _data(), 6
     sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=20, step_size=0.5)
     init_key = jax.random.key(5)
     call_keys = list(jax.random.split(jax.random.key(6), num_steps))
     host = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, lookahead=1,
-                                   feedback="loss")
+                                   feedback=feedback)
     host_state, _ = _run_host(host, _params(), init_key, call_keys, data)
 
-    reference = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss")
+    reference = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback)
     state = reference.init(_params())
     device_data = jax.tree.map(jnp.asarray, data)
     for key in _reference_keys(init_key, call_keys, 1)[:num_steps]:
