@@ -153,13 +153,8 @@ def check_state(config: Exp3Config, state) -> None:
             f"state must be an Exp3SamplerState (sampler.init()), got {type(state).__name__}"
         )
     check_state_size(state, config.num_examples)
-    layout = config.layout
-    if state.arity != layout.arity or state.tree.shape != (layout.size,):
-        raise ValueError(
-            f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
-            f"(num_examples={config.num_examples}) has a tree of shape ({layout.size},) with "
-            f"arity {layout.arity}"
-        )
+    sumtree.check_state_tree(state.tree, state.arity, config.layout,
+                             owner=f"this sampler (num_examples={config.num_examples})")
 
 
 def sample(config: Exp3Config, state: Exp3SamplerState, key: jax.Array):

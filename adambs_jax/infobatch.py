@@ -144,11 +144,7 @@ def check_state(config: InfobatchConfig, state) -> None:
             f"state must be an InfobatchSamplerState (sampler.init()), got {type(state).__name__}"
         )
     check_state_size(state, config.num_examples)
-    if state.arity != config.layout.arity or state.tree.shape != (config.layout.size,):
-        raise ValueError(
-            f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
-            f"has a tree of shape ({config.layout.size},) with arity {config.layout.arity}"
-        )
+    sumtree.check_state_tree(state.tree, state.arity, config.layout)
 
 
 def sample(config: InfobatchConfig, state: InfobatchSamplerState, key: jax.Array):

@@ -178,11 +178,7 @@ def check_state(config: PriorityConfig, state) -> None:
             f"state must be a PrioritySamplerState (sampler.init()), got {type(state).__name__}"
         )
     check_state_size(state, config.num_examples)
-    if state.arity != config.layout.arity or state.tree.shape != (config.layout.size,):
-        raise ValueError(
-            f"state: tree of shape {state.tree.shape} with arity {state.arity}, but this sampler "
-            f"has a tree of shape ({config.layout.size},) with arity {config.layout.arity}"
-        )
+    sumtree.check_state_tree(state.tree, state.arity, config.layout)
     if state.uniform_mix != config.uniform_mix:
         raise ValueError(
             f"state: built with uniform_mix={state.uniform_mix}, but this sampler has "

@@ -155,6 +155,16 @@ def _check_tree(tree: jax.Array, layout: TreeLayout) -> None:
         )
 
 
+def check_state_tree(tree, arity: int, layout: TreeLayout, *, owner: str = "this sampler") -> None:
+    """ValueError unless a sampler state's ``tree`` and ``arity`` fit ``layout`` (a state
+    built for another n or arity has another tree shape: one message for every tree sampler)."""
+    if arity != layout.arity or tree.shape != (layout.size,):
+        raise ValueError(
+            f"state: tree of shape {tree.shape} with arity {arity}, but {owner} has a tree of "
+            f"shape ({layout.size},) with arity {layout.arity}"
+        )
+
+
 def build(weights: jax.Array, layout: TreeLayout) -> jax.Array:
     """Builds the tree from ``weights`` (n,) >= 0 in O(n). Returns (layout.size,)."""
     weights = jnp.asarray(weights)

@@ -183,3 +183,13 @@ def test_stratified_targets_cover_each_slice_once():
     np.testing.assert_allclose(targets, [0.0, 3.0, 5.998], rtol=1e-6)
     for k, t in enumerate(targets):
         assert 2.0 * k <= t < 2.0 * (k + 1)
+
+
+def test_check_state_tree_names_the_shapes_and_arities():
+    layout = sumtree.layout_for(10, 4)
+    sumtree.check_state_tree(jnp.zeros(layout.size), 4, layout)   # fits: no error
+    with pytest.raises(ValueError, match=r"state: tree of shape \(3,\) with arity 4, but this "
+                                         r"sampler has a tree of shape"):
+        sumtree.check_state_tree(jnp.zeros(3), 4, layout)
+    with pytest.raises(ValueError, match="with arity 2, but my sampler"):
+        sumtree.check_state_tree(jnp.zeros(layout.size), 2, layout, owner="my sampler")
