@@ -118,11 +118,10 @@ class Runner:
 
 def variant_source(variant: str, source: ab.sources.MemmapSource) -> ab.sources.MemmapSource:
     """``source``, or for a groups variant of group size m its first m floor(n / m) examples
-    (the groups sampler needs n divisible by m; slicing a memmap reads the same file)."""
+    (the groups sampler needs n divisible by m)."""
     if variant not in GROUP_SIZES:
         return source
-    size = GROUP_SIZES[variant] * (source.num_examples // GROUP_SIZES[variant])
-    return ab.sources.MemmapSource({name: array[:size] for name, array in source.arrays.items()})
+    return synthetic_disk.whole_groups(source, GROUP_SIZES[variant])
 
 
 def bench(source, args) -> list[dict]:

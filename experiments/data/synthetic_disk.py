@@ -130,6 +130,16 @@ def open_synthetic(directory, num_examples: int, *, task: str = "linear",
     return ab.sources.open_memmap_dataset(directory, verify=True)
 
 
+def whole_groups(source: ab.sources.MemmapSource, group_size: int) -> ab.sources.MemmapSource:
+    """The first m floor(n / m) examples of ``source`` (m = ``group_size``): what a groups
+    sampler can draw from, since it needs n divisible by m. Slicing a memmap reads the same
+    files, so nothing is copied."""
+    size = group_size * (source.num_examples // group_size)
+    if size == source.num_examples:
+        return source
+    return ab.sources.MemmapSource({name: array[:size] for name, array in source.arrays.items()})
+
+
 def load_synthetic(directory, num_examples: int, **kwargs) -> dict:
     """``{"x": memmap (n, 32), "y": memmap (n,)}`` of ``open_synthetic`` (same arguments)."""
     return open_synthetic(directory, num_examples, **kwargs).arrays
