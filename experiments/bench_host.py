@@ -1,4 +1,4 @@
-"""Benchmark: training from an on-disk dataset through the host loop, exp3 vs uniform vs no sampler.
+"""Benchmark: steps/s from an on-disk dataset through the host loop, per sampler variant.
 
     python -m experiments.bench_host --num-examples 1000000 --dir /tmp/adambs_disk
 
