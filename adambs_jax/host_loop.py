@@ -51,7 +51,8 @@ import jax
 import numpy as np
 
 from adambs_jax.checks import check_int
-from adambs_jax.host_step import Draws, HostTrainStep, replicate_on_mesh
+from adambs_jax.host_step import Draws, HostTrainStep
+from adambs_jax.sharding import replicate_on_mesh
 from adambs_jax.sources import check_source
 
 __all__ = ["LoadedBatch", "HostLoader", "process_rows", "run_host_loop"]

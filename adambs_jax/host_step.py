@@ -59,7 +59,6 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-import numpy as np
 import optax
 
 from adambs_jax.checks import check_int
@@ -68,17 +67,18 @@ from adambs_jax.losses import PerExampleLoss
 from adambs_jax.model_state import loss_parts
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
-from adambs_jax.sharding import DEFAULT_DATA_AXIS, batch_sharding, replicated_sharding
+from adambs_jax.sharding import (
+    DEFAULT_DATA_AXIS, batch_sharding, replicate_on_mesh, replicated_sharding,
+)
 from adambs_jax.step_stages import (
-    Draw, StepConfig, _check_state, draw_weights, learn_from_draw, place_batch, step_key,
+    Draw, StepConfig, check_train_state, draw_weights, learn_from_draw, place_batch, step_key,
 )
 from adambs_jax.train_state import TrainState, TrainStep
-from adambs_jax.train_step import _renormalize_fn, _step_config
+from adambs_jax.train_step import renormalize_fn, step_config
 from adambs_jax.tree_utils import batch_size_of
 
 __all__ = [
     "Draws", "HostTrainStep", "make_host_train_step", "draw_from", "run_host_step",
-    "replicate_on_mesh",
 ]
 
 
@@ -103,29 +103,6 @@ def draw_from(sampler: Sampler, sampler_state: Any, key: jax.Array) -> Draws:
     return Draws(indices, probs)
 
 
-def _replicated_leaf(leaf, sharding):
-    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
-        return leaf
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        data = _replicated_leaf(jax.random.key_data(leaf), sharding)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-    host = np.asarray(leaf)
-    return jax.make_array_from_process_local_data(sharding, host, host.shape)
-
-
-def replicate_on_mesh(tree: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
-    """``tree`` with every leaf replicated over ``mesh`` (None: unchanged). With several
-    processes each passes the same host values, as to ``ab.replicate``; a leaf that is not
-    yet a global array is copied through the host (``jax.device_put`` cannot place a
-    process's array on other processes' devices)."""
-    if mesh is None:
-        return tree
-    sharding = replicated_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda leaf: _replicated_leaf(leaf, sharding), tree)
-
-
 def _check_batch(batch, batch_size: int):
     size = batch_size_of(batch, name="batch")
     if size != batch_size:
@@ -139,7 +116,7 @@ def run_host_step(config: StepConfig, state: TrainState, batch: Any, draws: Draw
                   key: Optional[jax.Array]):
     """One step on a gathered batch: ``(state, metrics, the draws of a later step)``."""
     sampler = config.sampler
-    _check_state(state, sampler.num_examples)
+    check_train_state(state, sampler.num_examples)
     _check_batch(batch, sampler.batch_size)
     indices, probs = draws
     state_key, key = step_key(state.key, key)
@@ -282,7 +259,7 @@ def make_host_train_step(
         grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
         optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
     )
-    config = _step_config(loss_fn, optimizer, sampler, options)
+    config = step_config(loss_fn, optimizer, sampler, options)
 
     def step(state: TrainState, batch: Any, draws: Draws, key: Optional[jax.Array] = None):
         return run_host_step(config, state, batch, Draws(*draws), key)
@@ -295,4 +272,4 @@ def make_host_train_step(
     if not jit:
         return HostTrainStep(step, draw, **common)
     step, draw = _jitted(step, draw, mesh, data_axis)
-    return HostTrainStep(step, draw, renormalize=_renormalize_fn(sampler, mesh), **common)
+    return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

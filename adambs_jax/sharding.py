@@ -25,10 +25,12 @@ feedback values for the replicated sampler update. Nothing is hand-written.
 
 Multiple hosts: call ``jax.distributed.initialize()`` on every process first; then
 ``data_parallel_mesh()`` spans ``jax.devices()``, i.e. the devices of all hosts, and every
-process runs the same program. ``replicate`` (``jax.device_put`` with a replicated
-``NamedSharding``) expects every process to pass the same host values (same dataset, same
-initial parameters, same key); ``jax.make_array_from_process_local_data`` builds the same
-global arrays from per-process data. Sharding the dataset itself along n (instead of
+process runs the same program. ``replicate`` expects every process to pass the same host
+values (same dataset, same initial parameters, same key): with one process it is
+``jax.device_put`` with a replicated ``NamedSharding``; with several, ``jax.device_put``
+cannot place a process's array on other processes' devices, so every leaf that is not yet
+a replicated global array goes through the host into
+``jax.make_array_from_process_local_data`` (PRNG keys through their key data). Sharding the dataset itself along n (instead of
 replicating it) is a possible extension: the gather ``data[I]`` would then become a
 collective.
 """
@@ -47,6 +49,7 @@ __all__ = [
     "replicated_sharding",
     "batch_sharding",
     "replicate",
+    "replicate_on_mesh",
     "constrain_batch",
     "check_mesh",
 ]
@@ -115,13 +118,36 @@ def batch_sharding(mesh: Mesh, data_axis: str = DEFAULT_DATA_AXIS) -> NamedShard
     return NamedSharding(mesh, PartitionSpec(data_axis))
 
 
+def _replicated_leaf(leaf: Any, sharding: NamedSharding) -> Any:
+    """``leaf`` as a global array with ``sharding`` (fully replicated), from this process's
+    copy of its value; a typed PRNG key goes through its key data."""
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+        return leaf
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = _replicated_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_process_local_data(sharding, host, host.shape)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """``jax.device_put`` of every leaf of ``tree`` with ``replicated_sharding(mesh)``.
+    """Every leaf of ``tree`` as a global array with ``replicated_sharding(mesh)``.
 
     Use it for the ``TrainState`` and the dataset before the first call of a step built with
-    ``mesh=``. With several processes, each must pass the same values.
+    ``mesh=``. With one process: ``jax.device_put(tree, replicated_sharding(mesh))``. With
+    several processes each must pass the same values; a leaf that is not yet replicated on
+    ``mesh`` is copied through the host into ``jax.make_array_from_process_local_data``
+    (``jax.device_put`` refuses a sharding over other processes' devices).
     """
-    return jax.device_put(tree, replicated_sharding(mesh))
+    sharding = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda leaf: _replicated_leaf(leaf, sharding), tree)
+
+
+def replicate_on_mesh(tree: Any, mesh: Optional[Mesh]) -> Any:
+    """``replicate(tree, mesh)``, or ``tree`` unchanged when ``mesh`` is None (no mesh)."""
+    return tree if mesh is None else replicate(tree, mesh)
 
 
 def constrain_batch(batch: Any, mesh: Mesh, data_axis: str = DEFAULT_DATA_AXIS) -> Any:

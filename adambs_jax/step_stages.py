@@ -52,6 +52,7 @@ __all__ = [
     "Draw",
     "Applied",
     "step_key",
+    "check_train_state",
     "draw_batch",
     "draw_weights",
     "place_batch",
@@ -90,7 +91,9 @@ class StepConfig(NamedTuple):
         return isinstance(self.sampler, ScoringSampler)
 
 
-def _check_state(state, num_examples):
+def check_train_state(state, num_examples):
+    """Raises TypeError / ValueError unless ``state`` is a ``TrainState`` with scalar
+    counters and a sampler state of ``num_examples`` examples."""
     if not isinstance(state, TrainState):
         raise TypeError(
             f"state must be an ab.TrainState (TrainState.create(...)), got {type(state).__name__}"
@@ -367,7 +370,7 @@ def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, mo
 def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
     """One step: key, draw, estimate, guarded apply, new state."""
     num_examples = config.sampler.num_examples
-    _check_state(state, num_examples)
+    check_train_state(state, num_examples)
     _check_data(data, num_examples)
     state_key, key = step_key(state.key, key)
     sample_key, model_key, score_key = jax.random.split(key, 3)

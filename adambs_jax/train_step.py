@@ -57,6 +57,8 @@ __all__ = [
     "TrainStep",
     "make_train_step",
     "check_key",
+    "step_config",
+    "renormalize_fn",
     "FULL_DIAGNOSTICS_MAX_EXAMPLES",
 ]
 
@@ -109,7 +111,7 @@ def _check_grad_norm_method(grad_norm_method) -> str:
     return grad_norm_method
 
 
-def _step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
+def step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
     """Validates ``make_train_step``'s arguments (its Raises) and binds them."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -302,7 +304,7 @@ def make_train_step(
         grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
         optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
     )
-    config = _step_config(loss_fn, optimizer, sampler, options)
+    config = step_config(loss_fn, optimizer, sampler, options)
     optimizer = config.optimizer
 
     steps_per_call = check_int("steps_per_call", steps_per_call)
@@ -315,7 +317,7 @@ def make_train_step(
     if not jit:
         return TrainStep(step, optimizer, sampler, steps_per_call=steps_per_call)
     return TrainStep(
-        _jitted(step, mesh), optimizer, sampler, _renormalize_fn(sampler, mesh), steps_per_call
+        _jitted(step, mesh), optimizer, sampler, renormalize_fn(sampler, mesh), steps_per_call
     )
 
 
@@ -327,7 +329,7 @@ def _jitted(fn, mesh):
     return jax.jit(fn, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
 
 
-def _renormalize_fn(sampler, mesh):
+def renormalize_fn(sampler, mesh):
     """The jitted, donated ``state -> state`` that renormalizes ``state.sampler_state``, or
     None when the sampler needs no renormalization."""
     if not sampler.renormalize_every or sampler.renormalize is None:

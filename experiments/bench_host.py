@@ -1,4 +1,4 @@
-"""Benchmark: training from an on-disk dataset through the host loop, exp3 vs uniform vs no sampler.
+"""Benchmark: steps/s from an on-disk dataset through the host loop, per sampler variant.
 
     python -m experiments.bench_host --num-examples 1000000 --dir /tmp/adambs_disk
 
@@ -10,7 +10,12 @@ variants (the same step computation), ``lookahead`` L = 2:
                 ``HostLoader``; the step's own draws are ignored (no device -> host copy of
                 indices on the path)
     uniform     ``uniform_sampler`` through the host loop (indices drawn on the device)
-    exp3        ``exp3_sampler`` through the host loop
+    exp3        ``exp3_sampler`` through the host loop (per-example bandit: K random rows)
+    groups16_exp3, groups128_exp3
+                ``group_sampler(n', K, m, base="exp3")`` with m = 16, 128: the same bandit
+                over contiguous groups of m examples, so a drawn batch is read as K / m
+                sequential runs of m rows (m = K = 128: one run, Adam-APT). n' = m floor(n / m)
+                (the groups cover the first n' examples of the same files)
 
 Each variant is compiled and warmed up, then the variants are interleaved in ``--rounds``
 rounds of ``--steps`` steps (blocked once at the end of a round). Reported per variant:
@@ -36,7 +41,8 @@ from experiments import bench_harness as harness
 from experiments.data import synthetic_disk
 from experiments.models.mlp import MLP
 
-VARIANTS = ("no_sampler", "uniform", "exp3")
+VARIANTS = ("no_sampler", "uniform", "exp3", "groups16_exp3", "groups128_exp3")
+GROUP_SIZES = {"groups16_exp3": 16, "groups128_exp3": 128}
 TABLE_COLUMNS = [
     ("variant", "---", "{variant}"),
     ("steps/s (median)", "---:", "{steps_per_s:.1f}"),
@@ -48,29 +54,6 @@ TABLE_COLUMNS = [
 ]
 
 
-class MemmapSource:
-    """A data source over a dict of numpy memmaps (leading axis n); the read sorts the
-    indices so that the memmap is read in file order, then restores the draw order."""
-
-    def __init__(self, arrays: dict):
-        self.arrays = arrays
-        self.num_examples = int(next(iter(arrays.values())).shape[0])
-
-    def read(self, indices: np.ndarray) -> dict:
-        indices = ab.sources.check_read_indices(indices, self.num_examples)
-        order = np.argsort(indices)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        return {name: np.asarray(leaf[indices[order]])[inverse]
-                for name, leaf in self.arrays.items()}
-
-
-def _source(arrays: dict):
-    """helper B's ``adambs_jax.sources.MemmapSource`` when it exists, else the local one."""
-    library = getattr(ab.sources, "MemmapSource", None)
-    return (library or MemmapSource)(arrays)
-
-
 def _build(variant: str, num_examples: int, args):
     model = MLP(num_classes=synthetic_disk.NUM_CLASSES, hidden_sizes=(128, 128))
     loss = ab.ModelLoss(
@@ -79,6 +62,9 @@ def _build(variant: str, num_examples: int, args):
     )
     if variant == "exp3":
         sampler = ab.exp3_sampler(num_examples, args.batch_size, num_steps=10_000)
+    elif variant in GROUP_SIZES:
+        sampler = ab.group_sampler(num_examples, args.batch_size, GROUP_SIZES[variant],
+                                   base="exp3", num_steps=10_000)
     else:
         sampler = ab.uniform_sampler(num_examples, args.batch_size)
     step = ab.make_host_train_step(loss, optax.adam(1e-3), sampler, lookahead=args.lookahead)
@@ -130,8 +116,17 @@ class Runner:
         return wall
 
 
+def variant_source(variant: str, source: ab.sources.MemmapSource) -> ab.sources.MemmapSource:
+    """``source``, or for a groups variant of group size m its first m floor(n / m) examples
+    (the groups sampler needs n divisible by m)."""
+    if variant not in GROUP_SIZES:
+        return source
+    return synthetic_disk.whole_groups(source, GROUP_SIZES[variant])
+
+
 def bench(source, args) -> list[dict]:
-    runners = {variant: Runner(variant, source, args) for variant in VARIANTS}
+    runners = {variant: Runner(variant, variant_source(variant, source), args)
+               for variant in VARIANTS}
     for runner in runners.values():
         runner.run(args.warmup)
     rates = {variant: [] for variant in VARIANTS}
@@ -171,8 +166,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    arrays = synthetic_disk.load_synthetic(args.dir, args.num_examples)
-    source = _source(arrays)
+    source = synthetic_disk.open_synthetic(args.dir, args.num_examples)
     rows = bench(source, args)
     report = {
         "benchmark": "bench_host", "num_examples": args.num_examples,
@@ -180,6 +174,7 @@ def main(argv=None):
         "num_threads": args.num_threads, "steps": args.steps, "rounds": args.rounds,
         "model": "MLP 32-128-128-10, adam(1e-3), feedback grad_norm",
         "source": type(source).__module__ + "." + type(source).__name__,
+        "group_sizes": GROUP_SIZES,
         "rows": rows, "machine": harness.machine_record(),
     }
     path = harness.write_report(args.out, report)

@@ -248,9 +248,21 @@ _TWO_PROCESS_CHILD = textwrap.dedent(
     from test_host_loop import _recording_run
 
     state, seen = _recording_run(ab.data_parallel_mesh())
+    # ab.sharding.replicate with 2 processes (jax.device_put alone refuses this sharding)
+    mesh = ab.data_parallel_mesh()
+    tree = {"x": np.arange(6.0, dtype=np.float32).reshape(3, 2), "key": jax.random.key(3)}
+    replicated = ab.sharding.replicate(tree, mesh)
+    again = ab.replicate(replicated, mesh)
+    total = jax.jit(lambda t: jnp.sum(t["x"]) + jax.random.uniform(t["key"]))(replicated)
     print("RESULT " + json.dumps({
         "process": jax.process_index(), "devices": jax.device_count(),
-        "params": np.asarray(state.params.addressable_data(0)).tolist(), "seen": seen}))
+        "params": np.asarray(state.params.addressable_data(0)).tolist(), "seen": seen,
+        "replicated": all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set)
+                          == jax.device_count() for leaf in jax.tree.leaves(replicated)),
+        "x": np.asarray(replicated["x"].addressable_data(0)).tolist(),
+        "key": np.asarray(jax.random.key_data(replicated["key"]).addressable_data(0)).tolist(),
+        "unchanged_if_replicated": again["x"] is replicated["x"],
+        "total": float(total.addressable_data(0))}))
     '''
 )
 
@@ -297,6 +309,12 @@ def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
         # the dataset is not replicated: each process read only its half of every batch
         expected = [indices[process * half:(process + 1) * half] for indices in reference_seen]
         assert out["seen"] == expected, (process, out["seen"], reference_seen)
+        # ab.sharding.replicate: every leaf a global array on all 4 devices, same values
+        assert out["replicated"] and out["unchanged_if_replicated"], out
+        assert out["x"] == np.arange(6.0).reshape(3, 2).tolist(), out
+        key = jax.random.key(3)
+        assert out["key"] == np.asarray(jax.random.key_data(key)).tolist(), out
+        assert out["total"] == pytest.approx(15.0 + float(jax.random.uniform(key)), rel=1e-6)
 
 
 def test_api_doc_host_data_example_runs():

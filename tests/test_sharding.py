@@ -183,6 +183,15 @@ def test_helpers_and_their_errors():
     assert ab.sharding.batch_sharding(mesh).spec == PartitionSpec("data")
     tree = ab.replicate({"a": jnp.ones(3)}, mesh)
     assert isinstance(tree["a"].sharding, NamedSharding)
+    # replicate_on_mesh: None leaves the tree as it is; a mesh replicates (values kept)
+    host = {"a": np.arange(3.0), "key": jax.random.key(4)}
+    assert ab.sharding.replicate_on_mesh(host, None) is host
+    placed = ab.sharding.replicate_on_mesh(host, mesh)
+    assert placed["a"].sharding.is_fully_replicated and placed["key"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(placed["a"]), host["a"])
+    assert bool(jnp.all(jax.random.key_data(placed["key"]) == jax.random.key_data(host["key"])))
+    with pytest.raises(TypeError, match="mesh"):
+        ab.replicate(host, None)  # no mesh: refused (replicate_on_mesh is the None-tolerant one)
     assert ab.sharding.check_mesh(mesh, "data", batch_size=8) == len(jax.devices())
     with pytest.raises(ValueError, match="devices"):
         ab.data_parallel_mesh([])
