@@ -78,7 +78,12 @@ def variance_ratio(p, grad_norms, num_examples: int) -> float:
     a uniform subset: an estimate); p_j are entries of the full distribution over n."""
     p = np.asarray(p, dtype=np.float64)
     squares = np.square(np.asarray(grad_norms, dtype=np.float64))
-    return float(np.sum(squares / (num_examples * p)) / np.sum(squares))
+    # an example with g_j = 0 adds nothing, whatever p_j (p^GN gives it p_j = 0: 0/0 is 0
+    # here, not NaN); g_j > 0 with p_j = 0 is a biased sampler and stays +inf
+    with np.errstate(divide="ignore"):
+        terms = np.divide(squares, num_examples * p, out=np.zeros_like(squares),
+                          where=squares > 0)
+    return float(np.sum(terms) / np.sum(squares))
 
 
 def optimal_variance_ratio(grad_norms) -> float:

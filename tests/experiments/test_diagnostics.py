@@ -87,6 +87,11 @@ def test_variance_ratio_formulas():
     d = score_diagnostics(optimum, g, n)
     assert d["spearman_p_vs_grad_norm"] == pytest.approx(1.0)
     assert d["variance_ratio"] == pytest.approx(d["variance_ratio_optimal"])
+    # p^GN gives an example with g_j = 0 the probability 0: it adds nothing (not NaN)
+    g[:5] = 0.0
+    optimum = g / g.sum()
+    assert variance_ratio(optimum, g, n) == pytest.approx(optimal_variance_ratio(g))
+    assert variance_ratio(np.where(g > 0, 0.0, 1.0 / 5), g, n) == np.inf   # biased: g > 0, p = 0
 
 
 def test_probe_indices():
