@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from adambs_jax.checks import check_optional_int
+from adambs_jax.jsonable import read_format_file
 from adambs_jax.sources import check_read_indices, leading_axis
 
 __all__ = [
@@ -140,15 +141,11 @@ def _read_layouts(paths: Sequence[str]) -> list[dict]:
     layouts = []
     for path in paths:
         sidecar = path + ".layout.json"
-        if not os.path.isfile(sidecar):
-            raise FileNotFoundError(
-                f"paths: {path!r} has no {os.path.basename(sidecar)} (write it with "
-                f"write_array_record)"
-            )
-        with open(sidecar) as stream:
-            layout = json.load(stream)
-        if not isinstance(layout, dict) or layout.get("format") != LAYOUT_FORMAT:
-            raise ValueError(f"paths: {sidecar!r} is not a layout of format {LAYOUT_FORMAT!r}")
+        layout = read_format_file(
+            sidecar, LAYOUT_FORMAT, name="paths",
+            missing=f"{path!r} has no {os.path.basename(sidecar)} (write it with "
+                    f"write_array_record)",
+        )
         if layouts and layout["fields"] != layouts[0]["fields"]:
             raise ValueError(f"paths: {path!r} has fields {layout['fields']}, but "
                              f"{paths[0]!r} has {layouts[0]['fields']}")

@@ -3,7 +3,9 @@ experiment records alike."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -38,3 +40,20 @@ def to_jsonable(value: Any, *, nonfinite_as_none: bool = True) -> Any:
             except TypeError:  # a PRNG key array or another array without a numpy form
                 pass
     return repr(value)
+
+
+def read_format_file(path: str, expected_format: str, *, name: str, missing: str) -> dict:
+    """The JSON object in ``path`` whose ``"format"`` is ``expected_format``.
+
+    Raises:
+      FileNotFoundError: no file at ``path`` (the message names ``name`` and ``missing``:
+        how such a file is written).
+      ValueError: the file is not a JSON object of that format.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: {missing}")
+    with open(path) as stream:
+        content = json.load(stream)
+    if not isinstance(content, dict) or content.get("format") != expected_format:
+        raise ValueError(f"{name}: {path!r} is not a file of format {expected_format!r}")
+    return content

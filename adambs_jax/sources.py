@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from adambs_jax.checks import check_bool, check_int, check_optional_int
+from adambs_jax.jsonable import read_format_file
 
 __all__ = [
     "DataSource",
@@ -213,17 +214,10 @@ def file_sha256(path: PathLike, block_size: int = 1 << 22) -> str:
 
 
 def _read_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"directory: {directory!r} holds no {MANIFEST_NAME} "
-            f"(write it with write_memmap_dataset)"
-        )
-    with open(path) as stream:
-        manifest = json.load(stream)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"directory: {path!r} is not a manifest of format {MANIFEST_FORMAT!r}")
-    return manifest
+    return read_format_file(
+        os.path.join(directory, MANIFEST_NAME), MANIFEST_FORMAT, name="directory",
+        missing=f"{directory!r} holds no {MANIFEST_NAME} (write it with write_memmap_dataset)",
+    )
 
 
 def _open_dataset(directory: str, verify: bool) -> tuple[dict, dict]:

@@ -21,3 +21,21 @@ def run_api_doc_example(marker):
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith(marker)]
     assert len(blocks) == 1, f"docs/api.md lost its example {marker!r}"
     exec(compile(blocks[0], f"api.md:{marker}", "exec"), {"__name__": "doc"})
+
+
+def read_from_threads(source, draws):
+    """``source.read(d)`` for every ``d`` of ``draws``, each in its own thread, started
+    together (a data source must be safe to read from several loader threads)."""
+    import threading
+
+    results = [None] * len(draws)
+
+    def read(i):
+        results[i] = source.read(draws[i])
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(draws))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

@@ -1,7 +1,6 @@
 """Tests for adambs_jax.grain_source: ArrayRecord shards written and read back through grain."""
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import adambs_jax as ab
 from adambs_jax import grain_source
 from adambs_jax.grain_source import ArrayRecordSource, shard_paths, write_array_record
 from adambs_jax.sources import ArraySource, check_source
-from tests.helpers import run_api_doc_example
+from tests.helpers import run_api_doc_example, read_from_threads
 
 
 def _arrays(n=37, seed=0):
@@ -71,16 +70,7 @@ def test_reads_concurrently_from_threads(tmp_path):
     arrays = _arrays(n=300)
     source = ArrayRecordSource(write_array_record(tmp_path / "d", arrays, num_shards=4))
     draws = [np.random.default_rng(seed).integers(0, 300, size=64) for seed in range(12)]
-    results = [None] * len(draws)
-
-    def read(i):
-        results[i] = source.read(draws[i])
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(draws))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = read_from_threads(source, draws)
     for indices, got in zip(draws, results):
         _assert_same_batch(got, ArraySource(arrays).read(indices))
 

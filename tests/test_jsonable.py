@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from adambs_jax.jsonable import to_jsonable
 
@@ -38,3 +39,18 @@ def test_anything_else_becomes_its_repr():
     key = jax.random.key(0)  # a typed key array has no numpy form
     assert to_jsonable(key) == repr(key)
     assert isinstance(to_jsonable(object()), str)
+
+
+def test_read_format_file_checks_presence_and_format(tmp_path):
+    import json
+    from adambs_jax.jsonable import read_format_file
+
+    path = tmp_path / "a.json"
+    with pytest.raises(FileNotFoundError, match="where: write it first"):
+        read_format_file(str(path), "fmt-1", name="where", missing="write it first")
+    path.write_text(json.dumps({"format": "fmt-0", "n": 1}))
+    with pytest.raises(ValueError, match="where: .* is not a file of format 'fmt-1'"):
+        read_format_file(str(path), "fmt-1", name="where", missing="")
+    path.write_text(json.dumps({"format": "fmt-1", "n": 1}))
+    assert read_format_file(str(path), "fmt-1", name="where", missing="") == {
+        "format": "fmt-1", "n": 1}

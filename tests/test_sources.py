@@ -5,7 +5,7 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax.sources import ArraySource, check_read_indices, check_source
-from tests.helpers import run_api_doc_example
+from tests.helpers import run_api_doc_example, read_from_threads
 
 
 def _arrays(n=6):
@@ -48,7 +48,6 @@ def test_bad_data_is_refused_by_name():
 
 import json
 import os
-import threading
 
 from adambs_jax.sources import (
     MANIFEST_NAME,
@@ -105,16 +104,7 @@ def test_memmap_source_reads_concurrently_from_threads(tmp_path):
     write_memmap_dataset(tmp_path, arrays)
     source, reference = MemmapSource(tmp_path), ArraySource(arrays)
     draws = [np.random.default_rng(seed).integers(0, 400, size=64) for seed in range(16)]
-    results = [None] * len(draws)
-
-    def read(i):
-        results[i] = source.read(draws[i])
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(draws))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = read_from_threads(source, draws)
     for indices, got in zip(draws, results):
         _assert_same_batch(got, reference.read(indices))
 
