@@ -37,7 +37,11 @@ MISSING = "—"
 
 def load_summaries(folders: Sequence[str | Path]) -> tuple[dict, dict]:
     """``(per_step, budget)``: configuration name -> summary, from each folder's
-    ``summary.json`` (FileNotFoundError naming the folder if it has none)."""
+    ``summary.json`` (FileNotFoundError naming the folder if it has none).
+
+    Several folders of the same configuration and kind are merged: a method comes from the
+    first folder that has it (e.g. an expensive oracle run on its own with the same seeds
+    and keys); its time-per-step ratio is then against another run's uniform Adam."""
     per_step, budget = {}, {}
     for folder in folders:
         path = Path(folder) / "summary.json"
@@ -45,7 +49,13 @@ def load_summaries(folders: Sequence[str | Path]) -> tuple[dict, dict]:
             raise FileNotFoundError(f"{folder}: no summary.json (not a results/ folder of a run)")
         summary = json.loads(path.read_text())
         kind = budget if "compute_matched" in summary else per_step
-        kind[summary["config"]["name"]] = summary
+        name = summary["config"]["name"]
+        if name in kind:
+            merged = kind[name]["methods"]
+            for method, result in summary["methods"].items():
+                merged.setdefault(method, result)
+        else:
+            kind[name] = summary
     return per_step, budget
 
 

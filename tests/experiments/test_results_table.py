@@ -98,3 +98,17 @@ def test_cli_writes_the_tables_and_refuses_a_folder_without_summary(folders, tmp
     assert out.read_text() == summary_tables(*load_summaries(folders))
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_folders_of_one_configuration_are_merged_first_method_wins(tmp_path):
+    first = write_run(tmp_path / "a", "conf-a", {"adam": 0.5, "adam-gn": 0.1, "adambs": 0.3})
+    summary = json.loads((first / "summary.json").read_text())
+    del summary["methods"]["adam-gn"]                     # the oracle left out of the main run
+    (first / "summary.json").write_text(json.dumps(summary))
+    oracle = write_run(tmp_path / "b", "conf-a", {"adam": 0.9, "adam-gn": 0.1, "adambs": 0.9})
+    per_step, budget = load_summaries([first, oracle])
+    methods = per_step["conf-a"]["methods"]
+    assert set(methods) == set(METHODS) and not budget
+    assert methods["adam"] == summary["methods"]["adam"]  # the first folder's adam is kept
+    _, rows = table_rows(summary_tables(per_step, budget), "Per step: share")
+    assert rows["adambs"] == ["0.50"]                      # (0.5 - 0.3) / (0.5 - 0.1)
