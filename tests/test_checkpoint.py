@@ -387,3 +387,36 @@ def test_a_damaged_managed_checkpoint_is_refused_naming_its_step(tmp_path):
         _damage(tmp_path / "run" / "7", "truncated")
         with pytest.raises(ValueError, match=r"step: the checkpoint of step 7 in .* is damaged"):
             manager.restore(_fresh_state(jax.random.key(0)))
+
+
+@pytest.mark.parametrize("setup", ["linen", "nnx"])
+def test_a_model_state_resumes_bitwise(tmp_path, setup):
+    """BatchNorm statistics (linen batch_stats; NNX's non-Param state with its Rngs) are
+    saved with the TrainState: 8 straight steps == 4, save, restore into a fresh template, 4."""
+    from tests import test_model_state as tms
+
+    params, model_state, apply_fn = tms.SETUPS[setup]()
+    sampler = ab.exp3_sampler(tms.NUM_EXAMPLES, tms.BATCH_SIZE, num_steps=8)
+    step = ab.make_train_step(ab.ModelLoss(apply_fn, tms._cross_entropy), optax.adam(0.05),
+                              sampler, feedback="loss", model_state=True)
+    data, keys = tms._data(), [jax.random.key(50 + t) for t in range(8)]
+
+    def train(state, ts):
+        for t in ts:
+            state, _ = step(state, data, keys[t])
+        return state
+
+    straight = train(step.init(params, model_state=model_state), range(8))
+    half = train(step.init(params, model_state=model_state), range(4))
+    ab.save_checkpoint(tmp_path / "ckpt", half, sampler=sampler)
+    template = step.init(params, model_state=model_state)
+    resumed = ab.restore_checkpoint(tmp_path / "ckpt", template, sampler=sampler)
+    assert int(resumed.step) == 4
+    resumed = train(resumed, range(4, 8))
+    expected, actual = _host(straight), _host(resumed)
+    assert jax.tree.structure(expected) == jax.tree.structure(actual)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(_host(model_state)), jax.tree.leaves(_host(resumed.model_state)))]
+    assert any(moved)   # the statistics did change, and came back from the checkpoint

@@ -71,3 +71,25 @@ def test_without_a_key_the_state_key_advances_each_step():
 def test_steps_per_call_is_validated():
     with pytest.raises(ValueError, match="steps_per_call"):
         _steps(ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE), 0)
+
+
+def test_has_aux_metrics_are_stacked_per_step():
+    def loss_with_aux(params, batch):
+        residual = batch["x"] @ params["w"] - batch["y"]
+        return jnp.square(residual), {"max_residual": jnp.max(jnp.abs(residual))}
+
+    sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+    params, data = _problem()
+    keys = jax.random.split(jax.random.key(3), 4)
+    many = ab.make_train_step(loss_with_aux, optax.adam(0.1), sampler, feedback="loss",
+                              has_aux=True, steps_per_call=4)
+    state, metrics = many(many.init(params), data, jax.random.key(3))
+    single = ab.make_train_step(loss_with_aux, optax.adam(0.1), sampler, feedback="loss",
+                                has_aux=True)
+    expected, aux = single.init(params), []
+    for key in keys:
+        expected, step_metrics = single(expected, data, key)
+        aux.append(float(step_metrics["aux"]["max_residual"]))
+    _assert_same(state, expected)
+    assert metrics["aux"]["max_residual"].shape == (4,)
+    np.testing.assert_allclose(metrics["aux"]["max_residual"], aux, rtol=1e-5)
