@@ -73,7 +73,9 @@ from adambs_jax.sharding import (
 from adambs_jax.step_stages import (
     Draw, StepConfig, check_train_state, draw_weights, learn_from_draw, place_batch, step_key,
 )
-from adambs_jax.train_state import TrainState, TrainStep
+from adambs_jax.train_state import (
+    TrainState, TrainStep, count_renormalization_steps, renormalize_if_due,
+)
 from adambs_jax.train_step import renormalize_fn, step_config
 from adambs_jax.tree_utils import batch_size_of
 
@@ -159,10 +161,8 @@ class HostTrainStep:
                  key: Optional[jax.Array] = None):
         every = self.sampler.renormalize_every
         if self.renormalize is not None and every:
-            if self._pending[0] + 1 > every:
-                state = TrainStep._call(self.renormalize, state)
-                self._pending[0] = 0
-            self._pending[0] += 1
+            state = renormalize_if_due(self.renormalize, every, self._pending, state)
+            count_renormalization_steps(self._pending, 1, every)
         if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
             draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
         return TrainStep._call(self.step_fn, state, batch, draws, key)

@@ -25,7 +25,10 @@ import optax
 from adambs_jax.base import AnySampler
 from adambs_jax.checks import check_key
 
-__all__ = ["TrainState", "TrainStep", "as_gradient_transformation"]
+__all__ = [
+    "TrainState", "TrainStep", "as_gradient_transformation", "renormalize_if_due",
+    "count_renormalization_steps",
+]
 
 
 def as_gradient_transformation(optimizer: Any) -> optax.GradientTransformation:
@@ -157,12 +160,9 @@ class TrainStep:
         if self.renormalize is None or not every:
             return self._call_step(state, data, key)
         calls = self.steps_per_call
-        if self._pending[0] + min(calls, every) > every:
-            state = self._call(self.renormalize, state)
-            self._pending[0] = 0
+        state = renormalize_if_due(self.renormalize, every, self._pending, state, calls)
         state, metrics = self._call_step(state, data, key)
-        # a call of more than M steps renormalizes after each M of them (train_loop)
-        self._pending[0] = self._pending[0] + calls if calls <= every else calls % every
+        count_renormalization_steps(self._pending, calls, every)
         return state, metrics
 
     def _call_step(self, state, data, key):
@@ -201,3 +201,21 @@ class TrainStep:
         if step_fn is None or name.startswith("__") and name not in ("__name__", "__qualname__"):
             raise AttributeError(name)
         return getattr(step_fn, name)
+
+
+def renormalize_if_due(renormalize, every: int, pending: list, state: TrainState,
+                       calls: int = 1) -> TrainState:
+    """``state``, first renormalized (``renormalize``, one jitted call) if a call of
+    ``calls`` steps would take ``pending[0]``, the steps since the last renormalization,
+    past ``every`` = M; then ``pending[0]`` is 0. The schedule of ``TrainStep`` and
+    ``adambs_jax.host_step.HostTrainStep``, counted in Python (no device sync)."""
+    if pending[0] + min(calls, every) > every:
+        state = TrainStep._call(renormalize, state)
+        pending[0] = 0
+    return state
+
+
+def count_renormalization_steps(pending: list, calls: int, every: int) -> None:
+    """Adds a call's ``calls`` steps to ``pending[0]``; a call of more than M steps
+    renormalizes after each M of them itself (``adambs_jax.train_loop``)."""
+    pending[0] = pending[0] + calls if calls <= every else calls % every
