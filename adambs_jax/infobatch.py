@@ -171,14 +171,12 @@ def update(config: InfobatchConfig, state: InfobatchSamplerState, indices, feedb
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
-    k, n = config.batch_size, config.num_examples
+    n = config.num_examples
     written = jnp.where(clean.valid & apply, clean.indices, n)  # n: out of range, dropped
-    order = jnp.lexsort((jnp.arange(k), written))  # by index, then by draw
-    target = written[order]
-    is_last = jnp.concatenate([target[1:] != target[:-1], jnp.array([True])])
-    target = jnp.where(is_last, target, n)
+    # every copy of a duplicated index carries its last draw's loss: the writes agree
+    target, scores = sumtree.dedupe_last(written, clean.feedback)
     return state.replace(
-        scores=state.scores.at[target].set(clean.feedback[order], mode="drop"),
+        scores=state.scores.at[target].set(scores, mode="drop"),
         seen=state.seen.at[target].set(True, mode="drop"),
         step=state.step + apply.astype(jnp.int32),
         num_dropped_feedback=state.num_dropped_feedback

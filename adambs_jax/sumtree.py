@@ -47,6 +47,7 @@ __all__ = [
     "total",
     "leaf_values",
     "get_leaves",
+    "dedupe_last",
     "set_leaves",
     "sum_children",
     "draw",
@@ -204,7 +205,7 @@ def _children(tree: jax.Array, layout: TreeLayout, level: int, parents: jax.Arra
     return tree[first[:, None] + jnp.arange(layout.arity, dtype=first.dtype)]
 
 
-def _dedupe_last(indices: jax.Array, values: jax.Array):
+def dedupe_last(indices: jax.Array, values: jax.Array):
     """Sorts by index and gives every copy of a duplicated index the value of its last
     occurrence in argument order (numpy's sequential-assignment semantics), so that all
     scatter writes to one location are equal and the scatter order cannot matter."""
@@ -230,7 +231,7 @@ def set_leaves(
         raise ValueError(
             f"indices and values must both have shape (K,), got {indices.shape} and {values.shape}"
         )
-    node, values = _dedupe_last(indices, values.astype(tree.dtype))
+    node, values = dedupe_last(indices, values.astype(tree.dtype))
     tree = tree.at[layout.offsets[-1] + node].set(values)
     for level in range(layout.depth - 1, -1, -1):  # one pass per level, not per example
         node = node // layout.arity
