@@ -38,6 +38,7 @@ __all__ = [
     "open_memmap_dataset",
     "check_source",
     "check_read_indices",
+    "file_digest",
 ]
 
 
@@ -204,9 +205,11 @@ def _open_npy(name: str, value: Any) -> np.ndarray:
         ) from error
 
 
-def file_sha256(path: PathLike, block_size: int = 1 << 22) -> str:
-    """The sha256 hex digest of a file, read in blocks (O(1) memory)."""
-    digest = hashlib.sha256()
+def file_digest(path: PathLike, algorithm: str = "sha256", block_size: int = 1 << 22) -> str:
+    """The hex digest of a file (``algorithm``: a ``hashlib`` name, e.g. ``"sha256"`` or
+    ``"md5"``), read in blocks (O(1) memory). Also what ``experiments/data`` verifies the
+    downloaded files with."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(block_size), b""):
             digest.update(block)
@@ -233,7 +236,7 @@ def _open_dataset(directory: str, verify: bool) -> tuple[dict, dict]:
                 f"field {name!r}: {spec['file']} has shape {array.shape} and dtype "
                 f"{array.dtype}, the manifest says {expected[0]} and {expected[1]}"
             )
-        if verify and file_sha256(path) != spec["sha256"]:
+        if verify and file_digest(path) != spec["sha256"]:
             raise ValueError(
                 f"field {name!r}: the sha256 of {spec['file']} does not match the manifest "
                 f"(the file is corrupted or was changed after writing)"
@@ -360,5 +363,5 @@ def _write_chunks(directory: str, chunks: Iterable, num_examples: int) -> dict:
         del memmap
     files.clear()  # close the memmaps before hashing the files
     for spec in fields.values():
-        spec["sha256"] = file_sha256(os.path.join(directory, spec["file"]))
+        spec["sha256"] = file_digest(os.path.join(directory, spec["file"]))
     return fields

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
-import hashlib
 import os
 import pickle
 import tarfile
 import zipfile
 import zlib
+
+from adambs_jax import sources
 
 _BLOCK = 1 << 20
 DELETE_HINT = "delete it (a missing file is downloaded again) or replace it with the official file"
@@ -49,12 +50,9 @@ class ChecksumMismatchError(CorruptFileError):
 
 
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest (``"md5"`` or ``"sha256"``) of a file, read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex digest (``"md5"`` or ``"sha256"``) of a file, read in 1 MiB blocks
+    (``adambs_jax.sources.file_digest``)."""
+    return sources.file_digest(path, algorithm, _BLOCK)
 
 
 def verify_file(
