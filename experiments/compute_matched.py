@@ -50,8 +50,8 @@ from pathlib import Path
 import optax
 
 from experiments.configs import ExperimentConfig
-from experiments.method_run import MethodRun
-from experiments.methods import BuiltMethod, build_method
+from experiments.method_run import MethodRun, build_for_setup
+from experiments.methods import BuiltMethod
 from experiments.reports import build_summary, write_outputs
 from experiments.run_setup import Setup, prepare
 from experiments.runner import (
@@ -89,11 +89,7 @@ def build_decayed(setup: Setup, name: str) -> BuiltMethod:
     """Method ``name`` built for ``setup.num_steps`` = T_m steps, its learning rate decayed
     to zero at T_m (``config.lr_schedule``)."""
     config = setup.config
-    built = build_method(
-        name, num_examples=setup.dataset.num_train, batch_size=config.batch_size,
-        num_steps=setup.num_steps, learning_rate=config.learning_rate,
-        feedback=config.feedback, options=config.method_options.get(name),
-    )
+    built = build_for_setup(setup, name)
     settings = {**built.settings, "lr_schedule": config.lr_schedule,
                 "decay_steps": setup.num_steps}
     return dataclasses.replace(

@@ -46,6 +46,17 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}")
 
 
+def build_for_setup(setup: Setup, name: str) -> BuiltMethod:
+    """Method ``name`` (``experiments.methods.build_method``) for ``setup``: its training set,
+    batch size, ``setup.num_steps``, learning rate, feedback and method options."""
+    config = setup.config
+    return build_method(
+        name, num_examples=setup.dataset.num_train, batch_size=config.batch_size,
+        num_steps=setup.num_steps, learning_rate=config.learning_rate,
+        feedback=config.feedback, options=config.method_options.get(name),
+    )
+
+
 class MethodRun:
     """One method of a run: built and compiled once (``__init__``), then run seed by seed
     (``run_seed``), its curves and rows accumulated for :meth:`result`."""
@@ -53,13 +64,9 @@ class MethodRun:
     def __init__(self, setup: Setup, name: str, built: BuiltMethod | None = None):
         """``built``: the method as built by ``experiments.methods.build_method`` for this
         setup (None: built here from the configuration)."""
-        config, seeds = setup.config, setup.seeds
+        seeds = setup.seeds
         self.setup, self.name = setup, name
-        self.built = built or build_method(
-            name, num_examples=setup.dataset.num_train, batch_size=config.batch_size,
-            num_steps=setup.num_steps, learning_rate=config.learning_rate,
-            feedback=config.feedback, options=config.method_options.get(name),
-        )
+        self.built = built or build_for_setup(setup, name)
         step = ab.make_train_step(setup.loss, self.built.optimizer, self.built.sampler,
                                   feedback=self.built.feedback, diagnostics=False, jit=False)
         example_args = (self.new_state(seeds[0]), setup.data, setup.train_key(seeds[0]))
