@@ -264,20 +264,25 @@ def sample(config: AdamImptConfig, state: AdamImptState, key: jax.Array, score_f
     return indices.astype(jnp.int32), probs.astype(jnp.float32), new_state
 
 
-def update(config: AdamImptConfig, state: AdamImptState, indices, feedback) -> AdamImptState:
+def update(config: AdamImptConfig, state: AdamImptState, indices, feedback, *,
+           apply=True) -> AdamImptState:
     """Counts the step; with ``uniform_phase_scores="batch"`` and importance sampling off,
-    tau_hat learns from the training pass's scores (``feedback``), as in K&F's code."""
+    tau_hat learns from the training pass's scores (``feedback``), as in K&F's code.
+    ``apply`` False (a bool scalar, may be traced) returns ``state`` unchanged, without a
+    branch (the train step passes "the step is finite")."""
     check_per_draw("indices", indices, config.batch_size)
     check_per_draw("feedback", feedback, config.batch_size)
+    apply = jnp.asarray(apply, bool)
+    step = state.step + apply.astype(jnp.int32)
     if config.score_presample_always:
-        return state.replace(step=state.step + 1)
-    uniform_phase = ~state.importance_sampling_on
+        return state.replace(step=step)
+    learn = apply & ~state.importance_sampling_on  # the uniform phase learns from the batch
     tau = variance_reduction(jnp.asarray(feedback, jnp.float32))
     ema = moving_average(config.momentum, state.variance_reduction_ema, tau)
     return state.replace(
-        variance_reduction_ema=jnp.where(uniform_phase, ema, state.variance_reduction_ema),
-        variance_reduction=jnp.where(uniform_phase, tau, state.variance_reduction),
-        step=state.step + 1,
+        variance_reduction_ema=jnp.where(learn, ema, state.variance_reduction_ema),
+        variance_reduction=jnp.where(learn, tau, state.variance_reduction),
+        step=step,
     )
 
 

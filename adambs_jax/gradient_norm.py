@@ -148,11 +148,13 @@ def sample(config: GradientNormConfig, state: GradientNormSamplerState, key: jax
     return indices, p[indices], new_state
 
 
-def update(config: GradientNormConfig, state: GradientNormSamplerState, indices, feedback):
-    """Checks the shapes of the draws and counts the step; the feedback is not used."""
+def update(config: GradientNormConfig, state: GradientNormSamplerState, indices, feedback, *,
+           apply=True):
+    """Checks the shapes of the draws and counts the step (if ``apply``, a bool scalar that
+    may be traced); the feedback is not used."""
     check_per_draw("indices", indices, config.batch_size)
     check_per_draw("feedback", feedback, config.batch_size)
-    return state.replace(step=state.step + 1)
+    return state.replace(step=state.step + jnp.asarray(apply, bool).astype(jnp.int32))
 
 
 def distribution(state: GradientNormSamplerState) -> jax.Array:

@@ -225,3 +225,24 @@ def test_adam_impt_argument_errors_name_the_argument():
     with pytest.raises(ValueError, match="score_fn"):
         sampler.sample(state.replace(variance_reduction_ema=jnp.asarray(9.0)),
                        jax.random.key(0), lambda indices: jnp.ones((3,)))
+
+
+@pytest.mark.parametrize("uniform_phase_scores", ["batch", "presample"])
+def test_update_with_apply_false_keeps_the_state(uniform_phase_scores):
+    """A skipped (non-finite) step: ``apply`` False keeps the state bitwise, step count
+    included; True is the default."""
+    sampler = ab.adam_impt_sampler(20, 4, uniform_phase_scores=uniform_phase_scores)
+    indices, _, state = sampler.sample(sampler.init(), jax.random.key(0),
+                                       _table_score_fn(np.arange(20.0)))
+    feedback = jnp.asarray([1.0, 0.0, 0.0, 0.0])
+    update = jax.jit(sampler.update)
+    kept = update(state, indices, feedback, apply=jnp.asarray(False))
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    applied = update(state, indices, feedback, apply=jnp.asarray(True))
+    default = update(state, indices, feedback)
+    for a, b in zip(jax.tree.leaves(applied), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(a, b)
+    assert int(applied.step) == 1
+    if uniform_phase_scores == "batch":  # the uniform phase learned from the batch feedback
+        assert float(applied.variance_reduction_ema) > 0

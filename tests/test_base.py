@@ -1,7 +1,9 @@
 """Tests of adambs_jax.base: the typed sampler contract."""
 
 import jax.numpy as jnp
+import pytest
 
+import adambs_jax as ab
 from adambs_jax import base
 
 
@@ -46,3 +48,20 @@ def test_the_two_kinds_are_distinct_types():
     assert not isinstance(scoring, base.Sampler)
     assert isinstance(plain, base.AnySampler.__args__)
     assert isinstance(scoring, base.AnySampler.__args__)
+
+
+def test_accepts_apply_reads_the_signature():
+    assert base.accepts_apply(lambda state, indices, feedback, *, apply=True: state)
+    assert base.accepts_apply(lambda state, indices, feedback, **extra: state)
+    assert not base.accepts_apply(_functions()["update"])  # a user's sampler of the old contract
+    assert not base.accepts_apply(print)  # a builtin without a signature: the old contract
+
+
+@pytest.mark.parametrize("factory", [
+    ab.uniform_sampler, lambda n, k: ab.exp3_sampler(n, k, num_steps=10), ab.priority_sampler,
+    lambda n, k: ab.infobatch_sampler(n, k, num_steps=10), ab.adam_impt_sampler,
+    ab.gradient_norm_sampler, lambda n, k: ab.group_sampler(n, k, 2, num_steps=10),
+], ids=["uniform", "exp3", "priority", "infobatch", "adam_impt", "gradient_norm", "groups"])
+def test_every_library_sampler_takes_apply(factory):
+    """The contract (``UpdateFn``) says every library sampler's update takes ``apply``."""
+    assert base.accepts_apply(factory(8, 2).update)

@@ -98,3 +98,12 @@ def test_gradient_norm_size_limit_and_floor_errors():
         uniform.init(), jax.random.key(0), _table_score_fn(np.arange(100, dtype=np.float32))
     )
     np.testing.assert_allclose(probs, np.full(8, 0.01), rtol=1e-5)
+
+
+def test_update_with_apply_false_keeps_the_state():
+    sampler = ab.gradient_norm_sampler(5, 3)
+    _, _, state = sampler.sample(sampler.init(), jax.random.key(0), _table_score_fn(np.arange(5.0)))
+    kept = jax.jit(sampler.update)(state, jnp.arange(3), jnp.ones(3), apply=jnp.asarray(False))
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    assert int(sampler.update(state, jnp.arange(3), jnp.ones(3), apply=True).step) == 1
