@@ -99,6 +99,44 @@ _CHILD = textwrap.dedent(
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(restored)))
     out["restored_devices"] = sorted({len(leaf.sharding.device_set)
                                       for leaf in jax.tree.leaves(restored)})
+
+    # a model state (linen BatchNorm) and an auxiliary output under the mesh: the batch
+    # statistics are the whole batch's, as on one device
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            # no bias before BatchNorm: its gradient is 0 up to rounding, which Adam would
+            # amplify into lr-sized steps that differ between any two reduction orders
+            hidden = nn.Dense(8, use_bias=False)(x)
+            return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=False)(hidden)))
+
+    variables = Net().init(jax.random.key(1), x[:2])
+
+    def loss_fn(params, batch, key, batch_stats):  # (losses, aux, new model state)
+        logits, updates = Net().apply({"params": params, "batch_stats": batch_stats},
+                                      batch["x"], mutable=["batch_stats"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        return losses, {"logits": logits}, updates["batch_stats"]
+
+    def run_bn(step_mesh):
+        step = ab.make_train_step(loss_fn, optimizer, sampler,
+                                  feedback="loss", model_state=True, has_aux=True,
+                                  mesh=step_mesh)
+        state = step.init(variables["params"], model_state=variables["batch_stats"])
+        step_data = data
+        if step_mesh is not None:
+            state, step_data = ab.replicate(state, mesh), ab.replicate(data, mesh)
+        return run(step, state, step_data)
+
+    (bn_single, aux_single), (bn_sharded, aux_sharded) = run_bn(None), run_bn(mesh)
+    out["bn_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves((bn_single.params, bn_single.model_state)),
+        jax.tree.leaves((bn_sharded.params, bn_sharded.model_state))))
+    out["aux_diff"] = float(jnp.max(jnp.abs(aux_single["aux"]["logits"]
+                                            - aux_sharded["aux"]["logits"])))
+    out["aux_shape"] = list(aux_sharded["aux"]["logits"].shape)
     print("RESULT " + json.dumps(out))
     '''
 )
@@ -130,6 +168,8 @@ def test_eight_devices_match_one_device(tmp_path):
     assert out["tree_scatter_full"] and not out["tree_scatter_sharded"], out
     assert "multiple of the size of mesh axis 'data'" in out["indivisible_error"]
     assert out["restored_equal"] and out["restored_devices"] == [8], out
+    assert out["bn_diff"] <= 1e-5 and out["aux_diff"] <= 1e-4, out  # has_aux + model_state
+    assert out["aux_shape"] == [16, 3], out
 
 
 def _problem(n=64, batch_size=8):
