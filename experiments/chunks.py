@@ -114,9 +114,36 @@ def _renormalize_if_crossed(state, step_before, renormalization: Renormalization
     return state._replace(sampler_state=sampler_state)
 
 
+def _renormalize_at_boundary(state, renormalization: Renormalization):
+    """After a step: the sampler's state renormalized if ``state.step`` is a multiple of M,
+    through ``lax.cond`` (the O(n) work runs only at the boundary). On a CPU a conditional
+    costs no host round trip; on an accelerator it would (its predicate goes to the host),
+    which is why :func:`boundary_mode` chooses it on the CPU only."""
+    def renormalize(state):
+        return state._replace(sampler_state=renormalization.renormalize(state.sampler_state))
+
+    due = state.step % renormalization.every == 0
+    return jax.lax.cond(due, renormalize, lambda state: state, state)
+
+
+BOUNDARY_MODES = ("exact", "interval_end")
+
+
+def boundary_mode(backend: str | None = None) -> str:
+    """Where a scan chunk renormalizes: ``"exact"``, right after every M-th step as
+    ``TrainStep`` and the Python loop do (InfoBatch's epochs are then exactly ceil(n / K)
+    steps), on a CPU; ``"interval_end"``, at the end of each interval that crossed a
+    multiple of M (up to ``eval_every - 1`` steps late, with no conditional), on an
+    accelerator. Late is safe for exp3 (M is half the updates its tree can take,
+    ``adambs_jax.exp3_config.renormalization_period``) but lengthens InfoBatch's epochs
+    towards the intervals' length."""
+    return "exact" if (backend or jax.default_backend()) == "cpu" else "interval_end"
+
+
 def make_chunk(step: Callable, interval: int, num_intervals: int,
                keep_sampler_state: bool = False,
-               renormalization: Renormalization | None = None) -> Callable:
+               renormalization: Renormalization | None = None,
+               boundaries: str = "exact") -> Callable:
     """``chunk(state, data, run_key) -> (state, snapshots, metrics_stack)``.
 
     ``num_intervals * interval`` training steps in one nested ``lax.scan``; after every
@@ -127,18 +154,26 @@ def make_chunk(step: Callable, interval: int, num_intervals: int,
     cut into chunks. ``metrics_stack[name]`` is ``(num_intervals,)``: the step's metric
     reduced over each interval (:func:`reduction_of`: the mean, the max for ``max_weight``,
     the sum for ``num_dropped_feedback``). With a ``renormalization`` (M), the sampler is
-    renormalized at the end of each interval that crossed a multiple of M steps: at most
-    ``interval - 1`` steps after the boundary (``make_train_step``'s jitted ``TrainStep``
-    does it at the boundary, from a Python counter that a scan cannot have).
+    renormalized where ``boundaries`` (one of :data:`BOUNDARY_MODES`; :func:`boundary_mode`
+    chooses by platform) says: right after every M-th step (``"exact"``), or at the end of
+    each interval that crossed a multiple of M (``"interval_end"``).
     """
+    if boundaries not in BOUNDARY_MODES:
+        raise ValueError(f"boundaries must be one of {BOUNDARY_MODES}, got {boundaries!r}")
+    exact = renormalization is not None and boundaries == "exact"
+
     def chunk(state, data, run_key):
         def one_step(state, _):
-            return step(state, data, jax.random.fold_in(run_key, state.step))
+            state, metrics = step(state, data, jax.random.fold_in(run_key, state.step))
+            if exact:
+                state = _renormalize_at_boundary(state, renormalization)
+            return state, metrics
 
         def one_interval(state, _):
             step_before = state.step
             state, metrics = jax.lax.scan(one_step, state, None, length=interval)
-            state = _renormalize_if_crossed(state, step_before, renormalization)
+            if not exact:
+                state = _renormalize_if_crossed(state, step_before, renormalization)
             out = {name: reduction_of(name).on_device(value) for name, value in metrics.items()}
             return state, (_snapshot(state, keep_sampler_state), out)
 
@@ -240,8 +275,8 @@ def compile_chunks(step: Callable, plan, loop: str, example_args,
     """
     if loop == "scan":
         return {
-            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization),
-                           donate_argnums=0).lower(*example_args).compile()
+            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization,
+                                      boundary_mode()), donate_argnums=0).lower(*example_args).compile()
             for shape in sorted(set(plan))
         }
 

@@ -168,3 +168,30 @@ def test_trains_in_make_train_step_with_an_epoch_boundary_every_n_over_k_steps()
     assert all(uniform_until[:4]) and not any(uniform_until[4:])
     assert full_loss(state.params) < 0.5 * before
     assert int(state.sampler_state.step) == 30
+
+
+@pytest.mark.parametrize("steps_per_call, changed_after", [
+    (1, [16, 31, 46]),             # boundaries exactly after steps 15, 30, 45
+    (5, [20, 35, 50]),             # N divides M: the same boundaries, seen after each call
+    (10, [20, 30, 40, 50, 60]),    # N does not: a boundary before every call (docs/api.md)
+])
+def test_epoch_boundaries_with_steps_per_call(steps_per_call, changed_after):
+    """M = ceil(60 / 4) = 15: the step after which p is first seen to change, per call."""
+    n, k = 60, 4
+    x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray((x[:, 0] > 0).astype(np.int32))}
+    loss = ab.ModelLoss(lambda p, b: b["x"] @ p,
+                        lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]))
+    sampler = infobatch_sampler(n, k, num_steps=1000)
+    assert sampler.renormalize_every == 15
+    step = ab.make_train_step(loss, optax.adam(0.01), sampler, feedback="loss",
+                              steps_per_call=steps_per_call)
+    state = step.init(jnp.zeros((3, 2)))
+    changes, before = [], np.asarray(sampler.probabilities(state.sampler_state))
+    for call in range(60 // steps_per_call):
+        state, _ = step(state, data, jax.random.key(call))
+        after = np.asarray(sampler.probabilities(state.sampler_state))
+        if not np.array_equal(after, before):
+            changes.append(int(state.step))
+        before = after
+    assert changes == changed_after

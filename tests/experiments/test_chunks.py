@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import experiments.chunks as chunks_module
 from experiments.chunks import (
     MEAN,
     METRIC_REDUCTIONS,
@@ -122,16 +123,30 @@ def test_python_loop_chunk_matches_scan_chunk():
     assert python_metrics["num_dropped_feedback"] == [4.0]
 
 
-@pytest.mark.parametrize("loop", ["scan", "python"])
-def test_chunks_renormalize_the_sampler_every_m_steps(loop):
-    """M = 5, 12 steps: renormalized twice (boundaries 5 and 10), in the scan at the end of
-    the interval that crossed the boundary, in the Python loop right after step 5 and 10."""
-    renormalization = Renormalization(lambda sampler_state: sampler_state + 100.0, 5)
+@pytest.mark.parametrize("loop, boundaries", [
+    ("scan", "exact"), ("scan", "interval_end"), ("python", None)])
+def test_chunks_renormalize_the_sampler_every_m_steps(loop, boundaries, monkeypatch):
+    """M = 5, 12 steps, the sampler state counts down and renormalizing maps x to 2x + 100:
+    right after steps 5 and 10 (the Python loop; the scan with "exact", the CPU's mode),
+    or at the end of the interval that crossed the boundary (the scan with "interval_end",
+    an accelerator's)."""
+    if boundaries is not None:
+        assert chunks_module.boundary_mode("cpu") == "exact"
+        assert chunks_module.boundary_mode("gpu") == "interval_end"
+        monkeypatch.setattr(chunks_module, "boundary_mode", lambda backend=None: boundaries)
+    renormalization = Renormalization(lambda sampler_state: 2.0 * sampler_state + 100.0, 5)
     state = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()))
     shape = (4, 3) if loop == "scan" else (12, 1)
     chunk = compile_chunks(counting_step, [shape], loop, (state, None, jax.random.key(0)),
                            keep_sampler_state=True, renormalization=renormalization)[shape]
     state, snapshots, _, _ = timed_call(chunk, state, None, jax.random.key(0))
-    assert int(state.step) == 12 and float(state.sampler_state) == -12.0 + 200.0
-    if loop == "scan":  # interval ends 4, 8, 12: boundary 5 seen at 8, 10 at 12
-        np.testing.assert_allclose(snapshots.sampler_state, [-4.0, 92.0, 188.0])
+    assert int(state.step) == 12
+    # exact: -5 -> 90, 87 at step 8, 85 at step 10 -> 270, 268 at step 12
+    # interval ends 4, 8, 12: -8 at step 8 -> 84, 80 at step 12 -> 260
+    expected = {"exact": [-4.0, 87.0, 268.0], "interval_end": [-4.0, 84.0, 260.0]}
+    if loop == "scan":
+        np.testing.assert_allclose(snapshots.sampler_state, expected[boundaries])
+    else:
+        assert float(state.sampler_state) == 268.0
+    with pytest.raises(ValueError, match="boundaries must be one of"):
+        make_chunk(counting_step, 4, 3, renormalization=renormalization, boundaries="late")
