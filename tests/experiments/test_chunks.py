@@ -150,3 +150,21 @@ def test_chunks_renormalize_the_sampler_every_m_steps(loop, boundaries, monkeypa
         assert float(state.sampler_state) == 268.0
     with pytest.raises(ValueError, match="boundaries must be one of"):
         make_chunk(counting_step, 4, 3, renormalization=renormalization, boundaries="late")
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_a_renormalization_the_run_never_reaches_is_left_out(loop):
+    """M = 13 > the plan's 12 steps: no boundary, so the chunks carry no renormalization."""
+    calls = []
+
+    def renormalize(sampler_state):
+        calls.append(1)  # traced (scan) or called (python) only if the chunk has it
+        return sampler_state + 100.0
+
+    state = CounterState(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()))
+    shape = (4, 3) if loop == "scan" else (12, 1)
+    chunk = compile_chunks(counting_step, [shape], loop, (state, None, jax.random.key(0)),
+                           keep_sampler_state=True,
+                           renormalization=Renormalization(renormalize, 13))[shape]
+    state, _, _, _ = timed_call(chunk, state, None, jax.random.key(0))
+    assert float(state.sampler_state) == -12.0 and not calls
