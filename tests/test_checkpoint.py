@@ -362,10 +362,12 @@ def _damage(directory, how):
 @pytest.fixture
 def _collect_abandoned_reads():
     """orbax leaves the reads of a damaged checkpoint pending on an asyncio loop it has
-    closed; their finalizers raise 'Event loop is closed' whenever the garbage collector
-    meets them. Collect them here, inside the test that made them: a finalizer that runs
-    later, in the middle of another test's `compile` (a lazy import), makes CPython 3.11
-    fail with "SystemError: AST constructor recursion depth mismatch"."""
+    closed, and their callbacks raise 'Event loop is closed' (unraisable) later, in another
+    test. Once (CI, stop 18) that happened while the next test's lazy `import` was parsing a
+    module, and CPython 3.11.7 failed the import with "SystemError: AST constructor
+    recursion depth mismatch". The main fix is that no test here imports lazily any more
+    (`tms` is imported with the module); collecting the garbage here also runs the
+    finalizers of the abandoned reads' objects inside the test that made them."""
     yield
     gc.collect()
 
