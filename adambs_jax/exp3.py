@@ -287,7 +287,9 @@ def project_and_write(config: Exp3Config, state: Exp3SamplerState, draws: Merged
     )
     new_log_weights = jnp.where(written, new_log_weights, old_log_weights)
     log_weights = log_weights.at[draws.indices].set(new_log_weights)
-    tree = sumtree.set_leaves(tree, draws.indices, jnp.exp(new_log_weights), config.layout)
+    # copies of an arm carry one value (merged draws): set_leaves need not sort them again
+    tree = sumtree.set_leaves(tree, draws.indices, jnp.exp(new_log_weights), config.layout,
+                              duplicates_agree=True)
     return log_weights, tree, written
 
 

@@ -240,8 +240,8 @@ def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedbac
     """Sets s_j = f_k for every valid draw k of example j (finite, >= 0, index in [0, n)).
 
     Invalid entries keep their leaf and are counted in ``num_dropped_feedback``. For a
-    duplicated index the last valid entry wins: the draws are reordered stably with the
-    invalid ones first, and ``sumtree.set_leaves`` keeps the last write. ``apply`` (a bool
+    duplicated index the last valid entry wins: one stable sort by (index, valid)
+    (``sumtree.dedupe_last`` with ``keep``) gives every copy its value. ``apply`` (a bool
     scalar, may be traced) False rewrites the K old leaves (O(K B log_B n), no branch), so
     the state is bitwise unchanged: every parent is recomputed from the same children.
 
@@ -253,12 +253,12 @@ def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedbac
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
-    order = jnp.argsort(clean.valid, stable=True)  # invalid (False) first: valid ones win
-    idx, valid = clean.indices[order], clean.valid[order]
-    old = sumtree.get_leaves(state.tree, idx, config.layout)
-    new = jnp.where(valid & apply, priorities(config, clean.feedback[order]), old)
+    old = sumtree.get_leaves(state.tree, clean.indices, config.layout)
+    new = jnp.where(clean.valid & apply, priorities(config, clean.feedback), old)
+    # one sort by (index, valid): of the copies of an index, the last valid one wins
+    idx, new = sumtree.dedupe_last(clean.indices, new, keep=clean.valid)
     return state.replace(
-        tree=sumtree.set_leaves(state.tree, idx, new, config.layout),
+        tree=sumtree.set_leaves(state.tree, idx, new, config.layout, duplicates_agree=True),
         step=state.step + apply.astype(jnp.int32),
         num_dropped_feedback=state.num_dropped_feedback
         + jnp.where(apply, count_dropped(clean.valid), 0),

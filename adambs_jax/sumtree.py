@@ -205,12 +205,19 @@ def _children(tree: jax.Array, layout: TreeLayout, level: int, parents: jax.Arra
     return tree[first[:, None] + jnp.arange(layout.arity, dtype=first.dtype)]
 
 
-def dedupe_last(indices: jax.Array, values: jax.Array):
+def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = None):
     """Sorts by index and gives every copy of a duplicated index the value of its last
     occurrence in argument order (numpy's sequential-assignment semantics), so that all
-    scatter writes to one location are equal and the scatter order cannot matter."""
+    scatter writes to one location are equal and the scatter order cannot matter.
+
+    With ``keep`` (bool, (K,)): the last copy *with keep True* wins, if an index has one
+    (one lexicographic sort by (index, keep), not a second sort)."""
     k = indices.shape[0]
-    order = jnp.argsort(indices, stable=True)
+    if keep is None:
+        order = jnp.argsort(indices, stable=True)
+    else:
+        *_, order = jax.lax.sort((indices, keep.astype(jnp.int32), jnp.arange(k)),
+                                 num_keys=2, is_stable=True)
     sorted_idx = indices[order]
     sorted_val = values[order]
     is_last = jnp.concatenate([sorted_idx[1:] != sorted_idx[:-1], jnp.array([True])])
@@ -220,18 +227,24 @@ def dedupe_last(indices: jax.Array, values: jax.Array):
 
 
 def set_leaves(
-    tree: jax.Array, indices: jax.Array, values: jax.Array, layout: TreeLayout
+    tree: jax.Array, indices: jax.Array, values: jax.Array, layout: TreeLayout, *,
+    duplicates_agree: bool = False,
 ) -> jax.Array:
     """Sets leaves ``indices`` (K,) to ``values`` (K,) and recomputes their ancestors.
 
     Duplicated indices take the value of their last occurrence. O(K log K + K B log_B n).
+    ``duplicates_agree=True`` promises that every copy of a duplicated index already carries
+    the same value (``dedupe_last``'s output, exp3's merged draws): the O(K log K) sort is
+    skipped, and the tree is bitwise the same, since every write to a node is then equal.
     """
     _check_tree(tree, layout)
     if indices.shape != values.shape or indices.ndim != 1:
         raise ValueError(
             f"indices and values must both have shape (K,), got {indices.shape} and {values.shape}"
         )
-    node, values = dedupe_last(indices, values.astype(tree.dtype))
+    node, values = indices, values.astype(tree.dtype)
+    if not duplicates_agree:
+        node, values = dedupe_last(node, values)
     tree = tree.at[layout.offsets[-1] + node].set(values)
     for level in range(layout.depth - 1, -1, -1):  # one pass per level, not per example
         node = node // layout.arity
@@ -255,6 +268,19 @@ def uniforms_to_targets(
     return uniforms * root
 
 
+def _inclusive_prefix_sums(children: jax.Array) -> jax.Array:
+    """``jnp.cumsum(children, axis=1)`` for (K, B), added left to right. For B <= 16 as B - 1
+    adds that XLA fuses into one loop: bitwise what XLA's CPU cumsum gives (a sequential
+    sum there too), at 0.6 instead of 5 us per level for K = 128, B = 16 on this CPU (a
+    descent has a level per log_B n); for larger B, ``jnp.cumsum``."""
+    if children.shape[1] > 16:
+        return jnp.cumsum(children, axis=1)
+    columns = [children[:, 0]]
+    for j in range(1, children.shape[1]):
+        columns.append(columns[-1] + children[:, j])
+    return jnp.stack(columns, axis=1)
+
+
 def draw(tree: jax.Array, targets: jax.Array, layout: TreeLayout) -> jax.Array:
     """Finds for each target t the leaf j with prefix(j) <= t < prefix(j) + leaf_j.
 
@@ -272,7 +298,7 @@ def draw(tree: jax.Array, targets: jax.Array, layout: TreeLayout) -> jax.Array:
     child_ids = jnp.arange(layout.arity, dtype=jnp.int32)
     for level in range(1, layout.depth + 1):
         children = _children(tree, layout, level, node)
-        before = jnp.cumsum(children, axis=1) - children  # exclusive prefix sums
+        before = _inclusive_prefix_sums(children) - children  # exclusive prefix sums
         eligible = (before <= target[:, None]) & (children > 0)
         child = jnp.max(jnp.where(eligible, child_ids, 0), axis=1)
         target = target - jnp.take_along_axis(before, child[:, None], axis=1)[:, 0]

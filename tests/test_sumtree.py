@@ -193,3 +193,55 @@ def test_check_state_tree_names_the_shapes_and_arities():
         sumtree.check_state_tree(jnp.zeros(3), 4, layout)
     with pytest.raises(ValueError, match="with arity 2, but my sampler"):
         sumtree.check_state_tree(jnp.zeros(layout.size), 2, layout, owner="my sampler")
+
+
+@pytest.mark.parametrize("arity", (2, 4, 8, 16, 32, 64))
+def test_inclusive_prefix_sums_add_left_to_right(arity):
+    """The descent's prefix sums: for B <= 16 bitwise numpy's sequential float32 cumsum
+    (XLA's CPU cumsum is sequential too, so draws did not change when it was replaced)."""
+    rng = np.random.default_rng(arity)
+    children = (rng.random((64, arity)) * 10.0 ** rng.uniform(-20, 20, (64, arity)))
+    children = children.astype(np.float32)
+    got = np.asarray(jax.jit(sumtree._inclusive_prefix_sums)(jnp.asarray(children)))
+    if arity <= 16:
+        np.testing.assert_array_equal(got, np.cumsum(children, axis=1, dtype=np.float32))
+    else:
+        np.testing.assert_allclose(got, np.cumsum(children.astype(np.float64), axis=1), rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=12))
+def test_dedupe_last_with_keep_takes_the_last_kept_copy(entries):
+    """Every copy of index j gets the value of j's last copy with keep True, or of its last
+    copy if none is kept; the indices come back sorted, each copy once."""
+    indices = np.array([j for j, _ in entries], np.int32)
+    keep = np.array([k for _, k in entries])
+    values = np.arange(len(entries), dtype=np.float32)
+    got_idx, got_val = sumtree.dedupe_last(jnp.asarray(indices), jnp.asarray(values),
+                                           keep=jnp.asarray(keep))
+    winner = {}
+    for position, (j, kept) in enumerate(entries):
+        if kept or not any(k for i, k in entries if i == j):
+            winner[j] = position  # the later one overwrites: the last (kept) copy
+    np.testing.assert_array_equal(np.asarray(got_idx), np.sort(indices))
+    np.testing.assert_array_equal(np.asarray(got_val), [winner[j] for j in np.sort(indices)])
+
+
+@pytest.mark.parametrize("arity", ARITIES)
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 1e3, width=32)), min_size=1,
+                max_size=16), st.randoms(use_true_random=False))
+def test_set_leaves_with_agreeing_duplicates_is_bitwise_the_sorted_write(arity, entries, rnd):
+    """``duplicates_agree=True`` (copies already carry one value, in any order) writes the
+    same tree, bit for bit, as the default, which sorts and deduplicates first."""
+    layout = sumtree.layout_for(41, arity)
+    tree = sumtree.build(jnp.asarray(np.linspace(0.5, 2.0, 41, dtype=np.float32)), layout)
+    indices = jnp.asarray([j for j, _ in entries], jnp.int32)
+    values = jnp.asarray([v for _, v in entries], jnp.float32)
+    reference = sumtree.set_leaves(tree, indices, values, layout)
+    agreed_idx, agreed_val = sumtree.dedupe_last(indices, values)
+    order = list(range(len(entries)))
+    rnd.shuffle(order)
+    got = sumtree.set_leaves(tree, agreed_idx[jnp.asarray(order)], agreed_val[jnp.asarray(order)],
+                             layout, duplicates_agree=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))
