@@ -280,9 +280,11 @@ def compile_chunks(step: Callable, plan, loop: str, example_args,
     if renormalization is not None and sum(i * c for i, c in plan) < renormalization.every:
         renormalization = None  # the run (from step 0) never reaches a multiple of M
     if loop == "scan":
+        boundaries = boundary_mode()
         return {
             shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization,
-                                      boundary_mode()), donate_argnums=0).lower(*example_args).compile()
+                                      boundaries), donate_argnums=0)
+            .lower(*example_args).compile()
             for shape in sorted(set(plan))
         }
 
