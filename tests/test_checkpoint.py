@@ -1,6 +1,5 @@
 """Tests of adambs_jax.checkpoint: save / restore a TrainState with orbax, bitwise resume."""
 
-import gc
 import json
 import os
 import socket
@@ -359,28 +358,16 @@ def _damage(directory, how):
 # When one array fails to read, orbax closes its event loop while TensorStore still
 # finishes the other reads; their callbacks then find the loop closed (orbax's noise, not
 # an error of the restore, which has already raised).
-@pytest.fixture
-def _collect_abandoned_reads():
-    """orbax leaves the reads of a damaged checkpoint pending on an asyncio loop it has
-    closed, and their callbacks raise 'Event loop is closed' (unraisable) later, in another
-    test. Once (CI, stop 18) that happened while the next test's lazy `import` was parsing a
-    module, and CPython 3.11.7 failed the import with "SystemError: AST constructor
-    recursion depth mismatch". The main fix is that no test here imports lazily any more
-    (`tms` is imported with the module); collecting the garbage here also runs the
-    finalizers of the abandoned reads' objects inside the test that made them."""
-    yield
-    gc.collect()
+# The callbacks arrive later, in another test. Once (CI, stop 18) that happened while the
+# next test lazily imported a module, and CPython 3.11.7 failed that import with
+# "SystemError: AST constructor recursion depth mismatch": no test here imports lazily
+# (test_model_state is imported with this module).
+_ORBAX_ABANDONED_READS = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 
 
-def _orbax_abandoned_reads(test):
-    marks = (pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-             pytest.mark.usefixtures("_collect_abandoned_reads"))
-    for mark in marks:
-        test = mark(test)
-    return test
-
-
-@_orbax_abandoned_reads
+@_ORBAX_ABANDONED_READS
 @pytest.mark.parametrize("how", ["truncated", "scrambled"])
 def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
     """Issue 16: a damaged checkpoint gives a ValueError that names it and says what to do,
@@ -397,7 +384,7 @@ def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
         ab.read_checkpoint_metadata(path)
 
 
-@_orbax_abandoned_reads
+@_ORBAX_ABANDONED_READS
 def test_a_damaged_managed_checkpoint_is_refused_naming_its_step(tmp_path):
     state = _fresh_state(jax.random.key(0))
     with ab.CheckpointManager(tmp_path / "run") as manager:
@@ -411,7 +398,6 @@ def test_a_damaged_managed_checkpoint_is_refused_naming_its_step(tmp_path):
 def test_a_model_state_resumes_bitwise(tmp_path, setup):
     """BatchNorm statistics (linen batch_stats; NNX's non-Param state with its Rngs) are
     saved with the TrainState: 8 straight steps == 4, save, restore into a fresh template, 4."""
-
     params, model_state, apply_fn = tms.SETUPS[setup]()
     sampler = ab.exp3_sampler(tms.NUM_EXAMPLES, tms.BATCH_SIZE, num_steps=8)
     step = ab.make_train_step(ab.ModelLoss(apply_fn, tms._cross_entropy), optax.adam(0.05),
