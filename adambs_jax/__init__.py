@@ -26,8 +26,8 @@ from adambs_jax import (
     exp3_health,
     feedback,
     ghost,
-    grain_source,
     gradient_norm,
+    grain_source,
     groups,
     host_loop,
     host_step,
@@ -67,6 +67,8 @@ from adambs_jax.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from adambs_jax.checks import check_key
+from adambs_jax.estimators import importance_weighted_grad
 from adambs_jax.feedback import (
     FEEDBACK_KINDS,
     logit_grad_norms,
@@ -77,6 +79,8 @@ from adambs_jax.feedback import (
     tree_norms,
 )
 from adambs_jax.groups import GroupSamplerState, group_sampler
+from adambs_jax.host_loop import HostLoader, run_host_loop
+from adambs_jax.host_step import Draws, HostTrainStep, make_host_train_step
 from adambs_jax.infobatch import InfobatchSamplerState, infobatch_sampler
 from adambs_jax.losses import ModelLoss
 from adambs_jax.priority import PrioritySamplerState, priority_sampler
@@ -93,11 +97,7 @@ from adambs_jax.samplers import (
 )
 from adambs_jax.scoring import ScoreFn, ScoringSampler, make_score_fn
 from adambs_jax.sharding import data_parallel_mesh, replicate
-from adambs_jax.checks import check_key
-from adambs_jax.estimators import importance_weighted_grad
 from adambs_jax.train_step import TrainState, TrainStep, make_train_step
-from adambs_jax.host_loop import HostLoader, run_host_loop
-from adambs_jax.host_step import Draws, HostTrainStep, make_host_train_step
 from adambs_jax.transforms import (
     ImportanceWeightedTransformation,
     adambs,

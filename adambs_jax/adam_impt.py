@@ -15,7 +15,7 @@ Importance Sampling", ICML 2018, Algorithm 1.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,7 @@ UNIFORM_PHASE_SCORES = ("batch", "presample")
 uniformly: the train step's feedback of the K drawn examples (``"batch"``, what K&F's code
 does) or a scored presample of B examples (``"presample"``)."""
 
+
 @struct.dataclass
 class AdamImptState:
     """State of ``adam_impt_sampler``.
@@ -83,6 +84,7 @@ class AdamImptState:
     num_fallbacks: jax.Array
     num_examples: int = struct.field(pytree_node=False)
 
+
 class AdamImptConfig(NamedTuple):
     """The validated, static configuration of an ``adam_impt_sampler`` (its arguments, with
     ``presample_size`` B = int(presample K) and the default tau_th filled in)."""
@@ -92,9 +94,9 @@ class AdamImptConfig(NamedTuple):
     presample_size: int
     momentum: float
     tau_threshold: float
-    score_feedback: Union[str, FeedbackFn]
+    score_feedback: str | FeedbackFn
     uniform_phase_scores: str
-    score_chunk_size: Optional[int]
+    score_chunk_size: int | None
 
     @property
     def score_presample_always(self) -> bool:
@@ -111,8 +113,17 @@ def _checked_presample_size(presample, batch_size: int) -> int:
     return int(presample * batch_size)
 
 
-def adam_impt_config(num_examples, batch_size, *, presample, momentum, tau_threshold,
-                     score_feedback, uniform_phase_scores, score_chunk_size) -> AdamImptConfig:
+def adam_impt_config(
+    num_examples,
+    batch_size,
+    *,
+    presample,
+    momentum,
+    tau_threshold,
+    score_feedback,
+    uniform_phase_scores,
+    score_chunk_size,
+) -> AdamImptConfig:
     """Validates the arguments of ``adam_impt_sampler`` (same meaning; the factory's defaults
     are the only ones), filling in tau_th = (B + 3K) / (3K) where None.
 
@@ -136,8 +147,14 @@ def adam_impt_config(num_examples, batch_size, *, presample, momentum, tau_thres
         )
     score_chunk_size = check_optional_int("score_chunk_size", score_chunk_size)
     return AdamImptConfig(
-        num_examples, batch_size, presample_size, momentum, tau_threshold, score_feedback,
-        uniform_phase_scores, score_chunk_size,
+        num_examples,
+        batch_size,
+        presample_size,
+        momentum,
+        tau_threshold,
+        score_feedback,
+        uniform_phase_scores,
+        score_chunk_size,
     )
 
 
@@ -165,6 +182,7 @@ def variance_reduction(scores: jax.Array) -> jax.Array:
     g, valid = normalized_scores(scores)
     tau = jnp.sqrt(scores.shape[0] * jnp.sum(jnp.square(g)))
     return jnp.where(valid, tau, 1.0)
+
 
 def moving_average(momentum: float, average: jax.Array, tau: jax.Array) -> jax.Array:
     """tau_hat <- momentum tau_hat + (1 - momentum) tau."""
@@ -220,8 +238,9 @@ def _draw_scoring_always(config: AdamImptConfig, keys, on, score_fn: ScoreFn):
     return indices, probs, tau, fallback, jnp.asarray(True)
 
 
-def _draw_scoring_when_on(config: AdamImptConfig, state: AdamImptState, keys, on,
-                          score_fn: ScoreFn):
+def _draw_scoring_when_on(
+    config: AdamImptConfig, state: AdamImptState, keys, on, score_fn: ScoreFn
+):
     """``uniform_phase_scores="batch"``: the presample is scored only in the branch of a
     ``lax.cond`` that runs while importance sampling is on; tau_hat then moves in ``sample``,
     and while uniform in ``update`` (from the batch feedback)."""
@@ -264,8 +283,9 @@ def sample(config: AdamImptConfig, state: AdamImptState, key: jax.Array, score_f
     return indices.astype(jnp.int32), probs.astype(jnp.float32), new_state
 
 
-def update(config: AdamImptConfig, state: AdamImptState, indices, feedback, *,
-           apply=True) -> AdamImptState:
+def update(
+    config: AdamImptConfig, state: AdamImptState, indices, feedback, *, apply=True
+) -> AdamImptState:
     """Counts the step; with ``uniform_phase_scores="batch"`` and importance sampling off,
     tau_hat learns from the training pass's scores (``feedback``), as in K&F's code.
     ``apply`` False (a bool scalar, may be traced) returns ``state`` unchanged, without a
@@ -292,10 +312,10 @@ def adam_impt_sampler(
     *,
     presample: float = 3,
     momentum: float = 0.9,
-    tau_threshold: Optional[float] = None,
-    score_feedback: Union[str, FeedbackFn] = "logit_grad_norm",
+    tau_threshold: float | None = None,
+    score_feedback: str | FeedbackFn = "logit_grad_norm",
     uniform_phase_scores: str = "batch",
-    score_chunk_size: Optional[int] = None,
+    score_chunk_size: int | None = None,
 ) -> ScoringSampler:
     """Adam-impt: Katharopoulos & Fleuret's importance sampling with a presample.
 
@@ -373,10 +393,24 @@ def adam_impt_sampler(
     Raises:
       ValueError / TypeError: an argument out of range, named in the message.
     """
-    config = adam_impt_config(num_examples, batch_size, presample=presample, momentum=momentum,
-                              tau_threshold=tau_threshold, score_feedback=score_feedback,
-                              uniform_phase_scores=uniform_phase_scores,
-                              score_chunk_size=score_chunk_size)
+    config = adam_impt_config(
+        num_examples,
+        batch_size,
+        presample=presample,
+        momentum=momentum,
+        tau_threshold=tau_threshold,
+        score_feedback=score_feedback,
+        uniform_phase_scores=uniform_phase_scores,
+        score_chunk_size=score_chunk_size,
+    )
     init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
-    return ScoringSampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
-                          config.score_feedback, config.score_chunk_size, probabilities=None)
+    return ScoringSampler(
+        init_fn,
+        sample_fn,
+        update_fn,
+        config.num_examples,
+        config.batch_size,
+        config.score_feedback,
+        config.score_chunk_size,
+        probabilities=None,
+    )

@@ -25,7 +25,7 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, Optional, Protocol, Union
+from typing import Any, NamedTuple, Protocol, Union
 
 import jax
 
@@ -108,9 +108,9 @@ class Sampler(NamedTuple):
     update: UpdateFn
     num_examples: int
     batch_size: int
-    probabilities: Optional[ProbabilitiesFn] = None
-    renormalize_every: Optional[int] = None
-    renormalize: Optional[RenormalizeFn] = None
+    probabilities: ProbabilitiesFn | None = None
+    renormalize_every: int | None = None
+    renormalize: RenormalizeFn | None = None
 
 
 class ScoringSampler(NamedTuple):
@@ -137,10 +137,10 @@ class ScoringSampler(NamedTuple):
     num_examples: int
     batch_size: int
     score_feedback: Any = None
-    score_chunk_size: Optional[int] = None
-    probabilities: Optional[ProbabilitiesFn] = None
-    renormalize_every: Optional[int] = None
-    renormalize: Optional[RenormalizeFn] = None
+    score_chunk_size: int | None = None
+    probabilities: ProbabilitiesFn | None = None
+    renormalize_every: int | None = None
+    renormalize: RenormalizeFn | None = None
 
 
 AnySampler = Union[Sampler, ScoringSampler]

@@ -43,7 +43,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import jax
 import numpy as np
@@ -138,7 +139,7 @@ def save_checkpoint(
     state: TrainState,
     *,
     sampler: Any = None,
-    extra_metadata: Optional[Mapping[str, Any]] = None,
+    extra_metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Writes ``state`` (every array) and its metadata to the directory ``path`` (orbax).
@@ -280,7 +281,7 @@ class CheckpointManager:
       sampler: optional, as for ``save_checkpoint`` / ``restore_checkpoint``.
     """
 
-    def __init__(self, directory: PathLike, *, max_to_keep: Optional[int] = 3, sampler: Any = None):
+    def __init__(self, directory: PathLike, *, max_to_keep: int | None = 3, sampler: Any = None):
         self.directory = _check_path(directory, "directory")
         if max_to_keep is not None and (
             not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool) or max_to_keep < 1
@@ -296,7 +297,7 @@ class CheckpointManager:
         )
 
     def save(
-        self, step: int, state: TrainState, *, extra_metadata: Optional[Mapping[str, Any]] = None
+        self, step: int, state: TrainState, *, extra_metadata: Mapping[str, Any] | None = None
     ) -> None:
         """Saves ``state`` as step ``step`` (an int >= 0, e.g. ``int(state.step)``).
 
@@ -330,11 +331,11 @@ class CheckpointManager:
         """The saved steps, ascending."""
         return sorted(int(step) for step in self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """The newest saved step, or None."""
         return self._manager.latest_step()
 
-    def restore(self, like: TrainState, step: Optional[int] = None) -> TrainState:
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
         """Restores step ``step`` (default: the latest), checked against ``like`` exactly as
         ``restore_checkpoint`` does.
 
@@ -363,7 +364,7 @@ class CheckpointManager:
             )
         return finish_restore(restored[STATE_ITEM], like, saved, where)
 
-    def restore_latest(self, like: TrainState) -> Optional[TrainState]:
+    def restore_latest(self, like: TrainState) -> TrainState | None:
         """``restore(like)`` of the latest step, or None if nothing was saved yet."""
         if self.latest_step() is None:
             return None
@@ -373,7 +374,7 @@ class CheckpointManager:
         """Waits for pending writes and releases orbax's resources."""
         self._manager.close()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -17,7 +17,8 @@ PRNG keys: typed keys (``jax.random.key``) are stored as their raw uint32 data
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,9 +83,7 @@ def _key_impl_name(leaf: Any) -> str:
 
 def raw_keys(tree: Any) -> Any:
     """Typed PRNG key leaves replaced by their uint32 data (works on abstract trees too)."""
-    return jax.tree.map(
-        lambda leaf: jax.random.key_data(leaf) if is_prng_key(leaf) else leaf, tree
-    )
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if is_prng_key(leaf) else leaf, tree)
 
 
 def rewrap_keys(restored_raw: Any, like: TrainState) -> TrainState:
@@ -99,7 +98,8 @@ def rewrap_keys(restored_raw: Any, like: TrainState) -> TrainState:
         )
     leaves = [
         jax.random.wrap_key_data(raw, impl=_key_impl_name(template))
-        if is_prng_key(template) else raw
+        if is_prng_key(template)
+        else raw
         for raw, template in zip(raw_leaves, like_leaves)
     ]
     return jax.tree.unflatten(treedef, leaves)
@@ -125,7 +125,7 @@ def _static_config(obj: Any, prefix: str = "") -> dict:
     return config
 
 
-def _host_int(value: Any) -> Optional[int]:
+def _host_int(value: Any) -> int | None:
     if value is None or isinstance(value, jax.ShapeDtypeStruct):
         return None
     if isinstance(value, jax.Array):  # a replicated array may span hosts: read a local copy
@@ -137,8 +137,7 @@ def check_train_state(state: Any, name: str) -> None:
     """Raises TypeError (naming ``name``) unless ``state`` is an ``ab.TrainState``."""
     if not isinstance(state, TrainState):
         raise TypeError(
-            f"{name} must be an ab.TrainState (TrainState.create(...)), got "
-            f"{type(state).__name__}"
+            f"{name} must be an ab.TrainState (TrainState.create(...)), got {type(state).__name__}"
         )
 
 
@@ -241,8 +240,10 @@ def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozense
         f"vs `like` {leaf['dtype']}{tuple(leaf['shape'])}"
         for path, leaf in expected_leaves.items()
         if path in saved_leaves
-        and ((saved_leaves[path]["shape"] != leaf["shape"] and path not in rebuilt)
-             or saved_leaves[path]["dtype"] != leaf["dtype"])
+        and (
+            (saved_leaves[path]["shape"] != leaf["shape"] and path not in rebuilt)
+            or saved_leaves[path]["dtype"] != leaf["dtype"]
+        )
     ]
     if mismatched:
         problems.append(

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 
 from adambs_jax import sumtree
 from adambs_jax.checkpoint_metadata import (
-    is_exp3_state,
     exp3_states,
     exp3_tree_paths,
+    is_exp3_state,
     raw_keys,
     rewrap_keys,
 )
@@ -47,8 +47,9 @@ __all__ = ["restore_target", "finish_restore"]
 def _config_prefix(path) -> str:
     """The prefix of a state's static fields in the metadata's ``sampler_config``
     (``describe_state`` names them from ``state.sampler_state`` down)."""
-    names = [str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
-             for key in path[1:]]
+    names = [
+        str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key)))) for key in path[1:]
+    ]
     return "".join(f"{name}." for name in names)
 
 
@@ -76,8 +77,11 @@ def restore_target(like: TrainState, saved: dict) -> Any:
     trees = exp3_tree_paths(like)
     stored = {leaf["path"]: leaf["shape"] for leaf in saved.get("leaves", [])}
     leaves = [
-        _abstract(leaf, like_leaf, stored.get(jax.tree_util.keystr(path))
-                  if jax.tree_util.keystr(path) in trees else None)
+        _abstract(
+            leaf,
+            like_leaf,
+            stored.get(jax.tree_util.keystr(path)) if jax.tree_util.keystr(path) in trees else None,
+        )
         for (path, leaf), like_leaf in zip(flat, like_leaves)
     ]
     return jax.tree.unflatten(treedef, leaves)
@@ -94,15 +98,19 @@ def _new_bound(restored: Exp3SamplerState, like: Exp3SamplerState, saved_mode: s
     return jnp.zeros_like(restored.grad_norm_bound)
 
 
-def _reconcile(restored: Exp3SamplerState, like: Exp3SamplerState, saved: dict, path,
-               where: str) -> Exp3SamplerState:
-    check_state_finite(restored.replace(arity=_saved_static(saved, path, "arity", like.arity)),
-                       where=where)
+def _reconcile(
+    restored: Exp3SamplerState, like: Exp3SamplerState, saved: dict, path, where: str
+) -> Exp3SamplerState:
+    check_state_finite(
+        restored.replace(arity=_saved_static(saved, path, "arity", like.arity)), where=where
+    )
     saved_mode = _saved_static(saved, path, "bound_mode", "running_max")
     new = restored.replace(grad_norm_bound=_new_bound(restored, like, saved_mode))
     layout = tree_layout(like.num_examples, like.arity)
-    if new.tree.shape != (layout.size,) or _saved_static(saved, path, "arity",
-                                                         like.arity) != like.arity:
+    if (
+        new.tree.shape != (layout.size,)
+        or _saved_static(saved, path, "arity", like.arity) != like.arity
+    ):
         tree = sumtree.build(jnp.exp(new.log_weights), layout)
         sharding = getattr(like.tree, "sharding", None)
         new = new.replace(tree=tree if sharding is None else jax.device_put(tree, sharding))
@@ -115,8 +123,9 @@ def finish_restore(restored_raw: Any, like: TrainState, saved: dict, where: str)
     restored = rewrap_keys(restored_raw, like)
     like_states = dict((jax.tree_util.keystr(p), s) for p, s in exp3_states(like))
     fixed = {
-        jax.tree_util.keystr(path): _reconcile(state, like_states[jax.tree_util.keystr(path)],
-                                               saved, path, where)
+        jax.tree_util.keystr(path): _reconcile(
+            state, like_states[jax.tree_util.keystr(path)], saved, path, where
+        )
         for path, state in exp3_states(restored)
     }
     flat, treedef = jax.tree_util.tree_flatten_with_path(restored, is_leaf=is_exp3_state)

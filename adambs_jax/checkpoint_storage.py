@@ -24,7 +24,8 @@ import pathlib
 import shutil
 import socket
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import orbax.checkpoint as ocp
 

@@ -13,7 +13,7 @@ Checks run in Python at build or trace time; none of them adds work to a compile
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_optional_int(name: str, value: Any, *, minimum: int = 1) -> Optional[int]:
+def check_optional_int(name: str, value: Any, *, minimum: int = 1) -> int | None:
     """None, or ``value`` as an int >= ``minimum`` (e.g. an optional chunk size)."""
     if value is None:
         return None
@@ -69,8 +69,10 @@ def check_number(
 
     ``positive``: must be > 0; ``nonnegative``: must be >= 0.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-        hasattr(value, "__float__") and jnp.ndim(value) == 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        and not (hasattr(value, "__float__") and jnp.ndim(value) == 0)
     ):
         raise ValueError(f"{name} must be a number, got {value!r}")
     number = float(value)
@@ -91,8 +93,9 @@ def check_per_draw(name: str, value: Any, batch_size: int) -> None:
         )
 
 
-def check_state_size(state: Any, num_examples: int, *, name: str = "state",
-                     owner: str = "this sampler") -> None:
+def check_state_size(
+    state: Any, num_examples: int, *, name: str = "state", owner: str = "this sampler"
+) -> None:
     """A sampler state built for another dataset size does not fit: its static
     ``num_examples`` (when it has one) must equal ``num_examples``."""
     state_examples = getattr(state, "num_examples", None)

@@ -33,7 +33,8 @@ uses is recorded in one table, ``adambs_jax.feedback``'s registry of feedback ki
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ class Estimate(NamedTuple):
     per_example: bool
 
 
-EstimateFn = Callable[[PerExampleLoss, Any, Any, jax.Array, Optional[jax.Array]], Estimate]
+EstimateFn = Callable[[PerExampleLoss, Any, Any, jax.Array, jax.Array | None], Estimate]
 """``(loss_fn, params, batch, weights (K,), key) -> Estimate``."""
 
 
@@ -146,11 +147,13 @@ class OptimizerAwareEstimator(NamedTuple):
         return self.estimate(loss_fn, params, batch, weights, key, opt_state)
 
 
-def _estimate_with_preconditioned_norms(loss_fn, params, batch, weights, key,
-                                        opt_state) -> Estimate:
+def _estimate_with_preconditioned_norms(
+    loss_fn, params, batch, weights, key, opt_state
+) -> Estimate:
     losses, gradient, grads = _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
-    return Estimate(losses, gradient, preconditioned_norms(grads, params, opt_state),
-                    per_example=False)
+    return Estimate(
+        losses, gradient, preconditioned_norms(grads, params, opt_state), per_example=False
+    )
 
 
 estimate_with_preconditioned_norms = OptimizerAwareEstimator(_estimate_with_preconditioned_norms)
@@ -180,8 +183,13 @@ def _weighted_loss_and_grad(loss_fn, params, batch, weights, key):
 
 
 def importance_weighted_grad(
-    loss_fn: PerExampleLoss, params, batch, weights: jax.Array,
-    key: Optional[jax.Array] = None, *, has_aux: bool = False,
+    loss_fn: PerExampleLoss,
+    params,
+    batch,
+    weights: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    has_aux: bool = False,
 ):
     """``(losses (K,), G_hat)``: the importance-weighted gradient of a hand-written loop.
 

@@ -36,6 +36,12 @@ from flax import struct
 
 from adambs_jax import sumtree
 from adambs_jax.checks import check_key, check_per_draw, check_state_size
+from adambs_jax.exp3_bound import (  # re-exported: step 2's bound L
+    clip_ratio,
+    clip_to_bound,
+    clipped_fraction,
+    quantile_bound,
+)
 from adambs_jax.exp3_config import (  # re-exported: the configuration of this module's steps
     BOUND_MODES,
     DEFAULT_BOUND_LEARNING_RATE,
@@ -48,12 +54,6 @@ from adambs_jax.exp3_config import (  # re-exported: the configuration of this m
     exp3_config,
     renormalization_period,
     tree_layout,
-)
-from adambs_jax.exp3_bound import (  # re-exported: step 2's bound L
-    clip_ratio,
-    clip_to_bound,
-    clipped_fraction,
-    quantile_bound,
 )
 from adambs_jax.exp3_health import check_state_finite
 from adambs_jax.projection import project_onto_floored_simplex
@@ -153,8 +153,12 @@ def check_state(config: Exp3Config, state) -> None:
             f"state must be an Exp3SamplerState (sampler.init()), got {type(state).__name__}"
         )
     check_state_size(state, config.num_examples)
-    sumtree.check_state_tree(state.tree, state.arity, config.layout,
-                             owner=f"this sampler (num_examples={config.num_examples})")
+    sumtree.check_state_tree(
+        state.tree,
+        state.arity,
+        config.layout,
+        owner=f"this sampler (num_examples={config.num_examples})",
+    )
 
 
 def sample(config: Exp3Config, state: Exp3SamplerState, key: jax.Array):
@@ -210,9 +214,13 @@ def bound_for_update(config: Exp3Config, clean: CleanFeedback, stored_bound):
     new sampler's L rules), the running max (``clip_to_bound``) or the running quantile
     (``quantile_bound``)."""
     if config.bound_mode == "quantile":
-        bound = quantile_bound(clean.feedback, clean.valid, stored_bound,
-                               quantile=config.bound_quantile,
-                               learning_rate=config.bound_learning_rate)
+        bound = quantile_bound(
+            clean.feedback,
+            clean.valid,
+            stored_bound,
+            quantile=config.bound_quantile,
+            learning_rate=config.bound_learning_rate,
+        )
         return bound, clip_ratio(clean.feedback, bound)
     if config.bound_mode == "fixed":
         stored_bound = jnp.asarray(config.grad_norm_bound, jnp.float32)
@@ -239,8 +247,9 @@ def merge_duplicate_draws(indices, ratio, valid) -> MergedDraws:
     return MergedDraws(idx, ratio, valid, is_first, run)
 
 
-def shifted_loss_estimate(p, draws: MergedDraws, *, p_min: float, step_size: float,
-                          batch_size: int):
+def shifted_loss_estimate(
+    p, draws: MergedDraws, *, p_min: float, step_size: float, batch_size: int
+):
     """Step 4: alpha_p h_j (K,), the same for every copy of arm j, where
 
         alpha_p l_k / (K p) = eta0 (p_min^2/L^2)(L^2/p_min^2 - f^2/p^2) / (K p)
@@ -253,8 +262,15 @@ def shifted_loss_estimate(p, draws: MergedDraws, *, p_min: float, step_size: flo
     return jax.ops.segment_sum(per_draw, draws.run, num_segments=batch_size)[draws.run]
 
 
-def project_and_write(config: Exp3Config, state: Exp3SamplerState, draws: MergedDraws, p,
-                      log_scaled_w, log_root, apply=True):
+def project_and_write(
+    config: Exp3Config,
+    state: Exp3SamplerState,
+    draws: MergedDraws,
+    p,
+    log_scaled_w,
+    log_root,
+    apply=True,
+):
     """Step 5: the exact KL projection (``project_onto_floored_simplex``) and the write of
     the K sampled leaves: ``(log_weights (n,), tree, written)``.
 
@@ -278,8 +294,11 @@ def project_and_write(config: Exp3Config, state: Exp3SamplerState, draws: Merged
     new_log_weights = jnp.maximum(log_scaled_w, log_root + log_z + config.log_p_min)
     # the leaves written are exp(new_log_weights): both must be finite (never NaN, inf or a
     # log-weight of -inf), else the old leaves are written back
-    written = (jnp.all(jnp.isfinite(new_log_weights) & jnp.isfinite(jnp.exp(new_log_weights)))
-               & jnp.isfinite(log_z) & apply)
+    written = (
+        jnp.all(jnp.isfinite(new_log_weights) & jnp.isfinite(jnp.exp(new_log_weights)))
+        & jnp.isfinite(log_z)
+        & apply
+    )
     old_log_weights = state.log_weights[draws.indices]
     # read every old value before the scatters below may reuse the buffers in place
     old_log_weights, new_log_weights, log_weights, tree = jax.lax.optimization_barrier(
@@ -288,8 +307,9 @@ def project_and_write(config: Exp3Config, state: Exp3SamplerState, draws: Merged
     new_log_weights = jnp.where(written, new_log_weights, old_log_weights)
     log_weights = log_weights.at[draws.indices].set(new_log_weights)
     # copies of an arm carry one value (merged draws): set_leaves need not sort them again
-    tree = sumtree.set_leaves(tree, draws.indices, jnp.exp(new_log_weights), config.layout,
-                              duplicates_agree=True)
+    tree = sumtree.set_leaves(
+        tree, draws.indices, jnp.exp(new_log_weights), config.layout, duplicates_agree=True
+    )
     return log_weights, tree, written
 
 
@@ -312,8 +332,9 @@ def renormalize(config: Exp3Config, state: Exp3SamplerState) -> Exp3SamplerState
     )
 
 
-def update(config: Exp3Config, state: Exp3SamplerState, indices, feedback, *,
-           apply=True) -> Exp3SamplerState:
+def update(
+    config: Exp3Config, state: Exp3SamplerState, indices, feedback, *, apply=True
+) -> Exp3SamplerState:
     """One step of Algorithm 2: steps 1-5 for the draws ``indices`` (K,) and ``feedback`` (K,).
 
     The multiplicative step w_j = p_j exp(-alpha_p h_j) is exact in log space (S w_j has

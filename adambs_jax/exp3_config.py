@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from adambs_jax import sumtree
 from adambs_jax.checks import check_bool, check_int, check_number
@@ -67,7 +67,7 @@ running 0.9-quantile, ``DEFAULT_BOUND_QUANTILE``), the settings docs/algorithm.m
 lower V(p)/V(uniform) from 1.61 (the paper's settings) to 0.69 (docs/algorithm.md)."""
 
 
-def preset_options(preset: Optional[str], num_examples: int, p_min, grad_norm_bound):
+def preset_options(preset: str | None, num_examples: int, p_min, grad_norm_bound):
     """``(p_min, grad_norm_bound)`` of ``preset`` (``EXP3_PRESETS``) where the caller gave
     None; an explicit value wins. ``preset`` None: both as given.
 
@@ -109,7 +109,7 @@ class Exp3Config(NamedTuple):
     batch_size: int
     p_min: float
     step_size: float
-    grad_norm_bound: Optional[float]
+    grad_norm_bound: float | None
     stratified: bool
     layout: sumtree.TreeLayout
     renormalize_every: int
@@ -162,8 +162,9 @@ def _checked_p_min(num_examples: int, p_min) -> float:
     return p_min
 
 
-def renormalization_period(num_examples: int, batch_size: int, p_min: float,
-                           step_size: float) -> int:
+def renormalization_period(
+    num_examples: int, batch_size: int, p_min: float, step_size: float
+) -> int:
     """M: how many updates may run between two ``renormalize`` calls (0: every update).
 
     The root S only shrinks, by the projection's normalizer Z per update, and
@@ -192,8 +193,8 @@ def _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate) -> dict
     if isinstance(grad_norm_bound, str):
         if grad_norm_bound not in BOUND_MODES[1:]:
             raise ValueError(
-                f"grad_norm_bound must be a number > 0 (a fixed L), \"running_max\" or "
-                f"\"quantile\" (or None: \"quantile\"), got {grad_norm_bound!r}"
+                f'grad_norm_bound must be a number > 0 (a fixed L), "running_max" or '
+                f'"quantile" (or None: "quantile"), got {grad_norm_bound!r}'
             )
         mode, fixed = grad_norm_bound, None
     else:
@@ -201,14 +202,28 @@ def _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate) -> dict
     quantile = check_number("bound_quantile", bound_quantile)
     if not 0 < quantile < 1:
         raise ValueError(f"bound_quantile must be in (0, 1), got {bound_quantile!r}")
-    return dict(grad_norm_bound=fixed, bound_mode=mode, bound_quantile=quantile,
-                bound_learning_rate=check_number("bound_learning_rate", bound_learning_rate,
-                                                 positive=True))
+    return dict(
+        grad_norm_bound=fixed,
+        bound_mode=mode,
+        bound_quantile=quantile,
+        bound_learning_rate=check_number("bound_learning_rate", bound_learning_rate, positive=True),
+    )
 
 
-def exp3_config(num_examples, batch_size, *, p_min, step_size, num_steps, grad_norm_bound,
-                stratified, arity=None, bound_quantile=DEFAULT_BOUND_QUANTILE,
-                bound_learning_rate=DEFAULT_BOUND_LEARNING_RATE, preset=None) -> Exp3Config:
+def exp3_config(
+    num_examples,
+    batch_size,
+    *,
+    p_min,
+    step_size,
+    num_steps,
+    grad_norm_bound,
+    stratified,
+    arity=None,
+    bound_quantile=DEFAULT_BOUND_QUANTILE,
+    bound_learning_rate=DEFAULT_BOUND_LEARNING_RATE,
+    preset=None,
+) -> Exp3Config:
     """Validates the arguments of ``exp3_sampler`` into an ``Exp3Config`` (same meaning; the
     factory's defaults are the only ones), filling in p_min = 0.1 / n, eta0, the tree's
     arity (``sumtree.default_arity()``) and the bound mode ("quantile") where None; a

@@ -34,7 +34,8 @@ leading axis K; all are jittable.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -43,11 +44,11 @@ from adambs_jax.estimators import (
     EstimateFn,
     estimate_with_forced_ghost_norms,
     estimate_with_ghost_norms,
-    estimate_with_vmap_norms,
     estimate_with_logit_bound,
     estimate_with_loss,
     estimate_with_per_example_grads,
     estimate_with_preconditioned_norms,
+    estimate_with_vmap_norms,
     estimator_with_user_feedback,
 )
 from adambs_jax.losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
@@ -89,7 +90,7 @@ def per_example_grad_norms(
     loss_fn: PerExampleLoss,
     params: Any,
     batch: Any,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     *,
     method: str = "auto",
 ) -> jax.Array:
@@ -112,7 +113,7 @@ def per_example_grad_norms(
 
 
 def logit_grad_norms(
-    model_loss: ModelLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+    model_loss: ModelLoss, params: Any, batch: Any, key: jax.Array | None = None
 ) -> jax.Array:
     """(K,) Katharopoulos–Fleuret bound ||d loss_k / d z_k||_2, z = ``model_loss.apply_fn``.
 
@@ -138,15 +139,18 @@ def logit_grad_norms(
 
 
 def _losses_as_scores(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: jax.Array | None = None
 ) -> jax.Array:
     """The ``"loss"`` feedback: the (K,) per-example losses themselves."""
     return check_losses(with_key_argument(loss_fn)(params, batch, key), batch_size_of(batch))
 
 
 def preconditioned_grad_norms(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, opt_state: Any,
-    key: Optional[jax.Array] = None,
+    loss_fn: PerExampleLoss,
+    params: Any,
+    batch: Any,
+    opt_state: Any,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """(K,) ||g_k / (sqrt(v_hat) + eps)||_2: the per-example gradients (``vmap``) scaled by
     the optimizer's diagonal preconditioner, v_hat its (bias-corrected) second moment in
@@ -195,10 +199,10 @@ class FeedbackKind(NamedTuple):
 
     scores: Callable[..., jax.Array]
     estimate: EstimateFn
-    estimate_reusing_grads: Optional[EstimateFn] = None
+    estimate_reusing_grads: EstimateFn | None = None
     needs_model_loss: bool = False
-    estimate_by_vmap: Optional[EstimateFn] = None
-    estimate_by_ghost: Optional[EstimateFn] = None
+    estimate_by_vmap: EstimateFn | None = None
+    estimate_by_ghost: EstimateFn | None = None
     per_example_evaluation: bool = False
 
     def estimator(
@@ -230,7 +234,8 @@ FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
     ),
     "loss": FeedbackKind(_losses_as_scores, estimate_with_loss),
     "preconditioned_grad_norm": FeedbackKind(
-        _refuse_scoring_without_optimizer_state, estimate_with_preconditioned_norms,
+        _refuse_scoring_without_optimizer_state,
+        estimate_with_preconditioned_norms,
         per_example_evaluation=True,
     ),
 }
@@ -247,7 +252,7 @@ def _user_feedback_kind(feedback: FeedbackFn) -> FeedbackKind:
 
 
 def feedback_kind(
-    feedback: Union[str, FeedbackFn], loss_fn: PerExampleLoss, *, name: str = "feedback"
+    feedback: str | FeedbackFn, loss_fn: PerExampleLoss, *, name: str = "feedback"
 ) -> FeedbackKind:
     """The ``FeedbackKind`` of a kind name or a callable, validated against the loss it will
     be computed from (the one dispatch on feedback kinds).
@@ -278,7 +283,7 @@ def feedback_kind(
 
 
 def check_feedback_kind(
-    feedback: Union[str, FeedbackFn], loss_fn: PerExampleLoss, *, name: str = "feedback"
+    feedback: str | FeedbackFn, loss_fn: PerExampleLoss, *, name: str = "feedback"
 ) -> None:
     """Validates a feedback kind against the loss it will be computed from.
 
@@ -290,8 +295,8 @@ def check_feedback_kind(
 
 
 def feedback_function(
-    feedback: Union[str, FeedbackFn], loss_fn: PerExampleLoss
-) -> Callable[[Any, Any, Optional[jax.Array]], jax.Array]:
+    feedback: str | FeedbackFn, loss_fn: PerExampleLoss
+) -> Callable[[Any, Any, jax.Array | None], jax.Array]:
     """The feedback of a kind as one function ``(params, batch, key) -> scores (K,)``.
 
     Used to score arbitrary examples (e.g. a sampler's ``score_fn``); the train step fuses

@@ -12,7 +12,7 @@ Reference: Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learnin
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,7 @@ class GradientNormSamplerState:
     num_fallbacks: jax.Array
     num_examples: int = struct.field(pytree_node=False)
 
+
 class GradientNormConfig(NamedTuple):
     """The validated, static configuration of a ``gradient_norm_sampler``.
 
@@ -74,8 +75,8 @@ class GradientNormConfig(NamedTuple):
     num_examples: int
     batch_size: int
     p_floor: float
-    chunk_size: Optional[int]
-    score_feedback: Union[str, FeedbackFn]
+    chunk_size: int | None
+    score_feedback: str | FeedbackFn
 
     @property
     def proportional_mass(self) -> float:
@@ -83,8 +84,9 @@ class GradientNormConfig(NamedTuple):
         return max(0.0, 1.0 - self.num_examples * self.p_floor)
 
 
-def gradient_norm_config(num_examples, batch_size, *, p_floor, chunk_size, max_examples,
-                         score_feedback) -> GradientNormConfig:
+def gradient_norm_config(
+    num_examples, batch_size, *, p_floor, chunk_size, max_examples, score_feedback
+) -> GradientNormConfig:
     """Validates the arguments of ``gradient_norm_sampler`` (same meaning; the factory's
     defaults are the only ones).
 
@@ -135,8 +137,9 @@ def floored_distribution(config: GradientNormConfig, norms: jax.Array):
     return p, valid
 
 
-def sample(config: GradientNormConfig, state: GradientNormSamplerState, key: jax.Array,
-           score_fn: ScoreFn):
+def sample(
+    config: GradientNormConfig, state: GradientNormSamplerState, key: jax.Array, score_fn: ScoreFn
+):
     """Scores all n examples, draws K i.i.d. from p: ``(indices, p[indices], state)``."""
     check_state_size(state, config.num_examples)
     norms = scored_draws.scores_of(score_fn, jnp.arange(config.num_examples, dtype=jnp.int32))
@@ -148,8 +151,9 @@ def sample(config: GradientNormConfig, state: GradientNormSamplerState, key: jax
     return indices, p[indices], new_state
 
 
-def update(config: GradientNormConfig, state: GradientNormSamplerState, indices, feedback, *,
-           apply=True):
+def update(
+    config: GradientNormConfig, state: GradientNormSamplerState, indices, feedback, *, apply=True
+):
     """Checks the shapes of the draws and counts the step (if ``apply``, a bool scalar that
     may be traced); the feedback is not used."""
     check_per_draw("indices", indices, config.batch_size)
@@ -167,9 +171,9 @@ def gradient_norm_sampler(
     batch_size: int,
     *,
     p_floor: float = 0.0,
-    chunk_size: Optional[int] = 256,
+    chunk_size: int | None = 256,
     max_examples: int = 10_000,
-    score_feedback: Union[str, FeedbackFn] = "grad_norm",
+    score_feedback: str | FeedbackFn = "grad_norm",
 ) -> ScoringSampler:
     """p^GN: sampling proportional to the exact per-example gradient norms (Lahire's oracle).
 
@@ -221,9 +225,22 @@ def gradient_norm_sampler(
       ValueError: n > ``max_examples`` (naming both), p_floor outside [0, 1/n], or another
         argument out of range, named in the message.
     """
-    config = gradient_norm_config(num_examples, batch_size, p_floor=p_floor,
-                                  chunk_size=chunk_size, max_examples=max_examples,
-                                  score_feedback=score_feedback)
+    config = gradient_norm_config(
+        num_examples,
+        batch_size,
+        p_floor=p_floor,
+        chunk_size=chunk_size,
+        max_examples=max_examples,
+        score_feedback=score_feedback,
+    )
     init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
-    return ScoringSampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
-                          config.score_feedback, config.chunk_size, probabilities=distribution)
+    return ScoringSampler(
+        init_fn,
+        sample_fn,
+        update_fn,
+        config.num_examples,
+        config.batch_size,
+        config.score_feedback,
+        config.chunk_size,
+        probabilities=distribution,
+    )

@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
 
@@ -50,8 +51,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"adambs_jax.grain_source needs {module.split('.')[0]}: "
-            f"pip install adambs-jax[data]"
+            f"adambs_jax.grain_source needs {module.split('.')[0]}: pip install adambs-jax[data]"
         ) from error
 
 
@@ -68,7 +68,7 @@ def shard_paths(path: PathLike, num_shards: int) -> list[str]:
     return [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
 
 
-def _shard_count(n: int, records_per_shard: Optional[int], num_shards: Optional[int]) -> int:
+def _shard_count(n: int, records_per_shard: int | None, num_shards: int | None) -> int:
     records_per_shard = check_optional_int("records_per_shard", records_per_shard)
     num_shards = check_optional_int("num_shards", num_shards)
     if records_per_shard is not None and num_shards is not None:
@@ -91,8 +91,9 @@ def _packed(arrays: Mapping[str, Any]) -> tuple[np.ndarray, list[dict]]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"arrays: field names must be non-empty strings, got {name!r}")
         if value.dtype.hasobject or value.dtype.fields is not None:
-            raise TypeError(f"arrays: field {name!r} has dtype {value.dtype}; plain numeric "
-                            f"or bool dtypes only")
+            raise TypeError(
+                f"arrays: field {name!r} has dtype {value.dtype}; plain numeric or bool dtypes only"
+            )
         fields.append({"name": name, "dtype": value.dtype.str, "shape": list(value.shape[1:])})
     packed = np.empty(n, record_dtype(fields))
     for name, value in arrays.items():
@@ -100,9 +101,13 @@ def _packed(arrays: Mapping[str, Any]) -> tuple[np.ndarray, list[dict]]:
     return packed, fields
 
 
-def write_array_record(path: PathLike, arrays: Mapping[str, Any], *,
-                       records_per_shard: Optional[int] = None,
-                       num_shards: Optional[int] = None) -> list[str]:
+def write_array_record(
+    path: PathLike,
+    arrays: Mapping[str, Any],
+    *,
+    records_per_shard: int | None = None,
+    num_shards: int | None = None,
+) -> list[str]:
     """Writes the n examples of ``arrays`` (dict name -> array, leading axis n) as ArrayRecord
     shards, one record per example (the module's fixed layout), in order: record key j of
     the shards read together is example j. Returns the shard paths (pass them to
@@ -117,7 +122,7 @@ def write_array_record(path: PathLike, arrays: Mapping[str, Any], *,
     packed, fields = _packed(arrays)
     n = packed.shape[0]
     count = _shard_count(n, records_per_shard, num_shards)
-    if records_per_shard is None:   # num_shards (or one) shards of equal size, up to one record
+    if records_per_shard is None:  # num_shards (or one) shards of equal size, up to one record
         bounds = np.linspace(0, n, count + 1).round().astype(int)
     else:
         bounds = np.minimum(np.arange(count + 1) * records_per_shard, n)
@@ -129,8 +134,12 @@ def write_array_record(path: PathLike, arrays: Mapping[str, Any], *,
                 writer.write(record.tobytes())
         finally:
             writer.close()
-        layout = {"format": LAYOUT_FORMAT, "fields": fields,
-                  "record_bytes": packed.dtype.itemsize, "num_records": int(stop - start)}
+        layout = {
+            "format": LAYOUT_FORMAT,
+            "fields": fields,
+            "record_bytes": packed.dtype.itemsize,
+            "num_records": int(stop - start),
+        }
         with open(shard + ".layout.json", "w") as stream:
             json.dump(layout, stream, indent=1)
     return paths
@@ -142,13 +151,17 @@ def _read_layouts(paths: Sequence[str]) -> list[dict]:
     for path in paths:
         sidecar = path + ".layout.json"
         layout = read_format_file(
-            sidecar, LAYOUT_FORMAT, name="paths",
+            sidecar,
+            LAYOUT_FORMAT,
+            name="paths",
             missing=f"{path!r} has no {os.path.basename(sidecar)} (write it with "
-                    f"write_array_record)",
+            f"write_array_record)",
         )
         if layouts and layout["fields"] != layouts[0]["fields"]:
-            raise ValueError(f"paths: {path!r} has fields {layout['fields']}, but "
-                             f"{paths[0]!r} has {layouts[0]['fields']}")
+            raise ValueError(
+                f"paths: {path!r} has fields {layout['fields']}, but "
+                f"{paths[0]!r} has {layouts[0]['fields']}"
+            )
         layouts.append(layout)
     return layouts
 
@@ -178,7 +191,7 @@ class ArrayRecordSource:
         over it; dtype: the packed structured dtype of one record.
     """
 
-    def __init__(self, paths: Union[PathLike, Sequence[PathLike]]):
+    def __init__(self, paths: PathLike | Sequence[PathLike]):
         grain = _require("grain")
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -192,8 +205,9 @@ class ArrayRecordSource:
         self.num_examples = len(self.source)
         expected = sum(layout["num_records"] for layout in layouts)
         if self.num_examples != expected:
-            raise ValueError(f"paths: the shards hold {self.num_examples} records, their "
-                             f"layouts say {expected}")
+            raise ValueError(
+                f"paths: the shards hold {self.num_examples} records, their layouts say {expected}"
+            )
         if self.num_examples < 1:
             raise ValueError("paths: the data is empty (no records)")
 
@@ -201,8 +215,10 @@ class ArrayRecordSource:
         """The records as a dict name -> (len(records), ...) numpy arrays."""
         size = self.dtype.itemsize
         if any(len(record) != size for record in records):
-            raise ValueError(f"records: every record must have {size} bytes (the layout's), "
-                             f"got sizes {sorted({len(r) for r in records})}")
+            raise ValueError(
+                f"records: every record must have {size} bytes (the layout's), "
+                f"got sizes {sorted({len(r) for r in records})}"
+            )
         packed = np.frombuffer(b"".join(records), dtype=self.dtype)
         return {name: np.array(packed[name]) for name in self.dtype.names}
 

@@ -45,7 +45,8 @@ Sampling Probabilities for Non-Smooth Optimization", ICML 2017.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +108,9 @@ def group_config(num_examples: int, batch_size: int, group_size: int) -> GroupCo
                 f"{name}={value} is not divisible by group_size={group_size}: the groups "
                 f"are fixed runs of group_size examples, drawn whole"
             )
-    return GroupConfig(num_examples, batch_size, group_size, num_examples // group_size,
-                       batch_size // group_size)
+    return GroupConfig(
+        num_examples, batch_size, group_size, num_examples // group_size, batch_size // group_size
+    )
 
 
 def expand_groups(config: GroupConfig, groups, group_probs):
@@ -137,7 +139,7 @@ def group_feedback(config: GroupConfig, feedback):
     return jnp.where(valid, rms, jnp.nan)
 
 
-def _base(base: Union[str, Callable[..., Sampler]], config: GroupConfig, kwargs) -> Sampler:
+def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sampler:
     if isinstance(base, str):
         if base not in BASE_SAMPLERS:
             raise ValueError(
@@ -148,8 +150,10 @@ def _base(base: Union[str, Callable[..., Sampler]], config: GroupConfig, kwargs)
         raise TypeError(f"base must be a name or a sampler factory, got {type(base).__name__}")
     sampler = base(config.num_groups, config.groups_per_batch, **kwargs)
     if not isinstance(sampler, Sampler):
-        raise TypeError(f"base: the factory must return an ab.base.Sampler (a scoring sampler "
-                        f"is not supported over groups), got {type(sampler).__name__}")
+        raise TypeError(
+            f"base: the factory must return an ab.base.Sampler (a scoring sampler "
+            f"is not supported over groups), got {type(sampler).__name__}"
+        )
     if (sampler.num_examples, sampler.batch_size) != (config.num_groups, config.groups_per_batch):
         raise ValueError(
             f"base: the factory was called with ({config.num_groups}, {config.groups_per_batch}) "
@@ -161,8 +165,9 @@ def _base(base: Union[str, Callable[..., Sampler]], config: GroupConfig, kwargs)
 
 def _check_state(config: GroupConfig, state) -> None:
     if not isinstance(state, GroupSamplerState):
-        raise TypeError(f"state must be a GroupSamplerState (sampler.init()), got "
-                        f"{type(state).__name__}")
+        raise TypeError(
+            f"state must be a GroupSamplerState (sampler.init()), got {type(state).__name__}"
+        )
     if (state.num_examples, state.group_size) != (config.num_examples, config.group_size):
         raise ValueError(
             f"state: built for num_examples={state.num_examples}, group_size="
@@ -182,8 +187,9 @@ def sample(config: GroupConfig, base: Sampler, state: GroupSamplerState, key: ja
     return expand_groups(config, groups, group_probs)
 
 
-def update(config: GroupConfig, base: Sampler, state: GroupSamplerState, indices, feedback,
-           *, apply=True) -> GroupSamplerState:
+def update(
+    config: GroupConfig, base: Sampler, state: GroupSamplerState, indices, feedback, *, apply=True
+) -> GroupSamplerState:
     """The base's update with the drawn groups and their RMS feedback (B,); ``indices``
     must be the K indices ``sample`` returned (runs of m contiguous examples)."""
     _check_state(config, state)
@@ -197,15 +203,17 @@ def update(config: GroupConfig, base: Sampler, state: GroupSamplerState, indices
     if accepts_apply(base.update):
         new_base = base.update(state.base, groups, per_group, apply=apply)
     else:  # a user sampler without ``apply``: keep the old state where not applied
-        new_base = select(jnp.asarray(apply, bool), base.update(state.base, groups, per_group),
-                          state.base)
+        new_base = select(
+            jnp.asarray(apply, bool), base.update(state.base, groups, per_group), state.base
+        )
     return state.replace(base=new_base)
 
 
 def state_distribution(state: GroupSamplerState, group_probs) -> jax.Array:
     """p (n,) from the base's q (G,): every example of group g has q_g / m. O(n)."""
-    return jnp.repeat(group_probs / state.group_size, state.group_size,
-                      total_repeat_length=state.num_examples)
+    return jnp.repeat(
+        group_probs / state.group_size, state.group_size, total_repeat_length=state.num_examples
+    )
 
 
 def probabilities(config: GroupConfig, base: Sampler, state: GroupSamplerState) -> jax.Array:
@@ -218,8 +226,14 @@ def renormalize(base: Sampler, state: GroupSamplerState) -> GroupSamplerState:
     return state.replace(base=base.renormalize(state.base))
 
 
-def group_sampler(num_examples: int, batch_size: int, group_size: int, *,
-                  base: Union[str, Callable[..., Sampler]] = "exp3", **base_kwargs) -> Sampler:
+def group_sampler(
+    num_examples: int,
+    batch_size: int,
+    group_size: int,
+    *,
+    base: str | Callable[..., Sampler] = "exp3",
+    **base_kwargs,
+) -> Sampler:
     """A sampler over G = n / m fixed groups of m = ``group_size`` contiguous examples
     (Adam-APT of the AdamBS paper, §4.3), built on any per-arm sampler.
 
@@ -261,9 +275,13 @@ def group_sampler(num_examples: int, batch_size: int, group_size: int, *,
         bind(update, config, base_sampler),
         config.num_examples,
         config.batch_size,
-        probabilities=(bind(probabilities, config, base_sampler)
-                       if base_sampler.probabilities is not None else None),
+        probabilities=(
+            bind(probabilities, config, base_sampler)
+            if base_sampler.probabilities is not None
+            else None
+        ),
         renormalize_every=base_sampler.renormalize_every,
-        renormalize=(bind(renormalize, base_sampler)
-                     if base_sampler.renormalize is not None else None),
+        renormalize=(
+            bind(renormalize, base_sampler) if base_sampler.renormalize is not None else None
+        ),
     )

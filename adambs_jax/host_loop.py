@@ -45,7 +45,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -65,7 +66,7 @@ class LoadedBatch(NamedTuple):
     draws: Draws
 
 
-def process_rows(sharding: Optional[jax.sharding.Sharding], batch_size: int) -> slice:
+def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> slice:
     """The rows of a (K, ...) batch that this process's devices hold under ``sharding``: a
     contiguous slice (all K rows without a sharding).
 
@@ -96,7 +97,8 @@ def _to_device(records: Any, sharding, batch_size: int):
         return jax.device_put(records)
     return jax.tree.map(
         lambda leaf: jax.make_array_from_process_local_data(
-            sharding, leaf, (batch_size,) + leaf.shape[1:]),
+            sharding, leaf, (batch_size,) + leaf.shape[1:]
+        ),
         records,
     )
 
@@ -113,12 +115,12 @@ class HostLoader:
       batches: number of batches ``next()`` returned.
     """
 
-    def __init__(self, step: HostTrainStep, source: Any, draws: Sequence[Draws] = (), *,
-                 num_threads: int = 2):
+    def __init__(
+        self, step: HostTrainStep, source: Any, draws: Sequence[Draws] = (), *, num_threads: int = 2
+    ):
         if not isinstance(step, HostTrainStep):
             raise TypeError(
-                f"step must be a HostTrainStep (ab.make_host_train_step), got "
-                f"{type(step).__name__}"
+                f"step must be a HostTrainStep (ab.make_host_train_step), got {type(step).__name__}"
             )
         num_examples = check_source(source)
         if num_examples != step.sampler.num_examples:
@@ -131,7 +133,8 @@ class HostLoader:
         self.sharding = step.batch_sharding
         self.rows = process_rows(self.sharding, self.batch_size)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            check_int("num_threads", num_threads), thread_name_prefix="adambs-loader")
+            check_int("num_threads", num_threads), thread_name_prefix="adambs-loader"
+        )
         self._pending: collections.deque = collections.deque()
         self.wait_seconds = 0.0
         self.batches = 0
@@ -139,8 +142,11 @@ class HostLoader:
             self.put(pending)
 
     def _load(self, draws: Draws):
-        indices = np.asarray(draws.indices.addressable_data(0)
-                             if isinstance(draws.indices, jax.Array) else draws.indices)
+        indices = np.asarray(
+            draws.indices.addressable_data(0)
+            if isinstance(draws.indices, jax.Array)
+            else draws.indices
+        )
         if indices.shape != (self.batch_size,):
             raise ValueError(
                 f"draws.indices must have shape ({self.batch_size},), got {indices.shape}"
@@ -175,7 +181,7 @@ class HostLoader:
         """Stops the threads (waits for running reads; cancels queued ones)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "HostLoader":
+    def __enter__(self) -> HostLoader:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -189,9 +195,9 @@ def run_host_loop(
     source: Any,
     num_steps: int,
     *,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     num_threads: int = 2,
-    on_metrics: Optional[Callable[[int, dict], None]] = None,
+    on_metrics: Callable[[int, dict], None] | None = None,
 ):
     """Runs ``num_steps`` steps of ``step`` fed from ``source`` by a ``HostLoader``.
 

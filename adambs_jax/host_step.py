@@ -56,7 +56,8 @@ Algorithm 1 and eq. 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -68,19 +69,35 @@ from adambs_jax.model_state import loss_parts
 from adambs_jax.samplers import Sampler
 from adambs_jax.scoring import ScoringSampler
 from adambs_jax.sharding import (
-    DEFAULT_DATA_AXIS, batch_sharding, replicate_on_mesh, replicated_sharding,
+    DEFAULT_DATA_AXIS,
+    batch_sharding,
+    replicate_on_mesh,
+    replicated_sharding,
 )
 from adambs_jax.step_stages import (
-    Draw, StepConfig, check_train_state, draw_weights, learn_from_draw, place_batch, step_key,
+    Draw,
+    StepConfig,
+    check_train_state,
+    draw_weights,
+    learn_from_draw,
+    place_batch,
+    step_key,
 )
 from adambs_jax.train_state import (
-    TrainState, TrainStep, count_renormalization_steps, renormalize_if_due,
+    TrainState,
+    TrainStep,
+    count_renormalization_steps,
+    renormalize_if_due,
 )
 from adambs_jax.train_step import renormalize_fn, step_config
 from adambs_jax.tree_utils import batch_size_of
 
 __all__ = [
-    "Draws", "HostTrainStep", "make_host_train_step", "draw_from", "run_host_step",
+    "Draws",
+    "HostTrainStep",
+    "make_host_train_step",
+    "draw_from",
+    "run_host_step",
 ]
 
 
@@ -114,8 +131,9 @@ def _check_batch(batch, batch_size: int):
         )
 
 
-def run_host_step(config: StepConfig, state: TrainState, batch: Any, draws: Draws,
-                  key: Optional[jax.Array]):
+def run_host_step(
+    config: StepConfig, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None
+):
     """One step on a gathered batch: ``(state, metrics, the draws of a later step)``."""
     sampler = config.sampler
     check_train_state(state, sampler.num_examples)
@@ -152,13 +170,14 @@ class HostTrainStep:
     optimizer: optax.GradientTransformation
     sampler: Sampler
     lookahead: int
-    renormalize: Optional[Callable[[TrainState], TrainState]] = None
-    mesh: Optional[jax.sharding.Mesh] = None
+    renormalize: Callable[[TrainState], TrainState] | None = None
+    mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
     _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
 
-    def __call__(self, state: TrainState, batch: Any, draws: Draws,
-                 key: Optional[jax.Array] = None):
+    def __call__(
+        self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None
+    ):
         every = self.sampler.renormalize_every
         if self.renormalize is not None and every:
             state = renormalize_if_due(self.renormalize, every, self._pending, state)
@@ -173,7 +192,10 @@ class HostTrainStep:
         ``Draws``, drawn from the initial sampler state with the other keys."""
         keys = jax.random.split(key, self.lookahead + 1)
         state = TrainState.create(
-            params=params, optimizer=self.optimizer, sampler=self.sampler, key=keys[0],
+            params=params,
+            optimizer=self.optimizer,
+            sampler=self.sampler,
+            key=keys[0],
             model_state=model_state,
         )
         state, keys = replicate_on_mesh((state, keys), self.mesh)
@@ -181,7 +203,7 @@ class HostTrainStep:
         return state, draws
 
     @property
-    def batch_sharding(self) -> Optional[jax.sharding.NamedSharding]:
+    def batch_sharding(self) -> jax.sharding.NamedSharding | None:
         """The sharding of the batch the step takes (split along ``data_axis``), or None."""
         return None if self.mesh is None else batch_sharding(self.mesh, self.data_axis)
 
@@ -202,8 +224,7 @@ def _jitted(step_fn, draw_fn, mesh, data_axis):
         return jax.jit(step_fn, donate_argnums=0), jax.jit(draw_fn)
     replicated = replicated_sharding(mesh)
     in_shardings = (replicated, batch_sharding(mesh, data_axis), replicated, replicated)
-    step = jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings,
-                   out_shardings=replicated)
+    step = jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
     return step, jax.jit(draw_fn, out_shardings=replicated)
 
 
@@ -213,16 +234,16 @@ def make_host_train_step(
     sampler: Sampler,
     *,
     lookahead: int = 2,
-    feedback: Union[str, FeedbackFn] = "grad_norm",
-    diagnostics: Optional[bool] = None,
+    feedback: str | FeedbackFn = "grad_norm",
+    diagnostics: bool | None = None,
     reuse_per_example_grads: bool = False,
     skip_non_finite: bool = True,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh: jax.sharding.Mesh | None = None,
     data_axis: str = DEFAULT_DATA_AXIS,
     jit: bool = True,
     grad_norm_method: str = "auto",
-    loss_takes_key: Optional[bool] = None,
-    optimizer_extra_args: Optional[Callable[[dict], dict]] = None,
+    loss_takes_key: bool | None = None,
+    optimizer_extra_args: Callable[[dict], dict] | None = None,
     has_aux: bool = False,
     model_state: bool = False,
 ) -> HostTrainStep:
@@ -254,21 +275,34 @@ def make_host_train_step(
     _refuse_scoring(sampler)
     lookahead = check_int("lookahead", lookahead, minimum=1)
     options = dict(
-        feedback=feedback, diagnostics=diagnostics, mesh=mesh, data_axis=data_axis, jit=jit,
-        reuse_per_example_grads=reuse_per_example_grads, skip_non_finite=skip_non_finite,
-        grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
-        optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
+        feedback=feedback,
+        diagnostics=diagnostics,
+        mesh=mesh,
+        data_axis=data_axis,
+        jit=jit,
+        reuse_per_example_grads=reuse_per_example_grads,
+        skip_non_finite=skip_non_finite,
+        grad_norm_method=grad_norm_method,
+        loss_takes_key=loss_takes_key,
+        optimizer_extra_args=optimizer_extra_args,
+        has_aux=has_aux,
+        model_state=model_state,
     )
     config = step_config(loss_fn, optimizer, sampler, options)
 
-    def step(state: TrainState, batch: Any, draws: Draws, key: Optional[jax.Array] = None):
+    def step(state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
         return run_host_step(config, state, batch, Draws(*draws), key)
 
     def draw(sampler_state: Any, key: jax.Array) -> Draws:
         return draw_from(sampler, sampler_state, key)
 
-    common = dict(optimizer=config.optimizer, sampler=sampler, lookahead=lookahead,
-                  mesh=mesh, data_axis=data_axis)
+    common = dict(
+        optimizer=config.optimizer,
+        sampler=sampler,
+        lookahead=lookahead,
+        mesh=mesh,
+        data_axis=data_axis,
+    )
     if not jit:
         return HostTrainStep(step, draw, **common)
     step, draw = _jitted(step, draw, mesh, data_axis)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +100,9 @@ class InfobatchConfig(NamedTuple):
     layout: sumtree.TreeLayout
 
 
-def infobatch_config(num_examples, batch_size, *, prune_ratio, anneal_fraction, num_steps,
-                     arity=None) -> InfobatchConfig:
+def infobatch_config(
+    num_examples, batch_size, *, prune_ratio, anneal_fraction, num_steps, arity=None
+) -> InfobatchConfig:
     """Validates the arguments of ``infobatch_sampler`` (ValueError naming the argument)."""
     num_examples = check_int("num_examples", num_examples)
     batch_size = check_int("batch_size", batch_size)
@@ -116,9 +117,14 @@ def infobatch_config(num_examples, batch_size, *, prune_ratio, anneal_fraction, 
     num_steps = check_int("num_steps", num_steps)
     layout = tree_layout(num_examples, sumtree.default_arity() if arity is None else arity)
     return InfobatchConfig(
-        num_examples, batch_size, prune_ratio, anneal_fraction, num_steps,
+        num_examples,
+        batch_size,
+        prune_ratio,
+        anneal_fraction,
+        num_steps,
         epoch_steps=math.ceil(num_examples / batch_size),
-        anneal_start=math.floor((1.0 - anneal_fraction) * num_steps), layout=layout,
+        anneal_start=math.floor((1.0 - anneal_fraction) * num_steps),
+        layout=layout,
     )
 
 
@@ -153,14 +159,15 @@ def sample(config: InfobatchConfig, state: InfobatchSamplerState, key: jax.Array
     check_key(key, name="key")
     uniforms = jax.random.uniform(key, (config.batch_size,), jnp.float32)
     root = sumtree.total(state.tree)
-    indices = sumtree.draw(state.tree,
-                           sumtree.uniforms_to_targets(uniforms, root, stratified=False),
-                           config.layout)
+    indices = sumtree.draw(
+        state.tree, sumtree.uniforms_to_targets(uniforms, root, stratified=False), config.layout
+    )
     return indices, sumtree.get_leaves(state.tree, indices, config.layout) / root
 
 
-def update(config: InfobatchConfig, state: InfobatchSamplerState, indices, feedback, *,
-           apply=True) -> InfobatchSamplerState:
+def update(
+    config: InfobatchConfig, state: InfobatchSamplerState, indices, feedback, *, apply=True
+) -> InfobatchSamplerState:
     """Sets s_j = f_k (the loss) for every valid draw k of example j; p is unchanged until
     the next epoch boundary. Invalid feedback is dropped and counted; for a duplicated index
     the last valid entry wins (only that one is written, so the scatter is deterministic);
@@ -210,9 +217,15 @@ def distribution(state: InfobatchSamplerState) -> jax.Array:
     return sumtree.leaf_values(state.tree, layout) / sumtree.total(state.tree)
 
 
-def infobatch_sampler(num_examples: int, batch_size: int, *, prune_ratio: float = 0.5,
-                      anneal_fraction: float = 0.125, num_steps: Optional[int] = None,
-                      arity: Optional[int] = None) -> Sampler:
+def infobatch_sampler(
+    num_examples: int,
+    batch_size: int,
+    *,
+    prune_ratio: float = 0.5,
+    anneal_fraction: float = 0.125,
+    num_steps: int | None = None,
+    arity: int | None = None,
+) -> Sampler:
     """InfoBatch (Qin et al., ICLR 2024) as importance sampling with exact weights.
 
     Each epoch (every ceil(n / K) steps, at ``renormalize``), an example whose last seen loss
@@ -247,10 +260,24 @@ def infobatch_sampler(num_examples: int, batch_size: int, *, prune_ratio: float 
       >>> [round(float(p), 3) for p in sampler.probabilities(sampler.renormalize(state))]
       [0.167, 0.167, 0.333, 0.333]
     """
-    config = infobatch_config(num_examples, batch_size, prune_ratio=prune_ratio,
-                              anneal_fraction=anneal_fraction, num_steps=num_steps, arity=arity)
+    config = infobatch_config(
+        num_examples,
+        batch_size,
+        prune_ratio=prune_ratio,
+        anneal_fraction=anneal_fraction,
+        num_steps=num_steps,
+        arity=arity,
+    )
     init_fn, sample_fn, update_fn, new_epoch_fn = (
         functools.partial(f, config) for f in (init, sample, update, new_epoch)
     )
-    return Sampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
-                   distribution, renormalize_every=config.epoch_steps, renormalize=new_epoch_fn)
+    return Sampler(
+        init_fn,
+        sample_fn,
+        update_fn,
+        config.num_examples,
+        config.batch_size,
+        distribution,
+        renormalize_every=config.epoch_steps,
+        renormalize=new_epoch_fn,
+    )

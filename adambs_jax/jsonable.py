@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,9 @@ def to_jsonable(value: Any, *, nonfinite_as_none: bool = True) -> Any:
         number = float(value)
         return None if nonfinite_as_none and not math.isfinite(number) else number
     if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, nonfinite_as_none=nonfinite_as_none) for k, v in value.items()}
+        return {
+            str(k): to_jsonable(v, nonfinite_as_none=nonfinite_as_none) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, nonfinite_as_none=nonfinite_as_none) for v in value]
     if isinstance(value, np.ndarray) or type(value).__module__.startswith("jax"):

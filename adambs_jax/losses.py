@@ -24,13 +24,19 @@ the step on the batch as a whole and refuses the per-example ``"grad_norm"`` fee
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
 __all__ = [
-    "ModelLoss", "PerExampleLoss", "KEY_NAMES", "takes_key", "with_explicit_key",
-    "with_key_argument", "check_losses",
+    "ModelLoss",
+    "PerExampleLoss",
+    "KEY_NAMES",
+    "takes_key",
+    "with_explicit_key",
+    "with_key_argument",
+    "check_losses",
 ]
 
 PerExampleLoss = Callable[..., jax.Array]
@@ -58,13 +64,13 @@ class ModelLoss(NamedTuple):
     apply_fn: Callable[..., Any]
     loss_from_outputs: Callable[[Any, Any], jax.Array]
 
-    def outputs(self, params, batch, key: Optional[jax.Array] = None):
+    def outputs(self, params, batch, key: jax.Array | None = None):
         """The model outputs (leading axis K); passes ``key`` iff ``apply_fn`` takes one."""
         if takes_key(self.apply_fn):
             return self.apply_fn(params, batch, key)
         return self.apply_fn(params, batch)
 
-    def __call__(self, params, batch, key: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, params, batch, key: jax.Array | None = None) -> jax.Array:
         return self.loss_from_outputs(self.outputs(params, batch, key), batch)
 
 
@@ -100,7 +106,7 @@ def takes_key(fn: Callable[..., Any]) -> bool:
     return num_positional >= 3
 
 
-def with_explicit_key(loss_fn: PerExampleLoss, loss_takes_key: Optional[bool]) -> PerExampleLoss:
+def with_explicit_key(loss_fn: PerExampleLoss, loss_takes_key: bool | None) -> PerExampleLoss:
     """``loss_fn`` with its key argument stated, not guessed (``make_train_step``'s
     ``loss_takes_key``): None keeps ``takes_key``'s guess; True makes it ``(params, batch,
     key)``, False ``(params, batch)``. For a ``ModelLoss`` it applies to ``apply_fn``.

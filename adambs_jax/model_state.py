@@ -23,7 +23,8 @@ statistics, so ``make_train_step`` refuses ``"grad_norm"`` with model state at b
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -43,11 +44,12 @@ class LossParts(NamedTuple):
     """
 
     losses_only: PerExampleLoss
-    extras: Optional[Callable[[Any, Any, Any], tuple[Any, Any]]]
+    extras: Callable[[Any, Any, Any], tuple[Any, Any]] | None
 
 
-def check_model_state_options(loss_fn, feedback_name, has_aux, model_state, scoring, *,
-                              per_example_feedback: bool = False) -> None:
+def check_model_state_options(
+    loss_fn, feedback_name, has_aux, model_state, scoring, *, per_example_feedback: bool = False
+) -> None:
     """The build-time refusals of ``has_aux`` / ``model_state`` (``make_train_step``).
 
     Raises:
@@ -88,6 +90,7 @@ def loss_parts(loss_fn, has_aux: bool, model_state: bool, state: Any) -> LossPar
         losses_only = loss_fn._replace(apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0])
         return LossParts(losses_only, lambda p, b, k: (None, apply_fn(p, b, k, state)[1]))
     if model_state:
+
         def call(p, b, k):
             return loss_fn(p, b, k, state)
 

@@ -20,7 +20,7 @@ Algorithm 2 (the feedback f_k = ||g_{i_k}||).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ __all__ = ["per_example_losses_and_grads", "per_example_losses", "losses_and_out
 
 
 def per_example_losses_and_grads(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: jax.Array | None = None
 ) -> tuple[jax.Array, Any]:
     """Per-example losses (K,) and gradients g_k = d loss_k / d params (leaves (K, ...)).
 
@@ -50,14 +50,14 @@ def per_example_losses_and_grads(
       ``(losses (K,), grads)`` with grads a pytree like params with a leading K axis.
     """
     single_example_loss, keys, key_axis = _single_example_loss(loss_fn, batch, key)
-    losses, grads = jax.vmap(
-        jax.value_and_grad(single_example_loss), in_axes=(None, 0, key_axis)
-    )(params, batch, keys)
+    losses, grads = jax.vmap(jax.value_and_grad(single_example_loss), in_axes=(None, 0, key_axis))(
+        params, batch, keys
+    )
     return losses, grads
 
 
 def per_example_losses(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: jax.Array | None = None
 ) -> jax.Array:
     """(K,) losses evaluated one example at a time under ``jax.vmap``, with the same
     per-example keys as ``per_example_losses_and_grads`` (so the same dropout masks)."""

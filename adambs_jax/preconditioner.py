@@ -36,7 +36,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +144,7 @@ def inverse_preconditioner(params, opt_state):
             'feedback="preconditioned_grad_norm" needs an optimizer with a second-moment '
             "estimate (optax.adam, adamw, amsgrad, rmsprop, ...: an optax ScaleByAdamState, "
             "ScaleByAmsgradState or ScaleByRmsState in its state); this optimizer's state has "
-            "none (e.g. optax.sgd). Use feedback=\"grad_norm\" with it"
+            'none (e.g. optax.sgd). Use feedback="grad_norm" with it'
         )
 
     def leaf_scale(param, *nus):

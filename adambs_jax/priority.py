@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +123,7 @@ class PriorityConfig(NamedTuple):
     eps: float
     initial_score: float
     layout: sumtree.TreeLayout
-    refresh_chunk: Optional[int] = None
+    refresh_chunk: int | None = None
 
 
 def max_priority(num_examples: int) -> float:
@@ -131,8 +131,17 @@ def max_priority(num_examples: int) -> float:
     return min(MAX_PRIORITY, _ROOT_LIMIT / num_examples)
 
 
-def priority_config(num_examples, batch_size, *, alpha, uniform_mix, eps, initial_score,
-                    arity=None, refresh_every=None) -> PriorityConfig:
+def priority_config(
+    num_examples,
+    batch_size,
+    *,
+    alpha,
+    uniform_mix,
+    eps,
+    initial_score,
+    arity=None,
+    refresh_every=None,
+) -> PriorityConfig:
     """Validates the arguments of ``priority_sampler`` (ValueError naming the argument);
     ``refresh_every`` M becomes ``refresh_chunk`` = ceil(n / M) examples scored per step."""
     num_examples = check_int("num_examples", num_examples)
@@ -146,8 +155,9 @@ def priority_config(num_examples, batch_size, *, alpha, uniform_mix, eps, initia
     layout = sumtree.layout_for(num_examples, sumtree.default_arity() if arity is None else arity)
     refresh_every = check_optional_int("refresh_every", refresh_every)
     chunk = None if refresh_every is None else math.ceil(num_examples / refresh_every)
-    return PriorityConfig(num_examples, batch_size, alpha, uniform_mix, eps, initial_score, layout,
-                          chunk)
+    return PriorityConfig(
+        num_examples, batch_size, alpha, uniform_mix, eps, initial_score, layout, chunk
+    )
 
 
 def priorities(config: PriorityConfig, scores) -> jax.Array:
@@ -208,8 +218,7 @@ def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
     if config.uniform_mix < 1.0:
         from_uniform = jax.random.bernoulli(mix_key, config.uniform_mix, shape)
         uniforms = jax.random.uniform(tree_key, shape, jnp.float32)
-        targets = sumtree.uniforms_to_targets(uniforms, sumtree.total(state.tree),
-                                              stratified=False)
+        targets = sumtree.uniforms_to_targets(uniforms, sumtree.total(state.tree), stratified=False)
         from_tree = sumtree.draw(state.tree, targets, config.layout)
         indices = jnp.where(from_uniform, indices, from_tree)
     leaves = sumtree.get_leaves(state.tree, indices, config.layout)
@@ -229,14 +238,17 @@ def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array,
     valid = jnp.isfinite(scores) & (scores >= 0)
     old = sumtree.get_leaves(state.tree, idx, config.layout)
     new = jnp.where(valid, priorities(config, jnp.where(valid, scores, 0.0)), old)
-    state = state.replace(tree=sumtree.set_leaves(state.tree, idx, new, config.layout),
-                          cursor=(state.cursor + chunk) % n)
+    state = state.replace(
+        tree=sumtree.set_leaves(state.tree, idx, new, config.layout),
+        cursor=(state.cursor + chunk) % n,
+    )
     indices, probs = sample(config, state, key)
     return indices, probs, state
 
 
-def update(config: PriorityConfig, state: PrioritySamplerState, indices, feedback, *,
-           apply=True) -> PrioritySamplerState:
+def update(
+    config: PriorityConfig, state: PrioritySamplerState, indices, feedback, *, apply=True
+) -> PrioritySamplerState:
     """Sets s_j = f_k for every valid draw k of example j (finite, >= 0, index in [0, n)).
 
     Invalid entries keep their leaf and are counted in ``num_dropped_feedback``. For a
@@ -281,11 +293,19 @@ def state_distribution(state: PrioritySamplerState) -> jax.Array:
     return _mixture(state.uniform_mix, state.num_examples, state.tree, leaves)
 
 
-def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
-                     uniform_mix: float = 0.1, eps: float = 1e-6, initial_score: float = 1.0,
-                     arity: Optional[int] = None, refresh_every: Optional[int] = None,
-                     score_feedback=None,
-                     score_chunk_size: Optional[int] = None) -> Union[Sampler, ScoringSampler]:
+def priority_sampler(
+    num_examples: int,
+    batch_size: int,
+    *,
+    alpha: float = 1.0,
+    uniform_mix: float = 0.1,
+    eps: float = 1e-6,
+    initial_score: float = 1.0,
+    arity: int | None = None,
+    refresh_every: int | None = None,
+    score_feedback=None,
+    score_chunk_size: int | None = None,
+) -> Sampler | ScoringSampler:
     """A stale-score priority sampler with exact importance weights.
 
     p_j = (1 - lambda) u_j / sum_i u_i + lambda / n with u_j = (s_j + eps)^alpha, s_j the
@@ -332,17 +352,39 @@ def priority_sampler(num_examples: int, batch_size: int, *, alpha: float = 1.0,
       >>> bool(jnp.allclose(probs, sampler.probabilities(state)[indices]))
       True
     """
-    config = priority_config(num_examples, batch_size, alpha=alpha, uniform_mix=uniform_mix,
-                             eps=eps, initial_score=initial_score, arity=arity,
-                             refresh_every=refresh_every)
+    config = priority_config(
+        num_examples,
+        batch_size,
+        alpha=alpha,
+        uniform_mix=uniform_mix,
+        eps=eps,
+        initial_score=initial_score,
+        arity=arity,
+        refresh_every=refresh_every,
+    )
     init_fn, sample_fn, update_fn, probabilities_fn, refresh_fn = (
         functools.partial(f, config) for f in (init, sample, update, distribution, refresh)
     )
     if config.refresh_chunk is not None:
-        return ScoringSampler(init_fn, refresh_fn, update_fn, config.num_examples,
-                              config.batch_size, score_feedback, score_chunk_size,
-                              probabilities_fn)
+        return ScoringSampler(
+            init_fn,
+            refresh_fn,
+            update_fn,
+            config.num_examples,
+            config.batch_size,
+            score_feedback,
+            score_chunk_size,
+            probabilities_fn,
+        )
     if score_feedback is not None or score_chunk_size is not None:
         raise ValueError("score_feedback and score_chunk_size need refresh_every (a refresh)")
-    return Sampler(init_fn, sample_fn, update_fn, config.num_examples, config.batch_size,
-                   probabilities_fn, renormalize_every=None, renormalize=None)
+    return Sampler(
+        init_fn,
+        sample_fn,
+        update_fn,
+        config.num_examples,
+        config.batch_size,
+        probabilities_fn,
+        renormalize_every=None,
+        renormalize=None,
+    )

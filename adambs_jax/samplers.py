@@ -25,7 +25,6 @@ change, and normalization is lazy (p = leaf / root).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -139,15 +138,15 @@ def exp3_sampler(
     num_examples: int,
     batch_size: int,
     *,
-    p_min: Optional[float] = None,
-    step_size: Optional[float] = None,
-    num_steps: Optional[int] = None,
-    grad_norm_bound: Union[float, str, None] = None,
+    p_min: float | None = None,
+    step_size: float | None = None,
+    num_steps: int | None = None,
+    grad_norm_bound: float | str | None = None,
     stratified: bool = False,
-    arity: Optional[int] = None,
+    arity: int | None = None,
     bound_quantile: float = exp3.DEFAULT_BOUND_QUANTILE,
     bound_learning_rate: float = exp3.DEFAULT_BOUND_LEARNING_RATE,
-    preset: Optional[str] = None,
+    preset: str | None = None,
 ) -> Sampler:
     """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -235,14 +234,25 @@ def exp3_sampler(
       >>> p.shape, round(float(p.sum()), 5), int(state.step)
       ((100,), 1.0, 1)
     """
-    config = exp3.exp3_config(num_examples, batch_size, p_min=p_min, step_size=step_size,
-                              num_steps=num_steps, grad_norm_bound=grad_norm_bound,
-                              stratified=stratified, arity=arity,
-                              bound_quantile=bound_quantile,
-                              bound_learning_rate=bound_learning_rate, preset=preset)
+    config = exp3.exp3_config(
+        num_examples,
+        batch_size,
+        p_min=p_min,
+        step_size=step_size,
+        num_steps=num_steps,
+        grad_norm_bound=grad_norm_bound,
+        stratified=stratified,
+        arity=arity,
+        bound_quantile=bound_quantile,
+        bound_learning_rate=bound_learning_rate,
+        preset=preset,
+    )
     bound = (functools.partial(f, config) for f in (exp3.init, exp3.sample, exp3.update))
     return Sampler(
-        *bound, config.num_examples, config.batch_size, exp3.distribution,
+        *bound,
+        config.num_examples,
+        config.batch_size,
+        exp3.distribution,
         renormalize_every=config.renormalize_every or None,
         renormalize=functools.partial(exp3.renormalize, config),
     )

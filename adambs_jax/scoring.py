@@ -25,7 +25,7 @@ decides when to switch importance sampling on); the step then passes that state 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +43,12 @@ __all__ = ["ScoreFn", "ScoringSampler", "make_score_fn", "gather"]
 
 def make_score_fn(
     loss_fn: PerExampleLoss,
-    feedback: Union[str, FeedbackFn],
+    feedback: str | FeedbackFn,
     params: Any,
     data: Any,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     *,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> ScoreFn:
     """A ``score_fn(indices) -> (M,)`` scoring ``data[indices]`` at ``params``.
 

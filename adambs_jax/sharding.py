@@ -37,7 +37,8 @@ collective.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,7 +59,7 @@ DEFAULT_DATA_AXIS = "data"
 
 
 def data_parallel_mesh(
-    devices: Optional[Sequence[jax.Device]] = None, *, axis_name: str = DEFAULT_DATA_AXIS
+    devices: Sequence[jax.Device] | None = None, *, axis_name: str = DEFAULT_DATA_AXIS
 ) -> Mesh:
     """A one-axis mesh over ``devices`` (default: ``jax.devices()``, all devices of all hosts).
 
@@ -80,7 +81,7 @@ def data_parallel_mesh(
     return Mesh(np.array(devices), (axis_name,))
 
 
-def check_mesh(mesh: Any, data_axis: str, batch_size: Optional[int] = None) -> int:
+def check_mesh(mesh: Any, data_axis: str, batch_size: int | None = None) -> int:
     """Validates a mesh for data parallelism; returns D, the size of ``data_axis``.
 
     Raises:
@@ -145,7 +146,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda leaf: _replicated_leaf(leaf, sharding), tree)
 
 
-def replicate_on_mesh(tree: Any, mesh: Optional[Mesh]) -> Any:
+def replicate_on_mesh(tree: Any, mesh: Mesh | None) -> Any:
     """``replicate(tree, mesh)``, or ``tree`` unchanged when ``mesh`` is None (no mesh)."""
     return tree if mesh is None else replicate(tree, mesh)
 

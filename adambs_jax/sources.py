@@ -20,7 +20,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Optional, Protocol, Union, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, Union, runtime_checkable
 
 import jax
 import numpy as np
@@ -161,14 +162,15 @@ class MemmapSource:
       (5, [8.0, 0.0, 8.0])
     """
 
-    def __init__(self, files: Union[PathLike, Mapping[str, Any]], *, verify: bool = False):
+    def __init__(self, files: PathLike | Mapping[str, Any], *, verify: bool = False):
         check_bool("verify", verify)
-        self.manifest: Optional[dict] = None
+        self.manifest: dict | None = None
         if isinstance(files, (str, os.PathLike)):
             self.arrays, self.manifest = _open_dataset(os.fspath(files), verify)
         elif isinstance(files, Mapping):
-            self.arrays = {_check_field_name(name): _open_npy(name, value)
-                           for name, value in files.items()}
+            self.arrays = {
+                _check_field_name(name): _open_npy(name, value) for name, value in files.items()
+            }
         else:
             raise TypeError(
                 f"files must be a dict name -> .npy path or a directory written by "
@@ -218,7 +220,9 @@ def file_digest(path: PathLike, algorithm: str = "sha256", block_size: int = 1 <
 
 def _read_manifest(directory: str) -> dict:
     return read_format_file(
-        os.path.join(directory, MANIFEST_NAME), MANIFEST_FORMAT, name="directory",
+        os.path.join(directory, MANIFEST_NAME),
+        MANIFEST_FORMAT,
+        name="directory",
         missing=f"{directory!r} holds no {MANIFEST_NAME} (write it with write_memmap_dataset)",
     )
 
@@ -253,9 +257,9 @@ def open_memmap_dataset(directory: PathLike, verify: bool = False) -> MemmapSour
 
 def write_memmap_dataset(
     directory: PathLike,
-    arrays_or_chunks: Union[Mapping[str, Any], Iterable[Mapping[str, Any]]],
+    arrays_or_chunks: Mapping[str, Any] | Iterable[Mapping[str, Any]],
     *,
-    num_examples: Optional[int] = None,
+    num_examples: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
 ) -> dict:
@@ -312,20 +316,24 @@ def write_memmap_dataset(
 
 def _slices(arrays: Mapping[str, Any], n: int, chunk_size: int):
     for start in range(0, n, chunk_size):
-        yield {name: array[start:start + chunk_size] for name, array in arrays.items()}
+        yield {name: array[start : start + chunk_size] for name, array in arrays.items()}
 
 
-def _check_chunk(chunk: Any, number: int, first: Optional[dict]) -> tuple[dict, int]:
+def _check_chunk(chunk: Any, number: int, first: dict | None) -> tuple[dict, int]:
     """The chunk's fields as numpy arrays and its length, after checking it against the
     first chunk's (name -> (trailing shape, dtype))."""
     if not isinstance(chunk, Mapping):
-        raise TypeError(f"arrays_or_chunks: chunk {number} must be a dict name -> array, "
-                        f"got {type(chunk).__name__}")
+        raise TypeError(
+            f"arrays_or_chunks: chunk {number} must be a dict name -> array, "
+            f"got {type(chunk).__name__}"
+        )
     chunk = {_check_field_name(name): np.asarray(value) for name, value in chunk.items()}
     size = leading_axis(list(chunk.values()), name=f"arrays_or_chunks: chunk {number}")
     if first is not None and set(chunk) != set(first):
-        raise ValueError(f"arrays_or_chunks: chunk {number} has fields {sorted(chunk)}, "
-                         f"the first chunk {sorted(first)}")
+        raise ValueError(
+            f"arrays_or_chunks: chunk {number} has fields {sorted(chunk)}, "
+            f"the first chunk {sorted(first)}"
+        )
     for name, value in chunk.items():
         if value.dtype.hasobject:
             raise TypeError(f"arrays_or_chunks: field {name!r} has an object dtype")
@@ -345,21 +353,31 @@ def _write_chunks(directory: str, chunks: Iterable, num_examples: int) -> dict:
         chunk, size = _check_chunk(chunk, number, first)
         if first is None:
             first = {name: (value.shape[1:], value.dtype) for name, value in chunk.items()}
-            files = {name: np.lib.format.open_memmap(
-                os.path.join(directory, f"{name}.npy"), mode="w+", dtype=value.dtype,
-                shape=(num_examples,) + value.shape[1:]) for name, value in chunk.items()}
+            files = {
+                name: np.lib.format.open_memmap(
+                    os.path.join(directory, f"{name}.npy"),
+                    mode="w+",
+                    dtype=value.dtype,
+                    shape=(num_examples,) + value.shape[1:],
+                )
+                for name, value in chunk.items()
+            }
         if offset + size > num_examples:
             raise ValueError(f"num_examples={num_examples}, but the chunks hold more examples")
         for name, value in chunk.items():
-            files[name][offset:offset + size] = value
+            files[name][offset : offset + size] = value
         offset += size
     if offset != num_examples:
         raise ValueError(f"num_examples={num_examples}, but the chunks hold {offset} examples")
     fields = {}
     for name, memmap in files.items():
         memmap.flush()
-        fields[name] = {"file": f"{name}.npy", "shape": list(memmap.shape),
-                        "dtype": memmap.dtype.str, "sha256": None}
+        fields[name] = {
+            "file": f"{name}.npy",
+            "shape": list(memmap.shape),
+            "dtype": memmap.dtype.str,
+            "sha256": None,
+        }
         del memmap
     files.clear()  # close the memmaps before hashing the files
     for spec in fields.values():

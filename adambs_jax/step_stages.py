@@ -27,19 +27,20 @@ Algorithm 1.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from adambs_jax import exp3_bound
 from adambs_jax.base import ProbabilitiesFn, accepts_apply
 from adambs_jax.checks import check_key, check_state_size
 from adambs_jax.estimators import Estimate, EstimateFn, OptimizerAwareEstimator
 from adambs_jax.feedback import FeedbackFn
 from adambs_jax.losses import PerExampleLoss
 from adambs_jax.model_state import batch_extras, loss_parts
-from adambs_jax import exp3_bound
 from adambs_jax.samplers import Exp3SamplerState, Sampler, importance_weights
 from adambs_jax.scoring import ScoringSampler, make_score_fn
 from adambs_jax.sharding import constrain_batch
@@ -75,14 +76,14 @@ class StepConfig(NamedTuple):
 
     loss_fn: PerExampleLoss
     optimizer: optax.GradientTransformation
-    sampler: Union[Sampler, ScoringSampler]
+    sampler: Sampler | ScoringSampler
     estimate: EstimateFn
-    score_feedback: Union[str, FeedbackFn]
-    probabilities: Optional[ProbabilitiesFn]
+    score_feedback: str | FeedbackFn
+    probabilities: ProbabilitiesFn | None
     skip_non_finite: bool
-    mesh: Optional[jax.sharding.Mesh]
+    mesh: jax.sharding.Mesh | None
     data_axis: str
-    extra_args: Optional[Callable[[dict], dict]] = None
+    extra_args: Callable[[dict], dict] | None = None
     has_aux: bool = False
     model_state: bool = False
 
@@ -176,7 +177,11 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     sampler = config.sampler
     if config.scoring:
         score_fn = make_score_fn(
-            config.loss_fn, config.score_feedback, state.params, data, score_key,
+            config.loss_fn,
+            config.score_feedback,
+            state.params,
+            data,
+            score_key,
             chunk_size=sampler.score_chunk_size,
         )
         indices, probs, sampled_state = sampler.sample(state.sampler_state, sample_key, score_fn)
@@ -213,12 +218,14 @@ def _optimizer_update(config: StepConfig, estimate: Estimate, weights, opt_state
     extra_args = {}
     if config.extra_args is not None:
         losses = estimate.losses
-        extra_args = config.extra_args({
-            "loss": jnp.mean(weights.astype(losses.dtype) * losses),
-            "sampled_loss": jnp.mean(losses),
-            "losses": losses,
-            "weights": weights,
-        })
+        extra_args = config.extra_args(
+            {
+                "loss": jnp.mean(weights.astype(losses.dtype) * losses),
+                "sampled_loss": jnp.mean(losses),
+                "losses": losses,
+                "weights": weights,
+            }
+        )
     updates, opt_state = config.optimizer.update(gradient, opt_state, params, **extra_args)
     return updates, opt_state, gradient
 
@@ -350,13 +357,18 @@ def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
     return {}
 
 
-def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, model_key,
-                    state_key):
+def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, model_key, state_key):
     """Stages estimate, guarded apply, metrics and new state, for a drawn batch: shared by
     the step over the whole dataset (``run_step``) and the step on a gathered batch
     (``adambs_jax.host_step``). ``parts``: ``model_state.loss_parts`` of the step's loss."""
-    estimate = config.estimate(config.loss_fn, state.params, draw.batch, draw.weights, model_key,
-                               **_estimator_extras(config, state))
+    estimate = config.estimate(
+        config.loss_fn,
+        state.params,
+        draw.batch,
+        draw.weights,
+        model_key,
+        **_estimator_extras(config, state),
+    )
     aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(
@@ -367,7 +379,7 @@ def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, mo
     return next_state(state, applied, state_key, metrics, model_state)
 
 
-def run_step(config: StepConfig, state: TrainState, data: Any, key: Optional[jax.Array]):
+def run_step(config: StepConfig, state: TrainState, data: Any, key: jax.Array | None):
     """One step: key, draw, estimate, guarded apply, new state."""
     num_examples = config.sampler.num_examples
     check_train_state(state, num_examples)

@@ -121,13 +121,15 @@ def _level_sizes(num_leaves: int, arity: int) -> tuple:
     return tuple(reversed(sizes))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def max_leaves(arity: int) -> int:
     """The largest n whose tree with ``arity`` fits int32 node indices (bisection)."""
     low, high = 1, MAX_TREE_SIZE  # sum(sizes) > n, so n = MAX_TREE_SIZE never fits
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if sum(_level_sizes(middle, arity)) <= MAX_TREE_SIZE else (low, middle)
+        low, high = (
+            (middle, high) if sum(_level_sizes(middle, arity)) <= MAX_TREE_SIZE else (low, middle)
+        )
     return low
 
 
@@ -216,8 +218,9 @@ def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = 
     if keep is None:
         order = jnp.argsort(indices, stable=True)
     else:
-        *_, order = jax.lax.sort((indices, keep.astype(jnp.int32), jnp.arange(k)),
-                                 num_keys=2, is_stable=True)
+        *_, order = jax.lax.sort(
+            (indices, keep.astype(jnp.int32), jnp.arange(k)), num_keys=2, is_stable=True
+        )
     sorted_idx = indices[order]
     sorted_val = values[order]
     is_last = jnp.concatenate([sorted_idx[1:] != sorted_idx[:-1], jnp.array([True])])
@@ -227,7 +230,11 @@ def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = 
 
 
 def set_leaves(
-    tree: jax.Array, indices: jax.Array, values: jax.Array, layout: TreeLayout, *,
+    tree: jax.Array,
+    indices: jax.Array,
+    values: jax.Array,
+    layout: TreeLayout,
+    *,
     duplicates_agree: bool = False,
 ) -> jax.Array:
     """Sets leaves ``indices`` (K,) to ``values`` (K,) and recomputes their ancestors.
@@ -254,9 +261,7 @@ def set_leaves(
     return tree
 
 
-def uniforms_to_targets(
-    uniforms: jax.Array, root: jax.Array, *, stratified: bool
-) -> jax.Array:
+def uniforms_to_targets(uniforms: jax.Array, root: jax.Array, *, stratified: bool) -> jax.Array:
     """Maps uniforms in [0, 1) (K,) to prefix-sum targets in [0, root).
 
     i.i.d.: target_k = u_k * root. Stratified: target_k = (k + u_k) / K * root, one draw in

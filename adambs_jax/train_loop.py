@@ -17,7 +17,7 @@ Algorithm 1 (the step, repeated).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from adambs_jax.train_state import TrainState
 __all__ = ["split_keys", "run_steps"]
 
 
-def split_keys(key: Optional[jax.Array], num_steps: int):
+def split_keys(key: jax.Array | None, num_steps: int):
     """``jax.random.split(key, num_steps)`` (the key of each step), or None."""
     if key is None:
         return None
@@ -59,8 +59,9 @@ def _chunks(keys, num_chunks: int, chunk: int):
     return reshape(keys), keys[head:]
 
 
-def run_steps(config: StepConfig, num_steps: int, state: TrainState, data: Any,
-              key: Optional[jax.Array]):
+def run_steps(
+    config: StepConfig, num_steps: int, state: TrainState, data: Any, key: jax.Array | None
+):
     """``num_steps`` steps; ``(state, metrics)`` with every metric of shape (num_steps,).
 
     With the sampler's ``renormalize_every`` M < ``num_steps``, the state is renormalized

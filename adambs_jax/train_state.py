@@ -16,7 +16,8 @@ Algorithm 1 (the state of AdamBS: theta, Adam's moments, the sampler's distribut
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,10 @@ from adambs_jax.base import AnySampler
 from adambs_jax.checks import check_key
 
 __all__ = [
-    "TrainState", "TrainStep", "as_gradient_transformation", "renormalize_if_due",
+    "TrainState",
+    "TrainStep",
+    "as_gradient_transformation",
+    "renormalize_if_due",
     "count_renormalization_steps",
 ]
 
@@ -76,8 +80,8 @@ class TrainState(NamedTuple):
     opt_state: Any
     sampler_state: Any
     step: jax.Array
-    key: Optional[jax.Array] = None
-    skipped_steps: Optional[jax.Array] = None
+    key: jax.Array | None = None
+    skipped_steps: jax.Array | None = None
     model_state: Any = None
 
     @classmethod
@@ -87,9 +91,9 @@ class TrainState(NamedTuple):
         params: Any,
         optimizer: optax.GradientTransformation,
         sampler: AnySampler,
-        key: Optional[jax.Array] = None,
+        key: jax.Array | None = None,
         model_state: Any = None,
-    ) -> "TrainState":
+    ) -> TrainState:
         """A fresh state: ``optimizer.init(params)``, ``sampler.init()``, step 0, no
         skipped steps, ``model_state`` (default None).
 
@@ -151,11 +155,11 @@ class TrainStep:
     step_fn: Callable[..., tuple[TrainState, dict]]
     optimizer: optax.GradientTransformation
     sampler: AnySampler
-    renormalize: Optional[Callable[[TrainState], TrainState]] = None
+    renormalize: Callable[[TrainState], TrainState] | None = None
     steps_per_call: int = 1
     _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
 
-    def __call__(self, state: TrainState, data: Any, key: Optional[jax.Array] = None):
+    def __call__(self, state: TrainState, data: Any, key: jax.Array | None = None):
         every = self.sampler.renormalize_every
         if self.renormalize is None or not every:
             return self._call_step(state, data, key)
@@ -185,12 +189,15 @@ class TrainStep:
             ) from error
 
     def init(
-        self, params: Any, *, key: Optional[jax.Array] = None, model_state: Any = None
+        self, params: Any, *, key: jax.Array | None = None, model_state: Any = None
     ) -> TrainState:
         """A fresh ``TrainState`` for ``params`` with this step's optimizer and sampler (the
         arguments and errors of ``TrainState.create``)."""
         return TrainState.create(
-            params=params, optimizer=self.optimizer, sampler=self.sampler, key=key,
+            params=params,
+            optimizer=self.optimizer,
+            sampler=self.sampler,
+            key=key,
             model_state=model_state,
         )
 
@@ -203,8 +210,9 @@ class TrainStep:
         return getattr(step_fn, name)
 
 
-def renormalize_if_due(renormalize, every: int, pending: list, state: TrainState,
-                       calls: int = 1) -> TrainState:
+def renormalize_if_due(
+    renormalize, every: int, pending: list, state: TrainState, calls: int = 1
+) -> TrainState:
     """``state``, first renormalized (``renormalize``, one jitted call) if a call of
     ``calls`` steps would take ``pending[0]``, the steps since the last renormalization,
     past ``every`` = M; then ``pending[0]`` is 0. The schedule of ``TrainStep`` and

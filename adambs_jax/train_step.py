@@ -32,7 +32,8 @@ the sampler's renormalization runs every ``sampler.renormalize_every`` steps fro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -66,7 +67,7 @@ FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
 """With ``diagnostics=None``, the O(n) metrics are computed only for n up to this size."""
 
 
-def _diagnostics_probabilities(sampler, diagnostics) -> Optional[ProbabilitiesFn]:
+def _diagnostics_probabilities(sampler, diagnostics) -> ProbabilitiesFn | None:
     """The distribution the diagnostics read, or None when the step reports none."""
     if diagnostics is False or (
         diagnostics is None and sampler.num_examples > FULL_DIAGNOSTICS_MAX_EXAMPLES
@@ -80,7 +81,7 @@ def _diagnostics_probabilities(sampler, diagnostics) -> Optional[ProbabilitiesFn
     return sampler.probabilities  # None (by default): a sampler without a distribution
 
 
-def _extra_args_fn(optimizer, optimizer_extra_args) -> Optional[Callable[[dict], dict]]:
+def _extra_args_fn(optimizer, optimizer_extra_args) -> Callable[[dict], dict] | None:
     """The ``optimizer_extra_args`` option resolved: by default an optimizer that takes extra
     arguments (``optax.GradientTransformationExtraArgs``) gets ``value`` = the step's
     unbiased loss estimate, ``loss`` (for ``optax.contrib.reduce_on_plateau``)."""
@@ -131,8 +132,11 @@ def step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
     if mesh is not None:
         check_mesh(mesh, options["data_axis"], sampler.batch_size)
     check_model_state_options(
-        loss_fn, feedback if isinstance(feedback, str) else None, options["has_aux"],
-        options["model_state"], isinstance(sampler, ScoringSampler),
+        loss_fn,
+        feedback if isinstance(feedback, str) else None,
+        options["has_aux"],
+        options["model_state"],
+        isinstance(sampler, ScoringSampler),
         per_example_feedback=getattr(kind, "per_example_evaluation", False),
     )
     score_feedback = feedback
@@ -143,29 +147,37 @@ def step_config(loss_fn, optimizer, sampler, options: dict) -> StepConfig:
         options["reuse_per_example_grads"], _check_grad_norm_method(options["grad_norm_method"])
     )
     return StepConfig(
-        loss_fn, optimizer, sampler, estimate, score_feedback,
-        _diagnostics_probabilities(sampler, diagnostics), options["skip_non_finite"], mesh,
-        options["data_axis"], _extra_args_fn(optimizer, options["optimizer_extra_args"]),
-        options["has_aux"], options["model_state"],
+        loss_fn,
+        optimizer,
+        sampler,
+        estimate,
+        score_feedback,
+        _diagnostics_probabilities(sampler, diagnostics),
+        options["skip_non_finite"],
+        mesh,
+        options["data_axis"],
+        _extra_args_fn(optimizer, options["optimizer_extra_args"]),
+        options["has_aux"],
+        options["model_state"],
     )
 
 
 def make_train_step(
     loss_fn: PerExampleLoss,
     optimizer: optax.GradientTransformation,
-    sampler: Union[Sampler, ScoringSampler],
+    sampler: Sampler | ScoringSampler,
     *,
-    feedback: Union[str, FeedbackFn] = "grad_norm",
-    diagnostics: Optional[bool] = None,
+    feedback: str | FeedbackFn = "grad_norm",
+    diagnostics: bool | None = None,
     reuse_per_example_grads: bool = False,
     skip_non_finite: bool = True,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh: jax.sharding.Mesh | None = None,
     data_axis: str = DEFAULT_DATA_AXIS,
     jit: bool = True,
     steps_per_call: int = 1,
     grad_norm_method: str = "auto",
-    loss_takes_key: Optional[bool] = None,
-    optimizer_extra_args: Optional[Callable[[dict], dict]] = None,
+    loss_takes_key: bool | None = None,
+    optimizer_extra_args: Callable[[dict], dict] | None = None,
     has_aux: bool = False,
     model_state: bool = False,
 ) -> TrainStep:
@@ -299,17 +311,25 @@ def make_train_step(
       (1, 0.6931)
     """
     options = dict(
-        feedback=feedback, diagnostics=diagnostics, mesh=mesh, data_axis=data_axis, jit=jit,
-        reuse_per_example_grads=reuse_per_example_grads, skip_non_finite=skip_non_finite,
-        grad_norm_method=grad_norm_method, loss_takes_key=loss_takes_key,
-        optimizer_extra_args=optimizer_extra_args, has_aux=has_aux, model_state=model_state,
+        feedback=feedback,
+        diagnostics=diagnostics,
+        mesh=mesh,
+        data_axis=data_axis,
+        jit=jit,
+        reuse_per_example_grads=reuse_per_example_grads,
+        skip_non_finite=skip_non_finite,
+        grad_norm_method=grad_norm_method,
+        loss_takes_key=loss_takes_key,
+        optimizer_extra_args=optimizer_extra_args,
+        has_aux=has_aux,
+        model_state=model_state,
     )
     config = step_config(loss_fn, optimizer, sampler, options)
     optimizer = config.optimizer
 
     steps_per_call = check_int("steps_per_call", steps_per_call)
 
-    def step(state: TrainState, data: Any, key: Optional[jax.Array] = None):
+    def step(state: TrainState, data: Any, key: jax.Array | None = None):
         if steps_per_call == 1:
             return run_step(config, state, data, key)
         return run_steps(config, steps_per_call, state, data, key)

@@ -30,7 +30,7 @@ the stack's shapes show it (leaves not (K,) + their parameter's shape).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,8 @@ def _check_averaged(updates, params) -> None:
             "(its leaves must be shaped like params). " + _FIRST_STAGE
         )
     if jax.tree.structure(updates) != jax.tree.structure(params) or any(
-        jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))
+        jnp.shape(u) != jnp.shape(p)
+        for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))
     ):
         raise ValueError(
             "updates: without weights the updates must be the averaged gradient G_hat, shaped "
@@ -228,7 +229,7 @@ def adambs(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> ImportanceWeightedTransformation:
     """The optimizer of AdamBS (Algorithm 1 of Liu, Wu, Mozafari, NeurIPS 2020).
 
@@ -282,7 +283,7 @@ def amsgradbs(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> ImportanceWeightedTransformation:
     """AMSGrad with bandit sampling (appendix D of Liu, Wu, Mozafari, NeurIPS 2020).
 

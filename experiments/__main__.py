@@ -18,6 +18,7 @@ steps its calibrated speed fits into S.
 Exit codes: 0 success, 2 bad arguments or missing data files (the loader's message says
 which files to put where).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,39 +35,62 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
         description="Run a named experiment (dataset x model x methods x seeds) and write "
-                    "metrics, a summary, a table and plots under results/NAME/.",
+        "metrics, a summary, a table and plots under results/NAME/.",
     )
     parser.add_argument("name", nargs="?", help="configuration name (see --list)")
     parser.add_argument("--list", action="store_true", help="list configurations and methods")
     parser.add_argument("--seeds", type=int, help="number of seeds (seeds 0..N-1)")
-    parser.add_argument("--max-steps", type=int,
-                        help="at most this many training steps per run (quick look)")
+    parser.add_argument(
+        "--max-steps", type=int, help="at most this many training steps per run (quick look)"
+    )
     parser.add_argument("--subset", type=int, help="train on the first M training examples")
     parser.add_argument("--out", help="output folder (default results/NAME)")
     parser.add_argument("--methods", help="comma-separated method names (default: the config's)")
-    parser.add_argument("--data-dir", help="where the dataset files are (default "
-                                           "$ADAMBS_DATA_DIR or ~/.cache/adambs_jax)")
+    parser.add_argument(
+        "--data-dir",
+        help="where the dataset files are (default $ADAMBS_DATA_DIR or ~/.cache/adambs_jax)",
+    )
     parser.add_argument("--eval-every", type=int, help="evaluate every this many steps")
-    parser.add_argument("--feedback", choices=FEEDBACK_KINDS,
-                        help="what the bandit samplers learn from (default: the config's)")
+    parser.add_argument(
+        "--feedback",
+        choices=FEEDBACK_KINDS,
+        help="what the bandit samplers learn from (default: the config's)",
+    )
     parser.add_argument("--model", help="override the model (e.g. pixel-lstm)")
     parser.add_argument("--lr", type=float, help="override the learning rate")
     parser.add_argument("--batch-size", type=int, help="override the batch size K")
-    parser.add_argument("--loop", choices=("auto", "scan", "python"),
-                        help="how timed chunks run (default auto: see experiments/runner.py)")
-    parser.add_argument("--no-download", action="store_true",
-                        help="never download missing dataset files (fail with the list of files)")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "scan", "python"),
+        help="how timed chunks run (default auto: see experiments/runner.py)",
+    )
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never download missing dataset files (fail with the list of files)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--budget-seconds", type=float,
-                        help="compute-matched protocol: S seconds of training per method and "
-                             "run, learning rate decayed to 0 at the steps that fit")
-    parser.add_argument("--lr-schedule", choices=("linear", "cosine"),
-                        help="the compute-matched decay (default linear)")
-    parser.add_argument("--calibration-rounds", type=int,
-                        help="one-chunk runs per method that measure its steps/s (default 10)")
-    parser.add_argument("--diagnostic-examples", type=int,
-                        help="examples whose gradient norms the sampler diagnostics use "
-                             "(default 1024; 0: none)")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        help="compute-matched protocol: S seconds of training per method and "
+        "run, learning rate decayed to 0 at the steps that fit",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("linear", "cosine"),
+        help="the compute-matched decay (default linear)",
+    )
+    parser.add_argument(
+        "--calibration-rounds",
+        type=int,
+        help="one-chunk runs per method that measure its steps/s (default 10)",
+    )
+    parser.add_argument(
+        "--diagnostic-examples",
+        type=int,
+        help="examples whose gradient norms the sampler diagnostics use (default 1024; 0: none)",
+    )
     return parser
 
 
@@ -81,7 +105,9 @@ def list_text() -> str:
         )
     lines += ["", "Methods:"]
     for name, m in METHODS.items():
-        missing = "" if method_available(name) else "  [unavailable: needs ab." + str(m.requires) + "]"
+        missing = (
+            "" if method_available(name) else "  [unavailable: needs ab." + str(m.requires) + "]"
+        )
         lines.append(f"  {name:14s} {m.description}{missing}")
     return "\n".join(lines)
 
@@ -102,11 +128,18 @@ def apply_overrides(config, args):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
         changes["methods"] = methods
-    for attr, key in (("eval_every", "eval_every"), ("feedback", "feedback"), ("model", "model"),
-                      ("lr", "learning_rate"), ("batch_size", "batch_size"), ("loop", "loop"),
-                      ("budget_seconds", "budget_seconds"), ("lr_schedule", "lr_schedule"),
-                      ("calibration_rounds", "calibration_rounds"),
-                      ("diagnostic_examples", "diagnostic_examples")):
+    for attr, key in (
+        ("eval_every", "eval_every"),
+        ("feedback", "feedback"),
+        ("model", "model"),
+        ("lr", "learning_rate"),
+        ("batch_size", "batch_size"),
+        ("loop", "loop"),
+        ("budget_seconds", "budget_seconds"),
+        ("lr_schedule", "lr_schedule"),
+        ("calibration_rounds", "calibration_rounds"),
+        ("diagnostic_examples", "diagnostic_examples"),
+    ):
         value = getattr(args, attr)
         if value is not None:
             changes[key] = value
@@ -142,8 +175,9 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     try:
-        summary = run_experiment(config, out_dir, data_dir=args.data_dir,
-                                 progress=not args.no_progress)
+        summary = run_experiment(
+            config, out_dir, data_dir=args.data_dir, progress=not args.no_progress
+        )
     except (FileNotFoundError, CorruptFileError) as err:  # the loader says what to do
         print(f"error: {config.name}: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ Everything here is plain numpy on arrays shaped ``(num_seeds, num_eval_points)``
 per seed, one column per evaluation point (the same steps for every seed of a method).
 A non-finite value (a diverged run) propagates into the mean: it is reported, not hidden.
 """
+
 from __future__ import annotations
 
 import math
@@ -138,7 +139,9 @@ def method_aggregates(
         out["time_per_step_s"] = mean_std_dict(np.asarray(step_times, dtype=np.float64))
     if target_loss is not None:
         out["target_loss"] = float(target_loss)
-        out["time_to_target_s"] = summarize_crossings(time_to_target(times, train_loss, target_loss))
+        out["time_to_target_s"] = summarize_crossings(
+            time_to_target(times, train_loss, target_loss)
+        )
         out["steps_to_target"] = summarize_crossings(
             time_to_target(np.broadcast_to(steps, train_loss.shape), train_loss, target_loss)
         )

@@ -95,8 +95,14 @@ def run(runs: int, warmup: int, rounds: int, variants=VARIANTS):
         step, init = library_step(model_loss, NUM_EXAMPLES, variant)
         steps[variant] = (step, init(params))
     results, timed = harness.time_variants(
-        steps, data, runs=runs, warmup=warmup, rounds=rounds,
-        model="mlp", num_examples=NUM_EXAMPLES, batch_size=BATCH_SIZE,
+        steps,
+        data,
+        runs=runs,
+        warmup=warmup,
+        rounds=rounds,
+        model="mlp",
+        num_examples=NUM_EXAMPLES,
+        batch_size=BATCH_SIZE,
     )
     for phase, expected in (("importance-phase", True), ("uniform-phase", False)):
         name = f"adam_impt/{phase}"
@@ -117,8 +123,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     harness.check_step_timing_arguments(parser, args, min_runs=30)
     results = run(args.runs, args.warmup, args.rounds)
-    report = {"benchmark": "baselines_train_step", "machine": harness.machine_record(),
-              "results": results}
+    report = {
+        "benchmark": "baselines_train_step",
+        "machine": harness.machine_record(),
+        "results": results,
+    }
     harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))
 
 

@@ -32,8 +32,9 @@ def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
 
 def add_step_timing_arguments(parser: argparse.ArgumentParser, *, min_runs: int) -> None:
     """``--runs``, ``--warmup`` and ``--rounds`` of :func:`time_variants`."""
-    parser.add_argument("--runs", type=int, default=100,
-                        help=f"timed steps per variant (>= {min_runs})")
+    parser.add_argument(
+        "--runs", type=int, default=100, help=f"timed steps per variant (>= {min_runs})"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10, help="interleaving rounds")
 
@@ -43,8 +44,9 @@ def check_step_timing_arguments(parser: argparse.ArgumentParser, args, *, min_ru
         parser.error(f"--runs must be >= {min_runs}, --warmup and --rounds >= 1")
 
 
-def time_variants(steps: dict, data: Any, *, runs: int, warmup: int, rounds: int,
-                  label: str = "", **fields) -> tuple[list[dict], dict]:
+def time_variants(
+    steps: dict, data: Any, *, runs: int, warmup: int, rounds: int, label: str = "", **fields
+) -> tuple[list[dict], dict]:
     """Times ``steps`` (variant -> (jitted step, initial state)) interleaved; the first variant
     is the baseline of the ratios.
 
@@ -57,38 +59,55 @@ def time_variants(steps: dict, data: Any, *, runs: int, warmup: int, rounds: int
     rows = []
     for variant in steps:
         summary = time_summary(timed[variant].times, timed[baseline].times)
-        rows.append({
-            **fields,
-            "variant": variant,
-            "median_ms": summary["median_ms"],
-            "p10_ms": summary["p10_ms"],
-            "p90_ms": summary["p90_ms"],
-            "runs": summary["runs"],
-            f"ratio_vs_{baseline}": summary["ratio"],
-        })
-        print(f"{label}{variant:32s} {summary['median_ms']:9.3f} ms  x{summary['ratio']:.2f}",
-              flush=True)
+        rows.append(
+            {
+                **fields,
+                "variant": variant,
+                "median_ms": summary["median_ms"],
+                "p10_ms": summary["p10_ms"],
+                "p90_ms": summary["p90_ms"],
+                "runs": summary["runs"],
+                f"ratio_vs_{baseline}": summary["ratio"],
+            }
+        )
+        print(
+            f"{label}{variant:32s} {summary['median_ms']:9.3f} ms  x{summary['ratio']:.2f}",
+            flush=True,
+        )
     return rows, timed
 
 
-def add_throughput(rows: list[dict], variants: dict, data: Any, *, rounds: int, steps: int,
-                   scale: float = 1e3, unit: str = "ms") -> None:
+def add_throughput(
+    rows: list[dict],
+    variants: dict,
+    data: Any,
+    *,
+    rounds: int,
+    steps: int,
+    scale: float = 1e3,
+    unit: str = "ms",
+) -> None:
     """Adds to each row (one per variant, the first the baseline) the median ``pipelined_<unit>``
     and ``scan_<unit>`` per step (``step_timing.time_throughput``), their ratios to the
     baseline's (``ratio_pipelined_vs_<baseline>``, ``ratio_scan_vs_<baseline>``), the number
     of scanned steps and the backend. ``variants``: name -> (step, state, multi step, state)."""
     times = time_throughput(variants, data, rounds=rounds, steps=steps)
     baseline = next(iter(variants))
-    medians = {name: {mode: statistics.median(t) for mode, t in modes.items()}
-               for name, modes in times.items()}
+    medians = {
+        name: {mode: statistics.median(t) for mode, t in modes.items()}
+        for name, modes in times.items()
+    }
     for row in rows:
         variant = medians[row["variant"]]
         for mode in ("pipelined", "scan"):
             row[f"{mode}_{unit}"] = scale * variant[mode]
             row[f"ratio_{mode}_vs_{baseline}"] = variant[mode] / medians[baseline][mode]
         row.update(scan_steps=steps, backend=jax.default_backend())
-        print(f"{row['variant']:40s} pipelined {row[f'pipelined_{unit}']:9.3f} {unit}  "
-              f"scan {row[f'scan_{unit}']:9.3f} {unit}", flush=True)
+        print(
+            f"{row['variant']:40s} pipelined {row[f'pipelined_{unit}']:9.3f} {unit}  "
+            f"scan {row[f'scan_{unit}']:9.3f} {unit}",
+            flush=True,
+        )
 
 
 def step_time_columns(baseline: str, baseline_label: str | None = None) -> list[tuple]:

@@ -63,8 +63,9 @@ def _build(variant: str, num_examples: int, args):
     if variant == "exp3":
         sampler = ab.exp3_sampler(num_examples, args.batch_size, num_steps=10_000)
     elif variant in GROUP_SIZES:
-        sampler = ab.group_sampler(num_examples, args.batch_size, GROUP_SIZES[variant],
-                                   base="exp3", num_steps=10_000)
+        sampler = ab.group_sampler(
+            num_examples, args.batch_size, GROUP_SIZES[variant], base="exp3", num_steps=10_000
+        )
     else:
         sampler = ab.uniform_sampler(num_examples, args.batch_size)
     step = ab.make_host_train_step(loss, optax.adam(1e-3), sampler, lookahead=args.lookahead)
@@ -125,8 +126,9 @@ def variant_source(variant: str, source: ab.sources.MemmapSource) -> ab.sources.
 
 
 def bench(source, args) -> list[dict]:
-    runners = {variant: Runner(variant, variant_source(variant, source), args)
-               for variant in VARIANTS}
+    runners = {
+        variant: Runner(variant, variant_source(variant, source), args) for variant in VARIANTS
+    }
     for runner in runners.values():
         runner.run(args.warmup)
     rates = {variant: [] for variant in VARIANTS}
@@ -138,21 +140,29 @@ def bench(source, args) -> list[dict]:
             rates[variant].append(args.steps / wall)
             waits[variant].append(waited / wall)
             alone[variant].append(args.steps / runner.run_step_only(args.steps))
-        print(f"round {round_index}: " + "  ".join(
-            f"{v} {rates[v][-1]:.1f}/s (step only {alone[v][-1]:.1f}/s)" for v in VARIANTS),
-            flush=True)
+        print(
+            f"round {round_index}: "
+            + "  ".join(
+                f"{v} {rates[v][-1]:.1f}/s (step only {alone[v][-1]:.1f}/s)" for v in VARIANTS
+            ),
+            flush=True,
+        )
     for runner in runners.values():
         runner.loader.close()
     medians = {variant: statistics.median(r) for variant, r in rates.items()}
-    return [{
-        "variant": variant, "steps_per_s": medians[variant],
-        "steps_per_s_rounds": rates[variant],
-        "ratio_vs_no_sampler": medians[variant] / medians["no_sampler"],
-        "ratio_vs_uniform": medians[variant] / medians["uniform"],
-        "wait_fraction": statistics.median(waits[variant]),
-        "step_only_steps_per_s": statistics.median(alone[variant]),
-        "loop_vs_step_only": medians[variant] / statistics.median(alone[variant]),
-    } for variant in VARIANTS]
+    return [
+        {
+            "variant": variant,
+            "steps_per_s": medians[variant],
+            "steps_per_s_rounds": rates[variant],
+            "ratio_vs_no_sampler": medians[variant] / medians["no_sampler"],
+            "ratio_vs_uniform": medians[variant] / medians["uniform"],
+            "wait_fraction": statistics.median(waits[variant]),
+            "step_only_steps_per_s": statistics.median(alone[variant]),
+            "loop_vs_step_only": medians[variant] / statistics.median(alone[variant]),
+        }
+        for variant in VARIANTS
+    ]
 
 
 def main(argv=None):
@@ -169,13 +179,18 @@ def main(argv=None):
     source = synthetic_disk.open_synthetic(args.dir, args.num_examples)
     rows = bench(source, args)
     report = {
-        "benchmark": "bench_host", "num_examples": args.num_examples,
-        "batch_size": args.batch_size, "lookahead": args.lookahead,
-        "num_threads": args.num_threads, "steps": args.steps, "rounds": args.rounds,
+        "benchmark": "bench_host",
+        "num_examples": args.num_examples,
+        "batch_size": args.batch_size,
+        "lookahead": args.lookahead,
+        "num_threads": args.num_threads,
+        "steps": args.steps,
+        "rounds": args.rounds,
         "model": "MLP 32-128-128-10, adam(1e-3), feedback grad_norm",
         "source": type(source).__module__ + "." + type(source).__name__,
         "group_sizes": GROUP_SIZES,
-        "rows": rows, "machine": harness.machine_record(),
+        "rows": rows,
+        "machine": harness.machine_record(),
     }
     path = harness.write_report(args.out, report)
     harness.print_report(report, harness.markdown_table(TABLE_COLUMNS, rows), path)

@@ -42,8 +42,8 @@ import adambs_jax as ab
 from adambs_jax import sumtree
 from experiments import bench_harness as harness
 
-SUM_TOLERANCE = 1e-5          # |sum p - 1| must stay below
-MIN_P_TOLERANCE = 1 - 1e-5    # min p / p_min must stay above
+SUM_TOLERANCE = 1e-5  # |sum p - 1| must stay below
+MIN_P_TOLERANCE = 1 - 1e-5  # min p / p_min must stay above
 
 
 def make_chunk(sampler, base_feedback, chunk, nan_rate):
@@ -104,8 +104,12 @@ def plot(records, p_min_tolerance, path):
     updates = [r["updates"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.semilogy(updates, [max(r["sum_p_error"], 1e-12) for r in records], label="|sum p - 1|")
-    top.semilogy(updates, [max(r["tree_drift"], 1e-12) for r in records],
-                 label="|root / sum leaves - 1|", alpha=0.7)
+    top.semilogy(
+        updates,
+        [max(r["tree_drift"], 1e-12) for r in records],
+        label="|root / sum leaves - 1|",
+        alpha=0.7,
+    )
     top.axhline(1e-5, color="red", linestyle="--", label="tolerance 1e-5")
     top.set_ylabel("error (floored at 1e-12)")
     top.legend()
@@ -126,8 +130,12 @@ def _parser():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-updates", type=int, default=10**6)
     parser.add_argument("--chunk", type=int, default=10**4, help="updates per jitted call")
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="eta0; default sqrt(2 log n / (n T)) with T = num-updates")
+    parser.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="eta0; default sqrt(2 log n / (n T)) with T = num-updates",
+    )
     parser.add_argument("--feedback-sigma", type=float, default=1.5)
     parser.add_argument("--nan-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -202,14 +210,21 @@ def main(argv=None):
     base_key, run_key = jax.random.split(jax.random.key(args.seed))
     base_feedback = jnp.exp(args.feedback_sigma * jax.random.normal(base_key, (n,), jnp.float32))
     run_chunk = make_chunk(sampler, base_feedback, chunk, args.nan_rate)
-    records, seconds, compile_seconds = run_updates(run_chunk, state, run_key, num_chunks,
-                                                    chunk, p_min)
+    records, seconds, compile_seconds = run_updates(
+        run_chunk, state, run_key, num_chunks, chunk, p_min
+    )
     result = {
         "benchmark": "bench_numerics",
         "config": {
-            "num_examples": n, "batch_size": batch_size, "num_updates": total, "chunk": chunk,
-            "step_size": step_size, "p_min": p_min, "feedback_sigma": args.feedback_sigma,
-            "nan_rate": args.nan_rate, "seed": args.seed,
+            "num_examples": n,
+            "batch_size": batch_size,
+            "num_updates": total,
+            "chunk": chunk,
+            "step_size": step_size,
+            "p_min": p_min,
+            "feedback_sigma": args.feedback_sigma,
+            "nan_rate": args.nan_rate,
+            "seed": args.seed,
         },
         "environment": harness.machine_record(),
         "summary": summarize(records, total, seconds, compile_seconds),

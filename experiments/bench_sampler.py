@@ -65,8 +65,12 @@ def tree_throughput(num_examples, batch_size, arity, steps, rounds):
     """Median ``pipelined_us`` and ``scan_us`` per sampler step (``steps`` per burst)."""
     sampler, step = tree_sampler_step(num_examples, batch_size, arity)
     single = jax.jit(lambda state, data, key: (step(state, key), None), donate_argnums=0)
-    multi = jax.jit(lambda state, data, key: jax.lax.scan(
-        lambda s, k: (step(s, k), None), state, jax.random.split(key, steps)), donate_argnums=0)
+    multi = jax.jit(
+        lambda state, data, key: jax.lax.scan(
+            lambda s, k: (step(s, k), None), state, jax.random.split(key, steps)
+        ),
+        donate_argnums=0,
+    )
     variants = {"tree": (single, sampler.init(), multi, sampler.init())}
     times = step_timing.time_throughput(variants, None, rounds=rounds, steps=steps)["tree"]
     return {f"{mode}_us": 1e6 * statistics.median(t) for mode, t in times.items()}
@@ -89,10 +93,14 @@ def dense_step_fn(num_examples, batch_size):
         sorted_idx = indices[order]
         is_first = jnp.concatenate([jnp.array([True]), sorted_idx[1:] != sorted_idx[:-1]])
         rest = 1 - jnp.sum(jnp.where(is_first, p[sorted_idx], 0))
-        log_z = project_onto_floored_simplex(jnp.log(w[sorted_idx]), is_first, rest, p_min).log_normalizer
+        log_z = project_onto_floored_simplex(
+            jnp.log(w[sorted_idx]), is_first, rest, p_min
+        ).log_normalizer
         return jnp.maximum(p_min, w / jnp.exp(log_z))  # O(n)
 
-    return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32), jax.jit(step, donate_argnums=0)
+    return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32), jax.jit(
+        step, donate_argnums=0
+    )
 
 
 def time_step(make, num_examples, batch_size, repeats):
@@ -123,31 +131,57 @@ def size_row(n, args):
     arity = args.arity or ab.sumtree.default_arity()
     tree = time_step(functools.partial(tree_step_fn, arity=arity), n, args.batch_size, args.repeats)
     tree.update(tree_throughput(n, args.batch_size, arity, args.scan_steps, args.throughput_rounds))
-    dense = time_step(dense_step_fn, n, args.batch_size, max(20, args.repeats // (10 if n >= 10**6 else 1)))
+    dense = time_step(
+        dense_step_fn, n, args.batch_size, max(20, args.repeats // (10 if n >= 10**6 else 1))
+    )
     scan_by_arity = {
-        str(b): tree_throughput(n, args.batch_size, b, args.scan_steps, args.throughput_rounds)["scan_us"]
+        str(b): tree_throughput(n, args.batch_size, b, args.scan_steps, args.throughput_rounds)[
+            "scan_us"
+        ]
         for b in args.arities
     }
-    return {"num_examples": n, "arity": arity, "depth": ab.sumtree.layout_for(n, arity).depth,
-            "tree": tree, "dense": dense, "speedup": dense["median_us"] / tree["median_us"],
-            "scan_us_by_arity": scan_by_arity}
+    return {
+        "num_examples": n,
+        "arity": arity,
+        "depth": ab.sumtree.layout_for(n, arity).depth,
+        "tree": tree,
+        "dense": dense,
+        "speedup": dense["median_us"] / tree["median_us"],
+        "scan_us_by_arity": scan_by_arity,
+    }
 
 
 def main(argv=None):
     parser = harness.bench_parser(__doc__, "results/bench_sampler.json")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**3, 10**4, 10**5, 10**6, 10**7])
-    parser.add_argument("--repeats", type=int, default=500, help="runs per measurement (fewer at n >= 1e6 for the dense baseline)")
-    parser.add_argument("--arity", type=int, default=None, help="tree arity B (default: sumtree.default_arity())")
-    parser.add_argument("--arities", type=int, nargs="*", default=[], help="also time the scan for each of these B")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=500,
+        help="runs per measurement (fewer at n >= 1e6 for the dense baseline)",
+    )
+    parser.add_argument(
+        "--arity", type=int, default=None, help="tree arity B (default: sumtree.default_arity())"
+    )
+    parser.add_argument(
+        "--arities", type=int, nargs="*", default=[], help="also time the scan for each of these B"
+    )
     parser.add_argument("--scan-steps", type=int, default=100)
     parser.add_argument("--throughput-rounds", type=int, default=5)
     args = parser.parse_args(argv)
     rows = [size_row(n, args) for n in tqdm(args.sizes, desc="sizes")]
-    result = {"benchmark": "sampler sample+update", "batch_size": args.batch_size,
-              "backend": jax.default_backend(), "machine": harness.machine_record(), "rows": rows}
+    result = {
+        "benchmark": "sampler sample+update",
+        "batch_size": args.batch_size,
+        "backend": jax.default_backend(),
+        "machine": harness.machine_record(),
+        "rows": rows,
+    }
     out = harness.write_report(args.out, result)
-    print(f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}")
+    print(
+        f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}"
+    )
     print(harness.markdown_table(TABLE_COLUMNS, rows))
     print(f"\nwrote {out}")
 

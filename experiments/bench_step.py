@@ -153,8 +153,13 @@ def library_step(model_loss, num_examples, variant: str, steps_per_call=1):
     diagnostics = False if "no-diagnostics" in parts else None
     options = {"grad_norm_method": "vmap"} if "vmap" in parts else {}
     step = ab.make_train_step(
-        model_loss, optimizer, sampler, feedback=feedback, diagnostics=diagnostics,
-        reuse_per_example_grads="reuse-per-example" in parts, steps_per_call=steps_per_call,
+        model_loss,
+        optimizer,
+        sampler,
+        feedback=feedback,
+        diagnostics=diagnostics,
+        reuse_per_example_grads="reuse-per-example" in parts,
+        steps_per_call=steps_per_call,
         **options,
     )
 
@@ -187,8 +192,15 @@ def _variant_steps(model_loss, num_examples, variant, steps_per_call):
     return step, init, multi_step
 
 
-def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
-        throughput_rounds: int = 5, variants=VARIANTS):
+def run(
+    models,
+    runs: int,
+    warmup: int,
+    rounds: int = 10,
+    scan_steps: int = 50,
+    throughput_rounds: int = 5,
+    variants=VARIANTS,
+):
     """Times every variant of each model, interleaved: ``rounds`` rounds, each giving every
     variant ``runs / rounds`` consecutive steps, so that a change of the machine's load
     during the benchmark hits all variants alike (ratios side by side, DESIGN.md §5); then
@@ -205,8 +217,15 @@ def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
             steps[variant] = (step, init(params))
             throughput[variant] = (step, init(params), multi_step, init(params))
         rows, timed = harness.time_variants(
-            steps, data, runs=runs, warmup=warmup, rounds=rounds, label=f"{name:4s} ",
-            model=name, num_examples=num_examples, batch_size=BATCH_SIZE,
+            steps,
+            data,
+            runs=runs,
+            warmup=warmup,
+            rounds=rounds,
+            label=f"{name:4s} ",
+            model=name,
+            num_examples=num_examples,
+            batch_size=BATCH_SIZE,
         )
         del timed, steps
         harness.add_throughput(rows, throughput, data, rounds=throughput_rounds, steps=scan_steps)
@@ -215,23 +234,33 @@ def run(models, runs: int, warmup: int, rounds: int = 10, scan_steps: int = 50,
 
 
 def markdown_table(results) -> str:
-    columns = [("model", "---", "{model}"), ("n", "---:", "{num_examples}"),
-               ("variant", "---", "{variant}"), *harness.step_time_columns("adam", "Adam"),
-               ("pipelined ms", "---:", "{pipelined_ms:.3f}"),
-               ("ratio", "---:", "{ratio_pipelined_vs_adam:.2f}"),
-               ("scan ms", "---:", "{scan_ms:.3f}"), ("ratio", "---:", "{ratio_scan_vs_adam:.2f}")]
+    columns = [
+        ("model", "---", "{model}"),
+        ("n", "---:", "{num_examples}"),
+        ("variant", "---", "{variant}"),
+        *harness.step_time_columns("adam", "Adam"),
+        ("pipelined ms", "---:", "{pipelined_ms:.3f}"),
+        ("ratio", "---:", "{ratio_pipelined_vs_adam:.2f}"),
+        ("scan ms", "---:", "{scan_ms:.3f}"),
+        ("ratio", "---:", "{ratio_scan_vs_adam:.2f}"),
+    ]
     return harness.markdown_table(columns, results)
 
 
 def main(argv=None):
     parser = harness.bench_parser(__doc__, "results/bench_step.json")
     harness.add_step_timing_arguments(parser, min_runs=1)
-    parser.add_argument("--models", default="mlp,cnn",
-                        help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated; 'adam' (the baseline of the ratios) is always run")
-    parser.add_argument("--scan-steps", type=int, default=50,
-                        help="steps per pipelined burst and per lax.scan call")
+    parser.add_argument(
+        "--models", default="mlp,cnn", help=f"comma-separated, of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated; 'adam' (the baseline of the ratios) is always run",
+    )
+    parser.add_argument(
+        "--scan-steps", type=int, default=50, help="steps per pipelined burst and per lax.scan call"
+    )
     parser.add_argument("--throughput-rounds", type=int, default=5)
     args = parser.parse_args(argv)
     harness.check_step_timing_arguments(parser, args, min_runs=1)
@@ -239,10 +268,21 @@ def main(argv=None):
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-    results = run([m for m in args.models.split(",") if m], args.runs, args.warmup, args.rounds,
-                  args.scan_steps, args.throughput_rounds, variants)
-    report = {"benchmark": "train_step", "backend": jax.default_backend(),
-              "machine": harness.machine_record(), "results": results}
+    results = run(
+        [m for m in args.models.split(",") if m],
+        args.runs,
+        args.warmup,
+        args.rounds,
+        args.scan_steps,
+        args.throughput_rounds,
+        variants,
+    )
+    report = {
+        "benchmark": "train_step",
+        "backend": jax.default_backend(),
+        "machine": harness.machine_record(),
+        "results": results,
+    }
     harness.print_report(report, markdown_table(results), harness.write_report(args.out, report))
 
 

@@ -15,6 +15,7 @@ sampler updates) plus the dispatch of the chunk (of every step, in the Python lo
 pays Python dispatch once per chunk, not once per step, so absolute times are lower than an
 eager step-by-step loop's (e.g. Lahire's PyTorch timings); compare methods by ratios.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,11 +44,11 @@ MIN = Reduction(jnp.min, np.min)
 SUM = Reduction(lambda values: jnp.sum(values).astype(jnp.float32), np.sum)
 
 METRIC_REDUCTIONS: dict[str, Reduction] = {
-    "max_weight": MAX,             # the largest importance weight of the interval
-    "min_weight": MIN,             # the smallest
-    "num_dropped_feedback": SUM,   # a count: how many draws' feedback was dropped
-    "skipped": SUM,                # a count: how many steps of the interval were skipped
-    "skipped_steps": MAX,          # cumulative: its value at the end of the interval
+    "max_weight": MAX,  # the largest importance weight of the interval
+    "min_weight": MIN,  # the smallest
+    "num_dropped_feedback": SUM,  # a count: how many draws' feedback was dropped
+    "skipped": SUM,  # a count: how many steps of the interval were skipped
+    "skipped_steps": MAX,  # cumulative: its value at the end of the interval
 }
 """The metrics not reduced by their mean (every other metric: :data:`MEAN`, among them
 ``loss``, the unbiased (1/K) sum_k w_k loss_k of the step, and ``sampled_loss``, the plain
@@ -109,8 +110,9 @@ def _renormalize_if_crossed(state, step_before, renormalization: Renormalization
         return state
     crossed = (state.step // renormalization.every) != (step_before // renormalization.every)
     renormalized = renormalization.renormalize(state.sampler_state)
-    sampler_state = jax.tree.map(lambda new, old: jnp.where(crossed, new, old),
-                                 renormalized, state.sampler_state)
+    sampler_state = jax.tree.map(
+        lambda new, old: jnp.where(crossed, new, old), renormalized, state.sampler_state
+    )
     return state._replace(sampler_state=sampler_state)
 
 
@@ -124,8 +126,7 @@ def _renormalize_at_boundary(state, renormalization: Renormalization):
     (26-27 us at n = 4000). exp3's M exceeds every configuration's run here, so its runs
     carry no renormalization at all (:func:`compile_chunks`)."""
     due = state.step % renormalization.every == 0
-    sampler_state = jax.lax.cond(due, renormalization.renormalize, lambda s: s,
-                                 state.sampler_state)
+    sampler_state = jax.lax.cond(due, renormalization.renormalize, lambda s: s, state.sampler_state)
     return state._replace(sampler_state=sampler_state)
 
 
@@ -143,10 +144,14 @@ def boundary_mode(backend: str | None = None) -> str:
     return "exact" if (backend or jax.default_backend()) == "cpu" else "interval_end"
 
 
-def make_chunk(step: Callable, interval: int, num_intervals: int,
-               keep_sampler_state: bool = False,
-               renormalization: Renormalization | None = None,
-               boundaries: str = "exact") -> Callable:
+def make_chunk(
+    step: Callable,
+    interval: int,
+    num_intervals: int,
+    keep_sampler_state: bool = False,
+    renormalization: Renormalization | None = None,
+    boundaries: str = "exact",
+) -> Callable:
     """``chunk(state, data, run_key) -> (state, snapshots, metrics_stack)``.
 
     ``num_intervals * interval`` training steps in one nested ``lax.scan``; after every
@@ -181,7 +186,8 @@ def make_chunk(step: Callable, interval: int, num_intervals: int,
             return state, (_snapshot(state, keep_sampler_state), out)
 
         state, (snapshots, metrics_stack) = jax.lax.scan(
-            one_interval, state, None, length=num_intervals)
+            one_interval, state, None, length=num_intervals
+        )
         return state, snapshots, metrics_stack
 
     return chunk
@@ -263,9 +269,14 @@ def choose_loop(loop: str, loss, params, batch) -> str:
     return "python" if has_convolution(loss, params, batch) else "scan"
 
 
-def compile_chunks(step: Callable, plan, loop: str, example_args,
-                   keep_sampler_state: bool = False,
-                   renormalization: Renormalization | None = None) -> dict:
+def compile_chunks(
+    step: Callable,
+    plan,
+    loop: str,
+    example_args,
+    keep_sampler_state: bool = False,
+    renormalization: Renormalization | None = None,
+) -> dict:
     """``{(interval, count): chunk}`` with ``chunk(state, data, run_key) -> (state,
     snapshots or None, metrics)``, compiled ahead of time, for a run from step 0 cut as
     ``plan`` (a ``renormalization`` whose M the run never reaches is left out).
@@ -282,9 +293,12 @@ def compile_chunks(step: Callable, plan, loop: str, example_args,
     if loop == "scan":
         boundaries = boundary_mode()
         return {
-            shape: jax.jit(make_chunk(step, *shape, keep_sampler_state, renormalization,
-                                      boundaries), donate_argnums=0)
-            .lower(*example_args).compile()
+            shape: jax.jit(
+                make_chunk(step, *shape, keep_sampler_state, renormalization, boundaries),
+                donate_argnums=0,
+            )
+            .lower(*example_args)
+            .compile()
             for shape in sorted(set(plan))
         }
 
@@ -294,9 +308,16 @@ def compile_chunks(step: Callable, plan, loop: str, example_args,
     compiled_step = jax.jit(keyed_step, donate_argnums=0).lower(*example_args).compile()
     renormalize = None
     if renormalization is not None:
-        renormalize = jax.jit(lambda state: state._replace(
-            sampler_state=renormalization.renormalize(state.sampler_state)),
-            donate_argnums=0).lower(example_args[0]).compile()
+        renormalize = (
+            jax.jit(
+                lambda state: state._replace(
+                    sampler_state=renormalization.renormalize(state.sampler_state)
+                ),
+                donate_argnums=0,
+            )
+            .lower(example_args[0])
+            .compile()
+        )
 
     def python_chunk(num_steps):
         def chunk(state, data, run_key):

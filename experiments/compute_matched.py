@@ -37,6 +37,7 @@ every method evaluated (the shortest run's last multiple of ``eval_every``). Tim
 measured as in ``experiments.chunks`` (compilation, warm-up and evaluation excluded), so a
 run's measured time differs from S by the calibration's error; both are reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,15 +50,18 @@ from pathlib import Path
 
 import optax
 
+from experiments import budget_report
 from experiments.configs import ExperimentConfig
 from experiments.method_run import MethodRun, build_for_setup
 from experiments.methods import BuiltMethod
 from experiments.reports import build_summary, write_outputs
 from experiments.run_setup import Setup, prepare
 from experiments.runner import (
-    check_methods_available, describe_run, resolved_settings, run_interleaved,
+    check_methods_available,
+    describe_run,
+    resolved_settings,
+    run_interleaved,
 )
-from experiments import budget_report
 
 
 def decay_factor(num_steps: int, shape: str = "linear") -> optax.Schedule:
@@ -72,8 +76,9 @@ def decay_factor(num_steps: int, shape: str = "linear") -> optax.Schedule:
     raise ValueError(f"shape must be 'linear' or 'cosine', got {shape!r}")
 
 
-def with_decay(optimizer: optax.GradientTransformation, num_steps: int,
-               shape: str = "linear") -> optax.GradientTransformation:
+def with_decay(
+    optimizer: optax.GradientTransformation, num_steps: int, shape: str = "linear"
+) -> optax.GradientTransformation:
     """``optimizer`` whose update at its t-th call (t = 0, 1, ...) is multiplied by f(t)."""
     return optax.chain(optimizer, optax.scale_by_schedule(decay_factor(num_steps, shape)))
 
@@ -90,11 +95,12 @@ def build_decayed(setup: Setup, name: str) -> BuiltMethod:
     to zero at T_m (``config.lr_schedule``)."""
     config = setup.config
     built = build_for_setup(setup, name)
-    settings = {**built.settings, "lr_schedule": config.lr_schedule,
-                "decay_steps": setup.num_steps}
+    settings = {**built.settings, "lr_schedule": config.lr_schedule, "decay_steps": setup.num_steps}
     return dataclasses.replace(
-        built, optimizer=with_decay(built.optimizer, setup.num_steps, config.lr_schedule),
-        settings=settings)
+        built,
+        optimizer=with_decay(built.optimizer, setup.num_steps, config.lr_schedule),
+        settings=settings,
+    )
 
 
 def calibration_setup(setup: Setup) -> Setup:
@@ -103,8 +109,9 @@ def calibration_setup(setup: Setup) -> Setup:
     (``experiments.chunks.fixed_chunk_plan``)."""
     config = setup.config
     per_chunk = config.chunk_steps if setup.loop == "scan" else config.eval_every
-    return setup.with_num_steps(max(config.eval_every, per_chunk // config.eval_every
-                                    * config.eval_every))
+    return setup.with_num_steps(
+        max(config.eval_every, per_chunk // config.eval_every * config.eval_every)
+    )
 
 
 def measure_rates(setup: Setup, names, log: Callable[[str], None] = print) -> dict:
@@ -130,8 +137,12 @@ def measure_rates(setup: Setup, names, log: Callable[[str], None] = print) -> di
     out = {}
     for name, run in runs.items():
         chunk_s = [seconds for seed_times in run.chunk_times for seconds in seed_times]
-        out[name] = {"steps_per_s": steps / statistics.fmean(chunk_s), "chunk_steps": steps,
-                     "chunk_s": chunk_s, "compile_s": run.compile_s}
+        out[name] = {
+            "steps_per_s": steps / statistics.fmean(chunk_s),
+            "chunk_steps": steps,
+            "chunk_s": chunk_s,
+            "compile_s": run.compile_s,
+        }
     return out
 
 
@@ -161,16 +172,22 @@ def run_compute_matched(
     check_methods_available(config)
     started = time.perf_counter()
     setup = prepare(config, data_dir)
-    log(describe_run(setup) + f"; compute-matched: {config.budget_seconds:g} s per run, "
-        f"{config.lr_schedule} decay to 0")
+    log(
+        describe_run(setup) + f"; compute-matched: {config.budget_seconds:g} s per run, "
+        f"{config.lr_schedule} decay to 0"
+    )
     rates = measure_rates(setup, config.methods, log)
     method_runs = budget_runs(setup, rates, log)
     run_interleaved(method_runs, setup, progress)
     results = [method_run.result() for method_run in method_runs]
     rows = [row for method_run in method_runs for row in method_run.rows]
     resolved = resolved_settings(setup, started)
-    resolved.update(num_steps={r.name: r.setup.num_steps for r in method_runs},
-                    eval_steps=None, chunk_plan=None, num_chunks=None)
+    resolved.update(
+        num_steps={r.name: r.setup.num_steps for r in method_runs},
+        eval_steps=None,
+        chunk_plan=None,
+        num_chunks=None,
+    )
     summary = build_summary(config, resolved, results)
     budget_report.add_budget_summary(summary, config, rates, results)
     write_outputs(Path(out_dir), config, summary, rows, results)

@@ -14,6 +14,7 @@ our choice and says so. Paper references:
   lr 0.01, batch 5, PyTorch SGD/RMSProp/Adam with default hyper-parameters, 1000 steps,
   average of 50 runs, wall-clock per run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,15 +119,18 @@ class ExperimentConfig:
             raise ValueError(f"{self.name}: give exactly one of num_steps and num_epochs")
         if min(self.eval_every, self.chunk_steps, self.batch_size, self.num_seeds) < 1:
             raise ValueError(
-                f"{self.name}: eval_every, chunk_steps, batch_size, num_seeds must be >= 1")
+                f"{self.name}: eval_every, chunk_steps, batch_size, num_seeds must be >= 1"
+            )
         if self.budget_seconds is not None and not self.budget_seconds > 0:
             raise ValueError(f"{self.name}: budget_seconds must be > 0, got {self.budget_seconds}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, "
-                             f"got {self.lr_schedule!r}")
+            raise ValueError(
+                f"{self.name}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if self.calibration_rounds < 1 or self.diagnostic_examples < 0:
-            raise ValueError(f"{self.name}: calibration_rounds must be >= 1 and "
-                             "diagnostic_examples >= 0")
+            raise ValueError(
+                f"{self.name}: calibration_rounds must be >= 1 and diagnostic_examples >= 0"
+            )
 
     def steps_for(self, num_examples: int) -> int:
         """Training steps per run for a training set of ``num_examples``."""
@@ -136,7 +140,7 @@ class ExperimentConfig:
             steps = max(1, math.ceil(self.num_epochs * num_examples / self.batch_size))
         return steps if self.max_steps is None else min(steps, int(self.max_steps))
 
-    def replace(self, **changes) -> "ExperimentConfig":
+    def replace(self, **changes) -> ExperimentConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
@@ -148,13 +152,13 @@ class ExperimentConfig:
 _LAHIRE_METHODS = ("sgd", "sgd-gn", "rmsprop", "rmsprop-gn", "adam", "adam-gn", "adambs")
 _LAHIRE_SOURCES = {
     "model": f"{LAHIRE} Appendix E: 10-unit ReLU layer, second 10-unit layer, cross-entropy "
-             "(read as two hidden layers of 10, see experiments/models/mlp.py)",
+    "(read as two hidden layers of 10, see experiments/models/mlp.py)",
     "learning_rate": f"{LAHIRE} §4: 'a learning rate of 0.01'",
     "batch_size": f"{LAHIRE} §4: 'a mini-batch size of 5'",
     "num_steps": f"{LAHIRE} Table 1: 'one run (1000 SGD steps)'",
     "num_seeds": f"{LAHIRE} §4: 'an average on 50 runs'",
     "optimizers": f"{LAHIRE} §4: PyTorch SGD/RMSProp/Adam 'with default hyper-parameters' "
-                  "(SGD no momentum; RMSProp alpha 0.99, eps 1e-8; Adam 0.9/0.999/1e-8)",
+    "(SGD no momentum; RMSProp alpha 0.99, eps 1e-8; Adam 0.9/0.999/1e-8)",
     "p^GN": f"{LAHIRE} §2-3: p_i proportional to per-sample gradient norms of all N items",
     "adambs": f"{ADAMBS} Algorithm 2 with its defaults; added to Lahire's grid by us",
     "split": "experiments.data: stratified 80/20 split, seed 0 (Lahire does not say)",
@@ -189,7 +193,7 @@ def _paper_sources(section: str, batch: str, lr: str, epochs: str, model: str) -
         "adam_betas": f"{ADAMBS} §5.1: 0.9, 0.999",
         "feedback": f"{ADAMBS} §5.1: the logit-gradient upper bound",
         "eval_train_examples": OURS + " (training loss on the first 10 000 examples, to bound "
-                               "evaluation cost)",
+        "evaluation cost)",
         "eval_every": OURS,
     }
 
@@ -205,9 +209,17 @@ def _lahire(dataset: str) -> ExperimentConfig:
             f"Lahire Fig. 1 and Table 1 on {dataset.capitalize()}: MLP, SGD/RMSProp/Adam "
             "x uniform/p^GN sampling, plus AdamBS (paper defaults); 1000 steps, 50 runs."
         ),
-        dataset=dataset, model="lahire-mlp", methods=_LAHIRE_METHODS,
-        learning_rate=0.01, batch_size=5, num_steps=1000, num_seeds=50, eval_every=10,
-        target_loss=0.1, table_layout="lahire", sources=_LAHIRE_SOURCES,
+        dataset=dataset,
+        model="lahire-mlp",
+        methods=_LAHIRE_METHODS,
+        learning_rate=0.01,
+        batch_size=5,
+        num_steps=1000,
+        num_seeds=50,
+        eval_every=10,
+        target_loss=0.1,
+        table_layout="lahire",
+        sources=_LAHIRE_SOURCES,
     )
 
 
@@ -215,9 +227,16 @@ def _digits_cnn() -> ExperimentConfig:
     return ExperimentConfig(
         name="digits-cnn",
         description="AdamBS §5's comparison on sklearn digits (8x8 images) with a small CNN.",
-        dataset="digits-image", model="digits-cnn", methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
-        learning_rate=1e-3, batch_size=128, num_steps=1000, num_seeds=5, eval_every=25,
-        target_loss=0.01, sources=_SMALL_SOURCES,
+        dataset="digits-image",
+        model="digits-cnn",
+        methods=_ADAMBS_COMPARISON + ("amsgrad-bs",),
+        learning_rate=1e-3,
+        batch_size=128,
+        num_steps=1000,
+        num_seeds=5,
+        eval_every=25,
+        target_loss=0.01,
+        sources=_SMALL_SOURCES,
         # the CNN's exact per-example gradient norms cost ~0.4 s per 1024 examples on this
         # CPU: the diagnostics use a fixed random subset of 256 of the 1438 examples
         diagnostic_examples=256,
@@ -232,7 +251,9 @@ def _default(digits_cnn: ExperimentConfig) -> ExperimentConfig:
             "The quick look (a few minutes on 2 CPU cores): digits-cnn with 3 seeds and "
             "600 steps, Adam vs Adam-impt vs AdamBS vs our AdamBS-tuned."
         ),
-        methods=_ADAMBS_COMPARISON, num_steps=600, num_seeds=3,
+        methods=_ADAMBS_COMPARISON,
+        num_steps=600,
+        num_seeds=3,
     )
 
 
@@ -240,9 +261,16 @@ def _mnist1d_mlp() -> ExperimentConfig:
     return ExperimentConfig(
         name="mnist1d-mlp",
         description="AdamBS §5's comparison on MNIST-1D (4000 train signals) with an MLP.",
-        dataset="mnist1d", model="mnist1d-mlp", methods=_ADAMBS_COMPARISON,
-        learning_rate=1e-3, batch_size=128, num_steps=2000, num_seeds=5, eval_every=50,
-        target_loss=0.5, sources=_SMALL_SOURCES,
+        dataset="mnist1d",
+        model="mnist1d-mlp",
+        methods=_ADAMBS_COMPARISON,
+        learning_rate=1e-3,
+        batch_size=128,
+        num_steps=2000,
+        num_seeds=5,
+        eval_every=50,
+        target_loss=0.5,
+        sources=_SMALL_SOURCES,
     )
 
 
@@ -257,33 +285,63 @@ def _heavy_tailed() -> ExperimentConfig:
             "log 2 whatever the parameters). The bandit methods learn from the exact "
             "gradient norm: the logit bound |sigmoid(z) - y| does not see ||z_j||."
         ),
-        dataset="heavy-tailed", model="heavy-tailed-neuron", methods=_ADAMBS_COMPARISON,
-        learning_rate=1e-2, batch_size=32, num_steps=2000, num_seeds=5, eval_every=50,
-        target_loss=0.5, feedback="grad_norm", eval_informative_only=True,
+        dataset="heavy-tailed",
+        model="heavy-tailed-neuron",
+        methods=_ADAMBS_COMPARISON,
+        learning_rate=1e-2,
+        batch_size=32,
+        num_steps=2000,
+        num_seeds=5,
+        eval_every=50,
+        target_loss=0.5,
+        feedback="grad_norm",
+        eval_informative_only=True,
         dataset_options={"gamma": 1.0},
         sources={
             "model/data": f"{ADAMBS} §4.3 (theory only: the paper runs no experiment on it)",
-            "learning_rate": OURS, "batch_size": OURS, "num_steps": OURS,
+            "learning_rate": OURS,
+            "batch_size": OURS,
+            "num_steps": OURS,
             "feedback": OURS + " (exact gradient norm; see description)",
             "num_seeds": f"{ADAMBS} §5.1: five seeds",
         },
     )
 
 
-def _paper(name: str, description: str, dataset: str, model: str, section: str,
-           batch_size: int, learning_rate: str, num_epochs: int, model_source: str,
-           eval_every: int = 100, **changes) -> ExperimentConfig:
+def _paper(
+    name: str,
+    description: str,
+    dataset: str,
+    model: str,
+    section: str,
+    batch_size: int,
+    learning_rate: str,
+    num_epochs: int,
+    model_source: str,
+    eval_every: int = 100,
+    **changes,
+) -> ExperimentConfig:
     """A figure of the AdamBS paper (needs the real data; GPU recommended): Adam, Adam-impt and
     AdamBS, five seeds, the training loss on the first 10 000 examples. ``learning_rate`` is
     written as in the paper's ``section`` (it is also the source's text)."""
     return ExperimentConfig(
-        name=name, description=description, dataset=dataset, model=model,
-        methods=_PAPER_METHODS, learning_rate=float(learning_rate), batch_size=batch_size,
-        num_epochs=num_epochs, num_seeds=5, eval_every=eval_every,
-        eval_train_examples=10_000, needs_files=True, loss_log_scale=False,
+        name=name,
+        description=description,
+        dataset=dataset,
+        model=model,
+        methods=_PAPER_METHODS,
+        learning_rate=float(learning_rate),
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        num_seeds=5,
+        eval_every=eval_every,
+        eval_train_examples=10_000,
+        needs_files=True,
+        loss_log_scale=False,
         diagnostic_examples=256,
-        sources=_paper_sources(section, str(batch_size), learning_rate, f"{num_epochs} epochs",
-                               model_source),
+        sources=_paper_sources(
+            section, str(batch_size), learning_rate, f"{num_epochs} epochs", model_source
+        ),
         **changes,
     )
 
@@ -291,15 +349,40 @@ def _paper(name: str, description: str, dataset: str, model: str, section: str,
 def _paper_cnns() -> list[ExperimentConfig]:
     """AdamBS Fig. 2: CNNs, §5.2 (batch 128, lr 0.001, 10 epochs)."""
     return [
-        _paper("paper-cifar10", "AdamBS Fig. 2(a): CNN on CIFAR-10, 10 epochs.", "cifar10",
-               "cifar-cnn", "§5.2", 128, "0.001", 10,
-               f"{ADAMBS} §5.2: 4 conv 3x3 + max-pool, dropout 0.25, dense 512 "
-               "(Keras cifar10_cnn details, experiments/models/cnn.py)"),
-        _paper("paper-cifar100", "AdamBS Fig. 2(b): CNN on CIFAR-100, 10 epochs.", "cifar100",
-               "cifar-cnn", "§5.2", 128, "0.001", 10, f"{ADAMBS} §5.2 (same CNN as CIFAR-10)"),
-        _paper("paper-fashion-cnn", "AdamBS Fig. 2(c): CNN on Fashion-MNIST, 10 epochs.",
-               "fashion-mnist", "fashion-cnn", "§5.2", 128, "0.001", 10,
-               f"{ADAMBS} §5.2: 2 conv 3x3, max-pool, dense 128"),
+        _paper(
+            "paper-cifar10",
+            "AdamBS Fig. 2(a): CNN on CIFAR-10, 10 epochs.",
+            "cifar10",
+            "cifar-cnn",
+            "§5.2",
+            128,
+            "0.001",
+            10,
+            f"{ADAMBS} §5.2: 4 conv 3x3 + max-pool, dropout 0.25, dense 512 "
+            "(Keras cifar10_cnn details, experiments/models/cnn.py)",
+        ),
+        _paper(
+            "paper-cifar100",
+            "AdamBS Fig. 2(b): CNN on CIFAR-100, 10 epochs.",
+            "cifar100",
+            "cifar-cnn",
+            "§5.2",
+            128,
+            "0.001",
+            10,
+            f"{ADAMBS} §5.2 (same CNN as CIFAR-10)",
+        ),
+        _paper(
+            "paper-fashion-cnn",
+            "AdamBS Fig. 2(c): CNN on Fashion-MNIST, 10 epochs.",
+            "fashion-mnist",
+            "fashion-cnn",
+            "§5.2",
+            128,
+            "0.001",
+            10,
+            f"{ADAMBS} §5.2: 2 conv 3x3, max-pool, dense 128",
+        ),
     ]
 
 
@@ -309,7 +392,12 @@ def _paper_lstm(dataset: str, label: str) -> ExperimentConfig:
         f"paper-{'mnist' if dataset == 'mnist' else 'fashion'}-lstm",
         f"AdamBS Fig. 3: LSTM (100 units, ReLU) on {label} rows (28 steps of 28 "
         "pixels; --model pixel-lstm for one pixel per step), 200 epochs.",
-        dataset, "row-lstm", "§5.3", 32, "1e-6", 200,
+        dataset,
+        "row-lstm",
+        "§5.3",
+        32,
+        "1e-6",
+        200,
         f"{ADAMBS} §5.3: LSTM, hidden 100, ReLU; the sequence layout (rows) is our reading",
         eval_every=1000,
     )
@@ -320,9 +408,15 @@ def _paper_imdb() -> ExperimentConfig:
     return _paper(
         "paper-imdb-rcnn",
         "AdamBS Fig. 4: RCNN (conv 5, max-pool 4, LSTM, dense) on IMDB, 10 epochs.",
-        "imdb", "imdb-rcnn", "§5.4", 30, "0.001", 10,
+        "imdb",
+        "imdb-rcnn",
+        "§5.4",
+        30,
+        "0.001",
+        10,
         f"{ADAMBS} §5.4: conv 5 + max-pool 4 + LSTM + dense (Keras imdb_cnn_lstm sizes)",
-        eval_every=200, eval_batch_size=512,
+        eval_every=200,
+        eval_batch_size=512,
     )
 
 
@@ -330,10 +424,15 @@ def _configs() -> list[ExperimentConfig]:
     """Every configuration, in the order ``--list`` shows them."""
     digits_cnn = _digits_cnn()
     return [
-        _lahire("iris"), _lahire("wine"),
-        digits_cnn, _mnist1d_mlp(), _heavy_tailed(), _default(digits_cnn),
+        _lahire("iris"),
+        _lahire("wine"),
+        digits_cnn,
+        _mnist1d_mlp(),
+        _heavy_tailed(),
+        _default(digits_cnn),
         *_paper_cnns(),
-        _paper_lstm("mnist", "MNIST"), _paper_lstm("fashion-mnist", "Fashion-MNIST"),
+        _paper_lstm("mnist", "MNIST"),
+        _paper_lstm("fashion-mnist", "Fashion-MNIST"),
         _paper_imdb(),
     ]
 

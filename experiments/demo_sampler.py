@@ -66,7 +66,9 @@ def main(argv=None):
     settings = {
         "paper defaults (p_min=0.1/n, L=running max)": dict(grad_norm_bound="running_max"),
         "p_min=0.5/n": dict(p_min=0.5 / n, grad_norm_bound="running_max"),
-        "p_min=0.5/n, L=90th pct of f": dict(p_min=0.5 / n, grad_norm_bound=float(np.quantile(f, 0.9))),
+        "p_min=0.5/n, L=90th pct of f": dict(
+            p_min=0.5 / n, grad_norm_bound=float(np.quantile(f, 0.9))
+        ),
         "library default (p_min=0.1/n, L=running 0.9-quantile)": dict(),
         "p_min=0.5/n, L=running 0.9-quantile": dict(p_min=0.5 / n),
     }
@@ -94,10 +96,19 @@ def main(argv=None):
         curves[label] = curve
         finals[label] = np.asarray(sampler.probabilities(state))
         v_best = float(np.sum(f.astype(np.float64) ** 2 / p_best)) / v_uniform
-        print(f"{label}: V(p)/V(uniform) = {curve[-1][1]:.3f}   (optimum at this floor {v_best:.3f})")
+        print(
+            f"{label}: V(p)/V(uniform) = {curve[-1][1]:.3f}   (optimum at this floor {v_best:.3f})"
+        )
 
-    summary = {"settings": {l: {k: v for k, v in o.items()} for l, o in settings.items()}, "num_examples": n, "batch_size": k, "num_steps": steps, "seed": args.seed,
-               "v_opt_over_uniform": v_opt, "final_v_over_uniform": {l: c[-1][1] for l, c in curves.items()}}
+    summary = {
+        "settings": {l: {k: v for k, v in o.items()} for l, o in settings.items()},
+        "num_examples": n,
+        "batch_size": k,
+        "num_steps": steps,
+        "seed": args.seed,
+        "v_opt_over_uniform": v_opt,
+        "final_v_over_uniform": {l: c[-1][1] for l, c in curves.items()},
+    }
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     _plot(curves, finals, f, p_opt, v_opt, os.path.join(args.out, "demo_sampler.png"))

@@ -33,6 +33,7 @@ variance_ratio ~= sum_S g_j^2 / (n p_j) / sum_S g_j^2 and variance_ratio_optimal
 (sum_S g_j)^2 / (m sum_S g_j^2); the Spearman correlation is that of the m pairs. The
 gradient norms use the model in training mode with a fixed key (dropout masks are fixed).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -81,8 +82,7 @@ def variance_ratio(p, grad_norms, num_examples: int) -> float:
     # an example with g_j = 0 adds nothing, whatever p_j (p^GN gives it p_j = 0: 0/0 is 0
     # here, not NaN); g_j > 0 with p_j = 0 is a biased sampler and stays +inf
     with np.errstate(divide="ignore"):
-        terms = np.divide(squares, num_examples * p, out=np.zeros_like(squares),
-                          where=squares > 0)
+        terms = np.divide(squares, num_examples * p, out=np.zeros_like(squares), where=squares > 0)
     return float(np.sum(terms) / np.sum(squares))
 
 
@@ -152,8 +152,9 @@ class GradNormProbe:
 
         @jax.jit
         def norms(params):
-            score = ab.make_score_fn(loss, "grad_norm", params, data, key,
-                                     chunk_size=GRAD_NORM_CHUNK)
+            score = ab.make_score_fn(
+                loss, "grad_norm", params, data, key, chunk_size=GRAD_NORM_CHUNK
+            )
             return score(indices)
 
         self._norms = norms
@@ -167,8 +168,9 @@ def keeps_sampler_state(method: BuiltMethod) -> bool:
     return method.sampling != "uniform"
 
 
-def sampler_probe(method: BuiltMethod, grad_norms: GradNormProbe | None, *,
-                  jit: bool = True) -> Callable:
+def sampler_probe(
+    method: BuiltMethod, grad_norms: GradNormProbe | None, *, jit: bool = True
+) -> Callable:
     """``probe(sampler_state, params) -> dict``: what ``method``'s sampler has learned.
 
     A full distribution (``sampler.probabilities`` not None): :func:`distribution_diagnostics`
@@ -193,8 +195,9 @@ def sampler_probe(method: BuiltMethod, grad_norms: GradNormProbe | None, *,
     return probe
 
 
-def sampler_diagnostics(method: BuiltMethod, sampler_state, params=None,
-                        grad_norms: GradNormProbe | None = None) -> dict:
+def sampler_diagnostics(
+    method: BuiltMethod, sampler_state, params=None, grad_norms: GradNormProbe | None = None
+) -> dict:
     """What ``method``'s sampler has learned in ``sampler_state`` (:func:`sampler_probe`,
     built for one call; the score diagnostics need ``params`` and ``grad_norms``)."""
     probe = sampler_probe(method, grad_norms if params is not None else None, jit=False)

@@ -86,10 +86,16 @@ def open_data(args) -> tuple[ab.sources.MemmapSource, ab.sources.MemmapSource]:
     """The training and test splits (written under ``--data-dir`` unless already there)."""
     root = pathlib.Path(args.data_dir) / f"teacher_n{args.num_examples}"
     progress = not args.no_progress
-    train = synthetic_disk.open_synthetic(root / "train", args.num_examples, task="teacher",
-                                          progress=progress)
-    test = synthetic_disk.open_synthetic(root / f"test_n{args.num_test}", args.num_test,
-                                         task="teacher", split="test", progress=progress)
+    train = synthetic_disk.open_synthetic(
+        root / "train", args.num_examples, task="teacher", progress=progress
+    )
+    test = synthetic_disk.open_synthetic(
+        root / f"test_n{args.num_test}",
+        args.num_test,
+        task="teacher",
+        split="test",
+        progress=progress,
+    )
     return train, test
 
 
@@ -98,8 +104,9 @@ def make_sampler(method: str, num_examples: int, args):
         return ab.uniform_sampler(num_examples, args.batch_size)
     if method == "exp3":
         return ab.exp3_sampler(num_examples, args.batch_size, num_steps=args.steps)
-    return ab.group_sampler(num_examples, args.batch_size, args.group_size, base="exp3",
-                            num_steps=args.steps)
+    return ab.group_sampler(
+        num_examples, args.batch_size, args.group_size, base="exp3", num_steps=args.steps
+    )
 
 
 def method_source(method: str, source: ab.sources.MemmapSource, args):
@@ -109,14 +116,15 @@ def method_source(method: str, source: ab.sources.MemmapSource, args):
     return source
 
 
-def make_evaluate(model: MLP, train: ab.sources.MemmapSource, test: ab.sources.MemmapSource,
-                  args):
+def make_evaluate(model: MLP, train: ab.sources.MemmapSource, test: ab.sources.MemmapSource, args):
     """``params -> dict`` of the training loss/error on a fixed random subset of the
     training set (seed 0, the same for every run) and the test loss/error."""
     size = min(args.eval_examples, train.num_examples)
     subset = np.sort(np.random.default_rng(0).choice(train.num_examples, size, replace=False))
-    sets = {"train": jax.device_put(train.read(subset)),
-            "test": jax.device_put(test.read(np.arange(test.num_examples)))}
+    sets = {
+        "train": jax.device_put(train.read(subset)),
+        "test": jax.device_put(test.read(np.arange(test.num_examples))),
+    }
 
     @jax.jit
     def loss_and_error(params, batch):
@@ -149,12 +157,12 @@ def build_step(method: str, source, model: MLP, args) -> ab.HostTrainStep:
         lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]),
     )
     sampler = make_sampler(method, source.num_examples, args)
-    return ab.make_host_train_step(loss, optax.adam(args.learning_rate), sampler,
-                                   lookahead=args.lookahead)
+    return ab.make_host_train_step(
+        loss, optax.adam(args.learning_rate), sampler, lookahead=args.lookahead
+    )
 
 
-def train_one(method: str, seed: int, step, source, init_params, evaluate, args,
-              bar) -> list[dict]:
+def train_one(method: str, seed: int, step, source, init_params, evaluate, args, bar) -> list[dict]:
     """One method and seed: the evaluation records, every ``eval_every`` steps."""
     step = dataclasses.replace(step, _pending=[0])  # this run's own renormalization count
     params = init_params(jax.random.key(seed))
@@ -166,21 +174,36 @@ def train_one(method: str, seed: int, step, source, init_params, evaluate, args,
         chunk = min(args.eval_every, args.steps - done)
         start = time.perf_counter()
         state, draws, _ = ab.run_host_loop(
-            step, state, draws, source, chunk, num_threads=args.num_threads,
-            key=jax.random.fold_in(jax.random.key(2000 + seed), done))
+            step,
+            state,
+            draws,
+            source,
+            chunk,
+            num_threads=args.num_threads,
+            key=jax.random.fold_in(jax.random.key(2000 + seed), done),
+        )
         jax.block_until_ready(state)
         seconds += time.perf_counter() - start
         done += chunk
-        records.append({"method": method, "seed": seed, "step": done, "seconds": seconds,
-                        **evaluate(state.params)})
+        records.append(
+            {
+                "method": method,
+                "seed": seed,
+                "step": done,
+                "seconds": seconds,
+                **evaluate(state.params),
+            }
+        )
         bar.update(chunk)
         bar.set_postfix(method=method, seed=seed, loss=f"{records[-1]['train_loss']:.3f}")
     return records
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
 
 
 def summarize(records: list[dict], args) -> dict:
@@ -188,18 +211,25 @@ def summarize(records: list[dict], args) -> dict:
     losses and errors, mean ± std over seeds."""
     methods = {}
     for method in args.methods:
-        finals = [[r for r in records if r["method"] == method and r["seed"] == seed][-1]
-                  for seed in range(args.seeds)]
+        finals = [
+            [r for r in records if r["method"] == method and r["seed"] == seed][-1]
+            for seed in range(args.seeds)
+        ]
         methods[method] = {
             "steps_per_s": mean_std([final["step"] / final["seconds"] for final in finals]),
-            **{key: mean_std([final[key] for final in finals])
-               for key in ("train_loss", "train_error", "test_loss", "test_error")}}
+            **{
+                key: mean_std([final[key] for final in finals])
+                for key in ("train_loss", "train_error", "test_loss", "test_error")
+            },
+        }
     return {
-        "experiment": "disk_train", "task": "synthetic_disk teacher",
+        "experiment": "disk_train",
+        "task": "synthetic_disk teacher",
         "args": {key: value for key, value in vars(args).items()},
-        "seeds": list(range(args.seeds)), "methods": methods,
+        "seeds": list(range(args.seeds)),
+        "methods": methods,
         "train_loss_estimate": f"mean over a fixed random subset of "
-                               f"{min(args.eval_examples, args.num_examples)} training examples",
+        f"{min(args.eval_examples, args.num_examples)} training examples",
         "machine": harness.machine_record(),
     }
 
@@ -207,13 +237,16 @@ def summarize(records: list[dict], args) -> dict:
 def plot(records: list[dict], args, path: pathlib.Path) -> None:
     """Training loss (the subset estimate) vs steps and vs seconds, mean over seeds."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for method in args.methods:
-        runs = [[r for r in records if r["method"] == method and r["seed"] == seed]
-                for seed in range(args.seeds)]
+        runs = [
+            [r for r in records if r["method"] == method and r["seed"] == seed]
+            for seed in range(args.seeds)
+        ]
         steps = [r["step"] for r in runs[0]]
         loss = np.mean([[r["train_loss"] for r in run] for run in runs], axis=0)
         seconds = np.mean([[r["seconds"] for r in run] for run in runs], axis=0)
@@ -223,8 +256,10 @@ def plot(records: list[dict], args, path: pathlib.Path) -> None:
     axes[1].set_xlabel("training seconds")
     axes[0].set_ylabel("training loss (subset estimate)")
     axes[0].legend()
-    figure.suptitle(f"on-disk teacher task, n = {args.num_examples}, K = {args.batch_size}, "
-                    f"{args.seeds} seed(s)")
+    figure.suptitle(
+        f"on-disk teacher task, n = {args.num_examples}, K = {args.batch_size}, "
+        f"{args.seeds} seed(s)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -246,17 +281,18 @@ def main(argv=None) -> dict:
             source = method_source(method, train, args)
             step = build_step(method, source, model, args)
             for seed in range(args.seeds):
-                records += train_one(method, seed, step, source, init_params, evaluate, args,
-                                     bar)
+                records += train_one(method, seed, step, source, init_params, evaluate, args, bar)
     with open(out / "metrics.jsonl", "w") as stream:
         stream.writelines(json.dumps(record) + "\n" for record in records)
     summary = summarize(records, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(records, args, out / "disk_train.png")
     for method, row in summary["methods"].items():
-        print(f"{method:12s} {row['steps_per_s']['mean']:8.1f} steps/s  train loss "
-              f"{row['train_loss']['mean']:.4f} ± {row['train_loss']['std']:.4f}  test error "
-              f"{row['test_error']['mean']:.4f} ± {row['test_error']['std']:.4f}")
+        print(
+            f"{method:12s} {row['steps_per_s']['mean']:8.1f} steps/s  train loss "
+            f"{row['train_loss']['mean']:.4f} ± {row['train_loss']['std']:.4f}  test error "
+            f"{row['test_error']['mean']:.4f} ± {row['test_error']['std']:.4f}"
+        )
     print(f"wrote {out}/metrics.jsonl, summary.json, disk_train.png")
     return summary
 

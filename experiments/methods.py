@@ -68,6 +68,7 @@ The scoring samplers (``ab.adam_impt_sampler``, ``ab.gradient_norm_sampler``) ar
 up when a method is built, not when this module is imported, so the registry imports even
 with an ``adambs_jax`` that lacks them; ``method_available(name)`` tells which work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -161,44 +162,71 @@ _OPTIMIZER_LABELS = {"sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "amsgra
 
 _LAHIRE = "Lahire, Non-Uniform Sampling and Adaptive Optimizers in Deep Learning, Fig. 1"
 _ADAMBS = "Liu, Wu, Mozafari, Adam with Bandit Sampling for Deep Learning, NeurIPS 2020"
-_PRIORITY = ("this project (issue 15); prioritized replay of Schaul et al., ICLR 2016, applied to "
-             "supervised training with exact weights")
+_PRIORITY = (
+    "this project (issue 15); prioritized replay of Schaul et al., ICLR 2016, applied to "
+    "supervised training with exact weights"
+)
 
 
 def _registry() -> dict[str, MethodSpec]:
     specs = []
     for opt in ("sgd", "rmsprop", "adam"):
         label = _OPTIMIZER_LABELS[opt]
-        specs.append(MethodSpec(
-            opt, f"{label} (uniform)", opt, "uniform",
-            f"{label}, uniform mini-batches", _LAHIRE if opt != "adam" else f"{_LAHIRE}; {_ADAMBS}",
-        ))
-        specs.append(MethodSpec(
-            f"{opt}-gn", f"{label} + p^GN", opt, "gradient-norm",
-            f"{label}, p proportional to the exact gradient norms of all n examples each step",
-            _LAHIRE, requires="gradient_norm_sampler",
-        ))
+        specs.append(
+            MethodSpec(
+                opt,
+                f"{label} (uniform)",
+                opt,
+                "uniform",
+                f"{label}, uniform mini-batches",
+                _LAHIRE if opt != "adam" else f"{_LAHIRE}; {_ADAMBS}",
+            )
+        )
+        specs.append(
+            MethodSpec(
+                f"{opt}-gn",
+                f"{label} + p^GN",
+                opt,
+                "gradient-norm",
+                f"{label}, p proportional to the exact gradient norms of all n examples each step",
+                _LAHIRE,
+                requires="gradient_norm_sampler",
+            )
+        )
     specs += [
         MethodSpec(
-            "adam-impt", "Adam-impt", "adam", "adam-impt",
+            "adam-impt",
+            "Adam-impt",
+            "adam",
+            "adam-impt",
             "Adam, Katharopoulos & Fleuret presample-3K importance sampling",
             f"{_ADAMBS}, §5 (baseline of Katharopoulos & Fleuret, ICML 2018)",
             requires="adam_impt_sampler",
         ),
         MethodSpec(
-            "adambs", "AdamBS", "adam", "exp3",
+            "adambs",
+            "AdamBS",
+            "adam",
+            "exp3",
             "Adam + EXP3 bandit sampler, the paper's defaults (p_min=0.1/n)",
             f"{_ADAMBS}, Algorithms 1-2",
         ),
         MethodSpec(
-            "amsgrad-bs", "AMSGrad-BS", "amsgrad", "exp3",
+            "amsgrad-bs",
+            "AMSGrad-BS",
+            "amsgrad",
+            "exp3",
             "AMSGrad + EXP3 bandit sampler, the paper's defaults",
             f"{_ADAMBS}, appendix D",
         ),
         MethodSpec(
-            "adambs-tuned", "AdamBS-tuned (ours, p_min=0.5/n)", "adam", "exp3",
+            "adambs-tuned",
+            "AdamBS-tuned (ours, p_min=0.5/n)",
+            "adam",
+            "exp3",
             "OUR VARIANT: AdamBS with p_min = 0.5/n (docs/algorithm.md, 'What the shift does')",
-            "this project (not in the paper)", sampler_defaults={"p_min_times_n": 0.5},
+            "this project (not in the paper)",
+            sampler_defaults={"p_min_times_n": 0.5},
         ),
     ]
     specs += _issue_15_methods()
@@ -212,30 +240,53 @@ def _issue_15_methods() -> list[MethodSpec]:
     lowvar = dict(sampler_defaults={"preset": "low_variance"})
     return [
         MethodSpec(
-            "adambs-lowvar", "AdamBS-lowvar (ours)", "adam", "exp3",
+            "adambs-lowvar",
+            "AdamBS-lowvar (ours)",
+            "adam",
+            "exp3",
             "OUR PRESET: AdamBS with p_min = 0.5/n and the clipped (0.9-quantile) bound",
-            "this project (docs/algorithm.md; issue 15)", **lowvar,
+            "this project (docs/algorithm.md; issue 15)",
+            **lowvar,
         ),
         MethodSpec(
-            "adambs-lowvar-precond", "AdamBS-lowvar + precond. norm (ours)", "adam", "exp3",
+            "adambs-lowvar-precond",
+            "AdamBS-lowvar + precond. norm (ours)",
+            "adam",
+            "exp3",
             "AdamBS-lowvar learning from the preconditioned per-example gradient norm",
-            "this project (issue 15)", **lowvar, feedback=precond,
+            "this project (issue 15)",
+            **lowvar,
+            feedback=precond,
         ),
         MethodSpec(
-            "adam-priority", "Adam + priority (ours)", "adam", "priority",
+            "adam-priority",
+            "Adam + priority (ours)",
+            "adam",
+            "priority",
             "Adam, stale-score priority sampler (p ~ last seen score, 10% uniform)",
-            _PRIORITY, requires="priority_sampler",
+            _PRIORITY,
+            requires="priority_sampler",
         ),
         MethodSpec(
-            "adam-priority-precond", "Adam + priority, precond. norm (ours)", "adam", "priority",
+            "adam-priority-precond",
+            "Adam + priority, precond. norm (ours)",
+            "adam",
+            "priority",
             "Adam, priority sampler learning from the preconditioned per-example gradient norm",
-            _PRIORITY, requires="priority_sampler", feedback=precond,
+            _PRIORITY,
+            requires="priority_sampler",
+            feedback=precond,
         ),
         MethodSpec(
-            "infobatch", "InfoBatch", "adam", "infobatch",
+            "infobatch",
+            "InfoBatch",
+            "adam",
+            "infobatch",
             "Adam, InfoBatch: prune below-mean-loss examples each epoch (r = 0.5), rescale",
             "Qin et al., InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data "
-            "Pruning, ICLR 2024", requires="infobatch_sampler", feedback="loss",
+            "Pruning, ICLR 2024",
+            requires="infobatch_sampler",
+            feedback="loss",
         ),
     ]
 
@@ -301,7 +352,8 @@ def build_method(
         "sampling": spec.sampling,
     }
     sampler, step_feedback = _SAMPLER_BUILDERS[spec.sampling](
-        name, n, k, int(num_steps), kwargs, settings, feedback)
+        name, n, k, int(num_steps), kwargs, settings, feedback
+    )
     if spec.feedback is not None:
         step_feedback = spec.feedback
     settings["sampler_options"] = {key: to_jsonable(value) for key, value in kwargs.items()}
@@ -374,8 +426,11 @@ def _infobatch(name, n, k, num_steps, kwargs, settings, feedback):
     kwargs.setdefault("num_steps", num_steps)
     sampler = ab.infobatch_sampler(n, k, **kwargs)
     config = sampler.sample.args[0]
-    settings.update(prune_ratio=config.prune_ratio, anneal_fraction=config.anneal_fraction,
-                    epoch_steps=config.epoch_steps)
+    settings.update(
+        prune_ratio=config.prune_ratio,
+        anneal_fraction=config.anneal_fraction,
+        epoch_steps=config.epoch_steps,
+    )
     return sampler, "loss"
 
 

@@ -18,6 +18,7 @@
 
 Small files (dpi 90), matplotlib's Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,9 @@ def _band(ax, x, mean, std, label, color, log_scale, linestyle="-", linewidth=1.
     lower, upper = mean - std, mean + std
     if log_scale:  # a band below zero cannot be drawn on a log axis: clip at a fraction of the mean
         lower = np.maximum(lower, mean * 0.05)
-    ax.fill_between(x, lower, upper, color=color, alpha=0.18 if linestyle == "-" else 0.08,
-                    linewidth=0)
+    ax.fill_between(
+        x, lower, upper, color=color, alpha=0.18 if linestyle == "-" else 0.08, linewidth=0
+    )
 
 
 def _positive(values) -> bool:
@@ -81,29 +83,57 @@ def plot_loss(path: Path, config, summary: dict, title: str, x_key: str, x_label
     methods = summary["methods"]
     colors = method_colors(list(methods))
     curves = [_array(m["curve_train_loss_mean"]) for m in methods.values()]
-    curves += [_array(m["curve_sampled_loss_mean"]) for m in methods.values()
-               if "curve_sampled_loss_mean" in m]
+    curves += [
+        _array(m["curve_sampled_loss_mean"])
+        for m in methods.values()
+        if "curve_sampled_loss_mean" in m
+    ]
     log_loss = bool(config.loss_log_scale) and _positive(np.concatenate(curves))
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for name, m in methods.items():
         x = _x_values(m, x_key)
-        _band(ax, x, _array(m["curve_train_loss_mean"]), _array(m["curve_train_loss_std"]),
-              m["label"], colors[name], log_loss)
+        _band(
+            ax,
+            x,
+            _array(m["curve_train_loss_mean"]),
+            _array(m["curve_train_loss_std"]),
+            m["label"],
+            colors[name],
+            log_loss,
+        )
         if "curve_sampled_loss_mean" in m:
-            _band(ax, x, _array(m["curve_sampled_loss_mean"]),
-                  _array(m["curve_sampled_loss_std"]), None, colors[name], log_loss, "--", 1.0)
-    ax.plot([], [], color="gray", linestyle="--", linewidth=1.0,
-            label="dashed: sampled-batch loss")
+            _band(
+                ax,
+                x,
+                _array(m["curve_sampled_loss_mean"]),
+                _array(m["curve_sampled_loss_std"]),
+                None,
+                colors[name],
+                log_loss,
+                "--",
+                1.0,
+            )
+    ax.plot([], [], color="gray", linestyle="--", linewidth=1.0, label="dashed: sampled-batch loss")
     if log_loss:
         ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel(_loss_name(config, summary) + (" (log scale)" if log_loss else ""))
     if config.target_loss is not None:
-        ax.axhline(config.target_loss, color="gray", linestyle=":", linewidth=1,
-                   label=f"target {config.target_loss:g}")
+        ax.axhline(
+            config.target_loss,
+            color="gray",
+            linestyle=":",
+            linewidth=1,
+            label=f"target {config.target_loss:g}",
+        )
     if x_key == "time" and getattr(config, "budget_seconds", None) is not None:
-        ax.axvline(config.budget_seconds, color="black", linestyle="-.", linewidth=0.8,
-                   label=f"budget {config.budget_seconds:g} s")
+        ax.axvline(
+            config.budget_seconds,
+            color="black",
+            linestyle="-.",
+            linewidth=0.8,
+            label=f"budget {config.budget_seconds:g} s",
+        )
     _finish(fig, ax, title, path)
 
 
@@ -116,8 +146,15 @@ def plot_error(path: Path, config, summary: dict, title: str) -> None:
     log_error = bool(config.loss_log_scale) and _positive(all_errors)
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for name, m in methods.items():
-        _band(ax, np.asarray(m["steps"], float), 100 * _array(m["curve_test_error_mean"]),
-              100 * _array(m["curve_test_error_std"]), m["label"], colors[name], log_error)
+        _band(
+            ax,
+            np.asarray(m["steps"], float),
+            100 * _array(m["curve_test_error_mean"]),
+            100 * _array(m["curve_test_error_std"]),
+            m["label"],
+            colors[name],
+            log_error,
+        )
     if log_error:
         ax.set_yscale("log")
     ax.set_xlabel("training steps")
@@ -140,10 +177,22 @@ def plot_diagnostics(path: Path, summary: dict, title: str) -> None:
             continue
         steps = np.asarray(m["steps"], float)
         for ax, key in zip((top, bottom), DIAGNOSTIC_CURVES):
-            _band(ax, steps, _array(m[f"curve_{key}_mean"]), _array(m[f"curve_{key}_std"]),
-                  m["label"], colors[name], ax is bottom)
-        bottom.plot(steps, _array(m["curve_variance_ratio_optimal_mean"]), color=colors[name],
-                    linestyle=":", linewidth=1.0)
+            _band(
+                ax,
+                steps,
+                _array(m[f"curve_{key}_mean"]),
+                _array(m[f"curve_{key}_std"]),
+                m["label"],
+                colors[name],
+                ax is bottom,
+            )
+        bottom.plot(
+            steps,
+            _array(m["curve_variance_ratio_optimal_mean"]),
+            color=colors[name],
+            linestyle=":",
+            linewidth=1.0,
+        )
     top.axhline(0.0, color="gray", linewidth=0.8)
     bottom.axhline(1.0, color="gray", linewidth=0.8, label="uniform (1)")
     bottom.plot([], [], color="gray", linestyle=":", label="dotted: optimum p ∝ g")
@@ -159,12 +208,20 @@ def plot_diagnostics(path: Path, summary: dict, title: str) -> None:
 def plot_all(out_dir: Path, config, summary: dict) -> list[str]:
     """Writes the plots into ``out_dir``; returns their file names."""
     num_seeds = len(summary["resolved"]["seeds"])
-    title = (f"{config.name}: {config.dataset}, {config.model}, "
-             f"mean ± std over {num_seeds} seed{'s' if num_seeds > 1 else ''}")
+    title = (
+        f"{config.name}: {config.dataset}, {config.model}, "
+        f"mean ± std over {num_seeds} seed{'s' if num_seeds > 1 else ''}"
+    )
     if getattr(config, "budget_seconds", None) is not None:
         title += f", budget {config.budget_seconds:g} s"
-    plot_loss(out_dir / "loss_vs_time.png", config, summary, title, "time",
-              "training wall-clock (s, compilation excluded)")
+    plot_loss(
+        out_dir / "loss_vs_time.png",
+        config,
+        summary,
+        title,
+        "time",
+        "training wall-clock (s, compilation excluded)",
+    )
     plot_loss(out_dir / "loss_vs_steps.png", config, summary, title, "steps", "training steps")
     plot_error(out_dir / "error_vs_steps.png", config, summary, title)
     written = ["loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png"]

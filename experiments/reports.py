@@ -1,6 +1,7 @@
 """Reports of a finished run: ``summary.json`` (:func:`build_summary`), ``table.md``
 (:func:`markdown_table`, with Lahire's Table 1 layout if configured), ``metrics.jsonl`` and
 the plots (:func:`write_outputs`)."""
+
 from __future__ import annotations
 
 import json
@@ -33,25 +34,39 @@ TIMING_NOTE = (
 def method_summary(config: ExperimentConfig, r: MethodResult) -> dict:
     """One method's entry of ``summary.json``: its aggregates over seeds and what it is."""
     agg = aggregate.method_aggregates(
-        steps=r.steps, times=r.times, train_loss=r.train_loss, test_error=r.test_error,
-        train_error=r.train_error, step_times=r.step_times, compile_s=r.compile_s,
+        steps=r.steps,
+        times=r.times,
+        train_loss=r.train_loss,
+        test_error=r.test_error,
+        train_error=r.train_error,
+        step_times=r.step_times,
+        compile_s=r.compile_s,
         target_loss=config.target_loss,
     )
     for name, values in r.curves.items():  # sampled_loss and the sampler diagnostics
         mean, std = aggregate.mean_and_std(values)
         agg[f"curve_{name}_mean"], agg[f"curve_{name}_std"] = (
-            aggregate.floats(mean), aggregate.floats(std))
+            aggregate.floats(mean),
+            aggregate.floats(std),
+        )
     if r.final_diagnostics and r.final_diagnostics[0]:
         agg["final_sampler_diagnostics"] = {
             key: aggregate.mean_std_dict([d[key] for d in r.final_diagnostics])
             for key in r.final_diagnostics[0]
         }
-    agg.update(label=r.label, settings=r.settings, warmup_s=r.warmup_s,
-               description=method_spec(r.name).description, source=method_spec(r.name).source)
+    agg.update(
+        label=r.label,
+        settings=r.settings,
+        warmup_s=r.warmup_s,
+        description=method_spec(r.name).description,
+        source=method_spec(r.name).source,
+    )
     return agg
 
 
-def build_summary(config: ExperimentConfig, resolved: dict, results: Sequence[MethodResult]) -> dict:
+def build_summary(
+    config: ExperimentConfig, resolved: dict, results: Sequence[MethodResult]
+) -> dict:
     return {
         "config": config.to_json(),
         "resolved": resolved,
@@ -93,8 +108,10 @@ def _table_intro(config: ExperimentConfig, summary: dict) -> list[str]:
 
 
 def _shows_ess(summary: dict) -> bool:
-    return any("effective_sample_size" in m.get("final_sampler_diagnostics", {})
-               for m in summary["methods"].values())
+    return any(
+        "effective_sample_size" in m.get("final_sampler_diagnostics", {})
+        for m in summary["methods"].values()
+    )
 
 
 def _table_header(target: float | None, show_ess: bool) -> list[str]:
@@ -119,8 +136,10 @@ def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list
         aggregate.format_mean_std(m["final_test_error"], scale=100),
     ]
     if target is not None:
-        row += [_crossing_cell(m["time_to_target_s"], "{:.3g} ± {:.2g}"),
-                _crossing_cell(m["steps_to_target"], "{:.0f} ± {:.0f}")]
+        row += [
+            _crossing_cell(m["time_to_target_s"], "{:.3g} ± {:.2g}"),
+            _crossing_cell(m["steps_to_target"], "{:.0f} ± {:.0f}"),
+        ]
     row += [
         aggregate.format_mean_std(m["time_per_step_s"], scale=1e3),
         aggregate.format_mean_std(m["train_time_per_run_s"]),
@@ -136,20 +155,28 @@ def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list
 def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> list[str]:
     """Diverged seeds, what the ESS and the target columns mean, Lahire's layout, timing."""
     lines = []
-    diverged = {name: m["num_diverged"] for name, m in summary["methods"].items() if m["num_diverged"]}
+    diverged = {
+        name: m["num_diverged"] for name, m in summary["methods"].items() if m["num_diverged"]
+    }
     if diverged:
         lines += ["", f"Diverged (non-finite final loss) seeds: {diverged}."]
     if show_ess:
-        lines += ["", "Final ESS of p: effective sample size 1/(n sum_j p_j^2) of the sampler's "
-                  "distribution at the end of training (1 = uniform; smaller = more concentrated)."
-                  " Final V(p)/V(u): its gradient-variance term sum_j g_j^2/(n^2 p_j) relative "
-                  "to uniform's, g_j the exact per-example gradient norms at the final "
-                  "parameters (1 = as good as uniform, lower is better; "
-                  "experiments/diagnostics.py)."]
+        lines += [
+            "",
+            "Final ESS of p: effective sample size 1/(n sum_j p_j^2) of the sampler's "
+            "distribution at the end of training (1 = uniform; smaller = more concentrated)."
+            " Final V(p)/V(u): its gradient-variance term sum_j g_j^2/(n^2 p_j) relative "
+            "to uniform's, g_j the exact per-example gradient norms at the final "
+            "parameters (1 = as good as uniform, lower is better; "
+            "experiments/diagnostics.py).",
+        ]
     if config.target_loss is not None:
-        lines += ["", f"Time/steps to target: mean ± std over the seeds that reached a full "
-                  f"training loss ≤ {config.target_loss:g} (evaluated every {config.eval_every} "
-                  "steps), and how many did."]
+        lines += [
+            "",
+            f"Time/steps to target: mean ± std over the seeds that reached a full "
+            f"training loss ≤ {config.target_loss:g} (evaluated every {config.eval_every} "
+            "steps), and how many did.",
+        ]
     if config.table_layout == "lahire":
         lines += ["", lahire_table(summary)]
     return lines + ["", "Timing: " + summary["timing_note"], ""]
@@ -176,8 +203,12 @@ def lahire_table(summary: dict) -> str:
     lines = [
         "Wall-clock time (s) per run (Lahire Table 1 layout; mean ± std over seeds):",
         "",
-        "| sampling | " + " | ".join(o.upper() if o == "sgd" else o.capitalize() if o == "adam"
-                                    else "RMSProp" for o in optimizers) + " |",
+        "| sampling | "
+        + " | ".join(
+            o.upper() if o == "sgd" else o.capitalize() if o == "adam" else "RMSProp"
+            for o in optimizers
+        )
+        + " |",
         "|" + "---|" * (len(optimizers) + 1),
     ]
     for sampling, suffix in (("u", ""), ("p^GN", "-gn")):
@@ -187,16 +218,25 @@ def lahire_table(summary: dict) -> str:
             cells.append(aggregate.format_mean_std(m["train_time_per_run_s"]) if m else "—")
         lines.append(f"| {sampling} | " + " | ".join(cells) + " |")
     if "adambs" in methods:
-        lines += ["", "AdamBS: " + aggregate.format_mean_std(methods["adambs"]["train_time_per_run_s"])
-                  + " s per run."]
+        lines += [
+            "",
+            "AdamBS: "
+            + aggregate.format_mean_std(methods["adambs"]["train_time_per_run_s"])
+            + " s per run.",
+        ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def write_outputs(out_dir: Path, config: ExperimentConfig, summary: dict, rows: list[dict],
-                  results: Sequence[MethodResult]) -> None:
+def write_outputs(
+    out_dir: Path,
+    config: ExperimentConfig,
+    summary: dict,
+    rows: list[dict],
+    results: Sequence[MethodResult],
+) -> None:
     from experiments import plotting
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +246,8 @@ def write_outputs(out_dir: Path, config: ExperimentConfig, summary: dict, rows: 
     table = markdown_table(config, summary)
     (out_dir / "table.md").write_text(table)
     summary["files"] = {
-        "metrics": "metrics.jsonl", "table": "table.md",
+        "metrics": "metrics.jsonl",
+        "table": "table.md",
         "plots": plotting.plot_all(out_dir, config, summary),
     }
     with open(out_dir / "summary.json", "w") as f:

@@ -21,6 +21,7 @@ markdown written:
 
 A configuration's column comes from the last folder given for it (per kind of run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,12 @@ def _table(title: str, columns: dict, methods: list[str], cell) -> list[str]:
     (header -> summary); ``cell(method_summary) -> str``."""
     if not columns:
         return []
-    lines = [f"**{title}**", "", "| method | " + " | ".join(columns) + " |",
-             "|" + "---|" * (len(columns) + 1)]
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | " + " | ".join(columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
     for name in methods:
         cells = []
         for summary in columns.values():
@@ -112,8 +117,9 @@ def budget_columns(budget: dict) -> dict:
     return {f"{name} ({s['compute_matched']['budget_s']:g} s)": s for name, s in budget.items()}
 
 
-def share_of_oracle_gain(summary: dict, name: str, baseline: str = "adam",
-                         oracle: str = "adam-gn") -> str:
+def share_of_oracle_gain(
+    summary: dict, name: str, baseline: str = "adam", oracle: str = "adam-gn"
+) -> str:
     """(L_baseline - L_name) / (L_baseline - L_oracle) of the mean final full training
     losses: the share of p^GN's per-step reduction of Adam's loss that ``name`` gets."""
     methods = summary["methods"]
@@ -129,8 +135,7 @@ def time_per_step_ratio(summary: dict, name: str, baseline: str = "adam") -> str
     methods = summary["methods"]
     if baseline not in methods or name not in methods:
         return MISSING
-    ratio = (methods[name]["time_per_step_s"]["mean"]
-             / methods[baseline]["time_per_step_s"]["mean"])
+    ratio = methods[name]["time_per_step_s"]["mean"] / methods[baseline]["time_per_step_s"]["mean"]
     return f"{ratio:.2f}x"
 
 
@@ -138,8 +143,12 @@ def _per_run_table(title: str, runs: dict, methods: list[str], cell) -> list[str
     """Like :func:`_table`, with ``cell(summary, method_name) -> str``."""
     if not runs:
         return []
-    lines = [f"**{title}**", "", "| method | " + " | ".join(runs) + " |",
-             "|" + "---|" * (len(runs) + 1)]
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | " + " | ".join(runs) + " |",
+        "|" + "---|" * (len(runs) + 1),
+    ]
     for name in methods:
         cells = [cell(summary, name) for summary in runs.values()]
         if any(c != MISSING for c in cells):
@@ -150,22 +159,44 @@ def _per_run_table(title: str, runs: dict, methods: list[str], cell) -> list[str
 def summary_tables(per_step: dict, budget: dict) -> str:
     """The markdown of the module docstring."""
     methods = _methods(per_step, budget)
-    lines = _table("Per step: full training loss after the same number of steps "
-                   "(mean ± std over seeds)", per_step_columns(per_step, budget), methods,
-                   per_step_cell)
+    lines = _table(
+        "Per step: full training loss after the same number of steps (mean ± std over seeds)",
+        per_step_columns(per_step, budget),
+        methods,
+        per_step_cell,
+    )
     lines += _per_run_table(
         "Per step: share of p^GN's reduction of Adam's final loss, (L_adam − L_m) / "
-        "(L_adam − L_adam-gn)", per_step, methods, share_of_oracle_gain)
-    lines += _per_run_table("Per step: time per step / uniform Adam's (same run)", per_step,
-                            methods, time_per_step_ratio)
+        "(L_adam − L_adam-gn)",
+        per_step,
+        methods,
+        share_of_oracle_gain,
+    )
+    lines += _per_run_table(
+        "Per step: time per step / uniform Adam's (same run)",
+        per_step,
+        methods,
+        time_per_step_ratio,
+    )
     columns = budget_columns(budget)
-    lines += _table("Per second: full training loss at the budget", columns, methods,
-                    lambda m: aggregate.format_mean_std(m["final_train_loss"]))
-    lines += _table("Per second: test error at the budget (%)", columns, methods,
-                    lambda m: aggregate.format_mean_std(m["final_test_error"], scale=100))
-    lines += _table("Per second: time to the target loss (s; seeds that reached it)",
-                    {h: s for h, s in columns.items() if s["config"]["target_loss"] is not None},
-                    methods, lambda m: time_to_target_cell(m["time_to_target_s"]))
+    lines += _table(
+        "Per second: full training loss at the budget",
+        columns,
+        methods,
+        lambda m: aggregate.format_mean_std(m["final_train_loss"]),
+    )
+    lines += _table(
+        "Per second: test error at the budget (%)",
+        columns,
+        methods,
+        lambda m: aggregate.format_mean_std(m["final_test_error"], scale=100),
+    )
+    lines += _table(
+        "Per second: time to the target loss (s; seeds that reached it)",
+        {h: s for h, s in columns.items() if s["config"]["target_loss"] is not None},
+        methods,
+        lambda m: time_to_target_cell(m["time_to_target_s"]),
+    )
     return "\n".join(lines)
 
 
@@ -173,7 +204,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.aggregate",
         description="Summary tables (method x configuration, per step and per second) from "
-                    "the results/ folders of several runs.")
+        "the results/ folders of several runs.",
+    )
     parser.add_argument("folders", nargs="+", help="results/<run> folders (with summary.json)")
     parser.add_argument("--out", help="write the markdown here (default: print it)")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ method x seed x evaluation point), ``summary.json``, ``table.md``, ``loss_vs_tim
 
 The names of those rooms that callers used from here stay importable from here.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,19 +39,33 @@ from pathlib import Path
 import jax
 
 from experiments.chunks import (  # noqa: F401  (re-exported)
-    LOOPS, METRIC_REDUCTIONS, choose_loop, chunk_plan, compile_chunks, eval_points,
-    has_convolution, make_chunk, reduce_step_metrics,
+    LOOPS,
+    METRIC_REDUCTIONS,
+    choose_loop,
+    chunk_plan,
+    compile_chunks,
+    eval_points,
+    has_convolution,
+    make_chunk,
+    reduce_step_metrics,
 )
 from experiments.configs import ExperimentConfig
 from experiments.diagnostics import sampler_diagnostics  # noqa: F401  (re-exported)
 from experiments.method_run import WARMUP_CHUNKS, MethodResult, MethodRun  # noqa: F401
 from experiments.methods import method_available, method_spec
 from experiments.reports import (  # noqa: F401  (re-exported)
-    TIMING_NOTE, build_summary, lahire_table, markdown_table, write_outputs,
+    TIMING_NOTE,
+    build_summary,
+    lahire_table,
+    markdown_table,
+    write_outputs,
 )
 from experiments.run_setup import Setup, prepare
 from experiments.tasks import (  # noqa: F401  (re-exported)
-    make_evaluator, make_model_loss, make_stack_evaluator, per_example_loss_from_outputs,
+    make_evaluator,
+    make_model_loss,
+    make_stack_evaluator,
+    per_example_loss_from_outputs,
     uses_dropout,
 )
 
@@ -79,14 +94,15 @@ def check_methods_available(config: ExperimentConfig) -> None:
 def describe_run(setup: Setup) -> str:
     """The one-line announcement of a run: sizes, schedule, chunking and device."""
     config, plan = setup.config, setup.plan
-    chunking = 'one lax.scan' if setup.loop == 'scan' else 'a Python loop of jitted steps'
+    chunking = "one lax.scan" if setup.loop == "scan" else "a Python loop of jitted steps"
     return (
         f"[{config.name}] {config.dataset}: n = {setup.dataset.num_train} train / "
         f"{setup.dataset.num_test} test, model {config.model}, K = {config.batch_size}, "
         f"lr = {config.learning_rate:g}, {setup.num_steps} steps x {config.num_seeds} seeds x "
         f"{len(config.methods)} methods, eval every {config.eval_every} steps, "
         f"{plan[0][0] * plan[0][1]} steps per timed chunk ({chunking}); "
-        f"device {jax.devices()[0].device_kind}")
+        f"device {jax.devices()[0].device_kind}"
+    )
 
 
 def run_interleaved(method_runs: list[MethodRun], setup: Setup, progress: bool) -> None:
@@ -108,13 +124,18 @@ def resolved_settings(setup: Setup, started: float) -> dict:
     """``summary["resolved"]``: what the configuration resolved to for this dataset."""
     dataset, plan = setup.dataset, setup.plan
     return {
-        "num_train": dataset.num_train, "num_test": dataset.num_test,
+        "num_train": dataset.num_train,
+        "num_test": dataset.num_test,
         "num_eval_train": int(setup.eval_sets["train"][0].shape[0]),
         "num_eval_test": int(setup.eval_sets["test"][0].shape[0]),
-        "num_classes": dataset.num_classes, "task": dataset.task,
-        "num_steps": setup.num_steps, "loop": setup.loop,
-        "chunk_plan": [list(c) for c in sorted(set(plan))], "num_chunks": len(plan),
-        "eval_steps": list(setup.steps_at), "seeds": setup.seeds,
+        "num_classes": dataset.num_classes,
+        "task": dataset.task,
+        "num_steps": setup.num_steps,
+        "loop": setup.loop,
+        "chunk_plan": [list(c) for c in sorted(set(plan))],
+        "num_chunks": len(plan),
+        "eval_steps": list(setup.steps_at),
+        "seeds": setup.seeds,
         "dataset_description": dataset.description,
         "eval_compile_s": setup.eval_compile_s,
         "train_and_eval_wall_s": time.perf_counter() - started,

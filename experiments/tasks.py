@@ -6,6 +6,7 @@ the logits (``ab.ModelLoss``) so that the ``logit_grad_norm`` feedback works, an
 evaluation (mean loss and error rate, in eval mode) runs in bounded memory over any number
 of examples and of parameter snapshots.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,12 @@ def per_example_loss_from_outputs(task: str) -> Callable:
     """``(outputs, batch) -> (K,)``: softmax CE with integer labels, or sigmoid BCE."""
     if task == "classification":
         return lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["y"])
+            logits, batch["y"]
+        )
     if task == "binary":
         return lambda logits, batch: optax.sigmoid_binary_cross_entropy(
-            logits, batch["y"].astype(logits.dtype))
+            logits, batch["y"].astype(logits.dtype)
+        )
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -47,11 +50,14 @@ def make_model_loss(model, task: str) -> ab.ModelLoss:
     get ``rngs={"dropout": key}`` (the step passes a fresh key every step).
     """
     if uses_dropout(model):
+
         def apply_fn(params, batch, key):
             return model.apply({"params": params}, batch["x"], train=True, rngs={"dropout": key})
     else:
+
         def apply_fn(params, batch):
             return model.apply({"params": params}, batch["x"], train=True)
+
     return ab.ModelLoss(apply_fn, per_example_loss_from_outputs(task))
 
 
@@ -95,6 +101,7 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
 def make_stack_evaluator(evaluate: Callable) -> Callable:
     """``evaluate_stack(params_stack, x, y) -> (losses (k,), errors (k,))``, one call for the
     k parameter snapshots of a chunk (``lax.map``: one snapshot at a time in memory)."""
+
     @jax.jit
     def evaluate_stack(params_stack, x, y):
         return jax.lax.map(lambda params: evaluate(params, x, y), params_stack)

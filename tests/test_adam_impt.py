@@ -114,9 +114,7 @@ def test_adam_impt_switches_on_when_the_moving_average_crosses_the_threshold(
     uniform_phase_scores,
 ):
     n, batch_size, num_steps = 100, 8, 20
-    sampler = ab.adam_impt_sampler(
-        n, batch_size, uniform_phase_scores=uniform_phase_scores
-    )
+    sampler = ab.adam_impt_sampler(n, batch_size, uniform_phase_scores=uniform_phase_scores)
     presample_size = 3 * batch_size
     tau_threshold = (presample_size + 3 * batch_size) / (3 * batch_size)
     assert tau_threshold == 2.0
@@ -218,13 +216,17 @@ def test_adam_impt_argument_errors_name_the_argument():
     sampler = ab.adam_impt_sampler(100, 8, presample=2.5, tau_threshold=None)
     state = sampler.init()
     _, probs, _ = sampler.sample(
-        state.replace(variance_reduction_ema=jnp.asarray(9.0)), jax.random.key(0),
+        state.replace(variance_reduction_ema=jnp.asarray(9.0)),
+        jax.random.key(0),
         _fixed_score_fn(np.arange(1, 21, dtype=np.float32)),  # B = int(2.5 * 8) = 20
     )
     assert probs.shape == (8,)
     with pytest.raises(ValueError, match="score_fn"):
-        sampler.sample(state.replace(variance_reduction_ema=jnp.asarray(9.0)),
-                       jax.random.key(0), lambda indices: jnp.ones((3,)))
+        sampler.sample(
+            state.replace(variance_reduction_ema=jnp.asarray(9.0)),
+            jax.random.key(0),
+            lambda indices: jnp.ones((3,)),
+        )
 
 
 @pytest.mark.parametrize("uniform_phase_scores", ["batch", "presample"])
@@ -232,8 +234,9 @@ def test_update_with_apply_false_keeps_the_state(uniform_phase_scores):
     """A skipped (non-finite) step: ``apply`` False keeps the state bitwise, step count
     included; True is the default."""
     sampler = ab.adam_impt_sampler(20, 4, uniform_phase_scores=uniform_phase_scores)
-    indices, _, state = sampler.sample(sampler.init(), jax.random.key(0),
-                                       _table_score_fn(np.arange(20.0)))
+    indices, _, state = sampler.sample(
+        sampler.init(), jax.random.key(0), _table_score_fn(np.arange(20.0))
+    )
     feedback = jnp.asarray([1.0, 0.0, 0.0, 0.0])
     update = jax.jit(sampler.update)
     kept = update(state, indices, feedback, apply=jnp.asarray(False))

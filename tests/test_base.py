@@ -18,8 +18,14 @@ def _functions():
 def test_sampler_fields_and_default_probabilities():
     sampler = base.Sampler(**_functions(), num_examples=4, batch_size=2)
     assert sampler._fields == (
-        "init", "sample", "update", "num_examples", "batch_size", "probabilities",
-        "renormalize_every", "renormalize",
+        "init",
+        "sample",
+        "update",
+        "num_examples",
+        "batch_size",
+        "probabilities",
+        "renormalize_every",
+        "renormalize",
     )
     assert sampler.probabilities is None  # no full distribution unless the sampler says so
     assert sampler.renormalize_every is None and sampler.renormalize is None
@@ -31,8 +37,16 @@ def test_sampler_fields_and_default_probabilities():
 def test_scoring_sampler_fields_and_defaults():
     sampler = base.ScoringSampler(**_functions(), num_examples=4, batch_size=2)
     assert sampler._fields == (
-        "init", "sample", "update", "num_examples", "batch_size", "score_feedback",
-        "score_chunk_size", "probabilities", "renormalize_every", "renormalize",
+        "init",
+        "sample",
+        "update",
+        "num_examples",
+        "batch_size",
+        "score_feedback",
+        "score_chunk_size",
+        "probabilities",
+        "renormalize_every",
+        "renormalize",
     )
     assert sampler.renormalize_every is None and sampler.renormalize is None
     assert sampler.score_feedback is None
@@ -57,11 +71,19 @@ def test_accepts_apply_reads_the_signature():
     assert not base.accepts_apply(print)  # a builtin without a signature: the old contract
 
 
-@pytest.mark.parametrize("factory", [
-    ab.uniform_sampler, lambda n, k: ab.exp3_sampler(n, k, num_steps=10), ab.priority_sampler,
-    lambda n, k: ab.infobatch_sampler(n, k, num_steps=10), ab.adam_impt_sampler,
-    ab.gradient_norm_sampler, lambda n, k: ab.group_sampler(n, k, 2, num_steps=10),
-], ids=["uniform", "exp3", "priority", "infobatch", "adam_impt", "gradient_norm", "groups"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        ab.uniform_sampler,
+        lambda n, k: ab.exp3_sampler(n, k, num_steps=10),
+        ab.priority_sampler,
+        lambda n, k: ab.infobatch_sampler(n, k, num_steps=10),
+        ab.adam_impt_sampler,
+        ab.gradient_norm_sampler,
+        lambda n, k: ab.group_sampler(n, k, 2, num_steps=10),
+    ],
+    ids=["uniform", "exp3", "priority", "infobatch", "adam_impt", "gradient_norm", "groups"],
+)
 def test_every_library_sampler_takes_apply(factory):
     """The contract (``UpdateFn``) says every library sampler's update takes ``apply``."""
     assert base.accepts_apply(factory(8, 2).update)

@@ -66,19 +66,25 @@ def test_gradient_norm_distribution_equals_independent_per_example_norms(p_floor
         return MODEL_LOSS(p, example)[0]
 
     grad_of_one = jax.jit(jax.grad(loss_of_one))
-    norms = np.array([
-        np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
-                    for g in jax.tree.leaves(grad_of_one(params, j))))
-        for j in range(n)
-    ])
+    norms = np.array(
+        [
+            np.sqrt(
+                sum(
+                    np.sum(np.square(np.asarray(g, np.float64)))
+                    for g in jax.tree.leaves(grad_of_one(params, j))
+                )
+            )
+            for j in range(n)
+        ]
+    )
     expected = (1 - n * p_floor) * norms / norms.sum() + p_floor
 
     score_fn = make_score_fn(
         MODEL_LOSS, sampler.score_feedback, params, data, chunk_size=sampler.score_chunk_size
     )
-    indices, probs, state = jax.jit(
-        lambda s, k: sampler.sample(s, k, score_fn)
-    )(sampler.init(), jax.random.key(7))
+    indices, probs, state = jax.jit(lambda s, k: sampler.sample(s, k, score_fn))(
+        sampler.init(), jax.random.key(7)
+    )
     np.testing.assert_allclose(state.distribution, expected, rtol=2e-5, atol=1e-8)
     np.testing.assert_allclose(probs, np.asarray(state.distribution)[np.asarray(indices)])
     assert np.all(np.asarray(state.distribution) >= p_floor * (1 - 1e-6))

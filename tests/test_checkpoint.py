@@ -101,10 +101,14 @@ def test_resume_is_bitwise_identical(tmp_path, make_key, use_state_key):
     )
 
 
-@pytest.mark.parametrize("make_sampler", [
-    lambda: ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, uniform_mix=0.2),
-    lambda: ab.infobatch_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=NUM_STEPS),
-], ids=["priority", "infobatch"])
+@pytest.mark.parametrize(
+    "make_sampler",
+    [
+        lambda: ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, uniform_mix=0.2),
+        lambda: ab.infobatch_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=NUM_STEPS),
+    ],
+    ids=["priority", "infobatch"],
+)
 def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
     """The priority (and InfoBatch) sampler's state is saved and restored bitwise; its
     static configuration is described, and another uniform_mix is refused."""
@@ -137,7 +141,9 @@ def test_metadata(tmp_path):
     metadata = ab.read_checkpoint_metadata(path)
     assert metadata["sampler_kind"] == "Exp3SamplerState"
     assert metadata["sampler_config"] == {
-        "num_examples": NUM_EXAMPLES, "p_min": 0.1 / NUM_EXAMPLES, "arity": state.sampler_state.arity,
+        "num_examples": NUM_EXAMPLES,
+        "p_min": 0.1 / NUM_EXAMPLES,
+        "arity": state.sampler_state.arity,
         "bound_mode": "quantile",
     }
     assert metadata["batch_size"] == BATCH_SIZE
@@ -153,14 +159,24 @@ def test_metadata(tmp_path):
 @pytest.mark.parametrize(
     "other, match",
     [
-        (lambda: _fresh_state(sampler=ab.exp3_sampler(2 * NUM_EXAMPLES, BATCH_SIZE, num_steps=9)),
-         r"dataset size \(num_examples\): checkpoint 64, `like` 128"),
-        (lambda: _fresh_state(sampler=ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
-         "sampler kind: checkpoint Exp3SamplerState, `like` UniformSamplerState"),
-        (lambda: _fresh_state(
-            sampler=ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, p_min=0.5 / NUM_EXAMPLES,
-                                    num_steps=9)),
-         "p_min"),
+        (
+            lambda: _fresh_state(
+                sampler=ab.exp3_sampler(2 * NUM_EXAMPLES, BATCH_SIZE, num_steps=9)
+            ),
+            r"dataset size \(num_examples\): checkpoint 64, `like` 128",
+        ),
+        (
+            lambda: _fresh_state(sampler=ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
+            "sampler kind: checkpoint Exp3SamplerState, `like` UniformSamplerState",
+        ),
+        (
+            lambda: _fresh_state(
+                sampler=ab.exp3_sampler(
+                    NUM_EXAMPLES, BATCH_SIZE, p_min=0.5 / NUM_EXAMPLES, num_steps=9
+                )
+            ),
+            "p_min",
+        ),
         (lambda: _fresh_state(optimizer=optax.sgd(0.1)), "not in `like`"),
         (lambda: _fresh_state(key=jax.random.key(0)), "PRNG keys"),
     ],
@@ -232,8 +248,9 @@ def test_checkpoint_manager_keeps_the_latest_and_resumes(tmp_path):
             manager.restore(_fresh_state(jax.random.key(9)), step=1)
         with pytest.raises(ValueError, match="num_examples"):
             manager.restore(
-                _fresh_state(jax.random.key(9),
-                             sampler=ab.exp3_sampler(32, BATCH_SIZE, num_steps=5))
+                _fresh_state(
+                    jax.random.key(9), sampler=ab.exp3_sampler(32, BATCH_SIZE, num_steps=5)
+                )
             )
     with pytest.raises(ValueError, match="max_to_keep"):
         ab.CheckpointManager(tmp_path / "other", max_to_keep=0)
@@ -271,8 +288,10 @@ print(json.dumps({"library": ab.__file__, "results": results}))
 
 # The children import this checkout's adambs_jax, not whichever copy is installed.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CHILD_ENV = {**os.environ,
-              "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
+_CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])),
+}
 
 
 def _race_two_writers(tmp_path, rounds):
@@ -281,9 +300,20 @@ def _race_two_writers(tmp_path, rounds):
     ready = [tmp_path / f"ready{tag}" for tag in (1, 2)]
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(tag), str(ready[tag - 1]), str(go),
-             str(rounds)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_CHILD_ENV,
+            [
+                sys.executable,
+                "-c",
+                _WRITER,
+                str(path),
+                str(tag),
+                str(ready[tag - 1]),
+                str(go),
+                str(rounds),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_CHILD_ENV,
         )
         for tag in (1, 2)
     ]
@@ -315,8 +345,9 @@ def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     for refused in (r for r in results if not r["ok"]):
         assert "another save to" in refused["error"] and ".adambs-lock" in refused["error"]
     metadata = ab.read_checkpoint_metadata(path)
-    like = ab.TrainState.create(params={"w": jnp.zeros(256)}, optimizer=optax.sgd(0.1),
-                                sampler=ab.uniform_sampler(8, 2))
+    like = ab.TrainState.create(
+        params={"w": jnp.zeros(256)}, optimizer=optax.sgd(0.1), sampler=ab.uniform_sampler(8, 2)
+    )
     restored = ab.restore_checkpoint(path, like)
     assert metadata["extra"]["value"] in succeeded
     np.testing.assert_array_equal(restored.params["w"], metadata["extra"]["value"])
@@ -331,8 +362,12 @@ def test_a_save_in_progress_is_refused_and_a_stale_lock_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"path: another save to .* is in progress"):
         ab.save_checkpoint(path, state)
     assert not path.exists() and lock.exists()  # the other save's lock is not ours to take
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lock.write_text(f"{finished.stdout.strip()} {socket.gethostname()}\n")  # a crashed save
     with pytest.raises(ValueError, match=r"was interrupted.*no longer running; delete"):
         ab.save_checkpoint(path, state)
@@ -375,8 +410,11 @@ def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "c", state, sampler=SAMPLER)
     _damage(path, how)
-    with pytest.raises(ValueError, match=rf"path: the checkpoint at {path} is damaged or "
-                                         r"incomplete .*restore an earlier checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=rf"path: the checkpoint at {path} is damaged or "
+        r"incomplete .*restore an earlier checkpoint",
+    ):
         ab.restore_checkpoint(path, _fresh_state(jax.random.key(0)), sampler=SAMPLER)
     metadata_file = path / "adambs_metadata" / "metadata"
     metadata_file.write_text(metadata_file.read_text()[:40])
@@ -400,8 +438,13 @@ def test_a_model_state_resumes_bitwise(tmp_path, setup):
     saved with the TrainState: 8 straight steps == 4, save, restore into a fresh template, 4."""
     params, model_state, apply_fn = tms.SETUPS[setup]()
     sampler = ab.exp3_sampler(tms.NUM_EXAMPLES, tms.BATCH_SIZE, num_steps=8)
-    step = ab.make_train_step(ab.ModelLoss(apply_fn, tms._cross_entropy), optax.adam(0.05),
-                              sampler, feedback="loss", model_state=True)
+    step = ab.make_train_step(
+        ab.ModelLoss(apply_fn, tms._cross_entropy),
+        optax.adam(0.05),
+        sampler,
+        feedback="loss",
+        model_state=True,
+    )
     data, keys = tms._data(), [jax.random.key(50 + t) for t in range(8)]
 
     def train(state, ts):
@@ -420,6 +463,10 @@ def test_a_model_state_resumes_bitwise(tmp_path, setup):
     assert jax.tree.structure(expected) == jax.tree.structure(actual)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(a, b)
-    moved = [not np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(_host(model_state)), jax.tree.leaves(_host(resumed.model_state)))]
-    assert any(moved)   # the statistics did change, and came back from the checkpoint
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(_host(model_state)), jax.tree.leaves(_host(resumed.model_state))
+        )
+    ]
+    assert any(moved)  # the statistics did change, and came back from the checkpoint

@@ -26,8 +26,12 @@ def test_describe_state_is_json_and_names_every_leaf():
     meta = cm.describe_state(_state(sampler, jax.random.key(0)), sampler=sampler)
     assert json.loads(json.dumps(meta)) == meta
     assert meta["format"] == cm.CHECKPOINT_FORMAT and meta["version"] == ab.__version__
-    assert meta["sampler_config"] == {"num_examples": 16, "p_min": pytest.approx(0.1 / 16),
-                                      "arity": sampler.init().arity, "bound_mode": "quantile"}
+    assert meta["sampler_config"] == {
+        "num_examples": 16,
+        "p_min": pytest.approx(0.1 / 16),
+        "arity": sampler.init().arity,
+        "bound_mode": "quantile",
+    }
     assert meta["batch_size"] == 4
     assert meta["typed_keys"] == {".key": "threefry2x32"}
     leaves = {leaf["path"]: leaf for leaf in meta["leaves"]}
@@ -58,15 +62,25 @@ def test_raw_keys_round_trip():
 @pytest.mark.parametrize(
     "other, expected",
     [
-        (lambda: _state(ab.exp3_sampler(32, 4, num_steps=5)),
-         ["sampler dataset size (num_examples): checkpoint 16, `like` 32"]),
-        (lambda: _state(params={"w": jnp.zeros((3, 2), jnp.bfloat16)}),
-         ["1 arrays differ in shape or dtype: .params['w'] checkpoint float32(3, 2) vs "
-          "`like` bfloat16(3, 2)"]),
-        (lambda: _state(params={"v": jnp.zeros((3, 2))}),
-         ["1 arrays of `like` are not in the checkpoint (a different model, optimizer or "
-          "sampler?): .params['v']",
-          "1 arrays of the checkpoint are not in `like`: .params['w']"]),
+        (
+            lambda: _state(ab.exp3_sampler(32, 4, num_steps=5)),
+            ["sampler dataset size (num_examples): checkpoint 16, `like` 32"],
+        ),
+        (
+            lambda: _state(params={"w": jnp.zeros((3, 2), jnp.bfloat16)}),
+            [
+                "1 arrays differ in shape or dtype: .params['w'] checkpoint float32(3, 2) vs "
+                "`like` bfloat16(3, 2)"
+            ],
+        ),
+        (
+            lambda: _state(params={"v": jnp.zeros((3, 2))}),
+            [
+                "1 arrays of `like` are not in the checkpoint (a different model, optimizer or "
+                "sampler?): .params['v']",
+                "1 arrays of the checkpoint are not in `like`: .params['w']",
+            ],
+        ),
     ],
     ids=["num_examples", "dtype", "paths"],
 )

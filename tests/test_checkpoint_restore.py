@@ -14,8 +14,9 @@ N, K = 40, 4
 
 
 def _state(sampler):
-    return ab.TrainState.create(params={"w": jnp.zeros(3)}, optimizer=optax.sgd(0.1),
-                                sampler=sampler)
+    return ab.TrainState.create(
+        params={"w": jnp.zeros(3)}, optimizer=optax.sgd(0.1), sampler=sampler
+    )
 
 
 def _trained(sampler, bound=None, steps=5):
@@ -44,14 +45,16 @@ def test_a_fixed_bound_overrides_the_stored_adaptive_bound(tmp_path, mode):
     restored = ab.restore_checkpoint(path, _state(fixed))
     assert float(restored.sampler_state.grad_norm_bound) == 100.0
     assert restored.sampler_state.bound_mode == "fixed"
-    np.testing.assert_array_equal(restored.sampler_state.log_weights,
-                                  saved.sampler_state.log_weights)
+    np.testing.assert_array_equal(
+        restored.sampler_state.log_weights, saved.sampler_state.log_weights
+    )
     idx, f = jnp.arange(K), jnp.full((K,), 50.0)
     after = fixed.update(restored.sampler_state, idx, f)
     assert float(after.grad_norm_bound) == 100.0
     # the update ran with L = 100: 50 is not clipped (with L = 1.13 it would be)
-    clipped = fixed.update(restored.sampler_state.replace(grad_norm_bound=jnp.float32(1.13)),
-                           idx, f)
+    clipped = fixed.update(
+        restored.sampler_state.replace(grad_norm_bound=jnp.float32(1.13)), idx, f
+    )
     np.testing.assert_array_equal(after.log_weights, clipped.log_weights)  # L from the config
 
 
@@ -63,17 +66,23 @@ def test_an_abstract_template_with_a_fixed_bound_runs_with_the_new_bound(tmp_pat
     assert float(after.grad_norm_bound) == 100.0
 
 
-@pytest.mark.parametrize("saved_mode, new_mode, expected", [
-    ("quantile", "quantile", 1.13),
-    ("running_max", "running_max", 1.13),
-    ("running_max", "quantile", 0.0),  # a changed mode restarts L
-    ("quantile", "running_max", 0.0),
-    (7.0, "quantile", 0.0),
-])
-def test_the_adaptive_bound_is_kept_only_for_the_same_mode(tmp_path, saved_mode, new_mode,
-                                                            expected):
-    path = _save(tmp_path, _trained(ab.exp3_sampler(N, K, step_size=0.5,
-                                                    grad_norm_bound=saved_mode), bound=1.13))
+@pytest.mark.parametrize(
+    "saved_mode, new_mode, expected",
+    [
+        ("quantile", "quantile", 1.13),
+        ("running_max", "running_max", 1.13),
+        ("running_max", "quantile", 0.0),  # a changed mode restarts L
+        ("quantile", "running_max", 0.0),
+        (7.0, "quantile", 0.0),
+    ],
+)
+def test_the_adaptive_bound_is_kept_only_for_the_same_mode(
+    tmp_path, saved_mode, new_mode, expected
+):
+    path = _save(
+        tmp_path,
+        _trained(ab.exp3_sampler(N, K, step_size=0.5, grad_norm_bound=saved_mode), bound=1.13),
+    )
     new = ab.exp3_sampler(N, K, step_size=0.5, grad_norm_bound=new_mode)
     restored = ab.restore_checkpoint(path, _state(new))
     assert float(restored.sampler_state.grad_norm_bound) == pytest.approx(expected)
@@ -104,10 +113,12 @@ def test_another_arity_rebuilds_the_tree_from_the_log_weights(tmp_path, saved_ar
     if saved_arity == new_arity:  # nothing rebuilt: bitwise the stored tree
         np.testing.assert_array_equal(restored.tree, saved.sampler_state.tree)
     else:
-        np.testing.assert_array_equal(restored.tree,
-                                      sumtree.build(jnp.exp(restored.log_weights), layout))
-    np.testing.assert_allclose(exp3.distribution(restored),
-                               exp3.distribution(saved.sampler_state), rtol=1e-5)
+        np.testing.assert_array_equal(
+            restored.tree, sumtree.build(jnp.exp(restored.log_weights), layout)
+        )
+    np.testing.assert_allclose(
+        exp3.distribution(restored), exp3.distribution(saved.sampler_state), rtol=1e-5
+    )
     idx, _ = new.sample(restored, jax.random.key(0))  # the restored state is usable
     new.update(restored, idx, jnp.ones(K))
 
@@ -115,22 +126,32 @@ def test_another_arity_rebuilds_the_tree_from_the_log_weights(tmp_path, saved_ar
 def test_p_min_and_num_examples_stay_refused(tmp_path):
     path = _save(tmp_path, _trained(ab.exp3_sampler(N, K, step_size=0.5)))
     with pytest.raises(ValueError, match="p_min"):
-        ab.restore_checkpoint(path, _state(ab.exp3_sampler(N, K, step_size=0.5,
-                                                           p_min=0.5 / N)))
+        ab.restore_checkpoint(path, _state(ab.exp3_sampler(N, K, step_size=0.5, p_min=0.5 / N)))
     with pytest.raises(ValueError, match="num_examples"):
         ab.restore_checkpoint(path, _state(ab.exp3_sampler(N + 1, K, step_size=0.5)))
 
 
-@pytest.mark.parametrize("field, damage, match", [
-    ("log_weights", lambda s: s.replace(log_weights=s.log_weights.at[3].set(jnp.nan)),
-     "log_weights has 1 non-finite"),
-    ("tree", lambda s: s.replace(tree=s.tree.at[0].set(jnp.inf)), "tree has 1 non-finite"),
-    ("root", lambda s: s.replace(tree=jnp.zeros_like(s.tree)), "tree root is 0.0"),
-    ("leaf", lambda s: s.replace(tree=s.tree.at[-1].set(-1.0)), "tree has 1 non-finite or neg"),
-    ("bound", lambda s: s.replace(grad_norm_bound=jnp.float32(jnp.nan)), "grad_norm_bound is nan"),
-])
-def test_a_non_finite_sampler_state_is_refused_naming_the_checkpoint(tmp_path, field, damage,
-                                                                     match):
+@pytest.mark.parametrize(
+    "field, damage, match",
+    [
+        (
+            "log_weights",
+            lambda s: s.replace(log_weights=s.log_weights.at[3].set(jnp.nan)),
+            "log_weights has 1 non-finite",
+        ),
+        ("tree", lambda s: s.replace(tree=s.tree.at[0].set(jnp.inf)), "tree has 1 non-finite"),
+        ("root", lambda s: s.replace(tree=jnp.zeros_like(s.tree)), "tree root is 0.0"),
+        ("leaf", lambda s: s.replace(tree=s.tree.at[-1].set(-1.0)), "tree has 1 non-finite or neg"),
+        (
+            "bound",
+            lambda s: s.replace(grad_norm_bound=jnp.float32(jnp.nan)),
+            "grad_norm_bound is nan",
+        ),
+    ],
+)
+def test_a_non_finite_sampler_state_is_refused_naming_the_checkpoint(
+    tmp_path, field, damage, match
+):
     sampler = ab.exp3_sampler(N, K, step_size=0.5)
     saved = _trained(sampler)
     path = _save(tmp_path, saved._replace(sampler_state=damage(saved.sampler_state)))

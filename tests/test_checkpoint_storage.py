@@ -60,8 +60,11 @@ def test_a_lock_being_written_is_still_reported(tmp_path):
 
 def test_storage_errors_name_the_checkpoint_and_keep_the_cause():
     cause = json.JSONDecodeError("Expecting value", "x", 0)
-    with pytest.raises(ValueError, match=r"path: the checkpoint at /x is damaged or incomplete "
-                                         r"and cannot be read \(JSONDecodeError: Expecting") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"path: the checkpoint at /x is damaged or incomplete "
+        r"and cannot be read \(JSONDecodeError: Expecting",
+    ) as info:
         with storage.damaged_checkpoint_errors("the checkpoint at /x"):
             raise cause
     assert info.value.__cause__ is cause

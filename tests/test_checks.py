@@ -82,9 +82,7 @@ def test_check_state_size():
         match="state.sampler_state: built for num_examples=10, but the step's sampler has "
         "num_examples=20",
     ):
-        checks.check_state_size(
-            state, 20, name="state.sampler_state", owner="the step's sampler"
-        )
+        checks.check_state_size(state, 20, name="state.sampler_state", owner="the step's sampler")
 
 
 def test_is_prng_key():

@@ -47,8 +47,9 @@ def _one_at_a_time(params, batch, weights):
         for k in range(BATCH_SIZE)
     ]
     g_hat = jax.tree.map(
-        lambda *rows: sum(float(w) * np.asarray(r, np.float64) for w, r in zip(weights, rows))
-        / BATCH_SIZE,
+        lambda *rows: (
+            sum(float(w) * np.asarray(r, np.float64) for w, r in zip(weights, rows)) / BATCH_SIZE
+        ),
         *grads,
     )
     norms = [
@@ -97,9 +98,7 @@ def test_only_the_reusing_estimator_keeps_per_example_gradients():
     kept = estimators.estimate_with_per_example_grads(MODEL_LOSS, params, batch, weights, None)
     assert kept.per_example
     chex.assert_shape(kept.gradient["w"], (BATCH_SIZE, 3, 3))
-    recomputed = estimators.estimate_with_vmap_norms(
-        MODEL_LOSS, params, batch, weights, None
-    )
+    recomputed = estimators.estimate_with_vmap_norms(MODEL_LOSS, params, batch, weights, None)
     assert not recomputed.per_example
     chex.assert_shape(recomputed.gradient["w"], (3, 3))
 
@@ -114,9 +113,7 @@ def test_a_stochastic_loss_gets_the_same_per_example_keys_for_norms_and_gradient
         return _cross_entropy(_linear(p, {**b, "x": jnp.where(keep, 2.0 * b["x"], 0.0)}), b)
 
     key = jax.random.key(7)
-    fused = estimators.estimate_with_vmap_norms(
-        dropout_loss, params, batch, weights, key
-    )
+    fused = estimators.estimate_with_vmap_norms(dropout_loss, params, batch, weights, key)
     kept = estimators.estimate_with_per_example_grads(dropout_loss, params, batch, weights, key)
     chex.assert_trees_all_close(
         fused.gradient, ab.weighted_mean(kept.gradient, weights), rtol=1e-5, atol=1e-6
@@ -145,7 +142,8 @@ def test_importance_weighted_grad_is_the_weighted_mean_and_carries_aux():
         return _cross_entropy(logits, b), {"logits": logits}
 
     (aux_losses, aux), aux_grad = estimators.importance_weighted_grad(
-        loss_with_aux, params, batch, weights, has_aux=True)
+        loss_with_aux, params, batch, weights, has_aux=True
+    )
     chex.assert_trees_all_close(aux_grad, g_hat)
     np.testing.assert_allclose(aux_losses, losses)
     assert aux["logits"].shape == (BATCH_SIZE,) + params["b"].shape

@@ -130,6 +130,7 @@ def _run_after_an_outlier(mode, feedback, num_chunks=4, n=100, k=32):
         def body(s, key):
             indices, _ = sampler.sample(s, key)
             return sampler.update(s, indices, feedback[indices]), None
+
         return sampler.renormalize(jax.lax.scan(body, state, jax.random.split(key, 500))[0])
 
     state = sampler.init()
@@ -176,8 +177,9 @@ def test_running_max_mode_is_the_old_running_max_bitwise():
 
 
 @pytest.mark.parametrize("mode", ["quantile", "running_max", 1.0])
-@pytest.mark.parametrize("feedback", [jnp.nan, jnp.inf, -jnp.inf, 1e30, 3e38],
-                         ids=["nan", "inf", "-inf", "1e30", "3e38"])
+@pytest.mark.parametrize(
+    "feedback", [jnp.nan, jnp.inf, -jnp.inf, 1e30, 3e38], ids=["nan", "inf", "-inf", "1e30", "3e38"]
+)
 @pytest.mark.parametrize("step_size", [0.5, 1e30])
 def test_an_update_never_writes_a_non_finite_leaf(mode, feedback, step_size):
     n, k = 30, 8
@@ -291,7 +293,8 @@ def test_renormalize_restores_the_root_and_keeps_p():
     renormalized = exp3.renormalize(config, tiny)
     assert int(renormalized.num_rescales) == 1
     assert float(jnp.log(sumtree.total(renormalized.tree))) == pytest.approx(
-        exp3.INITIAL_LOG_ROOT, abs=1e-4)
+        exp3.INITIAL_LOG_ROOT, abs=1e-4
+    )
     np.testing.assert_allclose(exp3.distribution(renormalized), p, rtol=1e-5)
     assert_tree_is_exact(renormalized.tree, config.layout)
 
@@ -301,14 +304,16 @@ def test_renormalization_period_follows_the_drift_bound():
     # drift = -log max(1 - eta0, (n - K) p_min) per update; M = budget / (2.02 drift)
     assert exp3.renormalization_period(1000, 8, 1e-4, 0.1) == int(budget / (2.02 * -math.log(0.9)))
     assert exp3.renormalization_period(1000, 8, 1e-4, 5.0) == int(
-        budget / (2.02 * -math.log(992e-4)))
+        budget / (2.02 * -math.log(992e-4))
+    )
     assert exp3.renormalization_period(4, 8, 0.25, 1.0) == 0  # unbounded: every update
     assert config_of(10**4, 128, num_steps=10**5).renormalize_every > 10**5  # default eta0
 
 
 def test_tiny_p_min_is_refused_with_the_smallest_allowed():
-    smallest = math.exp(exp3.MIN_RENORMALIZATION_BUDGET + exp3.LEAF_FLOOR_LOG
-                        - exp3.INITIAL_LOG_ROOT)
+    smallest = math.exp(
+        exp3.MIN_RENORMALIZATION_BUDGET + exp3.LEAF_FLOOR_LOG - exp3.INITIAL_LOG_ROOT
+    )
     with pytest.raises(ValueError, match=r"p_min=1e-60.*smallest allowed p_min is"):
         config_of(10, 2, step_size=0.1, p_min=1e-60)
     assert config_of(10, 2, step_size=0.1, p_min=smallest * 1.01).p_min > 0
@@ -325,7 +330,8 @@ def test_renormalizing_every_update_when_the_drift_is_unbounded():
         state = sampler.update(state, indices, feedback)
     assert int(state.num_rescales) == 50
     assert float(jnp.log(sumtree.total(state.tree))) == pytest.approx(
-        exp3.INITIAL_LOG_ROOT, abs=1e-3)
+        exp3.INITIAL_LOG_ROOT, abs=1e-3
+    )
     skipped = sampler.update(state, indices, feedback, apply=False)
     assert_bitwise_equal(skipped, state)
 

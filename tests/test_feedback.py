@@ -84,9 +84,9 @@ class PerExampleGradsTest(chex.TestCase):
             logits = model.apply(p, b["x"], train=True, rngs={"dropout": k})
             return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
 
-        losses, grads = jax.jit(
-            lambda p, b, k: ab.per_example_losses_and_grads(loss_fn, p, b, k)
-        )(params, batch, key)
+        losses, grads = jax.jit(lambda p, b, k: ab.per_example_losses_and_grads(loss_fn, p, b, k))(
+            params, batch, key
+        )
         grads = jax.device_get(grads)  # index on the host: no compile per example
         keys = jax.random.split(key, BATCH_SIZE)
         reference = jax.jit(jax.value_and_grad(lambda p, e, k: loss_fn(p, e, k)[0]))
@@ -272,8 +272,13 @@ def _preconditioned_reference(grads_one_at_a_time, opt_state):
     norms = []
     for g in grads_one_at_a_time:
         scaled = jax.tree.map(
-            lambda gk, v: np.asarray(gk, np.float64)
-            / (np.sqrt(np.asarray(v, np.float64) / (1 - 0.999)) + 1e-8), g, nu)
+            lambda gk, v: (
+                np.asarray(gk, np.float64)
+                / (np.sqrt(np.asarray(v, np.float64) / (1 - 0.999)) + 1e-8)
+            ),
+            g,
+            nu,
+        )
         norms.append(_flat_norm(scaled))
     return np.asarray(norms)
 
@@ -281,8 +286,7 @@ def _preconditioned_reference(grads_one_at_a_time, opt_state):
 def test_preconditioned_grad_norms_match_a_float64_reference():
     _, params, batch, model_loss = _setup()
     opt_state = _adam_state_after_one_update(params)
-    expected = _preconditioned_reference(_one_at_a_time_grads(model_loss, params, batch),
-                                         opt_state)
+    expected = _preconditioned_reference(_one_at_a_time_grads(model_loss, params, batch), opt_state)
     got = ab.preconditioned_grad_norms(model_loss, params, batch, opt_state)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4)
     assert "preconditioned_grad_norm" in fb.FEEDBACK_KINDS
@@ -299,8 +303,10 @@ def test_the_preconditioned_estimator_reads_the_optimizer_state():
     chex.assert_trees_all_close(result.gradient, gradient, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result.losses, losses, rtol=1e-6)
     np.testing.assert_allclose(
-        result.feedback, ab.preconditioned_grad_norms(model_loss, params, batch, opt_state),
-        rtol=1e-6)
+        result.feedback,
+        ab.preconditioned_grad_norms(model_loss, params, batch, opt_state),
+        rtol=1e-6,
+    )
     assert not result.per_example
     with pytest.raises(ValueError, match="opt_state"):
         estimate(model_loss, params, batch, weights, None)

@@ -15,8 +15,7 @@ import optax
 import pytest
 
 import adambs_jax as ab
-from adambs_jax import feedback
-from adambs_jax import ghost
+from adambs_jax import feedback, ghost
 
 K = 6
 NUM_CLASSES = 5
@@ -118,8 +117,11 @@ def test_norms_losses_and_gradient_match_vmap(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the GRU cell falls back (tested below)
         losses, grad, norms = jax.jit(
-            lambda p: ghost.ghost_losses_grad_and_norms(loss_fn, p, batch, weights, key))(params)
-    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap"))
+            lambda p: ghost.ghost_losses_grad_and_norms(loss_fn, p, batch, weights, key)
+        )(params)
+    _assert_close(
+        norms, feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")
+    )
     expected_losses = feedback.per_example_losses(loss_fn, params, batch, key)
     _assert_close(losses, expected_losses, rtol=1e-6)
 
@@ -144,8 +146,9 @@ def test_gru_cell_under_scan_falls_back_with_a_warning_naming_it():
     coverage = ghost.ghost_coverage(loss_fn, params, batch, jax.random.key(0))
     assert any("Embed_0" in name for name in coverage.ghost)
     assert any("Dense_0" in name for name in coverage.ghost)
-    assert coverage.fallback and all("GRUCell" in name or "cell" in name
-                                     for name in coverage.fallback)
+    assert coverage.fallback and all(
+        "GRUCell" in name or "cell" in name for name in coverage.fallback
+    )
     with pytest.warns(UserWarning, match="no layer rule covers the parameters.*(cell|GRUCell)"):
         ghost.per_example_grad_norms(loss_fn, params, batch, jax.random.key(0), method="ghost")
 
@@ -154,7 +157,10 @@ def test_transformer_coverage_puts_layer_norms_on_the_direct_path():
     loss_fn, params, batch = _problem(*MODELS["transformer"])
     coverage = ghost.ghost_coverage(loss_fn, params, batch, jax.random.key(0))
     assert {name.split("']")[1] for name in coverage.direct} == {
-        "['LayerNorm_0", "['LayerNorm_1", "['LayerNorm_2"}
+        "['LayerNorm_0",
+        "['LayerNorm_1",
+        "['LayerNorm_2",
+    }
     assert coverage.fallback == ("['params']['position']",)  # a raw self.param
     assert len(coverage.ghost) == 2 * 7 + 1  # 7 Dense (kernel, bias) and the embedding
 
@@ -169,8 +175,12 @@ def test_bfloat16_params_give_float32_norms_of_the_float32_gradient(name):
     norms = ghost.per_example_grad_norms(loss_fn, params, batch, key, method="ghost")
     assert norms.dtype == jnp.float32
     params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    _assert_close(norms, feedback.per_example_grad_norms(loss_fn, params32, batch, key, method="vmap"))
-    rounded = feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")  # bf16 gradients
+    _assert_close(
+        norms, feedback.per_example_grad_norms(loss_fn, params32, batch, key, method="vmap")
+    )
+    rounded = feedback.per_example_grad_norms(
+        loss_fn, params, batch, key, method="vmap"
+    )  # bf16 gradients
     _assert_close(norms, rounded, rtol=2e-2)
 
 
@@ -178,8 +188,9 @@ def test_gradient_keeps_the_parameter_dtypes():
     loss_fn, params, batch = _problem(*MODELS["transformer"], param_dtype=jnp.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, grad, _ = ghost.ghost_losses_grad_and_norms(loss_fn, params, batch, _weights(),
-                                                       jax.random.key(0))
+        _, grad, _ = ghost.ghost_losses_grad_and_norms(
+            loss_fn, params, batch, _weights(), jax.random.key(0)
+        )
     assert jax.tree.map(lambda g: g.dtype, grad) == jax.tree.map(lambda p: p.dtype, params)
 
 
@@ -216,9 +227,11 @@ def test_weights_rescale_gradient_not_norms():
     loss_fn, params, batch = _problem(*MODELS["mlp"])
     key = jax.random.key(0)
     _, grad_one, norms_one = ghost.ghost_losses_grad_and_norms(
-        loss_fn, params, batch, jnp.ones(K), key)
+        loss_fn, params, batch, jnp.ones(K), key
+    )
     _, grad_two, norms_two = ghost.ghost_losses_grad_and_norms(
-        loss_fn, params, batch, 2 * jnp.ones(K), key)
+        loss_fn, params, batch, 2 * jnp.ones(K), key
+    )
     _assert_close(norms_two, norms_one, rtol=1e-6)
     jax.tree.map(lambda a, b: _assert_close(a, 2 * b, rtol=1e-6), grad_two, grad_one)
 
@@ -238,7 +251,8 @@ def test_model_loss_and_zero_weight():
     loss_fn, params, batch = _problem(model, make_inputs)
     model_loss = ab.ModelLoss(
         lambda p, b: model.apply(p, b["x"]),
-        lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]))
+        lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]),
+    )
     weights = jnp.ones(K).at[2].set(0.0)
     _, _, norms = ghost.ghost_losses_grad_and_norms(model_loss, params, batch, weights)
     expected = np.asarray(feedback.per_example_grad_norms(model_loss, params, batch, method="vmap"))

@@ -23,8 +23,9 @@ def _explicit_matmul_sq_norms(a, b):
 def test_matmul_sq_norms_ghost_and_explicit_forms(rows, d, p):
     a, b = _normal(0, (K, rows, d)), _normal(1, (K, rows, p))
     assert layer_norms.use_ghost_form(rows, d, p) == (2 * rows * rows <= d * p)
-    np.testing.assert_allclose(layer_norms.matmul_sq_norms(a, b),
-                               _explicit_matmul_sq_norms(a, b), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer_norms.matmul_sq_norms(a, b), _explicit_matmul_sq_norms(a, b), rtol=1e-5
+    )
 
 
 def test_single_row_is_product_of_squared_norms():
@@ -49,23 +50,34 @@ def test_embed_sq_norms_equals_one_hot_gradient():
     tokens = jnp.array([[0, 2, 2, 1], [3, 3, 3, 3], [0, 1, 2, 3]])
     b = _normal(3, (K, 4, 5))
     one_hot = jax.nn.one_hot(tokens, 4)
-    np.testing.assert_allclose(layer_norms.embed_sq_norms(tokens, b),
-                               _explicit_matmul_sq_norms(one_hot, b), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer_norms.embed_sq_norms(tokens, b), _explicit_matmul_sq_norms(one_hot, b), rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("strides,padding,lhs_dil,rhs_dil", [
-    ((1, 1), "SAME", (1, 1), (1, 1)),
-    ((2, 3), ((1, 1), (2, 0)), (2, 1), (1, 2)),
-    ((2, 3), "SAME", (1, 1), (1, 2)),
-    ((1, 2), "VALID", (1, 1), (2, 2)),
-    ((1, 1), ((-1, 2), (0, 0)), (1, 1), (1, 1)),
-    ((2, 1), ((1, 0), (2, 1)), (1, 2), (2, 1)),
-])
+@pytest.mark.parametrize(
+    "strides,padding,lhs_dil,rhs_dil",
+    [
+        ((1, 1), "SAME", (1, 1), (1, 1)),
+        ((2, 3), ((1, 1), (2, 0)), (2, 1), (1, 2)),
+        ((2, 3), "SAME", (1, 1), (1, 2)),
+        ((1, 2), "VALID", (1, 1), (2, 2)),
+        ((1, 1), ((-1, 2), (0, 0)), (1, 1), (1, 1)),
+        ((2, 1), ((1, 0), (2, 1)), (1, 2), (2, 1)),
+    ],
+)
 def test_conv_patches_times_kernel_is_the_convolution(strides, padding, lhs_dil, rhs_dil):
     x, kernel = _normal(4, (2, 7, 6, 3)), _normal(5, (3, 2, 3, 4))  # NHWC, HWIO
     expected = lax.conv_general_dilated(
-        x, kernel, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        x,
+        kernel,
+        strides,
+        padding,
+        lhs_dilation=lhs_dil,
+        rhs_dilation=rhs_dil,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
     patches = layer_norms.conv_patches(x, (3, 2), strides, padding, lhs_dil, rhs_dil)
     np.testing.assert_allclose(patches @ kernel.reshape(-1, 4), expected, rtol=1e-4, atol=1e-5)
 

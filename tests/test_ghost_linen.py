@@ -37,7 +37,8 @@ def _coverage_and_check(model, inputs, *, batch_stats=False):
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     assert np.all(np.asarray(expected) > 0)
     expected_grad = jax.grad(
-        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
+        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs))
+    )(params)
     _assert_gradients_close(grad, expected_grad)
     return ghost.ghost_coverage(loss_fn, params, inputs)
 
@@ -46,21 +47,26 @@ def _assert_gradients_close(actual, expected):
     """rtol 1e-4, and float32 summation error (1e-5 of the largest entry of all leaves) for
     tiny entries (e.g. the bias of a convolution followed by batch statistics, ~0)."""
     atol = 1e-5 * max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(expected))
-    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
-                                                         rtol=1e-4, atol=atol),
-                 actual, expected)
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=atol),
+        actual,
+        expected,
+    )
 
 
 def _images(shape=(K, 9, 9, 3)):
     return jax.random.normal(jax.random.key(1), shape)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(kernel_size=(3, 3), strides=2, padding="SAME"),
-    dict(kernel_size=(3, 2), kernel_dilation=2, padding=((1, 2), (0, 1))),
-    dict(kernel_size=(2, 2), input_dilation=2, padding=1, use_bias=False),
-    dict(kernel_size=(1, 1), padding="VALID"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=(3, 3), strides=2, padding="SAME"),
+        dict(kernel_size=(3, 2), kernel_dilation=2, padding=((1, 2), (0, 1))),
+        dict(kernel_size=(2, 2), input_dilation=2, padding=1, use_bias=False),
+        dict(kernel_size=(1, 1), padding="VALID"),
+    ],
+)
 def test_conv_configurations_are_covered_and_exact(kwargs):
     coverage = _coverage_and_check(nn.Conv(5, **kwargs), _images())
     assert not coverage.fallback and coverage.ghost
@@ -72,11 +78,14 @@ def test_conv_1d_on_sequences_uses_the_explicit_form_and_is_exact():
     assert not coverage.fallback
 
 
-@pytest.mark.parametrize("module", [
-    nn.Conv(4, (3, 3), padding="CIRCULAR"),
-    nn.Conv(6, (3, 3), feature_group_count=3),
-    nn.Conv(6, (3, 3), mask=np.tril(np.ones((3, 3, 3, 6)))),
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Conv(4, (3, 3), padding="CIRCULAR"),
+        nn.Conv(6, (3, 3), feature_group_count=3),
+        nn.Conv(6, (3, 3), mask=np.tril(np.ones((3, 3, 3, 6)))),
+    ],
+)
 def test_unsupported_conv_configurations_fall_back_exactly(module):
     coverage = _coverage_and_check(module, _images())
     assert coverage.fallback and not coverage.ghost
@@ -176,8 +185,10 @@ def test_a_kernel_also_read_by_the_loss_falls_back_exactly():
         return jnp.sum(jnp.sin(model.apply(p, x)), axis=1) + decay
 
     coverage = ghost.ghost_coverage(loss_fn, params, inputs)
-    assert coverage.fallback == ("['params']['layers_0']['bias']",
-                                 "['params']['layers_0']['kernel']")
+    assert coverage.fallback == (
+        "['params']['layers_0']['bias']",
+        "['params']['layers_0']['kernel']",
+    )
     assert len(coverage.ghost) == 2
     weights = jnp.linspace(0.5, 2.0, K)
     with pytest.warns(UserWarning, match="layers_0"):
@@ -185,7 +196,8 @@ def test_a_kernel_also_read_by_the_loss_falls_back_exactly():
     expected = feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     expected_grad = jax.grad(
-        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs)))(params)
+        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, inputs))
+    )(params)
     _assert_gradients_close(grad, expected_grad)
 
 
@@ -204,5 +216,8 @@ def test_a_model_applied_under_an_inner_jit_falls_back_exactly():
     coverage = ghost.ghost_coverage(loss_fn, params, inputs)
     assert not coverage.ghost and len(coverage.fallback) == 2
     norms = ghost.per_example_grad_norms(loss_fn, params, inputs, method="auto")
-    np.testing.assert_allclose(np.asarray(norms), np.asarray(
-        feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(norms),
+        np.asarray(feedback.per_example_grad_norms(loss_fn, params, inputs, method="vmap")),
+        rtol=1e-4,
+    )

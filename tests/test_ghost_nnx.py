@@ -60,20 +60,25 @@ def test_nnx_norms_and_gradient_match_vmap(name):
     if name == "cnn":
         model, inputs = _CNN(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (K, 7, 7, 3))
     else:
-        model, inputs = _TokenModel(nnx.Rngs(0)), jax.random.randint(
-            jax.random.key(1), (K, 6), 0, 13)
+        model, inputs = (
+            _TokenModel(nnx.Rngs(0)),
+            jax.random.randint(jax.random.key(1), (K, 6), 0, 13),
+        )
     loss_fn, params, batch = _problem(model, inputs)
     key, weights = jax.random.key(2), jnp.linspace(0.5, 2.0, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        losses, grad, norms = ghost.ghost_losses_grad_and_norms(loss_fn, params, batch, weights,
-                                                                key)
+        losses, grad, norms = ghost.ghost_losses_grad_and_norms(
+            loss_fn, params, batch, weights, key
+        )
     expected = feedback.per_example_grad_norms(loss_fn, params, batch, key, method="vmap")
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)
     expected_grad = jax.grad(
-        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, batch, key)))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 grad, expected_grad)
+        lambda p: jnp.mean(weights * feedback.per_example_losses(loss_fn, p, batch, key))
+    )(params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad, expected_grad
+    )
     coverage = ghost.ghost_coverage(loss_fn, params, batch, key)
     if name == "cnn":
         assert len(coverage.ghost) == 6 and len(coverage.direct) == 2 and not coverage.fallback
@@ -95,7 +100,8 @@ def test_tied_embedding_attend_falls_back():
     coverage = ghost.ghost_coverage(loss_fn, params, batch, jax.random.key(0))
     assert coverage.fallback == ("['embed']['embedding'].value", "['gain'].value")
     with pytest.warns(UserWarning, match="embedding"):
-        norms = ghost.per_example_grad_norms(loss_fn, params, batch, jax.random.key(0),
-                                             method="ghost")
+        norms = ghost.per_example_grad_norms(
+            loss_fn, params, batch, jax.random.key(0), method="ghost"
+        )
     expected = feedback.per_example_grad_norms(loss_fn, params, batch, jax.random.key(0))
     np.testing.assert_allclose(np.asarray(norms), np.asarray(expected), rtol=1e-4)

@@ -15,8 +15,9 @@ def _site(path, leaves, call=0, rule=RULE, config=(), in_loss_trace=True):
 
 
 def test_supported_calls_cover_their_leaves_and_the_rest_falls_back():
-    plan = sites.build_plan([_site("a", (0, 1)), _site("n", (2,), rule=None, config=None)],
-                            set(), 4)
+    plan = sites.build_plan(
+        [_site("a", (0, 1)), _site("n", (2,), rule=None, config=None)], set(), 4
+    )
     assert plan.covered == {0, 1} and plan.direct == {2} and plan.fallback == (3,)
     assert set(plan.perturbed) == {("a", 0)}
 
@@ -28,9 +29,11 @@ def test_one_call_under_a_nested_trace_uncovers_the_whole_path():
 
 
 def test_unsupported_config_unknown_leaves_and_other_methods_uncover():
-    for recorded, bad in [([_site("a", (0,), config=None)], set()),
-                          ([_site("a", (0, -1))], set()),
-                          ([_site("a", (0,))], {"a"})]:
+    for recorded, bad in [
+        ([_site("a", (0,), config=None)], set()),
+        ([_site("a", (0, -1))], set()),
+        ([_site("a", (0,))], {"a"}),
+    ]:
         plan = sites.build_plan(recorded, bad, 1)
         assert plan.fallback == (0,) and not plan.perturbed
 

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("grain")   # a guard only: CI installs the [data] extra
+pytest.importorskip("grain")  # a guard only: CI installs the [data] extra
 
 import adambs_jax as ab
 from adambs_jax import grain_source
 from adambs_jax.grain_source import ArrayRecordSource, shard_paths, write_array_record
 from adambs_jax.sources import ArraySource, check_source
-from tests.helpers import run_api_doc_example, read_from_threads
+from tests.helpers import read_from_threads, run_api_doc_example
 
 
 def _arrays(n=37, seed=0):
@@ -46,7 +46,7 @@ def test_round_trip_equals_the_array_source(tmp_path, shards):
     assert source.num_examples == 37 == check_source(source)
     assert isinstance(source, ab.sources.DataSource)
     rng = np.random.default_rng(1)
-    for size in (1, 16, 100):   # K = 100 > n: duplicates
+    for size in (1, 16, 100):  # K = 100 > n: duplicates
         indices = rng.integers(0, 37, size=size)
         _assert_same_batch(source.read(indices), reference.read(indices))
     _assert_same_batch(source.read(np.arange(37)), arrays)
@@ -59,7 +59,7 @@ def test_shards_layouts_and_record_keys(tmp_path):
     counts = [json.loads(open_text(path + ".layout.json"))["num_records"] for path in paths]
     assert counts == [10, 10, 10, 7]
     record_bytes = json.loads(open_text(paths[0] + ".layout.json"))["record_bytes"]
-    assert record_bytes == 12 + 20 + 8 + 8 + 1 + 8   # packed, no padding
+    assert record_bytes == 12 + 20 + 8 + 8 + 1 + 8  # packed, no padding
     # the grain dataset over the same source gives record j = example j, undecoded
     source = ArrayRecordSource(paths)
     expected = ArraySource(_arrays()).read(np.array([25]))

@@ -14,11 +14,12 @@ from adambs_jax import groups
 from adambs_jax.groups import GroupSamplerState, group_sampler
 from tests.helpers import run_api_doc_example
 
-N, K, M = 32, 8, 4   # G = 8 groups, B = 2 drawn per step
+N, K, M = 32, 8, 4  # G = 8 groups, B = 2 drawn per step
 
 
 def _trained_state(sampler, updates=40, seed=0):
     """A state whose group distribution is far from uniform: feedback grows with the index."""
+
     def one_update(state, key):
         indices, _ = sampler.sample(state, key)
         return sampler.update(state, indices, (indices.astype(jnp.float32) + 1.0) ** 2), None
@@ -40,10 +41,10 @@ def exp3_groups():
 
 def test_drawn_groups_follow_the_base_distribution(exp3_groups):
     sampler, state = exp3_groups
-    q = np.asarray(sampler.probabilities(state))[::M] * M     # the base's q (G,)
+    q = np.asarray(sampler.probabilities(state))[::M] * M  # the base's q (G,)
     np.testing.assert_allclose(q, np.asarray(ab.probabilities(state.base)), rtol=1e-6)
     np.testing.assert_array_equal(ab.probabilities(state), sampler.probabilities(state))
-    assert q.max() / q.min() > 1.5                            # a non-uniform state
+    assert q.max() / q.min() > 1.5  # a non-uniform state
     indices, _ = _draws(sampler, state, 20000)
     counts = np.bincount(np.asarray(indices[:, ::M]).ravel() // M, minlength=N // M)
     assert stats.chisquare(counts, counts.sum() * q).pvalue > 1e-3
@@ -72,13 +73,16 @@ def test_weighted_gradient_estimate_is_unbiased(exp3_groups):
     assert np.any(np.abs(biased) > 20 * standard_error)
     # the exact expectation, sum_g q_g (B/K) sum_{j in g} g_j / (G q_g), is the mean
     q = np.asarray(ab.probabilities(state.base))
-    exact = sum(q[g] * (K // M) / K * grads[g * M:(g + 1) * M].sum(0) / (N // M * q[g])
-                for g in range(N // M))
+    exact = sum(
+        q[g] * (K // M) / K * grads[g * M : (g + 1) * M].sum(0) / (N // M * q[g])
+        for g in range(N // M)
+    )
     np.testing.assert_allclose(exact, grads.mean(axis=0), rtol=1e-5)
     # and its variance is (1/B) ((1/G^2) sum_g ||gbar_g||^2 / q_g - ||gbar||^2)
     group_means = grads.reshape(N // M, M, 3).mean(axis=1)
-    variance = (np.sum(np.square(group_means).sum(1) / q) / (N // M) ** 2
-                - np.square(grads.mean(0)).sum()) / (K // M)
+    variance = (
+        np.sum(np.square(group_means).sum(1) / q) / (N // M) ** 2 - np.square(grads.mean(0)).sum()
+    ) / (K // M)
     np.testing.assert_allclose(estimates.var(axis=0).sum(), variance, rtol=0.05)
 
 
@@ -86,7 +90,7 @@ def test_group_feedback_is_the_root_mean_square_and_invalid_groups_are_nan():
     config = groups.group_config(8, 4, 2)
     out = np.asarray(groups.group_feedback(config, jnp.array([3.0, 4.0, 1.0, -1.0])))
     np.testing.assert_allclose(out[0], np.sqrt(12.5), rtol=1e-6)
-    assert np.isnan(out[1])   # a negative value is never squared into valid feedback
+    assert np.isnan(out[1])  # a negative value is never squared into valid feedback
     assert np.isnan(np.asarray(groups.group_feedback(config, jnp.array([1, 1, jnp.nan, 1])))[1])
     # the RMS bounds the norm of the group's mean gradient (triangle + power mean)
     g = np.random.default_rng(1).normal(size=(2, 5))
@@ -105,8 +109,13 @@ def test_group_size_one_is_the_base_sampler_exactly(base):
     @jax.jit
     def both(state, reference, key):
         (indices, probs), expected = wrapped.sample(state, key), plain.sample(reference, key)
-        return (indices, probs, expected, wrapped.update(state, indices, feedback),
-                plain.update(reference, expected[0], feedback))
+        return (
+            indices,
+            probs,
+            expected,
+            wrapped.update(state, indices, feedback),
+            plain.update(reference, expected[0], feedback),
+        )
 
     for key in jax.random.split(jax.random.key(3), 5):
         indices, probs, expected, state, reference = both(state, reference, key)
@@ -124,8 +133,9 @@ def test_apply_false_keeps_the_state_and_renormalize_delegates(exp3_groups):
     assert sampler.renormalize_every is not None
     renormalized = jax.jit(sampler.renormalize)(state)
     assert int(renormalized.base.num_rescales) == int(state.base.num_rescales) + 1
-    np.testing.assert_allclose(sampler.probabilities(renormalized), sampler.probabilities(state),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        sampler.probabilities(renormalized), sampler.probabilities(state), rtol=1e-5
+    )
 
 
 def test_a_base_factory_without_apply_is_selected_around():

@@ -78,8 +78,9 @@ def test_the_loop_equals_calling_the_step_by_hand():
         draws.append(later)
         np.testing.assert_array_equal(metrics[t]["loss"], by_hand["loss"])
     np.testing.assert_array_equal(looped.params, state.params)
-    np.testing.assert_array_equal(ab.probabilities(looped.sampler_state),
-                                  ab.probabilities(state.sampler_state))
+    np.testing.assert_array_equal(
+        ab.probabilities(looped.sampler_state), ab.probabilities(state.sampler_state)
+    )
     for left, right in zip(pending, draws):
         np.testing.assert_array_equal(left.indices, right.indices)
 
@@ -90,13 +91,15 @@ def test_a_uniform_sampler_trains_as_make_train_step_on_the_in_memory_data():
     init_key, key = jax.random.key(0), jax.random.key(1)
     step = _step(sampler, lookahead=lookahead)
     state, draws = step.init(_params(), init_key)
-    looped, _, _ = ab.run_host_loop(step, state, draws, ab.sources.ArraySource(data),
-                                    num_steps, key=key)
+    looped, _, _ = ab.run_host_loop(
+        step, state, draws, ab.sources.ArraySource(data), num_steps, key=key
+    )
 
     reference = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss")
     state = reference.init(_params())
-    keys = (list(jax.random.split(init_key, lookahead + 1)[1:])
-            + list(jax.random.split(key, num_steps)))
+    keys = list(jax.random.split(init_key, lookahead + 1)[1:]) + list(
+        jax.random.split(key, num_steps)
+    )
     for step_key in keys[:num_steps]:
         state, _ = reference(state, jax.tree.map(jnp.asarray, data), step_key)
     np.testing.assert_array_equal(looped.params, state.params)
@@ -138,9 +141,10 @@ def test_a_source_of_the_wrong_size_is_refused_by_name():
     with pytest.raises(TypeError, match="source must be a data source"):
         ab.HostLoader(step, _data())
     with pytest.raises(TypeError, match="step must be a HostTrainStep"):
-        ab.HostLoader(ab.make_train_step(_loss, optax.sgd(0.1),
-                                         ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
-                      ab.sources.ArraySource(_data()))
+        ab.HostLoader(
+            ab.make_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
+            ab.sources.ArraySource(_data()),
+        )
 
 
 def test_the_loader_waits_only_in_next_and_counts_it():
@@ -161,7 +165,7 @@ def test_process_rows_without_a_mesh_is_the_whole_batch():
 
 
 _MESH_CHILD = textwrap.dedent(
-    r'''
+    r"""
     import json, os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -202,7 +206,7 @@ _MESH_CHILD = textwrap.dedent(
                                   for leaf in jax.tree.leaves(sharded))
     out["metrics_replicated"] = all(v.sharding.is_fully_replicated for v in metrics[-1].values())
     print("RESULT " + json.dumps(out))
-    '''
+    """
 )
 
 
@@ -210,23 +214,36 @@ def _run_child(tmp_path, script, *args, env_extra=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "child.py"
     path.write_text(script)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+        **(env_extra or {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _result(process, timeout=300):
     stdout, stderr = process.communicate(timeout=timeout)
     assert process.returncode == 0, stderr[-4000:]
     line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_eight_devices_shard_the_batch_and_match_one_device(tmp_path):
-    out = _result(_run_child(
-        tmp_path, _MESH_CHILD,
-        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+    out = _result(
+        _run_child(
+            tmp_path,
+            _MESH_CHILD,
+            env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        )
+    )
     assert out["num_devices"] == 8
     assert out["batch_split"], out
     assert out["batch_devices"] == 8 and out["shard_rows"] == [2] * 8, out
@@ -235,7 +252,7 @@ def test_eight_devices_shard_the_batch_and_match_one_device(tmp_path):
 
 
 _TWO_PROCESS_CHILD = textwrap.dedent(
-    r'''
+    r"""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax
@@ -263,7 +280,7 @@ _TWO_PROCESS_CHILD = textwrap.dedent(
         "key": np.asarray(jax.random.key_data(replicated["key"]).addressable_data(0)).tolist(),
         "unchanged_if_replicated": again["x"] is replicated["x"],
         "total": float(total.addressable_data(0))}))
-    '''
+    """
 )
 
 
@@ -282,10 +299,10 @@ def _recording_run(mesh, steps=5):
     source = RecordingSource({"x": x, "y": (x[:, 0] > 0).astype(np.int32)})
     sampler = ab.exp3_sampler(n, batch_size, num_steps=steps, step_size=0.5)
     step = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, feedback="loss", mesh=mesh)
-    state, draws = step.init(jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-                             jax.random.key(0))
-    state, _, _ = ab.run_host_loop(step, state, draws, source, steps, key=jax.random.key(1),
-                                   num_threads=1)  # one thread: reads in order
+    state, draws = step.init(jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), jax.random.key(0))
+    state, _, _ = ab.run_host_loop(
+        step, state, draws, source, steps, key=jax.random.key(1), num_threads=1
+    )  # one thread: reads in order
     return state, seen[:steps]
 
 
@@ -297,17 +314,19 @@ def _free_port():
 
 def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
     port, tests_dir = _free_port(), os.path.dirname(__file__)
-    children = [_run_child(tmp_path / str(i), _TWO_PROCESS_CHILD, str(i), port, tests_dir)
-                for i in range(2)]
-    outs = sorted((_result(child, timeout=240) for child in children),
-                  key=lambda out: out["process"])
+    children = [
+        _run_child(tmp_path / str(i), _TWO_PROCESS_CHILD, str(i), port, tests_dir) for i in range(2)
+    ]
+    outs = sorted(
+        (_result(child, timeout=240) for child in children), key=lambda out: out["process"]
+    )
     reference, reference_seen = _recording_run(None)
     half = len(reference_seen[0]) // 2
     for process, out in enumerate(outs):
         assert out["devices"] == 4, out
         np.testing.assert_allclose(out["params"], reference.params, rtol=1e-5, atol=1e-6)
         # the dataset is not replicated: each process read only its half of every batch
-        expected = [indices[process * half:(process + 1) * half] for indices in reference_seen]
+        expected = [indices[process * half : (process + 1) * half] for indices in reference_seen]
         assert out["seen"] == expected, (process, out["seen"], reference_seen)
         # ab.sharding.replicate: every leaf a global array on all 4 devices, same values
         assert out["replicated"] and out["unchanged_if_replicated"], out
@@ -320,7 +339,10 @@ def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
 def test_api_doc_host_data_example_runs():
     """The example of docs/api.md, "Data on the host", runs and its asserts hold."""
     api_doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
-    blocks = [block for block in re.findall(r"```python\n(.*?)```", api_doc.read_text(), re.S)
-              if block.startswith("# host data example")]
+    blocks = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", api_doc.read_text(), re.S)
+        if block.startswith("# host data example")
+    ]
     assert len(blocks) == 1, "docs/api.md lost its host data example"
     exec(compile(blocks[0], f"{api_doc.name}[host data]", "exec"), {"__name__": "doc"})

@@ -82,8 +82,7 @@ def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=20, step_size=0.5)
     init_key = jax.random.key(5)
     call_keys = list(jax.random.split(jax.random.key(6), num_steps))
-    host = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, lookahead=1,
-                                   feedback=feedback)
+    host = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, lookahead=1, feedback=feedback)
     host_state, _ = _run_host(host, _params(), init_key, call_keys, data)
 
     reference = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback)
@@ -92,8 +91,9 @@ def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     for key in _reference_keys(init_key, call_keys, 1)[:num_steps]:
         state, _ = reference(state, device_data, key)
     np.testing.assert_allclose(host_state.params, state.params, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ab.probabilities(host_state.sampler_state),
-                               ab.probabilities(state.sampler_state), rtol=1e-6)
+    np.testing.assert_allclose(
+        ab.probabilities(host_state.sampler_state), ab.probabilities(state.sampler_state), rtol=1e-6
+    )
     assert float(jnp.max(ab.probabilities(state.sampler_state))) > 1.5 / NUM_EXAMPLES
 
 
@@ -106,16 +106,19 @@ def test_stale_exp3_draws_give_an_unbiased_gradient():
     # with sgd(1), params_3 = params_2 - G_hat, and E[G_hat] must be the full gradient
     data = jax.tree.map(jnp.asarray, _data(16))
     sampler = ab.exp3_sampler(16, BATCH_SIZE, num_steps=10, step_size=2.0)
-    step = ab.make_host_train_step(_loss, optax.sgd(1.0), sampler, lookahead=2, jit=False,
-                                   feedback="loss")
+    step = ab.make_host_train_step(
+        _loss, optax.sgd(1.0), sampler, lookahead=2, jit=False, feedback="loss"
+    )
     state, (first, second) = step.init(_params(), jax.random.key(0))
 
     def gradient_estimate(call_key):
         after_0, _, stale = step(state, ab.tree_utils.gather(data, first.indices), first, call_key)
-        after_1, _, _ = step(after_0, ab.tree_utils.gather(data, second.indices), second,
-                             jax.random.key(1))
-        after_2, _, _ = step(after_1, ab.tree_utils.gather(data, stale.indices), stale,
-                             jax.random.key(2))
+        after_1, _, _ = step(
+            after_0, ab.tree_utils.gather(data, second.indices), second, jax.random.key(1)
+        )
+        after_2, _, _ = step(
+            after_1, ab.tree_utils.gather(data, stale.indices), stale, jax.random.key(2)
+        )
         p_stale = ab.probabilities(after_0.sampler_state)
         p_now = ab.probabilities(after_1.sampler_state)
         return after_1.params, after_1.params - after_2.params, stale.probs, p_stale, p_now
@@ -129,7 +132,10 @@ def test_stale_exp3_draws_give_an_unbiased_gradient():
     mean = jnp.mean(estimates, axis=0)
     standard_error = jnp.std(estimates, axis=0) / np.sqrt(estimates.shape[0])
     assert bool(jnp.all(jnp.abs(mean - expected) <= 4.0 * standard_error + 1e-6)), (
-        mean, expected, standard_error)
+        mean,
+        expected,
+        standard_error,
+    )
 
 
 def test_refusals_by_name():
@@ -137,11 +143,13 @@ def test_refusals_by_name():
         ab.make_host_train_step(_loss, optax.sgd(0.1), ab.adam_impt_sampler(NUM_EXAMPLES, 4))
     for lookahead in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="lookahead"):
-            ab.make_host_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                                    lookahead=lookahead)
+            ab.make_host_train_step(
+                _loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4), lookahead=lookahead
+            )
     with pytest.raises(ValueError, match="feedback"):
-        ab.make_host_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                                feedback="no such feedback")
+        ab.make_host_train_step(
+            _loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4), feedback="no such feedback"
+        )
 
 
 def test_a_batch_of_the_wrong_size_is_refused():
@@ -157,13 +165,16 @@ def test_a_batch_of_the_wrong_size_is_refused():
 @pytest.mark.parametrize("sampler_name", ["exp3", "uniform"])
 @pytest.mark.parametrize("skip_non_finite", [True, False])
 def test_the_step_has_no_while_loop_or_cond(sampler_name, skip_non_finite):
-    sampler = (ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
-               if sampler_name == "exp3" else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE))
-    step = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, jit=False,
-                                   skip_non_finite=skip_non_finite)
+    sampler = (
+        ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
+        if sampler_name == "exp3"
+        else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+    )
+    step = ab.make_host_train_step(
+        _loss, optax.adam(0.1), sampler, jit=False, skip_non_finite=skip_non_finite
+    )
     state, (draws, _) = step.init(_params(), jax.random.key(0))
-    jaxpr = jax.make_jaxpr(step.step_fn)(state, _gathered(_data(), draws), draws,
-                                         jax.random.key(1))
+    jaxpr = jax.make_jaxpr(step.step_fn)(state, _gathered(_data(), draws), draws, jax.random.key(1))
     primitives = _primitives(jaxpr.jaxpr)
     assert "sort" in primitives or sampler_name == "uniform"  # the walk sees the sampler
     assert not primitives & {"while", "cond"}, primitives & {"while", "cond"}
@@ -172,8 +183,7 @@ def test_the_step_has_no_while_loop_or_cond(sampler_name, skip_non_finite):
 def test_renormalizes_every_m_calls_without_changing_the_draws():
     sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10, step_size=1.0)
     every = sampler.renormalize_every
-    built = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, lookahead=2,
-                                    feedback="loss")
+    built = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, lookahead=2, feedback="loss")
     calls = []
 
     def counting(state):
@@ -186,8 +196,9 @@ def test_renormalizes_every_m_calls_without_changing_the_draws():
     state, _ = _run_host(step, _params(), jax.random.key(1), keys, _data())
     assert calls == [every, 2 * every]  # before the call that would pass M updates
     assert int(state.step) == num_calls
-    np.testing.assert_allclose(float(jnp.sum(ab.probabilities(state.sampler_state))), 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(jnp.sum(ab.probabilities(state.sampler_state))), 1.0, rtol=1e-5
+    )
 
 
 def test_draw_from_uses_the_steps_sample_key():

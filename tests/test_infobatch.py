@@ -11,7 +11,6 @@ import pytest
 from scipy import stats
 
 import adambs_jax as ab
-from adambs_jax import infobatch
 from adambs_jax.infobatch import infobatch_sampler
 
 N, K = 20, 5
@@ -64,12 +63,16 @@ def test_unseen_examples_are_never_down_weighted_nor_in_the_mean():
     idx = jnp.arange(K)  # only the first K examples seen
     state = sampler.renormalize(sampler.update(state, idx, jnp.asarray(LOSSES[:K], jnp.float32)))
     seen = np.arange(N) < K
-    np.testing.assert_allclose(np.asarray(sampler.probabilities(state), np.float64),
-                               expected_p(np.where(seen, LOSSES, 0.0), 0.5, seen), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sampler.probabilities(state), np.float64),
+        expected_p(np.where(seen, LOSSES, 0.0), 0.5, seen),
+        rtol=1e-6,
+    )
     # nothing seen, or all scores equal: uniform
     for s in (sampler.init(), scored_state(sampler, np.full(N, 0.3))):
-        np.testing.assert_allclose(np.asarray(sampler.probabilities(sampler.renormalize(s))),
-                                   1 / N, rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(sampler.probabilities(sampler.renormalize(s))), 1 / N, rtol=1e-6
+        )
 
 
 def test_draw_frequencies_match_p():
@@ -106,8 +109,9 @@ def test_the_anneal_makes_the_last_epochs_uniform():
     state = state.replace(step=jnp.asarray(11, jnp.int32))
     assert not np.allclose(np.asarray(sampler.probabilities(sampler.renormalize(state))), 1 / N)
     state = state.replace(step=jnp.asarray(12, jnp.int32))
-    np.testing.assert_allclose(np.asarray(sampler.probabilities(sampler.renormalize(state))),
-                               1 / N, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sampler.probabilities(sampler.renormalize(state))), 1 / N, rtol=1e-6
+    )
 
 
 def test_update_last_valid_duplicate_wins_invalid_dropped_and_apply_false():
@@ -124,13 +128,16 @@ def test_update_last_valid_duplicate_wins_invalid_dropped_and_apply_false():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prune_ratio=1.0, num_steps=10), "prune_ratio"),
-    (dict(prune_ratio=-0.1, num_steps=10), "prune_ratio"),
-    (dict(anneal_fraction=1.5, num_steps=10), "anneal_fraction"),
-    (dict(), "num_steps"),
-    (dict(num_steps=0), "num_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prune_ratio=1.0, num_steps=10), "prune_ratio"),
+        (dict(prune_ratio=-0.1, num_steps=10), "prune_ratio"),
+        (dict(anneal_fraction=1.5, num_steps=10), "anneal_fraction"),
+        (dict(), "num_steps"),
+        (dict(num_steps=0), "num_steps"),
+    ],
+)
 def test_bad_arguments_name_themselves(kwargs, match):
     with pytest.raises(ValueError, match=match):
         infobatch_sampler(N, K, **kwargs)
@@ -170,22 +177,28 @@ def test_trains_in_make_train_step_with_an_epoch_boundary_every_n_over_k_steps()
     assert int(state.sampler_state.step) == 30
 
 
-@pytest.mark.parametrize("steps_per_call, changed_after", [
-    (1, [16, 31, 46]),             # boundaries exactly after steps 15, 30, 45
-    (5, [20, 35, 50]),             # N divides M: the same boundaries, seen after each call
-    (10, [20, 30, 40, 50, 60]),    # N does not: a boundary before every call (docs/api.md)
-])
+@pytest.mark.parametrize(
+    "steps_per_call, changed_after",
+    [
+        (1, [16, 31, 46]),  # boundaries exactly after steps 15, 30, 45
+        (5, [20, 35, 50]),  # N divides M: the same boundaries, seen after each call
+        (10, [20, 30, 40, 50, 60]),  # N does not: a boundary before every call (docs/api.md)
+    ],
+)
 def test_epoch_boundaries_with_steps_per_call(steps_per_call, changed_after):
     """M = ceil(60 / 4) = 15: the step after which p is first seen to change, per call."""
     n, k = 60, 4
     x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
     data = {"x": jnp.asarray(x), "y": jnp.asarray((x[:, 0] > 0).astype(np.int32))}
-    loss = ab.ModelLoss(lambda p, b: b["x"] @ p,
-                        lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]))
+    loss = ab.ModelLoss(
+        lambda p, b: b["x"] @ p,
+        lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]),
+    )
     sampler = infobatch_sampler(n, k, num_steps=1000)
     assert sampler.renormalize_every == 15
-    step = ab.make_train_step(loss, optax.adam(0.01), sampler, feedback="loss",
-                              steps_per_call=steps_per_call)
+    step = ab.make_train_step(
+        loss, optax.adam(0.01), sampler, feedback="loss", steps_per_call=steps_per_call
+    )
     state = step.init(jnp.zeros((3, 2)))
     changes, before = [], np.asarray(sampler.probabilities(state.sampler_state))
     for call in range(60 // steps_per_call):

@@ -13,8 +13,14 @@ from adambs_jax.jsonable import to_jsonable
 
 def test_python_and_numpy_scalars_become_python_values():
     assert to_jsonable(None) is None and to_jsonable("a") == "a"
-    for value, expected in [(True, True), (np.bool_(False), False), (3, 3), (np.int64(3), 3),
-                            (np.float32(0.5), 0.5), (2.5, 2.5)]:
+    for value, expected in [
+        (True, True),
+        (np.bool_(False), False),
+        (3, 3),
+        (np.int64(3), 3),
+        (np.float32(0.5), 0.5),
+        (2.5, 2.5),
+    ]:
         converted = to_jsonable(value)
         assert converted == expected and type(converted) is type(expected)
 
@@ -26,11 +32,14 @@ def test_non_finite_floats_become_none_unless_asked_to_stay():
 
 
 def test_containers_and_arrays_become_json_containers():
-    value = {1: (np.int32(2), [np.float64(0.25)]), "arr": np.arange(3),
-             "jax": jnp.array([[1.0, 2.0]]), "zero_d": jnp.float32(1.5)}
+    value = {
+        1: (np.int32(2), [np.float64(0.25)]),
+        "arr": np.arange(3),
+        "jax": jnp.array([[1.0, 2.0]]),
+        "zero_d": jnp.float32(1.5),
+    }
     converted = to_jsonable(value)
-    assert converted == {"1": [2, [0.25]], "arr": [0, 1, 2], "jax": [[1.0, 2.0]],
-                         "zero_d": 1.5}
+    assert converted == {"1": [2, [0.25]], "arr": [0, 1, 2], "jax": [[1.0, 2.0]], "zero_d": 1.5}
     assert json.loads(json.dumps(converted)) == converted
 
 
@@ -43,6 +52,7 @@ def test_anything_else_becomes_its_repr():
 
 def test_read_format_file_checks_presence_and_format(tmp_path):
     import json
+
     from adambs_jax.jsonable import read_format_file
 
     path = tmp_path / "a.json"
@@ -53,4 +63,6 @@ def test_read_format_file_checks_presence_and_format(tmp_path):
         read_format_file(str(path), "fmt-1", name="where", missing="")
     path.write_text(json.dumps({"format": "fmt-1", "n": 1}))
     assert read_format_file(str(path), "fmt-1", name="where", missing="") == {
-        "format": "fmt-1", "n": 1}
+        "format": "fmt-1",
+        "n": 1,
+    }

@@ -30,7 +30,9 @@ def _cross_entropy(logits, batch):
 class LinenNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train):
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(nn.Dense(8, use_bias=False)(x))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(
+            nn.Dense(8, use_bias=False)(x)
+        )
         return nn.Dense(3)(nn.Dropout(0.2, deterministic=not train)(nn.relu(x)))
 
 
@@ -39,8 +41,11 @@ LINEN = LinenNet()
 
 def _linen_apply(params, batch, key, batch_stats):
     logits, updates = LINEN.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["x"], train=True,
-        rngs={"dropout": key}, mutable=["batch_stats"],
+        {"params": params, "batch_stats": batch_stats},
+        batch["x"],
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
     )
     return logits, updates["batch_stats"]
 
@@ -128,35 +133,42 @@ def _train(setup, optimizer, feedback="loss", sampler=None, steps=NUM_STEPS):
 def _key_data(tree):
     """PRNG keys (NNX's RngKey) as their raw data, to compare trees."""
     return jax.tree.map(
-        lambda leaf: jax.random.key_data(leaf)
-        if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key) else leaf, tree)
+        lambda leaf: (
+            jax.random.key_data(leaf)
+            if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key)
+            else leaf
+        ),
+        tree,
+    )
 
 
 def _batch_stats_changed(old, new):
-    stats = lambda tree: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)  # noqa
-                          if "mean" in jax.tree_util.keystr(path)]
+    stats = lambda tree: [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)  # noqa
+        if "mean" in jax.tree_util.keystr(path)
+    ]
     return any(float(jnp.max(jnp.abs(a - b))) > 1e-3 for a, b in zip(stats(old), stats(new)))
 
 
-def _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
-                                    apply_fn):
+def _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state, apply_fn):
     """The step's params and model state equal plain training's, the batch statistics moved
     and the full-data loss went down."""
     chex.assert_trees_all_close(state.params, want_params, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(want_state),
-                                atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        _key_data(state.model_state), _key_data(want_state), atol=1e-5, rtol=1e-5
+    )
     assert _batch_stats_changed(model_state, state.model_state)
     assert _full_loss(apply_fn, state.params, state.model_state) < _full_loss(
-        apply_fn, params, model_state)
+        apply_fn, params, model_state
+    )
 
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_trains_and_equals_plain_flax_training_when_uniform(setup):
     state, _, (params, model_state, apply_fn, keys) = _train(setup, optax.adam(0.05), steps=8)
-    want_params, want_state = _plain_training(apply_fn, optax.adam(0.05), params, model_state,
-                                              keys)
-    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
-                                    apply_fn)
+    want_params, want_state = _plain_training(apply_fn, optax.adam(0.05), params, model_state, keys)
+    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state, apply_fn)
 
 
 def test_nnx_rng_counter_advances_with_the_model_state():
@@ -168,8 +180,13 @@ def test_nnx_rng_counter_advances_with_the_model_state():
 def test_a_skipped_step_keeps_the_model_state():
     params, model_state, apply_fn = _linen_setup()
     loss = ab.ModelLoss(apply_fn, lambda z, b: _cross_entropy(z, b) * jnp.nan)
-    step = ab.make_train_step(loss, optax.adam(0.05), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                              feedback="loss", model_state=True)
+    step = ab.make_train_step(
+        loss,
+        optax.adam(0.05),
+        ab.uniform_sampler(NUM_EXAMPLES, 4),
+        feedback="loss",
+        model_state=True,
+    )
     state, metrics = step(step.init(params, model_state=model_state), _data(), jax.random.key(0))
     assert int(metrics["skipped"]) == 1
     chex.assert_trees_all_equal(state.model_state, model_state)
@@ -182,8 +199,14 @@ def test_plain_loss_with_state_and_aux():
         logits, new_stats = apply_fn(params, batch, key, batch_stats)
         return _cross_entropy(logits, batch), {"logits": logits}, new_stats
 
-    step = ab.make_train_step(loss_fn, optax.adam(0.05), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                              feedback="loss", model_state=True, has_aux=True)
+    step = ab.make_train_step(
+        loss_fn,
+        optax.adam(0.05),
+        ab.uniform_sampler(NUM_EXAMPLES, 4),
+        feedback="loss",
+        model_state=True,
+        has_aux=True,
+    )
     state, metrics = step(step.init(params, model_state=model_state), _data(), jax.random.key(0))
     assert metrics["aux"]["logits"].shape == (4, 3)
     assert _batch_stats_changed(model_state, state.model_state)
@@ -197,8 +220,14 @@ def test_has_aux_without_model_state_reaches_the_metrics():
         return _cross_entropy(logits, batch), {"max_logit": jnp.max(logits)}
 
     for feedback in ("grad_norm", "loss"):
-        step = ab.make_train_step(loss_fn, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                                  feedback=feedback, has_aux=True, grad_norm_method="vmap")
+        step = ab.make_train_step(
+            loss_fn,
+            optax.sgd(0.1),
+            ab.uniform_sampler(NUM_EXAMPLES, 4),
+            feedback=feedback,
+            has_aux=True,
+            grad_norm_method="vmap",
+        )
         _, metrics = step(step.init(params), data, jax.random.key(0))
         assert float(metrics["aux"]["max_logit"]) == 0.0
         np.testing.assert_allclose(metrics["loss"], np.log(3.0), rtol=1e-6)
@@ -211,11 +240,17 @@ def test_build_time_refusals():
     with pytest.raises(ValueError, match='"logit_grad_norm".*"loss"'):
         ab.make_train_step(loss, optax.adam(0.1), sampler, model_state=True)
     with pytest.raises(ValueError, match='feedback="preconditioned_grad_norm" with model_state'):
-        ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm",
-                           model_state=True)
+        ab.make_train_step(
+            loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm", model_state=True
+        )
     with pytest.raises(ValueError, match="ScoringSampler"):
-        ab.make_train_step(loss, optax.adam(0.1), ab.adam_impt_sampler(NUM_EXAMPLES, 4),
-                           feedback="loss", model_state=True)
+        ab.make_train_step(
+            loss,
+            optax.adam(0.1),
+            ab.adam_impt_sampler(NUM_EXAMPLES, 4),
+            feedback="loss",
+            model_state=True,
+        )
     with pytest.raises(ValueError, match="has_aux"):
         ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="loss", has_aux=True)
     with pytest.raises(TypeError, match="model_state"):
@@ -239,8 +274,7 @@ def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
         train_step(model, optimizer, jax.tree.map(lambda leaf: leaf[indices], data))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest),
-                                atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest), atol=1e-5, rtol=1e-5)
 
 
 def _kernels(params):
@@ -252,8 +286,9 @@ def _biases(params):
 
 
 def _masked(adam):  # the biases are frozen: set_to_zero on what the mask leaves out
-    return optax.chain(optax.masked(adam(0.05), _kernels),
-                       optax.masked(optax.set_to_zero(), _biases))
+    return optax.chain(
+        optax.masked(adam(0.05), _kernels), optax.masked(optax.set_to_zero(), _biases)
+    )
 
 
 OPTIMIZERS = {  # issue 13's list: (ours, the plain optax optimizer it must equal)
@@ -266,7 +301,8 @@ OPTIMIZERS = {  # issue 13's list: (ours, the plain optax optimizer it must equa
     "masked": _masked,
     "schedule_free": lambda adam: optax.contrib.schedule_free(adam(0.05), 0.05),
     "reduce_on_plateau": lambda adam: optax.chain(
-        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)),
+        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)
+    ),
 }
 MATRIX_STEPS = 4
 _PLAIN = {}  # (setup, optimizer) -> plain training's result, shared by the feedback kinds
@@ -282,15 +318,20 @@ def test_matrix_trains_like_plain_optax_or_is_refused_at_build_time(setup, optim
     if feedback == "grad_norm":
         params, _, apply_fn = SETUPS[setup]()
         with pytest.raises(ValueError, match="ill-defined"):
-            ab.make_train_step(ab.ModelLoss(apply_fn, _cross_entropy),
-                               OPTIMIZERS[optimizer](ab.adambs), ab.uniform_sampler(64, 8),
-                               feedback=feedback, model_state=True)
+            ab.make_train_step(
+                ab.ModelLoss(apply_fn, _cross_entropy),
+                OPTIMIZERS[optimizer](ab.adambs),
+                ab.uniform_sampler(64, 8),
+                feedback=feedback,
+                model_state=True,
+            )
         return
     state, _, (params, model_state, apply_fn, keys) = _train(
-        setup, OPTIMIZERS[optimizer](ab.adambs), feedback, steps=MATRIX_STEPS)
+        setup, OPTIMIZERS[optimizer](ab.adambs), feedback, steps=MATRIX_STEPS
+    )
     if (setup, optimizer) not in _PLAIN:
         _PLAIN[setup, optimizer] = _plain_training(
-            apply_fn, OPTIMIZERS[optimizer](optax.adam), params, model_state, keys)
+            apply_fn, OPTIMIZERS[optimizer](optax.adam), params, model_state, keys
+        )
     want_params, want_state = _PLAIN[setup, optimizer]
-    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state,
-                                    apply_fn)
+    _assert_equals_plain_and_trains(state, want_params, want_state, params, model_state, apply_fn)

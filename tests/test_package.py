@@ -123,14 +123,22 @@ def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     (source / "experiments").mkdir()
     (source / "experiments" / "__init__.py").write_text("")
     build = "import setuptools.build_meta as backend; print(backend.build_wheel('dist'))"
-    result = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", build],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return source / "dist" / result.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.skipif(not _setuptools_builds_wheels_offline(),
-                    reason="needs setuptools>=77 installed (the dev extra has it)")
+@pytest.mark.skipif(
+    not _setuptools_builds_wheels_offline(),
+    reason="needs setuptools>=77 installed (the dev extra has it)",
+)
 def test_the_wheel_holds_the_library_only(tmp_path):
     wheel = _build_wheel(tmp_path)
     dist_info = f"adambs_jax-{ab.__version__}.dist-info"

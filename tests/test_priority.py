@@ -95,8 +95,9 @@ def test_duplicates_last_valid_one_wins_and_invalid_ones_are_dropped():
     p = np.asarray(sampler.probabilities(state), np.float64)
     np.testing.assert_allclose(p, expected_p(scores, uniform_mix=0.5), rtol=1e-5)
     assert int(state.num_dropped_feedback) == 3  # NaN, negative, index 7 of n = 6
-    state = sampler.update(state, jnp.array([0, 0, 0, 0, 0, 0]),
-                           jnp.array([5.0, 6.0, jnp.inf, -2.0, jnp.nan, jnp.inf]))
+    state = sampler.update(
+        state, jnp.array([0, 0, 0, 0, 0, 0]), jnp.array([5.0, 6.0, jnp.inf, -2.0, jnp.nan, jnp.inf])
+    )
     scores[0] = 6.0  # invalid entries after the last valid one do not undo it
     p = np.asarray(sampler.probabilities(state), np.float64)
     np.testing.assert_allclose(p, expected_p(scores, uniform_mix=0.5), rtol=1e-5)
@@ -125,8 +126,9 @@ def test_apply_false_leaves_the_state_bitwise_unchanged(jit):
 def test_uniform_mix_one_is_exactly_uniform():
     sampler = priority_sampler(N, K, uniform_mix=1.0)
     state = skewed_state(sampler)
-    np.testing.assert_array_equal(np.asarray(sampler.probabilities(state)),
-                                  np.full(N, np.float32(1.0) / N, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(sampler.probabilities(state)), np.full(N, np.float32(1.0) / N, np.float32)
+    )
     _, probs = sampler.sample(state, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(probs), np.full(K, np.float32(1.0) / N))
 
@@ -178,8 +180,9 @@ def test_config_holds_the_validated_values():
     assert config.alpha == 1.0 and isinstance(config.alpha, float)
     assert config.layout == sumtree.layout_for(N, sumtree.default_arity())
     assert priority.max_priority(10**9) == pytest.approx(1e28)
-    np.testing.assert_allclose(priority.priorities(config, jnp.array([0.0, 3.0])),
-                               [1e-6, 3.0 + 1e-6], rtol=1e-6)
+    np.testing.assert_allclose(
+        priority.priorities(config, jnp.array([0.0, 3.0])), [1e-6, 3.0 + 1e-6], rtol=1e-6
+    )
 
 
 def test_trains_a_linear_model_with_adam_and_loss_feedback():
@@ -207,10 +210,14 @@ def test_ab_probabilities_reads_the_state_alone():
     sampler = priority_sampler(N, K, alpha=0.5, uniform_mix=0.4)
     state = skewed_state(sampler)
     assert state.uniform_mix == 0.4  # static: the state carries what p needs
-    np.testing.assert_array_equal(np.asarray(ab.probabilities(state)),
-                                  np.asarray(sampler.probabilities(state)))
-    np.testing.assert_allclose(np.asarray(ab.probabilities(state), np.float64),
-                               expected_p(SCORES, alpha=0.5, uniform_mix=0.4), rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(ab.probabilities(state)), np.asarray(sampler.probabilities(state))
+    )
+    np.testing.assert_allclose(
+        np.asarray(ab.probabilities(state), np.float64),
+        expected_p(SCORES, alpha=0.5, uniform_mix=0.4),
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError, match="uniform_mix=0.4, but this sampler has uniform_mix=0.1"):
         priority_sampler(N, K).sample(state, jax.random.key(0))
 
@@ -234,8 +241,11 @@ def test_refresh_rescores_every_example_once_in_m_steps():
         np.testing.assert_allclose(np.asarray(probs), p[np.asarray(indices)], rtol=1e-6)
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(N))  # each once
     assert int(state.cursor) == 0
-    np.testing.assert_allclose(np.asarray(sampler.probabilities(state), np.float64),
-                               expected_p(SCORES, uniform_mix=0.2), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sampler.probabilities(state), np.float64),
+        expected_p(SCORES, uniform_mix=0.2),
+        rtol=1e-5,
+    )
     # an invalid refreshed score keeps the old priority
     bad = lambda indices: jnp.full(indices.shape, jnp.nan)  # noqa: E731
     _, _, after = sampler.sample(state, jax.random.key(9), bad)
@@ -262,7 +272,12 @@ def test_a_refreshing_sampler_trains_in_make_train_step():
         state, _ = step(state, data, key)
     assert float(jnp.mean(loss_fn(state.params, data))) < 0.5 * before
     assert int(state.sampler_state.cursor) == 0  # 20 steps of 8 = 5 full passes over 32
-    leaves = sumtree.leaf_values(state.sampler_state.tree,
-                                 sumtree.layout_for(32, state.sampler_state.arity))
-    assert np.all(np.asarray(leaves) != priority.priorities(  # every score was refreshed
-        sampler.sample.args[0], jnp.asarray(1.0)))
+    leaves = sumtree.leaf_values(
+        state.sampler_state.tree, sumtree.layout_for(32, state.sampler_state.arity)
+    )
+    assert np.all(
+        np.asarray(leaves)
+        != priority.priorities(  # every score was refreshed
+            sampler.sample.args[0], jnp.asarray(1.0)
+        )
+    )

@@ -64,7 +64,9 @@ def reference_update(p, indices, feedback, *, p_min, step_size, bound, batch_siz
 
 
 @pytest.mark.parametrize("stratified", [False, True])
-@pytest.mark.parametrize("n,num_draws,bins", [(7, 20_000, 7), (1000, 100_000, 1000), (100_000, 200_000, 1000)])
+@pytest.mark.parametrize(
+    "n,num_draws,bins", [(7, 20_000, 7), (1000, 100_000, 1000), (100_000, 200_000, 1000)]
+)
 def test_draw_frequencies_match_distribution(n, num_draws, bins, stratified):
     batch_size = 100
     sampler = ab.exp3_sampler(n, batch_size, step_size=0.1, stratified=stratified)
@@ -115,7 +117,9 @@ def test_update_matches_algorithm_2_in_float64(seed):
     p_min = [0.1, 0.5, 0.9, 0.1, 0.1, 1.0][seed] / n  # includes heavy clipping and p_min n = 1
     step_size = [0.05, 1.0, 5.0, 0.3, 0.01, 0.5][seed]
     bound = 2.0
-    sampler = ab.exp3_sampler(n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound)
+    sampler = ab.exp3_sampler(
+        n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound
+    )
     p = random_distribution(n, p_min, seed, concentration=0.5)
     state = with_distribution(sampler.init(), p)
     per_example_feedback = rng.uniform(0, 3.0, size=n)  # some above the bound: clipped
@@ -125,21 +129,31 @@ def test_update_matches_algorithm_2_in_float64(seed):
         indices = rng.integers(0, n, size=batch_size)  # duplicates likely
         feedback = per_example_feedback[indices]
         expected, exponent = reference_update(
-            p, indices, feedback, p_min=p_min, step_size=step_size, bound=bound, batch_size=batch_size
+            p,
+            indices,
+            feedback,
+            p_min=p_min,
+            step_size=step_size,
+            bound=bound,
+            batch_size=batch_size,
         )
         state = update(state, jnp.asarray(indices), jnp.asarray(feedback, jnp.float32))
         # float32: a relative error e in p becomes e * alpha h_j in p exp(-alpha h_j), so the
         # tolerance is 1e-5 plus a float32 ulp (1.2e-7) per unit of the exponent
         rtol = 1e-5 + 1.2e-7 * exponent
         actual = np.asarray(ab.probabilities(state), np.float64)
-        assert np.all(np.abs(actual - expected) <= rtol * expected), np.max(np.abs(actual / expected - 1) - rtol)
+        assert np.all(np.abs(actual - expected) <= rtol * expected), np.max(
+            np.abs(actual / expected - 1) - rtol
+        )
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_update_when_every_arm_is_drawn_and_weights_are_tiny(seed):
     # R = 0 exactly; a float32 rounding of 1 - sum(p) (~1e-7) would dwarf w ~ e^-40 here
     n, batch_size, p_min, step_size, bound = 6, 12, 0.005, 100.0, 2.0
-    sampler = ab.exp3_sampler(n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound)
+    sampler = ab.exp3_sampler(
+        n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound
+    )
     state = with_distribution(sampler.init(), random_distribution(n, p_min, seed))
     p = np.asarray(ab.probabilities(state), np.float64)
     indices = np.tile(np.arange(n), 2)
@@ -174,7 +188,9 @@ def test_running_max_bound_and_fixed_bound_clips():
     state = update(state, jnp.array([0, 1, 2]), jnp.array([0.1, 0.2, 0.3]))
     assert float(state.grad_norm_bound) == 2.5
     fixed = ab.exp3_sampler(10, 3, step_size=0.1, grad_norm_bound=1.0)
-    fixed_state = jax.jit(fixed.update)(fixed.init(), jnp.array([0, 1, 2]), jnp.array([0.5, 9.0, 1.0]))
+    fixed_state = jax.jit(fixed.update)(
+        fixed.init(), jnp.array([0, 1, 2]), jnp.array([0.5, 9.0, 1.0])
+    )
     assert float(fixed_state.grad_norm_bound) == 1.0
     p = np.asarray(ab.probabilities(fixed_state))
     assert p[1] == pytest.approx(p[2], rel=1e-6)  # 9.0 is clipped to the bound, like 1.0
@@ -267,7 +283,9 @@ def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
     target = np.maximum(p_min, np.asarray(f) / lam)
 
     def averaged_p(step_size, num_steps=300_000):
-        sampler = ab.exp3_sampler(n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=4.0)
+        sampler = ab.exp3_sampler(
+            n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=4.0
+        )
 
         def body(state, key):
             indices, _ = sampler.sample(state, key)
@@ -299,14 +317,21 @@ def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
         (dict(num_examples=10, batch_size=4, step_size=float("nan")), "step_size"),
         (dict(num_examples=10, batch_size=4, num_steps=0), "num_steps"),
         (dict(num_examples=10, batch_size=4), "num_steps"),
-        (dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound=0.0), "grad_norm_bound"),
+        (
+            dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound=0.0),
+            "grad_norm_bound",
+        ),
         (dict(num_examples=2.5, batch_size=4, step_size=0.1), "num_examples"),
-        (dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound="max"),
-         "grad_norm_bound must be a number > 0 .*\"running_max\" or \"quantile\""),
+        (
+            dict(num_examples=10, batch_size=4, step_size=0.1, grad_norm_bound="max"),
+            'grad_norm_bound must be a number > 0 .*"running_max" or "quantile"',
+        ),
         (dict(num_examples=10, batch_size=4, step_size=0.1, bound_quantile=1.0), "bound_quantile"),
         (dict(num_examples=10, batch_size=4, step_size=0.1, bound_quantile=0.0), "bound_quantile"),
-        (dict(num_examples=10, batch_size=4, step_size=0.1, bound_learning_rate=0.0),
-         "bound_learning_rate"),
+        (
+            dict(num_examples=10, batch_size=4, step_size=0.1, bound_learning_rate=0.0),
+            "bound_learning_rate",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
@@ -315,15 +340,25 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 
 
 def test_the_bound_options_set_the_mode():
-    cases = [(None, "quantile", 0.0), ("quantile", "quantile", 0.0),
-             ("running_max", "running_max", 0.0), (2.5, "fixed", 2.5)]
+    cases = [
+        (None, "quantile", 0.0),
+        ("quantile", "quantile", 0.0),
+        ("running_max", "running_max", 0.0),
+        (2.5, "fixed", 2.5),
+    ]
     for option, mode, initial in cases:
         state = ab.exp3_sampler(10, 4, step_size=0.1, grad_norm_bound=option).init()
         assert state.bound_mode == mode and float(state.grad_norm_bound) == initial
     # bound_quantile and bound_learning_rate reach the update
     idx, f = jnp.arange(4), jnp.array([1.0, 2.0, 3.0, 4.0])
-    bounds = [float(ab.exp3_sampler(10, 4, step_size=0.1, bound_quantile=q).update(
-        ab.exp3_sampler(10, 4, step_size=0.1).init(), idx, f).grad_norm_bound) for q in (0.5, 0.9)]
+    bounds = [
+        float(
+            ab.exp3_sampler(10, 4, step_size=0.1, bound_quantile=q)
+            .update(ab.exp3_sampler(10, 4, step_size=0.1).init(), idx, f)
+            .grad_norm_bound
+        )
+        for q in (0.5, 0.9)
+    ]
     assert bounds == [2.0, 4.0]
     state = ab.exp3_sampler(10, 4, step_size=0.1).init().replace(grad_norm_bound=jnp.float32(1.0))
     moved = ab.exp3_sampler(10, 4, step_size=0.1, bound_learning_rate=0.5).update(state, idx, f)
@@ -335,14 +370,25 @@ def _exp3_config_of(sampler):
     return sampler.sample.args[0]
 
 
-@pytest.mark.parametrize("preset, p_min_times_n, bound", [
-    ("low_variance", 0.5, "quantile"), ("paper", 0.1, "running_max"),
-])
+@pytest.mark.parametrize(
+    "preset, p_min_times_n, bound",
+    [
+        ("low_variance", 0.5, "quantile"),
+        ("paper", 0.1, "running_max"),
+    ],
+)
 def test_exp3_presets_set_p_min_and_the_bound(preset, p_min_times_n, bound):
     n = 40
     config = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset=preset))
-    expected = exp3.exp3_config(n, 4, p_min=p_min_times_n / n, step_size=None, num_steps=100,
-                                grad_norm_bound=bound, stratified=False)
+    expected = exp3.exp3_config(
+        n,
+        4,
+        p_min=p_min_times_n / n,
+        step_size=None,
+        num_steps=100,
+        grad_norm_bound=bound,
+        stratified=False,
+    )
     assert config == expected
     assert config.p_min == pytest.approx(p_min_times_n / n) and config.bound_mode == bound
     assert config.bound_quantile == 0.9  # the clipped bound at the 90th percentile
@@ -350,12 +396,16 @@ def test_exp3_presets_set_p_min_and_the_bound(preset, p_min_times_n, bound):
 
 def test_explicit_arguments_override_the_preset():
     n = 40
-    config = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset="low_variance",
-                                             p_min=0.2 / n, grad_norm_bound=3.0))
+    config = _exp3_config_of(
+        ab.exp3_sampler(
+            n, 4, num_steps=100, preset="low_variance", p_min=0.2 / n, grad_norm_bound=3.0
+        )
+    )
     assert config.p_min == pytest.approx(0.2 / n)
     assert config.bound_mode == "fixed" and config.grad_norm_bound == 3.0
-    only_bound = _exp3_config_of(ab.exp3_sampler(n, 4, num_steps=100, preset="low_variance",
-                                                 grad_norm_bound="running_max"))
+    only_bound = _exp3_config_of(
+        ab.exp3_sampler(n, 4, num_steps=100, preset="low_variance", grad_norm_bound="running_max")
+    )
     assert only_bound.p_min == pytest.approx(0.5 / n) and only_bound.bound_mode == "running_max"
     with pytest.raises(ValueError, match="preset must be None or one of"):
         ab.exp3_sampler(n, 4, num_steps=100, preset="fast")
@@ -368,7 +418,9 @@ def test_uniform_sampler_validates_sizes():
         ab.uniform_sampler(0, 3)
 
 
-@pytest.mark.parametrize("make", [lambda: ab.exp3_sampler(10, 4, step_size=0.1), lambda: ab.uniform_sampler(10, 4)])
+@pytest.mark.parametrize(
+    "make", [lambda: ab.exp3_sampler(10, 4, step_size=0.1), lambda: ab.uniform_sampler(10, 4)]
+)
 def test_wrong_shapes_are_rejected(make):
     sampler = make()
     state = sampler.init()
@@ -402,7 +454,9 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     assert np.all(np.isfinite(np.asarray(bad.log_weights)))
     p_bad = np.asarray(ab.probabilities(bad))
     # dropped draws count as not drawn: their arms' unnormalized weight is unchanged
-    np.testing.assert_array_equal(np.asarray(bad.log_weights)[1:4], np.asarray(state.log_weights)[1:4])
+    np.testing.assert_array_equal(
+        np.asarray(bad.log_weights)[1:4], np.asarray(state.log_weights)[1:4]
+    )
     # ... and training goes on normally afterwards: no poisoning
     for i in range(50):
         bad = update(bad, jnp.array([i % n, (3 * i) % n, 5, 6]), jnp.array([0.5, 1.0, 2.0, 0.1]))
@@ -416,7 +470,9 @@ def test_all_nan_feedback_leaves_distribution_unchanged():
     sampler = ab.exp3_sampler(n, 4, step_size=0.5)
     state = with_distribution(sampler.init(), random_distribution(n, 0.1 / n, 2))
     new = jax.jit(sampler.update)(state, jnp.array([0, 1, 1, 5]), jnp.full(4, jnp.nan))
-    np.testing.assert_allclose(np.asarray(ab.probabilities(new)), np.asarray(ab.probabilities(state)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ab.probabilities(new)), np.asarray(ab.probabilities(state)), rtol=1e-6
+    )
     assert int(new.num_dropped_feedback) == 4
 
 

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import adambs_jax as ab
 
 _CHILD = textwrap.dedent(
-    r'''
+    r"""
     import json, os, re, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -138,7 +138,7 @@ _CHILD = textwrap.dedent(
                                             - aux_sharded["aux"]["logits"])))
     out["aux_shape"] = list(aux_sharded["aux"]["logits"].shape)
     print("RESULT " + json.dumps(out))
-    '''
+    """
 )
 
 
@@ -147,15 +147,22 @@ def test_eight_devices_match_one_device(tmp_path):
     script.write_text(_CHILD)
     # the child imports the package from wherever this process does (a checkout that is
     # not pip-installed, e.g. PYTHONPATH on an accelerator machine): pass our sys.path on
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+    )
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ckpt")],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     assert out["num_devices"] == 8
     assert out["param_diff"] <= 1e-5, out
     assert out["prob_diff"] <= 1e-5, out

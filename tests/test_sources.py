@@ -5,7 +5,7 @@ import pytest
 
 import adambs_jax as ab
 from adambs_jax.sources import ArraySource, check_read_indices, check_source
-from tests.helpers import run_api_doc_example, read_from_threads
+from tests.helpers import read_from_threads, run_api_doc_example
 
 
 def _arrays(n=6):
@@ -20,12 +20,15 @@ def test_read_returns_the_records_in_the_order_drawn_with_duplicates():
     assert check_source(source) == 6 and isinstance(source, ab.sources.DataSource)
 
 
-@pytest.mark.parametrize("indices, error, match", [
-    (np.array([0, 6]), ValueError, r"indices: every index must be in \[0, 6\)"),
-    (np.array([-1]), ValueError, "every index must be in"),   # never data[-1]
-    (np.array([[0]]), ValueError, "must be 1-D"),
-    (np.array([0.0]), TypeError, "must be integers"),
-])
+@pytest.mark.parametrize(
+    "indices, error, match",
+    [
+        (np.array([0, 6]), ValueError, r"indices: every index must be in \[0, 6\)"),
+        (np.array([-1]), ValueError, "every index must be in"),  # never data[-1]
+        (np.array([[0]]), ValueError, "must be 1-D"),
+        (np.array([0.0]), TypeError, "must be integers"),
+    ],
+)
 def test_bad_indices_are_refused_by_name(indices, error, match):
     with pytest.raises(error, match=match):
         ArraySource(_arrays()).read(indices)
@@ -76,12 +79,12 @@ def _assert_same_batch(got, expected):
 
 def test_memmap_source_equals_array_source_on_random_indices_with_duplicates(tmp_path):
     arrays = _mixed_arrays()
-    write_memmap_dataset(tmp_path, arrays, chunk_size=7)   # 50 = 7 * 7 + 1: a ragged last chunk
+    write_memmap_dataset(tmp_path, arrays, chunk_size=7)  # 50 = 7 * 7 + 1: a ragged last chunk
     source, reference = open_memmap_dataset(tmp_path), ArraySource(arrays)
     rng = np.random.default_rng(1)
     for size in (1, 16, 200):
         indices = rng.integers(0, 50, size=size)
-        assert size < 50 or len(np.unique(indices)) < size   # duplicates at K = 200
+        assert size < 50 or len(np.unique(indices)) < size  # duplicates at K = 200
         _assert_same_batch(source.read(indices), reference.read(indices))
     assert source.num_examples == 50 and check_source(source) == 50
     _assert_same_batch(source.read(np.zeros(0, int)), reference.read(np.zeros(0, int)))
@@ -111,7 +114,7 @@ def test_memmap_source_reads_concurrently_from_threads(tmp_path):
 
 def test_manifest_round_trip_and_chunked_writing(tmp_path):
     arrays = _mixed_arrays(n=30)
-    chunks = ({k: v[s:s + 8] for k, v in arrays.items()} for s in range(0, 30, 8))
+    chunks = ({k: v[s : s + 8] for k, v in arrays.items()} for s in range(0, 30, 8))
     manifest = write_memmap_dataset(tmp_path, chunks, num_examples=30)
     with open(tmp_path / MANIFEST_NAME) as stream:
         assert json.load(stream) == manifest
@@ -127,15 +130,15 @@ def test_manifest_round_trip_and_chunked_writing(tmp_path):
 
 def test_a_corrupted_file_is_refused_when_verified(tmp_path):
     write_memmap_dataset(tmp_path, _mixed_arrays(n=30))
-    with open(tmp_path / "x.npy", "r+b") as stream:   # flip one byte of the data, not the header
+    with open(tmp_path / "x.npy", "r+b") as stream:  # flip one byte of the data, not the header
         stream.seek(-5, os.SEEK_END)
         byte = stream.read(1)
         stream.seek(-5, os.SEEK_END)
         stream.write(bytes([byte[0] ^ 0xFF]))
-    open_memmap_dataset(tmp_path)   # without verify only the shapes and dtypes are checked
+    open_memmap_dataset(tmp_path)  # without verify only the shapes and dtypes are checked
     with pytest.raises(ValueError, match=r"field 'x': the sha256 of x.npy does not match"):
         open_memmap_dataset(tmp_path, verify=True)
-    np.save(tmp_path / "y.npy", np.zeros(29, np.int64))   # another shape than the manifest's
+    np.save(tmp_path / "y.npy", np.zeros(29, np.int64))  # another shape than the manifest's
     with pytest.raises(ValueError, match=r"field 'y': y.npy has shape \(29,\)"):
         open_memmap_dataset(tmp_path)
 
@@ -161,8 +164,9 @@ def test_bad_memmap_inputs_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="chunk 1, field 'x': shape \\(3,\\)"):
         write_memmap_dataset(out, iter([arrays, {"x": np.zeros((4, 3))}]), num_examples=8)
     with pytest.raises(ValueError, match="chunk 1 has fields"):
-        write_memmap_dataset(out, iter([arrays, {"x": np.zeros((4, 2)), "z": np.zeros(4)}]),
-                             num_examples=8)
+        write_memmap_dataset(
+            out, iter([arrays, {"x": np.zeros((4, 2)), "z": np.zeros(4)}]), num_examples=8
+        )
     with pytest.raises(ValueError, match="field names must be"):
         write_memmap_dataset(out, {"../x": np.zeros(3)})
     with pytest.raises(TypeError, match="object dtype"):

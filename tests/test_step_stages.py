@@ -22,9 +22,15 @@ def _loss(params, batch):
 def _config(**changes):
     sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10)
     config = step_stages.StepConfig(
-        loss_fn=_loss, optimizer=optax.sgd(1.0), sampler=sampler,
-        estimate=estimators.estimate_with_loss, score_feedback="loss", probabilities=None,
-        skip_non_finite=True, mesh=None, data_axis="data",
+        loss_fn=_loss,
+        optimizer=optax.sgd(1.0),
+        sampler=sampler,
+        estimate=estimators.estimate_with_loss,
+        score_feedback="loss",
+        probabilities=None,
+        skip_non_finite=True,
+        mesh=None,
+        data_axis="data",
     )
     return config._replace(**changes)
 
@@ -68,8 +74,10 @@ def test_draw_batch_gathers_the_drawn_rows_with_their_weights():
 
 def _estimate(value):
     return Estimate(
-        losses=jnp.full((BATCH_SIZE,), value), gradient={"w": jnp.asarray(value)},
-        feedback=jnp.full((BATCH_SIZE,), 1.0), per_example=False,
+        losses=jnp.full((BATCH_SIZE,), value),
+        gradient={"w": jnp.asarray(value)},
+        feedback=jnp.full((BATCH_SIZE,), 1.0),
+        per_example=False,
     )
 
 
@@ -114,8 +122,10 @@ def test_next_state_counts_steps_and_skips():
     config = _config()
     state = _state(config)
     applied = step_stages.Applied(
-        params={"w": jnp.asarray(1.0)}, opt_state=state.opt_state,
-        sampler_state=state.sampler_state, scores=jnp.ones(BATCH_SIZE),
+        params={"w": jnp.asarray(1.0)},
+        opt_state=state.opt_state,
+        sampler_state=state.sampler_state,
+        scores=jnp.ones(BATCH_SIZE),
         skipped=jnp.asarray(1, jnp.int32),
     )
     new, metrics = step_stages.next_state(state, applied, None, {})
@@ -137,7 +147,10 @@ def test_step_metrics_report_the_bound_of_an_exp3_state_only():
     assert "grad_norm_bound" in metrics and "max_prob" not in metrics
     uniform_state = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE).init()
     metrics = step_stages.step_metrics(
-        _estimate(0.5), weights, jnp.ones(BATCH_SIZE), uniform_state,
+        _estimate(0.5),
+        weights,
+        jnp.ones(BATCH_SIZE),
+        uniform_state,
         lambda state: jnp.full((NUM_EXAMPLES,), 1.0 / NUM_EXAMPLES),
     )
     assert "grad_norm_bound" not in metrics
@@ -165,16 +178,27 @@ _SAMPLERS = {
 }
 
 
-@pytest.mark.parametrize("sampler_name, feedback", [
-    ("exp3", "grad_norm"), ("uniform", "grad_norm"), ("priority", "preconditioned_grad_norm"),
-    ("infobatch", "loss"),
-])
+@pytest.mark.parametrize(
+    "sampler_name, feedback",
+    [
+        ("exp3", "grad_norm"),
+        ("uniform", "grad_norm"),
+        ("priority", "preconditioned_grad_norm"),
+        ("infobatch", "loss"),
+    ],
+)
 @pytest.mark.parametrize("skip_non_finite", [True, False])
 def test_the_step_has_no_while_loop_or_cond(sampler_name, feedback, skip_non_finite):
     # issue 11: a data-dependent branch makes XLA:GPU copy its predicate to the host
     sampler = _SAMPLERS[sampler_name]()
-    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback,
-                              skip_non_finite=skip_non_finite, jit=False)
+    step = ab.make_train_step(
+        _loss,
+        optax.adam(0.1),
+        sampler,
+        feedback=feedback,
+        skip_non_finite=skip_non_finite,
+        jit=False,
+    )
     state = step.init({"w": jnp.asarray(2.0)})
     primitives = _primitives(jax.make_jaxpr(step.step_fn)(state, _data(), jax.random.key(0)).jaxpr)
     assert "sort" in primitives or sampler_name == "uniform"  # the walk sees the sampler
@@ -190,10 +214,13 @@ def test_a_sampler_without_apply_is_selected():
     config = _config(sampler=base._replace(update=old_update))
     state = _state(config)
     draw = step_stages.draw_batch(config, state, _data(), jax.random.key(0), None)
-    assert int(step_stages.guarded_apply(config, state, draw, _estimate(jnp.nan))
-               .sampler_state.step) == 0
-    assert int(step_stages.guarded_apply(config, state, draw, _estimate(0.5))
-               .sampler_state.step) == 1
+    assert (
+        int(step_stages.guarded_apply(config, state, draw, _estimate(jnp.nan)).sampler_state.step)
+        == 0
+    )
+    assert (
+        int(step_stages.guarded_apply(config, state, draw, _estimate(0.5)).sampler_state.step) == 1
+    )
 
 
 @pytest.mark.parametrize("skip_non_finite", [True, False])
@@ -202,8 +229,14 @@ def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
     # copies the O(n) tree every step (docs/performance.md, "Non-finite guard")
     n = 100_000
     sampler = ab.exp3_sampler(n, 128, num_steps=10)
-    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss",
-                              diagnostics=False, skip_non_finite=skip_non_finite)
+    step = ab.make_train_step(
+        _loss,
+        optax.adam(0.1),
+        sampler,
+        feedback="loss",
+        diagnostics=False,
+        skip_non_finite=skip_non_finite,
+    )
     state = step.init({"w": jnp.asarray(2.0)})
     data = {"x": jnp.ones((n,)), "y": jnp.ones((n,))}
     hlo = step.lower(state, data, jax.random.key(0)).compile().as_text()
@@ -215,8 +248,9 @@ def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
 def test_the_preconditioned_feedback_gets_the_step_s_optimizer_state():
     # the sampler learns ||g_k / (sqrt(v_hat) + eps)|| with v_hat of the state the step sees
     sampler = ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, alpha=1.0, eps=1e-6)
-    step = ab.make_train_step(_loss, optax.adam(0.1), sampler,
-                              feedback="preconditioned_grad_norm", jit=False)
+    step = ab.make_train_step(
+        _loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm", jit=False
+    )
     state, _ = step(step.init({"w": jnp.asarray(2.0)}), _data(), jax.random.key(1))
     key = jax.random.key(2)
     indices, _ = sampler.sample(state.sampler_state, jax.random.split(key, 3)[0])
@@ -226,13 +260,18 @@ def test_the_preconditioned_feedback_gets_the_step_s_optimizer_state():
     priorities = sampler.probabilities(new_state.sampler_state)  # p ~ u = f + eps
     tree = new_state.sampler_state.tree
     leaves = ab.sumtree.leaf_values(
-        tree, ab.sumtree.layout_for(NUM_EXAMPLES, new_state.sampler_state.arity))
+        tree, ab.sumtree.layout_for(NUM_EXAMPLES, new_state.sampler_state.arity)
+    )
     np.testing.assert_allclose(leaves[indices], expected + 1e-6, rtol=1e-5)
     assert float(priorities.sum()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_the_preconditioned_feedback_refuses_sgd_when_traced():
-    step = ab.make_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE),
-                              feedback="preconditioned_grad_norm")
+    step = ab.make_train_step(
+        _loss,
+        optax.sgd(0.1),
+        ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE),
+        feedback="preconditioned_grad_norm",
+    )
     with pytest.raises(ValueError, match="second-moment"):
         step(step.init({"w": jnp.asarray(2.0)}), _data(), jax.random.key(0))

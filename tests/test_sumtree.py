@@ -19,7 +19,9 @@ def assert_parents_are_sums(tree, layout):
     tree = np.asarray(tree)
     for level in range(layout.depth):
         parents = tree[layout.offsets[level] : layout.offsets[level] + layout.sizes[level]]
-        children = tree[layout.offsets[level + 1] : layout.offsets[level + 1] + layout.sizes[level + 1]]
+        children = tree[
+            layout.offsets[level + 1] : layout.offsets[level + 1] + layout.sizes[level + 1]
+        ]
         sums = np.asarray(sumtree.sum_children(jnp.asarray(children.reshape(-1, layout.arity))))
         np.testing.assert_array_equal(parents[: sums.shape[0]], sums)
         np.testing.assert_array_equal(parents[sums.shape[0] :], 0)
@@ -144,7 +146,9 @@ def test_many_updates_keep_exact_sums(arity):
 @pytest.mark.parametrize("arity", ARITIES)
 @settings(max_examples=25, deadline=None)
 @given(
-    st.lists(st.floats(0, 100, width=32, allow_subnormal=False), min_size=1, max_size=40).filter(lambda w: sum(w) > 0),
+    st.lists(st.floats(0, 100, width=32, allow_subnormal=False), min_size=1, max_size=40).filter(
+        lambda w: sum(w) > 0
+    ),
     st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=16),
 )
 def test_draw_finds_the_prefix_interval(arity, weights, uniforms):
@@ -187,9 +191,12 @@ def test_stratified_targets_cover_each_slice_once():
 
 def test_check_state_tree_names_the_shapes_and_arities():
     layout = sumtree.layout_for(10, 4)
-    sumtree.check_state_tree(jnp.zeros(layout.size), 4, layout)   # fits: no error
-    with pytest.raises(ValueError, match=r"state: tree of shape \(3,\) with arity 4, but this "
-                                         r"sampler has a tree of shape"):
+    sumtree.check_state_tree(jnp.zeros(layout.size), 4, layout)  # fits: no error
+    with pytest.raises(
+        ValueError,
+        match=r"state: tree of shape \(3,\) with arity 4, but this "
+        r"sampler has a tree of shape",
+    ):
         sumtree.check_state_tree(jnp.zeros(3), 4, layout)
     with pytest.raises(ValueError, match="with arity 2, but my sampler"):
         sumtree.check_state_tree(jnp.zeros(layout.size), 2, layout, owner="my sampler")
@@ -200,7 +207,7 @@ def test_inclusive_prefix_sums_add_left_to_right(arity):
     """The descent's prefix sums: for B <= 16 bitwise numpy's sequential float32 cumsum
     (XLA's CPU cumsum is sequential too, so draws did not change when it was replaced)."""
     rng = np.random.default_rng(arity)
-    children = (rng.random((64, arity)) * 10.0 ** rng.uniform(-20, 20, (64, arity)))
+    children = rng.random((64, arity)) * 10.0 ** rng.uniform(-20, 20, (64, arity))
     children = children.astype(np.float32)
     got = np.asarray(jax.jit(sumtree._inclusive_prefix_sums)(jnp.asarray(children)))
     if arity <= 16:
@@ -217,8 +224,9 @@ def test_dedupe_last_with_keep_takes_the_last_kept_copy(entries):
     indices = np.array([j for j, _ in entries], np.int32)
     keep = np.array([k for _, k in entries])
     values = np.arange(len(entries), dtype=np.float32)
-    got_idx, got_val = sumtree.dedupe_last(jnp.asarray(indices), jnp.asarray(values),
-                                           keep=jnp.asarray(keep))
+    got_idx, got_val = sumtree.dedupe_last(
+        jnp.asarray(indices), jnp.asarray(values), keep=jnp.asarray(keep)
+    )
     winner = {}
     for position, (j, kept) in enumerate(entries):
         if kept or not any(k for i, k in entries if i == j):
@@ -229,8 +237,10 @@ def test_dedupe_last_with_keep_takes_the_last_kept_copy(entries):
 
 @pytest.mark.parametrize("arity", ARITIES)
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 1e3, width=32)), min_size=1,
-                max_size=16), st.randoms(use_true_random=False))
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.floats(0, 1e3, width=32)), min_size=1, max_size=16),
+    st.randoms(use_true_random=False),
+)
 def test_set_leaves_with_agreeing_duplicates_is_bitwise_the_sorted_write(arity, entries, rnd):
     """``duplicates_agree=True`` (copies already carry one value, in any order) writes the
     same tree, bit for bit, as the default, which sorts and deduplicates first."""
@@ -242,6 +252,11 @@ def test_set_leaves_with_agreeing_duplicates_is_bitwise_the_sorted_write(arity, 
     agreed_idx, agreed_val = sumtree.dedupe_last(indices, values)
     order = list(range(len(entries)))
     rnd.shuffle(order)
-    got = sumtree.set_leaves(tree, agreed_idx[jnp.asarray(order)], agreed_val[jnp.asarray(order)],
-                             layout, duplicates_agree=True)
+    got = sumtree.set_leaves(
+        tree,
+        agreed_idx[jnp.asarray(order)],
+        agreed_val[jnp.asarray(order)],
+        layout,
+        duplicates_agree=True,
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))

@@ -23,8 +23,9 @@ def _problem():
 
 
 def _steps(sampler, steps_per_call, **options):
-    return ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss",
-                              steps_per_call=steps_per_call, **options)
+    return ab.make_train_step(
+        _loss, optax.adam(0.1), sampler, feedback="loss", steps_per_call=steps_per_call, **options
+    )
 
 
 def _assert_same(many, single):
@@ -47,8 +48,7 @@ def test_n_steps_in_one_call_equal_n_single_steps_with_the_split_keys(step_size)
     for t, key in enumerate(jax.random.split(jax.random.key(7), num_steps)):
         expected, _ = jax.jit(single)(expected, data, key)
         if num_steps > every and (t + 1) % every == 0:
-            expected = expected._replace(
-                sampler_state=sampler.renormalize(expected.sampler_state))
+            expected = expected._replace(sampler_state=sampler.renormalize(expected.sampler_state))
     _assert_same(state, expected)
     assert (int(state.sampler_state.num_rescales) > 0) == (num_steps > every)
 
@@ -63,8 +63,7 @@ def test_without_a_key_the_state_key_advances_each_step():
     for _ in range(5):
         expected, _ = single(expected, data)
     _assert_same(state, expected)
-    np.testing.assert_array_equal(jax.random.key_data(state.key),
-                                  jax.random.key_data(expected.key))
+    np.testing.assert_array_equal(jax.random.key_data(state.key), jax.random.key_data(expected.key))
     assert metrics["loss"].shape == (5,)
 
 
@@ -81,11 +80,13 @@ def test_has_aux_metrics_are_stacked_per_step():
     sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
     params, data = _problem()
     keys = jax.random.split(jax.random.key(3), 4)
-    many = ab.make_train_step(loss_with_aux, optax.adam(0.1), sampler, feedback="loss",
-                              has_aux=True, steps_per_call=4)
+    many = ab.make_train_step(
+        loss_with_aux, optax.adam(0.1), sampler, feedback="loss", has_aux=True, steps_per_call=4
+    )
     state, metrics = many(many.init(params), data, jax.random.key(3))
-    single = ab.make_train_step(loss_with_aux, optax.adam(0.1), sampler, feedback="loss",
-                                has_aux=True)
+    single = ab.make_train_step(
+        loss_with_aux, optax.adam(0.1), sampler, feedback="loss", has_aux=True
+    )
     expected, aux = single.init(params), []
     for key in keys:
         expected, step_metrics = single(expected, data, key)

@@ -68,8 +68,9 @@ def test_a_state_from_init_trains_like_one_from_create():
     params, data = _problem()
     step = _step()
     from_init = step.init(params)
-    from_create = ab.TrainState.create(params=params, optimizer=optax.adam(0.1),
-                                       sampler=step.sampler)
+    from_create = ab.TrainState.create(
+        params=params, optimizer=optax.adam(0.1), sampler=step.sampler
+    )
     for t in range(3):
         from_init, _ = step(from_init, data, jax.random.key(t))
         from_create, _ = step(from_create, data, key=jax.random.key(t))
@@ -153,8 +154,10 @@ def test_a_donated_state_stepped_again_is_named():
 
     data = {"x": jnp.ones((8, 2)), "y": jnp.zeros((8,))}
     step = ab.make_train_step(
-        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]), optax.sgd(0.1),
-        ab.uniform_sampler(8, 4), feedback="loss",
+        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]),
+        optax.sgd(0.1),
+        ab.uniform_sampler(8, 4),
+        feedback="loss",
     )
     state = step.init({"w": jnp.ones((2,))})
     new_state, _ = step(state, data, jax.random.key(0))
@@ -170,8 +173,10 @@ def test_integer_params_are_named():
 
     data = {"x": jnp.ones((8, 2)), "y": jnp.zeros((8,))}
     step = ab.make_train_step(
-        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]), optax.sgd(0.1),
-        ab.uniform_sampler(8, 4), feedback="loss",
+        lambda p, b: jnp.square(b["x"] @ p["w"] - b["y"]),
+        optax.sgd(0.1),
+        ab.uniform_sampler(8, 4),
+        feedback="loss",
     )
     state = step.init({"w": jnp.ones((2,)), "count": jnp.zeros((), jnp.int32)})
     with pytest.raises(TypeError, match=r"state.params: leaf \['count'\] has dtype int32"):

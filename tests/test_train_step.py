@@ -141,7 +141,10 @@ class GradientEstimateTest(parameterized.TestCase):
         if per_example_optimizer:
             optimizer = ab.with_importance_weighting(optimizer)
         step = ab.make_train_step(
-            model_loss, optimizer, sampler, feedback=feedback,
+            model_loss,
+            optimizer,
+            sampler,
+            feedback=feedback,
             reuse_per_example_grads=reuse_per_example_grads,
         )
         state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
@@ -338,7 +341,8 @@ class StateAndOptionsTest(parameterized.TestCase):
         wrong_size = ab.Sampler(
             init=sampler.init,
             sample=lambda state, key: (
-                jnp.zeros((BATCH_SIZE + 1,), jnp.int32), jnp.ones((BATCH_SIZE + 1,))
+                jnp.zeros((BATCH_SIZE + 1,), jnp.int32),
+                jnp.ones((BATCH_SIZE + 1,)),
             ),
             update=sampler.update,
             num_examples=NUM_EXAMPLES,
@@ -365,7 +369,11 @@ class ScoringHookTest(parameterized.TestCase):
         expected = ab.logit_grad_norms(model_loss, params, batch)
         for chunk_size in (None, 3):  # 3: two full chunks and a padded one
             score_fn = make_score_fn(
-                model_loss, "logit_grad_norm", params, data, jax.random.key(0),
+                model_loss,
+                "logit_grad_norm",
+                params,
+                data,
+                jax.random.key(0),
                 chunk_size=chunk_size,
             )
             # float32 on CPU; a GPU's TF32 matmuls differ by ~4e-5 between the two programs
@@ -497,8 +505,9 @@ class NonFiniteStepTest(parameterized.TestCase):
         self.assertEqual(int(state.step), 20)
         self.assertEqual(int(state.sampler_state.step), 19)  # one update skipped
         self.assertLess(_full_loss(model_loss, state.params, data), 0.8 * initial_loss)
-        self.assertTrue(all(bool(jnp.all(jnp.isfinite(leaf)))
-                            for leaf in jax.tree.leaves(state.params)))
+        self.assertTrue(
+            all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+        )
 
     def test_finite_loss_with_non_finite_gradient_is_skipped(self):
         params, data, _ = _problem()
@@ -557,8 +566,10 @@ class NonFiniteStepTest(parameterized.TestCase):
         sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
         step = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss")
         state = ab.TrainState(
-            params=jax.tree.map(jnp.copy, params), opt_state=optax.sgd(0.1).init(params),
-            sampler_state=sampler.init(), step=jnp.zeros((), jnp.int32),
+            params=jax.tree.map(jnp.copy, params),
+            opt_state=optax.sgd(0.1).init(params),
+            sampler_state=sampler.init(),
+            step=jnp.zeros((), jnp.int32),
         )
         state, metrics = step(state, _poisoned(data, jnp.nan), jax.random.key(0))
         self.assertIsNone(state.skipped_steps)
@@ -694,11 +705,13 @@ WRAPPERS = {  # issue 13: each wrapper around ab.adambs equals it around optax.a
     "apply_if_finite": lambda adam: optax.apply_if_finite(adam(0.05), 3),
     "masked": lambda adam: optax.chain(  # masked-out leaves get the raw gradient: zero it
         optax.masked(adam(0.05), {"w": True, "b": False}),
-        optax.masked(optax.set_to_zero(), {"w": False, "b": True})),
+        optax.masked(optax.set_to_zero(), {"w": False, "b": True}),
+    ),
     "multi_steps": lambda adam: optax.MultiSteps(adam(0.05), 2),
     "schedule_free": lambda adam: optax.contrib.schedule_free(adam(0.05), 0.05),
     "reduce_on_plateau": lambda adam: optax.chain(
-        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)),
+        adam(0.05), optax.contrib.reduce_on_plateau(patience=1, factor=0.5)
+    ),
 }
 
 
@@ -718,15 +731,17 @@ class OptaxWrapperTest(parameterized.TestCase):
             reference = reference.gradient_transformation()
         want = _plain_optax_loop(model_loss, reference, sampler, params, data, keys, True)
         chex.assert_trees_all_close(state.params, want, atol=1e-6, rtol=1e-6)
-        self.assertLess(_full_loss(model_loss, state.params, data),
-                        _full_loss(model_loss, params, data))
+        self.assertLess(
+            _full_loss(model_loss, state.params, data), _full_loss(model_loss, params, data)
+        )
 
     def test_masked_out_scalar_keeps_its_shape_in_the_step(self):
         params, data, model_loss = _problem()
         params = dict(params, s=jnp.asarray(0.0))
         optimizer = optax.masked(ab.adambs(0.05), {"w": True, "b": True, "s": False})
         step = ab.make_train_step(
-            model_loss, optimizer, ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5))
+            model_loss, optimizer, ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5)
+        )
         state, _ = step(step.init(params), data, jax.random.key(0))
         self.assertEqual(state.params["s"].shape, ())
 
@@ -735,15 +750,21 @@ class OptaxWrapperTest(parameterized.TestCase):
         seen = []
         optimizer = optax.contrib.reduce_on_plateau()
         step = ab.make_train_step(
-            model_loss, optimizer, ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5),
+            model_loss,
+            optimizer,
+            ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5),
             jit=False,
             optimizer_extra_args=lambda m: seen.append(sorted(m)) or {"value": m["loss"]},
         )
         step(step.init(params), data, jax.random.key(0))
         self.assertEqual(seen, [["loss", "losses", "sampled_loss", "weights"]])
         with pytest.raises(TypeError, match="optimizer_extra_args"):
-            ab.make_train_step(model_loss, optimizer, ab.uniform_sampler(NUM_EXAMPLES, 4),
-                               optimizer_extra_args={"value": 1.0})
+            ab.make_train_step(
+                model_loss,
+                optimizer,
+                ab.uniform_sampler(NUM_EXAMPLES, 4),
+                optimizer_extra_args={"value": 1.0},
+            )
 
 
 class LossOptionsTest(parameterized.TestCase):
@@ -764,13 +785,20 @@ class LossOptionsTest(parameterized.TestCase):
             return _cross_entropy(_linear_model(p, b), b)
 
         for takes_key, want in ((True, 1), (False, 0)):
-            step = ab.make_train_step(loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                                      feedback="loss", loss_takes_key=takes_key, jit=False)
+            step = ab.make_train_step(
+                loss,
+                optax.sgd(0.1),
+                ab.uniform_sampler(NUM_EXAMPLES, 4),
+                feedback="loss",
+                loss_takes_key=takes_key,
+                jit=False,
+            )
             step(step.init(params), data, jax.random.key(0))
             self.assertEqual(calls[-1], want)
         with pytest.raises(TypeError, match="loss_takes_key"):
-            ab.make_train_step(loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4),
-                               loss_takes_key="yes")
+            ab.make_train_step(
+                loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4), loss_takes_key="yes"
+            )
 
     @pytest.mark.filterwarnings("ignore:ghost norms. no layer rule covers")
     def test_grad_norm_methods_give_the_same_step(self):
@@ -778,8 +806,9 @@ class LossOptionsTest(parameterized.TestCase):
         results = {}
         for method in ("vmap", "ghost", "auto"):
             sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5)
-            step = ab.make_train_step(model_loss, optax.adam(0.05), sampler,
-                                      grad_norm_method=method)
+            step = ab.make_train_step(
+                model_loss, optax.adam(0.05), sampler, grad_norm_method=method
+            )
             state, metrics = step(step.init(params), data, jax.random.key(3))
             results[method] = (state.params, metrics["mean_feedback"])
         for method in ("ghost", "auto"):

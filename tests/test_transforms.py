@@ -128,8 +128,10 @@ class ChainTest(chex.TestCase):
         update = self.variant(lambda g, s, w: tx.update(g, s, params, weights=w, scale=-1.0))
         out, _ = update(grads, state, weights)
         chex.assert_trees_all_close(
-            out, jax.tree.map(lambda m: -2.0 * m, ab.weighted_mean(grads, weights)),
-            rtol=1e-6, atol=1e-6,
+            out,
+            jax.tree.map(lambda m: -2.0 * m, ab.weighted_mean(grads, weights)),
+            rtol=1e-6,
+            atol=1e-6,
         )
         self.assertEqual(seen["extra"], ["weights"])
 

@@ -15,5 +15,10 @@ from adambs_jax.ghost.api import (
     per_example_grad_norms,
 )
 
-__all__ = ["METHODS", "GhostCoverage", "ghost_coverage", "ghost_losses_grad_and_norms",
-           "per_example_grad_norms"]
+__all__ = [
+    "METHODS",
+    "GhostCoverage",
+    "ghost_coverage",
+    "ghost_losses_grad_and_norms",
+    "per_example_grad_norms",
+]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,13 @@ from adambs_jax.losses import PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.per_example import per_example_losses_and_grads
 from adambs_jax.tree_utils import batch_size_of, per_example_norms
 
-__all__ = ["METHODS", "GhostCoverage", "ghost_coverage", "ghost_losses_grad_and_norms",
-           "per_example_grad_norms"]
+__all__ = [
+    "METHODS",
+    "GhostCoverage",
+    "ghost_coverage",
+    "ghost_losses_grad_and_norms",
+    "per_example_grad_norms",
+]
 
 METHODS = ("ghost", "vmap", "auto")
 
@@ -104,8 +109,9 @@ def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
     read_elsewhere = sites.outside_reads(jaxpr, len(leaves)) & plan.covered
     if not read_elsewhere:
         return plan
-    bad_paths |= {site.path for site in plan.perturbed.values()
-                  if read_elsewhere & set(site.leaf_indices)}
+    bad_paths |= {
+        site.path for site in plan.perturbed.values() if read_elsewhere & set(site.leaf_indices)
+    }
     return sites.build_plan(recorded, bad_paths, len(leaves))
 
 
@@ -130,14 +136,18 @@ def _warn_fallback(params, plan) -> None:
     )
 
 
-def ghost_coverage(loss_fn: PerExampleLoss, params: Any, batch: Any,
-                   key: Optional[jax.Array] = None) -> GhostCoverage:
+def ghost_coverage(
+    loss_fn: PerExampleLoss, params: Any, batch: Any, key: jax.Array | None = None
+) -> GhostCoverage:
     """Which parameters the ghost pass covers by layer rules, directly, or by fallback."""
     loss = with_key_argument(loss_fn)
     keys, key_axis = _per_example_keys(key, batch_size_of(batch))
     plan = _plan(loss, params, batch, keys, key_axis)
-    return GhostCoverage(_leaf_names(params, plan.covered), _leaf_names(params, plan.direct),
-                         _leaf_names(params, plan.fallback))
+    return GhostCoverage(
+        _leaf_names(params, plan.covered),
+        _leaf_names(params, plan.direct),
+        _leaf_names(params, plan.fallback),
+    )
 
 
 def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
@@ -149,10 +159,15 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
     """
     batch_size = weights.shape[0]
     leaves, treedef = jax.tree.flatten(params)
-    copies = {i: jnp.broadcast_to(leaf, (batch_size,) + jnp.shape(leaf))
-              for i, leaf in enumerate(leaves) if i not in plan.covered}
-    zeros = {key: jnp.zeros((batch_size,) + site.output.shape, site.output.dtype)
-             for key, site in plan.perturbed.items()}
+    copies = {
+        i: jnp.broadcast_to(leaf, (batch_size,) + jnp.shape(leaf))
+        for i, leaf in enumerate(leaves)
+        if i not in plan.covered
+    }
+    zeros = {
+        key: jnp.zeros((batch_size,) + site.output.shape, site.output.dtype)
+        for key, site in plan.perturbed.items()
+    }
 
     def one_example(copies_, zeros_, example, example_key):
         merged = [copies_[i] if i in copies_ else leaf for i, leaf in enumerate(leaves)]
@@ -163,13 +178,16 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
 
     def weighted_loss(copies_, zeros_):
         losses, captured = jax.vmap(one_example, in_axes=(0, 0, 0, key_axis))(
-            copies_, zeros_, batch, keys)
+            copies_, zeros_, batch, keys
+        )
         return jnp.mean(weights.astype(losses.dtype) * losses), (losses, captured)
 
     (_, (losses, captured)), (copy_grads, cotangents) = jax.value_and_grad(
-        weighted_loss, argnums=(0, 1), has_aux=True)(copies, zeros)
-    sq_norms, grads = sites.site_norms_and_grads(plan, captured, cotangents,
-                                                 [jnp.shape(leaf) for leaf in leaves])
+        weighted_loss, argnums=(0, 1), has_aux=True
+    )(copies, zeros)
+    sq_norms, grads = sites.site_norms_and_grads(
+        plan, captured, cotangents, [jnp.shape(leaf) for leaf in leaves]
+    )
     for i, g in copy_grads.items():
         g = g.astype(norm_dtype(g.dtype))
         sq_norms.append(jnp.sum(jnp.square(g).reshape(batch_size, -1), axis=1))
@@ -199,8 +217,13 @@ def _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key):
 
 
 def ghost_losses_grad_and_norms(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, weights: jax.Array,
-    key: Optional[jax.Array] = None, *, method: str = "auto",
+    loss_fn: PerExampleLoss,
+    params: Any,
+    batch: Any,
+    weights: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    method: str = "auto",
 ) -> tuple[jax.Array, Any, jax.Array]:
     """``(losses (K,), G_hat, norms (K,))`` of a per-example loss in one backward pass.
 
@@ -236,7 +259,11 @@ def ghost_losses_grad_and_norms(
 
 
 def per_example_grad_norms(
-    loss_fn: PerExampleLoss, params: Any, batch: Any, key: Optional[jax.Array] = None, *,
+    loss_fn: PerExampleLoss,
+    params: Any,
+    batch: Any,
+    key: jax.Array | None = None,
+    *,
     method: str = "auto",
 ) -> jax.Array:
     """(K,) exact per-example gradient norms ||d loss_k / d params||_2 (float32).
@@ -251,6 +278,5 @@ def per_example_grad_norms(
         _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
         return per_example_norms(grads)
     weights = jnp.ones((batch_size_of(batch),), jnp.float32)
-    _, _, norms = ghost_losses_grad_and_norms(loss_fn, params, batch, weights, key,
-                                              method=method)
+    _, _, norms = ghost_losses_grad_and_norms(loss_fn, params, batch, weights, key, method=method)
     return norms

@@ -25,7 +25,7 @@ wider) squared norms; products use ``Precision.HIGHEST`` so that TF32 does not r
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +134,7 @@ def conv_patches(
     inputs: jax.Array,
     kernel_size: Sequence[int],
     strides: Sequence[int],
-    padding: Union[str, Sequence[tuple[int, int]]],
+    padding: str | Sequence[tuple[int, int]],
     input_dilation: Sequence[int],
     kernel_dilation: Sequence[int],
 ) -> jax.Array:
@@ -160,7 +160,12 @@ def conv_patches(
     for offset in itertools.product(*(range(k) for k in kernel_size)):
         start = [o * r for o, r in zip(offset, kernel_dilation)]
         limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out_shape, strides)]
-        slices.append(lax.slice(padded, [0, *start, 0], [padded.shape[0], *limit,
-                                                         padded.shape[-1]],
-                                [1, *strides, 1]))
+        slices.append(
+            lax.slice(
+                padded,
+                [0, *start, 0],
+                [padded.shape[0], *limit, padded.shape[-1]],
+                [1, *strides, 1],
+            )
+        )
     return jnp.concatenate(slices, axis=-1)

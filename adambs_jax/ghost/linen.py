@@ -38,8 +38,10 @@ def _dense_general_config(module):
 
 
 def _conv_config(module):
-    if (module.conv_general_dilated is not None
-            or getattr(module, "conv_general_dilated_cls", None) is not None):
+    if (
+        module.conv_general_dilated is not None
+        or getattr(module, "conv_general_dilated_cls", None) is not None
+    ):
         return None  # a user-supplied convolution: its gradient is not the im2col one
     return conv_config_of(module)
 
@@ -53,8 +55,9 @@ LINEN_RULES = {
 """Exact linen layer types with a ghost-norm rule."""
 
 LINEN_NORMALIZATION_LAYERS = tuple(
-    getattr(nn, name) for name in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm",
-                                   "InstanceNorm") if hasattr(nn, name)
+    getattr(nn, name)
+    for name in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
+    if hasattr(nn, name)
 )
 """Layers whose (small, elementwise) parameters take the direct per-example path."""
 
@@ -77,8 +80,14 @@ def _interceptor(handler):
             return next_fun(*args, **kwargs)
         inputs = args[0] if args else next(iter(kwargs.values()))
         config = rule.config(module) if rule is not None else None
-        return handler.on_call(path, rule, config, inputs, lambda: next_fun(*args, **kwargs),
-                               lambda: _own_params(module))
+        return handler.on_call(
+            path,
+            rule,
+            config,
+            inputs,
+            lambda: next_fun(*args, **kwargs),
+            lambda: _own_params(module),
+        )
 
     return intercept
 

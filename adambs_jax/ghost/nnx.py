@@ -53,17 +53,19 @@ NNX_RULES = {
 """Exact NNX layer types with a ghost-norm rule."""
 
 NNX_NORMALIZATION_LAYERS = tuple(
-    getattr(nnx, name) for name in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm")
+    getattr(nnx, name)
+    for name in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm")
     if hasattr(nnx, name)
 )
 """Layers whose (small, elementwise) parameters take the direct per-example path."""
 
 
 def _own_params(module) -> dict:
-    params = {name: value for name, value in vars(module).items()
-              if isinstance(value, nnx.Param)}
-    return {name: param.get_value() if hasattr(param, "get_value") else param.value
-            for name, param in params.items()}
+    params = {name: value for name, value in vars(module).items() if isinstance(value, nnx.Param)}
+    return {
+        name: param.get_value() if hasattr(param, "get_value") else param.value
+        for name, param in params.items()
+    }
 
 
 class _Names:
@@ -90,9 +92,14 @@ def _wrap_call(cls, original, handler, names):
             return original(self, *args, **kwargs)
         inputs = args[0] if args else next(iter(kwargs.values()))
         config = rule.config(self) if rule is not None else None
-        return handler.on_call(names(self), rule, config, inputs,
-                               lambda: original(self, *args, **kwargs),
-                               lambda: _own_params(self))
+        return handler.on_call(
+            names(self),
+            rule,
+            config,
+            inputs,
+            lambda: original(self, *args, **kwargs),
+            lambda: _own_params(self),
+        )
 
     return call
 
@@ -111,8 +118,10 @@ def interception(handler: Any):
     """Routes supported NNX layer calls through ``handler`` (a ``sites.Recorder`` or
     ``sites.Perturber``) while active; restores the classes afterwards."""
     names = _Names()
-    patched = [(cls, "__call__", _wrap_call(cls, cls.__call__, handler, names))
-               for cls in (*NNX_RULES, *NNX_NORMALIZATION_LAYERS)]
+    patched = [
+        (cls, "__call__", _wrap_call(cls, cls.__call__, handler, names))
+        for cls in (*NNX_RULES, *NNX_NORMALIZATION_LAYERS)
+    ]
     patched.append((nnx.Embed, "attend", _wrap_attend(nnx.Embed.attend, handler, names)))
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in patched]
     try:

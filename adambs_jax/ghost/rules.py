@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-
 from flax.linen.linear import canonicalize_padding
 
 from adambs_jax.ghost.layer_norms import conv_patches
@@ -52,7 +51,7 @@ def dense_factors(config, inputs, output_grads):
 def conv_factors(config, inputs, output_grads):
     """Conv: the dense rule on im2col patches of every example's receptive fields."""
     kernel_size, strides, padding, input_dilation, kernel_dilation, use_bias = config
-    spatial_and_channels = inputs.shape[inputs.ndim - len(kernel_size) - 1:]
+    spatial_and_channels = inputs.shape[inputs.ndim - len(kernel_size) - 1 :]
     flat = inputs.reshape((-1,) + spatial_and_channels).astype(output_grads.dtype)
     patches = conv_patches(flat, kernel_size, strides, padding, input_dilation, kernel_dilation)
     left = _rows(patches.reshape((inputs.shape[0], -1, patches.shape[-1])), patches.shape[-1])
@@ -89,8 +88,14 @@ def conv_config(kernel_size, strides, padding, input_dilation, kernel_dilation, 
             return None
     else:
         padding = tuple(tuple(pair) for pair in padding)
-    return (kernel_size, _broadcast(strides, rank), padding, _broadcast(input_dilation, rank),
-            _broadcast(kernel_dilation, rank), bool(use_bias))
+    return (
+        kernel_size,
+        _broadcast(strides, rank),
+        padding,
+        _broadcast(input_dilation, rank),
+        _broadcast(kernel_dilation, rank),
+        bool(use_bias),
+    )
 
 
 def conv_config_of(module):
@@ -99,5 +104,11 @@ def conv_config_of(module):
     framework-specific ways to replace the convolution itself)."""
     if module.mask is not None or module.feature_group_count != 1:
         return None
-    return conv_config(module.kernel_size, module.strides, module.padding,
-                       module.input_dilation, module.kernel_dilation, module.use_bias)
+    return conv_config(
+        module.kernel_size,
+        module.strides,
+        module.padding,
+        module.input_dilation,
+        module.kernel_dilation,
+        module.use_bias,
+    )

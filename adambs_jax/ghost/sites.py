@@ -27,7 +27,8 @@ which ``site_norms_and_grads`` gives the norms and the covered leaves' share of 
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,19 @@ from jax.extend import core as jax_core
 
 from adambs_jax.ghost import layer_norms
 
-__all__ = ["Factor", "LayerRule", "Site", "GhostPlan", "Recorder", "Perturber", "Skipper",
-           "build_plan", "outside_reads", "current_trace", "site_norms_and_grads"]
+__all__ = [
+    "Factor",
+    "LayerRule",
+    "Site",
+    "GhostPlan",
+    "Recorder",
+    "Perturber",
+    "Skipper",
+    "build_plan",
+    "outside_reads",
+    "current_trace",
+    "site_norms_and_grads",
+]
 
 
 class Factor(NamedTuple):
@@ -45,7 +57,7 @@ class Factor(NamedTuple):
     (left tokens (K, T), right B (K, T, F)); see ``layer_norms``."""
 
     kind: str
-    left: Optional[jax.Array]
+    left: jax.Array | None
     right: jax.Array
 
 
@@ -70,10 +82,10 @@ class Site(NamedTuple):
 
     path: str
     call: int
-    rule: Optional[LayerRule]  # None: a normalization layer (direct)
+    rule: LayerRule | None  # None: a normalization layer (direct)
     config: Any
     leaves: tuple  # (parameter name, index into the flattened params; -1: not found there)
-    output: Optional[jax.ShapeDtypeStruct]  # per-example output
+    output: jax.ShapeDtypeStruct | None  # per-example output
     in_loss_trace: bool
 
     @property
@@ -86,8 +98,13 @@ class Site(NamedTuple):
 
     @property
     def ghost_able(self) -> bool:
-        return (self.rule is not None and self.config is not None and self.in_loss_trace
-                and -1 not in self.leaf_indices and self.output is not None)
+        return (
+            self.rule is not None
+            and self.config is not None
+            and self.in_loss_trace
+            and -1 not in self.leaf_indices
+            and self.output is not None
+        )
 
 
 class GhostPlan(NamedTuple):
@@ -123,8 +140,9 @@ class Recorder:
         outputs = call_next()
         call = self._calls[path]
         self._calls[path] += 1
-        indices = tuple((name, self.leaf_ids.get(id(leaf), -1))
-                        for name, leaf in own_leaves().items())
+        indices = tuple(
+            (name, self.leaf_ids.get(id(leaf), -1)) for name, leaf in own_leaves().items()
+        )
         output = None
         if isinstance(outputs, jax.Array) or hasattr(outputs, "aval"):
             output = jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs))
@@ -194,21 +212,24 @@ def build_plan(sites: list, bad_paths: set, num_leaves: int) -> GhostPlan:
     ghost_paths -= {site.path for site in sites if site.rule is not None and not site.ghost_able}
     while True:
         covered = {i for i, paths in readers.items() if i >= 0 and paths <= ghost_paths}
-        leaky = {s.path for s in sites if s.path in ghost_paths
-                 and not set(s.leaf_indices) <= covered}
+        leaky = {
+            s.path for s in sites if s.path in ghost_paths and not set(s.leaf_indices) <= covered
+        }
         if not leaky:
             break
         ghost_paths -= leaky
     direct_paths = {site.path for site in sites if site.rule is None}
-    direct = {i for i, paths in readers.items()
-              if i >= 0 and i not in covered and paths <= direct_paths}
+    direct = {
+        i for i, paths in readers.items() if i >= 0 and i not in covered and paths <= direct_paths
+    }
     fallback = tuple(i for i in range(num_leaves) if i not in covered and i not in direct)
     perturbed = {site.key: site for site in sites if site.path in ghost_paths}
     return GhostPlan(perturbed, frozenset(covered), frozenset(direct), fallback)
 
 
-def site_norms_and_grads(plan: GhostPlan, captured: dict, cotangents: dict,
-                         leaf_shapes: list) -> tuple[list, dict]:
+def site_norms_and_grads(
+    plan: GhostPlan, captured: dict, cotangents: dict, leaf_shapes: list
+) -> tuple[list, dict]:
     """``([(K,) squared norms], {leaf index: gradient})`` of the covered leaves.
 
     ``cotangents`` are the perturbations' gradients (w_k / K) b_k: the squared norms are
@@ -218,8 +239,9 @@ def site_norms_and_grads(plan: GhostPlan, captured: dict, cotangents: dict,
     """
     by_path = collections.defaultdict(list)
     for key, site in plan.perturbed.items():
-        by_path[site.path].append((site, site.rule.factors(site.config, captured[key],
-                                                           cotangents[key])))
+        by_path[site.path].append(
+            (site, site.rule.factors(site.config, captured[key], cotangents[key]))
+        )
     sq_norms, grads = [], {}
     for calls in by_path.values():
         indices = dict(calls[0][0].leaves)

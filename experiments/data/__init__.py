@@ -5,6 +5,7 @@ See :mod:`experiments.data.registry` for the list of names and
 :mod:`experiments.data.integrity` for how data files are verified before they
 are read (:class:`CorruptFileError`, :class:`ChecksumMismatchError`).
 """
+
 from experiments.data.dataset import Dataset
 from experiments.data.download import ChecksumMismatchError, CorruptFileError, resolve_data_dir
 from experiments.data.registry import list_datasets, load_dataset

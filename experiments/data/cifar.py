@@ -32,6 +32,7 @@ with :func:`experiments.data.safe_pickle.load_data_pickle`, which builds only
 arrays, lists, dicts, numbers and strings and refuses any other global, so
 even a file that matched by mistake cannot run code.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,11 @@ _BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 
 CIFAR_LAYOUTS = {
     "cifar10": {
-        "archive": RemoteFile("cifar-10-python.tar.gz", (_BASE_URL + "cifar-10-python.tar.gz",),
-                              md5="c58f30108f718f92721af3b95e74349a"),
+        "archive": RemoteFile(
+            "cifar-10-python.tar.gz",
+            (_BASE_URL + "cifar-10-python.tar.gz",),
+            md5="c58f30108f718f92721af3b95e74349a",
+        ),
         "folder": "cifar-10-batches-py",
         "train": tuple(f"data_batch_{k}" for k in range(1, 6)),
         "test": ("test_batch",),
@@ -67,8 +71,11 @@ CIFAR_LAYOUTS = {
         "num_classes": 10,
     },
     "cifar100": {
-        "archive": RemoteFile("cifar-100-python.tar.gz", (_BASE_URL + "cifar-100-python.tar.gz",),
-                              md5="eb9058c3a382ffc7106e4002c42a8d85"),
+        "archive": RemoteFile(
+            "cifar-100-python.tar.gz",
+            (_BASE_URL + "cifar-100-python.tar.gz",),
+            md5="eb9058c3a382ffc7106e4002c42a8d85",
+        ),
         "folder": "cifar-100-python",
         "train": ("train",),
         "test": ("test",),
@@ -126,16 +133,21 @@ def load_cifar(
     directory = resolve_data_dir(data_dir) / name
     source = directory / layout["folder"]
     if not all((source / m).exists() for m in layout["train"] + layout["test"]):
-        hint = (f"Alternatively put the extracted folder {layout['folder']}/ "
-                f"(with {', '.join(layout['train'] + layout['test'])}) in {directory}.")
-        (source,) = ensure_files(directory, [layout["archive"]], dataset=name,
-                                 download=download, hint=hint)
+        hint = (
+            f"Alternatively put the extracted folder {layout['folder']}/ "
+            f"(with {', '.join(layout['train'] + layout['test'])}) in {directory}."
+        )
+        (source,) = ensure_files(
+            directory, [layout["archive"]], dataset=name, download=download, hint=hint
+        )
     else:
         _verify_members(source, layout)
     train_images, y_train = _concatenate(
-        _read_members(source, layout["folder"], layout["train"]), layout["label_key"])
+        _read_members(source, layout["folder"], layout["train"]), layout["label_key"]
+    )
     test_images, y_test = _concatenate(
-        _read_members(source, layout["folder"], layout["test"]), layout["label_key"])
+        _read_members(source, layout["folder"], layout["test"]), layout["label_key"]
+    )
     x_train, x_test, stats = standardize_images(train_images, test_images)
     return Dataset(
         x_train=x_train,

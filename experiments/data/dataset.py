@@ -11,6 +11,7 @@ Conventions shared by all loaders:
   shape ``(N,)``, sigmoid cross-entropy; labels are ``{0, 1}`` and
   ``num_classes`` is 2).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,7 @@ class Dataset:
         """Shape of one example (without the batch axis)."""
         return tuple(self.x_train.shape[1:])
 
-    def first_train_examples(self, count: int) -> "Dataset":
+    def first_train_examples(self, count: int) -> Dataset:
         """The same dataset restricted to its first ``count`` training examples.
 
         The test split and any preprocessing statistics are unchanged (they

@@ -20,6 +20,7 @@ file, verifies the published checksum and only then renames it into place.
 :func:`open_url` is the only function that touches the network; tests replace
 it so they never download anything.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -39,8 +40,15 @@ from experiments.data.integrity import (
 )
 
 __all__ = [
-    "ChecksumMismatchError", "CorruptFileError", "DownloadError", "RemoteFile",
-    "download_file", "ensure_files", "file_digest", "open_url", "resolve_data_dir",
+    "ChecksumMismatchError",
+    "CorruptFileError",
+    "DownloadError",
+    "RemoteFile",
+    "download_file",
+    "ensure_files",
+    "file_digest",
+    "open_url",
+    "resolve_data_dir",
     "verify_file",
 ]
 
@@ -70,9 +78,7 @@ def open_url(url: str, timeout: float):
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
 
 
-def download_file(
-    remote: RemoteFile, directory: Path, timeout: float = DOWNLOAD_TIMEOUT_S
-) -> Path:
+def download_file(remote: RemoteFile, directory: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Fetch ``remote`` into ``directory``; verify it; return its path."""
     directory.mkdir(parents=True, exist_ok=True)
     destination = directory / remote.filename

@@ -33,6 +33,7 @@ In the returned :class:`Dataset` the labels are mapped to ``{0, 1}``
 (``y01 = (y + 1) / 2``) for sigmoid cross-entropy on one logit; the ``±1``
 labels and ``theta*`` are kept in ``metadata``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -104,8 +105,13 @@ def generate_heavy_tailed(
     y_train = label_by_true_neuron(z_train, true_weights, rng)
     z_test = sample_features(num_test, num_features, beta, gamma, rng)
     y_test = label_by_true_neuron(z_test, true_weights, rng)
-    return {"z_train": z_train, "y_train": y_train, "z_test": z_test,
-            "y_test": y_test, "true_weights": true_weights}
+    return {
+        "z_train": z_train,
+        "y_train": y_train,
+        "z_test": z_test,
+        "y_test": y_test,
+        "true_weights": true_weights,
+    }
 
 
 def load_heavy_tailed(
@@ -119,8 +125,9 @@ def load_heavy_tailed(
 ) -> Dataset:
     """The heavy-tailed problem as a binary :class:`Dataset` (labels in {0, 1})."""
     seed = DEFAULT_SEED if seed is None else seed
-    raw = generate_heavy_tailed(num_examples, num_features, beta=beta, gamma=gamma,
-                                num_test=num_test, seed=seed)
+    raw = generate_heavy_tailed(
+        num_examples, num_features, beta=beta, gamma=gamma, num_test=num_test, seed=seed
+    )
     return Dataset(
         x_train=raw["z_train"].astype(np.float32),
         y_train=((raw["y_train"] + 1) // 2).astype(np.int32),
@@ -134,7 +141,12 @@ def load_heavy_tailed(
             f"(n={num_examples}, d={num_features}, beta={beta}, gamma={gamma}, seed={seed}); "
             "labels sign(z.theta*) with theta* ~ N(0, I), mapped to {0, 1}."
         ),
-        metadata={"y_train_pm1": raw["y_train"], "y_test_pm1": raw["y_test"],
-                  "true_weights": raw["true_weights"], "beta": beta, "gamma": gamma,
-                  "seed": seed},
+        metadata={
+            "y_train_pm1": raw["y_train"],
+            "y_test_pm1": raw["y_test"],
+            "true_weights": raw["true_weights"],
+            "beta": beta,
+            "gamma": gamma,
+            "seed": seed,
+        },
     )

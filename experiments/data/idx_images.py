@@ -20,6 +20,7 @@ IDX format (LeCun): a big-endian header ``0x00 0x00 <type> <ndim>``, then
 Preprocessing: images become ``(N, 28, 28, 1)``, are scaled to [0, 1]
 (/255) and standardized with the training mean/std of the single channel.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -131,8 +132,9 @@ def _locate(directory: Path, name: str, download: bool) -> dict[str, Path]:
         if (directory / remote.filename).exists() or not uncompressed.exists():
             to_fetch.append(remote)
             continue
-        verify_file(uncompressed, RemoteFile(uncompressed.name, (),
-                                             md5=_RAW_MD5[name][uncompressed.name]))
+        verify_file(
+            uncompressed, RemoteFile(uncompressed.name, (), md5=_RAW_MD5[name][uncompressed.name])
+        )
         paths[remote.filename] = uncompressed
     for path in ensure_files(directory, to_fetch, dataset=name, download=download):
         paths[path.name] = path
@@ -149,7 +151,11 @@ def load_idx_dataset(
     test_images = read_idx(paths[TEST_IMAGES])
     y_train = read_idx(paths[TRAIN_LABELS]).astype(np.int32)
     y_test = read_idx(paths[TEST_LABELS]).astype(np.int32)
-    if train_images.ndim != 3 or len(train_images) != len(y_train) or len(test_images) != len(y_test):
+    if (
+        train_images.ndim != 3
+        or len(train_images) != len(y_train)
+        or len(test_images) != len(y_test)
+    ):
         raise ValueError(f"{name}: inconsistent IDX files in {directory}")
     x_train, x_test, stats = standardize_images(train_images[..., None], test_images[..., None])
     return Dataset(

@@ -31,6 +31,7 @@ integer arrays in ``<data_dir>/imdb/imdb_tokens.npz`` (see
 ``allow_pickle=False`` (``imdb.npz`` is then no longer needed). A store that
 fails its checks is rebuilt from ``imdb.npz``, with a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def encode_reviews(reviews, *, num_words: int, maxlen: int) -> np.ndarray:
         ids = np.concatenate(([START_TOKEN], np.asarray(review, dtype=np.int64) + INDEX_FROM))
         ids[ids >= num_words] = OOV_TOKEN
         kept = ids[-maxlen:]
-        out[row, maxlen - len(kept):] = kept
+        out[row, maxlen - len(kept) :] = kept
     return out
 
 
@@ -78,8 +79,9 @@ def _read_keras_file(directory: Path, download: bool) -> tuple[dict, Path]:
         try:
             write_token_store(directory / TOKEN_STORE, splits, IMDB_FILE.sha256)
         except OSError as err:  # a read-only data folder: keep working from imdb.npz
-            warnings.warn(f"could not write {directory / TOKEN_STORE}: {err}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"could not write {directory / TOKEN_STORE}: {err}", RuntimeWarning, stacklevel=3
+            )
     return splits, path
 
 
@@ -90,8 +92,9 @@ def read_reviews(directory: Path, download: bool) -> tuple[dict, Path]:
         try:
             return read_token_store(store, IMDB_FILE.sha256), store
         except CorruptFileError as err:
-            warnings.warn(f"{err}; rebuilding it from {IMDB_FILE.filename}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{err}; rebuilding it from {IMDB_FILE.filename}", RuntimeWarning, stacklevel=2
+            )
             store.unlink()
     return _read_keras_file(directory, download)
 
@@ -114,11 +117,11 @@ def load_imdb(
     test_order = np.arange(len(x_test))
     rng.shuffle(test_order)
     return Dataset(
-        x_train=encode_reviews([x_train[i] for i in train_order], num_words=num_words,
-                               maxlen=maxlen),
+        x_train=encode_reviews(
+            [x_train[i] for i in train_order], num_words=num_words, maxlen=maxlen
+        ),
         y_train=np.asarray(y_train, dtype=np.int32)[train_order],
-        x_test=encode_reviews([x_test[i] for i in test_order], num_words=num_words,
-                              maxlen=maxlen),
+        x_test=encode_reviews([x_test[i] for i in test_order], num_words=num_words, maxlen=maxlen),
         y_test=np.asarray(y_test, dtype=np.int32)[test_order],
         num_classes=2,
         name="imdb",

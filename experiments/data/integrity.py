@@ -10,6 +10,7 @@ must be refused with its name, not fail later with a bare ``EOFError``.
   format it claims); :func:`reading_file` turns the decoders' low-level
   errors into this, naming the file and what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,7 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     return sources.file_digest(path, algorithm, _BLOCK)
 
 
-def verify_file(
-    path: str | os.PathLike, remote: RemoteFile, *, hint: str = DELETE_HINT
-) -> None:
+def verify_file(path: str | os.PathLike, remote: RemoteFile, *, hint: str = DELETE_HINT) -> None:
     """Raise :class:`ChecksumMismatchError` if ``path`` does not match ``remote``.
 
     A file with no pinned checksum at all is refused too: nothing is read
@@ -66,7 +65,8 @@ def verify_file(
     pinned = [(a, getattr(remote, a)) for a in ("sha256", "md5") if getattr(remote, a)]
     if not pinned:
         raise ChecksumMismatchError(
-            f"{path}: no checksum is pinned for {remote.filename}, so it cannot be verified.")
+            f"{path}: no checksum is pinned for {remote.filename}, so it cannot be verified."
+        )
     for algorithm, expected in pinned:
         actual = file_digest(path, algorithm)
         if actual != expected.lower():
@@ -77,8 +77,16 @@ def verify_file(
             )
 
 
-_DECODING_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError,
-                    zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError)
+_DECODING_ERRORS = (
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+    KeyError,
+    ValueError,
+)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ finite values as mnist1d makes for ``num_samples``, split as it splits them,
 labels in 0..9); a cache that fails to load or to pass these checks is regenerated,
 with a ``RuntimeWarning`` naming the file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,11 +92,15 @@ def _check_generated(raw: dict[str, np.ndarray], args: dict) -> None:
             raise ValueError(f"array {key!r} is missing")
     total = len(raw["x"]) + len(raw["x_test"])
     num_train = int(args["train_split"] * total)
-    expected = {"x": (num_train, args["final_seq_length"]), "y": (num_train,),
-                "x_test": (total - num_train, args["final_seq_length"]),
-                "y_test": (total - num_train,)}
+    expected = {
+        "x": (num_train, args["final_seq_length"]),
+        "y": (num_train,),
+        "x_test": (total - num_train, args["final_seq_length"]),
+        "y_test": (total - num_train,),
+    }
     if total != args["num_samples"] // 10 * 10 or any(
-            raw[key].shape != shape for key, shape in expected.items()):
+        raw[key].shape != shape for key, shape in expected.items()
+    ):
         found = {key: raw[key].shape for key in expected}
         raise ValueError(f"arrays have shapes {found}, expected {expected}")
     if not (np.all(np.isfinite(raw["x"])) and np.all(np.isfinite(raw["x_test"]))):
@@ -107,8 +112,10 @@ def _check_generated(raw: dict[str, np.ndarray], args: dict) -> None:
 
 def _read_cache(cache_file: Path, args: dict) -> dict[str, np.ndarray]:
     """The checked cache (no pickle); :class:`CorruptFileError` naming the file otherwise."""
-    with reading_file(cache_file, hint="regenerating the MNIST-1D cache"), \
-            np.load(cache_file, allow_pickle=False) as cached:
+    with (
+        reading_file(cache_file, hint="regenerating the MNIST-1D cache"),
+        np.load(cache_file, allow_pickle=False) as cached,
+    ):
         raw = {key: cached[key] for key in cached.files}
         _check_generated(raw, args)
     return raw
@@ -147,8 +154,9 @@ def load_mnist1d(
     seed = DEFAULT_GENERATOR_SEED if seed is None else seed
     if num_samples < 20:
         raise ValueError("num_samples must be at least 20 (two per class per split)")
-    raw, cache_file = _cached_or_generated(resolve_data_dir(data_dir) / "mnist1d",
-                                           num_samples, seed, use_cache)
+    raw, cache_file = _cached_or_generated(
+        resolve_data_dir(data_dir) / "mnist1d", num_samples, seed, use_cache
+    )
     x_train = raw["x"].astype(np.float64)
     mean, std = x_train.mean(), x_train.std()
     std = std if std > 0 else 1.0
@@ -165,6 +173,11 @@ def load_mnist1d(
             f"seed={seed}); mnist1d's 80/20 split; signals standardized with the "
             "scalar mean/std of the training signals."
         ),
-        metadata={"generator_seed": seed, "num_samples": num_samples,
-                  "mean": float(mean), "std": float(std), "cache_file": str(cache_file)},
+        metadata={
+            "generator_seed": seed,
+            "num_samples": num_samples,
+            "mean": float(mean),
+            "std": float(std),
+            "cache_file": str(cache_file),
+        },
     )

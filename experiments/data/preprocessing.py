@@ -16,6 +16,7 @@ corner pixels of ``digits``) is replaced by 1, so the column becomes 0.
 ``stratified_split`` gives the fixed seeded split used where a dataset has no
 official train/test split.
 """
+
 from __future__ import annotations
 
 import numpy as np

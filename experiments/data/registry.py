@@ -24,6 +24,7 @@ it. Dataset-specific keyword options (``num_samples`` for ``mnist1d``,
 ``maxlen``/``num_words`` for ``imdb``, ``download`` for downloadable sets,
 generator parameters for ``heavy-tailed``) are passed through ``**options``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,17 +39,21 @@ _Builder = Callable[..., Dataset]
 
 def _no_data_dir(builder: _Builder) -> _Builder:
     """Adapt a loader that needs neither files nor a cache directory."""
+
     def build(*, data_dir=None, seed=None, **options):
         del data_dir
         return builder(seed=seed, **options)
+
     return build
 
 
 def _no_seed(builder: _Builder) -> _Builder:
     """Adapt a loader with an official split (``seed`` has no effect)."""
+
     def build(*, data_dir=None, seed=None, **options):
         del seed
         return builder(data_dir=data_dir, **options)
+
     return build
 
 

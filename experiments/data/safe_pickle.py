@@ -18,6 +18,7 @@ Files are also checksum-verified before they reach this unpickler (see
 :mod:`experiments.data.integrity`); this is the second line, so that even a
 file that matches by mistake cannot run code.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,9 @@ except ImportError:  # pragma: no cover - numpy 1
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it (``bytes`` written by Python 3)."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+        raise pickle.UnpicklingError(
+            f"refusing _codecs.encode({type(text).__name__}, {encoding!r})"
+        )
     return text.encode("latin1")
 
 

@@ -12,6 +12,7 @@ Preprocessing:
   [0, 1] by dividing by 16 (the pixel maximum of this dataset), then
   standardized with the training mean/std of the single channel.
 """
+
 from __future__ import annotations
 
 import numpy as np

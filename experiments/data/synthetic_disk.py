@@ -60,13 +60,11 @@ def _teacher(task: str, seed: int):
     return label
 
 
-def _chunks(num_examples: int, task: str, split: str, seed: int, chunk_size: int,
-            progress: bool):
+def _chunks(num_examples: int, task: str, split: str, seed: int, chunk_size: int, progress: bool):
     """The dataset's chunks ``{"x", "y"}`` in order, each from its own generator."""
     label = _teacher(task, seed)
     starts = range(0, num_examples, chunk_size)
-    for index, start in enumerate(tqdm(starts, desc="writing", unit="chunk",
-                                       disable=not progress)):
+    for index, start in enumerate(tqdm(starts, desc="writing", unit="chunk", disable=not progress)):
         # the train split of the linear task keeps its original streams [seed, index]
         stream = [seed, index] if split == "train" else [seed, SPLITS.index(split), index]
         rng = np.random.default_rng(stream)
@@ -77,30 +75,47 @@ def _chunks(num_examples: int, task: str, split: str, seed: int, chunk_size: int
 
 
 def _params(num_examples: int, task: str, split: str, seed: int, chunk_size: int) -> dict:
-    return {"num_examples": num_examples, "num_features": NUM_FEATURES,
-            "num_classes": NUM_CLASSES, "task": task, "split": split, "seed": seed,
-            "chunk_size": chunk_size}
+    return {
+        "num_examples": num_examples,
+        "num_features": NUM_FEATURES,
+        "num_classes": NUM_CLASSES,
+        "task": task,
+        "split": split,
+        "seed": seed,
+        "chunk_size": chunk_size,
+    }
 
 
-def write_synthetic(directory, num_examples: int, *, task: str = "linear",
-                    split: str = "train", seed: int = 0, chunk_size: int = DEFAULT_CHUNK,
-                    progress: bool = True) -> pathlib.Path:
+def write_synthetic(
+    directory,
+    num_examples: int,
+    *,
+    task: str = "linear",
+    split: str = "train",
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+) -> pathlib.Path:
     """Writes the dataset (files, manifest, parameters) into ``directory``; returns it."""
     if num_examples < 1 or chunk_size < 1:
-        raise ValueError(f"num_examples and chunk_size must be >= 1, got {num_examples}, "
-                         f"{chunk_size}")
+        raise ValueError(
+            f"num_examples and chunk_size must be >= 1, got {num_examples}, {chunk_size}"
+        )
     if task not in TASKS or split not in SPLITS:
-        raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS}, got "
-                         f"{task!r}, {split!r}")
+        raise ValueError(
+            f"task must be one of {TASKS} and split one of {SPLITS}, got {task!r}, {split!r}"
+        )
     directory = pathlib.Path(directory)
     params = directory / PARAMS_FILE
     if params.exists():
         params.unlink()  # an interrupted rewrite must not look like a finished one
     ab.sources.write_memmap_dataset(
-        directory, _chunks(num_examples, task, split, seed, chunk_size, progress),
-        num_examples=num_examples, overwrite=True)
-    params.write_text(json.dumps(_params(num_examples, task, split, seed, chunk_size),
-                                 indent=2))
+        directory,
+        _chunks(num_examples, task, split, seed, chunk_size, progress),
+        num_examples=num_examples,
+        overwrite=True,
+    )
+    params.write_text(json.dumps(_params(num_examples, task, split, seed, chunk_size), indent=2))
     return directory
 
 
@@ -116,9 +131,16 @@ def verify(directory) -> dict:
     return params
 
 
-def open_synthetic(directory, num_examples: int, *, task: str = "linear",
-                   split: str = "train", seed: int = 0, chunk_size: int = DEFAULT_CHUNK,
-                   progress: bool = True) -> ab.sources.MemmapSource:
+def open_synthetic(
+    directory,
+    num_examples: int,
+    *,
+    task: str = "linear",
+    split: str = "train",
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+) -> ab.sources.MemmapSource:
     """The dataset as a verified ``ab.sources.MemmapSource``, written first unless
     ``directory`` already holds these (n, task, split, seed, chunk size)."""
     directory = pathlib.Path(directory)
@@ -126,8 +148,15 @@ def open_synthetic(directory, num_examples: int, *, task: str = "linear",
     path = directory / PARAMS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}
     if current != wanted or not (directory / ab.sources.MANIFEST_NAME).exists():
-        write_synthetic(directory, num_examples, task=task, split=split, seed=seed,
-                        chunk_size=chunk_size, progress=progress)
+        write_synthetic(
+            directory,
+            num_examples,
+            task=task,
+            split=split,
+            seed=seed,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
     return ab.sources.open_memmap_dataset(directory, verify=True)
 
 
@@ -155,8 +184,14 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
     args = parser.parse_args(argv)
-    open_synthetic(args.dir, args.num_examples, task=args.task, split=args.split,
-                   seed=args.seed, chunk_size=args.chunk_size)
+    open_synthetic(
+        args.dir,
+        args.num_examples,
+        task=args.task,
+        split=args.split,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
     print(f"{args.dir}: verified {args.num_examples} examples")
 
 

@@ -11,6 +11,7 @@ of its own arrays; a store that fails to load, holds inconsistent arrays,
 was built from another source or whose arrays differ from their digest
 raises :class:`~experiments.data.integrity.CorruptFileError` naming it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,12 @@ def write_token_store(
         arrays[f"x_{split}_tokens"], arrays[f"x_{split}_offsets"] = pack_sequences(sequences)
         arrays[f"y_{split}"] = np.asarray(labels, dtype=np.int32)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, source_sha256=np.array(source_sha256), content_sha256=np.array(
-            _content_digest(arrays)), **arrays)
+        np.savez(
+            tmp,
+            source_sha256=np.array(source_sha256),
+            content_sha256=np.array(_content_digest(arrays)),
+            **arrays,
+        )
     os.replace(tmp.name, path)
 
 
@@ -70,10 +75,15 @@ def _check_split(path: Path, arrays: dict[str, np.ndarray], split: str) -> None:
     tokens, offsets = arrays[f"x_{split}_tokens"], arrays[f"x_{split}_offsets"]
     labels = arrays[f"y_{split}"]
     consistent = (
-        tokens.dtype == np.int32 and tokens.ndim == 1 and offsets.dtype == np.int64
-        and labels.dtype == np.int32 and offsets.shape == (len(labels) + 1,)
-        and offsets[0] == 0 and offsets[-1] == len(tokens)
-        and bool(np.all(np.diff(offsets) >= 0)) and not bool(np.any(tokens < 0))
+        tokens.dtype == np.int32
+        and tokens.ndim == 1
+        and offsets.dtype == np.int64
+        and labels.dtype == np.int32
+        and offsets.shape == (len(labels) + 1,)
+        and offsets[0] == 0
+        and offsets[-1] == len(tokens)
+        and bool(np.all(np.diff(offsets) >= 0))
+        and not bool(np.any(tokens < 0))
     )
     if not consistent:
         raise CorruptFileError(f"{path}: inconsistent arrays for the {split} split; delete it")
@@ -89,8 +99,15 @@ def read_token_store(path: Path, source_sha256: str) -> dict[str, tuple[list, np
         for split in SPLITS:
             _check_split(path, arrays, split)
     if recorded_source != source_sha256:
-        raise CorruptFileError(f"{path}: built from another file (sha256 {recorded_source}); {hint}")
+        raise CorruptFileError(
+            f"{path}: built from another file (sha256 {recorded_source}); {hint}"
+        )
     if _content_digest(arrays) != recorded_content:
         raise CorruptFileError(f"{path}: its arrays differ from their recorded digest; {hint}")
-    return {split: (unpack_sequences(arrays[f"x_{split}_tokens"], arrays[f"x_{split}_offsets"]),
-                    arrays[f"y_{split}"]) for split in SPLITS}
+    return {
+        split: (
+            unpack_sequences(arrays[f"x_{split}_tokens"], arrays[f"x_{split}_offsets"]),
+            arrays[f"y_{split}"],
+        )
+        for split in SPLITS
+    }

@@ -3,6 +3,7 @@
 See :mod:`experiments.models.registry` for the names, input shapes and the
 calling convention (``model.apply({"params": p}, x, train=..., rngs=...)``).
 """
+
 from experiments.models.registry import (
     ModelSpec,
     get_model,

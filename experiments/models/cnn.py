@@ -3,6 +3,7 @@
 Dropout layers use the ``'dropout'`` rng and are active only when
 ``train=True``.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn

@@ -3,6 +3,7 @@
 All modules take ``__call__(x, *, train=False)`` (``train`` is unused: none of
 these models has dropout) and return logits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -4,6 +4,7 @@ Both use ``flax.linen.RNN`` over an ``OptimizedLSTMCell`` (gates
 ``sigmoid``, cell/output activation ``activation_fn``) and keep the output of
 the last time step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,7 +44,9 @@ class PixelSequenceLSTM(nn.Module):
         del train
         batch = x.shape[0]
         if x[0].size % self.pixels_per_step:
-            raise ValueError(f"{x[0].size} pixels do not split into steps of {self.pixels_per_step}")
+            raise ValueError(
+                f"{x[0].size} pixels do not split into steps of {self.pixels_per_step}"
+            )
         sequence = x.reshape((batch, -1, self.pixels_per_step))
         cell = nn.OptimizedLSTMCell(
             self.hidden_size, activation_fn=self.activation_fn, gate_fn=self.gate_fn

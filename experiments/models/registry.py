@@ -25,6 +25,7 @@ The input shapes are defaults for :meth:`ModelSpec.example_input`; every
 model also accepts other sizes (e.g. ``lahire-mlp`` on Wine's 13 features,
 ``heavy-tailed-neuron`` on any ``d``; ``imdb-rcnn`` on any length >= 8).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,16 +73,19 @@ class ModelSpec:
 
 def _binary(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Wrap a one-logit model so it accepts (and checks) ``num_classes``."""
+
     def build_binary(num_classes: int = 2, **kw) -> nn.Module:
         if num_classes not in (1, 2):
             raise ValueError(f"binary model: num_classes must be 1 or 2, got {num_classes}")
         return build(**kw)
+
     return build_binary
 
 
 def _classifier(module_cls) -> Callable[..., nn.Module]:
     def build(num_classes: int, **kw) -> nn.Module:
         return module_cls(num_classes=num_classes, **kw)
+
     return build
 
 
@@ -90,19 +94,54 @@ _SPECS = {
     for spec in (
         ModelSpec("lahire-mlp", lahire_mlp, (4,), np.float32, "classification", ("iris", "wine")),
         ModelSpec("mnist1d-mlp", mnist1d_mlp, (40,), np.float32, "classification", ("mnist1d",)),
-        ModelSpec("digits-cnn", _classifier(DigitsCNN), (8, 8, 1), np.float32,
-                  "classification", ("digits-image",)),
-        ModelSpec("heavy-tailed-neuron", _binary(HeavyTailedNeuron), (100,), np.float32,
-                  "binary", ("heavy-tailed",)),
-        ModelSpec("cifar-cnn", _classifier(CifarCNN), (32, 32, 3), np.float32,
-                  "classification", ("cifar10", "cifar100")),
-        ModelSpec("fashion-cnn", _classifier(FashionCNN), (28, 28, 1), np.float32,
-                  "classification", ("fashion-mnist", "mnist")),
-        ModelSpec("row-lstm", _classifier(PixelSequenceLSTM), (28, 28, 1), np.float32,
-                  "classification", ("mnist", "fashion-mnist")),
-        ModelSpec("pixel-lstm",
-                  _classifier(lambda **kw: PixelSequenceLSTM(pixels_per_step=1, **kw)),
-                  (28, 28, 1), np.float32, "classification", ("mnist", "fashion-mnist")),
+        ModelSpec(
+            "digits-cnn",
+            _classifier(DigitsCNN),
+            (8, 8, 1),
+            np.float32,
+            "classification",
+            ("digits-image",),
+        ),
+        ModelSpec(
+            "heavy-tailed-neuron",
+            _binary(HeavyTailedNeuron),
+            (100,),
+            np.float32,
+            "binary",
+            ("heavy-tailed",),
+        ),
+        ModelSpec(
+            "cifar-cnn",
+            _classifier(CifarCNN),
+            (32, 32, 3),
+            np.float32,
+            "classification",
+            ("cifar10", "cifar100"),
+        ),
+        ModelSpec(
+            "fashion-cnn",
+            _classifier(FashionCNN),
+            (28, 28, 1),
+            np.float32,
+            "classification",
+            ("fashion-mnist", "mnist"),
+        ),
+        ModelSpec(
+            "row-lstm",
+            _classifier(PixelSequenceLSTM),
+            (28, 28, 1),
+            np.float32,
+            "classification",
+            ("mnist", "fashion-mnist"),
+        ),
+        ModelSpec(
+            "pixel-lstm",
+            _classifier(lambda **kw: PixelSequenceLSTM(pixels_per_step=1, **kw)),
+            (28, 28, 1),
+            np.float32,
+            "classification",
+            ("mnist", "fashion-mnist"),
+        ),
         ModelSpec("imdb-rcnn", _binary(ImdbRCNN), (400,), np.int32, "binary", ("imdb",)),
     )
 }

@@ -1,5 +1,6 @@
 """Tests for experiments.aggregate: mean/std over seeds, time-to-target, the per-method
 summary and its formatting, on synthetic numbers."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,13 @@ def test_method_aggregates():
     train_loss = [[1.0, 0.5, 0.25], [1.0, 0.7, 0.45]]
     test_error = [[0.5, 0.3, 0.2], [0.5, 0.3, 0.4]]
     out = aggregate.method_aggregates(
-        steps=steps, times=times, train_loss=train_loss, test_error=test_error,
-        step_times=[0.01, 0.03], compile_s=1.5, target_loss=0.5,
+        steps=steps,
+        times=times,
+        train_loss=train_loss,
+        test_error=test_error,
+        step_times=[0.01, 0.03],
+        compile_s=1.5,
+        target_loss=0.5,
     )
     assert out["num_seeds"] == 2 and out["num_diverged"] == 0
     np.testing.assert_allclose(out["curve_train_loss_mean"], [1.0, 0.6, 0.35])
@@ -59,8 +65,11 @@ def test_method_aggregates():
     assert out["steps_to_target"]["per_seed"] == [10.0, 20.0]
     assert out["compile_s"] == 1.5
     diverged = aggregate.method_aggregates(
-        steps=[0, 1], times=[[0, 1], [0, 1]], train_loss=[[1.0, np.nan], [1.0, 0.5]],
-        test_error=[[0.5, 0.5], [0.5, 0.5]])
+        steps=[0, 1],
+        times=[[0, 1], [0, 1]],
+        train_loss=[[1.0, np.nan], [1.0, 0.5]],
+        test_error=[[0.5, 0.5], [0.5, 0.5]],
+    )
     assert diverged["num_diverged"] == 1 and diverged["curve_train_loss_mean"][1] is None
 
 

@@ -1,4 +1,5 @@
 """Tests for experiments.bench_harness: arguments, interleaved timing rows, tables, reports."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,17 @@ from experiments import bench_harness as harness
 
 
 def test_markdown_table_formats_rows_with_templates():
-    columns = [("n", "---", "{n:.0e}"), ("tree", "---:", "{tree[us]:.1f}"),
-               ("ratio", "---:", "{ratio:.1f}x")]
+    columns = [
+        ("n", "---", "{n:.0e}"),
+        ("tree", "---:", "{tree[us]:.1f}"),
+        ("ratio", "---:", "{ratio:.1f}x"),
+    ]
     table = harness.markdown_table(columns, [{"n": 1000, "tree": {"us": 2.345}, "ratio": 3.0}])
-    assert table.splitlines() == ["| n | tree | ratio |", "|---|---:|---:|",
-                                  "| 1e+03 | 2.3 | 3.0x |"]
+    assert table.splitlines() == [
+        "| n | tree | ratio |",
+        "|---|---:|---:|",
+        "| 1e+03 | 2.3 | 3.0x |",
+    ]
 
 
 def test_write_report_creates_the_folder(tmp_path):
@@ -27,11 +34,19 @@ def test_write_report_creates_the_folder(tmp_path):
 def test_time_variants_rows_and_ratios(capsys):
     step = jax.jit(lambda state, data, key: (state + data, {}))
     steps = {"base": (step, 0.0), "other": (step, 0.0)}
-    rows, timed = harness.time_variants(steps, 1.0, runs=4, warmup=1, rounds=2,
-                                        label="mlp ", model="mlp")
+    rows, timed = harness.time_variants(
+        steps, 1.0, runs=4, warmup=1, rounds=2, label="mlp ", model="mlp"
+    )
     assert [row["variant"] for row in rows] == ["base", "other"]
-    assert list(rows[0]) == ["model", "variant", "median_ms", "p10_ms", "p90_ms", "runs",
-                             "ratio_vs_base"]
+    assert list(rows[0]) == [
+        "model",
+        "variant",
+        "median_ms",
+        "p10_ms",
+        "p90_ms",
+        "runs",
+        "ratio_vs_base",
+    ]
     assert rows[0]["ratio_vs_base"] == 1.0 and rows[1]["runs"] == 4
     assert float(timed["other"].state) == 5.0  # warm-up and timed steps all advanced it
     assert "mlp base" in capsys.readouterr().out
@@ -46,5 +61,6 @@ def test_step_timing_arguments_are_checked():
     harness.check_step_timing_arguments(parser, args, min_runs=30)
     assert (args.out, args.runs, args.warmup, args.rounds) == ("results/x.json", 40, 5, 10)
     with pytest.raises(SystemExit):
-        harness.check_step_timing_arguments(parser, parser.parse_args(["--runs", "10"]),
-                                            min_runs=30)
+        harness.check_step_timing_arguments(
+            parser, parser.parse_args(["--runs", "10"]), min_runs=30
+        )

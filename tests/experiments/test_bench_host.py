@@ -1,6 +1,7 @@
 """Tests for experiments.bench_host: the variants' sources and samplers (a run of the
 benchmark compiles five MLP steps, too slow for the suite: run ``python -m
 experiments.bench_host`` by hand)."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def test_a_groups_variant_reads_the_first_whole_groups_of_the_same_files(tmp_pat
 
 def test_the_groups_variant_draws_contiguous_runs_and_the_loader_reads_them(tmp_path):
     source = synthetic_disk.open_synthetic(tmp_path, 300, chunk_size=100, progress=False)
-    runner = bench_host.Runner("groups16_exp3", bench_host.variant_source("groups16_exp3",
-                                                                           source), _args())
+    runner = bench_host.Runner(
+        "groups16_exp3", bench_host.variant_source("groups16_exp3", source), _args()
+    )
     try:
         batch, draws = runner.loader.next()
     finally:

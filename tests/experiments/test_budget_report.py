@@ -1,5 +1,6 @@
 """Tests for experiments.budget_report: the summary and table of a compute-matched run, on
 synthetic method results with different horizons T_m."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,21 +12,46 @@ from experiments.method_run import MethodResult
 from experiments.reports import build_summary, markdown_table
 
 CONFIG = ExperimentConfig(
-    name="synthetic", description="Two made-up methods.", dataset="iris", model="lahire-mlp",
-    methods=("adam", "adam-gn"), learning_rate=0.01, batch_size=5, num_steps=10, num_seeds=2,
-    eval_every=10, target_loss=0.5, budget_seconds=2.0,
+    name="synthetic",
+    description="Two made-up methods.",
+    dataset="iris",
+    model="lahire-mlp",
+    methods=("adam", "adam-gn"),
+    learning_rate=0.01,
+    batch_size=5,
+    num_steps=10,
+    num_seeds=2,
+    eval_every=10,
+    target_loss=0.5,
+    budget_seconds=2.0,
 )
-RESOLVED = {"num_train": 120, "num_eval_train": 120, "num_eval_test": 30,
-            "num_steps": {"adam": 30, "adam-gn": 15}, "seeds": [0, 1], "loop": "scan"}
+RESOLVED = {
+    "num_train": 120,
+    "num_eval_train": 120,
+    "num_eval_test": 30,
+    "num_steps": {"adam": 30, "adam-gn": 15},
+    "seeds": [0, 1],
+    "loop": "scan",
+}
 
 
 def result(name, steps, losses, diagnostics):
     losses = np.asarray(losses, dtype=float)
     times = np.tile(np.linspace(0.0, 2.1, len(steps)), (2, 1))
     return MethodResult(
-        name=name, label=name.upper(), settings={}, compile_s=1.0, warmup_s=0.1, steps=steps,
-        times=times, train_loss=losses, train_error=losses / 2, test_loss=losses,
-        test_error=losses / 4, step_times=np.array([0.07, 0.07]), chunk_times=[[2.1], [2.1]],
+        name=name,
+        label=name.upper(),
+        settings={},
+        compile_s=1.0,
+        warmup_s=0.1,
+        steps=steps,
+        times=times,
+        train_loss=losses,
+        train_error=losses / 2,
+        test_loss=losses,
+        test_error=losses / 4,
+        step_times=np.array([0.07, 0.07]),
+        chunk_times=[[2.1], [2.1]],
         final_diagnostics=[diagnostics, diagnostics],
     )
 
@@ -33,11 +59,14 @@ def result(name, steps, losses, diagnostics):
 def synthetic():
     results = [
         result("adam", [0, 10, 20, 30], [[1.0, 0.6, 0.4, 0.3], [1.0, 0.8, 0.6, 0.5]], {}),
-        result("adam-gn", [0, 10, 15], [[1.0, 0.5, 0.7], [1.0, 0.7, 0.9]],
-               {"variance_ratio": 0.25}),
+        result(
+            "adam-gn", [0, 10, 15], [[1.0, 0.5, 0.7], [1.0, 0.7, 0.9]], {"variance_ratio": 0.25}
+        ),
     ]
-    rates = {"adam": {"steps_per_s": 15.2, "chunk_steps": 10, "chunk_s": [0.6, 0.7]},
-             "adam-gn": {"steps_per_s": 7.9, "chunk_steps": 10, "chunk_s": [1.2, 1.3]}}
+    rates = {
+        "adam": {"steps_per_s": 15.2, "chunk_steps": 10, "chunk_s": [0.6, 0.7]},
+        "adam-gn": {"steps_per_s": 7.9, "chunk_steps": 10, "chunk_s": [1.2, 1.3]},
+    }
     summary = build_summary(CONFIG, RESOLVED, results)
     add_budget_summary(summary, CONFIG, rates, results)
     return summary, results

@@ -1,6 +1,7 @@
 """Tests for experiments.compute_matched: the decay reaches zero at T_m, the decayed optimizer
 is the optimizer with the scheduled learning rate, budgets give T_m from the measured rate,
 and a tiny compute-matched run end to end."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,10 @@ import optax
 import pytest
 
 from experiments.compute_matched import (
-    calibration_setup, decay_factor, steps_for_budget, with_decay,
+    calibration_setup,
+    decay_factor,
+    steps_for_budget,
+    with_decay,
 )
 from experiments.configs import ExperimentConfig
 from experiments.runner import run_experiment
@@ -37,9 +41,14 @@ def test_decay_refuses_bad_arguments():
         decay_factor(10, "step")
 
 
-@pytest.mark.parametrize("make", [lambda lr: optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8),
-                                  lambda lr: optax.sgd(lr),
-                                  lambda lr: optax.rmsprop(lr, decay=0.99, eps=1e-8)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lr: optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8),
+        lambda lr: optax.sgd(lr),
+        lambda lr: optax.rmsprop(lr, decay=0.99, eps=1e-8),
+    ],
+)
 def test_decayed_optimizer_is_the_optimizer_with_the_scheduled_learning_rate(make):
     lr, num_steps = 0.1, 6
     decayed = with_decay(make(lr), num_steps)
@@ -57,7 +66,7 @@ def test_decayed_optimizer_is_the_optimizer_with_the_scheduled_learning_rate(mak
 def test_steps_for_budget():
     assert steps_for_budget(2.0, 1000.0) == 2000
     assert steps_for_budget(0.5, 333.3) == 166  # floor
-    assert steps_for_budget(1e-6, 10.0) == 1    # at least one step
+    assert steps_for_budget(1e-6, 10.0) == 1  # at least one step
     with pytest.raises(ValueError):
         steps_for_budget(0.0, 10.0)
     with pytest.raises(ValueError):
@@ -66,10 +75,22 @@ def test_steps_for_budget():
 
 def tiny_budget_config(**changes) -> ExperimentConfig:
     return ExperimentConfig(
-        name="tiny-budget", description="tiny compute-matched check", dataset="iris",
-        model="lahire-mlp", methods=("adam", "sgd"), learning_rate=0.01, batch_size=5,
-        num_steps=10, num_seeds=2, eval_every=1000, chunk_steps=20, target_loss=1.0,
-        budget_seconds=0.004, calibration_rounds=2, **changes)
+        name="tiny-budget",
+        description="tiny compute-matched check",
+        dataset="iris",
+        model="lahire-mlp",
+        methods=("adam", "sgd"),
+        learning_rate=0.01,
+        batch_size=5,
+        num_steps=10,
+        num_seeds=2,
+        eval_every=1000,
+        chunk_steps=20,
+        target_loss=1.0,
+        budget_seconds=0.004,
+        calibration_rounds=2,
+        **changes,
+    )
 
 
 def test_config_checks_budget_settings():
@@ -108,8 +129,17 @@ def test_calibration_setup_is_one_full_chunk():
         def __init__(self, loop):
             self.loop = loop
             self.config = ExperimentConfig(
-                name="x", description="", dataset="iris", model="lahire-mlp", methods=("adam",),
-                learning_rate=0.1, batch_size=5, num_steps=10, eval_every=10, chunk_steps=100)
+                name="x",
+                description="",
+                dataset="iris",
+                model="lahire-mlp",
+                methods=("adam",),
+                learning_rate=0.1,
+                batch_size=5,
+                num_steps=10,
+                eval_every=10,
+                chunk_steps=100,
+            )
 
         def with_num_steps(self, num_steps):
             return num_steps

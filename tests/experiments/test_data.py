@@ -1,4 +1,5 @@
 """Tests for experiments.data: every loader at tiny size, never touching the network."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,7 @@ import urllib.error
 import numpy as np
 import pytest
 
-from experiments.data import list_datasets, load_dataset, resolve_data_dir
-from experiments.data import cifar, idx_images, imdb
+from experiments.data import cifar, idx_images, imdb, list_datasets, load_dataset, resolve_data_dir
 from experiments.data import download as download_module
 from experiments.data.dataset import Dataset
 from experiments.data.idx_images import parse_idx
@@ -79,7 +79,9 @@ def cifar_batch(images_hwc: np.ndarray, labels: np.ndarray, label_key: bytes) ->
     return batch
 
 
-def tiny_cifar_members(name: str, rng) -> tuple[dict[str, dict], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def tiny_cifar_members(
+    name: str, rng
+) -> tuple[dict[str, dict], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     num_classes, label_key = (10, b"labels") if name == "cifar10" else (100, b"fine_labels")
     train_members = [f"data_batch_{k}" for k in range(1, 6)] if name == "cifar10" else ["train"]
     test_member = "test_batch" if name == "cifar10" else "test"
@@ -128,8 +130,9 @@ def pin_checksums(monkeypatch, name: str, directory) -> None:
         layout = cifar.CIFAR_LAYOUTS[name]
         archive = directory / layout["archive"].filename
         if archive.exists():
-            monkeypatch.setitem(layout, "archive",
-                                dataclasses.replace(layout["archive"], md5=digest_of(archive)))
+            monkeypatch.setitem(
+                layout, "archive", dataclasses.replace(layout["archive"], md5=digest_of(archive))
+            )
         for member in (directory / layout["folder"]).glob("*"):
             monkeypatch.setitem(layout["member_md5"], member.name, digest_of(member))
     else:
@@ -147,8 +150,17 @@ def object_array(sequences) -> np.ndarray:
 # ----------------------------------------------------------------- registry
 def test_registry_lists_every_dataset():
     assert set(list_datasets()) == {
-        "iris", "wine", "digits", "digits-image", "mnist1d", "heavy-tailed",
-        "mnist", "fashion-mnist", "cifar10", "cifar100", "imdb",
+        "iris",
+        "wine",
+        "digits",
+        "digits-image",
+        "mnist1d",
+        "heavy-tailed",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "cifar100",
+        "imdb",
     }
     with pytest.raises(KeyError, match="unknown dataset"):
         load_dataset("no-such-dataset")
@@ -199,7 +211,11 @@ def test_tabular_sklearn_sets(name, num_train, num_test, width, num_classes):
 
 
 def test_sklearn_split_is_seeded():
-    first, again, other = load_dataset("iris"), load_dataset("iris", seed=0), load_dataset("iris", seed=1)
+    first, again, other = (
+        load_dataset("iris"),
+        load_dataset("iris", seed=0),
+        load_dataset("iris", seed=1),
+    )
     np.testing.assert_array_equal(first.x_test, again.x_test)
     assert not np.array_equal(first.x_test, other.x_test)
 
@@ -280,8 +296,12 @@ def test_idx_missing_files_raise_with_file_names(tmp_path, name, no_network):
     with pytest.raises(FileNotFoundError) as info:
         load_dataset(name, data_dir=tmp_path)
     message = str(info.value)
-    for filename in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for filename in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         assert filename in message
     assert str(tmp_path / name) in message and NETWORK_DISABLED in message
     assert len(no_network) >= 4  # each file was tried (and refused)
@@ -321,8 +341,10 @@ def test_cifar_loads_tiny_pickles(tmp_path, monkeypatch, name, layout):
     np.testing.assert_allclose(recovered, train_x, atol=1e-2)
 
 
-@pytest.mark.parametrize("name, archive", [("cifar10", "cifar-10-python.tar.gz"),
-                                           ("cifar100", "cifar-100-python.tar.gz")])
+@pytest.mark.parametrize(
+    "name, archive",
+    [("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")],
+)
 def test_cifar_missing_files_raise(tmp_path, name, archive):
     with pytest.raises(FileNotFoundError) as info:
         load_dataset(name, data_dir=tmp_path)
@@ -347,8 +369,13 @@ def test_imdb_loads_tiny_npz(tmp_path, monkeypatch):
     labels = np.array([r[0] % 2 for r in reviews])
     directory = tmp_path / "imdb"
     directory.mkdir()
-    np.savez(directory / "imdb.npz", x_train=object_array(reviews[:12]), y_train=labels[:12],
-             x_test=object_array(reviews[12:]), y_test=labels[12:])
+    np.savez(
+        directory / "imdb.npz",
+        x_train=object_array(reviews[:12]),
+        y_train=labels[:12],
+        x_test=object_array(reviews[12:]),
+        y_test=labels[12:],
+    )
     pin_checksums(monkeypatch, "imdb", directory)
 
     data = load_dataset("imdb", data_dir=tmp_path, maxlen=16, num_words=30)
@@ -362,7 +389,8 @@ def test_imdb_loads_tiny_npz(tmp_path, monkeypatch):
         if first_word_id != 2:  # not out of vocabulary
             assert (first_word_id - 3) % 2 == label
     assert sorted(map(tuple, data.x_test.tolist())) == sorted(
-        map(tuple, encode_reviews(reviews[12:], num_words=30, maxlen=16).tolist()))
+        map(tuple, encode_reviews(reviews[12:], num_words=30, maxlen=16).tolist())
+    )
 
 
 def test_imdb_missing_file_raises(tmp_path):

@@ -1,4 +1,5 @@
 """Tests for experiments.data.heavy_tailed: the AdamBS §4.3 synthetic set."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ file that differs from its pinned checksum or is truncated must be refused
 with an error naming it, and a damaged MNIST-1D cache must be regenerated.
 Every file is written here, tiny; nothing touches the network.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,14 @@ from test_data import (  # noqa: F401  (no_network: autouse fixture, active here
     write_tiny_idx_dataset,
 )
 
-from experiments.data import ChecksumMismatchError, CorruptFileError, load_dataset
+from experiments.data import (
+    ChecksumMismatchError,
+    CorruptFileError,
+    imdb,
+    load_dataset,
+    mnist1d_data,
+)
 from experiments.data import download as download_module
-from experiments.data import imdb, mnist1d_data
 from experiments.data.safe_pickle import load_data_pickle
 from experiments.data.token_store import pack_sequences, unpack_sequences
 
@@ -65,8 +71,13 @@ def write_imdb(directory, payload=None):
     if payload is not None:
         x_train[1] = payload
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / "imdb.npz", x_train=x_train, y_train=np.array([0, 1]),
-             x_test=object_array(reviews[2:]), y_test=np.array([1, 0]))
+    np.savez(
+        directory / "imdb.npz",
+        x_train=x_train,
+        y_train=np.array([0, 1]),
+        x_test=object_array(reviews[2:]),
+        y_test=np.array([1, 0]),
+    )
     return directory / "imdb.npz"
 
 
@@ -77,7 +88,9 @@ def write_files(name, directory, **options):
     if name == "imdb":
         return write_imdb(directory, **options)
     write_tiny_idx_dataset(directory, **options)
-    return directory / ("train-images-idx3-ubyte" + (".gz" if options.get("compress", True) else ""))
+    return directory / (
+        "train-images-idx3-ubyte" + (".gz" if options.get("compress", True) else "")
+    )
 
 
 # ----------------------------------------------------------------- crafted pickles
@@ -113,8 +126,13 @@ def test_crafted_pickle_is_refused_by_the_real_pin_before_it_is_read(tmp_path, n
 
 
 def test_data_unpickler_builds_data_and_refuses_any_other_global(tmp_path):
-    batch = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, 2],
-             b"name": b"tiny", "scalar": np.float32(2.5), "ragged": object_array([[1], [2, 3]])}
+    batch = {
+        b"data": np.arange(6, dtype=np.uint8).reshape(2, 3),
+        b"labels": [1, 2],
+        b"name": b"tiny",
+        "scalar": np.float32(2.5),
+        "ragged": object_array([[1], [2, 3]]),
+    }
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         loaded = load_data_pickle(io.BytesIO(pickle.dumps(batch, protocol)), source="p")
         np.testing.assert_array_equal(loaded[b"data"], batch[b"data"])
@@ -127,10 +145,16 @@ def test_data_unpickler_builds_data_and_refuses_any_other_global(tmp_path):
 
 
 # ----------------------------------------------------------------- checksums and truncation
-@pytest.mark.parametrize("name, options", [
-    ("mnist", {"compress": True}), ("mnist", {"compress": False}),
-    ("cifar10", {"layout": "tarball"}), ("cifar10", {"layout": "folder"}), ("imdb", {}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("mnist", {"compress": True}),
+        ("mnist", {"compress": False}),
+        ("cifar10", {"layout": "tarball"}),
+        ("cifar10", {"layout": "folder"}),
+        ("imdb", {}),
+    ],
+)
 def test_cached_file_with_wrong_checksum_is_refused_naming_it(tmp_path, name, options, no_network):
     write_files(name, tmp_path / name, **options)  # well-formed, but not the official files
     with pytest.raises(ChecksumMismatchError) as info:
@@ -169,7 +193,9 @@ def test_file_without_pinned_checksum_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------- imdb token store
-def test_imdb_is_read_from_plain_integer_arrays_after_the_first_verified_load(tmp_path, monkeypatch):
+def test_imdb_is_read_from_plain_integer_arrays_after_the_first_verified_load(
+    tmp_path, monkeypatch
+):
     directory = tmp_path / "imdb"
     write_imdb(directory)
     pin_checksums(monkeypatch, "imdb", directory)
@@ -244,8 +270,9 @@ class FakeResponse(io.BytesIO):
 
 
 def test_checksum_mismatch_on_download_raises_and_cleans_up(tmp_path, monkeypatch):
-    monkeypatch.setattr(download_module, "open_url",
-                        lambda url, timeout: FakeResponse(b"not the real imdb file"))
+    monkeypatch.setattr(
+        download_module, "open_url", lambda url, timeout: FakeResponse(b"not the real imdb file")
+    )
     with pytest.raises(ChecksumMismatchError, match="sha256"):
         load_dataset("imdb", data_dir=tmp_path)
     assert list((tmp_path / "imdb").iterdir()) == []
@@ -254,8 +281,10 @@ def test_checksum_mismatch_on_download_raises_and_cleans_up(tmp_path, monkeypatc
 def test_verified_download_is_written(tmp_path, monkeypatch):
     payload = b"tiny payload"
     remote = download_module.RemoteFile(
-        "blob.bin", ("https://example.invalid/a", "https://example.invalid/b"),
-        md5=hashlib.md5(payload).hexdigest())
+        "blob.bin",
+        ("https://example.invalid/a", "https://example.invalid/b"),
+        md5=hashlib.md5(payload).hexdigest(),
+    )
     tried = []
 
     def flaky(url, timeout):

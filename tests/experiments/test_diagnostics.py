@@ -1,5 +1,6 @@
 """Tests for experiments.diagnostics: what each kind of sampler reports it has learned, and the
 Spearman / variance-ratio formulas against numpy and scipy."""
+
 from __future__ import annotations
 
 import jax
@@ -43,8 +44,9 @@ def test_exp3_sampler_reports_its_distribution():
     method = built("adambs")
     state = method.sampler.init()
     d = sampler_diagnostics(method, state)
-    np.testing.assert_allclose([d["effective_sample_size"], d["max_prob_times_n"],
-                                d["min_prob_times_n"]], 1.0, rtol=1e-5)  # starts uniform
+    np.testing.assert_allclose(
+        [d["effective_sample_size"], d["max_prob_times_n"], d["min_prob_times_n"]], 1.0, rtol=1e-5
+    )  # starts uniform
     indices = jnp.arange(4, dtype=jnp.int32)
     state = method.sampler.update(state, indices, jnp.asarray([10.0, 0.0, 0.0, 0.0]))
     assert sampler_diagnostics(method, state)["effective_sample_size"] < 1.0
@@ -53,7 +55,9 @@ def test_exp3_sampler_reports_its_distribution():
 def test_adam_impt_reports_its_switch():
     method = built("adam-impt")
     assert sampler_diagnostics(method, method.sampler.init()) == {
-        "importance_sampling_on": 0.0, "variance_reduction_ema": 0.0}
+        "importance_sampling_on": 0.0,
+        "variance_reduction_ema": 0.0,
+    }
 
 
 # --------------------------------------------------------------------------- score diagnostics
@@ -80,7 +84,8 @@ def test_variance_ratio_formulas():
     optimum = g / g.sum()
     assert variance_ratio(optimum, g, n) == pytest.approx(optimal_variance_ratio(g))
     assert optimal_variance_ratio(g) == pytest.approx(
-        second_moment(optimum) / second_moment(uniform))
+        second_moment(optimum) / second_moment(uniform)
+    )
     p = rng.dirichlet(np.ones(n))
     assert variance_ratio(p, g, n) == pytest.approx(second_moment(p) / second_moment(uniform))
     assert variance_ratio(p, g, n) >= optimal_variance_ratio(g)  # p* is the minimum
@@ -91,7 +96,7 @@ def test_variance_ratio_formulas():
     g[:5] = 0.0
     optimum = g / g.sum()
     assert variance_ratio(optimum, g, n) == pytest.approx(optimal_variance_ratio(g))
-    assert variance_ratio(np.where(g > 0, 0.0, 1.0 / 5), g, n) == np.inf   # biased: g > 0, p = 0
+    assert variance_ratio(np.where(g > 0, 0.0, 1.0 / 5), g, n) == np.inf  # biased: g > 0, p = 0
 
 
 def test_probe_indices():
@@ -107,13 +112,15 @@ def test_grad_norm_probe_is_exact_and_feeds_the_sampler_diagnostics():
     """The probe equals per-example norms by hand; p^GN's p against them reports ratio < 1."""
     x = jnp.asarray(np.random.default_rng(2).normal(size=(12, 3)), jnp.float32)
     data = {"x": x, "y": jnp.arange(12) % 2}
-    loss = ab.ModelLoss(lambda params, batch: batch["x"] @ params,
-                        lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
-                            logits, batch["y"]))
+    loss = ab.ModelLoss(
+        lambda params, batch: batch["x"] @ params,
+        lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]),
+    )
     params = jnp.asarray(np.random.default_rng(3).normal(size=(3, 2)), jnp.float32)
     probe = GradNormProbe(loss, data, 12, max_examples=8)
+
     def norm_of(i):  # ||d loss_i / d params|| by hand, one example at a time
-        example = {"x": x[i:i + 1], "y": data["y"][i:i + 1]}
+        example = {"x": x[i : i + 1], "y": data["y"][i : i + 1]}
         return np.linalg.norm(jax.grad(lambda p: loss(p, example)[0])(params))
 
     expected = [norm_of(i) for i in probe.indices]
@@ -124,4 +131,7 @@ def test_grad_norm_probe_is_exact_and_feeds_the_sampler_diagnostics():
     assert np.isnan(d["spearman_p_vs_grad_norm"])
     assert 0 < d["variance_ratio_optimal"] <= 1
     assert sampler_diagnostics(method, method.sampler.init()).keys() == {
-        "effective_sample_size", "max_prob_times_n", "min_prob_times_n"}  # no params: no scores
+        "effective_sample_size",
+        "max_prob_times_n",
+        "min_prob_times_n",
+    }  # no params: no scores

@@ -1,4 +1,5 @@
 """Tests for experiments.disk_train: a tiny run of the on-disk training experiment."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,29 @@ import pytest
 
 from experiments import disk_train
 
-TINY = ["--num-examples", "2048", "--num-test", "500", "--steps", "90", "--eval-every", "30",
-        "--batch-size", "32", "--group-size", "8", "--hidden", "32", "--learning-rate", "0.01",
-        "--eval-examples", "1000", "--seeds", "2", "--no-progress"]
+TINY = [
+    "--num-examples",
+    "2048",
+    "--num-test",
+    "500",
+    "--steps",
+    "90",
+    "--eval-every",
+    "30",
+    "--batch-size",
+    "32",
+    "--group-size",
+    "8",
+    "--hidden",
+    "32",
+    "--learning-rate",
+    "0.01",
+    "--eval-examples",
+    "1000",
+    "--seeds",
+    "2",
+    "--no-progress",
+]
 
 
 def test_a_tiny_run_writes_its_outputs_and_every_method_lowers_the_loss(tmp_path):

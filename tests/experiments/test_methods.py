@@ -1,4 +1,5 @@
 """Tests for experiments.methods: the method registry and what a built method holds."""
+
 from __future__ import annotations
 
 import json
@@ -19,22 +20,28 @@ def test_every_available_method_builds():
         assert built.name == name and built.label
         assert built.sampler.num_examples == 50 and built.sampler.batch_size == 4
         json.dumps(built.settings)
-    tuned = build_method("adambs-tuned", num_examples=50, batch_size=4, num_steps=10,
-                         learning_rate=0.1)
+    tuned = build_method(
+        "adambs-tuned", num_examples=50, batch_size=4, num_steps=10, learning_rate=0.1
+    )
     assert tuned.settings["p_min"] == pytest.approx(0.5 / 50)
     paper = build_method("adambs", num_examples=50, batch_size=4, num_steps=10, learning_rate=0.1)
     assert paper.settings["p_min"] == pytest.approx(0.1 / 50)
     assert paper.feedback == "logit_grad_norm"
-    assert build_method("adam", num_examples=50, batch_size=4, num_steps=10,
-                        learning_rate=0.1).feedback == "loss"
+    assert (
+        build_method(
+            "adam", num_examples=50, batch_size=4, num_steps=10, learning_rate=0.1
+        ).feedback
+        == "loss"
+    )
     with pytest.raises(KeyError):
         build_method("nope", num_examples=5, batch_size=1, num_steps=1, learning_rate=0.1)
 
 
 @pytest.mark.parametrize("feedback", FEEDBACK_KINDS)
 def test_bandit_methods_learn_from_every_library_feedback_kind(feedback):
-    built = build_method("adambs", num_examples=20, batch_size=4, num_steps=10,
-                         learning_rate=0.1, feedback=feedback)
+    built = build_method(
+        "adambs", num_examples=20, batch_size=4, num_steps=10, learning_rate=0.1, feedback=feedback
+    )
     assert built.feedback == built.settings["feedback"] == feedback
     assert built.sampling == "exp3"
     assert feedback in BANDIT_FEEDBACKS
@@ -42,27 +49,41 @@ def test_bandit_methods_learn_from_every_library_feedback_kind(feedback):
 
 def test_unknown_feedback_is_refused():
     with pytest.raises(ValueError, match="feedback must be one of"):
-        build_method("adambs", num_examples=20, batch_size=4, num_steps=10, learning_rate=0.1,
-                     feedback="bogus")
+        build_method(
+            "adambs",
+            num_examples=20,
+            batch_size=4,
+            num_steps=10,
+            learning_rate=0.1,
+            feedback="bogus",
+        )
 
 
 def _build(name, **kwargs):
-    return build_method(name, num_examples=50, batch_size=4, num_steps=80, learning_rate=0.1,
-                        **kwargs)
+    return build_method(
+        name, num_examples=50, batch_size=4, num_steps=80, learning_rate=0.1, **kwargs
+    )
 
 
 def test_the_issue_15_methods_are_registered():
     names = set(list_methods())
-    assert {"adambs-lowvar", "adambs-lowvar-precond", "adam-priority",
-            "adam-priority-precond", "infobatch"} <= names
+    assert {
+        "adambs-lowvar",
+        "adambs-lowvar-precond",
+        "adam-priority",
+        "adam-priority-precond",
+        "infobatch",
+    } <= names
     for name in ("adam", "adambs", "adam-impt", "adam-gn", "adambs-tuned"):
         assert name in names  # the existing methods stay
 
 
 def test_adambs_lowvar_is_the_low_variance_preset():
     built = _build("adambs-lowvar")
-    assert built.sampler.sample.args[0] == ab.exp3_sampler(
-        50, 4, num_steps=80, preset="low_variance").sample.args[0]
+    assert (
+        built.sampler.sample.args[0]
+        == ab.exp3_sampler(50, 4, num_steps=80, preset="low_variance").sample.args[0]
+    )
     assert built.settings["p_min"] == pytest.approx(0.5 / 50)
     assert built.settings["grad_norm_bound"] == "quantile"
     assert built.settings["preset"] == "low_variance" and built.feedback == "logit_grad_norm"

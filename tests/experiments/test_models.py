@@ -1,4 +1,5 @@
 """Tests for experiments.models: every model at tiny input size."""
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ def random_params(shapes, seed: int):
     return jax.tree.map(draw, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(name: str):
     """Build ``name`` at tiny size and run everything the tests inspect in ONE
     jitted function (one compilation per model keeps the suite fast on CPU)."""
@@ -133,14 +134,22 @@ def test_lstm_models_use_relu_cell_activation():
 
 def test_eager_apply_matches_jit():
     model, params, x, _, out = probe("lahire-mlp")
-    np.testing.assert_allclose(model.apply({"params": params}, x), out["eval"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, x), out["eval"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_specs_give_default_input_shapes():
     expected = {
-        "lahire-mlp": (4,), "mnist1d-mlp": (40,), "digits-cnn": (8, 8, 1),
-        "heavy-tailed-neuron": (100,), "cifar-cnn": (32, 32, 3), "fashion-cnn": (28, 28, 1),
-        "row-lstm": (28, 28, 1), "pixel-lstm": (28, 28, 1), "imdb-rcnn": (400,),
+        "lahire-mlp": (4,),
+        "mnist1d-mlp": (40,),
+        "digits-cnn": (8, 8, 1),
+        "heavy-tailed-neuron": (100,),
+        "cifar-cnn": (32, 32, 3),
+        "fashion-cnn": (28, 28, 1),
+        "row-lstm": (28, 28, 1),
+        "pixel-lstm": (28, 28, 1),
+        "imdb-rcnn": (400,),
     }
     for name, shape in expected.items():
         spec = model_spec(name)
@@ -166,8 +175,11 @@ def test_full_size_default_inputs_give_expected_outputs():
 
 def test_lahire_mlp_layer_sizes():
     _, shapes = param_shapes("lahire-mlp", 3, jnp.zeros((1, 13)))
-    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
-               if "kernel" in jax.tree_util.keystr(path)]
+    kernels = [
+        leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
     assert kernels == [(13, 10), (10, 10), (10, 3)]
 
 
@@ -180,11 +192,14 @@ def test_heavy_tailed_neuron_is_relu_of_linear_score():
     assert np.all(out["eval"] >= 0)
 
 
-@pytest.mark.parametrize("name, keras_count", [
-    ("cifar-cnn", 1_250_858),   # Keras cifar10_cnn.py, 10 classes
-    ("fashion-cnn", 1_199_882),  # Keras mnist_cnn.py
-    ("imdb-rcnn", 2_638_895),   # Keras imdb_cnn_lstm.py (Dense(1))
-])
+@pytest.mark.parametrize(
+    "name, keras_count",
+    [
+        ("cifar-cnn", 1_250_858),  # Keras cifar10_cnn.py, 10 classes
+        ("fashion-cnn", 1_199_882),  # Keras mnist_cnn.py
+        ("imdb-rcnn", 2_638_895),  # Keras imdb_cnn_lstm.py (Dense(1))
+    ],
+)
 def test_parameter_counts_match_keras_examples(name, keras_count):
     spec = model_spec(name)
     _, shapes = param_shapes(name, 2 if spec.task == "binary" else 10, spec.example_input(1))

@@ -1,5 +1,6 @@
 """Tests for experiments.reports: the summary of a run and its markdown table, on synthetic
 method results."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,29 +10,54 @@ from experiments.method_run import MethodResult
 from experiments.reports import build_summary, markdown_table
 
 CONFIG = ExperimentConfig(
-    name="synthetic", description="Two made-up methods.", dataset="iris", model="lahire-mlp",
-    methods=("adam", "adambs"), learning_rate=0.01, batch_size=5, num_steps=10, num_seeds=2,
-    eval_every=5, target_loss=0.5, table_layout="lahire",
+    name="synthetic",
+    description="Two made-up methods.",
+    dataset="iris",
+    model="lahire-mlp",
+    methods=("adam", "adambs"),
+    learning_rate=0.01,
+    batch_size=5,
+    num_steps=10,
+    num_seeds=2,
+    eval_every=5,
+    target_loss=0.5,
+    table_layout="lahire",
 )
-RESOLVED = {"num_train": 120, "num_eval_train": 120, "num_eval_test": 30, "num_steps": 10,
-            "seeds": [0, 1], "loop": "scan"}
+RESOLVED = {
+    "num_train": 120,
+    "num_eval_train": 120,
+    "num_eval_test": 30,
+    "num_steps": 10,
+    "seeds": [0, 1],
+    "loop": "scan",
+}
 
 
 def result(name, label, final_loss, diagnostics):
     curve = np.array([[1.0, 0.8, final_loss], [1.0, 0.7, final_loss]])
     return MethodResult(
-        name=name, label=label, settings={}, compile_s=1.25, warmup_s=0.1, steps=[0, 5, 10],
-        times=np.array([[0.0, 0.1, 0.2], [0.0, 0.1, 0.2]]), train_loss=curve,
-        train_error=curve / 2, test_loss=curve, test_error=curve / 4,
-        step_times=np.array([0.02, 0.02]), chunk_times=[[0.2], [0.2]],
+        name=name,
+        label=label,
+        settings={},
+        compile_s=1.25,
+        warmup_s=0.1,
+        steps=[0, 5, 10],
+        times=np.array([[0.0, 0.1, 0.2], [0.0, 0.1, 0.2]]),
+        train_loss=curve,
+        train_error=curve / 2,
+        test_loss=curve,
+        test_error=curve / 4,
+        step_times=np.array([0.02, 0.02]),
+        chunk_times=[[0.2], [0.2]],
         final_diagnostics=[diagnostics, diagnostics],
     )
 
 
 def synthetic_summary():
-    results = [result("adam", "Adam", 0.6, {}),
-               result("adambs", "AdamBS", 0.4,
-                      {"effective_sample_size": 0.9, "variance_ratio": 1.5})]
+    results = [
+        result("adam", "Adam", 0.6, {}),
+        result("adambs", "AdamBS", 0.4, {"effective_sample_size": 0.9, "variance_ratio": 1.5}),
+    ]
     return build_summary(CONFIG, RESOLVED, results)
 
 

@@ -1,5 +1,6 @@
 """Tests for experiments.results_table (``python -m experiments.aggregate``): the method x
 configuration tables from small fake results/ folders."""
+
 from __future__ import annotations
 
 import json
@@ -21,24 +22,44 @@ def fake_result(name, final_loss, seconds_per_step, steps=(0, 10)):
     losses = np.array([[1.0, final_loss - 0.01], [1.0, final_loss + 0.01]])
     times = np.array([[0.0, steps[-1] * seconds_per_step]] * 2)
     return MethodResult(
-        name=name, label=name, settings={}, compile_s=1.0, warmup_s=0.1, steps=list(steps),
-        times=times, train_loss=losses, train_error=losses, test_loss=losses,
-        test_error=losses / 10, step_times=np.array([seconds_per_step] * 2),
-        chunk_times=[[1.0], [1.0]])
+        name=name,
+        label=name,
+        settings={},
+        compile_s=1.0,
+        warmup_s=0.1,
+        steps=list(steps),
+        times=times,
+        train_loss=losses,
+        train_error=losses,
+        test_loss=losses,
+        test_error=losses / 10,
+        step_times=np.array([seconds_per_step] * 2),
+        chunk_times=[[1.0], [1.0]],
+    )
 
 
 def write_run(folder, name, finals, *, budget=None):
     """A results/ folder of configuration ``name``: per-step, or compute-matched if budget."""
     config = ExperimentConfig(
-        name=name, description="fake", dataset="iris", model="lahire-mlp", methods=METHODS,
-        learning_rate=0.01, batch_size=5, num_steps=10, num_seeds=2, target_loss=0.3,
-        budget_seconds=budget)
+        name=name,
+        description="fake",
+        dataset="iris",
+        model="lahire-mlp",
+        methods=METHODS,
+        learning_rate=0.01,
+        batch_size=5,
+        num_steps=10,
+        num_seeds=2,
+        target_loss=0.3,
+        budget_seconds=budget,
+    )
     speeds = {"adam": 0.001, "adam-gn": 0.003, "adambs": 0.0011}
     results = [fake_result(m, finals[m], speeds[m]) for m in METHODS]
     summary = build_summary(config, {"num_steps": 10, "seeds": [0, 1]}, results)
     if budget is not None:
-        rates = {m: {"steps_per_s": 1 / speeds[m], "chunk_steps": 10, "chunk_s": [0.01]}
-                 for m in METHODS}
+        rates = {
+            m: {"steps_per_s": 1 / speeds[m], "chunk_steps": 10, "chunk_s": [0.01]} for m in METHODS
+        }
         add_budget_summary(summary, config, rates, results)
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps(to_jsonable(summary)))
@@ -50,8 +71,9 @@ def folders(tmp_path):
     return [
         write_run(tmp_path / "a", "conf-a", {"adam": 0.5, "adam-gn": 0.1, "adambs": 0.3}),
         write_run(tmp_path / "b", "conf-b", {"adam": 0.2, "adam-gn": 0.25, "adambs": 0.2}),
-        write_run(tmp_path / "c", "conf-a", {"adam": 0.2, "adam-gn": 0.4, "adambs": 0.25},
-                  budget=0.5),
+        write_run(
+            tmp_path / "c", "conf-a", {"adam": 0.2, "adam-gn": 0.4, "adambs": 0.25}, budget=0.5
+        ),
     ]
 
 
@@ -103,7 +125,7 @@ def test_cli_writes_the_tables_and_refuses_a_folder_without_summary(folders, tmp
 def test_folders_of_one_configuration_are_merged_first_method_wins(tmp_path):
     first = write_run(tmp_path / "a", "conf-a", {"adam": 0.5, "adam-gn": 0.1, "adambs": 0.3})
     summary = json.loads((first / "summary.json").read_text())
-    del summary["methods"]["adam-gn"]                     # the oracle left out of the main run
+    del summary["methods"]["adam-gn"]  # the oracle left out of the main run
     (first / "summary.json").write_text(json.dumps(summary))
     oracle = write_run(tmp_path / "b", "conf-a", {"adam": 0.9, "adam-gn": 0.1, "adambs": 0.9})
     per_step, budget = load_summaries([first, oracle])
@@ -111,4 +133,4 @@ def test_folders_of_one_configuration_are_merged_first_method_wins(tmp_path):
     assert set(methods) == set(METHODS) and not budget
     assert methods["adam"] == summary["methods"]["adam"]  # the first folder's adam is kept
     _, rows = table_rows(summary_tables(per_step, budget), "Per step: share")
-    assert rows["adambs"] == ["0.50"]                      # (0.5 - 0.3) / (0.5 - 0.1)
+    assert rows["adambs"] == ["0.50"]  # (0.5 - 0.3) / (0.5 - 0.1)

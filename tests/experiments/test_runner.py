@@ -1,5 +1,6 @@
 """Tests for the experiment runner (orchestration): end to end on a tiny configuration, the
 two ways of running chunks giving the same run, and the names it re-exports."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ from experiments.methods import method_available
 from experiments.runner import run_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png",
-         "diagnostics_vs_steps.png")
+PLOTS = ("loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png", "diagnostics_vs_steps.png")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -24,9 +24,19 @@ PLOTS = ("loss_vs_time.png", "loss_vs_steps.png", "error_vs_steps.png",
 def tiny_config(**changes) -> ExperimentConfig:
     methods = ("adam", "adambs") + tuple(m for m in ("adam-gn",) if method_available(m))
     config = ExperimentConfig(
-        name="tiny", description="tiny end-to-end check", dataset="iris", model="lahire-mlp",
-        methods=methods, learning_rate=0.01, batch_size=5, num_steps=12, num_seeds=2,
-        eval_every=4, chunk_steps=8, target_loss=1.0, table_layout="lahire",
+        name="tiny",
+        description="tiny end-to-end check",
+        dataset="iris",
+        model="lahire-mlp",
+        methods=methods,
+        learning_rate=0.01,
+        batch_size=5,
+        num_steps=12,
+        num_seeds=2,
+        eval_every=4,
+        chunk_steps=8,
+        target_loss=1.0,
+        table_layout="lahire",
         sources={"everything": "test"},
     )
     return config.replace(**changes)
@@ -66,11 +76,21 @@ def test_runner_metrics_rows(tiny_run):
     # 12 steps, eval every 4: points at 0, 4, 8, 12 (chunks of 8 -> divisor 1 of 3 intervals)
     assert len(rows) == len(config.methods) * config.num_seeds * 4
     for row in rows:
-        assert {"method", "seed", "step", "time_s", "train_loss", "train_error",
-                "test_loss", "test_error"} <= set(row)
+        assert {
+            "method",
+            "seed",
+            "step",
+            "time_s",
+            "train_loss",
+            "train_error",
+            "test_loss",
+            "test_error",
+        } <= set(row)
     # the same initialization for every method of a seed
     for seed in range(config.num_seeds):
-        initial = {r["method"]: r["train_loss"] for r in rows if r["seed"] == seed and r["step"] == 0}
+        initial = {
+            r["method"]: r["train_loss"] for r in rows if r["seed"] == seed and r["step"] == 0
+        }
         assert len(set(initial.values())) == 1, initial
     # ... and different initializations for different seeds
     assert len({r["train_loss"] for r in rows if r["step"] == 0}) == config.num_seeds
@@ -81,8 +101,12 @@ def test_runner_metrics_rows(tiny_run):
     # the sampler diagnostics of AdamBS are there at every evaluation point
     adambs = [r for r in rows if r["method"] == "adambs"]
     for row in adambs:
-        assert {"effective_sample_size", "variance_ratio", "variance_ratio_optimal",
-                "spearman_p_vs_grad_norm"} <= set(row)
+        assert {
+            "effective_sample_size",
+            "variance_ratio",
+            "variance_ratio_optimal",
+            "spearman_p_vs_grad_norm",
+        } <= set(row)
         assert 0 < row["variance_ratio_optimal"] <= 1
     assert [r["variance_ratio"] for r in adambs if r["step"] == 0] == [1.0, 1.0]  # uniform start
     assert all("variance_ratio" not in r for r in rows if r["method"] == "adam")
@@ -107,8 +131,9 @@ def test_runner_summary(tiny_run):
         assert len(m["curve_train_loss_mean"]) == 4
         assert m["compile_s"] > 0
         assert m["time_per_step_s"]["mean"] > 0
-        assert math.isclose(m["train_time_per_run_s"]["mean"],
-                            m["time_per_step_s"]["mean"] * 12, rel_tol=1e-6)
+        assert math.isclose(
+            m["train_time_per_run_s"]["mean"], m["time_per_step_s"]["mean"] * 12, rel_tol=1e-6
+        )
         assert m["time_to_target_s"]["num_seeds"] == 2
         assert m["settings"]["learning_rate"] == 0.01
     ess = summary["methods"]["adambs"]["final_sampler_diagnostics"]["effective_sample_size"]
@@ -125,22 +150,39 @@ def test_runner_summary(tiny_run):
 
 def test_runner_python_loop_matches_scan(tmp_path):
     """The two ways of running a chunk give the same training run (same keys, same steps)."""
-    config = tiny_config(methods=("adambs",), num_seeds=1, num_steps=8, target_loss=None,
-                         table_layout=None)
-    scan = run_experiment(config.replace(loop="scan"), tmp_path / "scan", progress=False,
-                          log=lambda m: None)
-    python = run_experiment(config.replace(loop="python"), tmp_path / "python", progress=False,
-                            log=lambda m: None)
+    config = tiny_config(
+        methods=("adambs",), num_seeds=1, num_steps=8, target_loss=None, table_layout=None
+    )
+    scan = run_experiment(
+        config.replace(loop="scan"), tmp_path / "scan", progress=False, log=lambda m: None
+    )
+    python = run_experiment(
+        config.replace(loop="python"), tmp_path / "python", progress=False, log=lambda m: None
+    )
     assert python["resolved"]["loop"] == "python"
-    np.testing.assert_allclose(scan["methods"]["adambs"]["curve_train_loss_mean"],
-                               python["methods"]["adambs"]["curve_train_loss_mean"], rtol=1e-4)
+    np.testing.assert_allclose(
+        scan["methods"]["adambs"]["curve_train_loss_mean"],
+        python["methods"]["adambs"]["curve_train_loss_mean"],
+        rtol=1e-4,
+    )
 
 
 def test_runner_keeps_the_names_of_its_rooms():
     """Callers that imported the split-off functions from experiments.runner still can."""
-    for module, names in ((chunks, ("chunk_plan", "eval_points", "make_chunk",
-                                    "reduce_step_metrics", "compile_chunks", "choose_loop")),
-                          (reports, ("build_summary", "markdown_table", "write_outputs")),
-                          (tasks, ("make_model_loss", "make_evaluator"))):
+    for module, names in (
+        (
+            chunks,
+            (
+                "chunk_plan",
+                "eval_points",
+                "make_chunk",
+                "reduce_step_metrics",
+                "compile_chunks",
+                "choose_loop",
+            ),
+        ),
+        (reports, ("build_summary", "markdown_table", "write_outputs")),
+        (tasks, ("make_model_loss", "make_evaluator")),
+    ):
         for name in names:
             assert getattr(runner, name) is getattr(module, name), name

@@ -1,4 +1,5 @@
 """Tests for experiments.data.synthetic_disk: the on-disk memmap dataset and its checksums."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,12 @@ def test_written_in_chunks_equals_written_at_once_and_is_learnable(tmp_path):
 
 
 def test_the_teacher_task_splits_share_the_teacher_but_not_the_examples(tmp_path):
-    train = synthetic_disk.open_synthetic(tmp_path / "train", 2000, task="teacher",
-                                          chunk_size=700, progress=False)
-    test = synthetic_disk.open_synthetic(tmp_path / "test", 2000, task="teacher",
-                                         split="test", chunk_size=700, progress=False)
+    train = synthetic_disk.open_synthetic(
+        tmp_path / "train", 2000, task="teacher", chunk_size=700, progress=False
+    )
+    test = synthetic_disk.open_synthetic(
+        tmp_path / "test", 2000, task="teacher", split="test", chunk_size=700, progress=False
+    )
     assert isinstance(train, ab.sources.MemmapSource) and train.num_examples == 2000
     assert not np.array_equal(train.arrays["x"][:10], test.arrays["x"][:10])
     # the same teacher: a nearest-neighbour rule fit on train predicts test far above chance

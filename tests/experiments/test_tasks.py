@@ -1,4 +1,5 @@
 """Tests for experiments.tasks: the task losses, dropout detection and the batched evaluator."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -49,5 +50,8 @@ def test_evaluator_in_batches_equals_one_batch(task, outputs):
     losses = make_model_loss(model, task)(params, {"x": x, "y": y})
     np.testing.assert_allclose(whole[0], jnp.mean(losses), rtol=1e-6)
     stack = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf]), params)
-    np.testing.assert_allclose(make_stack_evaluator(make_evaluator(model, task, 4))(stack, x, y),
-                               np.stack([whole, whole], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        make_stack_evaluator(make_evaluator(model, task, 4))(stack, x, y),
+        np.stack([whole, whole], axis=1),
+        rtol=1e-6,
+    )
