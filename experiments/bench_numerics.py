@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 import adambs_jax as ab
-from adambs_jax import sumtree
+from adambs_jax.samplers import _sumtree as sumtree
 from experiments import bench_harness as harness
 
 SUM_TOLERANCE = 1e-5  # |sum p - 1| must stay below

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import adambs_jax as ab
-from adambs_jax.projection import project_onto_floored_simplex
+from adambs_jax.samplers._projection import project_onto_floored_simplex
 from experiments import bench_harness as harness
 from experiments import step_timing
 

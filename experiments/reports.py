@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from adambs_jax.jsonable import to_jsonable
+from adambs_jax._jsonable import to_jsonable
 from experiments import aggregate, budget_report
 from experiments.configs import ExperimentConfig
 from experiments.machine import machine_info, versions

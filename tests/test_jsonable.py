@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adambs_jax.jsonable import to_jsonable
+from adambs_jax._jsonable import to_jsonable
 
 
 def test_python_and_numpy_scalars_become_python_values():
@@ -53,7 +53,7 @@ def test_anything_else_becomes_its_repr():
 def test_read_format_file_checks_presence_and_format(tmp_path):
     import json
 
-    from adambs_jax.jsonable import read_format_file
+    from adambs_jax._jsonable import read_format_file
 
     path = tmp_path / "a.json"
     with pytest.raises(FileNotFoundError, match="where: write it first"):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adambs_jax import tree_utils
+from adambs_jax import _tree_utils as tree_utils
 
 
 def _data():

@@ -22,7 +22,7 @@ import tarfile
 import zipfile
 import zlib
 
-from adambs_jax import sources
+from adambs_jax.host import _sources as sources
 
 _BLOCK = 1 << 20
 DELETE_HINT = "delete it (a missing file is downloaded again) or replace it with the official file"

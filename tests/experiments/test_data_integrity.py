@@ -17,15 +17,6 @@ import urllib.error
 
 import numpy as np
 import pytest
-from test_data import (  # noqa: F401  (no_network: autouse fixture, active here too)
-    no_network,
-    object_array,
-    pin_checksums,
-    tiny_cifar_members,
-    write_cifar_folder,
-    write_cifar_tarball,
-    write_tiny_idx_dataset,
-)
 
 from experiments.data import (
     ChecksumMismatchError,
@@ -37,6 +28,15 @@ from experiments.data import (
 from experiments.data import download as download_module
 from experiments.data.safe_pickle import load_data_pickle
 from experiments.data.token_store import pack_sequences, unpack_sequences
+from tests.experiments.test_data import (  # noqa: F401  (no_network: autouse fixture, active here too)
+    no_network,
+    object_array,
+    pin_checksums,
+    tiny_cifar_members,
+    write_cifar_folder,
+    write_cifar_tarball,
+    write_tiny_idx_dataset,
+)
 
 CIFAR_ARCHIVE, CIFAR_FOLDER = "cifar-10-python.tar.gz", "cifar-10-batches-py"
 

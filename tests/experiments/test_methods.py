@@ -8,7 +8,7 @@ import math
 import pytest
 
 import adambs_jax as ab
-from adambs_jax.feedback import FEEDBACK_KINDS
+from adambs_jax.feedback._kinds import FEEDBACK_KINDS
 from experiments.methods import BANDIT_FEEDBACKS, build_method, list_methods, method_available
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from adambs_jax.jsonable import to_jsonable
+from adambs_jax._jsonable import to_jsonable
 from experiments.budget_report import add_budget_summary
 from experiments.configs import ExperimentConfig
 from experiments.method_run import MethodResult

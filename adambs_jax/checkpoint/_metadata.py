@@ -1,0 +1,282 @@
+"""What a checkpoint says about itself, and whether it fits a template.
+
+``describe_state`` turns a ``TrainState`` into the JSON metadata stored next to its arrays
+(library version, sampler kind and static configuration, batch size, step, and every leaf's
+path, shape and dtype); ``verify_metadata`` compares a checkpoint's metadata with a
+template's and refuses a mismatch with a ``ValueError`` listing every difference, before a
+single array is read. The hyperparameters a restore takes from the new sampler
+(``NEW_SAMPLER_FIELDS``: the tree's ``arity``, the ``bound_mode``; and so the shape of an
+exp3 tree) are not compared (``adambs_jax.checkpoint_restore`` says what a restore keeps). No file is touched here: ``adambs_jax.checkpoint`` does the reading and
+writing.
+
+PRNG keys: typed keys (``jax.random.key``) are stored as their raw uint32 data
+(``raw_keys``) with the implementation's name in the metadata, and rewrapped on restore
+(``rewrap_keys``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from adambs_jax._checks import is_prng_key
+from adambs_jax._jsonable import to_jsonable
+from adambs_jax.samplers._exp3 import Exp3SamplerState
+from adambs_jax.step._train_step import TrainState
+from adambs_jax.version import __version__
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "NEW_SAMPLER_FIELDS",
+    "is_exp3_state",
+    "exp3_states",
+    "describe_state",
+    "metadata_differences",
+    "exp3_tree_paths",
+    "verify_metadata",
+    "raw_keys",
+    "rewrap_keys",
+    "check_train_state",
+]
+
+CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout; bumped if it changes incompatibly."""
+
+_MAX_LISTED = 6  # differences listed per kind in an error message
+
+NEW_SAMPLER_FIELDS = ("arity", "bound_mode")
+"""Static sampler fields a restore takes from the new sampler, not compared with the
+checkpoint (``num_examples`` and ``p_min`` are: another value is refused)."""
+
+
+def is_exp3_state(node: Any) -> bool:
+    return isinstance(node, Exp3SamplerState)
+
+
+def exp3_states(tree: Any) -> list:
+    """``[(path, state)]`` of every ``Exp3SamplerState`` in ``tree`` (a ``TrainState``)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_exp3_state)[0]
+    return [(path, node) for path, node in flat if is_exp3_state(node)]
+
+
+def exp3_tree_paths(tree: Any) -> set:
+    """The leaf paths (``keystr``) of the exp3 trees in ``tree``: rebuilt on a restore when
+    the arity differs, so their shape is not compared."""
+    return {jax.tree_util.keystr(path) + ".tree" for path, _ in exp3_states(tree)}
+
+
+def _json_value(value: Any) -> Any:
+    # NaN/inf stay as they are (json writes them), as the metadata always did.
+    return to_jsonable(value, nonfinite_as_none=False)
+
+
+def _key_impl_name(leaf: Any) -> str:
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        return str(jax.random.key_impl(leaf))
+    impl = getattr(leaf.dtype, "_impl", None)  # an abstract key (jax.eval_shape) has no API
+    return str(getattr(impl, "name", leaf.dtype))
+
+
+def raw_keys(tree: Any) -> Any:
+    """Typed PRNG key leaves replaced by their uint32 data (works on abstract trees too)."""
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if is_prng_key(leaf) else leaf, tree)
+
+
+def rewrap_keys(restored_raw: Any, like: TrainState) -> TrainState:
+    """The inverse of ``raw_keys``: leaves that are typed keys in ``like`` rewrapped (with
+    ``like``'s implementation) around the restored uint32 data."""
+    like_leaves, treedef = jax.tree.flatten(like)
+    raw_leaves = jax.tree.leaves(restored_raw)
+    if len(raw_leaves) != len(like_leaves):
+        raise ValueError(
+            f"restore_checkpoint: the checkpoint gave {len(raw_leaves)} arrays, `like` has "
+            f"{len(like_leaves)}"
+        )
+    leaves = [
+        jax.random.wrap_key_data(raw, impl=_key_impl_name(template))
+        if is_prng_key(template)
+        else raw
+        for raw, template in zip(raw_leaves, like_leaves)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _static_config(obj: Any, prefix: str = "") -> dict:
+    """The static (non-pytree) fields of the flax dataclasses in a sampler state, e.g.
+    ``{"num_examples": 96, "p_min": 0.001}``; nested states get dotted names."""
+    config = {}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            if not field.metadata.get("pytree_node", True):
+                config[prefix + field.name] = _json_value(value)
+            else:
+                config.update(_static_config(value, f"{prefix}{field.name}."))
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
+        for name in obj._fields:
+            config.update(_static_config(getattr(obj, name), f"{prefix}{name}."))
+    elif isinstance(obj, Mapping):
+        for name, value in obj.items():
+            config.update(_static_config(value, f"{prefix}{name}."))
+    return config
+
+
+def _host_int(value: Any) -> int | None:
+    if value is None or isinstance(value, jax.ShapeDtypeStruct):
+        return None
+    if isinstance(value, jax.Array):  # a replicated array may span hosts: read a local copy
+        value = value.addressable_data(0)
+    return int(np.asarray(value))
+
+
+def check_train_state(state: Any, name: str) -> None:
+    """Raises TypeError (naming ``name``) unless ``state`` is an ``ab.TrainState``."""
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"{name} must be an ab.TrainState (TrainState.create(...)), got {type(state).__name__}"
+        )
+
+
+def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
+    """The metadata stored with a checkpoint of ``state`` (JSON-serializable).
+
+    Keys: ``format``, ``library``, ``version``, ``sampler_kind`` (class name of
+    ``state.sampler_state``), ``sampler_config`` (its static fields: ``num_examples``,
+    ``p_min``, ...), ``batch_size`` (``sampler.batch_size`` if ``sampler`` is given, else
+    None), ``step``, ``skipped_steps``, ``typed_keys`` ({leaf path: PRNG implementation} of
+    typed keys) and ``leaves`` (path, shape, dtype of every array, keys as raw data).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import adambs_jax as ab
+      >>> state = ab.TrainState.create(params={"w": jnp.zeros(3)}, optimizer=optax.sgd(0.1),
+      ...                              sampler=ab.uniform_sampler(10, 2))
+      >>> meta = ab.checkpoint.describe_state(state)
+      >>> meta["sampler_kind"], meta["sampler_config"], meta["step"]
+      ('UniformSamplerState', {'num_examples': 10}, 0)
+    """
+    check_train_state(state, "state")
+    typed_keys = {
+        jax.tree_util.keystr(path): _key_impl_name(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if is_prng_key(leaf)
+    }
+    raw = jax.eval_shape(raw_keys, state)
+    leaves = [
+        {"path": jax.tree_util.keystr(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(raw)[0]
+    ]
+    batch_size = getattr(sampler, "batch_size", None) if sampler is not None else None
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "library": "adambs_jax",
+        "version": __version__,
+        "sampler_kind": type(state.sampler_state).__name__,
+        "sampler_config": _static_config(state.sampler_state),
+        "batch_size": _json_value(batch_size),
+        "step": _host_int(state.step),
+        "skipped_steps": _host_int(state.skipped_steps),
+        "typed_keys": typed_keys,
+        "leaves": leaves,
+    }
+
+
+def _sampler_differences(saved: dict, expected: dict) -> list[str]:
+    problems = []
+    if saved.get("sampler_kind") != expected["sampler_kind"]:
+        problems.append(
+            f"sampler kind: checkpoint {saved.get('sampler_kind')}, `like` "
+            f"{expected['sampler_kind']}"
+        )
+    saved_config, expected_config = saved.get("sampler_config", {}), expected["sampler_config"]
+    for name in sorted(set(saved_config) | set(expected_config)):
+        if name.rsplit(".", 1)[-1] in NEW_SAMPLER_FIELDS:
+            continue  # the new sampler's (checkpoint_restore)
+        if saved_config.get(name) != expected_config.get(name):
+            label = "dataset size (num_examples)" if name.endswith("num_examples") else name
+            problems.append(
+                f"sampler {label}: checkpoint {saved_config.get(name)!r}, "
+                f"`like` {expected_config.get(name)!r}"
+            )
+    if (
+        saved.get("batch_size") is not None
+        and expected["batch_size"] is not None
+        and saved["batch_size"] != expected["batch_size"]
+    ):
+        problems.append(
+            f"batch size: checkpoint {saved['batch_size']}, sampler {expected['batch_size']}"
+        )
+    if saved.get("typed_keys", {}) != expected["typed_keys"]:
+        problems.append(
+            f"PRNG keys: checkpoint has typed keys {saved.get('typed_keys', {})}, `like` "
+            f"{expected['typed_keys']} (typed jax.random.key vs raw uint32 PRNGKey, or "
+            f"another implementation)"
+        )
+    return problems
+
+
+def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozenset()) -> list[str]:
+    problems = []
+    saved_leaves = {leaf["path"]: leaf for leaf in saved.get("leaves", [])}
+    expected_leaves = {leaf["path"]: leaf for leaf in expected["leaves"]}
+    missing = [path for path in expected_leaves if path not in saved_leaves]
+    extra = [path for path in saved_leaves if path not in expected_leaves]
+    if missing:
+        problems.append(
+            f"{len(missing)} arrays of `like` are not in the checkpoint (a different model, "
+            f"optimizer or sampler?): {', '.join(missing[:_MAX_LISTED])}"
+        )
+    if extra:
+        problems.append(
+            f"{len(extra)} arrays of the checkpoint are not in `like`: "
+            f"{', '.join(extra[:_MAX_LISTED])}"
+        )
+    mismatched = [
+        f"{path} checkpoint {saved_leaves[path]['dtype']}{tuple(saved_leaves[path]['shape'])} "
+        f"vs `like` {leaf['dtype']}{tuple(leaf['shape'])}"
+        for path, leaf in expected_leaves.items()
+        if path in saved_leaves
+        and (
+            (saved_leaves[path]["shape"] != leaf["shape"] and path not in rebuilt)
+            or saved_leaves[path]["dtype"] != leaf["dtype"]
+        )
+    ]
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} arrays differ in shape or dtype: "
+            f"{'; '.join(mismatched[:_MAX_LISTED])}"
+        )
+    return problems
+
+
+def metadata_differences(saved: dict, expected: dict, rebuilt=frozenset()) -> list[str]:
+    """Human-readable differences between a checkpoint's metadata ``saved`` and a
+    template's ``expected`` (both as ``describe_state`` returns them); empty if it fits.
+    ``rebuilt``: leaf paths whose shape may differ (``exp3_tree_paths``)."""
+    return _sampler_differences(saved, expected) + _leaf_differences(
+        saved, expected, frozenset(rebuilt)
+    )
+
+
+def verify_metadata(saved: dict, like: TrainState, sampler: Any, where: str) -> None:
+    """Raises ValueError (naming ``where``) unless the checkpoint metadata ``saved`` fits
+    the template ``like`` (and ``sampler``'s batch size, when both are known)."""
+    if saved.get("library") != "adambs_jax" or "leaves" not in saved:
+        raise ValueError(f"{where} is not an adambs_jax checkpoint (no adambs_jax metadata)")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{where} has checkpoint format {saved.get('format')}, this version reads "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    problems = metadata_differences(
+        saved, describe_state(like, sampler=sampler), exp3_tree_paths(like)
+    )
+    if problems:
+        raise ValueError(
+            f"{where} does not fit the template `like`; refusing to restore it:\n  - "
+            + "\n  - ".join(problems)
+        )

@@ -1,0 +1,307 @@
+"""A train step on a gathered batch: the data stays on the host, the sampler on the device.
+
+``make_train_step`` gathers ``data[I]`` on the device, so the whole dataset must be there.
+``make_host_train_step`` takes the batch already gathered (by a loader that read the
+records of the drawn indices from a host ``DataSource``, ``adambs_jax.host_loop``) and the
+draws it was gathered for, and returns, besides the new state, the indices of a later step:
+
+    step = ab.make_host_train_step(loss_fn, optax.adam(1e-3), sampler, lookahead=2)
+    state, pending = step.init(params, key)        # pending: the draws of steps 0 .. L-1
+    for t in range(T):
+        draws = pending.pop(0)
+        batch = source.read(np.asarray(draws.indices))    # the loader's work
+        state, metrics, later = step(state, batch, draws, keys[t])
+        pending.append(later)                      # the draws of step t + L
+
+With K the batch size, n the dataset size and L = ``lookahead``, call t runs the stages of
+``adambs_jax.step_stages`` on the given draws ``(I_t, p_t)`` and ``batch = data[I_t]``:
+
+    weigh          w = 1 / (n p_t) (K,), from the probabilities stored in ``draws``
+    estimate       G_hat = (1/K) sum_k w_k grad loss_k(params) and the feedback f (K,)
+    guarded apply  params + optimizer(G_hat); sampler.update(state, I_t, f, apply=finite)
+    new state      the metrics (as ``make_train_step``'s), counters and the next key
+    draw ahead     (I_{t+L}, p_{t+L}) = sampler.sample(updated sampler state, sample_key)
+
+Keys: the call's key (or the state's own key, split and advanced, as ``make_train_step``
+does) is split ``sample_key, model_key, _ = jax.random.split(key, 3)``: ``model_key`` is the
+loss's key at this step, ``sample_key`` draws the indices of step t + L. ``step.init(params,
+key)`` splits ``key`` into L + 1 keys: the state's own key and the keys of the first L draws
+(``step.draw(sampler_state, key_j)``, from the initial sampler state).
+
+Staleness. The draws used at step t come from the sampler state after step t - L (the
+initial state for t < L). They are still an unbiased estimate: conditioned on the past, I_t
+is drawn i.i.d. from the distribution p^{(t-L)} of that state, and the weights use exactly
+the probabilities ``draws.probs`` = p^{(t-L)}_{I_t} the indices were drawn with, so
+E[(1/K) sum_k w_k g_{I_k}] = sum_j p_j^{(t-L)} g_j / (n p_j^{(t-L)}) = (1/n) sum_j g_j, the
+full gradient at the current parameters (AdamBS eq. 1; any p with p_j > 0 where g_j != 0).
+The bandit update ``sampler.update(state, I_t, f)`` reads p from the CURRENT state (exp3's
+loss estimate f^2 / p_j^2 uses its own p^{(t-1)}, not p^{(t-L)}): the sampler learns from
+slightly stale draws, which changes only how fast its distribution adapts, never the
+unbiasedness of G_hat. With L = 1 and a sampler that ignores its state (uniform) the step
+equals ``make_train_step``'s step on the in-memory data with the same draws.
+
+Scoring samplers are refused (they score examples of the whole dataset on the device).
+Renormalization: as ``TrainStep``, a Python counter runs the sampler's O(n)
+``renormalize`` every ``sampler.renormalize_every`` calls (no device sync); it rescales the
+sampler's weights without changing its distribution, so pending draws stay valid.
+
+Mesh (``mesh=``): the batch is split along ``data_axis`` (``in_shardings``), the state, the
+draws, the key and the metrics are replicated; the loop (``adambs_jax.host_loop``) builds the
+global batch from each process's slice, so the dataset is never replicated.
+
+Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+Algorithm 1 and eq. 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from adambs_jax._checks import check_int
+from adambs_jax._tree_utils import batch_size_of
+from adambs_jax.feedback._kinds import FeedbackFn
+from adambs_jax.feedback._losses import PerExampleLoss
+from adambs_jax.feedback._model_state import loss_parts
+from adambs_jax.feedback._scoring import ScoringSampler
+from adambs_jax.samplers._factories import Sampler
+from adambs_jax.sharding import (
+    DEFAULT_DATA_AXIS,
+    batch_sharding,
+    replicate_on_mesh,
+    replicated_sharding,
+)
+from adambs_jax.step._stages import (
+    Draw,
+    StepConfig,
+    check_train_state,
+    draw_weights,
+    learn_from_draw,
+    place_batch,
+    step_key,
+)
+from adambs_jax.step._state import (
+    TrainState,
+    TrainStep,
+    count_renormalization_steps,
+    renormalize_if_due,
+)
+from adambs_jax.step._train_step import renormalize_fn, step_config
+
+__all__ = [
+    "Draws",
+    "HostTrainStep",
+    "make_host_train_step",
+    "draw_from",
+    "run_host_step",
+]
+
+
+class Draws(NamedTuple):
+    """The indices of one step's batch and the probabilities they were drawn with.
+
+    Attributes:
+      indices: (K,) integer, the examples to read.
+      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from; the step
+        weighs example k by 1 / (n probs_k).
+    """
+
+    indices: jax.Array
+    probs: jax.Array
+
+
+def draw_from(sampler: Sampler, sampler_state: Any, key: jax.Array) -> Draws:
+    """``Draws`` of ``sampler`` at ``sampler_state`` with the sample key of ``key`` (the first
+    of ``jax.random.split(key, 3)``, as a step draws)."""
+    sample_key = jax.random.split(key, 3)[0]
+    indices, probs = sampler.sample(sampler_state, sample_key)
+    return Draws(indices, probs)
+
+
+def _check_batch(batch, batch_size: int):
+    size = batch_size_of(batch, name="batch")
+    if size != batch_size:
+        raise ValueError(
+            f"batch: every leaf must have leading axis K = sampler.batch_size = {batch_size} "
+            f"(the records of draws.indices), got {size}"
+        )
+
+
+def run_host_step(
+    config: StepConfig, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None
+):
+    """One step on a gathered batch: ``(state, metrics, the draws of a later step)``."""
+    sampler = config.sampler
+    check_train_state(state, sampler.num_examples)
+    _check_batch(batch, sampler.batch_size)
+    indices, probs = draws
+    state_key, key = step_key(state.key, key)
+    _, model_key, _ = jax.random.split(key, 3)
+    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    config = config._replace(loss_fn=parts.losses_only)
+    weights = draw_weights(config, indices, probs)
+    draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
+    new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
+    return new_state, metrics, draw_from(sampler, new_state.sampler_state, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTrainStep:
+    """``make_host_train_step``'s result: ``step(state, batch, draws, key=None) -> (state,
+    metrics, draws of step t + lookahead)``, ``step.init(params, key)``, ``step.draw``.
+
+    Renormalization as ``TrainStep``'s (a Python count of calls, no device sync).
+
+    Attributes:
+      step_fn: the jitted (or, ``jit=False``, pure) ``(state, batch, draws, key) -> ...``.
+      draw: ``(sampler_state, key) -> Draws`` (jitted with ``jit=True``).
+      optimizer, sampler: what the step applies and draws from.
+      lookahead: L, how many steps ahead of its use a batch is drawn.
+      renormalize: the jitted ``state -> state`` renormalization, or None.
+      mesh, data_axis: the data-parallel mesh (None: none) and its batch axis.
+    """
+
+    step_fn: Callable[..., tuple[TrainState, dict, Draws]]
+    draw: Callable[[Any, jax.Array], Draws]
+    optimizer: optax.GradientTransformation
+    sampler: Sampler
+    lookahead: int
+    renormalize: Callable[[TrainState], TrainState] | None = None
+    mesh: jax.sharding.Mesh | None = None
+    data_axis: str = DEFAULT_DATA_AXIS
+    _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
+
+    def __call__(self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
+        every = self.sampler.renormalize_every
+        if self.renormalize is not None and every:
+            state = renormalize_if_due(self.renormalize, every, self._pending, state)
+            count_renormalization_steps(self._pending, 1, every)
+        if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
+            draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
+        return TrainStep._call(self.step_fn, state, batch, draws, key)
+
+    def init(self, params: Any, key: jax.Array, *, model_state: Any = None):
+        """``(state, draws)``: a fresh ``TrainState`` (own key: the first of
+        ``jax.random.split(key, lookahead + 1)``) and the list of the first ``lookahead``
+        ``Draws``, drawn from the initial sampler state with the other keys."""
+        keys = jax.random.split(key, self.lookahead + 1)
+        state = TrainState.create(
+            params=params,
+            optimizer=self.optimizer,
+            sampler=self.sampler,
+            key=keys[0],
+            model_state=model_state,
+        )
+        state, keys = replicate_on_mesh((state, keys), self.mesh)
+        draws = [self.draw(state.sampler_state, keys[j + 1]) for j in range(self.lookahead)]
+        return state, draws
+
+    @property
+    def batch_sharding(self) -> jax.sharding.NamedSharding | None:
+        """The sharding of the batch the step takes (split along ``data_axis``), or None."""
+        return None if self.mesh is None else batch_sharding(self.mesh, self.data_axis)
+
+
+def _refuse_scoring(sampler):
+    if isinstance(sampler, ScoringSampler):
+        raise ValueError(
+            "sampler: a ScoringSampler scores examples of the whole dataset on the device; "
+            "make_host_train_step takes only a gathered batch. Use make_train_step with the "
+            "data on the device, or a plain Sampler (exp3_sampler, uniform_sampler, ...)"
+        )
+
+
+def _jitted(step_fn, draw_fn, mesh, data_axis):
+    """``(step, draw)`` jitted (the state donated); replicated shardings under ``mesh``,
+    the batch split along ``data_axis``."""
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0), jax.jit(draw_fn)
+    replicated = replicated_sharding(mesh)
+    in_shardings = (replicated, batch_sharding(mesh, data_axis), replicated, replicated)
+    step = jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
+    return step, jax.jit(draw_fn, out_shardings=replicated)
+
+
+def make_host_train_step(
+    loss_fn: PerExampleLoss,
+    optimizer: optax.GradientTransformation,
+    sampler: Sampler,
+    *,
+    lookahead: int = 2,
+    feedback: str | FeedbackFn = "grad_norm",
+    diagnostics: bool | None = None,
+    reuse_per_example_grads: bool = False,
+    skip_non_finite: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = DEFAULT_DATA_AXIS,
+    jit: bool = True,
+    grad_norm_method: str = "auto",
+    loss_takes_key: bool | None = None,
+    optimizer_extra_args: Callable[[dict], dict] | None = None,
+    has_aux: bool = False,
+    model_state: bool = False,
+) -> HostTrainStep:
+    """Builds ``step(state, batch, draws, key=None) -> (state, metrics, draws_next)``.
+
+    ``batch`` is the pytree of the records of ``draws.indices`` (leaves (K, ...), numpy or
+    on the device), ``draws`` a ``Draws(indices (K,), probs (K,))`` with the probabilities
+    the indices were drawn with, ``draws_next`` the draws for step t + ``lookahead`` (see
+    the module docstring for the staleness and why G_hat stays unbiased).
+
+    Args:
+      loss_fn, optimizer, sampler: as ``make_train_step``'s; ``sampler`` must be a plain
+        ``Sampler`` (a ``ScoringSampler`` needs the dataset on the device).
+      lookahead: L >= 1 (default 2): the draws returned by call t are used at call t + L;
+        L - 1 batches can be read while the device works.
+      feedback, diagnostics, reuse_per_example_grads, skip_non_finite, mesh, data_axis,
+        jit, grad_norm_method, loss_takes_key, optimizer_extra_args, has_aux, model_state:
+        as ``make_train_step``'s (``jit=False``: the pure step; the caller renormalizes).
+
+    Returns:
+      A ``HostTrainStep``; ``step.init(params, key)`` gives the state and the first L draws.
+      ``metrics`` are ``make_train_step``'s.
+
+    Raises:
+      TypeError / ValueError: a ``ScoringSampler``, ``lookahead`` < 1, or any argument
+        ``make_train_step`` refuses, at build time; a batch whose leading axis is not K or
+        draws of the wrong shape at the first call.
+    """
+    _refuse_scoring(sampler)
+    lookahead = check_int("lookahead", lookahead, minimum=1)
+    options = dict(
+        feedback=feedback,
+        diagnostics=diagnostics,
+        mesh=mesh,
+        data_axis=data_axis,
+        jit=jit,
+        reuse_per_example_grads=reuse_per_example_grads,
+        skip_non_finite=skip_non_finite,
+        grad_norm_method=grad_norm_method,
+        loss_takes_key=loss_takes_key,
+        optimizer_extra_args=optimizer_extra_args,
+        has_aux=has_aux,
+        model_state=model_state,
+    )
+    config = step_config(loss_fn, optimizer, sampler, options)
+
+    def step(state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
+        return run_host_step(config, state, batch, Draws(*draws), key)
+
+    def draw(sampler_state: Any, key: jax.Array) -> Draws:
+        return draw_from(sampler, sampler_state, key)
+
+    common = dict(
+        optimizer=config.optimizer,
+        sampler=sampler,
+        lookahead=lookahead,
+        mesh=mesh,
+        data_axis=data_axis,
+    )
+    if not jit:
+        return HostTrainStep(step, draw, **common)
+    step, draw = _jitted(step, draw, mesh, data_axis)
+    return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

@@ -1,0 +1,15 @@
+"""The training step: sample, gather, per-example losses and feedback, the reweighted update
+through any optax optimizer, the sampler's update, all in one jitted call.
+
+    step = make_train_step(loss_fn, optax.adam(1e-3), exp3_sampler(n, K, num_steps=T))
+    state = step.init(params)
+    state, metrics = step(state, data, key)
+
+Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+Algorithm 1.
+"""
+
+from adambs_jax.step._state import TrainState, TrainStep
+from adambs_jax.step._train_step import FULL_DIAGNOSTICS_MAX_EXAMPLES, make_train_step
+
+__all__ = ["make_train_step", "TrainState", "TrainStep", "FULL_DIAGNOSTICS_MAX_EXAMPLES"]

@@ -1,0 +1,284 @@
+"""Tests of adambs_jax.priority: the stale-score priority sampler against its formula in
+float64 (p_j = (1 - lambda) u_j / sum u + lambda / n, u_j = (s_j + eps)^alpha)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import adambs_jax as ab
+from adambs_jax.samplers import _priority as priority
+from adambs_jax.samplers import _sumtree as sumtree
+from adambs_jax.samplers._priority import priority_sampler
+
+N, K = 20, 8
+SCORES = np.geomspace(0.01, 10.0, N)  # a skewed state: p spans about 50x
+
+
+def expected_p(scores, *, alpha=1.0, uniform_mix=0.1, eps=1e-6):
+    u = (np.asarray(scores, np.float64) + eps) ** alpha
+    return (1 - uniform_mix) * u / u.sum() + uniform_mix / len(u)
+
+
+def skewed_state(sampler, scores=SCORES):
+    """Every example's score set through ``update``, K at a time."""
+    state = sampler.init()
+    n = len(scores)
+    for start in range(0, n, sampler.batch_size):
+        idx = np.arange(start, start + sampler.batch_size) % n
+        state = sampler.update(state, jnp.asarray(idx), jnp.asarray(scores[idx], jnp.float32))
+    return state
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def draws(sampler, state, num_calls, seed=0):
+    """``num_calls`` batches: (indices, probs), each (num_calls * K,)."""
+    keys = jax.random.split(jax.random.key(seed), num_calls)
+    indices, probs = jax.jit(jax.vmap(sampler.sample, in_axes=(None, 0)))(state, keys)
+    return np.asarray(indices).ravel(), np.asarray(probs, np.float64).ravel()
+
+
+def test_update_sets_the_scores_and_p_follows_the_formula():
+    sampler = priority_sampler(N, K, alpha=0.7, uniform_mix=0.3)
+    state = skewed_state(sampler)
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    np.testing.assert_allclose(p, expected_p(SCORES, alpha=0.7, uniform_mix=0.3), rtol=1e-5)
+    assert int(state.step) == 3 and int(state.num_dropped_feedback) == 0
+    assert sampler.renormalize_every is None and sampler.renormalize is None
+
+
+def test_draw_frequencies_match_the_mixture():
+    sampler = priority_sampler(N, K)
+    state = skewed_state(sampler)
+    indices, _ = draws(sampler, state, num_calls=5000)
+    counts = np.bincount(indices, minlength=N)
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    assert stats.chisquare(counts, p / p.sum() * counts.sum()).pvalue > 1e-3
+
+
+def test_probs_are_the_exact_mixture_at_the_indices():
+    sampler = priority_sampler(N, K, uniform_mix=0.25)
+    state = skewed_state(sampler)
+    indices, probs = draws(sampler, state, num_calls=50)
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    # the mixture, not a component's p (to float32 rounding: jit may fuse differently)
+    np.testing.assert_allclose(probs, p[indices], rtol=1e-6)
+    assert probs.min() >= 0.25 / N * (1 - 1e-6)
+
+
+def test_weighted_batch_mean_is_unbiased():
+    sampler = priority_sampler(N, K)
+    state = skewed_state(sampler)
+    g = np.sin(np.arange(N)) + 2.0  # a fixed vector, not proportional to the scores
+    num_calls = 4000
+    indices, probs = draws(sampler, state, num_calls=num_calls, seed=1)
+    estimate = np.mean(g[indices] / (N * probs))
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    per_draw_var = np.sum(g**2 / (N**2 * p)) - g.mean() ** 2
+    tolerance = 5 * np.sqrt(per_draw_var / (num_calls * K))  # 5 standard errors
+    assert abs(estimate - g.mean()) < tolerance
+
+
+def test_duplicates_last_valid_one_wins_and_invalid_ones_are_dropped():
+    sampler = priority_sampler(6, 6, uniform_mix=0.5)
+    state = sampler.init()
+    idx = jnp.array([1, 1, 2, 2, 3, 7], jnp.int32)
+    feedback = jnp.array([4.0, 9.0, 3.0, jnp.nan, -1.0, 2.0])
+    state = sampler.update(state, idx, feedback)
+    scores = np.array([1.0, 9.0, 3.0, 1.0, 1.0, 1.0])  # 1: last wins; 2: NaN dropped
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    np.testing.assert_allclose(p, expected_p(scores, uniform_mix=0.5), rtol=1e-5)
+    assert int(state.num_dropped_feedback) == 3  # NaN, negative, index 7 of n = 6
+    state = sampler.update(
+        state, jnp.array([0, 0, 0, 0, 0, 0]), jnp.array([5.0, 6.0, jnp.inf, -2.0, jnp.nan, jnp.inf])
+    )
+    scores[0] = 6.0  # invalid entries after the last valid one do not undo it
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    np.testing.assert_allclose(p, expected_p(scores, uniform_mix=0.5), rtol=1e-5)
+    assert int(state.num_dropped_feedback) == 7
+    with pytest.raises(TypeError, match="indices"):
+        sampler.update(state, jnp.zeros(6), jnp.ones(6))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_apply_false_leaves_the_state_bitwise_unchanged(jit):
+    sampler = priority_sampler(N, K)
+    state = skewed_state(sampler)
+    update = jax.jit(sampler.update) if jit else sampler.update
+    idx = jnp.array([0, 3, 3, 5, 19, 19, 25, -1])
+    feedback = jnp.array([100.0, 0.0, 2.0, jnp.nan, 7.0, 1e3, 1.0, 1.0])
+    kept = update(state, idx, feedback, apply=jnp.asarray(False))
+    assert_bitwise_equal(kept, state)
+    changed = update(state, idx, feedback, apply=jnp.asarray(True))
+    assert not np.array_equal(np.asarray(changed.tree), np.asarray(state.tree))
+    # every parent of the tree is still bitwise what a fresh build gives
+    layout = sumtree.layout_for(N, state.arity)
+    rebuilt = sumtree.build(sumtree.leaf_values(changed.tree, layout), layout)
+    np.testing.assert_array_equal(np.asarray(changed.tree), np.asarray(rebuilt))
+
+
+def test_uniform_mix_one_is_exactly_uniform():
+    sampler = priority_sampler(N, K, uniform_mix=1.0)
+    state = skewed_state(sampler)
+    np.testing.assert_array_equal(
+        np.asarray(sampler.probabilities(state)), np.full(N, np.float32(1.0) / N, np.float32)
+    )
+    _, probs = sampler.sample(state, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(probs), np.full(K, np.float32(1.0) / N))
+
+
+def test_extreme_scores_stay_finite():
+    sampler = priority_sampler(4, 4, alpha=8.0, uniform_mix=0.5)
+    state = sampler.update(sampler.init(), jnp.arange(4), jnp.array([0.0, 1e-3, 1e20, 3e38]))
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    assert np.all(np.isfinite(p)) and p.sum() == pytest.approx(1.0, rel=1e-6)
+    assert np.isfinite(float(sumtree.total(state.tree)))
+    # 0 and 1e-3 give ~0 (the floor, 1e-24) next to 1e20 and 3e38, both capped at 1e30
+    np.testing.assert_allclose(p, [0.125, 0.125, 0.375, 0.375], rtol=1e-6)
+    indices, probs = sampler.sample(state, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(probs), np.asarray(p, np.float32)[indices])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(alpha=-1.0), "alpha"),
+        (dict(alpha=float("inf")), "alpha"),
+        (dict(uniform_mix=0.0), "uniform_mix"),
+        (dict(uniform_mix=1.5), "uniform_mix"),
+        (dict(eps=0.0), "eps"),
+        (dict(initial_score=float("nan")), "initial_score"),
+        (dict(initial_score=-1.0), "initial_score"),
+        (dict(arity=3), "arity"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        priority_sampler(N, K, **kwargs)
+
+
+def test_bad_sizes_and_states_are_refused():
+    with pytest.raises(ValueError, match="num_examples"):
+        priority_sampler(0, K)
+    with pytest.raises(ValueError, match="batch_size"):
+        priority_sampler(N, True)
+    sampler = priority_sampler(N, K)
+    with pytest.raises(ValueError, match="num_examples=30"):
+        sampler.sample(priority_sampler(30, K).init(), jax.random.key(0))
+    with pytest.raises(TypeError, match="PrioritySamplerState"):
+        sampler.update(ab.uniform_sampler(N, K).init(), jnp.arange(K), jnp.ones(K))
+
+
+def test_config_holds_the_validated_values():
+    config = priority.priority_config(N, K, alpha=1, uniform_mix=1, eps=1e-6, initial_score=2)
+    assert config.alpha == 1.0 and isinstance(config.alpha, float)
+    assert config.layout == sumtree.layout_for(N, sumtree.default_arity())
+    assert priority.max_priority(10**9) == pytest.approx(1e28)
+    np.testing.assert_allclose(
+        priority.priorities(config, jnp.array([0.0, 3.0])), [1e-6, 3.0 + 1e-6], rtol=1e-6
+    )
+
+
+def test_trains_a_linear_model_with_adam_and_loss_feedback():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    y = x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+    def loss_fn(params, batch):
+        return jnp.square(batch["x"] @ params["w"] + params["b"] - batch["y"])
+
+    sampler = priority_sampler(64, 16)
+    step = ab.make_train_step(loss_fn, optax.adam(0.05), sampler, feedback="loss")
+    state = step.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+    full_loss = lambda params: float(jnp.mean(loss_fn(params, data)))  # noqa: E731
+    before = full_loss(state.params)
+    for key in jax.random.split(jax.random.key(0), 30):
+        state, metrics = step(state, data, key)
+    assert full_loss(state.params) < 0.5 * before
+    assert int(state.sampler_state.step) == 30
+    assert not np.allclose(np.asarray(sampler.probabilities(state.sampler_state)), 1 / 64)
+
+
+def test_ab_probabilities_reads_the_state_alone():
+    sampler = priority_sampler(N, K, alpha=0.5, uniform_mix=0.4)
+    state = skewed_state(sampler)
+    assert state.uniform_mix == 0.4  # static: the state carries what p needs
+    np.testing.assert_array_equal(
+        np.asarray(ab.probabilities(state)), np.asarray(sampler.probabilities(state))
+    )
+    np.testing.assert_allclose(
+        np.asarray(ab.probabilities(state), np.float64),
+        expected_p(SCORES, alpha=0.5, uniform_mix=0.4),
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="uniform_mix=0.4, but this sampler has uniform_mix=0.1"):
+        priority_sampler(N, K).sample(state, jax.random.key(0))
+
+
+def test_refresh_rescores_every_example_once_in_m_steps():
+    m = 4
+    sampler = priority_sampler(N, K, uniform_mix=0.2, refresh_every=m)
+    assert isinstance(sampler, ab.ScoringSampler) and sampler.batch_size == K
+    assert sampler.sample.args[0].refresh_chunk == 5  # ceil(20 / 4)
+    table = jnp.asarray(SCORES, jnp.float32)
+    seen = []
+
+    def score_fn(indices):
+        seen.append(np.asarray(indices))
+        return table[indices]
+
+    state = sampler.init()
+    for t in range(m):
+        indices, probs, state = sampler.sample(state, jax.random.key(t), score_fn)
+        p = np.asarray(sampler.probabilities(state))
+        np.testing.assert_allclose(np.asarray(probs), p[np.asarray(indices)], rtol=1e-6)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(N))  # each once
+    assert int(state.cursor) == 0
+    np.testing.assert_allclose(
+        np.asarray(sampler.probabilities(state), np.float64),
+        expected_p(SCORES, uniform_mix=0.2),
+        rtol=1e-5,
+    )
+    # an invalid refreshed score keeps the old priority
+    bad = lambda indices: jnp.full(indices.shape, jnp.nan)  # noqa: E731
+    _, _, after = sampler.sample(state, jax.random.key(9), bad)
+    np.testing.assert_array_equal(np.asarray(after.tree), np.asarray(state.tree))
+    with pytest.raises(ValueError, match="need refresh_every"):
+        priority_sampler(N, K, score_feedback="loss")
+    with pytest.raises(ValueError, match="refresh_every"):
+        priority_sampler(N, K, refresh_every=0)
+
+
+def test_a_refreshing_sampler_trains_in_make_train_step():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(x @ np.array([1.0, -1.0, 2.0], np.float32))}
+
+    def loss_fn(params, batch):
+        return jnp.square(batch["x"] @ params["w"] - batch["y"])
+
+    sampler = priority_sampler(32, 8, refresh_every=4, score_feedback="loss")
+    step = ab.make_train_step(loss_fn, optax.adam(0.05), sampler, feedback="loss")
+    state = step.init({"w": jnp.zeros(3)})
+    before = float(jnp.mean(loss_fn(state.params, data)))
+    for key in jax.random.split(jax.random.key(0), 20):
+        state, _ = step(state, data, key)
+    assert float(jnp.mean(loss_fn(state.params, data))) < 0.5 * before
+    assert int(state.sampler_state.cursor) == 0  # 20 steps of 8 = 5 full passes over 32
+    leaves = sumtree.leaf_values(
+        state.sampler_state.tree, sumtree.layout_for(32, state.sampler_state.arity)
+    )
+    assert np.all(
+        np.asarray(leaves)
+        != priority.priorities(  # every score was refreshed
+            sampler.sample.args[0], jnp.asarray(1.0)
+        )
+    )
