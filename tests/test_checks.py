@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from adambs_jax import _checks as checks
-from adambs_jax.samplers._factories import UniformSamplerState
+from adambs_jax.samplers import UniformSamplerState
 
 
 @pytest.mark.parametrize("value", [1, 7, 2**40])

@@ -4,10 +4,11 @@
 (library version, sampler kind and static configuration, batch size, step, and every leaf's
 path, shape and dtype); ``verify_metadata`` compares a checkpoint's metadata with a
 template's and refuses a mismatch with a ``ValueError`` listing every difference, before a
-single array is read. The hyperparameters a restore takes from the new sampler
-(``NEW_SAMPLER_FIELDS``: the tree's ``arity``, the ``bound_mode``; and so the shape of an
-exp3 tree) are not compared (``adambs_jax.checkpoint_restore`` says what a restore keeps). No file is touched here: ``adambs_jax.checkpoint`` does the reading and
-writing.
+single array is read. What a restore may take from the sampler configured now is the
+sampler state's to say (``adambs_jax.samplers.SamplerStateBase``): its
+``reconfigurable_fields`` (exp3: the tree's ``arity``, the ``bound_mode``) are not
+compared, nor the shapes of its ``rebuilt_fields`` (the tree of another arity). No file is
+touched here: ``_checkpoint`` does the reading and writing, ``_restore`` the reconciling.
 
 PRNG keys: typed keys (``jax.random.key``) are stored as their raw uint32 data
 (``raw_keys``) with the implementation's name in the metadata, and rewrapped on restore
@@ -25,18 +26,18 @@ import numpy as np
 
 from adambs_jax._checks import is_prng_key
 from adambs_jax._jsonable import to_jsonable
-from adambs_jax.samplers._exp3 import Exp3SamplerState
-from adambs_jax.step._train_step import TrainState
+from adambs_jax.samplers import SamplerStateBase
+from adambs_jax.step import TrainState
 from adambs_jax.version import __version__
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "NEW_SAMPLER_FIELDS",
-    "is_exp3_state",
-    "exp3_states",
+    "is_sampler_state",
+    "sampler_states",
     "describe_state",
     "metadata_differences",
-    "exp3_tree_paths",
+    "rebuilt_paths",
+    "reconfigurable_names",
     "verify_metadata",
     "raw_keys",
     "rewrap_keys",
@@ -48,25 +49,53 @@ CHECKPOINT_FORMAT = 1
 
 _MAX_LISTED = 6  # differences listed per kind in an error message
 
-NEW_SAMPLER_FIELDS = ("arity", "bound_mode")
-"""Static sampler fields a restore takes from the new sampler, not compared with the
-checkpoint (``num_examples`` and ``p_min`` are: another value is refused)."""
+
+def is_sampler_state(node: Any) -> bool:
+    return isinstance(node, SamplerStateBase)
 
 
-def is_exp3_state(node: Any) -> bool:
-    return isinstance(node, Exp3SamplerState)
+def config_prefix(path) -> str:
+    """The prefix of a sampler state's static fields in the metadata's ``sampler_config``
+    (``describe_state`` names them from ``state.sampler_state`` down: ``""``, ``"base."``)."""
+    names = [
+        str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key)))) for key in path[1:]
+    ]
+    return "".join(f"{name}." for name in names)
 
 
-def exp3_states(tree: Any) -> list:
-    """``[(path, state)]`` of every ``Exp3SamplerState`` in ``tree`` (a ``TrainState``)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_exp3_state)[0]
-    return [(path, node) for path, node in flat if is_exp3_state(node)]
+def sampler_states(tree: Any, prefix: tuple = ()) -> list:
+    """``[(path, state)]`` of every library sampler state in ``tree`` (a ``TrainState``),
+    the states inside a state too (a groups sampler's base)."""
+    found = []
+
+    def is_inner(node: Any) -> bool:
+        return node is not tree and is_sampler_state(node)
+
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_inner)[0]:
+        if is_inner(node):
+            found.append((prefix + path, node))
+            found += sampler_states(node, prefix + path)
+    return found
 
 
-def exp3_tree_paths(tree: Any) -> set:
-    """The leaf paths (``keystr``) of the exp3 trees in ``tree``: rebuilt on a restore when
-    the arity differs, so their shape is not compared."""
-    return {jax.tree_util.keystr(path) + ".tree" for path, _ in exp3_states(tree)}
+def rebuilt_paths(tree: Any) -> set:
+    """The leaf paths (``keystr``) whose stored shape may differ from ``tree``'s: each
+    sampler state's ``rebuilt_fields`` (a tree of another arity, rebuilt on restore)."""
+    return {
+        jax.tree_util.keystr(path) + "." + field
+        for path, state in sampler_states(tree)
+        for field in type(state).rebuilt_fields
+    }
+
+
+def reconfigurable_names(tree: Any) -> set:
+    """The ``sampler_config`` names a restore takes from the sampler configured now (each
+    sampler state's ``reconfigurable_fields``), so not compared with the checkpoint's."""
+    return {
+        config_prefix(path) + field
+        for path, state in sampler_states(tree)
+        for field in type(state).reconfigurable_fields
+    }
 
 
 def _json_value(value: Any) -> Any:
@@ -185,7 +214,7 @@ def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
     }
 
 
-def _sampler_differences(saved: dict, expected: dict) -> list[str]:
+def _sampler_differences(saved: dict, expected: dict, reconfigurable=frozenset()) -> list[str]:
     problems = []
     if saved.get("sampler_kind") != expected["sampler_kind"]:
         problems.append(
@@ -194,8 +223,8 @@ def _sampler_differences(saved: dict, expected: dict) -> list[str]:
         )
     saved_config, expected_config = saved.get("sampler_config", {}), expected["sampler_config"]
     for name in sorted(set(saved_config) | set(expected_config)):
-        if name.rsplit(".", 1)[-1] in NEW_SAMPLER_FIELDS:
-            continue  # the new sampler's (checkpoint_restore)
+        if name in reconfigurable:
+            continue  # the new sampler's (the state's restored)
         if saved_config.get(name) != expected_config.get(name):
             label = "dataset size (num_examples)" if name.endswith("num_examples") else name
             problems.append(
@@ -253,11 +282,14 @@ def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozense
     return problems
 
 
-def metadata_differences(saved: dict, expected: dict, rebuilt=frozenset()) -> list[str]:
+def metadata_differences(
+    saved: dict, expected: dict, rebuilt=frozenset(), reconfigurable=frozenset()
+) -> list[str]:
     """Human-readable differences between a checkpoint's metadata ``saved`` and a
     template's ``expected`` (both as ``describe_state`` returns them); empty if it fits.
-    ``rebuilt``: leaf paths whose shape may differ (``exp3_tree_paths``)."""
-    return _sampler_differences(saved, expected) + _leaf_differences(
+    ``rebuilt``: leaf paths whose shape may differ (``rebuilt_paths``); ``reconfigurable``:
+    static sampler fields not compared (``reconfigurable_names``)."""
+    return _sampler_differences(saved, expected, frozenset(reconfigurable)) + _leaf_differences(
         saved, expected, frozenset(rebuilt)
     )
 
@@ -272,8 +304,9 @@ def verify_metadata(saved: dict, like: TrainState, sampler: Any, where: str) -> 
             f"{where} has checkpoint format {saved.get('format')}, this version reads "
             f"{CHECKPOINT_FORMAT}"
         )
+    expected = describe_state(like, sampler=sampler)
     problems = metadata_differences(
-        saved, describe_state(like, sampler=sampler), exp3_tree_paths(like)
+        saved, expected, rebuilt_paths(like), reconfigurable_names(like)
     )
     if problems:
         raise ValueError(

@@ -44,8 +44,8 @@ from adambs_jax.feedback import ghost
 from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.feedback._per_example import (
     losses_and_output_grads,
-    per_example_losses,
     per_example_losses_and_grads,
+    vmap_grads_and_weighted_grad,
 )
 from adambs_jax.feedback._preconditioner import preconditioned_norms
 
@@ -112,25 +112,10 @@ def estimate_with_forced_ghost_norms(loss_fn, params, batch, weights, key) -> Es
     return Estimate(losses, gradient, norms, per_example=False)
 
 
-def _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key):
-    """``(losses, G_hat, per-example grads)``: the per-example gradients by ``vmap`` and G_hat
-    from one more backward pass of the weighted loss (same per-example keys)."""
-    # the per-example gradients only feed the norms, so XLA can reduce them as they are
-    # produced instead of materializing K x params; G_hat is one more (cheap) backward pass
-    _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
-
-    def weighted_loss(p):
-        losses = per_example_losses(loss_fn, p, batch, key)  # same per-example keys
-        return jnp.mean(weights.astype(losses.dtype) * losses), losses
-
-    (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
-    return losses, gradient, grads
-
-
 def estimate_with_vmap_norms(loss_fn, params, batch, weights, key) -> Estimate:
     """``"grad_norm"`` by ``vmap``: the norms from per-example gradients, G_hat from the
     weighted loss."""
-    losses, gradient, grads = _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+    losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
     return Estimate(losses, gradient, per_example_norms(grads), per_example=False)
 
 
@@ -150,7 +135,7 @@ class OptimizerAwareEstimator(NamedTuple):
 def _estimate_with_preconditioned_norms(
     loss_fn, params, batch, weights, key, opt_state
 ) -> Estimate:
-    losses, gradient, grads = _vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+    losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
     return Estimate(
         losses, gradient, preconditioned_norms(grads, params, opt_state), per_example=False
     )

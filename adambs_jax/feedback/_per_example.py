@@ -11,8 +11,8 @@ computation:
 * output gradients: one ``jax.vjp`` through ``loss_from_outputs`` with cotangent ones(K); since
   loss_k depends on row k of the outputs only, row k of the result is d loss_k / d z_k.
 
-``adambs_jax.feedback`` turns them into scores; ``adambs_jax.estimators`` fuses them with the
-gradient estimate of the train step.
+``_kinds`` turns them into scores; ``_estimators`` fuses them with the gradient estimate of
+the train step.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
 Algorithm 2 (the feedback f_k = ||g_{i_k}||).
@@ -28,7 +28,12 @@ import jax.numpy as jnp
 from adambs_jax._tree_utils import batch_size_of
 from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
 
-__all__ = ["per_example_losses_and_grads", "per_example_losses", "losses_and_output_grads"]
+__all__ = [
+    "per_example_losses_and_grads",
+    "per_example_losses",
+    "losses_and_output_grads",
+    "vmap_grads_and_weighted_grad",
+]
 
 
 def per_example_losses_and_grads(
@@ -95,3 +100,20 @@ def losses_and_output_grads(
     check_losses(losses, batch_size, name="loss_from_outputs")
     (output_grads,) = pullback(jnp.ones_like(losses))
     return losses, output_grads
+
+
+def vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key):
+    """``(losses (K,), G_hat, per-example grads)``: the per-example gradients by ``vmap`` and
+    G_hat = grad of (1/K) sum_k w_k loss_k from one more backward pass of the weighted loss
+    (the same per-example keys). The vmap path of the exact ``"grad_norm"`` feedback, shared
+    by the estimators and by ghost norms' fallback."""
+    # the per-example gradients only feed the norms, so XLA can reduce them as they are
+    # produced instead of materializing K x params; G_hat is one more (cheap) backward pass
+    _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
+
+    def weighted_loss(p):
+        losses = per_example_losses(loss_fn, p, batch, key)  # same per-example keys
+        return jnp.mean(weights.astype(losses.dtype) * losses), losses
+
+    (_, losses), gradient = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+    return losses, gradient, grads

@@ -68,7 +68,7 @@ from adambs_jax.feedback._kinds import FeedbackFn
 from adambs_jax.feedback._losses import PerExampleLoss
 from adambs_jax.feedback._model_state import loss_parts
 from adambs_jax.feedback._scoring import ScoringSampler
-from adambs_jax.samplers._factories import Sampler
+from adambs_jax.samplers import Sampler
 from adambs_jax.sharding import (
     DEFAULT_DATA_AXIS,
     batch_sharding,

@@ -25,24 +25,26 @@ from adambs_jax.samplers._base import (
     AnySampler,
     FeedbackFn,
     InitFn,
+    MetricsFn,
     ProbabilitiesFn,
     RenormalizeFn,
     SampleFn,
     Sampler,
     SamplerState,
+    SamplerStateBase,
     ScoreFn,
     ScoringSampleFn,
     ScoringSampler,
     UpdateFn,
     accepts_apply,
-)
-from adambs_jax.samplers._exp3 import Exp3SamplerState, default_step_size
-from adambs_jax.samplers._exp3_config import EXP3_PRESETS
-from adambs_jax.samplers._factories import (
-    exp3_sampler,
     importance_weights,
     probabilities,
-    uniform_sampler,
+)
+from adambs_jax.samplers._exp3 import (
+    EXP3_PRESETS,
+    Exp3SamplerState,
+    default_step_size,
+    exp3_sampler,
 )
 from adambs_jax.samplers._gradient_norm import GradientNormSamplerState, gradient_norm_sampler
 from adambs_jax.samplers._groups import GroupSamplerState, group_sampler
@@ -51,7 +53,7 @@ from adambs_jax.samplers._priority import PrioritySamplerState, priority_sampler
 from adambs_jax.samplers._projection import ProjectionResult, project_onto_floored_simplex
 from adambs_jax.samplers._scored_draws import resample_proportional
 from adambs_jax.samplers._sumtree import default_arity, max_leaves
-from adambs_jax.samplers._uniform import UniformSamplerState
+from adambs_jax.samplers._uniform import UniformSamplerState, uniform_sampler
 
 __all__ = [
     # the contract
@@ -67,6 +69,8 @@ __all__ = [
     "UpdateFn",
     "ProbabilitiesFn",
     "RenormalizeFn",
+    "MetricsFn",
+    "SamplerStateBase",
     "accepts_apply",
     "importance_weights",
     "probabilities",

@@ -28,7 +28,7 @@ from adambs_jax._checks import (
     check_per_draw,
     check_state_size,
 )
-from adambs_jax.samplers._base import FeedbackFn, ScoreFn, ScoringSampler
+from adambs_jax.samplers._base import FeedbackFn, SamplerStateBase, ScoreFn, ScoringSampler
 from adambs_jax.samplers._scored_draws import (
     check_score_feedback,
     normalized_scores,
@@ -59,7 +59,7 @@ does) or a scored presample of B examples (``"presample"``)."""
 
 
 @struct.dataclass
-class AdamImptState:
+class AdamImptState(SamplerStateBase):
     """State of ``adam_impt_sampler``.
 
     Attributes:

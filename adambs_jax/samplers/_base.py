@@ -10,14 +10,18 @@ A sampler is a NamedTuple of pure functions plus its static sizes:
         state = sampler.renormalize(state)               # O(n), every M updates
 
 A ``ScoringSampler``'s ``sample`` also takes a ``score_fn`` over the current model and
-returns its new state (``adambs_jax.scoring``). A sampler whose state holds a full
+returns its new state (``adambs_jax.feedback.make_score_fn``). A sampler whose state holds a full
 distribution p over the n examples gives ``probabilities: state -> (n,)`` (O(n); for
 metrics, tests and plots); ``None`` when it has none (e.g. Adam-impt, whose marginal
 distribution is not computed). A sampler whose weights shrink with every update (exp3: the
 tree's root) gives ``renormalize_every`` M and ``renormalize: state -> state``: the caller
 (``TrainStep`` does it) runs ``renormalize`` at least every M updates, a static count, so
-that no update needs a data-dependent branch; None and None for the others. Nothing in the library inspects a state's attributes to
-find out what kind of sampler made it: it asks the sampler.
+that no update needs a data-dependent branch; None and None for the others. A sampler with
+scalars worth logging gives ``metrics: (state, feedback) -> dict`` (exp3: its bound L).
+
+Nothing outside a sampler tests what kind of sampler made a state: the step asks the
+sampler (``metrics``, ``renormalize``), checkpoints ask the state (``SamplerStateBase``:
+which fields a restore may rebuild or take from the new sampler, and how to reconcile).
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
 """
@@ -26,9 +30,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
     "SamplerState",
@@ -40,6 +45,10 @@ __all__ = [
     "UpdateFn",
     "ProbabilitiesFn",
     "RenormalizeFn",
+    "MetricsFn",
+    "SamplerStateBase",
+    "probabilities",
+    "importance_weights",
     "Sampler",
     "ScoringSampler",
     "AnySampler",
@@ -90,6 +99,12 @@ class RenormalizeFn(Protocol):
         """Rescales the state's internal weights (O(n)); its distribution is unchanged."""
 
 
+class MetricsFn(Protocol):
+    def __call__(self, state: SamplerState, feedback: jax.Array) -> dict:
+        """The sampler's own scalars for the step's metrics, after an update with the (K,)
+        ``feedback`` (exp3: its bound L and the share of the feedback it clipped)."""
+
+
 class ProbabilitiesFn(Protocol):
     def __call__(self, state: SamplerState) -> jax.Array:
         """The full distribution p (n,) of ``state`` (O(n))."""
@@ -107,6 +122,8 @@ class Sampler(NamedTuple):
       probabilities: ``state -> p (n,)``, or None if the sampler has no full distribution.
       renormalize_every: M: call ``renormalize`` at least every M updates; None: never needed.
       renormalize: ``state -> state`` (O(n)), or None.
+      metrics: ``(state, feedback (K,)) -> dict`` of scalars the train step adds to its
+        metrics, or None.
     """
 
     init: InitFn
@@ -117,6 +134,7 @@ class Sampler(NamedTuple):
     probabilities: ProbabilitiesFn | None = None
     renormalize_every: int | None = None
     renormalize: RenormalizeFn | None = None
+    metrics: MetricsFn | None = None
 
 
 class ScoringSampler(NamedTuple):
@@ -134,7 +152,7 @@ class ScoringSampler(NamedTuple):
       score_chunk_size: compute scores in chunks of this many examples (``jax.lax.map``), to
         bound memory when scoring many examples (e.g. all n); None: all at once.
       probabilities: ``state -> p (n,)``, or None if the sampler has no full distribution.
-      renormalize_every, renormalize: as ``Sampler``'s.
+      renormalize_every, renormalize, metrics: as ``Sampler``'s.
     """
 
     init: InitFn
@@ -147,9 +165,10 @@ class ScoringSampler(NamedTuple):
     probabilities: ProbabilitiesFn | None = None
     renormalize_every: int | None = None
     renormalize: RenormalizeFn | None = None
+    metrics: MetricsFn | None = None
 
 
-AnySampler = Union[Sampler, ScoringSampler]
+AnySampler = Sampler | ScoringSampler
 
 
 def accepts_apply(update) -> bool:
@@ -160,3 +179,72 @@ def accepts_apply(update) -> bool:
     except (TypeError, ValueError):  # a callable without a signature: assume the old contract
         return False
     return any(p.name == "apply" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+class SamplerStateBase:
+    """The base class of the library's sampler states (flax struct dataclasses): what code
+    outside a sampler may ask a state, so that nothing outside the samplers tests a state's
+    type. A sampler of your own needs none of it: its state may be any pytree (it is then
+    checkpointed as it is and has no ``probabilities``).
+
+    Checkpoints (``adambs_jax.checkpoint``) restore a state in three steps: the arrays are
+    read with the stored shapes where a field is in ``rebuilt_fields``; the static fields in
+    ``reconfigurable_fields`` are not compared with the checkpoint's (the sampler configured
+    now decides them; every other static field must agree); then ``restored`` reconciles.
+
+    Attributes:
+      reconfigurable_fields: static fields a restore takes from the sampler configured now.
+      rebuilt_fields: array fields whose stored shape may differ from the new state's
+        (a prefix-sum tree of another arity), rebuilt by ``restored``.
+    """
+
+    reconfigurable_fields: ClassVar[tuple[str, ...]] = ()
+    rebuilt_fields: ClassVar[tuple[str, ...]] = ()
+
+    def restored(self, like: Any, saved_config: dict, where: str) -> Any:
+        """The state to resume from: ``self`` as read from a checkpoint, reconciled with
+        ``like`` (the state of the sampler configured now; may be abstract) and checked.
+        ``saved_config`` holds this state's static fields as the checkpoint recorded them;
+        ``where`` names the checkpoint in errors. The default: ``self`` unchanged."""
+        del like, saved_config, where
+        return self
+
+    def probabilities(self) -> jax.Array:
+        """The full distribution p (n,) this state samples from (O(n)).
+
+        Raises:
+          TypeError: the sampler keeps no full distribution (e.g. Adam-impt's).
+        """
+        raise TypeError(
+            f"state: a {type(self).__name__} has no full distribution over the examples"
+        )
+
+
+def probabilities(state: Any) -> jax.Array:
+    """The full distribution p (n,) of a sampler state, O(n), for tests, metrics and plots:
+    asks the state (``SamplerStateBase.probabilities``). ``sampler.probabilities(state)`` is
+    the same where the sampler has one (None where it has none).
+
+    Raises:
+      TypeError: the state has no full distribution (the message names its type).
+    """
+    if not isinstance(state, SamplerStateBase):
+        raise TypeError(
+            f"state: not a sampler state of this library (no full distribution to ask for): "
+            f"{type(state).__name__}"
+        )
+    return state.probabilities()
+
+
+def importance_weights(probs: jax.Array, num_examples: int) -> jax.Array:
+    """w = 1 / (n p): the weights that make (1/K) sum_k w_k g_{i_k} unbiased for the mean
+    gradient (AdamBS eq. 1). With p uniform, w = 1.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, eq. (1).
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if jnp.ndim(probs) != 1:
+        raise ValueError(f"probs must have shape (K,), got {jnp.shape(probs)}")
+    return 1.0 / (num_examples * probs)

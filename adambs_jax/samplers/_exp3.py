@@ -1,7 +1,7 @@
 """AdamBS Algorithm 2 as pure functions: EXP3 with multiple plays over the n examples.
 
 The state keeps the unnormalized weights u_j (in log space and as the leaves of a prefix-sum
-tree, ``adambs_jax.sumtree``); the distribution is p_j = u_j / root (lazy normalization).
+tree, ``_sumtree``); the distribution is p_j = u_j / root (lazy normalization).
 One ``update`` with draws I = (i_1..i_K) and feedback f (K,) runs the numbered steps of
 Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020), each a module-level function here:
 
@@ -15,10 +15,14 @@ Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020), each a module-level function here
 and, every ``Exp3Config.renormalize_every`` updates (a static count), ``renormalize`` scales
 the root back to 2^100 (O(n)), so that no leaf ever underflows (no data-dependent branch).
 
-``exp3_config`` validates the arguments of ``adambs_jax.exp3_sampler`` into a frozen
-``Exp3Config``; ``init``, ``sample``, ``update`` and ``renormalize`` take it as their first
-argument, and the factory binds it. Per step: O(K log K + K B log_B n) (B the tree's arity);
-only the sampled leaves change. Nothing here is a ``while_loop`` or ``cond``: a skipped
+``exp3_config`` validates the arguments of ``exp3_sampler`` into a frozen ``Exp3Config``
+(n, K, p_min, eta0, the bound's mode, the tree's layout, the static renormalization period
+``renormalization_period``); ``init``, ``sample``, ``update`` and ``renormalize`` take it as
+their first argument, and the factory ``exp3_sampler`` binds it. ``check_state_finite`` is
+the host-side health check a restore runs on a state that came from outside.
+
+Per step: O(K log K + K B log_B n) (B the tree's arity); only the sampled leaves change.
+Nothing here is a ``while_loop`` or ``cond``: a skipped
 update (``apply=False``) rewrites the K leaves with their old values.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -27,35 +31,25 @@ Algorithm 2 and Lemma 1.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from adambs_jax._checks import check_key, check_per_draw, check_state_size
+from adambs_jax._checks import (
+    check_bool,
+    check_int,
+    check_key,
+    check_number,
+    check_per_draw,
+    check_state_size,
+)
 from adambs_jax.samplers import _sumtree as sumtree
-from adambs_jax.samplers._exp3_bound import (  # re-exported: step 2's bound L
-    clip_ratio,
-    clip_to_bound,
-    clipped_fraction,
-    quantile_bound,
-)
-from adambs_jax.samplers._exp3_config import (  # re-exported: the configuration of this module's steps
-    BOUND_MODES,
-    DEFAULT_BOUND_LEARNING_RATE,
-    DEFAULT_BOUND_QUANTILE,
-    INITIAL_LOG_ROOT,
-    LEAF_FLOOR_LOG,
-    MIN_RENORMALIZATION_BUDGET,
-    Exp3Config,
-    default_step_size,
-    exp3_config,
-    renormalization_period,
-    tree_layout,
-)
-from adambs_jax.samplers._exp3_health import check_state_finite
+from adambs_jax.samplers._base import Sampler, SamplerStateBase
 from adambs_jax.samplers._projection import project_onto_floored_simplex
 
 __all__ = [
@@ -90,11 +84,302 @@ __all__ = [
     "renormalize",
     "update",
     "tree_layout",
+    "EXP3_PRESETS",
+    "preset_options",
+    "bound_metrics",
+    "exp3_sampler",
 ]
 
 
+# --- the configuration: validated, static -----------------------------------------------
+
+INITIAL_LOG_ROOT = 100 * math.log(2.0)
+"""log of the root after ``init`` and after every ``renormalize`` (p is scale-free)."""
+
+LEAF_FLOOR_LOG = -100 * math.log(2.0)
+"""No leaf may fall below 2^-100 (far above float32's smallest normal number, 1.2e-38)."""
+
+MIN_RENORMALIZATION_BUDGET = 20.0
+"""The smallest budget log(2^100 p_min / 2^-100) (nats of root shrinkage) ``p_min`` may leave."""
+
+
+BOUND_MODES = ("fixed", "running_max", "quantile")
+"""How L is kept: a fixed number, the running max of the valid feedback (the paper), or a
+running tau-quantile of it (the default: one outlier cannot set L for good)."""
+
+DEFAULT_BOUND_QUANTILE = 0.9
+"""tau of the default "quantile" bound: clipping at the 90th percentile of the feedback
+lowers the variance term V(p) (docs/algorithm.md, ``experiments/demo_sampler``)."""
+
+DEFAULT_BOUND_LEARNING_RATE = 0.01
+"""eta_L of the "quantile" bound: log L moves by at most eta_L per update."""
+
+
+EXP3_PRESETS = {
+    "paper": {"p_min_times_n": 0.1, "grad_norm_bound": "running_max"},
+    "low_variance": {"p_min_times_n": 0.5, "grad_norm_bound": "quantile"},
+}
+"""Named settings of ``exp3_sampler(..., preset=NAME)``: p_min = ``p_min_times_n`` / n and
+the bound L's mode. ``"paper"``: Algorithm 2 as published (p_min = 0.1/n, L = the running
+max of the feedback). ``"low_variance"``: p_min = 0.5/n and the clipped bound (L = the
+running 0.9-quantile, ``DEFAULT_BOUND_QUANTILE``), the settings docs/algorithm.md found to
+lower V(p)/V(uniform) from 1.61 (the paper's settings) to 0.69 (docs/algorithm.md)."""
+
+
+def preset_options(preset: str | None, num_examples: int, p_min, grad_norm_bound):
+    """``(p_min, grad_norm_bound)`` of ``preset`` (``EXP3_PRESETS``) where the caller gave
+    None; an explicit value wins. ``preset`` None: both as given.
+
+    Raises:
+      ValueError: an unknown preset (the message lists ``EXP3_PRESETS``).
+    """
+    if preset is None:
+        return p_min, grad_norm_bound
+    if preset not in EXP3_PRESETS:
+        raise ValueError(f"preset must be None or one of {tuple(EXP3_PRESETS)}, got {preset!r}")
+    settings = EXP3_PRESETS[preset]
+    num_examples = check_int("num_examples", num_examples)
+    if p_min is None:
+        p_min = settings["p_min_times_n"] / num_examples
+    if grad_norm_bound is None:
+        grad_norm_bound = settings["grad_norm_bound"]
+    return p_min, grad_norm_bound
+
+
+class Exp3Config(NamedTuple):
+    """The validated, static configuration of an ``exp3_sampler`` (see ``exp3_config``).
+
+    Attributes:
+      num_examples: n >= 1.
+      batch_size: K >= 1.
+      p_min: the probability floor, 0 < p_min <= 1/n.
+      step_size: eta0 > 0; alpha_p = eta0 p_min^2 / L^2.
+      grad_norm_bound: the fixed L > 0 ("fixed" mode), else None (L is kept in the state).
+      bound_mode: one of ``BOUND_MODES``.
+      bound_quantile: tau in (0, 1) of the "quantile" mode.
+      bound_learning_rate: eta_L > 0 of the "quantile" mode (log L moves by <= eta_L).
+      stratified: one draw per slice of the mass (True) or i.i.d. draws (False).
+      layout: the tree's static ``sumtree.TreeLayout`` (its arity B and level sizes).
+      renormalize_every: M >= 1, renormalize at least every M updates; 0: ``update``
+        renormalizes itself on every call (the root could shrink too fast for any M).
+    """
+
+    num_examples: int
+    batch_size: int
+    p_min: float
+    step_size: float
+    grad_norm_bound: float | None
+    stratified: bool
+    layout: sumtree.TreeLayout
+    renormalize_every: int
+    bound_mode: str = "running_max"
+    bound_quantile: float = DEFAULT_BOUND_QUANTILE
+    bound_learning_rate: float = DEFAULT_BOUND_LEARNING_RATE
+
+    @property
+    def adaptive_bound(self) -> bool:
+        """Whether L is learned from the feedback (no fixed ``grad_norm_bound``)."""
+        return self.bound_mode != "fixed"
+
+    @property
+    def log_p_min(self) -> float:
+        """log p_min: the floor of the log-weights relative to log(root Z)."""
+        return math.log(self.p_min)
+
+
+def default_step_size(num_examples: int, num_steps: int) -> float:
+    """eta0 = sqrt(2 log(n) / (n T)): Lemma 1's alpha_p = sqrt(2 R^2 p_min^4 / (n T L^4))
+    with R^2 = log n, written as alpha_p = eta0 p_min^2 / L^2."""
+    return math.sqrt(2.0 * math.log(max(num_examples, 2)) / (num_examples * num_steps))
+
+
+def _checked_step_size(num_examples: int, step_size, num_steps) -> float:
+    if step_size is None:
+        if num_steps is None:
+            raise ValueError(
+                "exp3_sampler needs step_size (eta0) or num_steps (T), from which the "
+                "default eta0 = sqrt(2 log(n) / (n T)) of the paper's Lemma 1 is computed"
+            )
+        step_size = default_step_size(num_examples, check_int("num_steps", num_steps))
+    return check_number("step_size", step_size, positive=True)
+
+
+def _checked_p_min(num_examples: int, p_min) -> float:
+    p_min = check_number("p_min", 0.1 / num_examples if p_min is None else p_min, positive=True)
+    if p_min * num_examples > 1 + 1e-12:
+        raise ValueError(
+            f"p_min * num_examples must be <= 1 (a distribution cannot give every example "
+            f"more than 1/n), got p_min={p_min} with num_examples={num_examples}"
+        )
+    smallest = math.exp(MIN_RENORMALIZATION_BUDGET + LEAF_FLOOR_LOG - INITIAL_LOG_ROOT)
+    if p_min < smallest:
+        raise ValueError(
+            f"p_min={p_min} is too small: a floored leaf p_min x root must stay far above "
+            f"float32's smallest number between renormalizations; the smallest allowed p_min "
+            f"is {smallest:.3g}"
+        )
+    return p_min
+
+
+def renormalization_period(
+    num_examples: int, batch_size: int, p_min: float, step_size: float
+) -> int:
+    """M: how many updates may run between two ``renormalize`` calls (0: every update).
+
+    The root S only shrinks, by the projection's normalizer Z per update, and
+    Z >= R + sum_I w_j >= 1 - eta0 (w_j >= p_j (1 - alpha_p h_j), sum_j alpha_p h_j p_j <=
+    eta0) and Z >= R >= (n - K) p_min (the unsampled mass), so per update log S falls by at
+    most drift = -log max(1 - eta0, (n - K) p_min). A leaf is >= p_min S, and S starts at
+    2^100 after each renormalization, so leaves stay >= 2^-100 for budget / drift updates,
+    budget = log(2^100 p_min / 2^-100). M takes half of that (and 1% for rounding), so that a
+    caller whose count restarts mid-period (a restored checkpoint, a new ``TrainStep``) is
+    still safe after M more updates.
+    """
+    floor = max(1.0 - step_size, (num_examples - batch_size) * p_min)
+    if floor <= 0:
+        return 0  # the root could fall without bound in one update
+    drift = -math.log(min(floor, 1.0))
+    budget = INITIAL_LOG_ROOT + math.log(p_min) - LEAF_FLOOR_LOG
+    if drift == 0:
+        return 2**31 - 1
+    return min(int(budget / (2.02 * drift)), 2**31 - 1)
+
+
+def _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate) -> dict:
+    """The bound's fields of ``Exp3Config``: ``grad_norm_bound`` None means "quantile"."""
+    if grad_norm_bound is None:
+        grad_norm_bound = "quantile"
+    if isinstance(grad_norm_bound, str):
+        if grad_norm_bound not in BOUND_MODES[1:]:
+            raise ValueError(
+                f'grad_norm_bound must be a number > 0 (a fixed L), "running_max" or '
+                f'"quantile" (or None: "quantile"), got {grad_norm_bound!r}'
+            )
+        mode, fixed = grad_norm_bound, None
+    else:
+        mode, fixed = "fixed", check_number("grad_norm_bound", grad_norm_bound, positive=True)
+    quantile = check_number("bound_quantile", bound_quantile)
+    if not 0 < quantile < 1:
+        raise ValueError(f"bound_quantile must be in (0, 1), got {bound_quantile!r}")
+    return dict(
+        grad_norm_bound=fixed,
+        bound_mode=mode,
+        bound_quantile=quantile,
+        bound_learning_rate=check_number("bound_learning_rate", bound_learning_rate, positive=True),
+    )
+
+
+def exp3_config(
+    num_examples,
+    batch_size,
+    *,
+    p_min,
+    step_size,
+    num_steps,
+    grad_norm_bound,
+    stratified,
+    arity=None,
+    bound_quantile=DEFAULT_BOUND_QUANTILE,
+    bound_learning_rate=DEFAULT_BOUND_LEARNING_RATE,
+    preset=None,
+) -> Exp3Config:
+    """Validates the arguments of ``exp3_sampler`` into an ``Exp3Config`` (same meaning; the
+    factory's defaults are the only ones), filling in p_min = 0.1 / n, eta0, the tree's
+    arity (``sumtree.default_arity()``) and the bound mode ("quantile") where None; a
+    ``preset`` (``EXP3_PRESETS``) first fills ``p_min`` and ``grad_norm_bound`` where None.
+
+    Raises:
+      ValueError: an argument out of range, named in the message (a tree too large for
+        int32 indices names ``num_examples`` and the limit; a ``p_min`` too small for the
+        float32 leaves names the smallest allowed; ``grad_norm_bound``, ``bound_quantile``,
+        ``bound_learning_rate`` out of range).
+      TypeError: ``stratified`` is not a bool.
+    """
+    num_examples = check_int("num_examples", num_examples)
+    batch_size = check_int("batch_size", batch_size)
+    p_min, grad_norm_bound = preset_options(preset, num_examples, p_min, grad_norm_bound)
+    p_min = _checked_p_min(num_examples, p_min)
+    step_size = _checked_step_size(num_examples, step_size, num_steps)
+    bound = _checked_bound(grad_norm_bound, bound_quantile, bound_learning_rate)
+    arity = sumtree.default_arity() if arity is None else arity
+    return Exp3Config(
+        num_examples=num_examples,
+        batch_size=batch_size,
+        p_min=p_min,
+        step_size=step_size,
+        stratified=check_bool("stratified", stratified),
+        layout=tree_layout(num_examples, arity),
+        renormalize_every=renormalization_period(num_examples, batch_size, p_min, step_size),
+        **bound,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def tree_layout(num_examples: int, arity: int) -> sumtree.TreeLayout:
+    """``sumtree.layout_for`` (cached: the static layout of a state's tree)."""
+    return sumtree.layout_for(num_examples, arity)
+
+
+# --- step 2: the bound L that the feedback is clipped to ----------------------------------
+
+
+def clip_to_bound(feedback, stored_bound, adaptive: bool):
+    """Step 2: ``(L, ratio)`` with L = max(stored L, max f) if ``adaptive`` else the stored
+    L, and ratio_k = min(f_k, L) / L in [0, 1] (0 while L = 0: every loss is the maximum)."""
+    if adaptive:
+        bound = jnp.maximum(stored_bound, jnp.max(feedback))
+    else:
+        bound = stored_bound
+    return bound, clip_ratio(feedback, bound)
+
+
+def clip_ratio(feedback, bound):
+    """ratio_k = min(f_k, L) / L in [0, 1]; 0 while L = 0 (every loss is the maximum)."""
+    return jnp.where(bound > 0, jnp.minimum(feedback, bound) / jnp.where(bound > 0, bound, 1), 0.0)
+
+
+# log L stays where exp(log L) and L^2 / L are normal float32 numbers, whatever the feedback
+_LOG_BOUND_RANGE = (-80.0, 80.0)
+
+
+def quantile_bound(feedback, valid, stored_bound, *, quantile: float, learning_rate: float):
+    """Step 2, "quantile" mode: L_t tracks the tau-quantile of the valid feedback by
+    stochastic approximation in log space (Robbins-Monro on the quantile's defining equation
+    P(f > L) = 1 - tau):
+
+        log L_t = log L_{t-1} + eta_L (#{valid k: f_k > L_{t-1}} / #valid - (1 - tau)),
+
+    so one update moves log L by at most eta_L (one outlier by eta_L / #valid), whatever
+    its size. While L = 0 (no valid feedback yet) L is the batch's tau-quantile (nearest
+    rank) of the valid feedback instead; without valid feedback L is unchanged. log L is
+    kept in [-80, 80]."""
+    num_valid = jnp.sum(valid)
+    above = jnp.sum(valid & (feedback > stored_bound)) / jnp.maximum(num_valid, 1)
+    log_bound = jnp.log(stored_bound) + learning_rate * (above - (1.0 - quantile))
+    moved = jnp.exp(jnp.clip(log_bound, *_LOG_BOUND_RANGE))
+    ordered = jnp.sort(jnp.where(valid, feedback, jnp.inf))
+    rank = jnp.clip(jnp.ceil(quantile * num_valid).astype(jnp.int32) - 1, 0, feedback.shape[0] - 1)
+    first = jnp.clip(ordered[rank], 0.0, math.exp(_LOG_BOUND_RANGE[1]))
+    bound = jnp.where(stored_bound > 0, moved, first)
+    return jnp.where(num_valid > 0, bound, stored_bound).astype(jnp.float32)
+
+
+def clipped_fraction(feedback, grad_norm_bound) -> jax.Array:
+    """float32 scalar: the fraction of the valid (finite, >= 0) entries of ``feedback`` (K,)
+    above ``grad_norm_bound`` (the L of the update that used them), i.e. clipped; 0 without
+    valid feedback. A metric for the bound: ~1 - tau in "quantile" mode, 0 for the running
+    max."""
+    feedback = jnp.asarray(feedback, jnp.float32)
+    valid = jnp.isfinite(feedback) & (feedback >= 0)
+    clipped = jnp.sum(valid & (feedback > grad_norm_bound))
+    return (clipped / jnp.maximum(jnp.sum(valid), 1)).astype(jnp.float32)
+
+
+# --- the state and the steps of Algorithm 2 -----------------------------------------------
+
+
 @struct.dataclass
-class Exp3SamplerState:
+class Exp3SamplerState(SamplerStateBase):
     """State of ``exp3_sampler``.
 
     Attributes:
@@ -111,7 +396,18 @@ class Exp3SamplerState:
       num_examples, p_min, arity, bound_mode: static configuration, part of the pytree
         structure (``arity``: the tree's number of children per node, ``adambs_jax.sumtree``;
         ``bound_mode``: one of ``BOUND_MODES``, what a restore compares L's mode with).
+
+    Restored from a checkpoint (``restored``), the state keeps what was learned (the
+    log-weights, the counters, and the adaptive L when the new sampler keeps L the same
+    way) and takes the hyperparameters from the sampler configured now: a fixed L overrides
+    the stored one, a changed bound mode restarts L (0, learned again from the next
+    feedback), and a tree of another ``arity`` is rebuilt from the log-weights. Another
+    ``num_examples`` or ``p_min`` is refused by the checkpoint's comparison (every stored
+    weight obeys the floor of the sampler that wrote it). A non-finite state is refused.
     """
+
+    reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity", "bound_mode")
+    rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
 
     log_weights: jax.Array
     tree: jax.Array
@@ -123,6 +419,33 @@ class Exp3SamplerState:
     p_min: float = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
     bound_mode: str = struct.field(pytree_node=False, default="running_max")
+
+    def probabilities(self) -> jax.Array:
+        return distribution(self)
+
+    def restored(self, like: Exp3SamplerState, saved_config: dict, where: str):
+        saved_arity = saved_config.get("arity", like.arity)
+        check_state_finite(self.replace(arity=saved_arity), where=where)
+        bound = _restored_bound(self, like, saved_config.get("bound_mode", "running_max"))
+        new = self.replace(grad_norm_bound=bound)
+        layout = tree_layout(like.num_examples, like.arity)
+        if new.tree.shape != (layout.size,) or saved_arity != like.arity:
+            tree = sumtree.rebuilt_for_restore(
+                jnp.exp(new.log_weights), like.num_examples, like.arity, like.tree
+            )
+            new = new.replace(tree=tree)
+        return new
+
+
+def _restored_bound(restored: Exp3SamplerState, like: Exp3SamplerState, saved_mode: str):
+    """L after a restore: the new fixed L, the stored L (same adaptive mode) or 0 (restart)."""
+    if like.bound_mode == "fixed":
+        if isinstance(like.grad_norm_bound, jax.ShapeDtypeStruct):
+            return restored.grad_norm_bound  # abstract `like`: the first update sets it
+        return jnp.asarray(like.grad_norm_bound, jnp.float32)
+    if like.bound_mode == saved_mode:
+        return restored.grad_norm_bound
+    return jnp.zeros_like(restored.grad_norm_bound)
 
 
 def init(config: Exp3Config) -> Exp3SamplerState:
@@ -372,3 +695,181 @@ def update(
         renormalized = renormalize(config, new_state)
         new_state = jax.tree.map(lambda a, b: jnp.where(apply, a, b), renormalized, state)
     return new_state
+
+
+# --- host-side health check of a state (used at restore) ----------------------------------
+
+
+def _host(value: Any) -> np.ndarray:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)  # replicated over hosts: the local copy
+    return np.asarray(value)
+
+
+def _refuse(where: str, field: str, problem: str) -> None:
+    raise ValueError(
+        f"{where}: the exp3 sampler state's {field} {problem}; it cannot be sampled from "
+        f"(a damaged checkpoint or arrays set by hand?). Restore an earlier checkpoint or "
+        f"start the sampler afresh with sampler.init()"
+    )
+
+
+def check_state_finite(state: Any, where: str = "state") -> None:
+    """Raises ValueError (naming ``where`` and the field) unless the exp3 state ``state`` has
+    finite ``log_weights``, a finite ``tree`` with no negative node, positive leaves for the
+    n examples and a positive finite root, and a finite ``grad_norm_bound`` >= 0.
+
+    Host side (copies the state to the host, O(n)): call it outside ``jit``.
+    """
+    log_weights = _host(state.log_weights)
+    if not np.all(np.isfinite(log_weights)):
+        _refuse(where, "log_weights", f"has {np.sum(~np.isfinite(log_weights))} non-finite entries")
+    tree = _host(state.tree)
+    if not np.all(np.isfinite(tree)) or np.any(tree < 0):
+        bad = np.sum(~np.isfinite(tree) | (tree < 0))
+        _refuse(where, "tree", f"has {bad} non-finite or negative nodes")
+    layout = sumtree.layout_for(state.num_examples, state.arity)
+    root = float(tree[0]) if tree.size else 0.0
+    if not root > 0:
+        _refuse(where, "tree root", f"is {root} (must be > 0)")
+    leaves = np.asarray(sumtree.leaf_values(tree, layout))
+    if not np.all(leaves > 0):
+        _refuse(where, "tree", f"has {np.sum(~(leaves > 0))} leaves <= 0 (every p_j >= p_min > 0)")
+    bound = float(_host(state.grad_norm_bound))
+    if not np.isfinite(bound) or bound < 0:
+        _refuse(where, "grad_norm_bound", f"is {bound} (must be finite and >= 0)")
+
+
+def bound_metrics(state: Exp3SamplerState, feedback) -> dict:
+    """The sampler's scalars in the train step's metrics: ``grad_norm_bound`` (L after the
+    update) and ``clipped_fraction`` (the share of this step's valid feedback above L)."""
+    bound = jnp.asarray(state.grad_norm_bound, jnp.float32)
+    return {"grad_norm_bound": bound, "clipped_fraction": clipped_fraction(feedback, bound)}
+
+
+# --- the factory --------------------------------------------------------------------------
+
+
+def exp3_sampler(
+    num_examples: int,
+    batch_size: int,
+    *,
+    p_min: float | None = None,
+    step_size: float | None = None,
+    num_steps: int | None = None,
+    grad_norm_bound: float | str | None = None,
+    stratified: bool = False,
+    arity: int | None = None,
+    bound_quantile: float = DEFAULT_BOUND_QUANTILE,
+    bound_learning_rate: float = DEFAULT_BOUND_LEARNING_RATE,
+    preset: str | None = None,
+) -> Sampler:
+    """The AdamBS bandit sampler (Algorithm 2 of Liu, Wu, Mozafari, NeurIPS 2020).
+
+    Each ``update(state, I, f)`` with draws I = (i_1..i_K) and feedback f_k >= 0 (the
+    per-example gradient norm ||g_{i_k}||, or an upper bound of it) does, for every distinct
+    drawn arm j with count c_j:
+
+      loss      l_j = L^2 / p_min^2 - min(f_j, L)^2 / p_j^2                (>= 0)
+      estimate  h_j = l_j c_j / (K p_j)       (h_j = 0 for arms not drawn)
+      step      w_j = p_j exp(-alpha_p h_j),  alpha_p = eta0 p_min^2 / L^2
+      project   p'  = argmin_{q >= p_min, sum q = 1} KL(q || w)    (exact, O(K log K))
+
+    If one arm is drawn several times with different feedback, h_j sums l over its draws,
+    which is l_j c_j / (K p_j) when the feedback agrees. In expectation over the draws the
+    step is mirror descent on sum_j f_j^2 / p_j, whose minimizer is p_j proportional to f_j
+    (clipped at p_min): the variance-optimal sampling distribution (paper §4.2). The steps
+    are the functions of this module, bound to a validated ``Exp3Config``.
+
+    Bad feedback: an entry that is negative, NaN or infinite, or whose index is outside
+    [0, n) (checked in the indices' own dtype), is dropped (treated as if that draw had not
+    happened: it adds nothing to h) and counted in ``state.num_dropped_feedback``; float
+    indices are a TypeError. If an update would still produce a non-finite weight,
+    the whole update is skipped and the state returned unchanged (except ``step``).
+
+    Args:
+      num_examples: n >= 1.
+      batch_size: K >= 1 (K > n is fine: draws are with replacement).
+      p_min: the probability floor; default 0.1 / n. Must satisfy 0 < p_min <= 1/n.
+      step_size: eta0 (dimensionless); default sqrt(2 log(n) / (n T)) (Lemma 1 with
+        R^2 = log n), which needs ``num_steps``.
+      num_steps: T, the planned number of training steps; only used for the default eta0.
+      grad_norm_bound: L, the bound feedback is clipped to (so l_j >= 0), kept in
+        ``state.grad_norm_bound``: a number > 0 (fixed); ``"running_max"``, the max of all
+        valid feedback seen (the paper's choice: one outlier, e.g. 1e30, then sets L for
+        good and every ratio f/L is ~0, so the sampler stops learning); or ``"quantile"``
+        (the default, also for None): a running ``bound_quantile``-quantile of the valid
+        feedback, learned by stochastic approximation in log space (``quantile_bound``;
+        one update moves log L by at most ``bound_learning_rate``), started at the first
+        batch's quantile. ``clipped_fraction(feedback, L)`` is the clipped share.
+      bound_quantile: tau in (0, 1) of the "quantile" bound; default 0.9 (clipping at the
+        90th percentile lowers V(p), docs/algorithm.md).
+      bound_learning_rate: eta_L > 0 of the "quantile" bound, the largest move of log L per
+        update; default 0.01 (L follows a change of the feedback's scale by a factor e in
+        about 1 / (eta_L (1 - tau)) = 1000 updates at worst).
+      stratified: draw one index in each of K equal slices of the probability mass
+        (lower variance, still marginally p); default i.i.d. with replacement.
+      arity: B, children per node of the prefix-sum tree (2, 4, ..., 128); default
+        ``sumtree.default_arity()``: 32 on GPU/TPU, 16 on CPU (docs/performance.md). The
+        largest n is about 2^31 (B - 1) / B (int32 node indices); larger is refused.
+      preset: named settings of ``p_min`` and ``grad_norm_bound`` (``ab.samplers.EXP3_PRESETS``),
+        used where those arguments are None (an explicit value overrides the preset):
+        ``"paper"`` (p_min = 0.1/n, ``"running_max"``: Algorithm 2 as published) or
+        ``"low_variance"`` (p_min = 0.5/n, ``"quantile"``: the clipped bound; the settings
+        docs/algorithm.md found to reduce the variance term V(p)). None (default): the
+        defaults above.
+
+    Renormalization: the tree's root shrinks with every update, so the state must be
+    ``sampler.renormalize``-d (O(n)) at least every ``sampler.renormalize_every`` updates (a
+    static count from the configuration, usually millions; ``renormalization_period``).
+    ``make_train_step``'s jitted step does it; call it yourself when you drive
+    ``sampler.update`` (or a ``jit=False`` step) in your own loop. ``update(..., apply=False)``
+    returns the state bitwise unchanged (the train step's non-finite guard).
+
+    Returns:
+      A ``Sampler`` whose ``probabilities(state)`` is p = leaves / root, with
+      ``renormalize_every`` (None when ``update`` renormalizes itself, for a configuration
+      whose root could shrink without bound in one update) and ``renormalize``.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      Algorithm 2 and Lemma 1; Auer et al., "The Nonstochastic Multiarmed Bandit Problem",
+      SIAM J. Comput. 2002 (EXP3); Namkoong et al., "Adaptive Sampling Probabilities for
+      Non-Smooth Optimization", ICML 2017 (the floored projection on a tree).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import adambs_jax as ab
+      >>> sampler = ab.exp3_sampler(100, 8, num_steps=1000)
+      >>> state = sampler.init()
+      >>> indices, probs = sampler.sample(state, jax.random.key(0))
+      >>> indices.shape, indices.dtype, probs.dtype
+      ((8,), dtype('int32'), dtype('float32'))
+      >>> state = sampler.update(state, indices, jnp.ones(8))
+      >>> p = sampler.probabilities(state)
+      >>> p.shape, round(float(p.sum()), 5), int(state.step)
+      ((100,), 1.0, 1)
+    """
+    config = exp3_config(
+        num_examples,
+        batch_size,
+        p_min=p_min,
+        step_size=step_size,
+        num_steps=num_steps,
+        grad_norm_bound=grad_norm_bound,
+        stratified=stratified,
+        arity=arity,
+        bound_quantile=bound_quantile,
+        bound_learning_rate=bound_learning_rate,
+        preset=preset,
+    )
+    bound = (functools.partial(f, config) for f in (init, sample, update))
+    return Sampler(
+        *bound,
+        config.num_examples,
+        config.batch_size,
+        distribution,
+        renormalize_every=config.renormalize_every or None,
+        renormalize=functools.partial(renormalize, config),
+        metrics=bound_metrics,
+    )

@@ -26,7 +26,7 @@ from adambs_jax._checks import (
     check_state_size,
 )
 from adambs_jax.samplers import _scored_draws as scored_draws
-from adambs_jax.samplers._base import FeedbackFn, ScoreFn, ScoringSampler
+from adambs_jax.samplers._base import FeedbackFn, SamplerStateBase, ScoreFn, ScoringSampler
 
 __all__ = [
     "GradientNormSamplerState",
@@ -42,7 +42,7 @@ __all__ = [
 
 
 @struct.dataclass
-class GradientNormSamplerState:
+class GradientNormSamplerState(SamplerStateBase):
     """State of ``gradient_norm_sampler``.
 
     Attributes:
@@ -58,6 +58,9 @@ class GradientNormSamplerState:
     step: jax.Array
     num_fallbacks: jax.Array
     num_examples: int = struct.field(pytree_node=False)
+
+    def probabilities(self) -> jax.Array:
+        return distribution(self)
 
 
 class GradientNormConfig(NamedTuple):

@@ -54,9 +54,9 @@ from flax import struct
 
 from adambs_jax._checks import check_int, check_per_draw
 from adambs_jax._tree_utils import select
-from adambs_jax.samplers import _factories as samplers
-from adambs_jax.samplers._base import Sampler, accepts_apply
-from adambs_jax.samplers._uniform import index_dtype
+from adambs_jax.samplers._base import Sampler, SamplerStateBase, accepts_apply
+from adambs_jax.samplers._exp3 import exp3_sampler
+from adambs_jax.samplers._uniform import index_dtype, uniform_sampler
 
 __all__ = [
     "GroupSamplerState",
@@ -70,12 +70,12 @@ __all__ = [
     "state_distribution",
 ]
 
-BASE_SAMPLERS = {"exp3": samplers.exp3_sampler, "uniform": samplers.uniform_sampler}
+BASE_SAMPLERS = {"exp3": exp3_sampler, "uniform": uniform_sampler}
 """The base samplers by name; ``group_sampler`` also takes a factory ``(G, B, **kw)``."""
 
 
 @struct.dataclass
-class GroupSamplerState:
+class GroupSamplerState(SamplerStateBase):
     """State of ``group_sampler``: the base sampler's state over the G groups.
 
     ``num_examples`` (n) and ``group_size`` (m) are static, so a state of another dataset
@@ -85,6 +85,14 @@ class GroupSamplerState:
     base: Any
     num_examples: int = struct.field(pytree_node=False)
     group_size: int = struct.field(pytree_node=False)
+
+    def probabilities(self) -> jax.Array:
+        if not isinstance(self.base, SamplerStateBase):
+            raise TypeError(
+                f"state: the base sampler's state ({type(self.base).__name__}) has no full "
+                f"distribution to ask for"
+            )
+        return state_distribution(self, self.base.probabilities())
 
 
 class GroupConfig(NamedTuple):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +45,8 @@ from flax import struct
 
 from adambs_jax._checks import check_int, check_key, check_number, check_per_draw, check_state_size
 from adambs_jax.samplers import _sumtree as sumtree
-from adambs_jax.samplers._base import Sampler
-from adambs_jax.samplers._exp3 import clean_feedback, count_dropped
-from adambs_jax.samplers._exp3_config import tree_layout
+from adambs_jax.samplers._base import Sampler, SamplerStateBase
+from adambs_jax.samplers._exp3 import clean_feedback, count_dropped, tree_layout
 
 __all__ = [
     "InfobatchSamplerState",
@@ -65,7 +64,7 @@ __all__ = [
 
 
 @struct.dataclass
-class InfobatchSamplerState:
+class InfobatchSamplerState(SamplerStateBase):
     """State of ``infobatch_sampler``.
 
     Attributes:
@@ -85,6 +84,22 @@ class InfobatchSamplerState:
     num_dropped_feedback: jax.Array
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
+
+    reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
+    rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
+
+    def probabilities(self) -> jax.Array:
+        return distribution(self)
+
+    def restored(self, like: InfobatchSamplerState, saved_config: dict, where: str):
+        """This epoch's probabilities, in a tree of the new sampler's arity (rebuilt from the
+        stored tree's leaves where the arity differs)."""
+        del where
+        saved_arity = saved_config.get("arity", like.arity)
+        tree = sumtree.restored_tree(
+            self.tree, like.num_examples, saved_arity, like.arity, like.tree
+        )
+        return self.replace(tree=tree)
 
 
 class InfobatchConfig(NamedTuple):

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ from adambs_jax._checks import (
     check_state_size,
 )
 from adambs_jax.samplers import _sumtree as sumtree
-from adambs_jax.samplers._base import Sampler, ScoringSampler
+from adambs_jax.samplers._base import Sampler, SamplerStateBase, ScoringSampler
 from adambs_jax.samplers._exp3 import clean_feedback, count_dropped
 
 __all__ = [
@@ -89,7 +89,7 @@ _ROOT_LIMIT = 1e37  # n u_max <= 1e37 < float32's 3.4e38: the root never overflo
 
 
 @struct.dataclass
-class PrioritySamplerState:
+class PrioritySamplerState(SamplerStateBase):
     """State of ``priority_sampler``.
 
     Attributes:
@@ -111,6 +111,22 @@ class PrioritySamplerState:
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
     uniform_mix: float = struct.field(pytree_node=False, default=1.0)
+
+    reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
+    rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
+
+    def probabilities(self) -> jax.Array:
+        return state_distribution(self)
+
+    def restored(self, like: PrioritySamplerState, saved_config: dict, where: str):
+        """The stored priorities, in a tree of the new sampler's arity (rebuilt from the
+        stored tree's leaves where the arity differs)."""
+        del where
+        saved_arity = saved_config.get("arity", like.arity)
+        tree = sumtree.restored_tree(
+            self.tree, like.num_examples, saved_arity, like.arity, like.tree
+        )
+        return self.replace(tree=tree)
 
 
 class PriorityConfig(NamedTuple):

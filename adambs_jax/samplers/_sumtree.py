@@ -46,6 +46,8 @@ __all__ = [
     "build",
     "total",
     "leaf_values",
+    "rebuilt_for_restore",
+    "restored_tree",
     "get_leaves",
     "dedupe_last",
     "set_leaves",
@@ -194,6 +196,24 @@ def leaf_values(tree: jax.Array, layout: TreeLayout) -> jax.Array:
     _check_tree(tree, layout)
     start = layout.offsets[-1]
     return tree[start : start + layout.num_leaves]
+
+
+def rebuilt_for_restore(weights: jax.Array, num_examples: int, arity: int, like_tree) -> jax.Array:
+    """A tree of ``arity`` over ``weights`` (n,), placed like ``like_tree`` (the tree of the
+    state a checkpoint is restored into, possibly abstract): what a sampler state's restore
+    builds when the checkpoint's tree has another arity (GPU 32, CPU 16). O(n)."""
+    tree = build(weights, layout_for(num_examples, arity))
+    sharding = getattr(like_tree, "sharding", None)
+    return tree if sharding is None else jax.device_put(tree, sharding)
+
+
+def restored_tree(saved_tree, num_examples: int, saved_arity: int, arity: int, like_tree):
+    """A tree read from a checkpoint (written with ``saved_arity``) as a tree of ``arity``
+    placed like ``like_tree``: itself where the arities agree, else rebuilt from its leaves."""
+    if saved_arity == arity:
+        return saved_tree
+    leaves = leaf_values(saved_tree, layout_for(num_examples, saved_arity))
+    return rebuilt_for_restore(leaves, num_examples, arity, like_tree)
 
 
 def get_leaves(tree: jax.Array, indices: jax.Array, layout: TreeLayout) -> jax.Array:

@@ -11,6 +11,7 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from adambs_jax._checks import check_int, check_key, check_per_draw
+from adambs_jax.samplers._base import Sampler, SamplerStateBase
 
 __all__ = [
     "UniformSamplerState",
@@ -27,11 +29,12 @@ __all__ = [
     "sample",
     "update",
     "distribution",
+    "uniform_sampler",
 ]
 
 
 @struct.dataclass
-class UniformSamplerState:
+class UniformSamplerState(SamplerStateBase):
     """State of ``uniform_sampler``: nothing is learned; p_j = 1/n.
 
     ``num_examples`` is static (part of the pytree structure), so a state of another
@@ -40,6 +43,9 @@ class UniformSamplerState:
 
     step: jax.Array  # int32 scalar, number of updates seen
     num_examples: int = struct.field(pytree_node=False)
+
+    def probabilities(self) -> jax.Array:
+        return distribution(self)
 
 
 class UniformConfig(NamedTuple):
@@ -100,3 +106,30 @@ def distribution(state: UniformSamplerState) -> jax.Array:
     """p = 1/n (n,)."""
     n = state.num_examples
     return jnp.full((n,), 1.0 / n, jnp.float32)
+
+
+def uniform_sampler(num_examples: int, batch_size: int) -> Sampler:
+    """Draws K indices i.i.d. uniformly from {0..n-1}; probs = 1/n, so the importance
+    weights are 1 and training is plain mini-batch training. ``update`` learns nothing.
+
+    Indices are int32, or int64 when n > 2^31 - 1 (which needs ``jax_enable_x64``; without
+    it such an n is refused, naming ``num_examples``).
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, §5
+      (the uniform baselines: Adam, SGD, RMSProp).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import adambs_jax as ab
+      >>> sampler = ab.uniform_sampler(10, 4)
+      >>> state = sampler.init()
+      >>> indices, probs = sampler.sample(state, jax.random.key(0))
+      >>> indices.shape, indices.dtype, [round(float(p), 6) for p in probs]
+      ((4,), dtype('int32'), [0.1, 0.1, 0.1, 0.1])
+      >>> int(sampler.update(state, indices, jnp.ones(4)).step)
+      1
+    """
+    config = uniform_config(num_examples, batch_size)
+    bound = (functools.partial(f, config) for f in (init, sample, update))
+    return Sampler(*bound, config.num_examples, config.batch_size, distribution)

@@ -41,9 +41,8 @@ from adambs_jax.feedback._kinds import FeedbackFn
 from adambs_jax.feedback._losses import PerExampleLoss
 from adambs_jax.feedback._model_state import batch_extras, loss_parts
 from adambs_jax.feedback._scoring import ScoringSampler, make_score_fn
-from adambs_jax.samplers import _exp3_bound as exp3_bound
+from adambs_jax.samplers import Sampler, importance_weights
 from adambs_jax.samplers._base import ProbabilitiesFn, accepts_apply
-from adambs_jax.samplers._factories import Exp3SamplerState, Sampler, importance_weights
 from adambs_jax.sharding import constrain_batch
 from adambs_jax.step._state import TrainState
 from adambs_jax.transforms import weighted_mean
@@ -298,8 +297,11 @@ def guarded_apply(config: StepConfig, state: TrainState, draw: Draw, estimate) -
     return Applied(params, opt_state, sampler_state, scores, skipped)
 
 
-def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabilities) -> dict:
-    """The step's metrics (``make_train_step``'s Returns), diagnostics from ``probabilities``."""
+def step_metrics(
+    estimate: Estimate, weights, feedback, sampler_state, probabilities, sampler_metrics=None
+) -> dict:
+    """The step's metrics (``make_train_step``'s Returns), diagnostics from ``probabilities``
+    and the sampler's own scalars from ``sampler_metrics`` (``Sampler.metrics``)."""
     losses = estimate.losses.astype(jnp.float32)
     valid = jnp.isfinite(feedback) & (feedback >= 0)
     num_valid = jnp.sum(valid)
@@ -313,10 +315,8 @@ def step_metrics(estimate: Estimate, weights, feedback, sampler_state, probabili
         "max_weight": jnp.max(weights),
         "min_weight": jnp.min(weights),
     }
-    if isinstance(sampler_state, Exp3SamplerState):
-        bound = jnp.asarray(sampler_state.grad_norm_bound, jnp.float32)
-        metrics["grad_norm_bound"] = bound
-        metrics["clipped_fraction"] = exp3_bound.clipped_fraction(feedback, bound)
+    if sampler_metrics is not None:  # the sampler's own scalars (exp3: its bound L)
+        metrics.update(sampler_metrics(sampler_state, feedback))
     if probabilities is not None:
         p = probabilities(sampler_state)
         metrics["effective_sample_size"] = 1.0 / (p.shape[0] * jnp.sum(jnp.square(p)))
@@ -372,7 +372,12 @@ def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, mo
     aux, model_state = batch_extras(parts, state.params, draw.batch, model_key)
     applied = guarded_apply(config, state, draw, estimate)
     metrics = step_metrics(
-        estimate, draw.weights, applied.scores, applied.sampler_state, config.probabilities
+        estimate,
+        draw.weights,
+        applied.scores,
+        applied.sampler_state,
+        config.probabilities,
+        config.sampler.metrics,
     )
     if config.has_aux:
         metrics["aux"] = aux

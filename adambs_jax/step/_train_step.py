@@ -44,8 +44,8 @@ from adambs_jax.feedback._kinds import FeedbackFn, feedback_kind
 from adambs_jax.feedback._losses import PerExampleLoss, with_explicit_key
 from adambs_jax.feedback._model_state import check_model_state_options
 from adambs_jax.feedback._scoring import ScoringSampler
+from adambs_jax.samplers import Sampler
 from adambs_jax.samplers._base import ProbabilitiesFn
-from adambs_jax.samplers._factories import Sampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh, replicated_sharding
 from adambs_jax.step._loop import run_steps
 from adambs_jax.step._stages import StepConfig, run_step

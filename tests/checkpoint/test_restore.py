@@ -1,4 +1,4 @@
-"""Tests of adambs_jax.checkpoint_restore: what a restore takes from the checkpoint (learned
+"""Tests of adambs_jax.checkpoint._restore: what a restore takes from the checkpoint (learned
 state) and what from the sampler configured now (hyperparameters); non-finite states refused."""
 
 import jax
@@ -121,6 +121,48 @@ def test_another_arity_rebuilds_the_tree_from_the_log_weights(tmp_path, saved_ar
         exp3.distribution(restored), exp3.distribution(saved.sampler_state), rtol=1e-5
     )
     idx, _ = new.sample(restored, jax.random.key(0))  # the restored state is usable
+    new.update(restored, idx, jnp.ones(K))
+
+
+def _trained_tree_sampler(sampler, steps=20):
+    """A TrainState whose (priority or InfoBatch) sampler learned from varied feedback."""
+    state = _state(sampler)
+    sampler_state = state.sampler_state
+    f = jnp.linspace(0.1, 2.0, N)
+    for t in range(steps):
+        idx, _ = sampler.sample(sampler_state, jax.random.key(t))
+        sampler_state = sampler.update(sampler_state, idx, f[idx])
+        if sampler.renormalize_every and (t + 1) % sampler.renormalize_every == 0:
+            sampler_state = sampler.renormalize(sampler_state)  # InfoBatch: a new epoch
+    return state._replace(sampler_state=sampler_state)
+
+
+TREE_SAMPLERS = {
+    "priority": lambda arity: ab.priority_sampler(N, K, arity=arity),
+    "infobatch": lambda arity: ab.infobatch_sampler(N, K, num_steps=100, arity=arity),
+    "groups": lambda arity: ab.group_sampler(N, K, 4, base="exp3", step_size=0.5, arity=arity),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TREE_SAMPLERS))
+@pytest.mark.parametrize("saved_arity, new_arity", [(32, 16), (16, 32), (16, 16)])
+def test_every_tree_sampler_moves_to_another_arity(tmp_path, kind, saved_arity, new_arity):
+    """A checkpoint written on a GPU (arity 32) restores on a CPU (16) and back, for each
+    sampler with a tree: the same distribution, a tree of the new arity, a usable state."""
+    saved = _trained_tree_sampler(TREE_SAMPLERS[kind](saved_arity))
+    path = _save(tmp_path, saved)
+    new = TREE_SAMPLERS[kind](new_arity)
+    restored = ab.restore_checkpoint(path, _state(new)).sampler_state
+    np.testing.assert_allclose(
+        new.probabilities(restored), ab.samplers.probabilities(saved.sampler_state), rtol=1e-5
+    )
+    inner = restored.base if kind == "groups" else restored
+    assert inner.arity == new_arity
+    assert inner.tree.shape == (sumtree.layout_for(inner.num_examples, new_arity).size,)
+    if saved_arity == new_arity:
+        saved_inner = saved.sampler_state.base if kind == "groups" else saved.sampler_state
+        np.testing.assert_array_equal(inner.tree, saved_inner.tree)
+    idx, _ = new.sample(restored, jax.random.key(0))
     new.update(restored, idx, jnp.ones(K))
 
 

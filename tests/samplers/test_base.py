@@ -26,9 +26,11 @@ def test_sampler_fields_and_default_probabilities():
         "probabilities",
         "renormalize_every",
         "renormalize",
+        "metrics",
     )
     assert sampler.probabilities is None  # no full distribution unless the sampler says so
     assert sampler.renormalize_every is None and sampler.renormalize is None
+    assert sampler.metrics is None
     uniform = lambda state: jnp.full((4,), 0.25)
     with_p = sampler._replace(probabilities=uniform)
     assert with_p.probabilities(with_p.init()).shape == (4,)
@@ -47,6 +49,7 @@ def test_scoring_sampler_fields_and_defaults():
         "probabilities",
         "renormalize_every",
         "renormalize",
+        "metrics",
     )
     assert sampler.renormalize_every is None and sampler.renormalize is None
     assert sampler.score_feedback is None

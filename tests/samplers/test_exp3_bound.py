@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adambs_jax.samplers import _exp3_bound as exp3_bound
+from adambs_jax.samplers import _exp3 as exp3_bound
 
 
 def test_clip_to_bound_running_max_and_fixed_bound():

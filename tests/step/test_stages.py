@@ -136,12 +136,17 @@ def test_next_state_counts_steps_and_skips():
     assert "skipped_steps" not in metrics
 
 
-def test_step_metrics_report_the_bound_of_an_exp3_state_only():
+def test_step_metrics_report_the_sampler_s_own_metrics():
     config = _config()
     state = _state(config)
     weights = jnp.ones(BATCH_SIZE)
     metrics = step_stages.step_metrics(
-        _estimate(0.5), weights, jnp.asarray([1.0, jnp.nan, -1.0, 2.0]), state.sampler_state, None
+        _estimate(0.5),
+        weights,
+        jnp.asarray([1.0, jnp.nan, -1.0, 2.0]),
+        state.sampler_state,
+        None,
+        config.sampler.metrics,
     )
     assert int(metrics["num_dropped_feedback"]) == 2
     np.testing.assert_allclose(metrics["mean_feedback"], 1.5)

@@ -676,7 +676,6 @@ def test_score_fn_chunk_size_must_be_an_int():
             make_score_fn(model_loss, "loss", params, data, chunk_size=bad)
 
 
-
 def _plain_optax_loop(model_loss, optimizer, sampler, params, data, keys, extra_args=False):
     """Plain mini-batch training with ``optimizer`` on the mean gradient (uniform draws with
     the step's key split), ``value=`` the batch mean loss when ``extra_args``."""

@@ -38,7 +38,10 @@ import jax.numpy as jnp
 
 from adambs_jax._tree_utils import batch_size_of, per_example_norms
 from adambs_jax.feedback._losses import PerExampleLoss, check_losses, with_key_argument
-from adambs_jax.feedback._per_example import per_example_losses_and_grads
+from adambs_jax.feedback._per_example import (
+    per_example_losses_and_grads,
+    vmap_grads_and_weighted_grad,
+)
 from adambs_jax.feedback.ghost import _linen as linen
 from adambs_jax.feedback.ghost import _nnx as nnx
 from adambs_jax.feedback.ghost import _sites as sites
@@ -200,13 +203,6 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
     return losses, gradient, total / jnp.square(scale).astype(total.dtype)
 
 
-def _estimators_module():
-    # imported on use: adambs_jax.estimators imports this module (feedback="grad_norm")
-    from adambs_jax.feedback import _estimators as estimators
-
-    return estimators
-
-
 def _check_method(method) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -214,8 +210,8 @@ def _check_method(method) -> None:
 
 def _vmap_losses_grad_and_norms(loss_fn, params, batch, weights, key):
     """The vmap path: per-example gradients for the norms, G_hat from one more ``jax.grad``."""
-    estimate = _estimators_module().estimate_with_vmap_norms(loss_fn, params, batch, weights, key)
-    return estimate.losses, estimate.gradient, estimate.feedback
+    losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+    return losses, gradient, per_example_norms(grads)
 
 
 def ghost_losses_grad_and_norms(
