@@ -21,7 +21,7 @@ References:
 
 from adambs_jax import _deprecated, checkpoint, feedback, host, samplers, sharding, step, transforms
 from adambs_jax.checkpoint import CheckpointManager, restore_checkpoint, save_checkpoint
-from adambs_jax.feedback import ModelLoss, importance_weighted_grad
+from adambs_jax.feedback import Loss, ModelLoss, importance_weighted_grad
 from adambs_jax.host import make_host_train_step, run_host_loop
 from adambs_jax.samplers import (
     Sampler,
@@ -36,7 +36,7 @@ from adambs_jax.samplers import (
     uniform_sampler,
 )
 from adambs_jax.sharding import data_parallel_mesh, replicate
-from adambs_jax.step import TrainState, TrainStep, make_train_step
+from adambs_jax.step import StepOptions, TrainState, TrainStep, make_train_step
 from adambs_jax.transforms import adambs, amsgradbs, with_importance_weighting
 from adambs_jax.version import __version__
 
@@ -62,8 +62,10 @@ __all__ = [
     "gradient_norm_sampler",
     "importance_weights",
     # losses, the train step and the tools of a hand-written loop
+    "Loss",
     "ModelLoss",
     "make_train_step",
+    "StepOptions",
     "TrainState",
     "TrainStep",
     "importance_weighted_grad",
@@ -103,7 +105,11 @@ _MOVED = {
     },
     **{
         name: ("adambs_jax.transforms", f"adambs_jax.transforms.{name}")
-        for name in "ImportanceWeightedTransformation importance_weighted_mean weighted_mean".split()
+        for name in (
+            "ImportanceWeightedTransformation",
+            "importance_weighted_mean",
+            "weighted_mean",
+        )
     },
     **{
         name: ("adambs_jax.host", f"adambs_jax.host.{name}")

@@ -24,15 +24,14 @@ G_hat = (1/K) sum_k w_k g_{i_k} (a sum over the sharded K axis) and an all-gathe
 feedback values for the replicated sampler update. Nothing is hand-written.
 
 Multiple hosts: call ``jax.distributed.initialize()`` on every process first; then
-``data_parallel_mesh()`` spans ``jax.devices()``, i.e. the devices of all hosts, and every
-process runs the same program. ``replicate`` expects every process to pass the same host
-values (same dataset, same initial parameters, same key): with one process it is
-``jax.device_put`` with a replicated ``NamedSharding``; with several, ``jax.device_put``
-cannot place a process's array on other processes' devices, so every leaf that is not yet
-a replicated global array goes through the host into
-``jax.make_array_from_process_local_data`` (PRNG keys through their key data). Sharding the dataset itself along n (instead of
-replicating it) is a possible extension: the gather ``data[I]`` would then become a
-collective.
+``data_parallel_mesh()`` spans ``jax.devices()``, i.e. the devices of all hosts, and every process
+runs the same program. ``replicate`` expects every process to pass the same host values (same
+dataset, same initial parameters, same key): with one process it is ``jax.device_put`` with a
+replicated ``NamedSharding``; with several, ``jax.device_put`` cannot place a process's array on
+other processes' devices, so every leaf that is not yet a replicated global array goes through the
+host into ``jax.make_array_from_process_local_data`` (PRNG keys through their key data). Sharding
+the dataset itself along n (instead of replicating it) is a possible extension: the gather
+``data[I]`` would then become a collective.
 """
 
 from __future__ import annotations

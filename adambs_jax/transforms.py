@@ -161,12 +161,12 @@ def importance_weighted_mean() -> ImportanceWeightedTransformation:
     """An optax transformation computing G_hat = (1/K) sum_k w_k u_k (AdamBS eq. 1).
 
     ``update(updates, state, params=None, *, weights=None, **extra_args)`` takes per-example
-    ``updates`` (every leaf (K, ...), (K,) + its parameter's shape when ``params`` is given)
-    and ``weights`` (K,), and returns updates without the K axis; without ``weights`` it
-    returns an already-averaged G_hat unchanged (leaves shaped like ``params``, which must be
-    given), the path of ``make_train_step`` and of optax wrappers. Other extra arguments are ignored, so it composes with transformations that need
-    their own (``optax.chain`` passes every extra argument to every stage). It keeps no state
-    (``optax.EmptyState``); ``init`` takes the parameters (no K axis).
+    ``updates`` (every leaf (K, ...), (K,) + its parameter's shape when ``params`` is given) and
+    ``weights`` (K,), and returns updates without the K axis; without ``weights`` it returns an
+    already-averaged G_hat unchanged (leaves shaped like ``params``, which must be given), the path
+    of ``make_train_step`` and of optax wrappers. Other extra arguments are ignored, so it composes
+    with transformations that need their own (``optax.chain`` passes every extra argument to every
+    stage). It keeps no state (``optax.EmptyState``); ``init`` takes the parameters (no K axis).
 
     With uniform sampling (w = 1) it is the plain mini-batch mean of the per-example updates.
 

@@ -80,7 +80,7 @@ class Runner:
         self.variant, self.batch_size = variant, args.batch_size
         self.step, self.state, draws = _build(variant, source.num_examples, args)
         self.rng = np.random.default_rng(0)
-        self.loader = ab.HostLoader(self.step, source, num_threads=args.num_threads)
+        self.loader = ab.host.HostLoader(self.step, source, num_threads=args.num_threads)
         for current in draws:
             self.loader.put(self._host_draws() if variant == "no_sampler" else current)
         self.key = jax.random.key(2)
@@ -88,7 +88,7 @@ class Runner:
     def _host_draws(self):
         n = self.step.sampler.num_examples
         indices = self.rng.integers(0, n, self.batch_size, dtype=np.int32)
-        return ab.Draws(indices, np.full(self.batch_size, 1.0 / n, np.float32))
+        return ab.host.Draws(indices, np.full(self.batch_size, 1.0 / n, np.float32))
 
     def run(self, steps: int) -> tuple[float, float]:
         """``(wall seconds, seconds waited for batches)`` of ``steps`` steps, blocked once."""
@@ -117,7 +117,7 @@ class Runner:
         return wall
 
 
-def variant_source(variant: str, source: ab.sources.MemmapSource) -> ab.sources.MemmapSource:
+def variant_source(variant: str, source: ab.host.MemmapSource) -> ab.host.MemmapSource:
     """``source``, or for a groups variant of group size m its first m floor(n / m) examples
     (the groups sampler needs n divisible by m)."""
     if variant not in GROUP_SIZES:

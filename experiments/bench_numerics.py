@@ -77,7 +77,7 @@ def make_chunk(sampler, base_feedback, chunk, nan_rate):
 
 def measure(state, p_min):
     """The O(n) host-side figures of one state (see the module docstring)."""
-    p32 = np.asarray(ab.probabilities(state))  # float32, p = leaf / root
+    p32 = np.asarray(ab.samplers.probabilities(state))  # float32, p = leaf / root
     layout = sumtree.layout_for(state.num_examples, state.arity)
     leaves = np.asarray(sumtree.leaf_values(state.tree, layout), dtype=np.float64)
     root = float(np.asarray(sumtree.total(state.tree)))
@@ -203,7 +203,7 @@ def main(argv=None):
     total = num_chunks * chunk
 
     n, batch_size = args.num_examples, args.batch_size
-    step_size = args.step_size or ab.default_step_size(n, total)
+    step_size = args.step_size or ab.samplers.default_step_size(n, total)
     sampler = ab.exp3_sampler(n, batch_size, step_size=step_size)
     state = sampler.init()
     p_min = state.p_min

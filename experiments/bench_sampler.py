@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import adambs_jax as ab
+from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.samplers._projection import project_onto_floored_simplex
 from experiments import bench_harness as harness
 from experiments import step_timing
@@ -78,7 +79,7 @@ def tree_throughput(num_examples, batch_size, arity, steps, rounds):
 
 def dense_step_fn(num_examples, batch_size):
     p_min = 0.1 / num_examples
-    step_size = ab.default_step_size(num_examples, 10_000)
+    step_size = ab.samplers.default_step_size(num_examples, 10_000)
 
     def step(p, key):
         k_draw, k_feedback = jax.random.split(key)
@@ -128,7 +129,7 @@ def time_step(make, num_examples, batch_size, repeats):
 def size_row(n, args):
     """One row of the report: the tree (synced, pipelined, scan), the dense baseline, and the
     scan time of each of ``args.arities``."""
-    arity = args.arity or ab.sumtree.default_arity()
+    arity = args.arity or ab.samplers.default_arity()
     tree = time_step(functools.partial(tree_step_fn, arity=arity), n, args.batch_size, args.repeats)
     tree.update(tree_throughput(n, args.batch_size, arity, args.scan_steps, args.throughput_rounds))
     dense = time_step(
@@ -143,7 +144,7 @@ def size_row(n, args):
     return {
         "num_examples": n,
         "arity": arity,
-        "depth": ab.sumtree.layout_for(n, arity).depth,
+        "depth": sumtree.layout_for(n, arity).depth,
         "tree": tree,
         "dense": dense,
         "speedup": dense["median_us"] / tree["median_us"],

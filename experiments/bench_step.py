@@ -20,9 +20,9 @@ Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step wi
 indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
-these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads=True``) and
+these n), plus ``adambs/grad_norm/reuse-per-example`` (``GradNorm(reuse_per_example_grads=True)``) and
 ``adambs/loss/no-diagnostics``, and ``adambs/grad_norm/vmap`` (exact norms by ``vmap``
-per-example gradients instead of the default ghost norms: ``grad_norm_method="vmap"``). Every step is jitted with the state donated, warmed up
+per-example gradients instead of the default ghost norms: ``GradNorm(method="vmap")``). Every step is jitted with the state donated, warmed up
 (compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
 rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
 and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
@@ -151,16 +151,18 @@ def library_step(model_loss, num_examples, variant: str, steps_per_call=1):
         sampler = ab.exp3_sampler(num_examples, BATCH_SIZE, num_steps=10_000)
         feedback = parts[1]
     diagnostics = False if "no-diagnostics" in parts else None
-    options = {"grad_norm_method": "vmap"} if "vmap" in parts else {}
+    if feedback == "grad_norm":
+        feedback = ab.feedback.GradNorm(
+            method="vmap" if "vmap" in parts else "auto",
+            reuse_per_example_grads="reuse-per-example" in parts,
+        )
     step = ab.make_train_step(
         model_loss,
         optimizer,
         sampler,
         feedback=feedback,
         diagnostics=diagnostics,
-        reuse_per_example_grads="reuse-per-example" in parts,
         steps_per_call=steps_per_call,
-        **options,
     )
 
     def init(params):

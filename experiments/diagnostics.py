@@ -142,7 +142,7 @@ def probe_indices(num_examples: int, max_examples: int | None, seed: int = 0) ->
 class GradNormProbe:
     """The exact per-example gradient norms of a fixed set of training examples
     (:func:`probe_indices`) at given parameters: one jitted function, shared by every method
-    of a run (``ab.make_score_fn`` with ``"grad_norm"``, in chunks of
+    of a run (``ab.feedback.make_score_fn`` with ``"grad_norm"``, in chunks of
     :data:`GRAD_NORM_CHUNK`)."""
 
     def __init__(self, loss, data, num_examples: int, max_examples: int | None):
@@ -152,7 +152,7 @@ class GradNormProbe:
 
         @jax.jit
         def norms(params):
-            score = ab.make_score_fn(
+            score = ab.feedback.make_score_fn(
                 loss, "grad_norm", params, data, key, chunk_size=GRAD_NORM_CHUNK
             )
             return score(indices)

@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def open_data(args) -> tuple[ab.sources.MemmapSource, ab.sources.MemmapSource]:
+def open_data(args) -> tuple[ab.host.MemmapSource, ab.host.MemmapSource]:
     """The training and test splits (written under ``--data-dir`` unless already there)."""
     root = pathlib.Path(args.data_dir) / f"teacher_n{args.num_examples}"
     progress = not args.no_progress
@@ -109,14 +109,14 @@ def make_sampler(method: str, num_examples: int, args):
     )
 
 
-def method_source(method: str, source: ab.sources.MemmapSource, args):
+def method_source(method: str, source: ab.host.MemmapSource, args):
     """The training source a method draws from (whole groups only for groups-exp3)."""
     if method == "groups-exp3":
         return synthetic_disk.whole_groups(source, args.group_size)
     return source
 
 
-def make_evaluate(model: MLP, train: ab.sources.MemmapSource, test: ab.sources.MemmapSource, args):
+def make_evaluate(model: MLP, train: ab.host.MemmapSource, test: ab.host.MemmapSource, args):
     """``params -> dict`` of the training loss/error on a fixed random subset of the
     training set (seed 0, the same for every run) and the test loss/error."""
     size = min(args.eval_examples, train.num_examples)
@@ -150,7 +150,7 @@ def compile_step(step, state, draws, source) -> None:
     jax.block_until_ready(step.step_fn(copy, batch, draws, jax.random.key(0)))
 
 
-def build_step(method: str, source, model: MLP, args) -> ab.HostTrainStep:
+def build_step(method: str, source, model: MLP, args) -> ab.host.HostTrainStep:
     """The method's host step (built and compiled once, shared by its seeds)."""
     loss = ab.ModelLoss(
         lambda params, batch: model.apply(params, batch["x"]),

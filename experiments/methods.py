@@ -409,7 +409,7 @@ def _exp3(name, n, k, num_steps, kwargs, settings, feedback):
         settings["preset"] = preset
     settings["p_min"] = kwargs.get("p_min", 0.1 / n)
     settings["step_size"] = kwargs.get(
-        "step_size", ab.default_step_size(n, int(kwargs.get("num_steps", num_steps)))
+        "step_size", ab.samplers.default_step_size(n, int(kwargs.get("num_steps", num_steps)))
     )
     settings["grad_norm_bound"] = kwargs["grad_norm_bound"]
     return sampler, feedback

@@ -48,6 +48,22 @@ def test_a_name_the_face_no_longer_exports_warns_and_forwards(name, home):
     assert obj is getattr(home, name)
 
 
+def test_the_old_step_keywords_warn():
+    import optax  # noqa: PLC0415
+
+    loss = lambda params, batch: batch["x"] @ params  # noqa: E731
+    sampler = ab.uniform_sampler(8, 4)
+    for keyword, value in [
+        ("has_aux", False),
+        ("model_state", False),
+        ("loss_takes_key", False),
+        ("grad_norm_method", "vmap"),
+        ("reuse_per_example_grads", False),
+    ]:
+        with pytest.warns(DeprecationWarning, match=f"{keyword}= is deprecated"):
+            ab.make_train_step(loss, optax.sgd(0.1), sampler, **{keyword: value})
+
+
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         ab.no_such_name  # noqa: B018

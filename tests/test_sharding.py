@@ -64,9 +64,9 @@ _CHILD = textwrap.dedent(
     out["param_diff"] = max(float(jnp.max(jnp.abs(a - b)))
                             for a, b in zip(jax.tree.leaves(single.params),
                                             jax.tree.leaves(sharded.params)))
-    out["prob_diff"] = float(jnp.max(jnp.abs(ab.probabilities(single.sampler_state)
-                                             - ab.probabilities(sharded.sampler_state))))
-    out["probs_learned"] = float(jnp.max(ab.probabilities(sharded.sampler_state))) > 1.0 / n
+    out["prob_diff"] = float(jnp.max(jnp.abs(ab.samplers.probabilities(single.sampler_state)
+                                             - ab.samplers.probabilities(sharded.sampler_state))))
+    out["probs_learned"] = float(jnp.max(ab.samplers.probabilities(sharded.sampler_state))) > 1.0 / n
     out["state_replicated"] = all(leaf.sharding.is_fully_replicated
                                   for leaf in jax.tree.leaves(sharded))
     out["state_devices"] = sorted({len(leaf.sharding.device_set)
@@ -121,9 +121,8 @@ _CHILD = textwrap.dedent(
         return losses, {"logits": logits}, updates["batch_stats"]
 
     def run_bn(step_mesh):
-        step = ab.make_train_step(loss_fn, optimizer, sampler,
-                                  feedback="loss", model_state=True, has_aux=True,
-                                  mesh=step_mesh)
+        step = ab.make_train_step(ab.Loss(loss_fn, model_state=True, has_aux=True),
+                                  optimizer, sampler, feedback="loss", mesh=step_mesh)
         state = step.init(variables["params"], model_state=variables["batch_stats"])
         step_data = data
         if step_mesh is not None:
@@ -206,8 +205,8 @@ def test_one_device_mesh_is_the_plain_step():
         results.append(state)
     np.testing.assert_allclose(results[0].params, results[1].params, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(
-        ab.probabilities(results[0].sampler_state),
-        ab.probabilities(results[1].sampler_state),
+        ab.samplers.probabilities(results[0].sampler_state),
+        ab.samplers.probabilities(results[1].sampler_state),
         rtol=1e-6,
     )
 

@@ -46,7 +46,7 @@ def _assert_matches_on_weighted_mean(tx, reference, params, num_steps=4):
         grads, weights = _per_example_grads(seed=seed)
         updates, state = tx.update(grads, state, params, weights=weights)
         expected, reference_state = reference.update(
-            ab.weighted_mean(grads, weights), reference_state, params
+            ab.transforms.weighted_mean(grads, weights), reference_state, params
         )
         chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
 
@@ -55,7 +55,7 @@ class WeightedMeanTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_numpy(self):
         grads, weights = _per_example_grads()
-        mean = self.variant(ab.weighted_mean)(grads, weights)
+        mean = self.variant(ab.transforms.weighted_mean)(grads, weights)
         for name in grads:
             expected = np.tensordot(np.asarray(weights), np.asarray(grads[name]), axes=1) / 5
             np.testing.assert_allclose(mean[name], expected, rtol=1e-6, atol=1e-6)
@@ -64,7 +64,7 @@ class WeightedMeanTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_transform_with_unit_weights_is_the_plain_mean(self):
         grads, _ = _per_example_grads()
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         state = tx.init({"w": jnp.zeros((4, 2)), "b": jnp.zeros(())})
         update = self.variant(lambda g, s, w: tx.update(g, s, weights=w))
         mean, new_state = update(grads, state, jnp.ones(5))
@@ -75,38 +75,38 @@ class WeightedMeanTest(chex.TestCase):
 
     def test_keeps_leaf_dtype(self):
         grads = {"w": jnp.ones((3, 2), jnp.bfloat16)}
-        mean = ab.weighted_mean(grads, jnp.asarray([1.0, 2.0, 3.0]))
+        mean = ab.transforms.weighted_mean(grads, jnp.asarray([1.0, 2.0, 3.0]))
         self.assertEqual(mean["w"].dtype, jnp.bfloat16)
         np.testing.assert_allclose(np.asarray(mean["w"], np.float32), 2.0)
 
     def test_missing_weights_is_a_type_error(self):
         grads, _ = _per_example_grads()
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         with pytest.raises(TypeError, match="weights"):
             tx.update(grads, tx.init(None))
 
     def test_weights_of_wrong_rank_are_rejected(self):
         grads, weights = _per_example_grads()
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         with pytest.raises(ValueError, match=r"weights must have shape \(K,\)"):
             tx.update(grads, tx.init(None), weights=weights[:, None])
 
     def test_weights_of_wrong_length_are_rejected(self):
         grads, weights = _per_example_grads()
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         with pytest.raises(ValueError, match=r"leading axis K=4.*\['w'\]|leading axis K=4"):
             tx.update(grads, tx.init(None), weights=weights[:4])
 
     def test_updates_without_batch_axis_are_rejected(self):
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         with pytest.raises(ValueError, match="per-example"):
             tx.update({"b": jnp.asarray(1.0)}, tx.init(None), weights=jnp.ones(1))
 
     def test_ignores_unrelated_extra_args(self):
         grads, weights = _per_example_grads()
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         mean, _ = tx.update(grads, tx.init(None), None, weights=weights, value=3.0, other="x")
-        chex.assert_trees_all_close(mean, ab.weighted_mean(grads, weights))
+        chex.assert_trees_all_close(mean, ab.transforms.weighted_mean(grads, weights))
 
 
 class ChainTest(chex.TestCase):
@@ -123,13 +123,15 @@ class ChainTest(chex.TestCase):
 
             return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
 
-        tx = optax.chain(ab.importance_weighted_mean(), optax.scale(2.0), record_extra_args())
+        tx = optax.chain(
+            ab.transforms.importance_weighted_mean(), optax.scale(2.0), record_extra_args()
+        )
         state = tx.init(params)
         update = self.variant(lambda g, s, w: tx.update(g, s, params, weights=w, scale=-1.0))
         out, _ = update(grads, state, weights)
         chex.assert_trees_all_close(
             out,
-            jax.tree.map(lambda m: -2.0 * m, ab.weighted_mean(grads, weights)),
+            jax.tree.map(lambda m: -2.0 * m, ab.transforms.weighted_mean(grads, weights)),
             rtol=1e-6,
             atol=1e-6,
         )
@@ -152,7 +154,7 @@ class ChainTest(chex.TestCase):
             grads, weights = _per_example_grads(seed=seed)
             updates, state = step(grads, state, weights)
             expected, reference_state = reference.update(
-                ab.weighted_mean(grads, weights), reference_state, params
+                ab.transforms.weighted_mean(grads, weights), reference_state, params
             )
             chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
             magnitudes.append(float(jnp.abs(updates["b"])))
@@ -169,13 +171,13 @@ class ChainTest(chex.TestCase):
     def test_with_importance_weighting_is_the_optimizer_on_the_weighted_mean(self, make_optimizer):
         params = {"w": jnp.full((4, 2), 0.3), "b": jnp.asarray(-1.0)}
         tx, reference = ab.with_importance_weighting(make_optimizer()), make_optimizer()
-        self.assertIsInstance(tx, ab.ImportanceWeightedTransformation)
+        self.assertIsInstance(tx, ab.transforms.ImportanceWeightedTransformation)
         state, reference_state = tx.init(params), reference.init(params)
         for seed in range(3):
             grads, weights = _per_example_grads(seed=seed)
             updates, state = tx.update(grads, state, params, weights=weights)
             expected, reference_state = reference.update(
-                ab.weighted_mean(grads, weights), reference_state, params
+                ab.transforms.weighted_mean(grads, weights), reference_state, params
             )
             chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
             params = optax.apply_updates(params, updates)
@@ -208,14 +210,14 @@ class UnbiasednessTest(chex.TestCase):
 
     def _setup(self):
         params, data, loss_fn = _problem()
-        _, per_example = ab.per_example_losses_and_grads(loss_fn, params, data)
+        _, per_example = ab.feedback.per_example_losses_and_grads(loss_fn, params, data)
         full_gradient = jax.grad(lambda p: loss_fn(p, data).mean())(params)
         p = jnp.asarray([0.30, 0.02, 0.05, 0.20, 0.08, 0.15, 0.12, 0.08])
         chex.assert_trees_all_close(jnp.sum(p), 1.0, atol=1e-6)
         return per_example, full_gradient, p
 
     def _draws(self, per_example, p, weighted):
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
 
         def one_draw(key):
             indices = jax.random.choice(key, NUM_EXAMPLES, (self.BATCH_SIZE,), p=p)
@@ -279,9 +281,9 @@ class AveragedGradientPathTest(parameterized.TestCase):
     def _hand_loop_gradient(self):
         params, data, loss_fn = _problem()
         weights = jnp.linspace(0.5, 1.5, NUM_EXAMPLES)
-        losses, g_hat = ab.estimators.importance_weighted_grad(loss_fn, params, data, weights)
-        _, stack = ab.per_example_losses_and_grads(loss_fn, params, data)
-        chex.assert_trees_all_close(g_hat, ab.weighted_mean(stack, weights), rtol=1e-5)
+        losses, g_hat = ab.feedback.importance_weighted_grad(loss_fn, params, data, weights)
+        _, stack = ab.feedback.per_example_losses_and_grads(loss_fn, params, data)
+        chex.assert_trees_all_close(g_hat, ab.transforms.weighted_mean(stack, weights), rtol=1e-5)
         self.assertEqual(losses.shape, (NUM_EXAMPLES,))
         return params, g_hat
 
@@ -335,6 +337,6 @@ class AveragedGradientPathTest(parameterized.TestCase):
     def test_the_stack_path_still_averages_when_verified(self):
         params, _ = self._hand_loop_gradient()
         grads, weights = {"w": jnp.ones((4, NUM_FEATURES)), "b": jnp.arange(4.0)}, jnp.ones(4)
-        tx = ab.importance_weighted_mean()
+        tx = ab.transforms.importance_weighted_mean()
         mean, _ = tx.update(grads, tx.init(params), params, weights=weights)
         np.testing.assert_allclose(mean["b"], 1.5)

@@ -44,7 +44,7 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,7 +68,7 @@ from adambs_jax.checkpoint._storage import (
     state_restore_args,
     write_atomically,
 )
-from adambs_jax.step._train_step import TrainState
+from adambs_jax.step import TrainState
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -79,7 +79,7 @@ __all__ = [
     "CheckpointManager",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _check_path(path: Any, name: str = "path") -> pathlib.Path:

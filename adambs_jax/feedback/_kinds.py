@@ -4,29 +4,35 @@ AdamBS (Liu, Wu, Mozafari, NeurIPS 2020, Algorithm 2) feeds the bandit the norm 
 sampled example's gradient, f_k = ||g_{i_k}||, or an upper bound of it; in expectation the
 sampler then drives p_j proportional to f_j, the variance-minimizing distribution. The kinds:
 
-* ``"grad_norm"`` — the exact per-example gradient norm ||d loss_k / d params||_2 over all
-  parameters, from ``jax.vmap(jax.grad(...))``: K per-example gradients (memory K x params).
-* ``"logit_grad_norm"`` — the bound of Katharopoulos & Fleuret ("Not all samples are created
-  equal", ICML 2018): ||d loss_k / d z_k||_2 with z_k the model outputs (logits) of example
-  k. ||g_k|| <= C ||d loss_k / d z_k|| for a C that depends on the parameters only, so the
-  bound is proportional to an upper bound of the gradient norm. It costs one forward pass
-  and a backward pass through the loss only; it needs a ``ModelLoss``.
-* ``"loss"`` — the per-example loss itself (for losses >= 0).
-* ``"preconditioned_grad_norm"`` — the norm of the per-example gradient preconditioned by
-  the optimizer, ||g_k / (sqrt(v_hat) + eps)||_2, with v_hat Adam's/RMSProp's second moment
-  read from the optimizer state (``adambs_jax.preconditioner``): the step an adaptive
-  optimizer would take for example k (Lahire: p^GN is optimal for SGD, not for Adam). Exact
-  ``vmap`` per-example gradients (ghost norms cannot apply a diagonal preconditioner). The
-  train step's feedback only (a scoring sampler's ``score_fn`` has no optimizer state).
-* a callable ``feedback(params, batch, losses) -> (K,)`` of your own.
+* ``GradNorm(method="auto", reuse_per_example_grads=False)`` (``"grad_norm"``) — the exact
+  per-example gradient norm ||d loss_k / d params||_2 over all parameters: ghost norms from
+  one backward pass (``adambs_jax.feedback.ghost``) or ``vmap`` per-example gradients.
+* ``LogitGradNorm()`` (``"logit_grad_norm"``) — the bound of Katharopoulos & Fleuret ("Not
+  all samples are created equal", ICML 2018): ||d loss_k / d z_k||_2 with z_k the model
+  outputs (logits) of example k. ||g_k|| <= C ||d loss_k / d z_k|| for a C that depends on
+  the parameters only, so the bound is proportional to an upper bound of the gradient norm.
+  It costs one forward pass and a backward pass through the loss only; it needs a
+  ``ModelLoss``.
+* ``LossValue()`` (``"loss"``) — the per-example loss itself (for losses >= 0).
+* ``PreconditionedGradNorm()`` (``"preconditioned_grad_norm"``) — the norm of the
+  per-example gradient preconditioned by the optimizer, ||g_k / (sqrt(v_hat) + eps)||_2,
+  with v_hat Adam's/RMSProp's second moment read from the optimizer state
+  (``_preconditioner``): the step an adaptive optimizer would take for example k (Lahire:
+  p^GN is optimal for SGD, not for Adam). Exact ``vmap`` per-example gradients (ghost norms
+  cannot apply a diagonal preconditioner). The train step's feedback only (a scoring
+  sampler's ``score_fn`` has no optimizer state).
+* ``CustomFeedback(fn)`` (or ``fn`` itself) — ``fn(params, batch, losses) -> (K,)`` of your
+  own.
 
 Samplers ignore feedback that is NaN, infinite or negative (``exp3_sampler`` counts it in
 ``state.num_dropped_feedback``; the train step reports the per-step count).
 
-Every kind is one entry of one table, ``FEEDBACK_REGISTRY``: how to score any examples with it
-(``feedback_function``, for scoring samplers) and how the train step computes it together with
-the gradient estimate (``adambs_jax.estimators``). A new kind is a name in ``FEEDBACK_KINDS``
-and an entry in the table.
+Each kind is an object that carries its own settings (options compose instead of step flags
+that apply to one kind only) and knows how to score any examples (``scores``, for scoring
+samplers) and how the train step computes it together with the gradient estimate
+(``estimator``, ``_estimators``). The names of ``FEEDBACK_KINDS`` are shorthand for the
+default object of each kind (``as_feedback``). A new kind is a ``Feedback`` subclass and,
+if it has a shorthand, a name in ``FEEDBACK_KINDS``.
 
 Every function here takes a batch (a pytree with leading axis K) and returns arrays with
 leading axis K; all are jittable.
@@ -34,8 +40,9 @@ leading axis K; all are jittable.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 
@@ -59,15 +66,20 @@ from adambs_jax.feedback._per_example import (
     per_example_losses_and_grads,
 )
 from adambs_jax.feedback._preconditioner import preconditioned_norms
+from adambs_jax.feedback.ghost import METHODS as GRAD_NORM_METHODS
 from adambs_jax.feedback.ghost import per_example_grad_norms
 from adambs_jax.samplers import FeedbackFn
 
 __all__ = [
     "FEEDBACK_KINDS",
-    "FEEDBACK_REGISTRY",
+    "Feedback",
+    "GradNorm",
+    "LogitGradNorm",
+    "LossValue",
+    "PreconditionedGradNorm",
+    "CustomFeedback",
+    "as_feedback",
     "FeedbackFn",
-    "FeedbackKind",
-    "batch_size_of",
     "tree_norms",
     "per_example_losses_and_grads",
     "per_example_losses",
@@ -75,13 +87,8 @@ __all__ = [
     "losses_and_output_grads",
     "logit_grad_norms",
     "preconditioned_grad_norms",
-    "feedback_kind",
     "feedback_function",
-    "check_feedback_kind",
 ]
-
-FEEDBACK_KINDS = ("grad_norm", "logit_grad_norm", "loss", "preconditioned_grad_norm")
-"""The names of the built-in feedback kinds (the keys of ``FEEDBACK_REGISTRY``)."""
 
 
 def logit_grad_norms(
@@ -140,134 +147,202 @@ def preconditioned_grad_norms(
     return preconditioned_norms(grads, params, opt_state)
 
 
-def _refuse_scoring_without_optimizer_state(loss_fn, params, batch, key=None):
-    raise ValueError(
-        'feedback "preconditioned_grad_norm" reads the optimizer state, which a scoring '
-        "sampler's score_fn does not have: use it as the train step's feedback of a sampler "
-        "that learns from it (exp3, priority, infobatch), or give the scoring sampler another "
-        "score_feedback"
-    )
-
-
-class FeedbackKind(NamedTuple):
-    """How one kind of feedback is computed, alone and fused with the gradient estimate.
+class Feedback:
+    """The base of the feedback kinds: the per-example scores f_k >= 0 a sampler learns from.
 
     Attributes:
-      scores: ``(loss_fn, params, batch, key=None) -> (K,)``, the feedback of any examples
-        (``feedback_function``; a scoring sampler's ``score_fn``).
-      estimate: the train step's estimator of G_hat and this feedback together
-        (``adambs_jax.estimators``).
-      estimate_reusing_grads: the estimator for ``reuse_per_example_grads=True`` (G_hat as
-        the weighted mean of stored per-example gradients); None if the kind has no
-        per-example gradients to reuse (the option then changes nothing).
+      name: the kind's shorthand (``FEEDBACK_KINDS``), for messages and records.
       needs_model_loss: the kind needs the model outputs, so a ``ModelLoss``.
-      estimate_by_vmap: the estimator for ``grad_norm_method="vmap"``; None if the kind has
-        no other way.
-      estimate_by_ghost: the estimator for ``grad_norm_method="ghost"``; None likewise.
       per_example_evaluation: the kind evaluates the model one example at a time (exact
-        per-example gradients), so batch statistics would be per-example: refused with
-        model state (``adambs_jax.model_state``).
+        per-example gradients), so batch statistics would be per-example: refused with a
+        ``model_state`` loss.
     """
 
-    scores: Callable[..., jax.Array]
-    estimate: EstimateFn
-    estimate_reusing_grads: EstimateFn | None = None
-    needs_model_loss: bool = False
-    estimate_by_vmap: EstimateFn | None = None
-    estimate_by_ghost: EstimateFn | None = None
-    per_example_evaluation: bool = False
+    name: ClassVar[str] = "feedback"
+    needs_model_loss: ClassVar[bool] = False
+    per_example_evaluation: ClassVar[bool] = False
 
-    def estimator(
-        self, reuse_per_example_grads: bool, grad_norm_method: str = "auto"
-    ) -> EstimateFn:
-        """The train step's estimator for the given ``reuse_per_example_grads`` and, for
-        ``"grad_norm"``, ``grad_norm_method`` (``"vmap"`` selects ``estimate_by_vmap``,
-        ``"ghost"`` ``estimate_by_ghost``)."""
-        if reuse_per_example_grads and self.estimate_reusing_grads is not None:
-            return self.estimate_reusing_grads
-        if grad_norm_method == "vmap" and self.estimate_by_vmap is not None:
-            return self.estimate_by_vmap
-        if grad_norm_method == "ghost" and self.estimate_by_ghost is not None:
-            return self.estimate_by_ghost
-        return self.estimate
+    def scores(self, loss_fn: PerExampleLoss, params: Any, batch: Any, key=None) -> jax.Array:
+        """The (K,) feedback of any examples (a scoring sampler's ``score_fn``)."""
+        raise NotImplementedError
+
+    def estimator(self) -> EstimateFn:
+        """The train step's estimator of G_hat and this feedback together."""
+        raise NotImplementedError
 
 
-FEEDBACK_REGISTRY: dict[str, FeedbackKind] = {
-    "grad_norm": FeedbackKind(
-        per_example_grad_norms,
-        estimate_with_ghost_norms,
-        estimate_reusing_grads=estimate_with_per_example_grads,
-        estimate_by_vmap=estimate_with_vmap_norms,
-        estimate_by_ghost=estimate_with_forced_ghost_norms,
-        per_example_evaluation=True,
-    ),
-    "logit_grad_norm": FeedbackKind(
-        logit_grad_norms, estimate_with_logit_bound, needs_model_loss=True
-    ),
-    "loss": FeedbackKind(_losses_as_scores, estimate_with_loss),
-    "preconditioned_grad_norm": FeedbackKind(
-        _refuse_scoring_without_optimizer_state,
-        estimate_with_preconditioned_norms,
-        per_example_evaluation=True,
-    ),
+@dataclasses.dataclass(frozen=True)
+class GradNorm(Feedback):
+    """``"grad_norm"``: the exact per-example gradient norm ||g_k||_2 (AdamBS Algorithm 2).
+
+    Attributes:
+      method: ``"auto"`` (default: ghost norms, ``adambs_jax.feedback.ghost``, where a layer
+        rule covers a parameter, else ``vmap``), ``"ghost"`` (forced; uncovered parameters
+        get per-example copies, with a warning) or ``"vmap"`` (per-example gradients by
+        ``jax.vmap``). All are exact: the same step to float32 rounding.
+      reuse_per_example_grads: G_hat as the weighted mean of the K ``vmap`` per-example
+        gradients that give the norms (no second gradient computation, but K x params floats
+        are materialized); False (default): one more ``jax.grad`` of the weighted loss.
+        Needs the ``vmap`` gradients: ``method`` ``"auto"`` or ``"vmap"``.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
+      Algorithm 2; Goodfellow, "Efficient Per-Example Gradient Computations", 2015.
+    """
+
+    method: str = "auto"
+    reuse_per_example_grads: bool = False
+    name: ClassVar[str] = "grad_norm"
+    per_example_evaluation: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if self.method not in GRAD_NORM_METHODS:
+            raise ValueError(f"method must be one of {GRAD_NORM_METHODS}, got {self.method!r}")
+        if not isinstance(self.reuse_per_example_grads, bool):
+            raise TypeError(
+                f"reuse_per_example_grads must be a bool, got {self.reuse_per_example_grads!r}"
+            )
+        if self.reuse_per_example_grads and self.method == "ghost":
+            raise ValueError(
+                "reuse_per_example_grads=True reuses the vmap per-example gradients: it cannot "
+                'be combined with method="ghost" (use method="auto" or "vmap")'
+            )
+
+    def scores(self, loss_fn, params, batch, key=None):
+        return per_example_grad_norms(loss_fn, params, batch, key, method=self.method)
+
+    def estimator(self) -> EstimateFn:
+        if self.reuse_per_example_grads:
+            return estimate_with_per_example_grads
+        return {
+            "auto": estimate_with_ghost_norms,
+            "ghost": estimate_with_forced_ghost_norms,
+            "vmap": estimate_with_vmap_norms,
+        }[self.method]
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitGradNorm(Feedback):
+    """``"logit_grad_norm"``: the Katharopoulos–Fleuret bound ||d loss_k / d z_k||_2 of the
+    gradient norm, z the model outputs; about the cost of one plain step. Needs a
+    ``ModelLoss``.
+
+    References:
+      Katharopoulos, Fleuret, "Not All Samples Are Created Equal: Deep Learning with
+      Importance Sampling", ICML 2018, §3.3.
+    """
+
+    name: ClassVar[str] = "logit_grad_norm"
+    needs_model_loss: ClassVar[bool] = True
+
+    def scores(self, loss_fn, params, batch, key=None):
+        return logit_grad_norms(loss_fn, params, batch, key)
+
+    def estimator(self) -> EstimateFn:
+        return estimate_with_logit_bound
+
+
+@dataclasses.dataclass(frozen=True)
+class LossValue(Feedback):
+    """``"loss"``: the per-example loss itself (for losses >= 0); costs nothing extra."""
+
+    name: ClassVar[str] = "loss"
+
+    def scores(self, loss_fn, params, batch, key=None):
+        return _losses_as_scores(loss_fn, params, batch, key)
+
+    def estimator(self) -> EstimateFn:
+        return estimate_with_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PreconditionedGradNorm(Feedback):
+    """``"preconditioned_grad_norm"``: ||g_k / (sqrt(v_hat) + eps)||_2 with v_hat the
+    optimizer's second moment read from its state (exact ``vmap`` per-example gradients).
+    The train step's feedback only: a scoring sampler's ``score_fn`` has no optimizer state.
+
+    References:
+      Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning"; Kingma, Ba,
+      "Adam", ICLR 2015.
+    """
+
+    name: ClassVar[str] = "preconditioned_grad_norm"
+    per_example_evaluation: ClassVar[bool] = True
+
+    def scores(self, loss_fn, params, batch, key=None):
+        raise ValueError(
+            'feedback "preconditioned_grad_norm" reads the optimizer state, which a scoring '
+            "sampler's score_fn does not have: use it as the train step's feedback of a "
+            "sampler that learns from it (exp3, priority, infobatch), or give the scoring "
+            "sampler another score_feedback"
+        )
+
+    def estimator(self) -> EstimateFn:
+        return estimate_with_preconditioned_norms
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomFeedback(Feedback):
+    """A feedback of your own: ``fn(params, batch, losses (K,)) -> scores (K,)``, computed
+    from the per-example losses of the step's batch (G_hat from the weighted loss)."""
+
+    fn: FeedbackFn
+    name: ClassVar[str] = "custom"
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"fn must be callable, got {type(self.fn).__name__}")
+
+    def scores(self, loss_fn, params, batch, key=None):
+        return self.fn(params, batch, _losses_as_scores(loss_fn, params, batch, key))
+
+    def estimator(self) -> EstimateFn:
+        return estimator_with_user_feedback(self.fn)
+
+
+FEEDBACK_KINDS = ("grad_norm", "logit_grad_norm", "loss", "preconditioned_grad_norm")
+"""The shorthand names of the built-in kinds: each stands for the default object."""
+
+_SHORTHANDS: dict[str, type[Feedback]] = {
+    kind.name: kind for kind in (GradNorm, LogitGradNorm, LossValue, PreconditionedGradNorm)
 }
-"""Every built-in feedback kind (``FEEDBACK_KINDS``) and how it is computed."""
 
 
-def _user_feedback_kind(feedback: FeedbackFn) -> FeedbackKind:
-    """A callable ``(params, batch, losses) -> (K,)`` as a kind: scores of the losses."""
-
-    def scores(loss_fn, params, batch, key=None):
-        return feedback(params, batch, _losses_as_scores(loss_fn, params, batch, key))
-
-    return FeedbackKind(scores, estimator_with_user_feedback(feedback))
-
-
-def feedback_kind(
-    feedback: str | FeedbackFn, loss_fn: PerExampleLoss, *, name: str = "feedback"
-) -> FeedbackKind:
-    """The ``FeedbackKind`` of a kind name or a callable, validated against the loss it will
-    be computed from (the one dispatch on feedback kinds).
+def as_feedback(feedback: Any, loss: Any = None, *, name: str = "feedback") -> Feedback:
+    """``feedback`` as a ``Feedback`` object: a name of ``FEEDBACK_KINDS`` is its default
+    object, a plain callable a ``CustomFeedback``; checked against the ``loss`` it will be
+    computed from, when given (the one dispatch on feedback kinds).
 
     Raises:
       ValueError: unknown name, or a kind that needs the model outputs (``"logit_grad_norm"``)
         without a ``ModelLoss``.
-      TypeError: neither a string nor a callable.
+      TypeError: neither a ``Feedback``, a name nor a callable.
     """
     if isinstance(feedback, str):
-        if feedback not in FEEDBACK_KINDS:
+        if feedback not in _SHORTHANDS:
             raise ValueError(
-                f"{name} must be one of {FEEDBACK_KINDS} or a callable, got {feedback!r}"
+                f"{name} must be one of {FEEDBACK_KINDS}, a Feedback object or a callable, "
+                f"got {feedback!r}"
             )
-        kind = FEEDBACK_REGISTRY[feedback]
-        if kind.needs_model_loss and not isinstance(loss_fn, ModelLoss):
-            raise ValueError(
-                f"{name}={feedback!r} needs the model outputs: pass the loss as "
-                f"ab.ModelLoss(apply_fn, loss_from_outputs) instead of a plain callable"
+        feedback = _SHORTHANDS[feedback]()
+    elif not isinstance(feedback, Feedback):
+        if not callable(feedback):
+            raise TypeError(
+                f"{name} must be one of {FEEDBACK_KINDS}, a Feedback object "
+                f"(ab.feedback.GradNorm(...), ...) or a callable (params, batch, losses) -> "
+                f"(K,), got {type(feedback).__name__}"
             )
-        return kind
-    if not callable(feedback):
-        raise TypeError(
-            f"{name} must be one of {FEEDBACK_KINDS} or a callable "
-            f"(params, batch, losses) -> (K,), got {type(feedback).__name__}"
+        feedback = CustomFeedback(feedback)
+    if loss is not None and feedback.needs_model_loss and not isinstance(loss, ModelLoss):
+        raise ValueError(
+            f"{name}={feedback.name!r} needs the model outputs: pass the loss as "
+            f"ab.ModelLoss(apply_fn, loss_from_outputs) instead of a plain callable"
         )
-    return _user_feedback_kind(feedback)
-
-
-def check_feedback_kind(
-    feedback: str | FeedbackFn, loss_fn: PerExampleLoss, *, name: str = "feedback"
-) -> None:
-    """Validates a feedback kind against the loss it will be computed from.
-
-    Raises:
-      ValueError: unknown name, or ``"logit_grad_norm"`` without a ``ModelLoss``.
-      TypeError: neither a string nor a callable.
-    """
-    feedback_kind(feedback, loss_fn, name=name)
+    return feedback
 
 
 def feedback_function(
-    feedback: str | FeedbackFn, loss_fn: PerExampleLoss
+    feedback: Any, loss_fn: PerExampleLoss
 ) -> Callable[[Any, Any, jax.Array | None], jax.Array]:
     """The feedback of a kind as one function ``(params, batch, key) -> scores (K,)``.
 
@@ -275,11 +350,11 @@ def feedback_function(
     the feedback with the gradient computation instead.
 
     Args:
-      feedback: a kind of ``FEEDBACK_KINDS`` or a callable ``(params, batch, losses) ->
-        (K,)``.
+      feedback: a ``Feedback``, a name of ``FEEDBACK_KINDS`` or a callable ``(params, batch,
+        losses) -> (K,)``.
       loss_fn: the per-example loss (a ``ModelLoss`` for ``"logit_grad_norm"``).
     """
-    kind = feedback_kind(feedback, loss_fn)
+    kind = as_feedback(feedback, loss_fn)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     return lambda params, batch, key=None: kind.scores(loss_fn, params, batch, key)

@@ -3,22 +3,26 @@
 Bandit sampling needs one loss per example, not their mean: the sampler learns from
 per-example scores, and the gradient estimate weights each example by 1 / (n p)
 (Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, eq. 1).
-A loss is therefore either
+A loss describes its own call signature, so that no step option changes how it is called:
 
-* a callable ``loss_fn(params, batch) -> losses (K,)`` — the usual Flax loss without the
-  final ``.mean()``; or ``loss_fn(params, batch, key) -> losses (K,)`` when the model needs
-  randomness (dropout): the train step then passes a fresh PRNG key every step; or
-* a ``ModelLoss(apply_fn, loss_from_outputs)`` pair, which splits the same computation at the
-  model's outputs (logits): ``apply_fn(params, batch[, key]) -> outputs (K, ...)`` and
-  ``loss_from_outputs(outputs, batch) -> losses (K,)``. Only this form allows the
-  ``"logit_grad_norm"`` feedback (the norm of d loss_k / d outputs_k), because that needs the
-  outputs. A ``ModelLoss`` is itself a loss callable.
+* ``Loss(fn, takes_key=..., has_aux=False, model_state=False)``: ``fn(params, batch) ->
+  losses (K,)``, the usual Flax loss without the final ``.mean()``; with ``takes_key`` it is
+  ``fn(params, batch, key)`` and gets a fresh PRNG key every step (dropout); with
+  ``has_aux`` it returns ``(losses, aux)``; with ``model_state`` it is ``fn(params, batch,
+  key, model_state) -> (losses[, aux], new_model_state)`` (BatchNorm statistics, NNX
+  state; ``_model_state``);
+* ``ModelLoss(apply_fn, loss_from_outputs, takes_key=..., model_state=False)``: the same
+  computation split at the model's outputs (logits): ``apply_fn(params, batch[, key]) ->
+  outputs (K, ...)`` and ``loss_from_outputs(outputs, batch) -> losses (K,)``. Only this form
+  allows the ``"logit_grad_norm"`` feedback (the norm of d loss_k / d outputs_k);
+* a plain callable, shorthand for ``Loss(fn)``: whether it takes the key is read from its
+  signature (``takes_key``: three positional parameters), as ``takes_key=None`` does.
 
 ``batch`` is any pytree whose leaves have a leading axis K (the gathered rows of the dataset).
 Row k of the outputs and loss k must depend on example k only (no batch statistics): per-
-example gradients and the logit bound assume it. A model with batch statistics (BatchNorm)
-uses ``make_train_step(..., model_state=True)`` (``adambs_jax.model_state``), which computes
-the step on the batch as a whole and refuses the per-example ``"grad_norm"`` feedback.
+example gradients and the logit bound assume it. A model with batch statistics states
+``model_state=True``: the step is then computed on the batch as a whole and the per-example
+``"grad_norm"`` feedback is refused.
 """
 
 from __future__ import annotations
@@ -30,17 +34,54 @@ from typing import Any, NamedTuple
 import jax
 
 __all__ = [
+    "Loss",
     "ModelLoss",
+    "AnyLoss",
+    "as_loss",
+    "loss_callable",
     "PerExampleLoss",
     "KEY_NAMES",
     "takes_key",
-    "with_explicit_key",
     "with_key_argument",
     "check_losses",
 ]
 
 PerExampleLoss = Callable[..., jax.Array]
 """``(params, batch) -> (K,)`` or ``(params, batch, key) -> (K,)``."""
+
+
+class Loss(NamedTuple):
+    """A per-example loss and its call signature: ``fn(params, batch[, key][, model_state])``.
+
+    Attributes:
+      fn: ``(params, batch) -> losses (K,)``; ``(params, batch, key) -> ...`` with
+        ``takes_key``; returning ``(losses, aux)`` with ``has_aux``; ``(params, batch, key,
+        model_state) -> (losses[, aux], new_model_state)`` with ``model_state`` (the key is
+        always passed then).
+      takes_key: ``fn`` takes the PRNG key (a fresh one each step, e.g. for dropout); None
+        (default): read from its signature (three positional parameters, ``takes_key``).
+      has_aux: ``fn`` also returns ``aux``, a pytree of arrays of the batched forward; the
+        train step reports it as ``metrics["aux"]``.
+      model_state: ``fn`` takes and returns the model's state besides ``params`` (linen
+        ``batch_stats``, NNX non-``Param`` state); the step keeps the new one
+        (``TrainState.model_state``) and computes its gradient on the batch as a whole.
+
+    References:
+      Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020, eq. 1
+      (per-example losses).
+    """
+
+    fn: Callable[..., Any]
+    takes_key: bool | None = None
+    has_aux: bool = False
+    model_state: bool = False
+
+    def stated(self) -> PerExampleLoss:
+        """``fn`` with its key stated, not guessed: ``(params, batch, key)`` or ``(params,
+        batch)`` (with ``model_state``, ``fn`` itself: its key is always passed)."""
+        if self.model_state or self.takes_key is None:
+            return self.fn
+        return _stated_key(self.fn, self.takes_key)
 
 
 class ModelLoss(NamedTuple):
@@ -52,6 +93,10 @@ class ModelLoss(NamedTuple):
         pre-activation of the last layer). E.g. ``lambda p, b: model.apply(p, b["x"])``.
       loss_from_outputs: ``(outputs, batch) -> losses (K,)``, row-wise, e.g.
         ``lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])``.
+      takes_key: ``apply_fn`` takes the PRNG key as its third argument; None (default):
+        read from its signature (three positional parameters, ``takes_key``).
+      model_state: ``apply_fn(params, batch, key, model_state) -> (outputs,
+        new_model_state)`` (the key is always passed then); the step keeps the new state.
 
     Calling it, ``ModelLoss(...)(params, batch, key=None)``, returns the (K,) losses.
 
@@ -63,10 +108,17 @@ class ModelLoss(NamedTuple):
 
     apply_fn: Callable[..., Any]
     loss_from_outputs: Callable[[Any, Any], jax.Array]
+    takes_key: bool | None = None
+    model_state: bool = False
+
+    @property
+    def has_aux(self) -> bool:
+        return False
 
     def outputs(self, params, batch, key: jax.Array | None = None):
-        """The model outputs (leading axis K); passes ``key`` iff ``apply_fn`` takes one."""
-        if takes_key(self.apply_fn):
+        """The model outputs (leading axis K); passes ``key`` iff ``apply_fn`` takes one
+        (``takes_key``, or its signature where that is None)."""
+        if takes_key(self.apply_fn) if self.takes_key is None else self.takes_key:
             return self.apply_fn(params, batch, key)
         return self.apply_fn(params, batch)
 
@@ -106,27 +158,48 @@ def takes_key(fn: Callable[..., Any]) -> bool:
     return num_positional >= 3
 
 
-def with_explicit_key(loss_fn: PerExampleLoss, loss_takes_key: bool | None) -> PerExampleLoss:
-    """``loss_fn`` with its key argument stated, not guessed (``make_train_step``'s
-    ``loss_takes_key``): None keeps ``takes_key``'s guess; True makes it ``(params, batch,
-    key)``, False ``(params, batch)``. For a ``ModelLoss`` it applies to ``apply_fn``.
+AnyLoss = Loss | ModelLoss
+"""What the step and the feedback functions take: a ``Loss`` or a ``ModelLoss``."""
+
+
+def as_loss(loss: Any, *, name: str = "loss_fn") -> AnyLoss:
+    """``loss`` as a checked ``Loss`` or ``ModelLoss``: a plain callable is ``Loss(loss)``.
 
     Raises:
-      TypeError: ``loss_takes_key`` is not None or a bool.
+      TypeError: not callable, or a field of the wrong type (the message names it).
     """
-    if loss_takes_key is None:
-        return loss_fn
-    if not isinstance(loss_takes_key, bool):
-        raise TypeError(f"loss_takes_key must be None, True or False, got {loss_takes_key!r}")
-    if isinstance(loss_fn, ModelLoss):
-        return loss_fn._replace(apply_fn=_stated_key(loss_fn.apply_fn, loss_takes_key))
-    return _stated_key(loss_fn, loss_takes_key)
+    if isinstance(loss, ModelLoss):
+        for field in ("apply_fn", "loss_from_outputs"):
+            if not callable(getattr(loss, field)):
+                raise TypeError(f"{name}.{field} must be callable, got {getattr(loss, field)!r}")
+    elif isinstance(loss, Loss):
+        if not callable(loss.fn):
+            raise TypeError(f"{name}.fn must be callable, got {type(loss.fn).__name__}")
+    elif callable(loss):
+        loss = Loss(loss)
+    else:
+        raise TypeError(
+            f"{name} must be an ab.Loss, an ab.ModelLoss or a callable (params, batch) -> (K,), "
+            f"got {type(loss).__name__}"
+        )
+    if loss.takes_key is not None and not isinstance(loss.takes_key, bool):
+        raise TypeError(f"{name}.takes_key must be None, True or False, got {loss.takes_key!r}")
+    for field in ("has_aux", "model_state"):
+        if not isinstance(getattr(loss, field), bool):
+            raise TypeError(f"{name}.{field} must be a bool, got {getattr(loss, field)!r}")
+    return loss
 
 
 def _stated_key(fn, with_key: bool):
     if with_key:
         return lambda params, batch, key: fn(params, batch, key)
     return lambda params, batch: fn(params, batch)
+
+
+def loss_callable(loss: AnyLoss) -> PerExampleLoss:
+    """What the estimators call: a ``ModelLoss`` itself, a ``Loss``'s ``fn`` with its key
+    stated (``Loss.stated``)."""
+    return loss if isinstance(loss, ModelLoss) else loss.stated()
 
 
 def with_key_argument(loss_fn: PerExampleLoss) -> Callable[[Any, Any, Any], jax.Array]:

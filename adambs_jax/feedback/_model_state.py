@@ -3,14 +3,15 @@ its per-example losses, computed on the batch as a whole.
 
 A real training loop carries more than parameters: Flax linen's mutable collections
 (``batch_stats`` of ``BatchNorm``), NNX's non-``Param`` graph state (``BatchStat``, the
-``RngState`` counters of ``nnx.Rngs``), EMA parameters, a loader position. With
-``make_train_step(..., model_state=True)`` the loss is
+``RngState`` counters of ``nnx.Rngs``), EMA parameters, a loader position. A
+``Loss(fn, model_state=True)`` is
 
-    loss_fn(params, batch, key, model_state) -> (losses (K,), new_model_state)
+    fn(params, batch, key, model_state) -> (losses (K,), new_model_state)
 
-(``has_aux=True`` too: ``-> (losses, aux, new_model_state)``), or a ``ModelLoss`` whose
-``apply_fn(params, batch, key, model_state) -> (outputs, new_model_state)``; with only
-``has_aux=True`` it is ``loss_fn(params, batch[, key]) -> (losses, aux)``.
+(``has_aux=True`` too: ``-> (losses, aux, new_model_state)``), a ``ModelLoss(...,
+model_state=True)`` has ``apply_fn(params, batch, key, model_state) -> (outputs,
+new_model_state)``; a ``Loss(fn, has_aux=True)`` alone is ``fn(params, batch[, key]) ->
+(losses, aux)``.
 
 G_hat = grad (1/K) sum_k w_k loss_k (Liu, Wu, Mozafari, NeurIPS 2020, eq. 1) is then the
 gradient of one batched forward pass of the weighted loss (batch statistics over the batch,
@@ -28,7 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, with_key_argument
+from adambs_jax.feedback._losses import AnyLoss, ModelLoss, PerExampleLoss, with_key_argument
 
 __all__ = ["LossParts", "loss_parts", "check_model_state_options"]
 
@@ -48,51 +49,48 @@ class LossParts(NamedTuple):
 
 
 def check_model_state_options(
-    loss_fn, feedback_name, has_aux, model_state, scoring, *, per_example_feedback: bool = False
+    loss: AnyLoss, feedback_name: str, scoring: bool, *, per_example_feedback: bool = False
 ) -> None:
-    """The build-time refusals of ``has_aux`` / ``model_state`` (``make_train_step``).
+    """The build-time refusals of a loss's ``has_aux`` / ``model_state`` (``make_train_step``).
 
     Raises:
-      TypeError: ``has_aux`` or ``model_state`` is not a bool.
       ValueError: a feedback kind that evaluates examples one at a time
-        (``per_example_feedback``: ``"grad_norm"``, ``"preconditioned_grad_norm"``) with model state (per-example gradients would
-        compute per-example batch statistics), model state with a scoring sampler (it scores
-        subsets of examples), ``has_aux`` with a ``ModelLoss``.
+        (``per_example_feedback``: ``"grad_norm"``, ``"preconditioned_grad_norm"``) with
+        model state (per-example gradients would compute per-example batch statistics),
+        model state with a scoring sampler (it scores subsets of examples).
     """
-    for name, value in (("has_aux", has_aux), ("model_state", model_state)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-    if has_aux and isinstance(loss_fn, ModelLoss):
-        raise ValueError(
-            "has_aux=True needs a plain loss callable returning (losses, aux), not a ModelLoss"
-        )
-    if not model_state:
+    if not loss.model_state:
         return
     if per_example_feedback:  # the kind evaluates the model one example at a time
         raise ValueError(
-            f'feedback="{feedback_name}" with model_state=True is ill-defined: the exact per-example '
-            "gradient norms evaluate the model one example at a time, so batch statistics "
-            '(BatchNorm) would be per-example; use feedback="logit_grad_norm" (with a '
-            'ModelLoss) or feedback="loss"'
+            f'feedback="{feedback_name}" with a model_state loss is ill-defined: the exact '
+            "per-example gradient norms evaluate the model one example at a time, so batch "
+            'statistics (BatchNorm) would be per-example; use feedback="logit_grad_norm" '
+            '(with a ModelLoss) or feedback="loss"'
         )
     if scoring:
         raise ValueError(
-            "model_state=True with a ScoringSampler is not supported: the sampler scores "
+            "a model_state loss with a ScoringSampler is not supported: the sampler scores "
             "subsets of examples, which would change batch statistics"
         )
 
 
-def loss_parts(loss_fn, has_aux: bool, model_state: bool, state: Any) -> LossParts:
-    """``loss_fn`` split into the losses the estimators differentiate and the extras
+def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
+    """``loss`` split into the losses the estimators differentiate and the extras
     (``aux``, the new model state) of the same batched forward, at model state ``state``."""
-    if model_state and isinstance(loss_fn, ModelLoss):
-        apply_fn = loss_fn.apply_fn
-        losses_only = loss_fn._replace(apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0])
+    if loss.model_state and isinstance(loss, ModelLoss):
+        apply_fn = loss.apply_fn
+        losses_only = loss._replace(
+            apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0], takes_key=True
+        )
         return LossParts(losses_only, lambda p, b, k: (None, apply_fn(p, b, k, state)[1]))
-    if model_state:
+    if isinstance(loss, ModelLoss):
+        return LossParts(loss, None)
+    fn, has_aux = loss.stated(), loss.has_aux
+    if loss.model_state:
 
         def call(p, b, k):
-            return loss_fn(p, b, k, state)
+            return fn(p, b, k, state)
 
         def extras(p, b, k):
             out = call(p, b, k)
@@ -100,9 +98,9 @@ def loss_parts(loss_fn, has_aux: bool, model_state: bool, state: Any) -> LossPar
 
         return LossParts(lambda p, b, k: call(p, b, k)[0], extras)
     if has_aux:
-        call = with_key_argument(loss_fn)
+        call = with_key_argument(fn)
         return LossParts(lambda p, b, k: call(p, b, k)[0], lambda p, b, k: (call(p, b, k)[1], None))
-    return LossParts(loss_fn, None)
+    return LossParts(fn, None)
 
 
 def batch_extras(parts: LossParts, params, batch, key):

@@ -32,18 +32,16 @@ import jax.numpy as jnp
 
 from adambs_jax._checks import check_optional_int
 from adambs_jax._tree_utils import gather
-from adambs_jax.feedback._kinds import FeedbackFn, check_feedback_kind, feedback_function
-from adambs_jax.feedback._losses import PerExampleLoss
-from adambs_jax.samplers._base import ScoreFn, ScoringSampler
+from adambs_jax.feedback._kinds import feedback_function
+from adambs_jax.feedback._losses import PerExampleLoss, as_loss, loss_callable
+from adambs_jax.samplers import ScoreFn
 
-# ScoreFn and ScoringSampler live in adambs_jax.base (the sampler contract), gather in
-# adambs_jax.tree_utils; they stay importable from here.
-__all__ = ["ScoreFn", "ScoringSampler", "make_score_fn", "gather"]
+__all__ = ["make_score_fn"]
 
 
 def make_score_fn(
     loss_fn: PerExampleLoss,
-    feedback: str | FeedbackFn,
+    feedback: Any,
     params: Any,
     data: Any,
     key: jax.Array | None = None,
@@ -53,8 +51,10 @@ def make_score_fn(
     """A ``score_fn(indices) -> (M,)`` scoring ``data[indices]`` at ``params``.
 
     Args:
-      loss_fn: the per-example loss (a ``ModelLoss`` for ``"logit_grad_norm"``).
-      feedback: the kind of score (see ``feedback_function``).
+      loss_fn: the per-example loss: a ``Loss``, a ``ModelLoss`` (needed for
+        ``"logit_grad_norm"``) or a callable ``(params, batch[, key]) -> (K,)``.
+      feedback: the kind of score: a ``Feedback``, a name of ``FEEDBACK_KINDS`` or a
+        callable ``(params, batch, losses) -> (K,)``.
       params: the current parameters.
       data: the dataset, a pytree with leading axis n, on device.
       key: PRNG key for a stochastic model (chunk c uses ``jax.random.fold_in(key, c)``).
@@ -64,9 +64,8 @@ def make_score_fn(
     Returns:
       ``score_fn``; its result is ``jax.lax.stop_gradient``-ed float32.
     """
-    check_feedback_kind(feedback, loss_fn)
     chunk_size = check_optional_int("chunk_size", chunk_size)
-    score_batch = feedback_function(feedback, loss_fn)
+    score_batch = feedback_function(feedback, loss_callable(as_loss(loss_fn)))
 
     def score(indices, chunk_key):
         scores = score_batch(params, gather(data, indices), chunk_key)

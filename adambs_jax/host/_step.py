@@ -64,17 +64,17 @@ import optax
 
 from adambs_jax._checks import check_int
 from adambs_jax._tree_utils import batch_size_of
-from adambs_jax.feedback._kinds import FeedbackFn
-from adambs_jax.feedback._losses import PerExampleLoss
+from adambs_jax.feedback._kinds import Feedback
+from adambs_jax.feedback._losses import AnyLoss, PerExampleLoss
 from adambs_jax.feedback._model_state import loss_parts
-from adambs_jax.feedback._scoring import ScoringSampler
-from adambs_jax.samplers import Sampler
+from adambs_jax.samplers import FeedbackFn, Sampler, ScoringSampler
 from adambs_jax.sharding import (
     DEFAULT_DATA_AXIS,
     batch_sharding,
     replicate_on_mesh,
     replicated_sharding,
 )
+from adambs_jax.step._options import StepOptions, build_step_config
 from adambs_jax.step._stages import (
     Draw,
     StepConfig,
@@ -90,7 +90,7 @@ from adambs_jax.step._state import (
     count_renormalization_steps,
     renormalize_if_due,
 )
-from adambs_jax.step._train_step import renormalize_fn, step_config
+from adambs_jax.step._train_step import renormalize_fn
 
 __all__ = [
     "Draws",
@@ -141,7 +141,7 @@ def run_host_step(
     indices, probs = draws
     state_key, key = step_key(state.key, key)
     _, model_key, _ = jax.random.split(key, 3)
-    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     weights = draw_weights(config, indices, probs)
     draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
@@ -227,23 +227,14 @@ def _jitted(step_fn, draw_fn, mesh, data_axis):
 
 
 def make_host_train_step(
-    loss_fn: PerExampleLoss,
+    loss_fn: AnyLoss | PerExampleLoss,
     optimizer: optax.GradientTransformation,
     sampler: Sampler,
     *,
     lookahead: int = 2,
-    feedback: str | FeedbackFn = "grad_norm",
-    diagnostics: bool | None = None,
-    reuse_per_example_grads: bool = False,
-    skip_non_finite: bool = True,
-    mesh: jax.sharding.Mesh | None = None,
-    data_axis: str = DEFAULT_DATA_AXIS,
-    jit: bool = True,
-    grad_norm_method: str = "auto",
-    loss_takes_key: bool | None = None,
-    optimizer_extra_args: Callable[[dict], dict] | None = None,
-    has_aux: bool = False,
-    model_state: bool = False,
+    feedback: Feedback | str | FeedbackFn = "grad_norm",
+    options: StepOptions | None = None,
+    **option_fields: Any,
 ) -> HostTrainStep:
     """Builds ``step(state, batch, draws, key=None) -> (state, metrics, draws_next)``.
 
@@ -257,36 +248,31 @@ def make_host_train_step(
         ``Sampler`` (a ``ScoringSampler`` needs the dataset on the device).
       lookahead: L >= 1 (default 2): the draws returned by call t are used at call t + L;
         L - 1 batches can be read while the device works.
-      feedback, diagnostics, reuse_per_example_grads, skip_non_finite, mesh, data_axis,
-        jit, grad_norm_method, loss_takes_key, optimizer_extra_args, has_aux, model_state:
-        as ``make_train_step``'s (``jit=False``: the pure step; the caller renormalizes).
+      feedback, options, **option_fields: as ``make_train_step``'s, the same
+        ``ab.StepOptions`` (``jit=False``: the pure step; the caller renormalizes), except
+        ``steps_per_call``: one call takes one gathered batch, so any value but 1 is
+        refused.
 
     Returns:
       A ``HostTrainStep``; ``step.init(params, key)`` gives the state and the first L draws.
       ``metrics`` are ``make_train_step``'s.
 
     Raises:
-      TypeError / ValueError: a ``ScoringSampler``, ``lookahead`` < 1, or any argument
+      TypeError / ValueError: a ``ScoringSampler``, ``lookahead`` < 1, ``steps_per_call`` > 1,
+        or any argument
         ``make_train_step`` refuses, at build time; a batch whose leading axis is not K or
         draws of the wrong shape at the first call.
     """
     _refuse_scoring(sampler)
     lookahead = check_int("lookahead", lookahead, minimum=1)
-    options = dict(
-        feedback=feedback,
-        diagnostics=diagnostics,
-        mesh=mesh,
-        data_axis=data_axis,
-        jit=jit,
-        reuse_per_example_grads=reuse_per_example_grads,
-        skip_non_finite=skip_non_finite,
-        grad_norm_method=grad_norm_method,
-        loss_takes_key=loss_takes_key,
-        optimizer_extra_args=optimizer_extra_args,
-        has_aux=has_aux,
-        model_state=model_state,
+    config, options = build_step_config(
+        loss_fn, optimizer, sampler, feedback, options, option_fields
     )
-    config = step_config(loss_fn, optimizer, sampler, options)
+    if options.steps_per_call != 1:
+        raise ValueError(
+            f"steps_per_call: a host step takes one gathered batch per call, so it must be 1, "
+            f"got {options.steps_per_call} (read several batches ahead with lookahead=)"
+        )
 
     def step(state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
         return run_host_step(config, state, batch, Draws(*draws), key)
@@ -294,6 +280,7 @@ def make_host_train_step(
     def draw(sampler_state: Any, key: jax.Array) -> Draws:
         return draw_from(sampler, sampler_state, key)
 
+    mesh, data_axis = options.mesh, options.data_axis
     common = dict(
         optimizer=config.optimizer,
         sampler=sampler,
@@ -301,7 +288,7 @@ def make_host_train_step(
         mesh=mesh,
         data_axis=data_axis,
     )
-    if not jit:
+    if not options.jit:
         return HostTrainStep(step, draw, **common)
     step, draw = _jitted(step, draw, mesh, data_axis)
     return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

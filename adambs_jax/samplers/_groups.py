@@ -30,12 +30,13 @@ bounds of them) are reduced to one per drawn group, their root mean square
 because (1) it is an upper bound of the norm of the group's mean gradient gbar_g, the
 quantity whose proportional q minimizes the estimate's variance
 (1/B) ((1/G^2) sum_g ||gbar_g||^2 / q_g - ||gbar||^2) (gbar: the full mean gradient):
-||(1/m) sum_j g_j|| <= (1/m) sum_j ||g_j|| (triangle inequality) <= F_g (power means); the paper lets an upper bound stand in for the norm (§5); (2) with it the group
-bandit's objective sum_g F_g^2 / q_g equals, up to the constant m^2, AdamBS's per-example
-objective sum_j f_j^2 / p_j restricted to distributions constant on each group
-(p_j = q_g / m); (3) with m = 1 it is f itself. A group with any invalid feedback value
-(negative, NaN, infinite) gets NaN feedback, which exp3 drops (never squared into a valid
-one). With m = 1 the feedback passes unchanged: the sampler is the base sampler exactly.
+||(1/m) sum_j g_j|| <= (1/m) sum_j ||g_j|| (triangle inequality) <= F_g (power means); the paper
+lets an upper bound stand in for the norm (§5); (2) with it the group bandit's objective sum_g F_g^2
+/ q_g equals, up to the constant m^2, AdamBS's per-example objective sum_j f_j^2 / p_j restricted to
+distributions constant on each group (p_j = q_g / m); (3) with m = 1 it is f itself. A group with
+any invalid feedback value (negative, NaN, infinite) gets NaN feedback, which exp3 drops (never
+squared into a valid one). With m = 1 the feedback passes unchanged: the sampler is the base sampler
+exactly.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
 §4.1 (eq. 1), §4.3 and Table 1 (Adam-APT); Namkoong, Sinha, Yadlowsky, Duchi, "Adaptive

@@ -5,11 +5,21 @@ through any optax optimizer, the sampler's update, all in one jitted call.
     state = step.init(params)
     state, metrics = step(state, data, key)
 
+``StepOptions`` is how a step runs (diagnostics, the non-finite guard, a mesh, jit,
+``steps_per_call``, the optimizer's extra arguments), the same for the host-fed step.
+
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
 Algorithm 1.
 """
 
+from adambs_jax.step._options import FULL_DIAGNOSTICS_MAX_EXAMPLES, StepOptions
 from adambs_jax.step._state import TrainState, TrainStep
-from adambs_jax.step._train_step import FULL_DIAGNOSTICS_MAX_EXAMPLES, make_train_step
+from adambs_jax.step._train_step import make_train_step
 
-__all__ = ["make_train_step", "TrainState", "TrainStep", "FULL_DIAGNOSTICS_MAX_EXAMPLES"]
+__all__ = [
+    "make_train_step",
+    "StepOptions",
+    "TrainState",
+    "TrainStep",
+    "FULL_DIAGNOSTICS_MAX_EXAMPLES",
+]

@@ -37,12 +37,16 @@ import optax
 from adambs_jax._checks import check_key, check_state_size
 from adambs_jax._tree_utils import all_finite, batch_size_of, gather, select
 from adambs_jax.feedback._estimators import Estimate, EstimateFn, OptimizerAwareEstimator
-from adambs_jax.feedback._kinds import FeedbackFn
-from adambs_jax.feedback._losses import PerExampleLoss
+from adambs_jax.feedback._losses import AnyLoss, Loss, PerExampleLoss
 from adambs_jax.feedback._model_state import batch_extras, loss_parts
-from adambs_jax.feedback._scoring import ScoringSampler, make_score_fn
-from adambs_jax.samplers import Sampler, importance_weights
-from adambs_jax.samplers._base import ProbabilitiesFn, accepts_apply
+from adambs_jax.feedback._scoring import make_score_fn
+from adambs_jax.samplers import (
+    ProbabilitiesFn,
+    Sampler,
+    ScoringSampler,
+    accepts_apply,
+    importance_weights,
+)
 from adambs_jax.sharding import constrain_batch
 from adambs_jax.step._state import TrainState
 from adambs_jax.transforms import weighted_mean
@@ -67,7 +71,10 @@ __all__ = [
 class StepConfig(NamedTuple):
     """Everything ``make_train_step`` fixed at build time, validated.
 
-    ``estimate``: the estimator of the feedback kind; ``probabilities``: the sampler's
+    ``loss``: the loss as described (``Loss`` / ``ModelLoss``); ``loss_fn``: what the estimators
+    call (the losses alone, set per step by ``loss_parts``); ``estimate``: the estimator of the
+    feedback kind; ``score_feedback``: what a scoring sampler scores with; ``probabilities``: the
+    sampler's
     ``probabilities`` if the step reports the O(n) diagnostics, else None; ``extra_args``:
     ``{"loss", "sampled_loss", "losses", "weights"} -> dict`` of keyword arguments for
     ``optimizer.update``, or None (none).
@@ -77,18 +84,27 @@ class StepConfig(NamedTuple):
     optimizer: optax.GradientTransformation
     sampler: Sampler | ScoringSampler
     estimate: EstimateFn
-    score_feedback: str | FeedbackFn
+    score_feedback: Any
     probabilities: ProbabilitiesFn | None
     skip_non_finite: bool
     mesh: jax.sharding.Mesh | None
     data_axis: str
     extra_args: Callable[[dict], dict] | None = None
-    has_aux: bool = False
-    model_state: bool = False
+    loss: AnyLoss | None = None
 
     @property
     def scoring(self) -> bool:
         return isinstance(self.sampler, ScoringSampler)
+
+    @property
+    def described_loss(self) -> AnyLoss:
+        """The loss as described (its ``has_aux``, ``model_state``): ``loss``, or a plain
+        ``Loss`` of ``loss_fn`` when none was given."""
+        return Loss(self.loss_fn) if self.loss is None else self.loss
+
+    @property
+    def has_aux(self) -> bool:
+        return self.described_loss.has_aux
 
 
 def check_train_state(state, num_examples):
@@ -391,7 +407,7 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: jax.Array | 
     _check_data(data, num_examples)
     state_key, key = step_key(state.key, key)
     sample_key, model_key, score_key = jax.random.split(key, 3)
-    parts = loss_parts(config.loss_fn, config.has_aux, config.model_state, state.model_state)
+    parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
     return learn_from_draw(config, state, draw, parts, model_key, state_key)

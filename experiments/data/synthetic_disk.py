@@ -2,7 +2,7 @@
 
     python -m experiments.data.synthetic_disk --dir /tmp/adambs_disk --num-examples 10000000
 
-writes, through ``ab.sources.write_memmap_dataset``, ``x.npy`` (n, 32) float32, ``y.npy``
+writes, through ``ab.host.write_memmap_dataset``, ``x.npy`` (n, 32) float32, ``y.npy``
 (n,) int32 and its ``manifest.json`` (shapes, dtypes, the SHA-256 of each file), plus
 ``synthetic.json``, the parameters the files were generated from (n, task, split, seed,
 chunk size). The data are written in chunks of ``chunk_size`` examples (memory O(chunk), a
@@ -109,7 +109,7 @@ def write_synthetic(
     params = directory / PARAMS_FILE
     if params.exists():
         params.unlink()  # an interrupted rewrite must not look like a finished one
-    ab.sources.write_memmap_dataset(
+    ab.host.write_memmap_dataset(
         directory,
         _chunks(num_examples, task, split, seed, chunk_size, progress),
         num_examples=num_examples,
@@ -127,7 +127,7 @@ def verify(directory) -> dict:
     """
     directory = pathlib.Path(directory)
     params = json.loads((directory / PARAMS_FILE).read_text())
-    ab.sources.open_memmap_dataset(directory, verify=True)
+    ab.host.open_memmap_dataset(directory, verify=True)
     return params
 
 
@@ -140,14 +140,14 @@ def open_synthetic(
     seed: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = True,
-) -> ab.sources.MemmapSource:
-    """The dataset as a verified ``ab.sources.MemmapSource``, written first unless
+) -> ab.host.MemmapSource:
+    """The dataset as a verified ``ab.host.MemmapSource``, written first unless
     ``directory`` already holds these (n, task, split, seed, chunk size)."""
     directory = pathlib.Path(directory)
     wanted = _params(num_examples, task, split, seed, chunk_size)
     path = directory / PARAMS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}
-    if current != wanted or not (directory / ab.sources.MANIFEST_NAME).exists():
+    if current != wanted or not (directory / ab.host.MANIFEST_NAME).exists():
         write_synthetic(
             directory,
             num_examples,
@@ -157,17 +157,17 @@ def open_synthetic(
             chunk_size=chunk_size,
             progress=progress,
         )
-    return ab.sources.open_memmap_dataset(directory, verify=True)
+    return ab.host.open_memmap_dataset(directory, verify=True)
 
 
-def whole_groups(source: ab.sources.MemmapSource, group_size: int) -> ab.sources.MemmapSource:
+def whole_groups(source: ab.host.MemmapSource, group_size: int) -> ab.host.MemmapSource:
     """The first m floor(n / m) examples of ``source`` (m = ``group_size``): what a groups
     sampler can draw from, since it needs n divisible by m. Slicing a memmap reads the same
     files, so nothing is copied."""
     size = group_size * (source.num_examples // group_size)
     if size == source.num_examples:
         return source
-    return ab.sources.MemmapSource({name: array[:size] for name, array in source.arrays.items()})
+    return ab.host.MemmapSource({name: array[:size] for name, array in source.arrays.items()})
 
 
 def load_synthetic(directory, num_examples: int, **kwargs) -> dict:

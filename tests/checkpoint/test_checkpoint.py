@@ -96,7 +96,7 @@ def test_resume_is_bitwise_identical(tmp_path, make_key, use_state_key):
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(  # the sampler did learn something, and it was restored
-        ab.probabilities(resumed.sampler_state),
+        ab.samplers.probabilities(resumed.sampler_state),
         np.full(NUM_EXAMPLES, 1 / NUM_EXAMPLES, np.float32),
     )
 
@@ -118,17 +118,17 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
     for t in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
         state, _ = step(state, _data())
     ab.save_checkpoint(tmp_path / "s", state, sampler=sampler)
-    metadata = ab.read_checkpoint_metadata(tmp_path / "s")
+    metadata = ab.checkpoint.read_checkpoint_metadata(tmp_path / "s")
     assert metadata["sampler_kind"] == type(state.sampler_state).__name__
     assert metadata["sampler_config"]["num_examples"] == NUM_EXAMPLES
     like = _fresh_state(jax.random.key(0), sampler=sampler)
     restored = ab.restore_checkpoint(tmp_path / "s", like, sampler=sampler)
     for a, b in zip(jax.tree.leaves(_host(state)), jax.tree.leaves(_host(restored))):
         np.testing.assert_array_equal(a, b)
-    p = np.asarray(ab.probabilities(restored.sampler_state))
+    p = np.asarray(ab.samplers.probabilities(restored.sampler_state))
     assert not np.allclose(p, 1 / NUM_EXAMPLES)  # it learned something, and it came back
     np.testing.assert_array_equal(p, np.asarray(sampler.probabilities(restored.sampler_state)))
-    if isinstance(state.sampler_state, ab.PrioritySamplerState):
+    if isinstance(state.sampler_state, ab.samplers.PrioritySamplerState):
         assert metadata["sampler_config"]["uniform_mix"] == 0.2
         other = ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, uniform_mix=0.5)
         with pytest.raises(ValueError, match="uniform_mix"):
@@ -138,7 +138,7 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
 def test_metadata(tmp_path):
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})
-    metadata = ab.read_checkpoint_metadata(path)
+    metadata = ab.checkpoint.read_checkpoint_metadata(path)
     assert metadata["sampler_kind"] == "Exp3SamplerState"
     assert metadata["sampler_config"] == {
         "num_examples": NUM_EXAMPLES,
@@ -344,7 +344,7 @@ def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     assert succeeded
     for refused in (r for r in results if not r["ok"]):
         assert "another save to" in refused["error"] and ".adambs-lock" in refused["error"]
-    metadata = ab.read_checkpoint_metadata(path)
+    metadata = ab.checkpoint.read_checkpoint_metadata(path)
     like = ab.TrainState.create(
         params={"w": jnp.zeros(256)}, optimizer=optax.sgd(0.1), sampler=ab.uniform_sampler(8, 2)
     )
@@ -419,7 +419,7 @@ def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
     metadata_file = path / "adambs_metadata" / "metadata"
     metadata_file.write_text(metadata_file.read_text()[:40])
     with pytest.raises(ValueError, match=rf"the checkpoint at {path} is damaged"):
-        ab.read_checkpoint_metadata(path)
+        ab.checkpoint.read_checkpoint_metadata(path)
 
 
 @_ORBAX_ABANDONED_READS
@@ -439,11 +439,10 @@ def test_a_model_state_resumes_bitwise(tmp_path, setup):
     params, model_state, apply_fn = tms.SETUPS[setup]()
     sampler = ab.exp3_sampler(tms.NUM_EXAMPLES, tms.BATCH_SIZE, num_steps=8)
     step = ab.make_train_step(
-        ab.ModelLoss(apply_fn, tms._cross_entropy),
+        ab.ModelLoss(apply_fn, tms._cross_entropy, model_state=True),
         optax.adam(0.05),
         sampler,
         feedback="loss",
-        model_state=True,
     )
     data, keys = tms._data(), [jax.random.key(50 + t) for t in range(8)]
 

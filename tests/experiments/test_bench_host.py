@@ -42,4 +42,4 @@ def test_the_groups_variant_draws_contiguous_runs_and_the_loader_reads_them(tmp_
     # the weights 1 / (n p) of a groups draw are 1 / (G q_g): uniform q at the start -> 1
     n = runner.step.sampler.num_examples
     np.testing.assert_allclose(1.0 / (n * np.asarray(draws.probs)), 1.0, rtol=1e-5)
-    assert isinstance(runner.step.sampler, ab.base.Sampler)
+    assert isinstance(runner.step.sampler, ab.samplers.Sampler)

@@ -98,7 +98,7 @@ def test_adambs_lowvar_is_the_low_variance_preset():
 def test_adam_priority_builds_the_priority_sampler_with_the_configuration_feedback():
     built = _build("adam-priority", feedback="grad_norm")
     assert built.sampling == "priority" and built.feedback == "grad_norm"
-    assert isinstance(built.sampler.init(), ab.PrioritySamplerState)
+    assert isinstance(built.sampler.init(), ab.samplers.PrioritySamplerState)
     assert built.settings["uniform_mix"] == 0.1 and built.settings["alpha"] == 1.0
     mixed = _build("adam-priority", options={"uniform_mix": 0.5})
     assert mixed.settings["uniform_mix"] == 0.5

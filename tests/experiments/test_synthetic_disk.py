@@ -32,7 +32,7 @@ def test_the_teacher_task_splits_share_the_teacher_but_not_the_examples(tmp_path
     test = synthetic_disk.open_synthetic(
         tmp_path / "test", 2000, task="teacher", split="test", chunk_size=700, progress=False
     )
-    assert isinstance(train, ab.sources.MemmapSource) and train.num_examples == 2000
+    assert isinstance(train, ab.host.MemmapSource) and train.num_examples == 2000
     assert not np.array_equal(train.arrays["x"][:10], test.arrays["x"][:10])
     # the same teacher: a nearest-neighbour rule fit on train predicts test far above chance
     x_train, y_train = np.asarray(train.arrays["x"]), np.asarray(train.arrays["y"])
@@ -47,7 +47,7 @@ def test_an_existing_dataset_is_reused_and_a_changed_file_is_caught(tmp_path):
     synthetic_disk.write_synthetic(tmp_path, 500, chunk_size=200, progress=False)
     params = json.loads((tmp_path / synthetic_disk.PARAMS_FILE).read_text())
     assert params["num_examples"] == 500 and params["task"] == "linear"
-    manifest = json.loads((tmp_path / ab.sources.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / ab.host.MANIFEST_NAME).read_text())
     assert set(manifest["fields"]) == {"x", "y"}
     before = (tmp_path / "x.npy").stat().st_mtime_ns
     synthetic_disk.load_synthetic(tmp_path, 500, chunk_size=200, progress=False)

@@ -82,7 +82,7 @@ def test_estimate_is_the_weighted_mean_gradient_and_the_feedback(estimate, feedb
     gradient = result.gradient
     if result.per_example:  # the optimizer stage averages them with the weights
         assert estimate is estimators.estimate_with_per_example_grads
-        gradient = ab.weighted_mean(gradient, weights)
+        gradient = ab.transforms.weighted_mean(gradient, weights)
     chex.assert_trees_all_close(gradient, g_hat, rtol=1e-5, atol=1e-6)
     expected_feedback = {
         "grad_norm": norms,
@@ -116,7 +116,7 @@ def test_a_stochastic_loss_gets_the_same_per_example_keys_for_norms_and_gradient
     fused = estimators.estimate_with_vmap_norms(dropout_loss, params, batch, weights, key)
     kept = estimators.estimate_with_per_example_grads(dropout_loss, params, batch, weights, key)
     chex.assert_trees_all_close(
-        fused.gradient, ab.weighted_mean(kept.gradient, weights), rtol=1e-5, atol=1e-6
+        fused.gradient, ab.transforms.weighted_mean(kept.gradient, weights), rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(fused.feedback, kept.feedback, rtol=1e-6)
     np.testing.assert_allclose(fused.losses, kept.losses, rtol=1e-6)
@@ -133,8 +133,10 @@ def test_importance_weighted_grad_is_the_weighted_mean_and_carries_aux():
     params, batch = _problem()[:2]
     weights = jnp.linspace(0.5, 2.0, BATCH_SIZE)
     losses, g_hat = estimators.importance_weighted_grad(MODEL_LOSS, params, batch, weights)
-    want_losses, stack = ab.per_example_losses_and_grads(MODEL_LOSS, params, batch)
-    chex.assert_trees_all_close(g_hat, ab.weighted_mean(stack, weights), rtol=1e-5, atol=1e-6)
+    want_losses, stack = ab.feedback.per_example_losses_and_grads(MODEL_LOSS, params, batch)
+    chex.assert_trees_all_close(
+        g_hat, ab.transforms.weighted_mean(stack, weights), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
 
     def loss_with_aux(p, b):

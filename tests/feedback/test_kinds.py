@@ -62,9 +62,9 @@ class PerExampleGradsTest(chex.TestCase):
     def test_grads_and_norms_equal_one_example_at_a_time(self):
         _, params, batch, model_loss = _setup()
         losses, grads = self.variant(
-            lambda p, b: ab.per_example_losses_and_grads(model_loss, p, b)
+            lambda p, b: ab.feedback.per_example_losses_and_grads(model_loss, p, b)
         )(params, batch)
-        norms = self.variant(lambda p, b: ab.per_example_grad_norms(model_loss, p, b))(
+        norms = self.variant(lambda p, b: ab.feedback.per_example_grad_norms(model_loss, p, b))(
             params, batch
         )
         chex.assert_shape(losses, (BATCH_SIZE,))
@@ -85,9 +85,9 @@ class PerExampleGradsTest(chex.TestCase):
             logits = model.apply(p, b["x"], train=True, rngs={"dropout": k})
             return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
 
-        losses, grads = jax.jit(lambda p, b, k: ab.per_example_losses_and_grads(loss_fn, p, b, k))(
-            params, batch, key
-        )
+        losses, grads = jax.jit(
+            lambda p, b, k: ab.feedback.per_example_losses_and_grads(loss_fn, p, b, k)
+        )(params, batch, key)
         grads = jax.device_get(grads)  # index on the host: no compile per example
         keys = jax.random.split(key, BATCH_SIZE)
         reference = jax.jit(jax.value_and_grad(lambda p, e, k: loss_fn(p, e, k)[0]))
@@ -103,23 +103,27 @@ class PerExampleGradsTest(chex.TestCase):
     def test_tree_norms(self):
         tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.asarray([[3.0], [4.0]])}
         expected = [np.sqrt(0 + 1 + 4 + 9), np.sqrt(9 + 16 + 25 + 16)]
-        np.testing.assert_allclose(ab.tree_norms(tree), expected, rtol=1e-6)
+        np.testing.assert_allclose(ab.feedback.tree_norms(tree), expected, rtol=1e-6)
 
     def test_tree_norms_rejects_mismatched_leading_axes(self):
         with pytest.raises(ValueError, match="different leading axes"):
-            ab.tree_norms({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))})
+            ab.feedback.tree_norms({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))})
 
     def test_scalar_loss_is_rejected_with_a_clear_error(self):
         _, params, batch, model_loss = _setup()
         with pytest.raises(ValueError, match=r"per-example losses of shape \(1,\)"):
-            ab.per_example_losses_and_grads(lambda p, b: model_loss(p, b).mean(), params, batch)
+            ab.feedback.per_example_losses_and_grads(
+                lambda p, b: model_loss(p, b).mean(), params, batch
+            )
 
 
 class LogitGradNormTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_equals_autodiff_on_the_logits(self):
         model, params, batch, model_loss = _setup()
-        bound = self.variant(lambda p, b: ab.logit_grad_norms(model_loss, p, b))(params, batch)
+        bound = self.variant(lambda p, b: ab.feedback.logit_grad_norms(model_loss, p, b))(
+            params, batch
+        )
         logits = model.apply(params, batch["x"])
         host_logits, labels = jax.device_get((logits, batch["y"]))
         grad_of_loss = jax.jit(jax.grad(optax.softmax_cross_entropy_with_integer_labels))
@@ -146,7 +150,7 @@ class LogitGradNormTest(chex.TestCase):
     def test_needs_a_model_loss(self):
         _, params, batch, model_loss = _setup()
         with pytest.raises(TypeError, match="ModelLoss"):
-            ab.logit_grad_norms(lambda p, b: model_loss(p, b), params, batch)
+            ab.feedback.logit_grad_norms(lambda p, b: model_loss(p, b), params, batch)
 
 
 class FeedbackFunctionTest(chex.TestCase):
@@ -155,10 +159,14 @@ class FeedbackFunctionTest(chex.TestCase):
         _, params, batch, model_loss = _setup()
         run = lambda kind: self.variant(fb.feedback_function(kind, model_loss))(params, batch)
         np.testing.assert_allclose(
-            run("grad_norm"), ab.per_example_grad_norms(model_loss, params, batch), rtol=1e-6
+            run("grad_norm"),
+            ab.feedback.per_example_grad_norms(model_loss, params, batch),
+            rtol=1e-6,
         )
         np.testing.assert_allclose(
-            run("logit_grad_norm"), ab.logit_grad_norms(model_loss, params, batch), rtol=1e-6
+            run("logit_grad_norm"),
+            ab.feedback.logit_grad_norms(model_loss, params, batch),
+            rtol=1e-6,
         )
         np.testing.assert_allclose(run("loss"), model_loss(params, batch), rtol=1e-6)
         np.testing.assert_allclose(
@@ -179,51 +187,85 @@ class FeedbackFunctionTest(chex.TestCase):
             fb.feedback_function("loss", 3)
 
 
-class RegistryTest(chex.TestCase):
-    """One table of feedback kinds: how each is scored alone and estimated in the step."""
+class FeedbackObjectsTest(chex.TestCase):
+    """Each kind is an object carrying its settings: how it is scored alone and estimated in
+    the step; the names of FEEDBACK_KINDS are shorthand for the default objects."""
 
-    def test_the_table_holds_exactly_the_named_kinds(self):
+    def test_the_shorthand_names_are_the_default_objects(self):
         self.assertIsInstance(fb.FEEDBACK_KINDS, tuple)
-        self.assertEqual(tuple(fb.FEEDBACK_REGISTRY), fb.FEEDBACK_KINDS)
-        self.assertIs(ab.FEEDBACK_KINDS, fb.FEEDBACK_KINDS)
+        kinds = [fb.as_feedback(name) for name in fb.FEEDBACK_KINDS]
+        self.assertEqual([kind.name for kind in kinds], list(fb.FEEDBACK_KINDS))
+        self.assertEqual(
+            kinds,
+            [
+                ab.feedback.GradNorm(),
+                ab.feedback.LogitGradNorm(),
+                ab.feedback.LossValue(),
+                ab.feedback.PreconditionedGradNorm(),
+            ],
+        )
+        self.assertIs(ab.feedback.FEEDBACK_KINDS, fb.FEEDBACK_KINDS)
 
-    def test_feedback_kind_returns_the_entry_and_its_estimators(self):
-        _, _, _, model_loss = _setup()
-        grad_norm = fb.feedback_kind("grad_norm", model_loss)
-        self.assertIs(grad_norm, fb.FEEDBACK_REGISTRY["grad_norm"])
-        self.assertIs(grad_norm.scores, ab.per_example_grad_norms)
-        self.assertIs(grad_norm.estimator(False), estimators.estimate_with_ghost_norms)
-        self.assertIs(grad_norm.estimator(False, "vmap"), estimators.estimate_with_vmap_norms)
-        self.assertIs(grad_norm.estimator(True), estimators.estimate_with_per_example_grads)
-        logit = fb.feedback_kind("logit_grad_norm", model_loss)
-        self.assertTrue(logit.needs_model_loss)
-        # kinds without per-example gradients ignore reuse_per_example_grads
-        self.assertIs(logit.estimator(True), estimators.estimate_with_logit_bound)
+    def test_grad_norm_carries_its_method_and_estimator(self):
+        GradNorm = ab.feedback.GradNorm
+        self.assertIs(GradNorm().estimator(), estimators.estimate_with_ghost_norms)
+        self.assertIs(GradNorm("ghost").estimator(), estimators.estimate_with_forced_ghost_norms)
+        self.assertIs(GradNorm("vmap").estimator(), estimators.estimate_with_vmap_norms)
+        reuse = GradNorm(reuse_per_example_grads=True)
+        self.assertIs(reuse.estimator(), estimators.estimate_with_per_example_grads)
         self.assertIs(
-            fb.feedback_kind("loss", model_loss).estimator(True), estimators.estimate_with_loss
+            GradNorm("vmap", reuse_per_example_grads=True).estimator(),
+            estimators.estimate_with_per_example_grads,
+        )
+        self.assertTrue(GradNorm.per_example_evaluation)
+
+    def test_grad_norm_refuses_what_it_cannot_do(self):
+        with pytest.raises(ValueError, match="method must be one of"):
+            ab.feedback.GradNorm("exact")
+        with pytest.raises(TypeError, match="reuse_per_example_grads must be a bool"):
+            ab.feedback.GradNorm(reuse_per_example_grads=1)
+        with pytest.raises(ValueError, match='cannot be combined with method="ghost"'):
+            ab.feedback.GradNorm("ghost", reuse_per_example_grads=True)
+
+    def test_grad_norm_scores_with_its_method(self):
+        _, params, batch, model_loss = _setup()
+        by_vmap = ab.feedback.GradNorm("vmap").scores(model_loss, params, batch)
+        by_ghost = ab.feedback.GradNorm("ghost").scores(model_loss, params, batch)
+        np.testing.assert_allclose(by_ghost, by_vmap, rtol=1e-5)
+
+    def test_the_other_kinds_have_their_estimators(self):
+        self.assertTrue(ab.feedback.LogitGradNorm.needs_model_loss)
+        self.assertIs(ab.feedback.LogitGradNorm().estimator(), estimators.estimate_with_logit_bound)
+        self.assertIs(ab.feedback.LossValue().estimator(), estimators.estimate_with_loss)
+        self.assertIs(
+            ab.feedback.PreconditionedGradNorm().estimator(),
+            estimators.estimate_with_preconditioned_norms,
         )
 
     def test_a_callable_is_a_kind_of_its_own(self):
         _, params, batch, model_loss = _setup()
         user = lambda p, b, losses: losses + 1.0
-        kind = fb.feedback_kind(user, model_loss)
-        self.assertIsNone(kind.estimate_reusing_grads)
+        kind = fb.as_feedback(user, model_loss)
+        self.assertEqual(kind, ab.feedback.CustomFeedback(user))
         np.testing.assert_allclose(
             kind.scores(model_loss, params, batch), model_loss(params, batch) + 1.0, rtol=1e-6
         )
-        estimate = kind.estimator(True)(model_loss, params, batch, jnp.ones(BATCH_SIZE), None)
+        estimate = kind.estimator()(model_loss, params, batch, jnp.ones(BATCH_SIZE), None)
         np.testing.assert_allclose(estimate.feedback, model_loss(params, batch) + 1.0, rtol=1e-6)
 
     def test_errors_name_the_argument(self):
         _, _, _, model_loss = _setup()
         with pytest.raises(ValueError, match="sampler.score_feedback must be one of"):
-            fb.feedback_kind("norm", model_loss, name="sampler.score_feedback")
+            fb.as_feedback("norm", model_loss, name="sampler.score_feedback")
         with pytest.raises(ValueError, match="score_feedback='logit_grad_norm' needs the model"):
-            fb.feedback_kind("logit_grad_norm", lambda p, b: 0, name="score_feedback")
+            fb.as_feedback("logit_grad_norm", lambda p, b: 0, name="score_feedback")
+        with pytest.raises(TypeError, match="feedback must be one of"):
+            fb.as_feedback(3)
+        with pytest.raises(TypeError, match="fn must be callable"):
+            ab.feedback.CustomFeedback(3)
 
-    def test_tree_helpers_are_the_shared_ones(self):
+    def test_tree_norms_is_the_shared_helper(self):
         self.assertIs(fb.tree_norms, tree_utils.per_example_norms)
-        self.assertIs(fb.batch_size_of, tree_utils.batch_size_of)
 
 
 class LossInterfaceTest(chex.TestCase):
@@ -288,7 +330,7 @@ def test_preconditioned_grad_norms_match_a_float64_reference():
     _, params, batch, model_loss = _setup()
     opt_state = _adam_state_after_one_update(params)
     expected = _preconditioned_reference(_one_at_a_time_grads(model_loss, params, batch), opt_state)
-    got = ab.preconditioned_grad_norms(model_loss, params, batch, opt_state)
+    got = ab.feedback.preconditioned_grad_norms(model_loss, params, batch, opt_state)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4)
     assert "preconditioned_grad_norm" in fb.FEEDBACK_KINDS
 
@@ -297,7 +339,7 @@ def test_the_preconditioned_estimator_reads_the_optimizer_state():
     _, params, batch, model_loss = _setup()
     opt_state = _adam_state_after_one_update(params)
     weights = jnp.linspace(0.5, 2.0, BATCH_SIZE)
-    estimate = fb.feedback_kind("preconditioned_grad_norm", model_loss).estimator(True)
+    estimate = fb.as_feedback("preconditioned_grad_norm", model_loss).estimator()
     assert isinstance(estimate, estimators.OptimizerAwareEstimator)
     result = estimate(model_loss, params, batch, weights, None, opt_state=opt_state)
     losses, gradient = ab.importance_weighted_grad(model_loss, params, batch, weights)
@@ -305,7 +347,7 @@ def test_the_preconditioned_estimator_reads_the_optimizer_state():
     np.testing.assert_allclose(result.losses, losses, rtol=1e-6)
     np.testing.assert_allclose(
         result.feedback,
-        ab.preconditioned_grad_norms(model_loss, params, batch, opt_state),
+        ab.feedback.preconditioned_grad_norms(model_loss, params, batch, opt_state),
         rtol=1e-6,
     )
     assert not result.per_example

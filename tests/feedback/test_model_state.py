@@ -120,9 +120,9 @@ def _full_loss(apply_fn, params, model_state):
 
 def _train(setup, optimizer, feedback="loss", sampler=None, steps=NUM_STEPS):
     params, model_state, apply_fn = SETUPS[setup]()
-    loss = ab.ModelLoss(apply_fn, _cross_entropy)
+    loss = ab.ModelLoss(apply_fn, _cross_entropy, model_state=True)
     sampler = sampler or ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
-    step = ab.make_train_step(loss, optimizer, sampler, feedback=feedback, model_state=True)
+    step = ab.make_train_step(loss, optimizer, sampler, feedback=feedback)
     state = step.init(params, model_state=model_state)
     keys = [jax.random.key(50 + t) for t in range(steps)]
     for key in keys:
@@ -179,13 +179,9 @@ def test_nnx_rng_counter_advances_with_the_model_state():
 
 def test_a_skipped_step_keeps_the_model_state():
     params, model_state, apply_fn = _linen_setup()
-    loss = ab.ModelLoss(apply_fn, lambda z, b: _cross_entropy(z, b) * jnp.nan)
+    loss = ab.ModelLoss(apply_fn, lambda z, b: _cross_entropy(z, b) * jnp.nan, model_state=True)
     step = ab.make_train_step(
-        loss,
-        optax.adam(0.05),
-        ab.uniform_sampler(NUM_EXAMPLES, 4),
-        feedback="loss",
-        model_state=True,
+        loss, optax.adam(0.05), ab.uniform_sampler(NUM_EXAMPLES, 4), feedback="loss"
     )
     state, metrics = step(step.init(params, model_state=model_state), _data(), jax.random.key(0))
     assert int(metrics["skipped"]) == 1
@@ -200,12 +196,10 @@ def test_plain_loss_with_state_and_aux():
         return _cross_entropy(logits, batch), {"logits": logits}, new_stats
 
     step = ab.make_train_step(
-        loss_fn,
+        ab.Loss(loss_fn, model_state=True, has_aux=True),
         optax.adam(0.05),
         ab.uniform_sampler(NUM_EXAMPLES, 4),
         feedback="loss",
-        model_state=True,
-        has_aux=True,
     )
     state, metrics = step(step.init(params, model_state=model_state), _data(), jax.random.key(0))
     assert metrics["aux"]["logits"].shape == (4, 3)
@@ -221,12 +215,10 @@ def test_has_aux_without_model_state_reaches_the_metrics():
 
     for feedback in ("grad_norm", "loss"):
         step = ab.make_train_step(
-            loss_fn,
+            ab.Loss(loss_fn, has_aux=True),
             optax.sgd(0.1),
             ab.uniform_sampler(NUM_EXAMPLES, 4),
-            feedback=feedback,
-            has_aux=True,
-            grad_norm_method="vmap",
+            feedback=ab.feedback.GradNorm("vmap") if feedback == "grad_norm" else feedback,
         )
         _, metrics = step(step.init(params), data, jax.random.key(0))
         assert float(metrics["aux"]["max_logit"]) == 0.0
@@ -235,26 +227,44 @@ def test_has_aux_without_model_state_reaches_the_metrics():
 
 def test_build_time_refusals():
     params, _, apply_fn = _linen_setup()
-    loss = ab.ModelLoss(apply_fn, _cross_entropy)
+    loss = ab.ModelLoss(apply_fn, _cross_entropy, model_state=True)
     sampler = ab.uniform_sampler(NUM_EXAMPLES, 4)
     with pytest.raises(ValueError, match='"logit_grad_norm".*"loss"'):
-        ab.make_train_step(loss, optax.adam(0.1), sampler, model_state=True)
-    with pytest.raises(ValueError, match='feedback="preconditioned_grad_norm" with model_state'):
-        ab.make_train_step(
-            loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm", model_state=True
-        )
+        ab.make_train_step(loss, optax.adam(0.1), sampler)
+    with pytest.raises(ValueError, match='feedback="preconditioned_grad_norm" with a model_state'):
+        ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm")
     with pytest.raises(ValueError, match="ScoringSampler"):
         ab.make_train_step(
-            loss,
+            loss, optax.adam(0.1), ab.adam_impt_sampler(NUM_EXAMPLES, 4), feedback="loss"
+        )
+    with pytest.raises(TypeError, match="loss_fn.model_state must be a bool"):
+        ab.make_train_step(loss._replace(model_state=1), optax.adam(0.1), sampler, feedback="loss")
+
+
+def test_the_old_keywords_warn_and_describe_the_loss():
+    """model_state=True / has_aux=True on the step still work for a release, with a warning,
+    and give the very step of the described loss."""
+    params, model_state, apply_fn = _linen_setup()
+    sampler = ab.uniform_sampler(NUM_EXAMPLES, 4)
+    with pytest.warns(DeprecationWarning, match="model_state= is deprecated"):
+        old = ab.make_train_step(
+            ab.ModelLoss(apply_fn, _cross_entropy),
             optax.adam(0.1),
-            ab.adam_impt_sampler(NUM_EXAMPLES, 4),
+            sampler,
             feedback="loss",
             model_state=True,
         )
-    with pytest.raises(ValueError, match="has_aux"):
-        ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="loss", has_aux=True)
-    with pytest.raises(TypeError, match="model_state"):
-        ab.make_train_step(loss, optax.adam(0.1), sampler, feedback="loss", model_state=1)
+    new = ab.make_train_step(
+        ab.ModelLoss(apply_fn, _cross_entropy, model_state=True),
+        optax.adam(0.1),
+        sampler,
+        feedback="loss",
+    )
+    states = [
+        step(step.init(params, model_state=model_state), _data(), jax.random.key(0))[0]
+        for step in (old, new)
+    ]
+    chex.assert_trees_all_equal(states[0].params, states[1].params)
 
 
 def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
@@ -319,11 +329,10 @@ def test_matrix_trains_like_plain_optax_or_is_refused_at_build_time(setup, optim
         params, _, apply_fn = SETUPS[setup]()
         with pytest.raises(ValueError, match="ill-defined"):
             ab.make_train_step(
-                ab.ModelLoss(apply_fn, _cross_entropy),
+                ab.ModelLoss(apply_fn, _cross_entropy, model_state=True),
                 OPTIMIZERS[optimizer](ab.adambs),
                 ab.uniform_sampler(64, 8),
                 feedback=feedback,
-                model_state=True,
             )
         return
     state, _, (params, model_state, apply_fn, keys) = _train(

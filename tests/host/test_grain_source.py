@@ -44,7 +44,7 @@ def test_round_trip_equals_the_array_source(tmp_path, shards):
     paths = write_array_record(tmp_path / "data", arrays, **shards)
     source, reference = ArrayRecordSource(paths), ArraySource(arrays)
     assert source.num_examples == 37 == check_source(source)
-    assert isinstance(source, ab.sources.DataSource)
+    assert isinstance(source, ab.host.DataSource)
     rng = np.random.default_rng(1)
     for size in (1, 16, 100):  # K = 100 > n: duplicates
         indices = rng.integers(0, 37, size=size)

@@ -48,7 +48,7 @@ def _step(sampler=None, **options):
     return ab.make_host_train_step(_loss, optax.adam(0.1), sampler, feedback="loss", **options)
 
 
-class _ThreadRecordingSource(ab.sources.ArraySource):
+class _ThreadRecordingSource(ab.host.ArraySource):
     """An ArraySource that records the thread of every read."""
 
     def __init__(self, arrays):
@@ -79,7 +79,8 @@ def test_the_loop_equals_calling_the_step_by_hand():
         np.testing.assert_array_equal(metrics[t]["loss"], by_hand["loss"])
     np.testing.assert_array_equal(looped.params, state.params)
     np.testing.assert_array_equal(
-        ab.probabilities(looped.sampler_state), ab.probabilities(state.sampler_state)
+        ab.samplers.probabilities(looped.sampler_state),
+        ab.samplers.probabilities(state.sampler_state),
     )
     for left, right in zip(pending, draws):
         np.testing.assert_array_equal(left.indices, right.indices)
@@ -92,7 +93,7 @@ def test_a_uniform_sampler_trains_as_make_train_step_on_the_in_memory_data():
     step = _step(sampler, lookahead=lookahead)
     state, draws = step.init(_params(), init_key)
     looped, _, _ = ab.run_host_loop(
-        step, state, draws, ab.sources.ArraySource(data), num_steps, key=key
+        step, state, draws, ab.host.ArraySource(data), num_steps, key=key
     )
 
     reference = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback="loss")
@@ -107,7 +108,7 @@ def test_a_uniform_sampler_trains_as_make_train_step_on_the_in_memory_data():
 
 
 def test_continuing_from_the_pending_draws_equals_one_run():
-    data = ab.sources.ArraySource(_data())
+    data = ab.host.ArraySource(_data())
     step = _step()
     state, draws = step.init(_params(), jax.random.key(0))
     whole, _, _ = ab.run_host_loop(step, state, draws, data, 8)  # the state's own key
@@ -119,7 +120,7 @@ def test_continuing_from_the_pending_draws_equals_one_run():
 
 
 def test_a_reader_error_is_raised_in_the_main_thread_with_the_sources_message():
-    class FailingSource(ab.sources.ArraySource):
+    class FailingSource(ab.host.ArraySource):
         def read(self, indices):
             if self.reads == 3:
                 raise OSError("record 17 of shard 2 is corrupt")
@@ -137,20 +138,20 @@ def test_a_reader_error_is_raised_in_the_main_thread_with_the_sources_message():
 def test_a_source_of_the_wrong_size_is_refused_by_name():
     step = _step()
     with pytest.raises(ValueError, match=r"source: has num_examples = 40.*n = 48"):
-        ab.HostLoader(step, ab.sources.ArraySource(_data(40)))
+        ab.host.HostLoader(step, ab.host.ArraySource(_data(40)))
     with pytest.raises(TypeError, match="source must be a data source"):
-        ab.HostLoader(step, _data())
+        ab.host.HostLoader(step, _data())
     with pytest.raises(TypeError, match="step must be a HostTrainStep"):
-        ab.HostLoader(
+        ab.host.HostLoader(
             ab.make_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)),
-            ab.sources.ArraySource(_data()),
+            ab.host.ArraySource(_data()),
         )
 
 
 def test_the_loader_waits_only_in_next_and_counts_it():
     step = _step()
     state, draws = step.init(_params(), jax.random.key(0))
-    with ab.HostLoader(step, ab.sources.ArraySource(_data()), draws) as loader:
+    with ab.host.HostLoader(step, ab.host.ArraySource(_data()), draws) as loader:
         with pytest.raises(ValueError, match="no batch is scheduled"):
             for _ in range(3):
                 batch, current = loader.next()
@@ -176,7 +177,7 @@ _MESH_CHILD = textwrap.dedent(
     n, K, steps = 64, 16, 6
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 3)).astype(np.float32)
-    source = ab.sources.ArraySource({"x": x, "y": (x[:, 0] > 0).astype(np.int32)})
+    source = ab.host.ArraySource({"x": x, "y": (x[:, 0] > 0).astype(np.int32)})
     loss = ab.ModelLoss(lambda p, b: b["x"] @ p,
         lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]))
     sampler = ab.exp3_sampler(n, K, num_steps=steps, step_size=0.5)
@@ -187,7 +188,7 @@ _MESH_CHILD = textwrap.dedent(
         step = ab.make_host_train_step(loss, optax.adam(0.1), sampler, feedback="loss",
                                        mesh=mesh)
         state, draws = step.init(params, jax.random.key(0))
-        with ab.HostLoader(step, source, draws[:1]) as loader:
+        with ab.host.HostLoader(step, source, draws[:1]) as loader:
             batch, _ = loader.next()
         state, _, metrics = ab.run_host_loop(step, state, draws, source, steps,
                                              key=jax.random.key(1))
@@ -196,8 +197,8 @@ _MESH_CHILD = textwrap.dedent(
     _, single, _, _ = run(None)
     step, sharded, batch, metrics = run(ab.data_parallel_mesh())
     out["param_diff"] = float(jnp.max(jnp.abs(single.params - sharded.params)))
-    out["prob_diff"] = float(jnp.max(jnp.abs(ab.probabilities(single.sampler_state)
-                                             - ab.probabilities(sharded.sampler_state))))
+    out["prob_diff"] = float(jnp.max(jnp.abs(ab.samplers.probabilities(single.sampler_state)
+                                             - ab.samplers.probabilities(sharded.sampler_state))))
     out["batch_split"] = all(leaf.sharding.spec == PartitionSpec("data")
                              for leaf in jax.tree.leaves(batch))
     out["batch_devices"] = len(batch["x"].sharding.device_set)
@@ -291,7 +292,7 @@ def _recording_run(mesh, steps=5):
     x = rng.normal(size=(n, 3)).astype(np.float32)
     seen = []
 
-    class RecordingSource(ab.sources.ArraySource):
+    class RecordingSource(ab.host.ArraySource):
         def read(self, indices):
             seen.append(np.asarray(indices).tolist())
             return super().read(indices)

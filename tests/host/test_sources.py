@@ -17,7 +17,7 @@ def test_read_returns_the_records_in_the_order_drawn_with_duplicates():
     batch = source.read(np.array([5, 0, 5, 2]))
     np.testing.assert_array_equal(batch["y"], [5, 0, 5, 2])
     np.testing.assert_array_equal(batch["x"][0], [10.0, 11.0])
-    assert check_source(source) == 6 and isinstance(source, ab.sources.DataSource)
+    assert check_source(source) == 6 and isinstance(source, ab.host.DataSource)
 
 
 @pytest.mark.parametrize(

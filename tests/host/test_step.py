@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import adambs_jax as ab
+from adambs_jax import _tree_utils as tree_utils
 from adambs_jax.host._step import Draws, draw_from
 from tests.step.test_stages import _primitives
 
@@ -92,9 +93,11 @@ def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
         state, _ = reference(state, device_data, key)
     np.testing.assert_allclose(host_state.params, state.params, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(
-        ab.probabilities(host_state.sampler_state), ab.probabilities(state.sampler_state), rtol=1e-6
+        ab.samplers.probabilities(host_state.sampler_state),
+        ab.samplers.probabilities(state.sampler_state),
+        rtol=1e-6,
     )
-    assert float(jnp.max(ab.probabilities(state.sampler_state))) > 1.5 / NUM_EXAMPLES
+    assert float(jnp.max(ab.samplers.probabilities(state.sampler_state))) > 1.5 / NUM_EXAMPLES
 
 
 def _full_gradient(params, data):
@@ -112,15 +115,15 @@ def test_stale_exp3_draws_give_an_unbiased_gradient():
     state, (first, second) = step.init(_params(), jax.random.key(0))
 
     def gradient_estimate(call_key):
-        after_0, _, stale = step(state, ab.tree_utils.gather(data, first.indices), first, call_key)
+        after_0, _, stale = step(state, tree_utils.gather(data, first.indices), first, call_key)
         after_1, _, _ = step(
-            after_0, ab.tree_utils.gather(data, second.indices), second, jax.random.key(1)
+            after_0, tree_utils.gather(data, second.indices), second, jax.random.key(1)
         )
         after_2, _, _ = step(
-            after_1, ab.tree_utils.gather(data, stale.indices), stale, jax.random.key(2)
+            after_1, tree_utils.gather(data, stale.indices), stale, jax.random.key(2)
         )
-        p_stale = ab.probabilities(after_0.sampler_state)
-        p_now = ab.probabilities(after_1.sampler_state)
+        p_stale = ab.samplers.probabilities(after_0.sampler_state)
+        p_now = ab.samplers.probabilities(after_1.sampler_state)
         return after_1.params, after_1.params - after_2.params, stale.probs, p_stale, p_now
 
     keys = jax.random.split(jax.random.key(7), 2000)
@@ -197,7 +200,7 @@ def test_renormalizes_every_m_calls_without_changing_the_draws():
     assert calls == [every, 2 * every]  # before the call that would pass M updates
     assert int(state.step) == num_calls
     np.testing.assert_allclose(
-        float(jnp.sum(ab.probabilities(state.sampler_state))), 1.0, rtol=1e-5
+        float(jnp.sum(ab.samplers.probabilities(state.sampler_state))), 1.0, rtol=1e-5
     )
 
 

@@ -86,7 +86,7 @@ def test_sampler_has_no_full_distribution():
     sampler = ab.adam_impt_sampler(10, 2)
     assert sampler.probabilities is None
     with pytest.raises(TypeError, match="AdamImptState"):
-        ab.probabilities(sampler.init())
+        ab.samplers.probabilities(sampler.init())
 
 
 # --- the variance-reduction estimate ---------------------------------------------------------
@@ -94,7 +94,7 @@ def test_sampler_has_no_full_distribution():
 
 def test_variance_reduction_matches_katharopoulos_fleuret_formula():
     rng = np.random.default_rng(0)
-    variance_reduction = jax.jit(ab.variance_reduction)
+    variance_reduction = jax.jit(ab.samplers.variance_reduction)
     for scores in (rng.exponential(size=6), rng.uniform(size=6) ** 4, np.ones(6), [0, 0, 3.0] * 2):
         scores = np.asarray(scores, np.float64)
         g = scores / scores.sum()
@@ -125,8 +125,8 @@ def test_adam_impt_switches_on_when_the_moving_average_crosses_the_threshold(
     batch_feedback = np.zeros(batch_size, np.float32)
     batch_feedback[0] = 1.0
     tau = 2.0 * np.sqrt(2.0)
-    np.testing.assert_allclose(ab.variance_reduction(presample_pattern), tau, rtol=1e-6)
-    np.testing.assert_allclose(ab.variance_reduction(batch_feedback), tau, rtol=1e-6)
+    np.testing.assert_allclose(ab.samplers.variance_reduction(presample_pattern), tau, rtol=1e-6)
+    np.testing.assert_allclose(ab.samplers.variance_reduction(batch_feedback), tau, rtol=1e-6)
     # tau_hat after t updates: tau (1 - 0.9^t); the first t with tau_hat > 2 is 12
     expected_ema = tau * (1 - 0.9 ** np.arange(num_steps + 1))
     first_on = int(np.argmax(expected_ema > tau_threshold))

@@ -140,7 +140,7 @@ def _run_after_an_outlier(mode, feedback, num_chunks=4, n=100, k=32):
     masses = []
     for c in range(num_chunks):
         state = chunk(state, jax.random.key(1 + c))
-        masses.append(float(jnp.sum(ab.probabilities(state)[: n // 2])))
+        masses.append(float(jnp.sum(ab.samplers.probabilities(state)[: n // 2])))
     return state, masses
 
 
@@ -192,7 +192,7 @@ def test_an_update_never_writes_a_non_finite_leaf(mode, feedback, step_size):
         f = jnp.linspace(0.0, 2.0, k).at[t % k].set(feedback)
         state = update(state, indices, f)
         exp3.check_state_finite(state)  # finite log-weights, tree, root > 0, L
-        assert np.all(np.isfinite(np.asarray(ab.probabilities(state))))
+        assert np.all(np.isfinite(np.asarray(ab.samplers.probabilities(state))))
 
 
 # ---------------------------------------------------------------- step 3: merge duplicates

@@ -40,7 +40,7 @@ def test_sampler_probabilities_is_the_stored_distribution():
     sampler = ab.gradient_norm_sampler(5, 3)
     _, _, state = sampler.sample(sampler.init(), jax.random.key(0), _table_score_fn(np.arange(5.0)))
     np.testing.assert_allclose(sampler.probabilities(state), np.arange(5.0) / 10, rtol=1e-6)
-    np.testing.assert_array_equal(ab.probabilities(state), state.distribution)
+    np.testing.assert_array_equal(ab.samplers.probabilities(state), state.distribution)
     state = sampler.update(state, jnp.arange(3), jnp.ones(3))
     assert int(state.step) == 1
     with pytest.raises(ValueError, match="feedback"):

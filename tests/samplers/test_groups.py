@@ -42,8 +42,8 @@ def exp3_groups():
 def test_drawn_groups_follow_the_base_distribution(exp3_groups):
     sampler, state = exp3_groups
     q = np.asarray(sampler.probabilities(state))[::M] * M  # the base's q (G,)
-    np.testing.assert_allclose(q, np.asarray(ab.probabilities(state.base)), rtol=1e-6)
-    np.testing.assert_array_equal(ab.probabilities(state), sampler.probabilities(state))
+    np.testing.assert_allclose(q, np.asarray(ab.samplers.probabilities(state.base)), rtol=1e-6)
+    np.testing.assert_array_equal(ab.samplers.probabilities(state), sampler.probabilities(state))
     assert q.max() / q.min() > 1.5  # a non-uniform state
     indices, _ = _draws(sampler, state, 20000)
     counts = np.bincount(np.asarray(indices[:, ::M]).ravel() // M, minlength=N // M)
@@ -55,7 +55,7 @@ def test_draws_are_contiguous_runs_with_the_group_probability(exp3_groups):
     indices, probs = (np.asarray(a) for a in _draws(sampler, state, 200))
     runs = indices.reshape(200, K // M, M)
     assert np.all(runs[..., 0] % M == 0) and np.all(np.diff(runs, axis=-1) == 1)
-    q = np.asarray(ab.probabilities(state.base))
+    q = np.asarray(ab.samplers.probabilities(state.base))
     np.testing.assert_allclose(probs, q[indices // M] / M, rtol=1e-6)
 
 
@@ -72,7 +72,7 @@ def test_weighted_gradient_estimate_is_unbiased(exp3_groups):
     biased = grads[np.asarray(indices)].mean(axis=(0, 1)) - grads.mean(axis=0)
     assert np.any(np.abs(biased) > 20 * standard_error)
     # the exact expectation, sum_g q_g (B/K) sum_{j in g} g_j / (G q_g), is the mean
-    q = np.asarray(ab.probabilities(state.base))
+    q = np.asarray(ab.samplers.probabilities(state.base))
     exact = sum(
         q[g] * (K // M) / K * grads[g * M : (g + 1) * M].sum(0) / (N // M * q[g])
         for g in range(N // M)

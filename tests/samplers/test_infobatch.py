@@ -168,7 +168,7 @@ def test_trains_in_make_train_step_with_an_epoch_boundary_every_n_over_k_steps()
     uniform_until = []
     for t, key in enumerate(jax.random.split(jax.random.key(0), 30)):
         state, metrics = step(state, data, key)
-        p = np.asarray(ab.probabilities(state.sampler_state))
+        p = np.asarray(ab.samplers.probabilities(state.sampler_state))
         uniform_until.append(bool(np.allclose(p, 1 / N)))
     # the TrainStep calls the epoch boundary before steps 4, 8, ... (M = ceil(20 / 5) = 4):
     # p is uniform through the first epoch and, once examples were seen, not after it

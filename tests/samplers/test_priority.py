@@ -212,10 +212,10 @@ def test_ab_probabilities_reads_the_state_alone():
     state = skewed_state(sampler)
     assert state.uniform_mix == 0.4  # static: the state carries what p needs
     np.testing.assert_array_equal(
-        np.asarray(ab.probabilities(state)), np.asarray(sampler.probabilities(state))
+        np.asarray(ab.samplers.probabilities(state)), np.asarray(sampler.probabilities(state))
     )
     np.testing.assert_allclose(
-        np.asarray(ab.probabilities(state), np.float64),
+        np.asarray(ab.samplers.probabilities(state), np.float64),
         expected_p(SCORES, alpha=0.5, uniform_mix=0.4),
         rtol=1e-5,
     )

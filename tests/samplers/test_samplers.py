@@ -77,7 +77,7 @@ def test_draw_frequencies_match_distribution(n, num_draws, bins, stratified):
     indices, probs = jax.jit(jax.vmap(lambda k: sampler.sample(state, k)))(keys)
     indices, probs = np.asarray(indices).ravel(), np.asarray(probs).ravel()
     assert indices.dtype == np.int32 and indices.min() >= 0 and indices.max() < n
-    p_model = np.asarray(ab.probabilities(state), np.float64)
+    p_model = np.asarray(ab.samplers.probabilities(state), np.float64)
     np.testing.assert_allclose(probs, p_model[indices], rtol=1e-5)  # probs = p[indices]
     # chi-square on `bins` groups of consecutive examples (>= 5 expected per group)
     group = np.arange(n) * bins // n
@@ -126,7 +126,7 @@ def test_update_matches_algorithm_2_in_float64(seed):
     per_example_feedback = rng.uniform(0, 3.0, size=n)  # some above the bound: clipped
     update = jax.jit(sampler.update)
     for _ in range(5):
-        p = np.asarray(ab.probabilities(state), np.float64)
+        p = np.asarray(ab.samplers.probabilities(state), np.float64)
         indices = rng.integers(0, n, size=batch_size)  # duplicates likely
         feedback = per_example_feedback[indices]
         expected, exponent = reference_update(
@@ -142,7 +142,7 @@ def test_update_matches_algorithm_2_in_float64(seed):
         # float32: a relative error e in p becomes e * alpha h_j in p exp(-alpha h_j), so the
         # tolerance is 1e-5 plus a float32 ulp (1.2e-7) per unit of the exponent
         rtol = 1e-5 + 1.2e-7 * exponent
-        actual = np.asarray(ab.probabilities(state), np.float64)
+        actual = np.asarray(ab.samplers.probabilities(state), np.float64)
         assert np.all(np.abs(actual - expected) <= rtol * expected), np.max(
             np.abs(actual / expected - 1) - rtol
         )
@@ -156,7 +156,7 @@ def test_update_when_every_arm_is_drawn_and_weights_are_tiny(seed):
         n, batch_size, p_min=p_min, step_size=step_size, grad_norm_bound=bound
     )
     state = with_distribution(sampler.init(), random_distribution(n, p_min, seed))
-    p = np.asarray(ab.probabilities(state), np.float64)
+    p = np.asarray(ab.samplers.probabilities(state), np.float64)
     indices = np.tile(np.arange(n), 2)
     feedback = np.random.default_rng(seed).uniform(0, 0.1, size=n)[indices]
     expected, exponent = reference_update(
@@ -164,7 +164,7 @@ def test_update_when_every_arm_is_drawn_and_weights_are_tiny(seed):
     )
     assert exponent.min() > 20  # all w = p e^-exponent far below the float32 precision of 1 - sum p
     state = jax.jit(sampler.update)(state, jnp.asarray(indices), jnp.asarray(feedback, jnp.float32))
-    actual = np.asarray(ab.probabilities(state), np.float64)
+    actual = np.asarray(ab.samplers.probabilities(state), np.float64)
     np.testing.assert_allclose(actual, expected, rtol=1e-5 + 1.2e-7 * exponent.max())
 
 
@@ -193,16 +193,18 @@ def test_running_max_bound_and_fixed_bound_clips():
         fixed.init(), jnp.array([0, 1, 2]), jnp.array([0.5, 9.0, 1.0])
     )
     assert float(fixed_state.grad_norm_bound) == 1.0
-    p = np.asarray(ab.probabilities(fixed_state))
+    p = np.asarray(ab.samplers.probabilities(fixed_state))
     assert p[1] == pytest.approx(p[2], rel=1e-6)  # 9.0 is clipped to the bound, like 1.0
 
 
 def test_default_step_size_is_lemma_1():
     n, steps = 5000, 2000
     sampler = ab.exp3_sampler(n, 8, num_steps=steps)
-    assert ab.default_step_size(n, steps) == pytest.approx(math.sqrt(2 * math.log(n) / (n * steps)))
+    assert ab.samplers.default_step_size(n, steps) == pytest.approx(
+        math.sqrt(2 * math.log(n) / (n * steps))
+    )
     # the default step is what the update uses: compare with an explicit step_size
-    explicit = ab.exp3_sampler(n, 8, step_size=ab.default_step_size(n, steps))
+    explicit = ab.exp3_sampler(n, 8, step_size=ab.samplers.default_step_size(n, steps))
     idx, f = jnp.arange(8), jnp.linspace(0, 1, 8)
     np.testing.assert_array_equal(
         np.asarray(jax.jit(sampler.update)(sampler.init(), idx, f).log_weights),
@@ -259,7 +261,7 @@ def test_invariants_after_1e5_random_updates(step_size, bad_fraction):
     # leaves are exp(log_weights) (XLA's exp and numpy's may differ by an ulp)
     leaves = np.asarray(sumtree.leaf_values(state.tree, layout_of(state)))
     np.testing.assert_allclose(leaves, np.exp(np.asarray(state.log_weights)), rtol=1e-6)
-    p = np.asarray(ab.probabilities(state), np.float64)
+    p = np.asarray(ab.samplers.probabilities(state), np.float64)
     assert np.all(np.isfinite(p))
     assert abs(p.sum() - 1) <= 1e-5
     assert p.min() >= state.p_min * (1 - 1e-5)
@@ -291,7 +293,7 @@ def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
         def body(state, key):
             indices, _ = sampler.sample(state, key)
             state = sampler.update(state, indices, f[indices])
-            return state, ab.probabilities(state)
+            return state, ab.samplers.probabilities(state)
 
         keys = jax.random.split(jax.random.PRNGKey(0), num_steps)
         _, ps = scan_with_renormalization(sampler, body, sampler.init(), keys)
@@ -453,7 +455,7 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     assert float(bad.grad_norm_bound) == 1.0  # NaN/Inf do not enter the running max
     # the same update with only the good draw: identical result
     assert np.all(np.isfinite(np.asarray(bad.log_weights)))
-    p_bad = np.asarray(ab.probabilities(bad))
+    p_bad = np.asarray(ab.samplers.probabilities(bad))
     # dropped draws count as not drawn: their arms' unnormalized weight is unchanged
     np.testing.assert_array_equal(
         np.asarray(bad.log_weights)[1:4], np.asarray(state.log_weights)[1:4]
@@ -461,7 +463,7 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     # ... and training goes on normally afterwards: no poisoning
     for i in range(50):
         bad = update(bad, jnp.array([i % n, (3 * i) % n, 5, 6]), jnp.array([0.5, 1.0, 2.0, 0.1]))
-    p = np.asarray(ab.probabilities(bad))
+    p = np.asarray(ab.samplers.probabilities(bad))
     assert np.all(np.isfinite(p)) and abs(p.sum() - 1) < 1e-5 and p.min() >= 0.1 / n * (1 - 1e-5)
     assert not np.allclose(p, p_bad)
 
@@ -472,7 +474,9 @@ def test_all_nan_feedback_leaves_distribution_unchanged():
     state = with_distribution(sampler.init(), random_distribution(n, 0.1 / n, 2))
     new = jax.jit(sampler.update)(state, jnp.array([0, 1, 1, 5]), jnp.full(4, jnp.nan))
     np.testing.assert_allclose(
-        np.asarray(ab.probabilities(new)), np.asarray(ab.probabilities(state)), rtol=1e-6
+        np.asarray(ab.samplers.probabilities(new)),
+        np.asarray(ab.samplers.probabilities(state)),
+        rtol=1e-6,
     )
     assert int(new.num_dropped_feedback) == 4
 
@@ -507,7 +511,7 @@ class CompileOnceTest(chex.TestCase):
         np.testing.assert_allclose(np.asarray(ab.importance_weights(probs, 30)), 1.0, rtol=1e-6)
         state = self.variant(sampler.update)(state, indices, jnp.ones(6))
         self.assertEqual(int(state.step), 1)
-        np.testing.assert_allclose(np.asarray(ab.probabilities(state)), 1 / 30)
+        np.testing.assert_allclose(np.asarray(ab.samplers.probabilities(state)), 1 / 30)
 
 
 def test_uniform_sampler_frequencies():
@@ -528,7 +532,7 @@ def test_importance_weights_are_inverse_n_p():
 
 def test_probabilities_rejects_non_states():
     with pytest.raises(TypeError, match="state"):
-        ab.probabilities(jnp.ones(3))
+        ab.samplers.probabilities(jnp.ones(3))
 
 
 # ---------------------------------------------------------------- the typed contract
@@ -540,12 +544,14 @@ def test_factories_build_base_samplers_with_their_distribution():
     for sampler in (ab.uniform_sampler(6, 2), ab.exp3_sampler(6, 2, step_size=0.1)):
         assert isinstance(sampler, base.Sampler)
         state = sampler.update(sampler.init(), jnp.array([0, 0]), jnp.array([1.0, 3.0]))
-        np.testing.assert_array_equal(sampler.probabilities(state), ab.probabilities(state))
+        np.testing.assert_array_equal(
+            sampler.probabilities(state), ab.samplers.probabilities(state)
+        )
 
 
 def test_probabilities_asks_the_state_and_names_other_types():
     gn = ab.gradient_norm_sampler(4, 2)
-    np.testing.assert_allclose(ab.probabilities(gn.init()), np.full(4, 0.25))
+    np.testing.assert_allclose(ab.samplers.probabilities(gn.init()), np.full(4, 0.25))
     for not_a_distribution in (ab.adam_impt_sampler(4, 2).init(), {"distribution": jnp.ones(4)}):
         with pytest.raises(TypeError, match=type(not_a_distribution).__name__):
-            ab.probabilities(not_a_distribution)
+            ab.samplers.probabilities(not_a_distribution)

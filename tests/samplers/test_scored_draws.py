@@ -58,7 +58,7 @@ def test_resample_weights_are_unbiased_over_the_presample():
     @jax.jit
     def estimates(keys):
         def one(key):
-            positions, q, valid = ab.resample_proportional(key, scores, num_draws)
+            positions, q, valid = ab.samplers.resample_proportional(key, scores, num_draws)
             weights = 1.0 / (presample_size * q[positions])
             return jnp.mean(weights[:, None] * jnp.asarray(values)[positions], axis=0), valid
 
@@ -77,7 +77,7 @@ def test_resample_weights_are_unbiased_over_the_presample():
 
 def test_resample_never_draws_zero_scores_and_falls_back_to_uniform():
     key = jax.random.key(3)
-    resample = jax.jit(ab.resample_proportional, static_argnums=2)
+    resample = jax.jit(ab.samplers.resample_proportional, static_argnums=2)
     scores = jnp.asarray([0.0, 2.0, 0.0, 0.0, 1.0, 0.0])
     positions, q, valid = resample(key, scores, 5000)
     assert bool(valid)

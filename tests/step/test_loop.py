@@ -81,11 +81,15 @@ def test_has_aux_metrics_are_stacked_per_step():
     params, data = _problem()
     keys = jax.random.split(jax.random.key(3), 4)
     many = ab.make_train_step(
-        loss_with_aux, optax.adam(0.1), sampler, feedback="loss", has_aux=True, steps_per_call=4
+        ab.Loss(loss_with_aux, has_aux=True),
+        optax.adam(0.1),
+        sampler,
+        feedback="loss",
+        steps_per_call=4,
     )
     state, metrics = many(many.init(params), data, jax.random.key(3))
     single = ab.make_train_step(
-        loss_with_aux, optax.adam(0.1), sampler, feedback="loss", has_aux=True
+        ab.Loss(loss_with_aux, has_aux=True), optax.adam(0.1), sampler, feedback="loss"
     )
     expected, aux = single.init(params), []
     for key in keys:

@@ -11,6 +11,7 @@ import pytest
 import adambs_jax as ab
 from adambs_jax.feedback import _estimators as estimators
 from adambs_jax.feedback._estimators import Estimate
+from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.step import _stages as step_stages
 
 NUM_EXAMPLES, BATCH_SIZE = 10, 4
@@ -261,12 +262,12 @@ def test_the_preconditioned_feedback_gets_the_step_s_optimizer_state():
     key = jax.random.key(2)
     indices, _ = sampler.sample(state.sampler_state, jax.random.split(key, 3)[0])
     batch = jax.tree.map(lambda leaf: leaf[indices], _data())
-    expected = ab.preconditioned_grad_norms(_loss, state.params, batch, state.opt_state)
+    expected = ab.feedback.preconditioned_grad_norms(_loss, state.params, batch, state.opt_state)
     new_state, _ = step(state, _data(), key)
     priorities = sampler.probabilities(new_state.sampler_state)  # p ~ u = f + eps
     tree = new_state.sampler_state.tree
-    leaves = ab.sumtree.leaf_values(
-        tree, ab.sumtree.layout_for(NUM_EXAMPLES, new_state.sampler_state.arity)
+    leaves = sumtree.leaf_values(
+        tree, sumtree.layout_for(NUM_EXAMPLES, new_state.sampler_state.arity)
     )
     np.testing.assert_allclose(leaves[indices], expected + 1e-6, rtol=1e-5)
     assert float(priorities.sum()) == pytest.approx(1.0, rel=1e-5)

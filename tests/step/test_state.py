@@ -12,6 +12,8 @@ import optax
 import pytest
 
 import adambs_jax as ab
+from adambs_jax.samplers import _exp3 as exp3
+from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.step._state import TrainStep
 
 NUM_EXAMPLES, BATCH_SIZE = 12, 4
@@ -35,7 +37,7 @@ def test_make_train_step_returns_a_train_step_holding_optimizer_and_sampler():
     optimizer = optax.sgd(0.1)
     sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
     step = ab.make_train_step(_loss, optimizer, sampler, feedback="loss")
-    assert isinstance(step, TrainStep) and ab.train_step.TrainStep is TrainStep
+    assert isinstance(step, TrainStep) and ab.step.TrainStep is TrainStep
     assert step.optimizer is optimizer and step.sampler is sampler
 
 
@@ -114,10 +116,10 @@ def _drifting_step(**options):
 
 
 def _assert_sampler_state_is_sound(sampler_state):
-    layout = ab.exp3.tree_layout(sampler_state.num_examples, sampler_state.arity)
-    leaves = np.asarray(ab.sumtree.leaf_values(sampler_state.tree, layout))
+    layout = exp3.tree_layout(sampler_state.num_examples, sampler_state.arity)
+    leaves = np.asarray(sumtree.leaf_values(sampler_state.tree, layout))
     assert np.all(np.isfinite(leaves)) and leaves.min() >= 2.0**-100
-    p = np.asarray(ab.probabilities(sampler_state), np.float64)
+    p = np.asarray(ab.samplers.probabilities(sampler_state), np.float64)
     assert p.min() > 0 and abs(p.sum() - 1) < 1e-5
 
 

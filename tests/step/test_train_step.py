@@ -50,13 +50,13 @@ def _problem(seed=0):
 @jax.jit
 def _reference_estimate(params, batch, weights):
     """Independent of the step: G_hat and every feedback kind, from vmap'ed gradients."""
-    losses, per_example = ab.per_example_losses_and_grads(MODEL_LOSS, params, batch)
+    losses, per_example = ab.feedback.per_example_losses_and_grads(MODEL_LOSS, params, batch)
     feedback = {
-        "grad_norm": ab.tree_norms(per_example),
-        "logit_grad_norm": ab.logit_grad_norms(MODEL_LOSS, params, batch),
+        "grad_norm": ab.feedback.tree_norms(per_example),
+        "logit_grad_norm": ab.feedback.logit_grad_norms(MODEL_LOSS, params, batch),
         "loss": losses,
     }
-    return losses, ab.weighted_mean(per_example, weights), feedback
+    return losses, ab.transforms.weighted_mean(per_example, weights), feedback
 
 
 def _full_loss(model_loss, params, data):
@@ -140,13 +140,10 @@ class GradientEstimateTest(parameterized.TestCase):
         optimizer = optax.sgd(1.0)
         if per_example_optimizer:
             optimizer = ab.with_importance_weighting(optimizer)
-        step = ab.make_train_step(
-            model_loss,
-            optimizer,
-            sampler,
-            feedback=feedback,
-            reuse_per_example_grads=reuse_per_example_grads,
-        )
+        kind = feedback
+        if feedback == "grad_norm":
+            kind = ab.feedback.GradNorm(reuse_per_example_grads=reuse_per_example_grads)
+        step = ab.make_train_step(model_loss, optimizer, sampler, feedback=kind)
         state = ab.TrainState.create(params=params, optimizer=optimizer, sampler=sampler)
         key = jax.random.key(7)
         new_state, metrics = step(state, data, key)
@@ -243,7 +240,7 @@ class Exp3StepTest(parameterized.TestCase):
             state, metrics = step(state, data, jax.random.key(t))
             self.assertEqual(int(metrics["num_dropped_feedback"]), 3)
         self.assertEqual(int(state.sampler_state.num_dropped_feedback), 15)
-        p = ab.probabilities(state.sampler_state)
+        p = ab.samplers.probabilities(state.sampler_state)
         self.assertTrue(bool(jnp.all(jnp.isfinite(p))))
         np.testing.assert_allclose(metrics["max_prob"], jnp.max(p), rtol=1e-6)
         np.testing.assert_allclose(metrics["min_prob"], jnp.min(p), rtol=1e-6)
@@ -293,7 +290,7 @@ class StateAndOptionsTest(parameterized.TestCase):
         self.assertIn("loss", metrics)
 
     def test_diagnostics_default_off_for_large_datasets(self):
-        n = ab.train_step.FULL_DIAGNOSTICS_MAX_EXAMPLES + 1
+        n = ab.step.FULL_DIAGNOSTICS_MAX_EXAMPLES + 1
         data = {"x": jnp.ones((n, 1)), "y": jnp.zeros((n,), jnp.int32)}
         model_loss = ab.ModelLoss(lambda p, b: b["x"] @ p, _cross_entropy)
         sampler = ab.uniform_sampler(n, BATCH_SIZE)
@@ -320,7 +317,11 @@ class StateAndOptionsTest(parameterized.TestCase):
         with pytest.raises(TypeError, match="loss_fn"):
             ab.make_train_step(3, optax.sgd(0.1), sampler)
         with pytest.raises(TypeError, match="reuse_per_example_grads"):
-            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, reuse_per_example_grads=None)
+            ab.feedback.GradNorm(reuse_per_example_grads=None)
+        with pytest.raises(TypeError, match="unexpected keyword argument.*learning_rate"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, learning_rate=0.1)
+        with pytest.raises(TypeError, match="options must be an ab.StepOptions"):
+            ab.make_train_step(model_loss, optax.sgd(0.1), sampler, options={"jit": False})
         with pytest.raises(TypeError, match="diagnostics"):
             ab.make_train_step(model_loss, optax.sgd(0.1), sampler, diagnostics="yes")
         with pytest.raises(TypeError, match="optimizer"):
@@ -366,7 +367,7 @@ class ScoringHookTest(parameterized.TestCase):
         params, data, model_loss = _problem()
         indices = jnp.asarray([3, 0, 95, 17, 17, 42, 8], jnp.int32)
         batch = jax.tree.map(lambda leaf: leaf[indices], data)
-        expected = ab.logit_grad_norms(model_loss, params, batch)
+        expected = ab.feedback.logit_grad_norms(model_loss, params, batch)
         for chunk_size in (None, 3):  # 3: two full chunks and a padded one
             score_fn = make_score_fn(
                 model_loss,
@@ -419,7 +420,7 @@ class ScoringHookTest(parameterized.TestCase):
             current_params = jax.tree.map(jnp.copy, state.params)
             state, _ = step(state, data, jax.random.key(t))
             batch = jax.tree.map(lambda leaf: leaf[presample], data)
-            scores = ab.logit_grad_norms(model_loss, current_params, batch)
+            scores = ab.feedback.logit_grad_norms(model_loss, current_params, batch)
             expected = presample[jnp.argsort(-scores)[:BATCH_SIZE]]
             np.testing.assert_array_equal(state.sampler_state.drawn, expected)
             np.testing.assert_allclose(state.sampler_state.scores, scores, rtol=1e-6)
@@ -655,20 +656,6 @@ class SamplerContractTest(parameterized.TestCase):
         )
 
 
-def test_moved_names_stay_importable():
-    from adambs_jax import _checks as checks
-    from adambs_jax import _tree_utils as tree_utils
-    from adambs_jax.feedback import _scoring as scoring
-    from adambs_jax.samplers import _base as base
-    from adambs_jax.step import _state as train_state
-
-    assert ab.train_step.check_key is checks.check_key
-    assert ab.train_step.TrainState is train_state.TrainState is ab.TrainState
-    assert scoring.ScoringSampler is base.ScoringSampler
-    assert scoring.ScoreFn is base.ScoreFn
-    assert scoring.gather is tree_utils.gather
-
-
 def test_score_fn_chunk_size_must_be_an_int():
     params, data, model_loss = _problem()
     for bad in (True, 2.0, -1):
@@ -783,19 +770,29 @@ class LossOptionsTest(parameterized.TestCase):
 
         for takes_key, want in ((True, 1), (False, 0)):
             step = ab.make_train_step(
-                loss,
+                ab.Loss(loss, takes_key=takes_key),
                 optax.sgd(0.1),
                 ab.uniform_sampler(NUM_EXAMPLES, 4),
                 feedback="loss",
-                loss_takes_key=takes_key,
                 jit=False,
             )
             step(step.init(params), data, jax.random.key(0))
             self.assertEqual(calls[-1], want)
-        with pytest.raises(TypeError, match="loss_takes_key"):
+        with pytest.raises(TypeError, match="takes_key"):
             ab.make_train_step(
-                loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4), loss_takes_key="yes"
+                ab.Loss(loss, takes_key="yes"), optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4)
             )
+        with pytest.warns(DeprecationWarning, match="loss_takes_key= is deprecated"):
+            step = ab.make_train_step(
+                loss,
+                optax.sgd(0.1),
+                ab.uniform_sampler(NUM_EXAMPLES, 4),
+                feedback="loss",
+                loss_takes_key=False,
+                jit=False,
+            )
+        step(step.init(params), data, jax.random.key(0))
+        self.assertEqual(calls[-1], 0)
 
     @pytest.mark.filterwarnings("ignore:ghost norms. no layer rule covers")
     def test_grad_norm_methods_give_the_same_step(self):
@@ -804,11 +801,33 @@ class LossOptionsTest(parameterized.TestCase):
         for method in ("vmap", "ghost", "auto"):
             sampler = ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=5)
             step = ab.make_train_step(
-                model_loss, optax.adam(0.05), sampler, grad_norm_method=method
+                model_loss, optax.adam(0.05), sampler, feedback=ab.feedback.GradNorm(method)
             )
             state, metrics = step(step.init(params), data, jax.random.key(3))
             results[method] = (state.params, metrics["mean_feedback"])
         for method in ("ghost", "auto"):
             chex.assert_trees_all_close(results[method], results["vmap"], rtol=1e-5, atol=1e-6)
-        with pytest.raises(ValueError, match="grad_norm_method"):
-            ab.make_train_step(model_loss, optax.adam(0.05), sampler, grad_norm_method="exact")
+        with pytest.raises(ValueError, match="method must be one of"):
+            ab.feedback.GradNorm("exact")
+
+    def test_the_old_grad_norm_keywords_warn_or_are_refused(self):
+        """grad_norm_method= / reuse_per_example_grads= still set the grad-norm feedback for a
+        release (with a warning); with another feedback, where they were ignored, they are
+        refused."""
+        params, data, model_loss = _problem()
+        sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+        with pytest.warns(DeprecationWarning, match="grad_norm_method= is deprecated"):
+            old = ab.make_train_step(model_loss, optax.sgd(0.1), sampler, grad_norm_method="vmap")
+        new = ab.make_train_step(
+            model_loss, optax.sgd(0.1), sampler, feedback=ab.feedback.GradNorm("vmap")
+        )
+        results = [
+            step(step.init(params), data, jax.random.key(1))[0].params for step in (old, new)
+        ]
+        chex.assert_trees_all_equal(*results)
+        for keyword in ({"grad_norm_method": "vmap"}, {"reuse_per_example_grads": True}):
+            with (
+                pytest.warns(DeprecationWarning),
+                pytest.raises(ValueError, match="only the grad_norm feedback has these settings"),
+            ):
+                ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss", **keyword)
