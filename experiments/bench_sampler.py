@@ -179,8 +179,10 @@ def main(argv=None):
         "rows": rows,
     }
     out = harness.write_report(args.out, result)
+    machine = result["machine"]
     print(
-        f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}"
+        f"\nsample + update, K = {args.batch_size}, {machine['cpu_model']} "
+        f"({machine['jax_backend']}), jax {jax.__version__}"
     )
     print(harness.markdown_table(TABLE_COLUMNS, rows))
     print(f"\nwrote {out}")

@@ -22,10 +22,11 @@ feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sa
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
 these n), plus ``adambs/grad_norm/reuse-per-example`` (``reuse_per_example_grads=True``) and
 ``adambs/loss/no-diagnostics``, and ``adambs/grad_norm/vmap`` (exact norms by ``vmap``
-per-example gradients instead of the default ghost norms: ``grad_norm_method="vmap"``). Every step is jitted with the state donated, warmed up
-(compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
-rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
-and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
+per-example gradients instead of the default ghost norms: ``grad_norm_method="vmap"``).
+Every step is jitted with the state donated, warmed up (compilation excluded) and timed with
+``block_until_ready``, the variants interleaved in rounds (``experiments.bench_harness``);
+the table reports the median over ``--runs`` steps and the ratio to ``adam`` (AdamBS paper:
+Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
 
 Three figures per variant, as a user sees them (issue 11): ``median_ms`` (synced: every step
 blocked on, the latency of one step), ``pipelined_ms`` (``--scan-steps`` steps dispatched back
