@@ -271,7 +271,7 @@ def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
     model.train()
     for key in keys:
         indices, _ = sampler.sample(sampler.init(), jax.random.split(key, 3)[0])
-        train_step(model, optimizer, jax.tree.map(lambda leaf: leaf[indices], data))
+        train_step(model, optimizer, jax.tree.map(lambda leaf, i=indices: leaf[i], data))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest), atol=1e-5, rtol=1e-5)
