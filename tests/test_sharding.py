@@ -161,7 +161,7 @@ def test_eight_devices_match_one_device(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(s for s in result.stdout.splitlines() if s.startswith("RESULT "))
     out = json.loads(line[len("RESULT ") :])
     assert out["num_devices"] == 8
     assert out["param_diff"] <= 1e-5, out

@@ -115,7 +115,7 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
     sampler = make_sampler()
     step = ab.make_train_step(_loss, OPTIMIZER, sampler, feedback="loss")
     state = _fresh_state(jax.random.key(3), sampler=sampler)
-    for t in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
+    for _ in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
         state, _ = step(state, _data())
     ab.save_checkpoint(tmp_path / "s", state, sampler=sampler)
     metadata = ab.read_checkpoint_metadata(tmp_path / "s")
@@ -263,7 +263,8 @@ import json, os, sys, time
 import jax.numpy as jnp, optax
 import adambs_jax as ab
 
-path, tag, ready, go, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+path, tag, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rounds = int(sys.argv[5])
 sampler = ab.uniform_sampler(8, 2)
 def state(value):
     return ab.TrainState.create(params={"w": jnp.full((256,), float(value))},

@@ -486,7 +486,7 @@ class NonFiniteStepTest(parameterized.TestCase):
             params=params, optimizer=optimizer, sampler=sampler, key=jax.random.key(0)
         )
         initial_loss = _full_loss(model_loss, params, data)
-        for t in range(3):
+        for _ in range(3):
             state, metrics = step(state, data)
             self.assertEqual(int(metrics["skipped"]), 0)
         before = _copy(state)
@@ -498,7 +498,7 @@ class NonFiniteStepTest(parameterized.TestCase):
             chex.assert_trees_all_equal(getattr(state, name), getattr(before, name))
         self.assertEqual(int(state.step), 4)  # a skipped step still counts as a step
         self.assertFalse(np.array_equal(jax.random.key_data(state.key), before.key))  # moved on
-        for t in range(16):  # and training goes on
+        for _ in range(16):  # and training goes on
             state, metrics = step(state, data)
             self.assertEqual(int(metrics["skipped"]), 0)
         self.assertEqual(int(state.skipped_steps), 1)
@@ -674,7 +674,6 @@ def test_score_fn_chunk_size_must_be_an_int():
     for bad in (True, 2.0, -1):
         with pytest.raises(ValueError, match="chunk_size must be an int >= 1 or None"):
             make_score_fn(model_loss, "loss", params, data, chunk_size=bad)
-
 
 
 def _plain_optax_loop(model_loss, optimizer, sampler, params, data, keys, extra_args=False):
