@@ -28,7 +28,7 @@ Every step is jitted with the state donated, warmed up (compilation excluded) an
 the table reports the median over ``--runs`` steps and the ratio to ``adam`` (AdamBS paper:
 Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
 
-Three figures per variant, as a user sees them (issue 11): ``median_ms`` (synced: every step
+Three figures per variant, as a user sees them: ``median_ms`` (synced: every step
 blocked on, the latency of one step), ``pipelined_ms`` (``--scan-steps`` steps dispatched back
 to back, blocked once: a training loop's throughput) and ``scan_ms`` (the same number of
 steps in one jitted ``lax.scan``, ``make_train_step(..., steps_per_call=N)``: device time
