@@ -337,9 +337,10 @@ def _race_two_writers(tmp_path, rounds):
 
 
 def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
-    """Issue 16, bug 6: the checkpoint on disk is always a state whose save returned, its
-    metadata and arrays from the same writer; a refused save says why and names the lock;
-    no temporary directory or lock file is left, and both processes exit."""
+    """A regression (two writers racing on one path): the checkpoint on disk is always a
+    state whose save returned, its metadata and arrays from the same writer; a refused save
+    says why and names the lock; no temporary directory or lock file is left, and both
+    processes exit."""
     path, results = _race_two_writers(tmp_path, rounds=6)
     succeeded = {r["value"] for r in results if r["ok"]}
     assert succeeded
@@ -406,7 +407,7 @@ _ORBAX_ABANDONED_READS = pytest.mark.filterwarnings(
 @_ORBAX_ABANDONED_READS
 @pytest.mark.parametrize("how", ["truncated", "scrambled"])
 def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
-    """Issue 16: a damaged checkpoint gives a ValueError that names it and says what to do,
+    """A damaged checkpoint gives a ValueError that names it and says what to do,
     not a raw TensorStore / JSON error."""
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "c", state, sampler=SAMPLER)

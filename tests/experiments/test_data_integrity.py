@@ -1,6 +1,6 @@
 """Tests for experiments.data.integrity, download and safe_pickle, and the caches.
 
-Cached data files are verified before they are read, and read without code (issue 16).
+Cached data files are verified before they are read, and read without code.
 
 Regression tests: a crafted pickle in the cache must not run code, a cached
 file that differs from its pinned checksum or is truncated must be refused

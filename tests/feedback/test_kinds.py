@@ -232,7 +232,7 @@ class LossInterfaceTest(chex.TestCase):
         self.assertTrue(takes_key(lambda params, batch, key: 0))
         self.assertTrue(takes_key(lambda params, batch, key=None: 0))
         model = object()
-        self.assertFalse(takes_key(lambda params, batch, model=model: 0))  # issue 13
+        self.assertFalse(takes_key(lambda params, batch, model=model: 0))  # a default, not a key
         self.assertTrue(takes_key(lambda *args: 0))
         self.assertFalse(takes_key(lambda params, batch, *, key=None: 0))
         _, _, _, model_loss = _setup()

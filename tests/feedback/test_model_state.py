@@ -1,5 +1,5 @@
 """Tests of adambs_jax.model_state: model state (linen batch_stats, NNX graph state) and
-auxiliary outputs in the train step, on the batch as a whole (issue 13)."""
+auxiliary outputs in the train step, on the batch as a whole."""
 
 import functools
 
@@ -291,7 +291,7 @@ def _masked(adam):  # the biases are frozen: set_to_zero on what the mask leaves
     )
 
 
-OPTIMIZERS = {  # issue 13's list: (ours, the plain optax optimizer it must equal)
+OPTIMIZERS = {  # the wrappers covered: (ours, the plain optax optimizer it must equal)
     "adam": lambda adam: optax.adam(0.05),
     "adambs": lambda adam: adam(0.05),
     "chain_clip_adam": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),

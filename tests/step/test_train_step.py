@@ -439,7 +439,7 @@ def test_api_doc_example_runs(index):
     exec(compile(_api_examples()[index], f"{API_DOC.name}[{index}]", "exec"), {"__name__": "doc"})
 
 
-# ---------------------------------------------------------------- non-finite steps (issue 6)
+# ---------------------------------------------------------------------------- non-finite steps
 
 
 def _poisoned(data, value):
@@ -578,7 +578,7 @@ class NonFiniteStepTest(parameterized.TestCase):
 
 
 class ValidationTest(parameterized.TestCase):
-    """Trace-time checks of issue 6 name the bad argument."""
+    """Trace-time checks name the bad argument."""
 
     def test_bad_keys_and_states(self):
         params, data, model_loss = _problem()
@@ -617,7 +617,7 @@ class ValidationTest(parameterized.TestCase):
 
 
 def test_api_doc_checkpoint_example_runs():
-    """The checkpoint/resume example of docs/api.md (issue 6) runs and its asserts hold."""
+    """The checkpoint/resume example of docs/api.md runs and its asserts hold."""
     blocks = [block for block in _api_examples() if block.startswith("# checkpoint example")]
     assert len(blocks) == 1, "docs/api.md lost its checkpoint example"
     exec(compile(blocks[0], f"{API_DOC.name}[checkpoint]", "exec"), {"__name__": "doc"})
@@ -695,7 +695,7 @@ def _plain_optax_loop(model_loss, optimizer, sampler, params, data, keys, extra_
     return params
 
 
-WRAPPERS = {  # issue 13: each wrapper around ab.adambs equals it around optax.adam
+WRAPPERS = {  # each wrapper around ab.adambs equals it around optax.adam
     "chain_clip": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),
     "chain_after": lambda adam: optax.chain(adam(0.05), optax.add_decayed_weights(1e-3)),
     "inject_hyperparams": lambda adam: optax.inject_hyperparams(adam)(learning_rate=0.05),
