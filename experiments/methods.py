@@ -229,11 +229,11 @@ def _registry() -> dict[str, MethodSpec]:
             sampler_defaults={"p_min_times_n": 0.5},
         ),
     ]
-    specs += _issue_15_methods()
+    specs += _sampler_comparison_methods()
     return {spec.name: spec for spec in specs}
 
 
-def _issue_15_methods() -> list[MethodSpec]:
+def _sampler_comparison_methods() -> list[MethodSpec]:
     """The samplers of the compute-matched comparison: the exp3 preset, the priority sampler,
     InfoBatch, and variants learning from the preconditioned gradient norm."""
     precond = "preconditioned_grad_norm"
