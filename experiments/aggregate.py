@@ -62,7 +62,7 @@ def time_to_target(times, losses, target: float) -> np.ndarray:
     losses = np.atleast_2d(np.asarray(losses, dtype=np.float64))
     if times.shape != losses.shape:
         raise ValueError(f"times {times.shape} and losses {losses.shape} differ")
-    return np.array([first_crossing(t, l, target) for t, l in zip(times, losses)])
+    return np.array([first_crossing(t, loss, target) for t, loss in zip(times, losses)])
 
 
 def summarize_crossings(crossings) -> dict:

@@ -6,10 +6,11 @@
 Runs ``--num-updates`` sample + update steps of ``exp3_sampler(n, K)`` (default n = 10^6,
 K = 128, eta0 of Lemma 1 with T = num_updates) on random feedback, jitted in ``lax.scan``
 chunks of ``--chunk`` updates with the state donated; ``sampler.renormalize`` runs after
-every chunk and every ``sampler.renormalize_every`` updates within one. The feedback of a draw of example j is
-b_j u with b_j ~ LogNormal(0, ``--feedback-sigma``) fixed per example (heavy-tailed, so
-many examples are pushed down to the floor p_min) and u ~ Uniform(0.5, 1.5) fresh per draw;
-``--nan-rate`` replaces that fraction of the feedback with NaN (dropped by the sampler).
+every chunk and every ``sampler.renormalize_every`` updates within one. The feedback of a
+draw of example j is b_j u with b_j ~ LogNormal(0, ``--feedback-sigma``) fixed per example
+(heavy-tailed, so many examples are pushed down to the floor p_min) and u ~ Uniform(0.5,
+1.5) fresh per draw; ``--nan-rate`` replaces that fraction of the feedback with NaN (dropped
+by the sampler).
 
 After every chunk, on the host (O(n), only once per chunk): p = leaf / root as the library
 computes it (float32), then

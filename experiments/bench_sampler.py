@@ -9,9 +9,9 @@ one writes without a tree: ``jax.random.choice(p=p)`` (a cumulative sum over n, 
 search) and a multiplicative update of the full p vector followed by the same exact
 projection applied to all n entries (O(n) elementwise work).
 
-Besides that synced latency (``median_us``), the tree step is timed as a user sees it
-(issue 11): ``pipelined_us`` (``--scan-steps`` steps dispatched back to back, blocked once)
-and ``scan_us`` (that many steps in one jitted ``lax.scan``: device time without dispatch).
+Besides that synced latency (``median_us``), the tree step is timed as a user sees it:
+``pipelined_us`` (``--scan-steps`` steps dispatched back to back, blocked once) and
+``scan_us`` (that many steps in one jitted ``lax.scan``: device time without dispatch).
 ``--arities 2 4 8 16`` times the scan for each tree arity B (``sumtree.default_arity`` is
 chosen from such a run).
 """
@@ -180,8 +180,10 @@ def main(argv=None):
         "rows": rows,
     }
     out = harness.write_report(args.out, result)
+    machine = result["machine"]
     print(
-        f"\nsample + update, K = {args.batch_size}, {result['machine']['cpu_model']} ({result['machine']['jax_backend']}), jax {jax.__version__}"
+        f"\nsample + update, K = {args.batch_size}, {machine['cpu_model']} "
+        f"({machine['jax_backend']}), jax {jax.__version__}"
     )
     print(harness.markdown_table(TABLE_COLUMNS, rows))
     print(f"\nwrote {out}")

@@ -20,14 +20,16 @@ Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step wi
 indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
-these n), plus ``adambs/grad_norm/reuse-per-example`` (``GradNorm(reuse_per_example_grads=True)``) and
-``adambs/loss/no-diagnostics``, and ``adambs/grad_norm/vmap`` (exact norms by ``vmap``
-per-example gradients instead of the default ghost norms: ``GradNorm(method="vmap")``). Every step is jitted with the state donated, warmed up
-(compilation excluded) and timed with ``block_until_ready``, the variants interleaved in
-rounds (``experiments.bench_harness``); the table reports the median over ``--runs`` steps
-and the ratio to ``adam`` (AdamBS paper: Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
+these n), plus ``adambs/grad_norm/reuse-per-example``
+(``GradNorm(reuse_per_example_grads=True)``) and ``adambs/loss/no-diagnostics``, and
+``adambs/grad_norm/vmap`` (exact norms by ``vmap`` per-example gradients instead of the
+default ghost norms: ``GradNorm(method="vmap")``).
+Every step is jitted with the state donated, warmed up (compilation excluded) and timed with
+``block_until_ready``, the variants interleaved in rounds (``experiments.bench_harness``);
+the table reports the median over ``--runs`` steps and the ratio to ``adam`` (AdamBS paper:
+Liu, Wu, Mozafari, NeurIPS 2020; DESIGN.md §5).
 
-Three figures per variant, as a user sees them (issue 11): ``median_ms`` (synced: every step
+Three figures per variant, as a user sees them: ``median_ms`` (synced: every step
 blocked on, the latency of one step), ``pipelined_ms`` (``--scan-steps`` steps dispatched back
 to back, blocked once: a training loop's throughput) and ``scan_ms`` (the same number of
 steps in one jitted ``lax.scan``, ``make_train_step(..., steps_per_call=N)``: device time

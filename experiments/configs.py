@@ -171,9 +171,13 @@ _SMALL_SOURCES = {
     "methods": f"{ADAMBS} §5: Adam vs Adam-impt vs AdamBS; adambs-tuned is ours",
     "learning_rate": f"{ADAMBS} §5.2 CNNs: 0.001",
     "batch_size": f"{ADAMBS} §5.2 CNNs: 128",
-    "num_seeds": f"{ADAMBS} §5.1: 'repeating each experiment five times with different random seeds'",
+    "num_seeds": (
+        f"{ADAMBS} §5.1: 'repeating each experiment five times with different random seeds'"
+    ),
     "initialization": f"{ADAMBS} §5.1: 'the same parameter initialization when comparing'",
-    "feedback": f"{ADAMBS} §5.1: 'we use the upper bound in the place of per-example gradient norm'",
+    "feedback": (
+        f"{ADAMBS} §5.1: 'we use the upper bound in the place of per-example gradient norm'"
+    ),
     "adam_betas": f"{ADAMBS} §5.1: beta1 = 0.9, beta2 = 0.999",
     "dataset/model": OURS + " (small data that needs no network)",
     "num_steps": OURS,

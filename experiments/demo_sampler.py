@@ -43,6 +43,24 @@ def optimal_distribution(f, p_min):
     return np.maximum(p_min, f / lam)
 
 
+def _make_run_chunk(sampler, f_dev, chunk):
+    """A jitted ``(state, key) -> (state, V(p))``: ``chunk`` sample + update steps of
+    ``sampler`` on the fixed feedback ``f_dev``, then a renormalization."""
+
+    @jax.jit
+    def run_chunk(state, key):
+        def body(s, key):
+            indices, _ = sampler.sample(s, key)
+            return sampler.update(s, indices, f_dev[indices]), None
+
+        state, _ = jax.lax.scan(body, state, jax.random.split(key, chunk))
+        state = sampler.renormalize(state)  # chunk <= sampler.renormalize_every here
+        p = sampler.probabilities(state)
+        return state, jnp.sum(f_dev.astype(jnp.float32) ** 2 / p)
+
+    return run_chunk
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=2000)
@@ -75,18 +93,7 @@ def main(argv=None):
     for label, options in settings.items():
         sampler = ab.exp3_sampler(n, k, num_steps=steps, **options)
         p_best = optimal_distribution(f.astype(np.float64), options.get("p_min", p_min))
-
-        @jax.jit
-        def run_chunk(state, key):
-            def body(s, key):
-                indices, _ = sampler.sample(s, key)
-                return sampler.update(s, indices, f_dev[indices]), None
-
-            state, _ = jax.lax.scan(body, state, jax.random.split(key, chunk))
-            state = sampler.renormalize(state)  # chunk <= sampler.renormalize_every here
-            p = sampler.probabilities(state)
-            return state, jnp.sum(f_dev.astype(jnp.float32) ** 2 / p)
-
+        run_chunk = _make_run_chunk(sampler, f_dev, chunk)
         state, key = sampler.init(), jax.random.PRNGKey(args.seed)
         curve = [(0, 1.0)]
         for i in tqdm(range(steps // chunk), desc=label):
@@ -101,13 +108,13 @@ def main(argv=None):
         )
 
     summary = {
-        "settings": {l: {k: v for k, v in o.items()} for l, o in settings.items()},
+        "settings": {name: dict(o) for name, o in settings.items()},
         "num_examples": n,
         "batch_size": k,
         "num_steps": steps,
         "seed": args.seed,
         "v_opt_over_uniform": v_opt,
-        "final_v_over_uniform": {l: c[-1][1] for l, c in curves.items()},
+        "final_v_over_uniform": {name: c[-1][1] for name, c in curves.items()},
     }
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)

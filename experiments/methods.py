@@ -29,12 +29,12 @@ name                what it is (source)
                     learned p is *worse* than uniform; with 0.5/n it no longer hurts)
 ``adambs-lowvar``   **ours**: AdamBS with ``exp3_sampler(preset="low_variance")``: p_min = 0.5/n
                     and the clipped bound (L = running 0.9-quantile), the settings
-                    docs/algorithm.md found to lower the variance term (issue 15)
+                    docs/algorithm.md found to lower the variance term
 ``adambs-lowvar-precond``  the same, learning from ``"preconditioned_grad_norm"``
 ``adam-priority``   **ours**: Adam with the stale-score priority sampler
                     (``ab.priority_sampler``: p_j proportional to the score example j got when
                     last drawn, mixed with 10% uniform, exact weights 1/(n p)), learning from
-                    the configuration's feedback like the bandit methods (issue 15)
+                    the configuration's feedback like the bandit methods
 ``adam-priority-precond``  the same, learning from ``"preconditioned_grad_norm"`` (the norm of
                     Adam's preconditioned per-example gradient, Lahire's point that p^GN is
                     optimal for SGD, not for Adam)
@@ -163,7 +163,7 @@ _OPTIMIZER_LABELS = {"sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "amsgra
 _LAHIRE = "Lahire, Non-Uniform Sampling and Adaptive Optimizers in Deep Learning, Fig. 1"
 _ADAMBS = "Liu, Wu, Mozafari, Adam with Bandit Sampling for Deep Learning, NeurIPS 2020"
 _PRIORITY = (
-    "this project (issue 15); prioritized replay of Schaul et al., ICLR 2016, applied to "
+    "this project; prioritized replay of Schaul et al., ICLR 2016, applied to "
     "supervised training with exact weights"
 )
 
@@ -229,13 +229,13 @@ def _registry() -> dict[str, MethodSpec]:
             sampler_defaults={"p_min_times_n": 0.5},
         ),
     ]
-    specs += _issue_15_methods()
+    specs += _sampler_comparison_methods()
     return {spec.name: spec for spec in specs}
 
 
-def _issue_15_methods() -> list[MethodSpec]:
-    """The samplers of issue 15: the exp3 preset, the priority sampler, InfoBatch, and
-    variants learning from the preconditioned gradient norm."""
+def _sampler_comparison_methods() -> list[MethodSpec]:
+    """The samplers of the compute-matched comparison: the exp3 preset, the priority sampler,
+    InfoBatch, and variants learning from the preconditioned gradient norm."""
     precond = "preconditioned_grad_norm"
     lowvar = dict(sampler_defaults={"preset": "low_variance"})
     return [
@@ -245,7 +245,7 @@ def _issue_15_methods() -> list[MethodSpec]:
             "adam",
             "exp3",
             "OUR PRESET: AdamBS with p_min = 0.5/n and the clipped (0.9-quantile) bound",
-            "this project (docs/algorithm.md; issue 15)",
+            "this project (docs/algorithm.md)",
             **lowvar,
         ),
         MethodSpec(
@@ -254,7 +254,7 @@ def _issue_15_methods() -> list[MethodSpec]:
             "adam",
             "exp3",
             "AdamBS-lowvar learning from the preconditioned per-example gradient norm",
-            "this project (issue 15)",
+            "this project",
             **lowvar,
             feedback=precond,
         ),
@@ -399,7 +399,7 @@ def _exp3(name, n, k, num_steps, kwargs, settings, feedback):
     if p_min is not None:
         kwargs["p_min"] = p_min
     # without a preset, the paper's bound (the library's default is the robust quantile
-    # bound since issue 16): the experiments reproduce Algorithm 2 as published
+    # bound): the experiments reproduce Algorithm 2 as published
     kwargs["grad_norm_bound"] = "running_max" if bound is None else bound
     if "step_size" not in kwargs:
         kwargs.setdefault("num_steps", num_steps)

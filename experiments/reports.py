@@ -95,7 +95,8 @@ def _table_intro(config: ExperimentConfig, summary: dict) -> list[str]:
         "",
         config.description,
         "",
-        f"{config.dataset} (n = {res['num_train']}), model {config.model}, K = {config.batch_size}, "
+        f"{config.dataset} (n = {res['num_train']}), model {config.model}, "
+        f"K = {config.batch_size}, "
         f"lr = {config.learning_rate}, {res['num_steps']} steps, {len(res['seeds'])} seeds "
         f"(mean ± std over seeds). Device: {machine['jax_device_kind']} "
         f"({machine['cpu_model']}, {machine['cpu_count']} cores).",

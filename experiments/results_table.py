@@ -14,7 +14,7 @@ markdown written:
   evaluated, marked ``@ step s``); from the per-step runs also each method's share of
   p^GN's reduction of uniform Adam's loss, (L_adam - L_m) / (L_adam - L_adam-gn) (1 = all
   of the oracle's gain, 0 = none, < 0 worse than Adam), and its time per step relative to
-  uniform Adam's in the same run (issue 15's targets: >= 0.5 at <= 1.2x);
+  uniform Adam's in the same run (the targets: a share >= 0.5 at <= 1.2x);
 * **per second** (compute-matched runs): the full training loss at the budget, the test
   error at the budget and the time to the target loss ("not reached" when no seed got
   there), one table each.

@@ -66,7 +66,8 @@ _CHILD = textwrap.dedent(
                                             jax.tree.leaves(sharded.params)))
     out["prob_diff"] = float(jnp.max(jnp.abs(ab.samplers.probabilities(single.sampler_state)
                                              - ab.samplers.probabilities(sharded.sampler_state))))
-    out["probs_learned"] = float(jnp.max(ab.samplers.probabilities(sharded.sampler_state))) > 1.0 / n
+    p_sharded = ab.samplers.probabilities(sharded.sampler_state)
+    out["probs_learned"] = float(jnp.max(p_sharded)) > 1.0 / n
     out["state_replicated"] = all(leaf.sharding.is_fully_replicated
                                   for leaf in jax.tree.leaves(sharded))
     out["state_devices"] = sorted({len(leaf.sharding.device_set)
@@ -160,7 +161,7 @@ def test_eight_devices_match_one_device(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(s for s in result.stdout.splitlines() if s.startswith("RESULT "))
     out = json.loads(line[len("RESULT ") :])
     assert out["num_devices"] == 8
     assert out["param_diff"] <= 1e-5, out

@@ -275,7 +275,7 @@ def test_docstring_examples_run():
 
 
 class AveragedGradientPathTest(parameterized.TestCase):
-    """Issue 13: the importance weights enter the loss, so every optax wrapper around these
+    """The importance weights enter the loss, so every optax wrapper around these
     transforms sees the averaged gradient G_hat (``importance_weighted_grad``)."""
 
     def _hand_loop_gradient(self):

@@ -115,7 +115,7 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
     sampler = make_sampler()
     step = ab.make_train_step(_loss, OPTIMIZER, sampler, feedback="loss")
     state = _fresh_state(jax.random.key(3), sampler=sampler)
-    for t in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
+    for _ in range(2 * NUM_EXAMPLES // BATCH_SIZE + 1):  # past an epoch boundary
         state, _ = step(state, _data())
     ab.save_checkpoint(tmp_path / "s", state, sampler=sampler)
     metadata = ab.checkpoint.read_checkpoint_metadata(tmp_path / "s")
@@ -263,7 +263,8 @@ import json, os, sys, time
 import jax.numpy as jnp, optax
 import adambs_jax as ab
 
-path, tag, ready, go, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+path, tag, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rounds = int(sys.argv[5])
 sampler = ab.uniform_sampler(8, 2)
 def state(value):
     return ab.TrainState.create(params={"w": jnp.full((256,), float(value))},
@@ -336,9 +337,10 @@ def _race_two_writers(tmp_path, rounds):
 
 
 def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
-    """Issue 16, bug 6: the checkpoint on disk is always a state whose save returned, its
-    metadata and arrays from the same writer; a refused save says why and names the lock;
-    no temporary directory or lock file is left, and both processes exit."""
+    """A regression (two writers racing on one path): the checkpoint on disk is always a
+    state whose save returned, its metadata and arrays from the same writer; a refused save
+    says why and names the lock; no temporary directory or lock file is left, and both
+    processes exit."""
     path, results = _race_two_writers(tmp_path, rounds=6)
     succeeded = {r["value"] for r in results if r["ok"]}
     assert succeeded
@@ -405,7 +407,7 @@ _ORBAX_ABANDONED_READS = pytest.mark.filterwarnings(
 @_ORBAX_ABANDONED_READS
 @pytest.mark.parametrize("how", ["truncated", "scrambled"])
 def test_damaged_files_are_refused_naming_the_checkpoint(tmp_path, how):
-    """Issue 16: a damaged checkpoint gives a ValueError that names it and says what to do,
+    """A damaged checkpoint gives a ValueError that names it and says what to do,
     not a raw TensorStore / JSON error."""
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "c", state, sampler=SAMPLER)

@@ -39,7 +39,8 @@ def _save(tmp_path, state, name="c"):
 
 @pytest.mark.parametrize("mode", ["running_max", "quantile"])
 def test_a_fixed_bound_overrides_the_stored_adaptive_bound(tmp_path, mode):
-    # issue 16, bug 5: an adaptive checkpoint (L = 1.13) restored into grad_norm_bound=100
+    # a regression: an adaptive checkpoint (L = 1.13) restored into grad_norm_bound=100 took
+    # the stored bound
     saved = _trained(ab.exp3_sampler(N, K, step_size=0.5, grad_norm_bound=mode), bound=1.13)
     path = _save(tmp_path, saved)
     fixed = ab.exp3_sampler(N, K, step_size=0.5, grad_norm_bound=100.0)

@@ -1,6 +1,6 @@
 """Tests for experiments.data.integrity, download and safe_pickle, and the caches.
 
-Cached data files are verified before they are read, and read without code (issue 16).
+Cached data files are verified before they are read, and read without code.
 
 Regression tests: a crafted pickle in the cache must not run code, a cached
 file that differs from its pinned checksum or is truncated must be refused
@@ -155,7 +155,12 @@ def test_data_unpickler_builds_data_and_refuses_any_other_global(tmp_path):
         ("imdb", {}),
     ],
 )
-def test_cached_file_with_wrong_checksum_is_refused_naming_it(tmp_path, name, options, no_network):
+def test_cached_file_with_wrong_checksum_is_refused_naming_it(
+    tmp_path,
+    name,
+    options,
+    no_network,  # noqa: F811 (the imported autouse fixture, requested for the URLs it records)
+):
     write_files(name, tmp_path / name, **options)  # well-formed, but not the official files
     with pytest.raises(ChecksumMismatchError) as info:
         load_dataset(name, data_dir=tmp_path)

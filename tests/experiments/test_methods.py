@@ -65,7 +65,7 @@ def _build(name, **kwargs):
     )
 
 
-def test_the_issue_15_methods_are_registered():
+def test_the_sampler_comparison_methods_are_registered():
     names = set(list_methods())
     assert {
         "adambs-lowvar",

@@ -169,7 +169,10 @@ def test_full_size_default_inputs_give_expected_outputs():
         spec = model_spec(name)
         num_classes = 2 if spec.task == "binary" else 10
         model, shapes = param_shapes(name, num_classes, spec.example_input())
-        out = jax.eval_shape(lambda p: model.apply({"params": p}, spec.example_input(4)), shapes)
+        out = jax.eval_shape(
+            lambda p, model=model, spec=spec: model.apply({"params": p}, spec.example_input(4)),
+            shapes,
+        )
         assert out.shape == ((4,) if spec.task == "binary" else (4, num_classes)), name
 
 

@@ -126,7 +126,7 @@ def test_runner_summary(tiny_run):
     assert {"cpu_model", "cpu_count", "jax_device_kind"} <= set(summary["machine"])
     assert "compilation" in summary["timing_note"]
     assert set(summary["methods"]) == set(config.methods)
-    for name, m in summary["methods"].items():
+    for m in summary["methods"].values():
         assert m["num_seeds"] == 2
         assert len(m["curve_train_loss_mean"]) == 4
         assert m["compile_s"] > 0

@@ -43,7 +43,7 @@ def _one_at_a_time(params, batch, weights):
     """Losses, G_hat and gradient norms from K separate jax.grad calls (numpy float64)."""
     grad_of_one = jax.grad(lambda p, one: MODEL_LOSS(p, one)[0])
     grads = [
-        grad_of_one(params, jax.tree.map(lambda leaf: leaf[k : k + 1], batch))
+        grad_of_one(params, jax.tree.map(lambda leaf, k=k: leaf[k : k + 1], batch))
         for k in range(BATCH_SIZE)
     ]
     g_hat = jax.tree.map(

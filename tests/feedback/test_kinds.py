@@ -47,7 +47,7 @@ def _one_at_a_time_grads(loss_fn, params, batch):
     grad_of_first = jax.jit(jax.grad(lambda p, example: loss_fn(p, example)[0]))
     grads, host_batch = [], jax.device_get(batch)
     for k in range(BATCH_SIZE):
-        example = jax.tree.map(lambda leaf: leaf[k : k + 1], host_batch)
+        example = jax.tree.map(lambda leaf, k=k: leaf[k : k + 1], host_batch)
         grads.append(grad_of_first(params, example))
     return grads
 
@@ -73,7 +73,7 @@ class PerExampleGradsTest(chex.TestCase):
         grads = jax.device_get(grads)
         for k, expected in enumerate(_one_at_a_time_grads(model_loss, params, batch)):
             chex.assert_trees_all_close(
-                jax.tree.map(lambda g: g[k], grads), expected, rtol=1e-5, atol=1e-6
+                jax.tree.map(lambda g, k=k: g[k], grads), expected, rtol=1e-5, atol=1e-6
             )
             np.testing.assert_allclose(norms[k], _flat_norm(expected), rtol=1e-5)
 
@@ -93,11 +93,11 @@ class PerExampleGradsTest(chex.TestCase):
         reference = jax.jit(jax.value_and_grad(lambda p, e, k: loss_fn(p, e, k)[0]))
         host_batch, keys = jax.device_get(batch), list(keys)
         for k in range(BATCH_SIZE):
-            example = jax.tree.map(lambda leaf: leaf[k : k + 1], host_batch)
+            example = jax.tree.map(lambda leaf, k=k: leaf[k : k + 1], host_batch)
             expected_loss, expected = reference(params, example, keys[k])
             np.testing.assert_allclose(losses[k], expected_loss, rtol=1e-5)
             chex.assert_trees_all_close(
-                jax.tree.map(lambda g: g[k], grads), expected, rtol=1e-5, atol=1e-6
+                jax.tree.map(lambda g, k=k: g[k], grads), expected, rtol=1e-5, atol=1e-6
             )
 
     def test_tree_norms(self):
@@ -274,7 +274,7 @@ class LossInterfaceTest(chex.TestCase):
         self.assertTrue(takes_key(lambda params, batch, key: 0))
         self.assertTrue(takes_key(lambda params, batch, key=None: 0))
         model = object()
-        self.assertFalse(takes_key(lambda params, batch, model=model: 0))  # issue 13
+        self.assertFalse(takes_key(lambda params, batch, model=model: 0))  # a default, not a key
         self.assertTrue(takes_key(lambda *args: 0))
         self.assertFalse(takes_key(lambda params, batch, *, key=None: 0))
         _, _, _, model_loss = _setup()

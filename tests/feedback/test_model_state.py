@@ -1,5 +1,5 @@
 """Tests of adambs_jax.model_state: model state (linen batch_stats, NNX graph state) and
-auxiliary outputs in the train step, on the batch as a whole (issue 13)."""
+auxiliary outputs in the train step, on the batch as a whole."""
 
 import functools
 
@@ -281,7 +281,7 @@ def test_nnx_equals_plain_nnx_training_with_nnx_optimizer():
     model.train()
     for key in keys:
         indices, _ = sampler.sample(sampler.init(), jax.random.split(key, 3)[0])
-        train_step(model, optimizer, jax.tree.map(lambda leaf: leaf[indices], data))
+        train_step(model, optimizer, jax.tree.map(lambda leaf, i=indices: leaf[i], data))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     chex.assert_trees_all_close(state.params, params, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(_key_data(state.model_state), _key_data(rest), atol=1e-5, rtol=1e-5)
@@ -301,7 +301,7 @@ def _masked(adam):  # the biases are frozen: set_to_zero on what the mask leaves
     )
 
 
-OPTIMIZERS = {  # issue 13's list: (ours, the plain optax optimizer it must equal)
+OPTIMIZERS = {  # the wrappers covered: (ours, the plain optax optimizer it must equal)
     "adam": lambda adam: optax.adam(0.05),
     "adambs": lambda adam: adam(0.05),
     "chain_clip_adam": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),

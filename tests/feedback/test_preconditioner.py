@@ -38,7 +38,7 @@ def _trained_state(optimizer, params, x, y, steps=3):
         lambda g: jnp.asarray(g.mean(0), jnp.float32), _per_example_grads64(params, x, y)
     )
     for t in range(steps):
-        scaled = jax.tree.map(lambda g: g * (1.0 + t), grads)  # a varying gradient
+        scaled = jax.tree.map(lambda g, t=t: g * (1.0 + t), grads)  # a varying gradient
         _, state = optimizer.update(scaled, state, params)
     return state
 

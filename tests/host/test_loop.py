@@ -233,7 +233,7 @@ def _run_child(tmp_path, script, *args, env_extra=None):
 def _result(process, timeout=300):
     stdout, stderr = process.communicate(timeout=timeout)
     assert process.returncode == 0, stderr[-4000:]
-    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    line = next(s for s in stdout.splitlines() if s.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
 

@@ -1,10 +1,21 @@
 """Tests for adambs_jax.sources: the data-source contract and the in-memory source."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 import adambs_jax as ab
-from adambs_jax.host._sources import ArraySource, check_read_indices, check_source
+from adambs_jax.host._sources import (
+    MANIFEST_NAME,
+    ArraySource,
+    MemmapSource,
+    check_read_indices,
+    check_source,
+    open_memmap_dataset,
+    write_memmap_dataset,
+)
 from tests.helpers import read_from_threads, run_api_doc_example
 
 
@@ -48,16 +59,6 @@ def test_bad_data_is_refused_by_name():
 
 
 # ---- MemmapSource, write_memmap_dataset, open_memmap_dataset ----
-
-import json
-import os
-
-from adambs_jax.host._sources import (
-    MANIFEST_NAME,
-    MemmapSource,
-    open_memmap_dataset,
-    write_memmap_dataset,
-)
 
 
 def _mixed_arrays(n=50, seed=0):

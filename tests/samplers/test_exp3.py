@@ -145,7 +145,7 @@ def _run_after_an_outlier(mode, feedback, num_chunks=4, n=100, k=32):
 
 
 def test_a_huge_outlier_no_longer_freezes_learning():
-    # issue 16: one 1e30 set the running max L for good; every ratio f / L was then 0
+    # with the running max, one 1e30 sets L for good and every ratio f / L is then 0
     feedback = _half_high(100)
     state, masses = _run_after_an_outlier("quantile", feedback)
     assert float(state.grad_norm_bound) == pytest.approx(1.0, rel=0.05)
@@ -400,12 +400,13 @@ def test_float_indices_and_non_keys_are_refused_by_name():
 def test_largest_trees_are_refused_naming_num_examples():
     with pytest.raises(ValueError, match="num_examples=2147483647.*arity 2"):
         config_of(2**31 - 1, 8, step_size=0.1, arity=2)
-    config = config_of(10**9, 8, step_size=0.1, arity=32)  # issue 16 bug 2: fits with B = 32
+    config = config_of(10**9, 8, step_size=0.1, arity=32)  # 10^9 examples fit with B = 32
     assert config.layout.size < 2**31
 
 
 def test_tiny_p_min_never_gives_zero_probabilities():
-    # issue 16 bug 1: p_min = 1e-30 (a floor "turned off") and 3000 skewed updates
+    # a regression: p_min = 1e-30 (a floor "turned off") and 3000 skewed updates gave
+    # exact zeros
     n, batch_size = 1000, 32
     sampler = ab.exp3_sampler(n, batch_size, p_min=1e-30, step_size=0.5)
     feedback = jnp.where(jnp.arange(n) < 10, 100.0, 1e-3)

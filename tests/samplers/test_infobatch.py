@@ -166,7 +166,7 @@ def test_trains_in_make_train_step_with_an_epoch_boundary_every_n_over_k_steps()
     full_loss = lambda params: float(jnp.mean(loss_fn(params, data)))  # noqa: E731
     before = full_loss(state.params)
     uniform_until = []
-    for t, key in enumerate(jax.random.split(jax.random.key(0), 30)):
+    for key in jax.random.split(jax.random.key(0), 30):
         state, metrics = step(state, data, key)
         p = np.asarray(ab.samplers.probabilities(state.sampler_state))
         uniform_until.append(bool(np.allclose(p, 1 / N)))

@@ -83,7 +83,9 @@ class SetLeavesTest(chex.TestCase):
             layout = sumtree.layout_for(n, arity)
             weights = rng.random(n).astype(np.float32)
             tree = sumtree.build(jnp.asarray(weights), layout)
-            set_leaves = self.variant(lambda t, i, v: sumtree.set_leaves(t, i, v, layout))
+            set_leaves = self.variant(
+                lambda t, i, v, layout=layout: sumtree.set_leaves(t, i, v, layout)
+            )
             for _ in range(10):
                 idx = rng.integers(0, n, size=8)
                 vals = rng.random(8).astype(np.float32)

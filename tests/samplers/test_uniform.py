@@ -48,7 +48,7 @@ def test_apply_false_keeps_the_state_and_float_indices_are_refused():
 
 
 def test_more_than_int32_examples_need_x64_and_draw_over_the_whole_range():
-    n = 3 * 2**31  # issue 16 bug 4
+    n = 3 * 2**31  # a regression: n > 2^31 with int64 indices
     with jax.enable_x64(False):
         with pytest.raises(ValueError, match=r"num_examples=6442450944.*jax_enable_x64"):
             uniform.uniform_config(n, 4)

@@ -196,7 +196,7 @@ _SAMPLERS = {
 )
 @pytest.mark.parametrize("skip_non_finite", [True, False])
 def test_the_step_has_no_while_loop_or_cond(sampler_name, feedback, skip_non_finite):
-    # issue 11: a data-dependent branch makes XLA:GPU copy its predicate to the host
+    # a data-dependent branch makes XLA:GPU copy its predicate to the host
     sampler = _SAMPLERS[sampler_name]()
     step = ab.make_train_step(
         _loss,

@@ -148,7 +148,7 @@ def test_a_pure_step_leaves_renormalization_to_the_caller():
 
 
 def test_a_donated_state_stepped_again_is_named():
-    """Issue 16: reusing a state whose buffers the jitted step donated gets an error that
+    """Reusing a state whose buffers the jitted step donated gets an error that
     says what happened and what to do, not XLA's buffer error."""
     import optax
 

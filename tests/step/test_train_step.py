@@ -440,7 +440,7 @@ def test_api_doc_example_runs(index):
     exec(compile(_api_examples()[index], f"{API_DOC.name}[{index}]", "exec"), {"__name__": "doc"})
 
 
-# ---------------------------------------------------------------- non-finite steps (issue 6)
+# ---------------------------------------------------------------------------- non-finite steps
 
 
 def _poisoned(data, value):
@@ -487,7 +487,7 @@ class NonFiniteStepTest(parameterized.TestCase):
             params=params, optimizer=optimizer, sampler=sampler, key=jax.random.key(0)
         )
         initial_loss = _full_loss(model_loss, params, data)
-        for t in range(3):
+        for _ in range(3):
             state, metrics = step(state, data)
             self.assertEqual(int(metrics["skipped"]), 0)
         before = _copy(state)
@@ -499,7 +499,7 @@ class NonFiniteStepTest(parameterized.TestCase):
             chex.assert_trees_all_equal(getattr(state, name), getattr(before, name))
         self.assertEqual(int(state.step), 4)  # a skipped step still counts as a step
         self.assertFalse(np.array_equal(jax.random.key_data(state.key), before.key))  # moved on
-        for t in range(16):  # and training goes on
+        for _ in range(16):  # and training goes on
             state, metrics = step(state, data)
             self.assertEqual(int(metrics["skipped"]), 0)
         self.assertEqual(int(state.skipped_steps), 1)
@@ -579,7 +579,7 @@ class NonFiniteStepTest(parameterized.TestCase):
 
 
 class ValidationTest(parameterized.TestCase):
-    """Trace-time checks of issue 6 name the bad argument."""
+    """Trace-time checks name the bad argument."""
 
     def test_bad_keys_and_states(self):
         params, data, model_loss = _problem()
@@ -618,7 +618,7 @@ class ValidationTest(parameterized.TestCase):
 
 
 def test_api_doc_checkpoint_example_runs():
-    """The checkpoint/resume example of docs/api.md (issue 6) runs and its asserts hold."""
+    """The checkpoint/resume example of docs/api.md runs and its asserts hold."""
     blocks = [block for block in _api_examples() if block.startswith("# checkpoint example")]
     assert len(blocks) == 1, "docs/api.md lost its checkpoint example"
     exec(compile(blocks[0], f"{API_DOC.name}[checkpoint]", "exec"), {"__name__": "doc"})
@@ -682,7 +682,7 @@ def _plain_optax_loop(model_loss, optimizer, sampler, params, data, keys, extra_
     return params
 
 
-WRAPPERS = {  # issue 13: each wrapper around ab.adambs equals it around optax.adam
+WRAPPERS = {  # each wrapper around ab.adambs equals it around optax.adam
     "chain_clip": lambda adam: optax.chain(optax.clip_by_global_norm(0.5), adam(0.05)),
     "chain_after": lambda adam: optax.chain(adam(0.05), optax.add_decayed_weights(1e-3)),
     "inject_hyperparams": lambda adam: optax.inject_hyperparams(adam)(learning_rate=0.05),
