@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +66,19 @@ FeedbackFn = Callable[[Any, Any, jax.Array], jax.Array]
 class InitFn(Protocol):
     def __call__(self) -> SamplerState:
         """The initial state."""
+        ...
 
 
 class SampleFn(Protocol):
     def __call__(self, state: SamplerState, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(indices (K,) int32, probs (K,) float32)``, probs = p[indices]."""
+        ...
 
 
 class ScoreFn(Protocol):
     def __call__(self, indices: jax.Array) -> jax.Array:
         """``indices (M,) int32 -> scores (M,) float32`` at the current parameters."""
+        ...
 
 
 class ScoringSampleFn(Protocol):
@@ -83,6 +86,7 @@ class ScoringSampleFn(Protocol):
         self, state: SamplerState, key: jax.Array, score_fn: ScoreFn
     ) -> tuple[jax.Array, jax.Array, SamplerState]:
         """``(indices (K,), probs (K,), state)``: 1 / (n probs) is each draw's weight."""
+        ...
 
 
 class UpdateFn(Protocol):
@@ -92,22 +96,26 @@ class UpdateFn(Protocol):
         """Learns from the feedback (K,) of the draws ``indices`` (K,); with ``apply`` False
         (a bool scalar, may be traced) returns ``state`` bitwise unchanged, without a
         branch. A user sampler may omit ``apply``: the train step then selects."""
+        ...
 
 
 class RenormalizeFn(Protocol):
     def __call__(self, state: SamplerState) -> SamplerState:
         """Rescales the state's internal weights (O(n)); its distribution is unchanged."""
+        ...
 
 
 class MetricsFn(Protocol):
     def __call__(self, state: SamplerState, feedback: jax.Array) -> dict:
         """The sampler's own scalars for the step's metrics, after an update with the (K,)
         ``feedback`` (exp3: its bound L and the share of the feedback it clipped)."""
+        ...
 
 
 class ProbabilitiesFn(Protocol):
     def __call__(self, state: SamplerState) -> jax.Array:
         """The full distribution p (n,) of ``state`` (O(n))."""
+        ...
 
 
 class Sampler(NamedTuple):
@@ -200,6 +208,11 @@ class SamplerStateBase:
 
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ()
     rebuilt_fields: ClassVar[tuple[str, ...]] = ()
+
+    if TYPE_CHECKING:
+        # flax's struct.dataclass gives each state class ``replace`` (dataclasses.replace), which
+        # type checkers do not see: declared here, for them only, with its return type.
+        def replace(self, **updates: Any) -> Self: ...
 
     def restored(self, like: Any, saved_config: dict, where: str) -> Any:
         """The state to resume from: ``self`` as read from a checkpoint, reconciled with
