@@ -402,7 +402,9 @@ def adam_impt_sampler(
         uniform_phase_scores=uniform_phase_scores,
         score_chunk_size=score_chunk_size,
     )
-    init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
     return ScoringSampler(
         init_fn,
         sample_fn,

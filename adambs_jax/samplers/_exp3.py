@@ -592,7 +592,7 @@ def project_and_write(
     p,
     log_scaled_w,
     log_root,
-    apply=True,
+    apply: bool | jax.Array = True,
 ):
     """Step 5: the exact KL projection (``project_onto_floored_simplex``) and the write of
     the K sampled leaves: ``(log_weights (n,), tree, written)``.
@@ -863,9 +863,13 @@ def exp3_sampler(
         bound_learning_rate=bound_learning_rate,
         preset=preset,
     )
-    bound = (functools.partial(f, config) for f in (init, sample, update))
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
     return Sampler(
-        *bound,
+        init_fn,
+        sample_fn,
+        update_fn,
         config.num_examples,
         config.batch_size,
         distribution,

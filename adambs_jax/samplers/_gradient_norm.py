@@ -235,7 +235,9 @@ def gradient_norm_sampler(
         max_examples=max_examples,
         score_feedback=score_feedback,
     )
-    init_fn, sample_fn, update_fn = (functools.partial(f, config) for f in (init, sample, update))
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
     return ScoringSampler(
         init_fn,
         sample_fn,

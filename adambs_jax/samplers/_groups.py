@@ -154,10 +154,12 @@ def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sa
             raise ValueError(
                 f"base must be one of {sorted(BASE_SAMPLERS)} or a factory, got {base!r}"
             )
-        base = BASE_SAMPLERS[base]
-    elif not callable(base):
+        factory = BASE_SAMPLERS[base]
+    elif callable(base):
+        factory = base
+    else:
         raise TypeError(f"base must be a name or a sampler factory, got {type(base).__name__}")
-    sampler = base(config.num_groups, config.groups_per_batch, **kwargs)
+    sampler = factory(config.num_groups, config.groups_per_batch, **kwargs)
     if not isinstance(sampler, Sampler):
         raise TypeError(
             f"base: the factory must return an ab.base.Sampler (a scoring sampler "
@@ -228,10 +230,12 @@ def state_distribution(state: GroupSamplerState, group_probs) -> jax.Array:
 def probabilities(config: GroupConfig, base: Sampler, state: GroupSamplerState) -> jax.Array:
     """p (n,): every example of group g has q_g / m. O(n)."""
     _check_state(config, state)
+    assert base.probabilities is not None  # group_sampler binds this only where the base has one
     return state_distribution(state, base.probabilities(state.base))
 
 
 def renormalize(base: Sampler, state: GroupSamplerState) -> GroupSamplerState:
+    assert base.renormalize is not None  # group_sampler binds this only where the base has one
     return state.replace(base=base.renormalize(state.base))
 
 

@@ -283,9 +283,10 @@ def infobatch_sampler(
         num_steps=num_steps,
         arity=arity,
     )
-    init_fn, sample_fn, update_fn, new_epoch_fn = (
-        functools.partial(f, config) for f in (init, sample, update, new_epoch)
-    )
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
+    new_epoch_fn = functools.partial(new_epoch, config)
     return Sampler(
         init_fn,
         sample_fn,

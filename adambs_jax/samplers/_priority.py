@@ -249,6 +249,10 @@ def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array,
     score that is NaN, infinite or negative keeps the old priority."""
     check_state(config, state)
     chunk, n = config.refresh_chunk, config.num_examples
+    if chunk is None:
+        raise ValueError(
+            "config: refresh needs a config with refresh_every (refresh_chunk is None)"
+        )
     idx = (state.cursor + jnp.arange(chunk, dtype=jnp.int32)) % n
     scores = jnp.asarray(score_fn(idx), jnp.float32)
     valid = jnp.isfinite(scores) & (scores >= 0)
@@ -378,9 +382,11 @@ def priority_sampler(
         arity=arity,
         refresh_every=refresh_every,
     )
-    init_fn, sample_fn, update_fn, probabilities_fn, refresh_fn = (
-        functools.partial(f, config) for f in (init, sample, update, distribution, refresh)
-    )
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
+    probabilities_fn = functools.partial(distribution, config)
+    refresh_fn = functools.partial(refresh, config)
     if config.refresh_chunk is not None:
         return ScoringSampler(
             init_fn,

@@ -32,10 +32,11 @@ NeurIPS 2020, §4.2: "a segment tree ... to update p in O(K log n)").
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "MAX_TREE_SIZE",
@@ -55,6 +56,9 @@ __all__ = [
     "draw",
     "uniforms_to_targets",
 ]
+
+# a tree on the device or, in host-side checks, a host copy of it
+_Tree = TypeVar("_Tree", jax.Array, np.ndarray)
 
 MAX_TREE_SIZE = 2**31 - 1
 """Largest flat tree the int32 node indices address (about 2^31 (B - 1) / B leaves)."""
@@ -152,7 +156,7 @@ def sum_children(children: jax.Array) -> jax.Array:
     return children[..., 0]
 
 
-def _check_tree(tree: jax.Array, layout: TreeLayout) -> None:
+def _check_tree(tree: jax.Array | np.ndarray, layout: TreeLayout) -> None:
     if tree.shape != (layout.size,):
         raise ValueError(
             f"tree must have shape ({layout.size},) for {layout.num_leaves} leaves with arity "
@@ -191,7 +195,7 @@ def total(tree: jax.Array) -> jax.Array:
     return tree[0]
 
 
-def leaf_values(tree: jax.Array, layout: TreeLayout) -> jax.Array:
+def leaf_values(tree: _Tree, layout: TreeLayout) -> _Tree:
     """All n leaf values, (n,). O(n); for tests, plots and renormalization."""
     _check_tree(tree, layout)
     start = layout.offsets[-1]

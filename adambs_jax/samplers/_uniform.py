@@ -62,7 +62,8 @@ def uniform_config(num_examples: int, batch_size: int) -> UniformConfig:
     """Validates n and K (ints >= 1, not bools; ValueError naming the argument). n > 2^31 - 1
     needs int64 indices, i.e. ``jax_enable_x64`` on when the sampler is built."""
     num_examples = check_int("num_examples", num_examples)
-    if num_examples > INT32_MAX and not jax.config.jax_enable_x64:
+    # jax's config sets its options as attributes at runtime: pyright cannot see them
+    if num_examples > INT32_MAX and not jax.config.jax_enable_x64:  # pyright: ignore[reportAttributeAccessIssue]
         raise ValueError(
             f"num_examples={num_examples} exceeds int32 indices (at most {INT32_MAX}); "
             f"enable 64-bit types (jax.config.update('jax_enable_x64', True)) for int64 indices"
@@ -131,5 +132,9 @@ def uniform_sampler(num_examples: int, batch_size: int) -> Sampler:
       1
     """
     config = uniform_config(num_examples, batch_size)
-    bound = (functools.partial(f, config) for f in (init, sample, update))
-    return Sampler(*bound, config.num_examples, config.batch_size, distribution)
+    init_fn = functools.partial(init, config)
+    sample_fn = functools.partial(sample, config)
+    update_fn = functools.partial(update, config)
+    return Sampler(
+        init_fn, sample_fn, update_fn, config.num_examples, config.batch_size, distribution
+    )
