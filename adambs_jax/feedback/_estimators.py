@@ -34,7 +34,7 @@ uses is recorded in one table, ``adambs_jax.feedback``'s registry of feedback ki
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,30 @@ def estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key
 def _weighted_loss_and_grad(loss_fn, params, batch, weights, key):
     """The (K,) losses and G_hat = grad of (1/K) sum_k w_k loss_k (one ``jax.grad``)."""
     return importance_weighted_grad(loss_fn, params, batch, weights, key)
+
+
+@overload
+def importance_weighted_grad(
+    loss_fn: PerExampleLoss,
+    params,
+    batch,
+    weights: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    has_aux: Literal[False] = False,
+) -> tuple[jax.Array, Any]: ...
+
+
+@overload
+def importance_weighted_grad(
+    loss_fn: PerExampleLoss,
+    params,
+    batch,
+    weights: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    has_aux: bool,
+) -> tuple[Any, Any]: ...
 
 
 def importance_weighted_grad(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 
@@ -236,10 +236,12 @@ class LogitGradNorm(Feedback):
     needs_model_loss: ClassVar[bool] = True
 
     def scores(self, loss_fn, params, batch, key=None):
-        return logit_grad_norms(loss_fn, params, batch, key)
+        # a ModelLoss: as_feedback checks it (needs_model_loss), logit_grad_norms again
+        return logit_grad_norms(cast(ModelLoss, loss_fn), params, batch, key)
 
     def estimator(self) -> EstimateFn:
-        return estimate_with_logit_bound
+        # called with the step's ModelLoss only (as_feedback checks needs_model_loss)
+        return cast(EstimateFn, estimate_with_logit_bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +334,8 @@ def as_feedback(feedback: Any, loss: Any = None, *, name: str = "feedback") -> F
                 f"(ab.feedback.GradNorm(...), ...) or a callable (params, batch, losses) -> "
                 f"(K,), got {type(feedback).__name__}"
             )
-        feedback = CustomFeedback(feedback)
+        # a user's callable, trusted to be (params, batch, losses) -> (K,)
+        feedback = CustomFeedback(cast(FeedbackFn, feedback))
     if loss is not None and feedback.needs_model_loss and not isinstance(loss, ModelLoss):
         raise ValueError(
             f"{name}={feedback.name!r} needs the model outputs: pass the loss as "

@@ -98,8 +98,10 @@ def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
 
         return LossParts(lambda p, b, k: call(p, b, k)[0], extras)
     if has_aux:
-        call = with_key_argument(fn)
-        return LossParts(lambda p, b, k: call(p, b, k)[0], lambda p, b, k: (call(p, b, k)[1], None))
+        keyed = with_key_argument(fn)
+        return LossParts(
+            lambda p, b, k: keyed(p, b, k)[0], lambda p, b, k: (keyed(p, b, k)[1], None)
+        )
     return LossParts(fn, None)
 
 

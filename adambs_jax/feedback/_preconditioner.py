@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 from optax._src.transform import ScaleByRmsWithCountState
 
 from adambs_jax._tree_utils import per_example_norms
@@ -80,7 +81,7 @@ class SecondMoment(NamedTuple):
 
     nu_hat: Any
     eps: Any
-    fresh: jax.Array
+    fresh: ArrayLike  # optax types a state's count broadly (chex.Array), so count == 0 too
 
 
 def _bias_corrected(nu, count, decay):

@@ -85,8 +85,10 @@ def make_score_fn(
         if key is None:
             scores = jax.lax.map(lambda args: score(args[0], None), (chunks, chunk_ids))
         else:
+            base_key = key  # a local: pyright does not narrow key inside the lambda
             scores = jax.lax.map(
-                lambda args: score(args[0], jax.random.fold_in(key, args[1])), (chunks, chunk_ids)
+                lambda args: score(args[0], jax.random.fold_in(base_key, args[1])),
+                (chunks, chunk_ids),
             )
         return scores.reshape(-1)[:num]
 

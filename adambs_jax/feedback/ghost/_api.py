@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +198,8 @@ def _ghost_pass(loss, params, batch, weights, keys, key_axis, plan):
         sq_norms.append(jnp.sum(jnp.square(g).reshape(batch_size, -1), axis=1))
         grads[i] = jnp.sum(g, axis=0)
     scale = weights.astype(jnp.float32) / batch_size  # d weighted loss / d loss_k
-    total = sum(sq_norms) if sq_norms else jnp.zeros((batch_size,), jnp.float32)
+    # the sum of a non-empty list of arrays: an array (typeshed adds sum's start, 0)
+    total = cast(jax.Array, sum(sq_norms)) if sq_norms else jnp.zeros((batch_size,), jnp.float32)
     gradient = treedef.unflatten([grads[i].astype(leaf.dtype) for i, leaf in enumerate(leaves)])
     return losses, gradient, total / jnp.square(scale).astype(total.dtype)
 

@@ -121,7 +121,8 @@ def current_trace() -> Any:
     own trace from a nested ``scan`` / ``remat`` / ``jit`` body); as ``flax.core.tracers``."""
     get_state = getattr(jax_core, "get_opaque_trace_state", None)
     if get_state is None:  # pragma: no cover - JAX before 0.10
-        get_state = jax.core.get_opaque_trace_state
+        # jax imports jax.core when imported, but pyright does not see that attribute
+        get_state = jax.core.get_opaque_trace_state  # pyright: ignore[reportAttributeAccessIssue]
     return get_state(convention="flax")
 
 
