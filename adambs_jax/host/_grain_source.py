@@ -220,6 +220,7 @@ class ArrayRecordSource:
                 f"got sizes {sorted({len(r) for r in records})}"
             )
         packed = np.frombuffer(b"".join(records), dtype=self.dtype)
+        assert self.dtype.names is not None  # a structured dtype (record_dtype)
         return {name: np.array(packed[name]) for name in self.dtype.names}
 
     def read(self, indices: np.ndarray) -> dict:

@@ -75,8 +75,9 @@ def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> sli
     """
     if sharding is None:
         return slice(0, batch_size)
+    # jax types the map's values Index | None, but every device of a sharding has an index
     rows = sorted(
-        (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+        (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)  # pyright: ignore[reportOptionalSubscript]
         for index in sharding.addressable_devices_indices_map((batch_size,)).values()
     )
     start, stop = rows[0][0], max(row[1] for row in rows)

@@ -94,6 +94,7 @@ def leading_axis(leaves: list, *, name: str) -> int:
             f"{name}: every leaf must have the same leading axis n, got {sorted(map(str, sizes))}"
         )
     (num_examples,) = sizes
+    assert num_examples is not None  # refused above
     if num_examples < 1:
         raise ValueError(f"{name}: the data is empty (n = 0)")
     return int(num_examples)
@@ -314,7 +315,7 @@ def write_memmap_dataset(
     return manifest
 
 
-def _slices(arrays: Mapping[str, Any], n: int, chunk_size: int):
+def _slices(arrays: Mapping[Any, Any], n: int, chunk_size: int):
     for start in range(0, n, chunk_size):
         yield {name: array[start : start + chunk_size] for name, array in arrays.items()}
 

@@ -47,7 +47,13 @@ def _scan(config: StepConfig, state: TrainState, data: Any, keys, length: int):
 
 
 def _renormalized(config: StepConfig, state: TrainState) -> TrainState:
-    return state._replace(sampler_state=config.sampler.renormalize(state.sampler_state))
+    renormalize = config.sampler.renormalize
+    if renormalize is None:
+        raise ValueError(
+            "sampler: renormalize_every is set but renormalize is None (give the function "
+            "that renormalizes the state, or renormalize_every=None)"
+        )
+    return state._replace(sampler_state=renormalize(state.sampler_state))
 
 
 def _chunks(keys, num_chunks: int, chunk: int):

@@ -28,7 +28,7 @@ Algorithm 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +149,9 @@ def _check_data(data, num_examples):
         )
 
 
-def step_key(state_key, key):
+def step_key(
+    state_key: jax.Array | None, key: jax.Array | None
+) -> tuple[jax.Array | None, jax.Array]:
     """Stage "key": ``(the state's next key, this step's key)``; the state's own key is split
     and advanced when the step gets none."""
     if key is None:
@@ -162,7 +164,9 @@ def step_key(state_key, key):
         state_key, key = jax.random.split(state_key)
     else:
         check_key(key, name="key")
-    return state_key, key
+    # a key in both branches (pyright types the items of split's Array as Any, so key stays
+    # Array | None)
+    return state_key, cast(jax.Array, key)
 
 
 class Draw(NamedTuple):
@@ -190,7 +194,7 @@ def _check_draws(indices, probs, batch_size):
 def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_key) -> Draw:
     """Stage "draw": sample (a scoring sampler scores with the current model), weigh, gather."""
     sampler = config.sampler
-    if config.scoring:
+    if isinstance(sampler, ScoringSampler):  # config.scoring, narrowing the sampler's type
         score_fn = make_score_fn(
             config.loss_fn,
             config.score_feedback,
