@@ -109,7 +109,7 @@ def check_state_size(
 def is_prng_key(value: Any) -> bool:
     """Whether ``value`` is a typed PRNG key array (``jax.random.key``), abstract or not."""
     dtype = getattr(value, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def check_key(key: Any, *, name: str = "key") -> None:

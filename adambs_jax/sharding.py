@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -58,7 +59,10 @@ DEFAULT_DATA_AXIS = "data"
 
 
 def data_parallel_mesh(
-    devices: Sequence[jax.Device] | None = None, *, axis_name: str = DEFAULT_DATA_AXIS
+    # jax binds its Device class by assignment (Device = _xc.Device): pyright sees a variable
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+    *,
+    axis_name: str = DEFAULT_DATA_AXIS,
 ) -> Mesh:
     """A one-axis mesh over ``devices`` (default: ``jax.devices()``, all devices of all hosts).
 
@@ -123,7 +127,7 @@ def _replicated_leaf(leaf: Any, sharding: NamedSharding) -> Any:
     copy of its value; a typed PRNG key goes through its key data."""
     if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
         return leaf
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         data = _replicated_leaf(jax.random.key_data(leaf), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     host = np.asarray(leaf)

@@ -18,8 +18,8 @@ PRNG keys: typed keys (``jax.random.key``) are stored as their raw uint32 data
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -146,7 +146,7 @@ def _static_config(obj: Any, prefix: str = "") -> dict:
             else:
                 config.update(_static_config(value, f"{prefix}{field.name}."))
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
-        for name in obj._fields:
+        for name in cast(Any, obj)._fields:  # pyright does not narrow a tuple by hasattr
             config.update(_static_config(getattr(obj, name), f"{prefix}{name}."))
     elif isinstance(obj, Mapping):
         for name, value in obj.items():
@@ -283,7 +283,10 @@ def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozense
 
 
 def metadata_differences(
-    saved: dict, expected: dict, rebuilt=frozenset(), reconfigurable=frozenset()
+    saved: dict,
+    expected: dict,
+    rebuilt: Iterable[str] = frozenset(),
+    reconfigurable: Iterable[str] = frozenset(),
 ) -> list[str]:
     """Human-readable differences between a checkpoint's metadata ``saved`` and a
     template's ``expected`` (both as ``describe_state`` returns them); empty if it fits.
