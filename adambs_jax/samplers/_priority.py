@@ -58,7 +58,7 @@ from adambs_jax._checks import (
 )
 from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.samplers._base import Sampler, SamplerStateBase, ScoringSampler
-from adambs_jax.samplers._exp3 import clean_feedback, count_dropped
+from adambs_jax.samplers._exp3 import clean_feedback, count_dropped, impute_dropped
 
 __all__ = [
     "MIN_PRIORITY",
@@ -267,7 +267,11 @@ def update(
 ) -> PrioritySamplerState:
     """Sets s_j = f_k for every valid draw k of example j (finite, >= 0, index in [0, n)).
 
-    Invalid entries keep their leaf and are counted in ``num_dropped_feedback``. For a
+    An invalid entry (NaN, infinite, negative) of an example in range is counted in
+    ``num_dropped_feedback`` and sets the score to the mean valid feedback of the batch
+    (``impute_dropped``): an example that never reports would otherwise keep its first,
+    stale score while the others' fall as training goes on, and gain mass. With no valid
+    entry in the batch nothing changes; out-of-range indices never write. For a
     duplicated index the last valid entry wins: one stable sort by (index, valid)
     (``sumtree.dedupe_last`` with ``keep``) gives every copy its value. ``apply`` (a bool
     scalar, may be traced) False rewrites the K old leaves (O(K B log_B n), no branch), so
@@ -281,10 +285,13 @@ def update(
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
+    scores, writes = impute_dropped(clean.feedback, clean)
     old = sumtree.get_leaves(state.tree, clean.indices, config.layout)
-    new = jnp.where(clean.valid & apply, priorities(config, clean.feedback), old)
-    # one sort by (index, valid): of the copies of an index, the last valid one wins
-    idx, new = sumtree.dedupe_last(clean.indices, new, keep=clean.valid)
+    new = jnp.where(writes & apply, priorities(config, scores), old)
+    # one sort by (index, valid, writes): of the copies of an index, the last valid one
+    # wins, then the last imputed one
+    keep = clean.valid.astype(jnp.int32) * 2 + writes.astype(jnp.int32)
+    idx, new = sumtree.dedupe_last(clean.indices, new, keep=keep)
     return state.replace(
         tree=sumtree.set_leaves(state.tree, idx, new, config.layout, duplicates_agree=True),
         step=state.step + apply.astype(jnp.int32),

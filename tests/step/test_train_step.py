@@ -831,3 +831,26 @@ class LossOptionsTest(parameterized.TestCase):
                 pytest.raises(ValueError, match="only the grad_norm feedback has these settings"),
             ):
                 ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss", **keyword)
+
+
+def test_examples_whose_feedback_is_dropped_do_not_take_over_the_sampler():
+    """Regression, through the step: a feedback that returns -1 for 10 of 1,000 examples
+    raised their share of exp3's mass from 4.7% to 88% in 5,000 steps, silently."""
+    n = 1000
+    x = jax.random.normal(jax.random.key(0), (n, 2))
+    data = {"x": x, "y": (x[:, 0] > 0).astype(jnp.int32), "id": jnp.arange(n)}
+    loss = ab.ModelLoss(_linear_model, _cross_entropy)
+    feedback = lambda params, batch, losses: jnp.where(batch["id"] < 10, -1.0, losses)  # noqa: E731
+    step = ab.make_train_step(
+        loss,
+        optax.sgd(0.05),
+        ab.exp3_sampler(n, 32, num_steps=5000),
+        feedback=feedback,
+        steps_per_call=250,
+    )
+    state = step.init({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
+    for t in range(20):
+        state, metrics = step(state, data, jax.random.key(t))
+    share = float(jnp.sum(ab.samplers.probabilities(state.sampler_state)[:10]))
+    assert share < 0.03, share  # 1% of the examples; they must not gain mass
+    assert int(jnp.sum(metrics["num_dropped_feedback"])) > 0
