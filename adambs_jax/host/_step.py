@@ -85,10 +85,9 @@ from adambs_jax.step._stages import (
     step_key,
 )
 from adambs_jax.step._state import (
+    RenormalizationSchedule,
     TrainState,
     TrainStep,
-    count_renormalization_steps,
-    renormalize_if_due,
 )
 from adambs_jax.step._train_step import renormalize_fn
 
@@ -173,16 +172,21 @@ class HostTrainStep:
     renormalize: Callable[[TrainState], TrainState] | None = None
     mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
-    _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
+    _schedule: RenormalizationSchedule = dataclasses.field(
+        default_factory=lambda: RenormalizationSchedule(), compare=False, repr=False
+    )
 
     def __call__(self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
         every = self.sampler.renormalize_every
-        if self.renormalize is not None and every:
-            state = renormalize_if_due(self.renormalize, every, self._pending, state)
-            count_renormalization_steps(self._pending, 1, every)
+        scheduled = self.renormalize is not None and bool(every)
+        if scheduled:
+            state = self._schedule.before(self.renormalize, every, state, 1)
         if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
             draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
-        return TrainStep._call(self.step_fn, state, batch, draws, key)
+        out = TrainStep._call(self.step_fn, state, batch, draws, key)
+        if scheduled:
+            self._schedule.after(out[0], 1)
+        return out
 
     def init(self, params: Any, key: jax.Array, *, model_state: Any = None):
         """``(state, draws)``: a fresh ``TrainState`` (own key: the first of
