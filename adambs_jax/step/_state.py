@@ -68,8 +68,9 @@ class TrainState(NamedTuple):
         the per-step ``metrics["skipped"]``.
       model_state: any pytree the model carries besides ``params`` (linen ``batch_stats``,
         NNX non-``Param`` state, EMA parameters, a loader position), None by default. A step
-        built with ``model_state=True`` passes it to the loss and keeps the loss's new one
-        (``adambs_jax.model_state``); other steps leave it unchanged.
+        whose loss states ``model_state=True`` (``ab.Loss``, ``ab.ModelLoss``) passes it to the
+        loss and keeps the loss's new one (``adambs_jax.feedback._model_state``); other steps
+        leave it unchanged.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -216,7 +217,7 @@ def renormalize_if_due(
     """``state``, first renormalized (``renormalize``, one jitted call) if a call of
     ``calls`` steps would take ``pending[0]``, the steps since the last renormalization,
     past ``every`` = M; then ``pending[0]`` is 0. The schedule of ``TrainStep`` and
-    ``adambs_jax.host_step.HostTrainStep``, counted in Python (no device sync)."""
+    ``adambs_jax.host.HostTrainStep``, counted in Python (no device sync)."""
     if pending[0] + min(calls, every) > every:
         state = TrainStep._call(renormalize, state)
         pending[0] = 0
@@ -225,5 +226,5 @@ def renormalize_if_due(
 
 def count_renormalization_steps(pending: list, calls: int, every: int) -> None:
     """Adds a call's ``calls`` steps to ``pending[0]``; a call of more than M steps
-    renormalizes after each M of them itself (``adambs_jax.train_loop``)."""
+    renormalizes after each M of them itself (``_loop``)."""
     pending[0] = pending[0] + calls if calls <= every else calls % every
