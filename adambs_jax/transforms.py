@@ -22,7 +22,7 @@ optimizer: it computes G_hat (the weights enter the loss) and calls ``update(G_h
 params)``, so every optax wrapper around these transforms (``optax.chain``, ``masked``,
 ``inject_hyperparams``, ``apply_if_finite``, ``MultiSteps``, ``contrib.schedule_free``) sees
 the averaged gradient. In a hand-written loop do the same with
-``ab.estimators.importance_weighted_grad(loss_fn, params, batch, weights)``.
+``ab.importance_weighted_grad(loss_fn, params, batch, weights)``.
 The per-example stack with ``weights=`` is averaged only by the first, unwrapped stage: a
 stage before it (a clip) or a wrapper (``masked``) would see the stack, so it is refused where
 the stack's shapes show it (leaves not (K,) + their parameter's shape).
@@ -262,7 +262,7 @@ def adambs(
       >>> opt_state = tx.init(params)
       >>> grads = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}  # per-example, K = 2
       >>> weights = jnp.array([1.0, 0.5])  # 1 / (n p) of the two draws
-      >>> ab.weighted_mean(grads, weights)["w"].tolist()  # G_hat = (1/K) sum_k w_k g_k
+      >>> ab.transforms.weighted_mean(grads, weights)["w"].tolist()  # G_hat = (1/K) sum_k w_k g_k
       [1.25, 2.0]
       >>> updates, opt_state = tx.update(grads, opt_state, params, weights=weights)
       >>> [round(u, 4) for u in updates["w"].tolist()]  # Adam's first step: -lr sign(G_hat)

@@ -19,7 +19,7 @@ reads an array and refuses a checkpoint of another dataset size, sampler kind, `
 batch size, optimizer or model with a ``ValueError`` that lists every difference. The
 learned sampler state comes from the checkpoint, the hyperparameters (a fixed bound L, the
 bound mode, the tree's arity, ``step_size``, ``stratified``) from the sampler of ``like``;
-a non-finite exp3 state is refused (``adambs_jax.checkpoint_restore``).
+a non-finite exp3 state is refused (``_restore``; each sampler state's ``restored``).
 
 PRNG keys: typed keys (``jax.random.key``) are saved as their raw uint32 data
 (``jax.random.key_data``) with the implementation's name in the metadata, and rewrapped
@@ -33,9 +33,9 @@ get the shardings of ``like``'s arrays, e.g. replicated over a mesh if ``like`` 
 
 Concurrent saves to one path are refused, not mixed: the first holds the lock file
 ``<path>.adambs-lock``; a save that returns wrote its own state, one that raises changed
-nothing (``adambs_jax.checkpoint_storage``). Damaged (truncated, corrupted) files are
+nothing (``_storage``). Damaged (truncated, corrupted) files are
 refused with a ``ValueError`` naming the checkpoint, never half-loaded.
-``adambs_jax.checkpoint_metadata`` describes and compares checkpoints.
+``_metadata`` describes and compares checkpoints.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def save_checkpoint(
       >>> run = tempfile.mkdtemp()
       >>> path = ab.save_checkpoint(os.path.join(run, "step_0"), state, sampler=sampler,
       ...                           extra_metadata={"epoch": 0})
-      >>> ab.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
+      >>> ab.checkpoint.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
       ({'epoch': 0}, ['step_0'])
     """
     check_train_state(state, "state")

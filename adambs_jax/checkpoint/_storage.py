@@ -3,7 +3,7 @@ none, and storage-layer errors that name the checkpoint.
 
 A checkpoint directory holds two orbax items: ``state`` (the arrays, orbax's
 ``StandardSave``: OCDBT/Zarr) and ``adambs_metadata`` (JSON, see
-``adambs_jax.checkpoint_metadata``).
+``_metadata``).
 
 Concurrent saves (one process per job): ``exclusive_save_lock`` creates the lock file
 ``<path>.adambs-lock`` with ``O_CREAT | O_EXCL`` (atomic on local and NFSv3+ file systems),

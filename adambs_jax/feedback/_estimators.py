@@ -11,7 +11,7 @@ and the sampler needs one score f_k per draw (Algorithm 2). Each feedback kind h
 cheapest way of producing both:
 
 * ``"grad_norm"``: by default ghost norms (``estimate_with_ghost_norms``): the exact norms
-  and G_hat from one forward and one backward pass, layer by layer (``adambs_jax.ghost``);
+  and G_hat from one forward and one backward pass, layer by layer (``adambs_jax.feedback.ghost``);
   or the per-example gradients (``vmap(grad)``) for the norms and G_hat from one more
   ``jax.grad`` of the weighted loss (``estimate_with_vmap_norms``; XLA reduces each
   per-example gradient to its norm without storing K x params floats), or the weighted mean
@@ -20,7 +20,7 @@ cheapest way of producing both:
   loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k / d z_k,
   which is G_hat (``estimate_with_logit_bound``) — about the cost of one plain step;
 * ``"preconditioned_grad_norm"``: the per-example gradients (``vmap(grad)``), scaled by the
-  optimizer's 1 / (sqrt(v_hat) + eps) (``adambs_jax.preconditioner``), for the norms, and G_hat
+  optimizer's 1 / (sqrt(v_hat) + eps) (``_preconditioner``), for the norms, and G_hat
   from one more ``jax.grad`` of the weighted loss (``estimate_with_preconditioned_norms``: an
   ``OptimizerAwareEstimator``, the one kind that also reads the optimizer state);
 * ``"loss"`` and callables: G_hat = grad of the weighted loss (one ``jax.grad``) and the
@@ -28,7 +28,7 @@ cheapest way of producing both:
 
 Every estimator is ``(loss_fn, params, batch, weights (K,), key) -> Estimate`` (an
 ``OptimizerAwareEstimator`` also takes ``opt_state=``). Which one a kind
-uses is recorded in one table, ``adambs_jax.feedback``'s registry of feedback kinds.
+uses is the kind's own choice: ``Feedback.estimator()`` of its object (``_kinds``).
 """
 
 from __future__ import annotations
@@ -87,16 +87,16 @@ EstimateFn = Callable[[PerExampleLoss, Any, Any, jax.Array, jax.Array | None], E
 
 
 def estimate_with_per_example_grads(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` with ``reuse_per_example_grads=True``: the K per-example gradients are
+    """``GradNorm(reuse_per_example_grads=True)``: the K per-example gradients are
     kept (``per_example=True``) and their norms are the feedback."""
     losses, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
     return Estimate(losses, grads, per_example_norms(grads), per_example=True)
 
 
 def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` (default, ``grad_norm_method="auto"``): the exact norms and G_hat from
-    one backward pass (``adambs_jax.ghost``: per-layer ghost norms, per-example copies for the
-    parameters no layer rule covers; the vmap path when no layer is covered)."""
+    """``"grad_norm"`` (default, ``GradNorm(method="auto")``): the exact norms and G_hat from
+    one backward pass (``adambs_jax.feedback.ghost``: per-layer ghost norms, per-example
+    copies for the parameters no layer rule covers; the vmap path when no layer is covered)."""
     losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
         loss_fn, params, batch, weights, key, method="auto"
     )
@@ -104,7 +104,7 @@ def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
 
 
 def estimate_with_forced_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` with ``grad_norm_method="ghost"``: ghost norms even where no layer rule
+    """``GradNorm(method="ghost")``: ghost norms even where no layer rule
     covers a parameter (those get per-example copies, with a warning naming them)."""
     losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
         loss_fn, params, batch, weights, key, method="ghost"
@@ -143,7 +143,7 @@ def _estimate_with_preconditioned_norms(
 
 estimate_with_preconditioned_norms = OptimizerAwareEstimator(_estimate_with_preconditioned_norms)
 """``"preconditioned_grad_norm"``: f_k = ||g_k / (sqrt(v_hat) + eps)|| from the ``vmap``
-per-example gradients and the optimizer's second moment (``adambs_jax.preconditioner``; the
+per-example gradients and the optimizer's second moment (``_preconditioner``; the
 plain ||g_k|| before its first update), G_hat from the weighted loss. An optimizer without a
 second moment (``optax.sgd``) is refused, by name, when the step is traced."""
 

@@ -133,7 +133,7 @@ def preconditioned_grad_norms(
 ) -> jax.Array:
     """(K,) ||g_k / (sqrt(v_hat) + eps)||_2: the per-example gradients (``vmap``) scaled by
     the optimizer's diagonal preconditioner, v_hat its (bias-corrected) second moment in
-    ``opt_state`` (``adambs_jax.preconditioner``: eps, b2 from ``inject_hyperparams`` where
+    ``opt_state`` (``_preconditioner``: eps, b2 from ``inject_hyperparams`` where
     present, else 1e-8 and 0.999); the plain ||g_k|| before the optimizer's first update.
 
     Raises:

@@ -132,7 +132,7 @@ KEY_NAMES = ("key", "rng", "rngs", "prng_key", "dropout_key")
 
 def takes_key(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes the PRNG key as a third positional argument (a guess from the
-    signature; ``make_train_step(..., loss_takes_key=True/False)`` states it instead).
+    signature; ``Loss(fn, takes_key=True/False)`` states it instead).
 
     Counted are positional parameters without a default, and one with a default only if it
     is named like a key (``KEY_NAMES``): True for ``f(params, batch, key)``, ``f(params,

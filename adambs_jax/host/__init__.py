@@ -3,7 +3,7 @@ that reads the next batches while the device trains.
 
     step = make_host_train_step(loss_fn, optax.adam(1e-3), sampler, lookahead=2)
     state, pending = step.init(params, key)
-    state, metrics = run_host_loop(step, state, pending, MemmapSource(path), num_steps=T)
+    state, pending, metrics = run_host_loop(step, state, pending, MemmapSource(path), T)
 
 Sources: ``ArraySource`` (arrays in memory), ``MemmapSource`` over ``.npy`` memmaps
 (``write_memmap_dataset`` / ``open_memmap_dataset``, a manifest with checksums),

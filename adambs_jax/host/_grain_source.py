@@ -2,7 +2,7 @@
 
 ``write_array_record(path, arrays, ...)`` converts a dict of numpy arrays (leading axis n)
 into ArrayRecord shards, one record per example; ``ArrayRecordSource(paths)`` is a
-``adambs_jax.sources.DataSource`` over them whose ``read(indices)`` does one batched random
+``adambs_jax.host.DataSource`` over them whose ``read(indices)`` does one batched random
 access (``grain.sources.ArrayRecordDataSource.__getitems__``: the records of each shard in
 one call, the shards in parallel threads) and decodes the K records into a dict of numpy
 arrays with leading axis K.
@@ -180,7 +180,7 @@ class ArrayRecordSource:
     source (``self.dataset``, for grain pipelines: ``.map``, ``.batch``) reads element by
     element, K reader calls instead of one per shard. Read-ahead: grain's readers are opened
     with ``readahead_buffer_size:0`` (read-ahead serves sequential scans, not random keys);
-    overlapping reads with the step is the loader loop's job (``adambs_jax.host_loop``
+    overlapping reads with the step is the loader loop's job (``adambs_jax.host.HostLoader``
     reads ahead in threads, and ``read`` is safe to call from several at once). More shards
     give more parallel reads per batch.
 

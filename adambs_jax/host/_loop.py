@@ -1,6 +1,6 @@
 """The overlapped host loop: read the next batches while the device trains on this one.
 
-A ``HostTrainStep`` (``adambs_jax.host_step``) returns at call t the draws of step t + L.
+A ``HostTrainStep`` (``_step``) returns at call t the draws of step t + L.
 A ``HostLoader`` turns each of those draws into a batch on the device, in loader threads:
 
     copy   ``indices.copy_to_host_async()`` (main thread, no wait), then in a loader thread
@@ -13,7 +13,7 @@ and the main thread only waits for the batch of the step it is about to dispatch
 
     step = ab.make_host_train_step(loss_fn, optax.adam(1e-3), sampler, lookahead=2)
     state, draws = step.init(params, key)
-    with ab.HostLoader(step, source, draws) as loader:
+    with ab.host.HostLoader(step, source, draws) as loader:
         for t in range(num_steps):
             batch, draws = loader.next()                 # waits for this batch only
             state, metrics, later = step(state, batch, draws, keys[t])

@@ -1,17 +1,17 @@
 """Host-side data sources: the records of a dataset that lives on the host (or on disk).
 
-A step that takes a gathered batch (``adambs_jax.host_step``) needs the records of the K
+A step that takes a gathered batch (``make_host_train_step``) needs the records of the K
 drawn examples, not the dataset. A data source gives them by batched random access:
 
     source.num_examples              # n
     batch = source.read(indices)     # indices (K,) int numpy -> pytree of numpy (K, ...)
 
-``read`` is called from a loader thread (``adambs_jax.host_loop``), so it must be safe to
+``read`` is called from a loader thread (``HostLoader``, ``_loop``), so it must be safe to
 call from a thread other than the one that made the source. ``ArraySource`` holds numpy
 arrays in memory; ``MemmapSource`` reads ``.npy`` files through read-only numpy memmaps
 (a dataset larger than host memory: ``write_memmap_dataset`` writes one in chunks, with a
 JSON manifest of shapes, dtypes and sha256 sums, and ``open_memmap_dataset`` opens it);
-``adambs_jax.grain_source`` has one over ArrayRecord files (the optional ``[data]`` extra).
+``_grain_source`` has one over ArrayRecord files (the optional ``[data]`` extra).
 """
 
 from __future__ import annotations

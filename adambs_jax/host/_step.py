@@ -2,7 +2,7 @@
 
 ``make_train_step`` gathers ``data[I]`` on the device, so the whole dataset must be there.
 ``make_host_train_step`` takes the batch already gathered (by a loader that read the
-records of the drawn indices from a host ``DataSource``, ``adambs_jax.host_loop``) and the
+records of the drawn indices from a host ``DataSource``, ``_loop``) and the
 draws it was gathered for, and returns, besides the new state, the indices of a later step:
 
     step = ab.make_host_train_step(loss_fn, optax.adam(1e-3), sampler, lookahead=2)
@@ -14,7 +14,7 @@ draws it was gathered for, and returns, besides the new state, the indices of a 
         pending.append(later)                      # the draws of step t + L
 
 With K the batch size, n the dataset size and L = ``lookahead``, call t runs the stages of
-``adambs_jax.step_stages`` on the given draws ``(I_t, p_t)`` and ``batch = data[I_t]``:
+``adambs_jax.step._stages`` on the given draws ``(I_t, p_t)`` and ``batch = data[I_t]``:
 
     weigh          w = 1 / (n p_t) (K,), from the probabilities stored in ``draws``
     estimate       G_hat = (1/K) sum_k w_k grad loss_k(params) and the feedback f (K,)
@@ -46,7 +46,7 @@ Renormalization: as ``TrainStep``, a Python counter runs the sampler's O(n)
 sampler's weights without changing its distribution, so pending draws stay valid.
 
 Mesh (``mesh=``): the batch is split along ``data_axis`` (``in_shardings``), the state, the
-draws, the key and the metrics are replicated; the loop (``adambs_jax.host_loop``) builds the
+draws, the key and the metrics are replicated; the loop (``_loop``) builds the
 global batch from each process's slice, so the dataset is never replicated.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,

@@ -395,7 +395,7 @@ class Exp3SamplerState(SamplerStateBase):
         negative, NaN or infinite (or had an out-of-range index) and so were ignored.
       num_rescales: int32 scalar, how many O(n) renormalizations (``renormalize``) ran.
       num_examples, p_min, arity, bound_mode: static configuration, part of the pytree
-        structure (``arity``: the tree's number of children per node, ``adambs_jax.sumtree``;
+        structure (``arity``: the tree's number of children per node, ``_sumtree``;
         ``bound_mode``: one of ``BOUND_MODES``, what a restore compares L's mode with).
 
     Restored from a checkpoint (``restored``), the state keeps what was learned (the

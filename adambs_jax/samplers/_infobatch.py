@@ -249,7 +249,7 @@ def infobatch_sampler(
     and weights, in expectation); draws are i.i.d. from p and the weights 1 / (n p) are exact,
     so the step's gradient is unbiased at every step. No down-weighting from the first epoch
     boundary at or after step (1 - ``anneal_fraction``) T. ``update`` records the drawn
-    examples' losses: train with ``feedback="loss"``. See ``adambs_jax.infobatch``.
+    examples' losses: train with ``feedback="loss"``. See the module docstring.
 
     Args:
       num_examples: n >= 1.

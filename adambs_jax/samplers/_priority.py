@@ -1,6 +1,6 @@
 """A stale-score priority sampler: prioritized replay applied to supervised training.
 
-The tree (``adambs_jax.sumtree``) holds one priority per example, computed from the score
+The tree (``_sumtree``) holds one priority per example, computed from the score
 s_j the example got the last time it was drawn (``initial_score`` before that):
 
     u_j = clip((s_j + eps)^alpha, MIN_PRIORITY, max_priority(n))
@@ -25,10 +25,10 @@ Numerics: (s + eps)^alpha is clipped to [MIN_PRIORITY, max_priority(n)] =
 finite in float32 (at most 1e37 < 3.4e38) whatever the feedback; an infinite power becomes
 the cap. Priorities of ratio beyond that range are compressed to it.
 
-Steps, as in ``adambs_jax.exp3``: ``priority_config`` (validation), ``init``, ``sample``,
+Steps, as in ``_exp3``: ``priority_config`` (validation), ``init``, ``sample``,
 ``priorities``, ``mixture_probabilities``, ``refresh``, ``update`` (feedback cleaning reuses
-``exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
-``base.Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
+``_exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
+``Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
 
 References:
   Schaul, Quan, Antonoglou, Silver, "Prioritized Experience Replay", ICLR 2016 (priorities
@@ -101,7 +101,7 @@ class PrioritySamplerState(SamplerStateBase):
         0 and unused without refresh).
       num_examples, arity: static (part of the pytree structure).
       uniform_mix: static, lambda: with the tree it gives the full distribution
-        (``ab.probabilities(state)`` needs no sampler).
+        (``ab.samplers.probabilities(state)`` needs no sampler).
     """
 
     tree: jax.Array
@@ -309,7 +309,7 @@ def distribution(config: PriorityConfig, state: PrioritySamplerState) -> jax.Arr
 
 def state_distribution(state: PrioritySamplerState) -> jax.Array:
     """The full mixture p (n,) from the state alone (its static n, arity and lambda): what
-    ``ab.probabilities(state)`` gives. O(n)."""
+    ``ab.samplers.probabilities(state)`` gives. O(n)."""
     if not isinstance(state, PrioritySamplerState):
         raise TypeError(f"state must be a PrioritySamplerState, got {type(state).__name__}")
     leaves = sumtree.leaf_values(state.tree, sumtree.layout_for(state.num_examples, state.arity))
@@ -338,7 +338,7 @@ def priority_sampler(
     writes the drawn examples' new scores (invalid feedback: dropped and counted in
     ``state.num_dropped_feedback``; duplicates: the last valid one wins; ``apply=False``:
     bitwise unchanged). The priority is clipped to [1e-30, min(1e30, 1e37 / n)] so the tree
-    stays finite in float32 (``adambs_jax.priority``).
+    stays finite in float32 (module docstring).
 
     Args:
       num_examples: n >= 1.
@@ -353,7 +353,7 @@ def priority_sampler(
         steps; None (default): scores change only when drawn.
       score_feedback, score_chunk_size: with ``refresh_every``, the kind the refresh scores
         with (None: the step's ``feedback``; ``"preconditioned_grad_norm"`` cannot score) and
-        the ``ScoringSampler``'s chunking (``adambs_jax.scoring``).
+        the ``ScoringSampler``'s chunking (``ab.feedback.make_score_fn``).
 
     Returns:
       A ``Sampler`` with ``probabilities`` (O(n)); no renormalization is needed. With

@@ -9,11 +9,11 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``;
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.feedback._estimators``;
                    only ``"preconditioned_grad_norm"``'s estimator also gets the optimizer
                    state, ``_estimator_extras``);
                    the loss's ``aux`` and new model state from the batched forward
-                   (``adambs_jax.model_state``)
+                   (``adambs_jax.feedback._model_state``)
     guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets
                    the weights), sampler.update(state, I, f), both (and the new model state)
                    kept only if the losses, G_hat and the update are finite
@@ -376,7 +376,7 @@ def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
 def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, model_key, state_key):
     """Stages estimate, guarded apply, metrics and new state, for a drawn batch: shared by
     the step over the whole dataset (``run_step``) and the step on a gathered batch
-    (``adambs_jax.host_step``). ``parts``: ``model_state.loss_parts`` of the step's loss."""
+    (``adambs_jax.host``). ``parts``: ``_model_state.loss_parts`` of the step's loss."""
     estimate = config.estimate(
         config.loss_fn,
         state.params,

@@ -67,8 +67,9 @@ class TrainState(NamedTuple):
         the per-step ``metrics["skipped"]``.
       model_state: any pytree the model carries besides ``params`` (linen ``batch_stats``,
         NNX non-``Param`` state, EMA parameters, a loader position), None by default. A step
-        built with ``model_state=True`` passes it to the loss and keeps the loss's new one
-        (``adambs_jax.model_state``); other steps leave it unchanged.
+        whose loss states ``model_state=True`` (``ab.Loss``, ``ab.ModelLoss``) passes it to the
+        loss and keeps the loss's new one (``adambs_jax.feedback._model_state``); other steps
+        leave it unchanged.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 import adambs_jax as ab
 from adambs_jax.feedback._scoring import make_score_fn
+from tests.helpers import run_api_doc_example
 
 NUM_EXAMPLES = 96
 BATCH_SIZE = 8
@@ -432,12 +433,41 @@ def _api_examples():
     return blocks
 
 
+# Every ```python block of docs/api.md starts with the comment that names it; the test that
+# runs it, by that name:
+API_DOC_EXAMPLES = {
+    "# hand-written loop example": "here",
+    "# linen example": "here",
+    "# linen logit example": "here",
+    "# nnx example": "here",
+    "# scoring sampler example": "here",
+    "# checkpoint example": "here",
+    "# groups sampler example": "tests/samplers/test_groups.py",
+    "# host data example": "tests/host/test_loop.py",
+    "# memmap dataset example": "tests/host/test_sources.py",
+    "# array_record example": "tests/host/test_grain_source.py",
+}
+
+
+def test_every_api_doc_example_is_named_and_run():
+    """No block of docs/api.md goes unrun: each starts with one of the names above."""
+    names = [block.split(":")[0] for block in _api_examples()]
+    assert sorted(names) == sorted(API_DOC_EXAMPLES), names
+
+
 @pytest.mark.parametrize(
-    "index", range(5), ids=["transforms", "linen", "linen_logit", "nnx", "scoring"]
+    "marker",
+    [
+        "# hand-written loop example",
+        "# linen example",
+        "# linen logit example",
+        "# nnx example",
+        "# scoring sampler example",
+    ],
 )
-def test_api_doc_example_runs(index):
+def test_api_doc_example_runs(marker):
     """The examples of docs/api.md (linen with dropout, NNX, ...) run and their asserts hold."""
-    exec(compile(_api_examples()[index], f"{API_DOC.name}[{index}]", "exec"), {"__name__": "doc"})
+    run_api_doc_example(marker)
 
 
 # ---------------------------------------------------------------------------- non-finite steps

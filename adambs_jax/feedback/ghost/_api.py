@@ -10,8 +10,8 @@ forward and ONE backward pass
   ``"grad_norm"`` feedback of AdamBS, Liu, Wu, Mozafari, NeurIPS 2020, Algorithm 2).
 
 How: the loss is evaluated per example under ``jax.vmap`` (the same semantics and dropout
-keys as ``feedback.per_example_grad_norms``: example k gets ``jax.random.split(key, K)[k]``),
-every supported layer call is intercepted (``ghost.linen``, ``ghost.nnx``) and a zero
+keys as ``per_example_grad_norms``: example k gets ``jax.random.split(key, K)[k]``),
+every supported layer call is intercepted (``_linen``, ``_nnx``) and a zero
 perturbation z is added to its output, and the weighted loss is differentiated w.r.t. z. The
 gradient w.r.t. z_k is (w_k / K) b_k with b_k = d loss_k / d output_k; the layer rules
 (``ghost.layer_norms``: Goodfellow 2015; Li et al. 2022 ghost clipping; Bu et al. 2023
@@ -227,7 +227,7 @@ def ghost_losses_grad_and_norms(
 
     Args:
       loss_fn: ``(params, batch[, key]) -> (K,)`` or a ``ModelLoss``; called on one example
-        at a time (leaves (1, ...)) under ``jax.vmap``, like ``feedback.per_example_losses``.
+        at a time (leaves (1, ...)) under ``jax.vmap``, like ``ab.feedback.per_example_losses``.
       params: the parameters (any pytree of float arrays).
       batch: a pytree with leading axis K.
       weights: (K,) non-zero weights w_k; G_hat = d/d params (1/K) sum_k w_k loss_k.

@@ -99,7 +99,7 @@ def _interceptor(handler):
 
 @contextlib.contextmanager
 def interception(handler: Any):
-    """Routes supported linen layer calls through ``handler`` (a ``sites.Recorder`` or
-    ``sites.Perturber``) while active."""
+    """Routes supported linen layer calls through ``handler`` (a ``_sites.Recorder`` or
+    ``_sites.Perturber``) while active."""
     with nn.intercept_methods(_interceptor(handler)):
         yield

@@ -120,8 +120,8 @@ def _wrap_attend(original, handler, names):
 
 @contextlib.contextmanager
 def interception(handler: Any):
-    """Routes supported NNX layer calls through ``handler`` (a ``sites.Recorder`` or
-    ``sites.Perturber``) while active; restores the classes afterwards."""
+    """Routes supported NNX layer calls through ``handler`` (a ``_sites.Recorder`` or
+    ``_sites.Perturber``) while active; restores the classes afterwards."""
     names = _Names()
     patched = [
         (cls, "__call__", _wrap_call(cls, cls.__call__, handler, names))

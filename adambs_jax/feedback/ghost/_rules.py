@@ -2,12 +2,12 @@
 
 Under the per-example ``vmap`` of the ghost pass every layer sees one example, so a call's
 first argument stacks to (K, ...) with K the examples, and so does the gradient of its output.
-The functions here turn the pair into ``sites.Factor`` rows A (K, T, d), B (K, T, p) whose
-product A_k^T B_k is example k's gradient of the layer's parameter (``layer_norms``):
+The functions here turn the pair into ``_sites.Factor`` rows A (K, T, d), B (K, T, p) whose
+product A_k^T B_k is example k's gradient of the layer's parameter (``_layer_norms``):
 
 * Dense / DenseGeneral over contracting ``axes``: A = the input with those axes flattened
   last, B = the output gradient, T = every other axis (sequence positions, heads, ...);
-* Conv: A = im2col patches (``layer_norms.conv_patches``) of the same strides, padding and
+* Conv: A = im2col patches (``_layer_norms.conv_patches``) of the same strides, padding and
   dilations, B = the output gradient, T = the output positions;
 * Embed: one-hot rows, given as tokens (K, T);
 * a bias: sum_t b_t.

@@ -1,6 +1,6 @@
 """Layer calls seen while tracing a per-example loss, and which parameters they cover.
 
-The ghost-norm pass (``adambs_jax.ghost.api``) traces the loss three times. The first, abstract
+The ghost-norm pass (``_api``) traces the loss three times. The first, abstract
 trace (``Recorder``) records every call of a supported layer (a *site*: module path, call
 number, the layer's rule and configuration, the parameter leaves the layer read, the shape of
 its per-example output, and whether it ran in the loss's own trace rather than inside a
@@ -54,7 +54,7 @@ __all__ = [
 class Factor(NamedTuple):
     """One parameter's per-example gradient as rows: ``kind`` is ``"matmul"`` (A_k^T B_k,
     left A (K, T, d), right B (K, T, p)), ``"sum"`` (sum_t b_t, left None) or ``"embed"``
-    (left tokens (K, T), right B (K, T, F)); see ``layer_norms``."""
+    (left tokens (K, T), right B (K, T, F)); see ``_layer_norms``."""
 
     kind: str
     left: jax.Array | None
