@@ -80,7 +80,7 @@ def weighted_mean(per_example_updates: Any, weights: jax.Array) -> Any:
             "weights: the importance weights (K,) are required (keyword-only argument "
             "`weights=` of the update; ab.importance_weights(probs, num_examples)). For "
             "make_train_step, pass the plain optimizer or ab.with_importance_weighting(opt), "
-            "not optax.chain(ab.importance_weighted_mean(), opt)"
+            "not optax.chain(ab.transforms.importance_weighted_mean(), opt)"
         )
     weights = jnp.asarray(weights)
     if weights.ndim != 1:
@@ -110,10 +110,11 @@ def weighted_mean(per_example_updates: Any, weights: jax.Array) -> Any:
 
 
 _FIRST_STAGE = (
-    "ab.importance_weighted_mean (in ab.adambs, ab.amsgradbs, ab.with_importance_weighting) "
-    "averages a per-example stack only as the first, unwrapped stage of the optimizer; "
+    "ab.transforms.importance_weighted_mean (in ab.adambs, ab.amsgradbs, "
+    "ab.with_importance_weighting) averages a per-example stack only as the first, "
+    "unwrapped stage of the optimizer; "
     "otherwise give it the averaged gradient G_hat and no weights "
-    "(ab.estimators.importance_weighted_grad; make_train_step does this)"
+    "(ab.importance_weighted_grad; make_train_step does this)"
 )
 
 

@@ -79,7 +79,7 @@ import optax
 
 import adambs_jax as ab
 from adambs_jax._jsonable import to_jsonable
-from adambs_jax.feedback._kinds import FEEDBACK_KINDS
+from adambs_jax.feedback import FEEDBACK_KINDS
 from adambs_jax.samplers._exp3 import preset_options
 from experiments.lookup import lookup
 

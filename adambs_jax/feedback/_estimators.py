@@ -41,7 +41,13 @@ import jax.numpy as jnp
 
 from adambs_jax._tree_utils import per_example_norms
 from adambs_jax.feedback import ghost
-from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
+from adambs_jax.feedback._losses import (
+    Loss,
+    ModelLoss,
+    PerExampleLoss,
+    check_losses,
+    with_key_argument,
+)
 from adambs_jax.feedback._per_example import (
     losses_and_output_grads,
     per_example_losses_and_grads,
@@ -185,12 +191,16 @@ def importance_weighted_grad(
     averaged gradient, as in ``make_train_step``.
 
     Args:
-      loss_fn: ``(params, batch[, key]) -> (K,)``, or with ``has_aux`` ``-> ((K,), aux)``.
+      loss_fn: ``(params, batch[, key]) -> (K,)``, or with ``has_aux`` ``-> ((K,), aux)``;
+        or an ``ab.Loss`` (its ``has_aux`` counts as the argument's).
       params: the parameters; batch: leaves (K, ...); weights: (K,) = 1 / (n p_I).
       key: passed to a loss that takes one.
       has_aux: the loss returns ``(losses, aux)``; then the result is
         ``((losses, aux), G_hat)``.
     """
+    if isinstance(loss_fn, Loss):
+        has_aux = has_aux or loss_fn.has_aux
+        loss_fn = loss_fn._replace(has_aux=False)  # the stated call, aux and all
     loss = with_key_argument(loss_fn)
     batch_size = weights.shape[0]
 

@@ -203,11 +203,21 @@ def loss_callable(loss: AnyLoss) -> PerExampleLoss:
 
 
 def with_key_argument(loss_fn: PerExampleLoss) -> Callable[[Any, Any, Any], jax.Array]:
-    """``loss_fn`` as ``(params, batch, key) -> losses``; the key is dropped if unused.
+    """``loss_fn`` (a callable, a ``Loss`` of losses only, or a ``ModelLoss``) as
+    ``(params, batch, key) -> losses``; the key is dropped if unused.
 
     Raises:
-      TypeError: ``loss_fn`` is not callable.
+      TypeError: ``loss_fn`` is not callable, or a ``Loss`` that returns more than the
+        losses (``has_aux``, ``model_state``: the per-example tools need the losses alone).
     """
+    if isinstance(loss_fn, Loss):
+        if loss_fn.has_aux or loss_fn.model_state:
+            raise TypeError(
+                "loss_fn: this function needs a loss that returns the per-example losses "
+                "alone; got an ab.Loss with has_aux or model_state (make_train_step handles "
+                "those)"
+            )
+        loss_fn = loss_fn.stated()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if takes_key(loss_fn):

@@ -51,7 +51,8 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"adambs_jax.grain_source needs {module.split('.')[0]}: pip install adambs-jax[data]"
+            f"adambs_jax.host.ArrayRecordSource needs {module.split('.')[0]}: "
+            f"pip install adambs-jax[data]"
         ) from error
 
 

@@ -58,7 +58,7 @@ def check_source(source: Any, *, name: str = "source") -> int:
     if not isinstance(source, DataSource):
         raise TypeError(
             f"{name} must be a data source (num_examples and read(indices)), e.g. "
-            f"ab.sources.ArraySource(arrays); got {type(source).__name__}"
+            f"ab.host.ArraySource(arrays); got {type(source).__name__}"
         )
     num_examples = source.num_examples
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):

@@ -160,7 +160,7 @@ def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sa
     sampler = base(config.num_groups, config.groups_per_batch, **kwargs)
     if not isinstance(sampler, Sampler):
         raise TypeError(
-            f"base: the factory must return an ab.base.Sampler (a scoring sampler "
+            f"base: the factory must return an ab.samplers.Sampler (a scoring sampler "
             f"is not supported over groups), got {type(sampler).__name__}"
         )
     if (sampler.num_examples, sampler.batch_size) != (config.num_groups, config.groups_per_batch):

@@ -130,8 +130,14 @@ def _loss_with_keywords(loss: Any, keywords: dict) -> Any:
             f"describe the loss instead: ab.Loss(fn, {keyword}=...) or ab.ModelLoss(..., "
             f"{keyword}=...)",
         )
+    if isinstance(loss, ModelLoss) and stated.get("has_aux"):
+        raise ValueError(
+            "has_aux=True needs a loss that returns (losses, aux), ab.Loss(fn, has_aux=True); "
+            "a ModelLoss returns the losses of its outputs only"
+        )
+    stated = {k: v for k, v in stated.items() if v is not None and (k, v) != ("has_aux", False)}
     if isinstance(loss, (Loss, ModelLoss)):
-        return loss._replace(**{k: v for k, v in stated.items() if v is not None})
+        return loss._replace(**stated)
     return Loss(loss, **stated)
 
 

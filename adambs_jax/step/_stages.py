@@ -136,7 +136,7 @@ def _check_float_params(params):
             raise TypeError(
                 f"state.params: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; gradients "
                 f"need floating-point parameters. Keep integer state (counters, indices) out of "
-                f"params, e.g. in the model state (make_train_step(..., model_state=True))"
+                f"params, e.g. in the model state (ab.Loss(fn, model_state=True))"
             )
 
 
