@@ -28,10 +28,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
+from adambs_jax._tree_utils import batch_size_of
 from adambs_jax.feedback._losses import AnyLoss, ModelLoss, PerExampleLoss, with_key_argument
 
-__all__ = ["LossParts", "loss_parts", "check_model_state_options"]
+__all__ = [
+    "LossParts",
+    "loss_parts",
+    "check_model_state_options",
+    "batch_coupling",
+    "check_examples_independent",
+]
 
 
 class LossParts(NamedTuple):
@@ -108,3 +116,52 @@ def batch_extras(parts: LossParts, params, batch, key):
     if parts.extras is None:
         return None, None
     return jax.lax.stop_gradient(parts.extras(params, batch, key))
+
+
+COUPLING_RTOL = 1e-4
+"""How much example 0's loss may move when the rest of its batch changes (float rounding)."""
+
+
+def _varied_batches(batch):
+    """The batch, and two copies whose rows 1..K-1 are all row 1, or all row K-1: the
+    statistics of a batch change, example 0 does not."""
+
+    def rows_from(source_row):
+        return jax.tree.map(lambda leaf: leaf.at[1:].set(leaf[source_row]), batch)
+
+    return batch, rows_from(1), rows_from(-1)
+
+
+def batch_coupling(losses_fn: PerExampleLoss, params, batch, key) -> jax.Array:
+    """The largest relative change of example 0's loss when the other examples of its batch
+    change (0 for a loss whose row k depends on example k only). Jittable; the same key for
+    every evaluation, so dropout masks do not count as a change."""
+    call = with_key_argument(losses_fn)
+    first = [call(params, b, key)[0] for b in _varied_batches(batch)]
+    scale = jnp.abs(first[0]) + 1e-6
+    return jnp.max(jnp.abs(jnp.stack(first[1:]) - first[0])) / scale
+
+
+def check_examples_independent(losses_fn: PerExampleLoss, params, batch, key, *, why: str):
+    """Raises ValueError when the per-example losses of ``batch`` depend on the rest of the
+    batch (a model with batch statistics, BatchNorm in training mode, whose state the loss
+    discards). Host side, on concrete arrays, once: one jitted call of three forward passes.
+
+    ``why``: what evaluates the examples one at a time (the feedback kind or the scoring
+    sampler), for the message.
+    """
+    if batch_size_of(batch) < 2 or any(
+        isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, batch))
+    ):
+        return  # one example, or traced inside the caller's own jit: nothing to compare
+    change = float(jax.jit(batch_coupling, static_argnums=0)(losses_fn, params, batch, key))
+    if change > COUPLING_RTOL:
+        raise ValueError(
+            f"loss_fn: the loss of one example changed by a factor {change:.3g} when the other "
+            f"examples of its batch changed: the model couples the examples of a batch "
+            f"(BatchNorm in training mode, say). {why} evaluates the model one example at a "
+            f"time, so it would compute per-example batch statistics: a silently wrong "
+            f"gradient. Describe the model state, ab.Loss(fn, model_state=True) or "
+            f"ab.ModelLoss(..., model_state=True), and use feedback='loss' or "
+            f"'logit_grad_norm'; or make the loss per-example (BatchNorm in inference mode)"
+        )

@@ -74,7 +74,7 @@ from adambs_jax.sharding import (
     replicate_on_mesh,
     replicated_sharding,
 )
-from adambs_jax.step._options import StepOptions, build_step_config
+from adambs_jax.step._options import StepOptions, build_step_config, first_call_check
 from adambs_jax.step._stages import (
     Draw,
     StepConfig,
@@ -88,6 +88,7 @@ from adambs_jax.step._state import (
     RenormalizationSchedule,
     TrainState,
     TrainStep,
+    run_first_call_check,
 )
 from adambs_jax.step._train_step import renormalize_fn
 
@@ -162,6 +163,8 @@ class HostTrainStep:
       lookahead: L, how many steps ahead of its use a batch is drawn.
       renormalize: the jitted ``state -> state`` renormalization, or None.
       mesh, data_axis: the data-parallel mesh (None: none) and its batch axis.
+      first_call_check: ``(state, batch) -> None`` run once, at the first concrete call
+        (``TrainStep``'s), or None.
     """
 
     step_fn: Callable[..., tuple[TrainState, dict, Draws]]
@@ -172,11 +175,14 @@ class HostTrainStep:
     renormalize: Callable[[TrainState], TrainState] | None = None
     mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
+    first_call_check: Callable[[TrainState, Any], None] | None = None
     _schedule: RenormalizationSchedule = dataclasses.field(
         default_factory=lambda: RenormalizationSchedule(), compare=False, repr=False
     )
+    _checked: list = dataclasses.field(default_factory=lambda: [False], compare=False, repr=False)
 
     def __call__(self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
+        run_first_call_check(self.first_call_check, self._checked, state, batch)
         every = self.sampler.renormalize_every
         scheduled = self.renormalize is not None and bool(every)
         if scheduled:
@@ -269,7 +275,7 @@ def make_host_train_step(
     """
     _refuse_scoring(sampler)
     lookahead = check_int("lookahead", lookahead, minimum=1)
-    config, options = build_step_config(
+    config, options, feedback = build_step_config(
         loss_fn, optimizer, sampler, feedback, options, option_fields
     )
     if options.steps_per_call != 1:
@@ -291,6 +297,7 @@ def make_host_train_step(
         lookahead=lookahead,
         mesh=mesh,
         data_axis=data_axis,
+        first_call_check=first_call_check(config, feedback, gathered=True),
     )
     if not options.jit:
         return HostTrainStep(step, draw, **common)

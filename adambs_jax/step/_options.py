@@ -25,18 +25,29 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adambs_jax._checks import check_bool, check_int
-from adambs_jax.feedback._kinds import GradNorm, as_feedback
+from adambs_jax._tree_utils import gather
+from adambs_jax.feedback._kinds import Feedback, GradNorm, as_feedback
 from adambs_jax.feedback._losses import AnyLoss, Loss, ModelLoss, as_loss, loss_callable
-from adambs_jax.feedback._model_state import check_model_state_options
+from adambs_jax.feedback._model_state import (
+    check_examples_independent,
+    check_model_state_options,
+    loss_parts,
+)
 from adambs_jax.samplers import ProbabilitiesFn, Sampler, ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh
 from adambs_jax.step._stages import StepConfig
 from adambs_jax.step._state import as_gradient_transformation
 
-__all__ = ["StepOptions", "FULL_DIAGNOSTICS_MAX_EXAMPLES", "build_step_config"]
+__all__ = [
+    "StepOptions",
+    "FULL_DIAGNOSTICS_MAX_EXAMPLES",
+    "build_step_config",
+    "first_call_check",
+]
 
 FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
 """With ``diagnostics=None``, the O(n) metrics are computed only for n up to this size."""
@@ -229,9 +240,10 @@ def build_step_config(
     feedback: Any,
     options: StepOptions | None,
     keywords: dict,
-) -> tuple[StepConfig, StepOptions]:
+) -> tuple[StepConfig, StepOptions, Feedback]:
     """Validates a step factory's arguments (``make_train_step``'s Raises) into the step's
-    ``StepConfig`` and its ``StepOptions``; the old keywords warn and are folded in."""
+    ``StepConfig``, its ``StepOptions`` and the resolved ``Feedback``; the old keywords warn
+    and are folded in."""
     keywords = dict(keywords)
     loss = as_loss(_loss_with_keywords(loss, keywords))
     feedback = as_feedback(_feedback_with_keywords(feedback, keywords), loss)
@@ -262,4 +274,26 @@ def build_step_config(
         _extra_args_fn(optimizer, options.optimizer_extra_args),
         loss,
     )
-    return config, options
+    return config, options, feedback
+
+
+def first_call_check(config: StepConfig, feedback, *, gathered: bool) -> Callable | None:
+    """The check a step runs at its first concrete call, or None: with a feedback that
+    evaluates examples one at a time, or a scoring sampler, the per-example losses must not
+    depend on the rest of the batch (``check_examples_independent``). ``gathered``: the
+    step's ``data`` is the batch itself (the host step), not the dataset."""
+    scoring = isinstance(config.sampler, ScoringSampler)
+    if not (feedback.per_example_evaluation or scoring):
+        return None
+    why = f"feedback={feedback.name!r}" if feedback.per_example_evaluation else "a ScoringSampler"
+    batch_size = config.sampler.batch_size
+
+    def check(state, data):
+        batch = data
+        if not gathered:
+            n = config.sampler.num_examples
+            batch = gather(data, jnp.arange(batch_size) % n)
+        losses_fn = loss_parts(config.described_loss, state.model_state).losses_only
+        check_examples_independent(losses_fn, state.params, batch, jax.random.key(0), why=why)
+
+    return check

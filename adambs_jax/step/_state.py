@@ -31,6 +31,7 @@ __all__ = [
     "TrainStep",
     "as_gradient_transformation",
     "RenormalizationSchedule",
+    "run_first_call_check",
 ]
 
 
@@ -151,6 +152,9 @@ class TrainStep:
         sampler needs none, or ``jit=False``: the caller renormalizes).
       steps_per_call: steps one call of ``step_fn`` takes (``make_train_step``'s
         ``steps_per_call``; metrics then have a leading axis of that size).
+      first_call_check: ``(state, data) -> None``, run once, on the first call with
+        concrete arrays, before the step (raises what the step cannot compute correctly,
+        e.g. a batch-coupled model under per-example feedback); None: nothing to check.
     """
 
     step_fn: Callable[..., tuple[TrainState, dict]]
@@ -158,11 +162,14 @@ class TrainStep:
     sampler: AnySampler
     renormalize: Callable[[TrainState], TrainState] | None = None
     steps_per_call: int = 1
+    first_call_check: Callable[[TrainState, Any], None] | None = None
     _schedule: RenormalizationSchedule = dataclasses.field(
         default_factory=lambda: RenormalizationSchedule(), compare=False, repr=False
     )
+    _checked: list = dataclasses.field(default_factory=lambda: [False], compare=False, repr=False)
 
     def __call__(self, state: TrainState, data: Any, key: jax.Array | None = None):
+        run_first_call_check(self.first_call_check, self._checked, state, data)
         every = self.sampler.renormalize_every
         if self.renormalize is None or not every:
             return self._call_step(state, data, key)
@@ -213,6 +220,18 @@ class TrainStep:
         return getattr(step_fn, name)
 
 
+def run_first_call_check(check, checked: list, state: TrainState, data: Any) -> None:
+    """Runs ``check(state, data)`` once per step object, at the first call whose arrays are
+    concrete (a step traced inside the caller's own ``jit`` is checked at its first
+    concrete call, if any)."""
+    if check is None or checked[0]:
+        return
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((state, data))):
+        return
+    check(state, data)
+    checked[0] = True
+
+
 @dataclasses.dataclass
 class RenormalizationSchedule:
     """When a step object renormalizes its sampler: before each call whose steps
@@ -234,8 +253,8 @@ class RenormalizationSchedule:
 
     def before(self, renormalize, every: int, state: TrainState, calls: int) -> TrainState:
         """``state``, renormalized first (one jitted call) if this call is due."""
-        if state.step is not self._last:
-            self._step = _host_int(state.step)
+        if state.step is not self._last and not isinstance(state.step, jax.core.Tracer):
+            self._step = _host_int(state.step)  # a restored or new state (traced: counted)
         t = self._step
         if t > 0 and (t - 1) // every < (t + calls - 1) // every:
             state = TrainStep._call(renormalize, state)
