@@ -40,6 +40,7 @@ __all__ = [
     "check_source",
     "check_read_indices",
     "file_digest",
+    "manifest_file",
 ]
 
 
@@ -227,12 +228,40 @@ def _read_manifest(directory: str) -> dict:
     )
 
 
+def _check_manifest(manifest: dict, directory: str) -> dict:
+    """``manifest["fields"]`` after checking the manifest's structure (a ValueError naming
+    the manifest file, not a KeyError)."""
+    where = f"{os.path.join(directory, MANIFEST_NAME)!r}"
+    fields = manifest.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError(f"directory: {where} has no fields (a dict name -> spec)")
+    for name, spec in fields.items():
+        missing = {"file", "shape", "dtype", "sha256"} - set(spec if isinstance(spec, dict) else ())
+        if missing:
+            raise ValueError(f"directory: {where}, field {name!r} lacks {sorted(missing)}")
+    return fields
+
+
+def manifest_file(directory: str, name: str, file: Any) -> str:
+    """The path of a field's file from its manifest entry, which must be a relative path
+    inside ``directory``: an absolute path or one that climbs out with ``..`` would make
+    opening (or overwriting) a dataset read (or delete) a file elsewhere, so it is refused."""
+    drive, rest = os.path.splitdrive(file) if isinstance(file, str) else ("", "")
+    parts = os.path.normpath(rest).split(os.sep) if rest else []
+    if drive or not parts or os.path.isabs(rest) or parts[0] in (os.curdir, os.pardir):
+        raise ValueError(
+            f"field {name!r}: the manifest's file entry {file!r} is not a relative path "
+            f"inside the dataset directory {directory!r}; refused"
+        )
+    return os.path.join(directory, rest)
+
+
 def _open_dataset(directory: str, verify: bool) -> tuple[dict, dict]:
     """The fields of a dataset directory as memmaps, each checked against the manifest."""
     manifest = _read_manifest(directory)
     arrays = {}
-    for name, spec in manifest["fields"].items():
-        path = os.path.join(directory, spec["file"])
+    for name, spec in _check_manifest(manifest, directory).items():
+        path = manifest_file(directory, name, spec["file"])
         array = _open_npy(_check_field_name(name), path)
         expected = (tuple(spec["shape"]), np.dtype(spec["dtype"]))
         if (array.shape, array.dtype) != expected:
