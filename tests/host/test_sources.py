@@ -198,6 +198,42 @@ def _fill(value, n=40, z=False):
     return arrays
 
 
+def test_overwriting_leaves_an_open_reader_its_old_data(tmp_path):
+    write_memmap_dataset(tmp_path, _fill(1, z=True))
+    reader = open_memmap_dataset(tmp_path)  # another process training on the old dataset
+    write_memmap_dataset(tmp_path, _fill(2), overwrite=True)  # same shapes: same file sizes
+    old = reader.read(np.arange(40))
+    assert (old["x"] == 1).all() and (old["y"] == 1).all() and (old["z"] == 1).all()
+    new = open_memmap_dataset(tmp_path, verify=True).read(np.arange(40))
+    assert (new["x"] == 2).all() and set(new) == {"x", "y"}
+    assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME, "x.npy", "y.npy"]  # z.npy: gone
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_intact(tmp_path):
+    write_memmap_dataset(tmp_path, _fill(1))
+    before = sorted(os.listdir(tmp_path))
+
+    def chunks():
+        yield _fill(2, n=20)
+        raise OSError("the producer died")  # or a full disk, or Ctrl-C
+
+    with pytest.raises(OSError, match="the producer died"):
+        write_memmap_dataset(tmp_path, chunks(), num_examples=40, overwrite=True)
+    with pytest.raises(ValueError, match="chunk 1, field 'x'"):
+        write_memmap_dataset(
+            tmp_path,
+            iter([_fill(2, n=20), {"x": np.zeros((20, 4)), "y": np.zeros(20)}]),
+            num_examples=40,
+            overwrite=True,
+        )
+    assert sorted(os.listdir(tmp_path)) == before  # no staging directory left either
+    old = open_memmap_dataset(tmp_path, verify=True).read(np.arange(40))
+    assert (old["x"] == 1).all() and (old["y"] == 1).all()
+    with pytest.raises(ValueError, match="num_examples=3"):
+        write_memmap_dataset(tmp_path / "new", _fill(1), num_examples=3)
+    assert not (tmp_path / "new").exists()  # a failed first write leaves no directory
+
+
 @pytest.mark.parametrize("file", ["../outside.npy", "sub/../../outside.npy", "/abs/x.npy", ".", ""])
 def test_a_manifest_entry_outside_the_directory_is_refused(tmp_path, file):
     directory = tmp_path / "data"
