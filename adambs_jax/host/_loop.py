@@ -248,8 +248,12 @@ class HostLoader:
         self.batches = 0
         for thread in self._threads:
             thread.start()
-        for pending in draws:
-            self.put(pending)
+        try:
+            for pending in draws:
+                self.put(pending)
+        except BaseException:
+            self.close()  # no idle threads left behind by a refused constructor
+            raise
 
     def _work(self) -> None:
         """A loader thread: runs the queued jobs until it takes the None that ``close`` puts."""
@@ -300,7 +304,8 @@ class HostLoader:
         try:
             batch = job.future.result(timeout=self.timeout)
         except BaseException as error:
-            if job.future.done() and job.future.exception() is error:
+            future = job.future
+            if future.done() and not future.cancelled() and future.exception() is error:
                 raise  # the read's own error (a TimeoutError of the source's included)
             self._abandon = True  # the wait stopped, not the read: close() won't wait for it
             if not isinstance(error, TimeoutError):
@@ -399,15 +404,18 @@ def _alive(state: Any) -> Any:
 
 def _attach_progress(error: BaseException, progress: HostLoopProgress, num_steps: int) -> None:
     """Sets ``error.host_loop`` and adds a note saying what it holds."""
-    error.host_loop = progress
+    try:
+        error.host_loop = progress
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        return
     what = (
         "the state was donated to the step that failed and is lost"
         if progress.state is None
-        else "error.host_loop.state is the state reached: save it"
+        else "error.host_loop.state is the state reached: save it, and continue with "
+        "run_host_loop(step, progress.state, progress.draws, ...)"
     )
     error.add_note(
-        f"run_host_loop: stopped after {progress.steps_done} of {num_steps} steps; {what}; "
-        f"continue with run_host_loop(step, progress.state, progress.draws, ...) "
+        f"run_host_loop: stopped after {progress.steps_done} of {num_steps} steps; {what} "
         f"(error.host_loop: ab.host.HostLoopProgress)"
     )
 

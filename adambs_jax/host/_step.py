@@ -124,9 +124,11 @@ class Draws(NamedTuple):
     """The indices of one step's batch and the probabilities they were drawn with.
 
     Attributes:
-      indices: (K,) integer, the examples to read.
-      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from; the step
-        weighs example k by 1 / (n probs_k).
+      indices: (K,) integer, the examples to read, each in [0, n).
+      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from, each in
+        (0, 1]; the step weighs example k by 1 / (n probs_k). Draws outside these ranges
+        are refused on the host or skipped by the step (the module docstring, "Invalid
+        draws").
     """
 
     indices: jax.Array
