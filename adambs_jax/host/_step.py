@@ -40,6 +40,22 @@ slightly stale draws, which changes only how fast its distribution adapts, never
 unbiasedness of G_hat. With L = 1 and a sampler that ignores its state (uniform) the step
 equals ``make_train_step``'s step on the in-memory data with the same draws.
 
+Invalid draws. The weight w = 1 / (n p) is defined only for p in (0, 1] (and an index in
+[0, n)): a negative p would step up the loss, a p 10^6 times too large a near-zero step, and
+nothing downstream could tell. The step's own draws are always valid; a ``Draws`` built by
+hand is checked where that costs nothing:
+
+    on the host     ``step(...)`` with numpy (or list) draws, and every draw the loop's
+                    loader threads read (they copy the indices to the host anyway): a
+                    ValueError naming the bad entries, before the state is touched
+    on the device   draws that are device arrays: checking them on the host would wait for
+                    the step that computed them (a sync per step), so the step itself sets
+                    the K weights to NaN (one (K,) reduction, no branch); the non-finite
+                    guard then skips the step (``metrics["skipped"]``, ``skipped_steps``) and
+                    ``metrics["invalid_draws"]`` is 1. With ``skip_non_finite=False`` the NaN
+                    update is applied like any other non-finite one: loud, never silently
+                    wrong.
+
 Scoring samplers are refused (they score examples of the whole dataset on the device).
 Renormalization: as ``TrainStep``, a Python counter runs the sampler's O(n)
 ``renormalize`` every ``sampler.renormalize_every`` calls (no device sync); it rescales the
@@ -60,6 +76,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adambs_jax._checks import check_int
@@ -98,6 +116,7 @@ __all__ = [
     "make_host_train_step",
     "draw_from",
     "run_host_step",
+    "check_host_draws",
 ]
 
 
@@ -105,9 +124,11 @@ class Draws(NamedTuple):
     """The indices of one step's batch and the probabilities they were drawn with.
 
     Attributes:
-      indices: (K,) integer, the examples to read.
-      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from; the step
-        weighs example k by 1 / (n probs_k).
+      indices: (K,) integer, the examples to read, each in [0, n).
+      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from, each in
+        (0, 1]; the step weighs example k by 1 / (n probs_k). Draws outside these ranges
+        are refused on the host or skipped by the step (the module docstring, "Invalid
+        draws").
     """
 
     indices: jax.Array
@@ -120,6 +141,64 @@ def draw_from(sampler: Sampler, sampler_state: Any, key: jax.Array) -> Draws:
     sample_key = jax.random.split(key, 3)[0]
     indices, probs = sampler.sample(sampler_state, sample_key)
     return Draws(indices, probs)
+
+
+def _invalid_entries(name: str, values: np.ndarray, bad: np.ndarray) -> str:
+    positions = np.flatnonzero(bad)
+    shown = ", ".join(f"[{i}] = {values[i]!r}" for i in positions[:4].tolist())
+    more = f", ... ({positions.size} in all)" if positions.size > 4 else ""
+    return f"{name}{shown}{more}"
+
+
+def check_host_draws(indices: Any, probs: Any, num_examples: int, batch_size: int) -> None:
+    """Checks draws held on the host (numpy, lists): ``indices`` (K,) integers in [0, n),
+    ``probs`` (K,) floats in (0, 1], finite; either may be None (not checked).
+
+    Raises:
+      ValueError / TypeError: naming the first bad entries and why they are refused.
+    """
+    if indices is not None:
+        indices = np.asarray(indices)
+        if indices.shape != (batch_size,):
+            raise ValueError(f"draws.indices must have shape ({batch_size},), got {indices.shape}")
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"draws.indices must be integers, got dtype {indices.dtype}")
+        bad = (indices < 0) | (indices >= num_examples)
+        if bad.any():
+            entries = _invalid_entries("draws.indices", indices, bad)
+            raise ValueError(f"{entries}: every index must be in [0, {num_examples})")
+    if probs is not None:
+        probs = np.asarray(probs)
+        if probs.shape != (batch_size,):
+            raise ValueError(f"draws.probs must have shape ({batch_size},), got {probs.shape}")
+        if not np.issubdtype(probs.dtype, np.floating):
+            raise TypeError(f"draws.probs must be floats, got dtype {probs.dtype}")
+        bad = ~((probs > 0) & (probs <= 1))  # NaN fails both comparisons
+        if bad.any():
+            entries = _invalid_entries("draws.probs", probs, bad)
+            raise ValueError(
+                f"{entries}: every probability must be in (0, 1] (the weight 1 / (n p) of "
+                f"p <= 0 would step up the loss, of p > 1 or NaN it is no weight)"
+            )
+
+
+def _check_draw_shapes(indices, probs, batch_size: int) -> None:
+    """At trace time: ``(K,)`` integer indices and ``(K,)`` float probabilities."""
+    if jnp.shape(indices) != (batch_size,) or jnp.shape(probs) != (batch_size,):
+        raise ValueError(
+            f"draws: indices and probs must have shape ({batch_size},) (sampler.batch_size), "
+            f"got {jnp.shape(indices)} and {jnp.shape(probs)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
+        raise TypeError(f"draws.indices must be integers, got {jnp.result_type(indices)}")
+    if not jnp.issubdtype(jnp.result_type(probs), jnp.floating):
+        raise TypeError(f"draws.probs must be floats, got {jnp.result_type(probs)}")
+
+
+def _draws_valid(indices, probs, num_examples: int) -> jax.Array:
+    """On the device: a bool scalar, every index in [0, n) and every p in (0, 1]."""
+    in_range = (indices >= 0) & (indices < num_examples)
+    return jnp.all(in_range) & jnp.all((probs > 0) & (probs <= 1))
 
 
 def _check_batch(batch, batch_size: int):
@@ -139,13 +218,17 @@ def run_host_step(
     check_train_state(state, sampler.num_examples)
     _check_batch(batch, sampler.batch_size)
     indices, probs = draws
+    _check_draw_shapes(indices, probs, sampler.batch_size)
     state_key, key = step_key(state.key, key)
     _, model_key, _ = jax.random.split(key, 3)
     parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
-    weights = draw_weights(config, indices, probs)
+    # invalid draws get NaN weights: the non-finite guard skips the step (module docstring)
+    valid = _draws_valid(indices, probs, sampler.num_examples)
+    weights = jnp.where(valid, draw_weights(config, indices, probs), jnp.nan)
     draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
     new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
+    metrics["invalid_draws"] = jnp.logical_not(valid).astype(jnp.int32)
     return new_state, metrics, draw_from(sampler, new_state.sampler_state, key)
 
 
@@ -183,12 +266,19 @@ class HostTrainStep:
 
     def __call__(self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
         run_first_call_check(self.first_call_check, self._checked, state, batch)
+        draws = Draws(*draws)
+        check_host_draws(  # host values only: checking device draws here would sync
+            None if isinstance(draws.indices, jax.Array) else draws.indices,
+            None if isinstance(draws.probs, jax.Array) else draws.probs,
+            self.sampler.num_examples,
+            self.sampler.batch_size,
+        )
         every = self.sampler.renormalize_every
         scheduled = self.renormalize is not None and bool(every)
         if scheduled:
             state = self._schedule.before(self.renormalize, every, state, 1)
         if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
-            draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
+            draws, key = replicate_on_mesh((draws, key), self.mesh)
         out = TrainStep._call(self.step_fn, state, batch, draws, key)
         if scheduled:
             self._schedule.after(out[0], 1)
@@ -265,13 +355,15 @@ def make_host_train_step(
 
     Returns:
       A ``HostTrainStep``; ``step.init(params, key)`` gives the state and the first L draws.
-      ``metrics`` are ``make_train_step``'s.
+      ``metrics`` are ``make_train_step``'s and ``"invalid_draws"`` (int32, 1 if the draws
+      had an index outside [0, n) or a probability outside (0, 1]: the step was skipped).
 
     Raises:
       TypeError / ValueError: a ``ScoringSampler``, ``lookahead`` < 1, ``steps_per_call`` > 1,
-        or any argument
-        ``make_train_step`` refuses, at build time; a batch whose leading axis is not K or
-        draws of the wrong shape at the first call.
+        or any argument ``make_train_step`` refuses, at build time; a batch whose leading
+        axis is not K or draws of the wrong shape or dtype at the first call; draws held on
+        the host (numpy) with an index outside [0, n) or a probability outside (0, 1], at
+        every call, before the state is touched (device draws: see the module docstring).
     """
     _refuse_scoring(sampler)
     lookahead = check_int("lookahead", lookahead, minimum=1)
