@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     assert left == ["go", "shared", "shared-warmup-1", "shared-warmup-2"]
 
 
-def test_a_save_in_progress_is_refused_and_a_stale_lock_is_named(tmp_path):
+def test_a_save_in_progress_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     state, path = _fresh_state(), tmp_path / "c"
     lock = tmp_path / "c.adambs-lock"
     lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a save running "now"
@@ -371,16 +372,137 @@ def test_a_save_in_progress_is_refused_and_a_stale_lock_is_named(tmp_path):
         check=True,
     )
     lock.write_text(f"{finished.stdout.strip()} {socket.gethostname()}\n")  # a crashed save
-    with pytest.raises(ValueError, match=r"was interrupted.*no longer running; delete"):
+    stale = r"was interrupted.*no longer running; removed"
+    with pytest.warns(ab.checkpoint.StaleLockWarning, match=stale):
         ab.save_checkpoint(path, state)
-    lock.unlink()
-    ab.save_checkpoint(path, state)
-    assert not lock.exists()
+    assert path.exists() and not lock.exists()
     with ab.CheckpointManager(tmp_path / "run") as manager:
         (tmp_path / "run.adambs-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
         with pytest.raises(ValueError, match="directory: another save to"):
             manager.save(0, state)
         assert manager.all_steps() == []
+
+
+# A save killed outright (SIGKILL: no finally, no atexit) at a chosen point: the child
+# patches os.rename, which orbax (finishing an item) and write_atomically (putting the new
+# checkpoint in place) both call, to stop there and wait for its SIGKILL.
+_KILLED_WRITER = r"""
+import os, sys, time
+import jax.numpy as jnp, optax
+import adambs_jax as ab
+
+where, mode, path, stopped = sys.argv[1:5]
+state = ab.TrainState.create(params={"w": jnp.full((1 << 20,), 1.0)}, optimizer=optax.sgd(0.1),
+                             sampler=ab.uniform_sampler(8, 2))
+rename = os.rename
+def stopping_rename(src, dst, *args, **kwargs):
+    finishing_orbax = os.fspath(src).endswith(".orbax-checkpoint-tmp")
+    if (where == "orbax" and finishing_orbax) or (where == "replace" and os.fspath(dst) == path):
+        open(stopped, "w").close()
+        time.sleep(600)
+    return rename(src, dst, *args, **kwargs)
+os.rename = stopping_rename
+if mode == "manager":
+    ab.CheckpointManager(path).save(1, state, extra_metadata={"value": 1})
+else:
+    ab.save_checkpoint(path, state, extra_metadata={"value": 1}, overwrite=True)
+"""
+
+
+def _kill_a_save(tmp_path, where, mode, path):
+    """Runs a save to ``path`` in a child process, stopped at ``where``, and SIGKILLs it.
+    Returns the child's pid."""
+    stopped, log = tmp_path / "child" / "stopped", tmp_path / "child" / "stderr"
+    stopped.parent.mkdir()
+    with open(log, "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, where, mode, str(path), str(stopped)],
+            stderr=stderr,
+            env=_CHILD_ENV,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not stopped.exists():
+                assert child.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the child never reached the stop"
+                time.sleep(0.01)
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+        finally:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    return child.pid
+
+
+def _params_value(path, **kwargs):
+    like = ab.TrainState.create(
+        params={"w": jnp.zeros(1 << 20)}, optimizer=optax.sgd(0.1), sampler=ab.uniform_sampler(8, 2)
+    )
+    restored = ab.restore_checkpoint(path, like, **kwargs)
+    values = np.unique(np.asarray(restored.params["w"]))
+    assert values.size == 1  # one whole state, not a mix
+    return float(values[0])
+
+
+def _saved_state(value):
+    return ab.TrainState.create(
+        params={"w": jnp.full((1 << 20,), float(value))},
+        optimizer=optax.sgd(0.1),
+        sampler=ab.uniform_sampler(8, 2),
+    )
+
+
+def _listing(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name != "child")
+
+
+def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path):
+    """A regression: a save killed by SIGKILL left its lock (every later save to the path
+    refused until someone deleted it) and its full-size temporary directories. The next save
+    takes over the dead writer's lock with a warning and removes what it left; the
+    checkpoint on disk stayed the previous complete one throughout."""
+    path = tmp_path / "shared"
+    ab.save_checkpoint(path, _saved_state(0))
+    pid = _kill_a_save(tmp_path, "orbax", "save", path)
+    lock = tmp_path / "shared.adambs-lock"
+    assert lock.read_text().split()[:2] == [str(pid), socket.gethostname()]
+    assert any(".orbax-checkpoint-tmp" in name for name in _listing(tmp_path))
+    assert _params_value(path) == 0.0  # nothing half-written is read
+    with pytest.warns(ab.checkpoint.StaleLockWarning, match=rf"held by process {pid} on"):
+        ab.save_checkpoint(path, _saved_state(2), overwrite=True)
+    assert _listing(tmp_path) == ["shared"]  # no lock, no temporary directory left
+    assert _params_value(path) == 2.0
+
+
+def test_a_save_killed_while_replacing_a_checkpoint_loses_nothing(tmp_path):
+    """Killed between its two renames, the save had moved the previous checkpoint aside:
+    the next restore (or save) puts it back, with a warning, and cleans up."""
+    path = tmp_path / "shared"
+    ab.save_checkpoint(path, _saved_state(0))
+    _kill_a_save(tmp_path, "replace", "save", path)
+    assert not path.exists()
+    with pytest.warns(ab.checkpoint.StaleLockWarning) as warned:
+        assert _params_value(path) == 0.0
+    messages = " ".join(str(w.message) for w in warned)
+    assert "no longer running" in messages and "previous checkpoint is back" in messages
+    assert _listing(tmp_path) == ["shared"]
+    ab.save_checkpoint(path, _saved_state(2), overwrite=True)  # no warning: nothing left
+    assert _params_value(path) == 2.0
+
+
+def test_a_manager_save_killed_mid_write_is_recovered_by_the_next_save(tmp_path):
+    directory = tmp_path / "run"
+    with ab.CheckpointManager(directory) as manager:
+        manager.save(0, _saved_state(0))
+    _kill_a_save(tmp_path, "orbax", "manager", directory)
+    assert (tmp_path / "run.adambs-lock").exists()
+    assert any(".orbax-checkpoint-tmp" in name for name in _listing(directory))
+    with ab.CheckpointManager(directory) as manager:
+        assert manager.all_steps() == [0]  # the unfinished step is not listed
+        with pytest.warns(ab.checkpoint.StaleLockWarning, match="no longer running"):
+            manager.save(1, _saved_state(1))
+        assert manager.all_steps() == [0, 1]
+    assert _listing(directory) == ["0", "1"] and _listing(tmp_path) == ["run"]
 
 
 def _damage(directory, how):
