@@ -352,11 +352,13 @@ class CheckpointManager:
         return sorted(int(step) for step in self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest saved step, or None."""
-        return self._manager.latest_step()
+        """The newest saved step, the highest (as orbax and a restarted process see it; not
+        the step this process saved last), or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """Restores step ``step`` (default: the latest), checked against ``like`` exactly as
+        """Restores step ``step`` (default: the latest, the highest), checked against ``like`` as
         ``restore_checkpoint`` does.
 
         Raises:
@@ -385,7 +387,7 @@ class CheckpointManager:
         return finish_restore(restored[STATE_ITEM], like, saved, where)
 
     def restore_latest(self, like: TrainState) -> TrainState | None:
-        """``restore(like)`` of the latest step, or None if nothing was saved yet."""
+        """``restore(like)`` of the latest (highest) step, or None if nothing was saved yet."""
         if self.latest_step() is None:
             return None
         return self.restore(like)

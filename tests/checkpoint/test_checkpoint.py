@@ -257,6 +257,28 @@ def test_checkpoint_manager_keeps_the_latest_and_resumes(tmp_path):
         ab.CheckpointManager(tmp_path / "other", max_to_keep=0)
 
 
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_saved(tmp_path):
+    """A regression: ``restore_latest`` restored the step saved last (0), not the highest
+    (6), in the process that saved them; orbax and the docs mean the highest."""
+
+    def state(value):
+        return ab.TrainState.create(
+            params={"w": jnp.full((3,), float(value))},
+            optimizer=optax.sgd(0.1),
+            sampler=ab.uniform_sampler(8, 2),
+        )
+
+    with ab.CheckpointManager(tmp_path / "run", max_to_keep=None) as manager:
+        for step in (6, 0, 3):
+            manager.save(step, state(step))
+        assert manager.all_steps() == [0, 3, 6]
+        assert manager.latest_step() == 6
+        np.testing.assert_array_equal(manager.restore_latest(state(-1)).params["w"], 6.0)
+        np.testing.assert_array_equal(manager.restore(state(-1)).params["w"], 6.0)
+    with ab.CheckpointManager(tmp_path / "run") as manager:  # a new process: the same
+        assert manager.latest_step() == 6
+
+
 # ----------------------------------------------------------------------------- faults
 
 _WRITER = r"""
