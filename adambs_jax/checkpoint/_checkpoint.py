@@ -253,8 +253,9 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
       TypeError: ``like`` is not a ``TrainState``.
       ValueError: the checkpoint does not fit ``like``: another sampler kind (e.g. exp3 vs
         uniform), dataset size ``num_examples``, ``p_min``, batch size, typed vs raw PRNG
-        key, or arrays of other paths, shapes or dtypes (another model or optimizer). The
-        message lists every difference; nothing is loaded. Or its files are damaged
+        key, or arrays of other paths, shapes or dtypes (another model or optimizer), or
+        another optimizer state structure (adam vs adamw: "the optimizer states differ").
+        The message lists every difference; nothing is loaded. Or its files are damaged
         (truncated, corrupted, missing), or its exp3 sampler state is not finite: the
         message names the checkpoint (and the field).
 

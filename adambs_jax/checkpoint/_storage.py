@@ -62,6 +62,7 @@ STATE_ITEM = "state"
 METADATA_ITEM = "adambs_metadata"
 _MAX_CAUSE_CHARS = 300  # of a storage-layer message quoted in our error
 _TMP, _OLD = "tmp", "old"  # write_atomically's private directories: .<name>.adambs-<kind>-<token>
+_ORBAX_STRUCTURE_MISMATCH = "tree structures do not match"  # orbax: intact, another tree
 _ORBAX_TMP = ".orbax-checkpoint-tmp"  # an orbax directory not yet complete ends so (or -<n>)
 
 
@@ -178,14 +179,31 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _structure_message(error: ValueError, where: str, name: str) -> str:
+    """Orbax's refusal of an intact checkpoint whose tree differs from the target's (only
+    reached by a checkpoint that predates ``empty_subtrees`` in the metadata)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:]]
+    detail = " ".join(line for line in lines if line and not line.startswith("If this"))
+    if len(detail) > _MAX_CAUSE_CHARS:
+        detail = detail[:_MAX_CAUSE_CHARS] + "..."
+    return (
+        f"{name}: {where} does not fit the template `like`: the trees differ in structure "
+        f"(orbax: {detail}), e.g. another optimizer or optax chain (adam vs adamw) or model. "
+        f"The checkpoint is intact; nothing was loaded"
+    )
+
+
 @contextlib.contextmanager
 def damaged_checkpoint_errors(where: str, *, name: str = "path") -> Iterator[None]:
     """Turns any error of the storage layer (orbax, TensorStore, JSON) raised in the block
     into a ValueError that names the checkpoint ``where`` and says what to do; the original
-    error stays attached as ``__cause__``."""
+    error stays attached as ``__cause__``. Orbax's refusal of a target of another tree
+    structure is not damage: its message says the trees differ."""
     try:
         yield
     except Exception as error:  # TensorStore raises bare Exception and ValueError alike
+        if isinstance(error, ValueError) and _ORBAX_STRUCTURE_MISMATCH in str(error):
+            raise ValueError(_structure_message(error, where, name)) from error
         raise ValueError(
             f"{name}: {where} is damaged or incomplete and cannot be read "
             f"({_first_line(error)}). Nothing was loaded; restore an earlier checkpoint, or "

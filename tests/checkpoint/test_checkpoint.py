@@ -179,14 +179,40 @@ def test_metadata(tmp_path):
             "p_min",
         ),
         (lambda: _fresh_state(optimizer=optax.sgd(0.1)), "not in `like`"),
+        (  # a regression: same arrays, one more EmptyState in the chain; was "damaged"
+            lambda: _fresh_state(optimizer=optax.adamw(0.05)),
+            r"optimizer states differ .*in `like`, not in the checkpoint: "
+            r"\.opt_state\[2\] \(EmptyState",
+        ),
         (lambda: _fresh_state(key=jax.random.key(0)), "PRNG keys"),
     ],
-    ids=["dataset_size", "sampler_kind", "p_min", "optimizer", "key_kind"],
+    ids=["dataset_size", "sampler_kind", "p_min", "optimizer", "adam_vs_adamw", "key_kind"],
 )
 def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path, other, match):
     ab.save_checkpoint(tmp_path / "c", _fresh_state(), sampler=SAMPLER)
     with pytest.raises(ValueError, match=match):
         ab.restore_checkpoint(tmp_path / "c", other())
+
+
+def test_another_optimizer_structure_is_refused_as_such_not_as_damage(tmp_path):
+    """A regression: an intact adam checkpoint restored into an adamw setup was refused as
+    "damaged or incomplete". Also through the manager, and for a checkpoint that predates
+    the recorded empty subtrees (orbax's refusal, reworded)."""
+    adamw = _fresh_state(optimizer=optax.adamw(0.05))
+    with ab.CheckpointManager(tmp_path / "run") as manager:
+        manager.save(0, _fresh_state())
+        with pytest.raises(ValueError, match=r"optimizer states differ") as refused:
+            manager.restore(adamw)
+    assert "damaged" not in str(refused.value) and ".opt_state[2]" in str(refused.value)
+    path = ab.save_checkpoint(tmp_path / "old", _fresh_state())
+    metadata_file = path / "adambs_metadata" / "metadata"
+    metadata = json.loads(metadata_file.read_text())
+    del metadata["empty_subtrees"]  # as an earlier version wrote it
+    metadata_file.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"does not fit .* trees differ in structure") as refused:
+        ab.restore_checkpoint(path, adamw)
+    assert "damaged" not in str(refused.value) and "opt_state" in str(refused.value)
+    ab.restore_checkpoint(path, _fresh_state())  # the same optimizer still restores
 
 
 def test_batch_size_is_checked_when_known(tmp_path):
