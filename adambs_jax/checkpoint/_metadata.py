@@ -250,9 +250,13 @@ def _sampler_differences(saved: dict, expected: dict, reconfigurable=frozenset()
             continue  # the new sampler's (the state's restored)
         if saved_config.get(name) != expected_config.get(name):
             label = "dataset size (num_examples)" if name.endswith("num_examples") else name
+            stored = (
+                repr(saved_config[name])
+                if name in saved_config
+                else "not recorded (written by an earlier version)"
+            )
             problems.append(
-                f"sampler {label}: checkpoint {saved_config.get(name)!r}, "
-                f"`like` {expected_config.get(name)!r}"
+                f"sampler {label}: checkpoint {stored}, `like` {expected_config.get(name)!r}"
             )
     if (
         saved.get("batch_size") is not None

@@ -136,6 +136,40 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
             ab.restore_checkpoint(tmp_path / "s", _fresh_state(sampler=other))
 
 
+def test_a_priority_checkpoint_restores_only_into_the_same_alpha_and_eps(tmp_path):
+    """A regression: the tree holds (s + eps)^alpha, and a restore with another alpha or eps
+    mixed the stored priorities with the new scheme's (the scores are not stored, so they
+    cannot be converted). Now refused, naming the field and both values; the same
+    configuration still resumes bitwise."""
+
+    def sampler(**changed):
+        settings = dict(alpha=0.5, eps=1e-3, uniform_mix=0.2) | changed
+        return ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, **settings)
+
+    step, data = ab.make_train_step(_loss, OPTIMIZER, sampler(), feedback="loss"), _data()
+
+    def train(state, steps):
+        for _ in range(steps):
+            state, _ = step(state, data)
+        return state
+
+    half = train(_fresh_state(jax.random.key(3), sampler=sampler()), 5)
+    path = ab.save_checkpoint(tmp_path / "p", half)
+    straight = train(half, 5)  # the step donates its state: saved first
+    metadata = ab.checkpoint.read_checkpoint_metadata(path)
+    assert metadata["sampler_config"]["alpha"] == 0.5
+    assert metadata["sampler_config"]["eps"] == 1e-3
+    for changed, match in [
+        ({"alpha": 1.0}, "sampler alpha: checkpoint 0.5, `like` 1.0"),
+        ({"eps": 1e-6}, "sampler eps: checkpoint 0.001, `like` 1e-06"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ab.restore_checkpoint(path, _fresh_state(jax.random.key(0), sampler(**changed)))
+    resumed = train(ab.restore_checkpoint(path, _fresh_state(jax.random.key(0), sampler())), 5)
+    for a, b in zip(jax.tree.leaves(_host(straight)), jax.tree.leaves(_host(resumed))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_metadata(tmp_path):
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})
