@@ -70,6 +70,7 @@ from adambs_jax.checkpoint._storage import (
     metadata_restore_args,
     open_checkpointer,
     remove_leftovers,
+    remove_neighbours_leftovers,
     remove_orbax_leftovers,
     save_args,
     state_restore_args,
@@ -130,6 +131,7 @@ def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> 
         _refuse_existing(path, overwrite)  # again: another process may have saved meanwhile
         with open_checkpointer() as checkpointer:
             write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
+    remove_neighbours_leftovers(path)  # a run saving to a new path each time: step_1, step_2
 
 
 def _recover(path: pathlib.Path) -> None:

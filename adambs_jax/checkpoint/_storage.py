@@ -16,7 +16,8 @@ returns has written its own state, and a save that raises has changed nothing at
 A save that is killed (SIGKILL: nothing runs) leaves its temporary directories behind, and,
 killed between its two renames, the previous checkpoint moved aside. The next save to that
 path holds the lock, so every such leftover is a dead writer's: ``remove_leftovers`` puts a
-checkpoint moved aside back (the killed save changed nothing) and deletes the rest;
+checkpoint moved aside back (the killed save changed nothing) and deletes the rest, and
+``remove_neighbours_leftovers`` does the same for the other paths of the directory;
 ``remove_orbax_leftovers`` deletes the unfinished steps (``*.orbax-checkpoint-tmp*``) of a
 ``CheckpointManager``'s directory. Nothing half-written is ever renamed into place.
 
@@ -30,6 +31,7 @@ import contextlib
 import glob
 import os
 import pathlib
+import re
 import shutil
 import uuid
 import warnings
@@ -54,6 +56,7 @@ __all__ = [
     "write_atomically",
     "interrupted_replace",
     "remove_leftovers",
+    "remove_neighbours_leftovers",
     "remove_orbax_leftovers",
     "damaged_checkpoint_errors",
 ]
@@ -62,6 +65,7 @@ STATE_ITEM = "state"
 METADATA_ITEM = "adambs_metadata"
 _MAX_CAUSE_CHARS = 300  # of a storage-layer message quoted in our error
 _TMP, _OLD = "tmp", "old"  # write_atomically's private directories: .<name>.adambs-<kind>-<token>
+_LEFTOVER_NAME = re.compile(r"\.(.+)\.adambs-(?:tmp|old)-[0-9a-f]{32}")  # -> the path's name
 _ORBAX_STRUCTURE_MISMATCH = "tree structures do not match"  # orbax: intact, another tree
 _ORBAX_TMP = ".orbax-checkpoint-tmp"  # an orbax directory not yet complete ends so (or -<n>)
 
@@ -160,6 +164,25 @@ def remove_leftovers(path: pathlib.Path) -> None:
         )
     for entry in _leftovers(path, _TMP) + _leftovers(path, _OLD):
         _remove(entry)
+
+
+def remove_neighbours_leftovers(path: pathlib.Path) -> None:
+    """What dead saves to *other* paths next to ``path`` left (a run that saves to a new
+    path each time never saves to a dead save's path again): for each such path, under its
+    lock (a stale one taken over, with a warning; a live one skipped), ``remove_leftovers``.
+    Errors are ignored: this is housekeeping after a save that succeeded."""
+    parent, names = path.parent, set()
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            match = _LEFTOVER_NAME.match(entry.name)
+            if match:
+                names.add(match.group(1))
+            elif entry.name.endswith(LOCK_SUFFIX):
+                names.add(entry.name[: -len(LOCK_SUFFIX)])
+    names.discard(path.name)
+    for name in sorted(names):
+        with contextlib.suppress(ValueError, OSError), exclusive_save_lock(parent / name):
+            remove_leftovers(parent / name)
 
 
 def remove_orbax_leftovers(directory: pathlib.Path) -> None:

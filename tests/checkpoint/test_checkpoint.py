@@ -538,11 +538,13 @@ def _listing(directory):
     return sorted(p.name for p in directory.iterdir() if p.name != "child")
 
 
-def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path):
+@pytest.mark.parametrize("next_save", ["same_path", "another_path"])
+def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path, next_save):
     """A regression: a save killed by SIGKILL left its lock (every later save to the path
     refused until someone deleted it) and its full-size temporary directories. The next save
-    takes over the dead writer's lock with a warning and removes what it left; the
-    checkpoint on disk stayed the previous complete one throughout."""
+    (to that path, or to another one next to it: step_1, step_2, ...) takes over the dead
+    writer's lock with a warning and removes what it left; the checkpoint on disk stayed the
+    previous complete one throughout."""
     path = tmp_path / "shared"
     ab.save_checkpoint(path, _saved_state(0))
     pid = _kill_a_save(tmp_path, "orbax", "save", path)
@@ -550,10 +552,11 @@ def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path
     assert lock.read_text().split()[:2] == [str(pid), socket.gethostname()]
     assert any(".orbax-checkpoint-tmp" in name for name in _listing(tmp_path))
     assert _params_value(path) == 0.0  # nothing half-written is read
+    target = path if next_save == "same_path" else tmp_path / "next"
     with pytest.warns(ab.checkpoint.StaleLockWarning, match=rf"held by process {pid} on"):
-        ab.save_checkpoint(path, _saved_state(2), overwrite=True)
-    assert _listing(tmp_path) == ["shared"]  # no lock, no temporary directory left
-    assert _params_value(path) == 2.0
+        ab.save_checkpoint(target, _saved_state(2), overwrite=True)
+    assert _listing(tmp_path) == sorted({"shared", target.name})  # no lock, no temporary
+    assert _params_value(target) == 2.0
 
 
 def test_a_save_killed_while_replacing_a_checkpoint_loses_nothing(tmp_path):

@@ -167,3 +167,18 @@ def test_open_checkpointer_closes_it(monkeypatch):
     with storage.open_checkpointer() as checkpointer:
         monkeypatch.setattr(checkpointer, "close", lambda: closed.append(True))
     assert closed == [True]
+
+
+def test_a_save_cleans_what_dead_saves_to_other_paths_left(tmp_path):
+    host, token = socket.gethostname(), "0" * 32
+    (tmp_path / f"x{storage.LOCK_SUFFIX}").write_text(f"{_dead_pid()} {host}\n")  # died
+    (tmp_path / f".x.adambs-tmp-{token}.orbax-checkpoint-tmp").mkdir()
+    (tmp_path / f".w.adambs-tmp-{token}").mkdir()  # its lock deleted by hand
+    (tmp_path / f"y{storage.LOCK_SUFFIX}").write_text(f"{os.getpid()} {host}\n")  # saving now
+    (tmp_path / f".y.adambs-tmp-{token}").mkdir()
+    with pytest.warns(storage.StaleLockWarning, match="/x was interrupted"):
+        storage.remove_neighbours_leftovers(tmp_path / "z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".y.adambs-tmp-{token}",
+        f"y{storage.LOCK_SUFFIX}",
+    ]
