@@ -102,6 +102,10 @@ class PrioritySamplerState(SamplerStateBase):
       num_examples, arity: static (part of the pytree structure).
       uniform_mix: static, lambda: with the tree it gives the full distribution
         (``ab.samplers.probabilities(state)`` needs no sampler).
+      alpha, eps: static, the scheme of the priorities the tree holds, (s + eps)^alpha:
+        recorded so that a checkpoint restored into a sampler of another ``alpha`` or ``eps``
+        is refused (the scores are not stored, so the tree cannot be converted; its old
+        priorities would mix with the new scheme's).
     """
 
     tree: jax.Array
@@ -111,6 +115,8 @@ class PrioritySamplerState(SamplerStateBase):
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
     uniform_mix: float = struct.field(pytree_node=False, default=1.0)
+    alpha: float = struct.field(pytree_node=False, default=1.0)
+    eps: float = struct.field(pytree_node=False, default=1e-6)
 
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
     rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
@@ -193,6 +199,8 @@ def init(config: PriorityConfig) -> PrioritySamplerState:
         num_examples=config.num_examples,
         arity=config.layout.arity,
         uniform_mix=config.uniform_mix,
+        alpha=config.alpha,
+        eps=config.eps,
     )
 
 

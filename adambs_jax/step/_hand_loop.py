@@ -46,7 +46,7 @@ from adambs_jax._checks import check_key
 from adambs_jax._tree_utils import batch_size_of, gather
 from adambs_jax.feedback._estimators import OptimizerAwareEstimator
 from adambs_jax.feedback._kinds import CustomFeedback, Feedback, as_feedback
-from adambs_jax.feedback._losses import Loss, ModelLoss, as_loss
+from adambs_jax.feedback._losses import Loss, as_loss
 from adambs_jax.feedback._model_state import batch_extras, check_examples_independent, loss_parts
 from adambs_jax.samplers import Sampler, ScoringSampler, importance_weights
 
