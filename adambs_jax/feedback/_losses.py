@@ -97,6 +97,8 @@ class ModelLoss(NamedTuple):
         read from its signature (three positional parameters, ``takes_key``).
       model_state: ``apply_fn(params, batch, key, model_state) -> (outputs,
         new_model_state)`` (the key is always passed then); the step keeps the new state.
+      has_aux: report the model outputs of the batch (the logits: accuracy and other metrics
+        without a second forward pass) as the step's ``metrics["aux"]``.
 
     Calling it, ``ModelLoss(...)(params, batch, key=None)``, returns the (K,) losses.
 
@@ -110,10 +112,7 @@ class ModelLoss(NamedTuple):
     loss_from_outputs: Callable[[Any, Any], jax.Array]
     takes_key: bool | None = None
     model_state: bool = False
-
-    @property
-    def has_aux(self) -> bool:
-        return False
+    has_aux: bool = False
 
     def outputs(self, params, batch, key: jax.Array | None = None):
         """The model outputs (leading axis K); passes ``key`` iff ``apply_fn`` takes one

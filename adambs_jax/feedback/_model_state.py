@@ -86,14 +86,8 @@ def check_model_state_options(
 def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
     """``loss`` split into the losses the estimators differentiate and the extras
     (``aux``, the new model state) of the same batched forward, at model state ``state``."""
-    if loss.model_state and isinstance(loss, ModelLoss):
-        apply_fn = loss.apply_fn
-        losses_only = loss._replace(
-            apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0], takes_key=True
-        )
-        return LossParts(losses_only, lambda p, b, k: (None, apply_fn(p, b, k, state)[1]))
     if isinstance(loss, ModelLoss):
-        return LossParts(loss, None)
+        return _model_loss_parts(loss, state)
     fn, has_aux = loss.stated(), loss.has_aux
     if loss.model_state:
 
@@ -109,6 +103,30 @@ def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
         call = with_key_argument(fn)
         return LossParts(lambda p, b, k: call(p, b, k)[0], lambda p, b, k: (call(p, b, k)[1], None))
     return LossParts(fn, None)
+
+
+def _model_loss_parts(loss: ModelLoss, state: Any) -> LossParts:
+    """A ``ModelLoss`` split: with ``model_state`` its ``apply_fn`` gets the state and returns
+    the new one; with ``has_aux`` the outputs of the batch are the aux."""
+    has_aux = loss.has_aux
+    if loss.model_state:
+        apply_fn = loss.apply_fn
+        losses_only = loss._replace(
+            apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0],
+            takes_key=True,
+            model_state=False,
+            has_aux=False,
+        )
+
+        def extras(p, b, k):
+            outputs, new_state = apply_fn(p, b, k, state)
+            return (outputs if has_aux else None), new_state
+
+        return LossParts(losses_only, extras)
+    if has_aux:
+        plain = loss._replace(has_aux=False)
+        return LossParts(plain, lambda p, b, k: (plain.outputs(p, b, k), None))
+    return LossParts(loss, None)
 
 
 def batch_extras(parts: LossParts, params, batch, key):

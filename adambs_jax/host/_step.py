@@ -315,14 +315,20 @@ def _refuse_scoring(sampler):
         )
 
 
-def _jitted(step_fn, draw_fn, mesh, data_axis):
-    """``(step, draw)`` jitted (the state donated); replicated shardings under ``mesh``,
-    the batch split along ``data_axis``."""
+def _jitted(step_fn, draw_fn, mesh, data_axis, donate: bool = True):
+    """``(step, draw)`` jitted (the state donated unless ``donate`` is False); replicated
+    shardings under ``mesh``, the batch split along ``data_axis``."""
+    donate_argnums = 0 if donate else ()
     if mesh is None:
-        return jax.jit(step_fn, donate_argnums=0), jax.jit(draw_fn)
+        return jax.jit(step_fn, donate_argnums=donate_argnums), jax.jit(draw_fn)
     replicated = replicated_sharding(mesh)
     in_shardings = (replicated, batch_sharding(mesh, data_axis), replicated, replicated)
-    step = jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
+    step = jax.jit(
+        step_fn,
+        donate_argnums=donate_argnums,
+        in_shardings=in_shardings,
+        out_shardings=replicated,
+    )
     return step, jax.jit(draw_fn, out_shardings=replicated)
 
 
@@ -393,5 +399,5 @@ def make_host_train_step(
     )
     if not options.jit:
         return HostTrainStep(step, draw, **common)
-    step, draw = _jitted(step, draw, mesh, data_axis)
+    step, draw = _jitted(step, draw, mesh, data_axis, options.donate)
     return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

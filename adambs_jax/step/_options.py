@@ -20,6 +20,7 @@ Algorithm 1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,11 @@ class StepOptions:
       jit: (default True) the step is ``jax.jit(step, donate_argnums=0)`` (the input state's
         buffers are reused); False: the pure function, to compose in your own
         ``jit``/``lax.scan`` (then call the sampler's ``renormalize`` yourself).
+      donate: (default True) the jitted step reuses the input state's buffers (the state
+        passed in is dead after the call); False keeps them, at the cost of a copy of the
+        state per step: for code that still holds the old arrays, e.g. an NNX module the
+        state was written back to (``nnx.update``) and that an eval hook reads between
+        steps.
       steps_per_call: N >= 1 (default 1): one call runs N steps in one jitted ``lax.scan``
         and returns every metric stacked with a leading axis N (for small models, where
         dispatch costs as much as the step). ``make_train_step`` only.
@@ -92,6 +98,7 @@ class StepOptions:
     mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
     jit: bool = True
+    donate: bool = True
     steps_per_call: int = 1
     optimizer_extra_args: Callable[[dict], dict] | None = None
 
@@ -100,6 +107,7 @@ class StepOptions:
             raise TypeError(f"diagnostics must be a bool or None, got {self.diagnostics!r}")
         check_bool("skip_non_finite", self.skip_non_finite)
         check_bool("jit", self.jit)
+        check_bool("donate", self.donate)
         check_int("steps_per_call", self.steps_per_call)
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}")
@@ -140,11 +148,6 @@ def _loss_with_keywords(loss: Any, keywords: dict) -> Any:
             next(old for old, new in _LOSS_KEYWORDS.items() if new == keyword),
             f"describe the loss instead: ab.Loss(fn, {keyword}=...) or ab.ModelLoss(..., "
             f"{keyword}=...)",
-        )
-    if isinstance(loss, ModelLoss) and stated.get("has_aux"):
-        raise ValueError(
-            "has_aux=True needs a loss that returns (losses, aux), ab.Loss(fn, has_aux=True); "
-            "a ModelLoss returns the losses of its outputs only"
         )
     stated = {k: v for k, v in stated.items() if v is not None and (k, v) != ("has_aux", False)}
     if isinstance(loss, (Loss, ModelLoss)):
@@ -226,6 +229,32 @@ def _extra_args_fn(optimizer, optimizer_extra_args) -> Callable[[dict], dict] | 
     return extra_args
 
 
+def _refuse_lookahead(optimizer) -> None:
+    """``optax.lookahead`` (anywhere in the optimizer) needs ``LookaheadParams`` (fast and
+    slow copies) as the parameters and a loss of the fast ones: the step's parameters are
+    the model's own, so it would fail at the first call with a raw pytree error. Found by
+    initializing the optimizer on a stand-in parameter (an optimizer that cannot initialize
+    on one, a fixed ``masked`` mask say, is not probed)."""
+    probe = {"probe": jax.ShapeDtypeStruct((), jnp.float32)}
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # lookahead warns that the probe has no `fast`
+    try:
+        state = jax.eval_shape(optimizer.init, probe)
+    except Exception:  # noqa: BLE001  (any optimizer that cannot take the stand-in)
+        return
+    finally:
+        absl_logger.setLevel(level)
+    is_lookahead = lambda node: isinstance(node, optax.LookaheadState)  # noqa: E731
+    if any(is_lookahead(n) for n in jax.tree.leaves(state, is_leaf=is_lookahead)):
+        raise ValueError(
+            "optimizer: optax.lookahead keeps fast and slow parameters (optax.LookaheadParams) "
+            "and needs the loss of the fast ones; the step trains the model's own parameters, "
+            "so it is not supported here. Use it in your own loop: ab.value_and_grad(loss)"
+            "(params.fast, batch, weights=...) and tx.update(grads, opt_state, params)"
+        )
+
+
 def _score_feedback(sampler, feedback, loss: AnyLoss):
     """What a scoring sampler scores with: its own ``score_feedback``, else the step's."""
     if isinstance(sampler, ScoringSampler) and sampler.score_feedback is not None:
@@ -249,6 +278,7 @@ def build_step_config(
     feedback = as_feedback(_feedback_with_keywords(feedback, keywords), loss)
     options = resolve_options(options, keywords)
     optimizer = as_gradient_transformation(optimizer)
+    _refuse_lookahead(optimizer)
     if not isinstance(sampler, (Sampler, ScoringSampler)):
         raise TypeError(
             f"sampler must be a Sampler or ScoringSampler, got {type(sampler).__name__}"

@@ -155,7 +155,7 @@ def make_train_step(
             step, config.optimizer, sampler, steps_per_call=steps_per_call, first_call_check=check
         )
     return TrainStep(
-        _jitted(step, mesh),
+        _jitted(step, mesh, options.donate),
         config.optimizer,
         sampler,
         renormalize_fn(sampler, mesh),
@@ -164,12 +164,16 @@ def make_train_step(
     )
 
 
-def _jitted(fn, mesh):
-    """``jax.jit(fn, donate_argnums=0)``, with replicated shardings under ``mesh``."""
+def _jitted(fn, mesh, donate: bool = True):
+    """``jax.jit(fn, donate_argnums=0)`` (no donation with ``donate`` False), with replicated
+    shardings under ``mesh``."""
+    donate_argnums = 0 if donate else ()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = replicated_sharding(mesh)
-    return jax.jit(fn, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
+    return jax.jit(
+        fn, donate_argnums=donate_argnums, in_shardings=replicated, out_shardings=replicated
+    )
 
 
 def renormalize_fn(sampler, mesh):

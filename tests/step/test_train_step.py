@@ -884,3 +884,50 @@ def test_examples_whose_feedback_is_dropped_do_not_take_over_the_sampler():
     share = float(jnp.sum(ab.samplers.probabilities(state.sampler_state)[:10]))
     assert share < 0.03, share  # 1% of the examples; they must not gain mass
     assert int(jnp.sum(metrics["num_dropped_feedback"])) > 0
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.lookahead(optax.adam(1e-3), sync_period=5, slow_step_size=0.5),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.lookahead(optax.sgd(0.1), 5, 0.5)),
+    ],
+)
+def test_optax_lookahead_is_refused_when_the_step_is_built(optimizer):
+    """Regression: optax.lookahead failed at the first call with a raw pytree-structure
+    error; it needs LookaheadParams, which the step's parameters are not."""
+    with pytest.raises(ValueError, match="optax.lookahead"):
+        ab.make_train_step(MODEL_LOSS, optimizer, ab.uniform_sampler(NUM_EXAMPLES, 4))
+
+
+def test_a_model_loss_with_aux_reports_the_outputs():
+    """has_aux with a ModelLoss: the batch's outputs (logits) come back as metrics["aux"],
+    for accuracy without a second forward pass (it used to be refused)."""
+    params, data, _ = _problem()
+    loss = ab.ModelLoss(_linear_model, _cross_entropy, has_aux=True)
+    step = ab.make_train_step(
+        loss,
+        optax.sgd(0.1),
+        ab.exp3_sampler(NUM_EXAMPLES, 4, num_steps=5),
+        feedback="logit_grad_norm",
+    )
+    state = step.init(params)
+    key = jax.random.key(0)
+    indices, _ = step.sampler.sample(state.sampler_state, jax.random.split(key, 3)[0])
+    _, metrics = step(state, data, key)
+    batch = jax.tree.map(lambda leaf: leaf[indices], data)
+    np.testing.assert_allclose(metrics["aux"], _linear_model(params, batch), rtol=1e-6)
+
+
+def test_without_donation_the_old_state_stays_alive():
+    """donate=False: code that still holds the arrays of the state passed in (an NNX module
+    the state was written back to) can read them after the step."""
+    params, data, _ = _problem()
+    step = ab.make_train_step(
+        MODEL_LOSS, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4), donate=False
+    )
+    state = step.init(params)
+    new_state, _ = step(state, data, jax.random.key(0))
+    assert np.all(np.isfinite(np.asarray(state.params["w"])))  # not deleted
+    with pytest.raises(TypeError, match="donate must be a bool"):
+        ab.StepOptions(donate="no")
