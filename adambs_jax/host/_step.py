@@ -98,6 +98,7 @@ from adambs_jax.step._stages import (
     StepConfig,
     check_train_state,
     draw_weights,
+    draws_valid,
     learn_from_draw,
     place_batch,
     step_key,
@@ -195,12 +196,6 @@ def _check_draw_shapes(indices, probs, batch_size: int) -> None:
         raise TypeError(f"draws.probs must be floats, got {jnp.result_type(probs)}")
 
 
-def _draws_valid(indices, probs, num_examples: int) -> jax.Array:
-    """On the device: a bool scalar, every index in [0, n) and every p in (0, 1]."""
-    in_range = (indices >= 0) & (indices < num_examples)
-    return jnp.all(in_range) & jnp.all((probs > 0) & (probs <= 1))
-
-
 def _check_batch(batch, batch_size: int):
     size = batch_size_of(batch, name="batch")
     if size != batch_size:
@@ -224,7 +219,7 @@ def run_host_step(
     parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     # invalid draws get NaN weights: the non-finite guard skips the step (module docstring)
-    valid = _draws_valid(indices, probs, sampler.num_examples)
+    valid = draws_valid(indices, probs, sampler.num_examples)
     weights = jnp.where(valid, draw_weights(config, indices, probs), jnp.nan)
     draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
     new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)

@@ -421,6 +421,10 @@ class Exp3SamplerState(SamplerStateBase):
     arity: int = struct.field(pytree_node=False)
     bound_mode: str = struct.field(pytree_node=False, default="running_max")
 
+    def healthy(self) -> jax.Array:
+        root = sumtree.total(self.tree)
+        return jnp.isfinite(root) & (root > 0) & jnp.isfinite(self.grad_norm_bound)
+
     def probabilities(self) -> jax.Array:
         return distribution(self)
 

@@ -88,6 +88,10 @@ class InfobatchSamplerState(SamplerStateBase):
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
     rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
 
+    def healthy(self) -> jax.Array:
+        root = sumtree.total(self.tree)
+        return jnp.isfinite(root) & (root > 0)
+
     def probabilities(self) -> jax.Array:
         return distribution(self)
 

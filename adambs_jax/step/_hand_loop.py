@@ -48,7 +48,7 @@ from adambs_jax.feedback._estimators import OptimizerAwareEstimator
 from adambs_jax.feedback._kinds import CustomFeedback, Feedback, as_feedback
 from adambs_jax.feedback._losses import Loss, as_loss
 from adambs_jax.feedback._model_state import batch_extras, check_examples_independent, loss_parts
-from adambs_jax.samplers import Sampler, ScoringSampler, importance_weights
+from adambs_jax.samplers import Sampler, ScoringSampler, check_healthy, importance_weights
 
 __all__ = ["Extras", "Drawn", "value_and_grad", "Sampling"]
 
@@ -378,6 +378,7 @@ class Sampling:
         every = self.sampler.renormalize_every
         if every and self.sampler.renormalize is not None and self._learned % every == 0:
             self._state = _renormalize(self.sampler, self._state)
+            check_healthy(self._state, where=f"Sampling, after {self._learned} updates")
 
     def probabilities(self) -> jax.Array:
         """The full distribution p (n,), O(n) (for logs and plots)."""

@@ -58,6 +58,7 @@ __all__ = [
     "step_key",
     "check_train_state",
     "draw_batch",
+    "draws_valid",
     "draw_weights",
     "place_batch",
     "guarded_apply",
@@ -206,6 +207,13 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     weights = draw_weights(config, indices, probs)
     batch = place_batch(config, gather(data, indices))
     return Draw(indices, weights, batch, sampled_state)
+
+
+def draws_valid(indices, probs, num_examples: int) -> jax.Array:
+    """On the device: a bool scalar, every index in [0, n) and every p in (0, 1] (the
+    weight 1/(n p) of a draw is defined only then; a sampler state gone bad gives NaN p)."""
+    in_range = (indices >= 0) & (indices < num_examples)
+    return jnp.all(in_range) & jnp.all((probs > 0) & (probs <= 1))
 
 
 def draw_weights(config: StepConfig, indices, probs) -> jax.Array:
@@ -410,4 +418,8 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: jax.Array | 
     parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
-    return learn_from_draw(config, state, draw, parts, model_key, state_key)
+    new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
+    # a sampler state gone bad draws NaN or 0 probabilities: the step is skipped, and says why
+    valid = jnp.all(jnp.isfinite(draw.weights) & (draw.weights > 0))
+    metrics["invalid_draws"] = jnp.logical_not(valid).astype(jnp.int32)
+    return new_state, metrics

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from adambs_jax._checks import check_key
-from adambs_jax.samplers._base import AnySampler
+from adambs_jax.samplers import AnySampler, check_healthy
 
 __all__ = [
     "TrainState",
@@ -258,6 +258,8 @@ class RenormalizationSchedule:
         t = self._step
         if t > 0 and (t - 1) // every < (t + calls - 1) // every:
             state = TrainStep._call(renormalize, state)
+            if not isinstance(state.step, jax.core.Tracer):  # one read every M steps
+                check_healthy(state.sampler_state, where=f"step {t}")
         return state
 
     def after(self, state: TrainState, calls: int) -> None:

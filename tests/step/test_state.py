@@ -230,3 +230,24 @@ def test_a_restored_checkpoint_resumes_the_schedule(tmp_path):
 
     _, restarted = _restart_run(3, int(0.9 * m), through_a_checkpoint)
     assert int(restarted.sampler_state.num_rescales) == (3 * int(0.9 * m) - 1) // m
+
+
+def test_a_sampler_state_gone_bad_is_reported_at_the_next_renormalization():
+    """Regression: a NaN written into exp3's tree was never detected: every later step was
+    skipped silently. The step reports invalid_draws on every step, and the step object
+    raises at its next renormalization (one host read every M steps)."""
+    n, k = 1000, 32
+    sampler = ab.exp3_sampler(n, k, step_size=2.0)  # M = 27
+    loss = lambda params, batch: jnp.sum((batch["x"] - params) ** 2, axis=1)  # noqa: E731
+    data = {"x": jax.random.normal(jax.random.key(0), (n, 2))}
+    step = ab.make_train_step(loss, optax.sgd(0.01), sampler, feedback="loss")
+    state = step.init(jnp.zeros(2))
+    layout = exp3.tree_layout(n, state.sampler_state.arity)
+    leaves = sumtree.leaf_values(state.sampler_state.tree, layout).at[5].set(jnp.nan)
+    bad = state.sampler_state.replace(tree=sumtree.build(leaves, layout))  # written by hand
+    state = state._replace(sampler_state=bad)
+    state, metrics = step(state, data, jax.random.key(0))
+    assert int(metrics["invalid_draws"]) == 1 and int(metrics["skipped"]) == 1
+    with pytest.raises(RuntimeError, match="sampler state is not finite"):
+        for t in range(1, sampler.renormalize_every + 1):
+            state, metrics = step(state, data, jax.random.key(t))
