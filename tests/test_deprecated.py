@@ -500,6 +500,7 @@ def test_an_unknown_name_is_an_attribute_error():
         importlib.import_module("adambs_jax.no_such_module")
 
 
+@pytest.mark.slow  # a subprocess
 def test_importing_the_package_warns_nothing():
     code = "import warnings; warnings.simplefilter('error'); import adambs_jax"
     result = subprocess.run(

@@ -166,6 +166,7 @@ def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     return source / "dist" / result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # builds a wheel in a subprocess
 @pytest.mark.skipif(
     not _setuptools_builds_wheels_offline(),
     reason="needs setuptools>=77 installed (the dev extra has it)",

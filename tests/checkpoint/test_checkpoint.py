@@ -419,6 +419,7 @@ def _race_two_writers(tmp_path, rounds):
     return path, [result for report in reports for result in report["results"]]
 
 
+@pytest.mark.slow  # subprocesses
 def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     """A regression (two writers racing on one path): the checkpoint on disk is always a
     state whose save returned, its metadata and arrays from the same writer; a refused save
@@ -440,6 +441,7 @@ def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     assert left == ["go", "shared", "shared-warmup-1", "shared-warmup-2"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_save_in_progress_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     state, path = _fresh_state(), tmp_path / "c"
     lock = tmp_path / "c.adambs-lock"

@@ -318,9 +318,16 @@ MATRIX_STEPS = 4
 _PLAIN = {}  # (setup, optimizer) -> plain training's result, shared by the feedback kinds
 
 
+# The fast tier runs linen with adambs; the other optimizers and NNX are slow.
 @pytest.mark.parametrize("feedback", ["grad_norm", "logit_grad_norm", "loss"])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize(
+    "optimizer",
+    [o if o == "adambs" else pytest.param(o, marks=pytest.mark.slow) for o in sorted(OPTIMIZERS)],
+)
+@pytest.mark.parametrize(
+    "setup",
+    [s if s == "linen" else pytest.param(s, marks=pytest.mark.slow) for s in sorted(SETUPS)],
+)
 def test_matrix_trains_like_plain_optax_or_is_refused_at_build_time(setup, optimizer, feedback):
     """linen and NNX (BatchNorm + Dropout) x feedback kinds x optimizers: each combination
     trains (loss down, batch statistics updated, equal to plain optax training on uniform

@@ -376,6 +376,7 @@ def _result(process, timeout=300):
     return json.loads(line[len("RESULT ") :])
 
 
+@pytest.mark.slow  # a subprocess with 8 CPU devices
 def test_eight_devices_shard_the_batch_and_match_one_device(tmp_path):
     out = _result(
         _run_child(
@@ -452,6 +453,7 @@ def _free_port():
         return str(sock.getsockname()[1])
 
 
+@pytest.mark.slow  # two subprocesses
 def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
     port, tests_dir = _free_port(), os.path.dirname(__file__)
     children = [

@@ -55,7 +55,10 @@ def _reference_keys(init_key, call_keys, lookahead):
     return list(jax.random.split(init_key, lookahead + 1)[1:]) + list(call_keys)
 
 
-@pytest.mark.parametrize("lookahead", [1, 2, 3])
+@pytest.mark.parametrize(
+    "lookahead",
+    [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)],
+)
 def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
     data, num_steps = _data(), 7
     sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
@@ -75,7 +78,9 @@ def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
         np.testing.assert_array_equal(host_metrics[-1][name], metrics[name])
 
 
-@pytest.mark.parametrize("feedback", ["loss", "preconditioned_grad_norm"])
+@pytest.mark.parametrize(
+    "feedback", ["loss", pytest.param("preconditioned_grad_norm", marks=pytest.mark.slow)]
+)
 def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step;
     # the optimizer-aware feedback gets the optimizer state in both steps
@@ -104,6 +109,7 @@ def _full_gradient(params, data):
     return jax.grad(lambda p: jnp.mean(_loss(p, data)))(params)
 
 
+@pytest.mark.slow  # Monte Carlo
 def test_stale_exp3_draws_give_an_unbiased_gradient():
     # L = 2: step 2 uses draws from the state after step 0, weighted by that state's p;
     # with sgd(1), params_3 = params_2 - G_hat, and E[G_hat] must be the full gradient

@@ -144,6 +144,7 @@ def _run_after_an_outlier(mode, feedback, num_chunks=4, n=100, k=32):
     return state, masses
 
 
+@pytest.mark.slow  # long runs of the sampler
 def test_a_huge_outlier_no_longer_freezes_learning():
     # with the running max, one 1e30 sets L for good and every ratio f / L is then 0
     feedback = _half_high(100)
@@ -177,11 +178,19 @@ def test_running_max_mode_is_the_old_running_max_bitwise():
         assert float(a.grad_norm_bound) == 3.0
 
 
-@pytest.mark.parametrize("mode", ["quantile", "running_max", 1.0])
+# The fast tier runs the quantile bound at step size 0.5 (every feedback); the rest is slow.
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "quantile",
+        pytest.param("running_max", marks=pytest.mark.slow),
+        pytest.param(1.0, marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize(
     "feedback", [jnp.nan, jnp.inf, -jnp.inf, 1e30, 3e38], ids=["nan", "inf", "-inf", "1e30", "3e38"]
 )
-@pytest.mark.parametrize("step_size", [0.5, 1e30])
+@pytest.mark.parametrize("step_size", [0.5, pytest.param(1e30, marks=pytest.mark.slow)])
 def test_an_update_never_writes_a_non_finite_leaf(mode, feedback, step_size):
     n, k = 30, 8
     sampler = ab.exp3_sampler(n, k, step_size=step_size, grad_norm_bound=mode)
@@ -404,6 +413,7 @@ def test_largest_trees_are_refused_naming_num_examples():
     assert config.layout.size < 2**31
 
 
+@pytest.mark.slow  # 3000 updates
 def test_tiny_p_min_never_gives_zero_probabilities():
     # a regression: p_min = 1e-30 (a floor "turned off") and 3000 skewed updates gave
     # exact zeros

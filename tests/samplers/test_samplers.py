@@ -66,7 +66,12 @@ def reference_update(p, indices, feedback, *, p_min, step_size, bound, batch_siz
 
 @pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize(
-    "n,num_draws,bins", [(7, 20_000, 7), (1000, 100_000, 1000), (100_000, 200_000, 1000)]
+    "n,num_draws,bins",
+    [
+        (7, 20_000, 7),
+        (1000, 100_000, 1000),
+        pytest.param(100_000, 200_000, 1000, marks=pytest.mark.slow),
+    ],
 )
 def test_draw_frequencies_match_distribution(n, num_draws, bins, stratified):
     batch_size = 100
@@ -249,6 +254,7 @@ def scan_with_renormalization(sampler, body, state, keys):
     return jax.jit(run)(state, keys)
 
 
+@pytest.mark.slow  # 1e5 updates
 @pytest.mark.parametrize(
     "step_size,bad_fraction",
     [(0.05, 0.0), (3.0, 0.05)],  # the second forces many O(n) rescales and bad feedback
@@ -272,6 +278,7 @@ def test_invariants_after_1e5_random_updates(step_size, bad_fraction):
     assert leaves.min() >= 2.0**-100
 
 
+@pytest.mark.slow  # 2 x 300,000 updates
 def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
     """E[update] is mirror descent on sum_j f_j^2 / p_j; its minimizer over {p >= p_min} is
     p_j = max(p_min, f_j / lambda) (p proportional to f, clipped). With a small constant step

@@ -192,6 +192,7 @@ class Exp3StepTest(parameterized.TestCase):
         ("amsgrad", lambda: optax.amsgrad(0.05)),
         ("adamw", lambda: optax.adamw(0.05, weight_decay=1e-3)),
     )
+    @pytest.mark.slow  # a matrix of optimizers (under the absl decorator, which copies it)
     def test_loss_decreases_with_exp3_sampling_and_compiles_once(self, make_optimizer):
         params, data, model_loss = _problem()
         num_steps = 40
@@ -731,6 +732,7 @@ WRAPPERS = {  # each wrapper around ab.adambs equals it around optax.adam
 
 class OptaxWrapperTest(parameterized.TestCase):
     @parameterized.named_parameters(*WRAPPERS.items())
+    @pytest.mark.slow  # a matrix of optax wrappers (tests/feedback/test_model_state.py has another)
     def test_wrapped_adambs_is_plain_optax_training_when_uniform(self, wrap):
         params, data, model_loss = _problem()
         sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)

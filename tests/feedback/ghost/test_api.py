@@ -111,7 +111,14 @@ def _assert_close(actual, expected, rtol=1e-4, atol=0.0):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# the CNN, GRU and transformer are slow (compiling them); the MLP is the fast tier's
+@pytest.mark.parametrize(
+    "name",
+    [
+        name if name == "mlp" else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(MODELS)
+    ],
+)
 def test_norms_losses_and_gradient_match_vmap(name):
     loss_fn, params, batch = _problem(*MODELS[name])
     key, weights = jax.random.key(3), _weights()
@@ -166,7 +173,7 @@ def test_transformer_coverage_puts_layer_norms_on_the_direct_path():
     assert len(coverage.ghost) == 2 * 7 + 1  # 7 Dense (kernel, bias) and the embedding
 
 
-@pytest.mark.parametrize("name", ["mlp", "cifar_cnn"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("cifar_cnn", marks=pytest.mark.slow)])
 def test_bfloat16_params_give_float32_norms_of_the_float32_gradient(name):
     """Mixed precision: the norms are those of the gradient before rounding to bfloat16. With
     float32 inputs the layers compute in float32, so that is the float32 gradient at the same
