@@ -540,6 +540,7 @@ def _listing(directory):
     return sorted(p.name for p in directory.iterdir() if p.name != "child")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("next_save", ["same_path", "another_path"])
 def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path, next_save):
     """A regression: a save killed by SIGKILL left its lock (every later save to the path
@@ -561,6 +562,7 @@ def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path
     assert _params_value(target) == 2.0
 
 
+@pytest.mark.slow
 def test_a_save_killed_while_replacing_a_checkpoint_loses_nothing(tmp_path):
     """Killed between its two renames, the save had moved the previous checkpoint aside:
     the next restore (or save) puts it back, with a warning, and cleans up."""
@@ -577,6 +579,7 @@ def test_a_save_killed_while_replacing_a_checkpoint_loses_nothing(tmp_path):
     assert _params_value(path) == 2.0
 
 
+@pytest.mark.slow
 def test_a_manager_save_killed_mid_write_is_recovered_by_the_next_save(tmp_path):
     directory = tmp_path / "run"
     with ab.CheckpointManager(directory) as manager:

@@ -465,6 +465,7 @@ def _share_of_silent_examples(sampler, num_updates, bad_value, seed=0):
     return float(jnp.sum(sampler.probabilities(state)[silent])), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf, -1.0])
 @pytest.mark.parametrize("preset", [None, "paper"])
 def test_an_example_that_never_reports_does_not_gain_mass(bad_value, preset):

@@ -286,6 +286,7 @@ def test_a_refreshing_sampler_trains_in_make_train_step():
     )
 
 
+@pytest.mark.slow
 def test_an_example_that_never_reports_keeps_a_typical_score():
     """Regression: a draw with NaN feedback kept the example's first score (initial_score=1),
     while the others' scores fell (here to 0.05-0.2): 10 of 1,000 silent examples gained mass.

@@ -203,6 +203,7 @@ def _restart_run(num_processes, steps_per_process, restore):
     return sampler, state
 
 
+@pytest.mark.slow
 def test_restarts_keep_the_renormalization_schedule():
     """Regression: the schedule was a count in the step object, 0 in every new process, so
     25 restarts every 0.9 M steps never renormalized and exp3's probabilities fell below p_min
@@ -219,6 +220,7 @@ def test_restarts_keep_the_renormalization_schedule():
     assert float(jnp.min(p)) >= restarted.sampler_state.p_min * (1 - 1e-5)
 
 
+@pytest.mark.slow
 def test_a_restored_checkpoint_resumes_the_schedule(tmp_path):
     m = ab.exp3_sampler(1000, 32, step_size=2.0).renormalize_every
     saves = iter(range(100))
@@ -232,6 +234,7 @@ def test_a_restored_checkpoint_resumes_the_schedule(tmp_path):
     assert int(restarted.sampler_state.num_rescales) == (3 * int(0.9 * m) - 1) // m
 
 
+@pytest.mark.slow
 def test_a_sampler_state_gone_bad_is_reported_at_the_next_renormalization():
     """Regression: a NaN written into exp3's tree was never detected: every later step was
     skipped silently. The step reports invalid_draws on every step, and the step object

@@ -865,6 +865,7 @@ class LossOptionsTest(parameterized.TestCase):
                 ab.make_train_step(model_loss, optax.sgd(0.1), sampler, feedback="loss", **keyword)
 
 
+@pytest.mark.slow
 def test_examples_whose_feedback_is_dropped_do_not_take_over_the_sampler():
     """Regression, through the step: a feedback that returns -1 for 10 of 1,000 examples
     raised their share of exp3's mass from 4.7% to 88% in 5,000 steps, silently."""
