@@ -236,6 +236,11 @@ def check_losses(losses: Any, batch_size: int, *, name: str = "loss_fn") -> jax.
       ValueError: wrong shape, e.g. a scalar mean loss instead of per-example losses.
       TypeError: not a floating-point array.
     """
+    if isinstance(losses, (tuple, list)):
+        raise ValueError(
+            f"{name} returned a {type(losses).__name__} of {len(losses)}, not the per-example "
+            f"losses: a loss that also returns aux says so, ab.Loss(fn, has_aux=True)"
+        )
     shape = jax.numpy.shape(losses)
     if shape != (batch_size,):
         raise ValueError(

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adambs_jax._tree_utils import batch_size_of
 from adambs_jax.feedback._losses import AnyLoss, ModelLoss, PerExampleLoss, with_key_argument
@@ -101,8 +102,25 @@ def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
         return LossParts(lambda p, b, k: call(p, b, k)[0], extras)
     if has_aux:
         call = with_key_argument(fn)
-        return LossParts(lambda p, b, k: call(p, b, k)[0], lambda p, b, k: (call(p, b, k)[1], None))
+        return LossParts(
+            lambda p, b, k: _losses_and_aux(call(p, b, k))[0],
+            lambda p, b, k: (_losses_and_aux(call(p, b, k))[1], None),
+        )
     return LossParts(fn, None)
+
+
+def _losses_and_aux(out):
+    """A ``has_aux`` loss's ``(losses, aux)``, or an error that says what it returned."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = (
+            f"a {type(out).__name__} of {len(out)}"
+            if isinstance(out, (tuple, list))
+            else f"an array of shape {jnp.shape(out)}"
+        )
+        raise ValueError(
+            f"loss_fn: with has_aux=True the loss must return (losses, aux), got {what}"
+        )
+    return out
 
 
 def _model_loss_parts(loss: ModelLoss, state: Any) -> LossParts:
@@ -133,7 +151,20 @@ def batch_extras(parts: LossParts, params, batch, key):
     """``(aux, new_model_state)`` of the batch, with no gradient flowing into them."""
     if parts.extras is None:
         return None, None
-    return jax.lax.stop_gradient(parts.extras(params, batch, key))
+    aux, new_state = parts.extras(params, batch, key)
+    _check_arrays("aux", aux)
+    return jax.lax.stop_gradient((aux, new_state))
+
+
+def _check_arrays(name: str, tree) -> None:
+    """Raises TypeError naming the first leaf of ``tree`` that is not an array or a number
+    (a string in the aux, say), instead of JAX's error without a path."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
+            raise TypeError(
+                f"loss_fn: {name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}; the "
+                f"{name} must be a pytree of arrays (it is returned from the jitted step)"
+            )
 
 
 COUPLING_RTOL = 1e-4

@@ -136,7 +136,7 @@ def preset_options(preset: str | None, num_examples: int, p_min, grad_norm_bound
     """
     if preset is None:
         return p_min, grad_norm_bound
-    if preset not in EXP3_PRESETS:
+    if not isinstance(preset, str) or preset not in EXP3_PRESETS:
         raise ValueError(f"preset must be None or one of {tuple(EXP3_PRESETS)}, got {preset!r}")
     settings = EXP3_PRESETS[preset]
     num_examples = check_int("num_examples", num_examples)

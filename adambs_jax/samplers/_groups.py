@@ -144,7 +144,12 @@ def group_feedback(config: GroupConfig, feedback):
         return feedback
     per_group = feedback.reshape(config.groups_per_batch, config.group_size)
     valid = jnp.all(jnp.isfinite(per_group) & (per_group >= 0), axis=1)
-    rms = jnp.sqrt(jnp.mean(jnp.square(jnp.where(valid[:, None], per_group, 0.0)), axis=1))
+    per_group = jnp.where(valid[:, None], per_group, 0.0)
+    # scaled by the group's largest value: squares of f above ~1.8e19 overflowed float32 and
+    # below ~1e-23 underflowed to 0, and a whole run learned nothing
+    scale = jnp.max(per_group, axis=1)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    rms = safe * jnp.sqrt(jnp.mean(jnp.square(per_group / safe[:, None]), axis=1))
     return jnp.where(valid, rms, jnp.nan)
 
 

@@ -486,3 +486,8 @@ def test_a_batch_without_valid_feedback_changes_nothing():
     np.testing.assert_array_equal(new.log_weights, state.log_weights)
     np.testing.assert_array_equal(new.tree, state.tree)
     assert int(new.num_dropped_feedback) == 4
+
+
+def test_a_preset_that_is_not_a_name_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"preset must be None or one of.*\['paper'\]"):
+        ab.exp3_sampler(10, 2, num_steps=5, preset=["paper"])

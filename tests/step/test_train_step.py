@@ -934,3 +934,32 @@ def test_without_donation_the_old_state_stays_alive():
     assert np.all(np.isfinite(np.asarray(state.params["w"])))  # not deleted
     with pytest.raises(TypeError, match="donate must be a bool"):
         ab.StepOptions(donate="no")
+
+
+def _build_and_run(loss, sampler=None, feedback="loss"):
+    params, data, _ = _problem()
+    sampler = sampler or ab.uniform_sampler(NUM_EXAMPLES, 4)
+    step = ab.make_train_step(loss, optax.sgd(0.1), sampler, feedback=feedback)
+    return step(step.init(params), data, jax.random.key(0))
+
+
+def test_errors_of_a_misdescribed_loss_name_the_fix():
+    """Regression: these raised JAX's own errors (TracerArrayConversionError, 'not a valid
+    JAX type') or a misleading shape error."""
+    plain = lambda p, b: _cross_entropy(_linear_model(p, b), b)  # noqa: E731
+    with_aux = lambda p, b: (plain(p, b), {"n": jnp.sum(b["x"])})  # noqa: E731
+    with_text = lambda p, b: (plain(p, b), {"note": "hello"})  # noqa: E731
+    with pytest.raises(ValueError, match=r"has_aux=True the loss must return \(losses, aux\)"):
+        _build_and_run(ab.Loss(plain, has_aux=True))
+    with pytest.raises(ValueError, match=r"returned a tuple of 2.*ab.Loss\(fn, has_aux=True\)"):
+        _build_and_run(with_aux)
+    with pytest.raises(TypeError, match=r"aux\['note'\] is a str"):
+        _build_and_run(ab.Loss(with_text, has_aux=True))
+
+
+def test_a_scoring_feedback_of_the_wrong_shape_is_named():
+    sampler = ab.priority_sampler(
+        NUM_EXAMPLES, 4, refresh_every=4, score_feedback=lambda p, b, losses: losses[:1]
+    )
+    with pytest.raises(ValueError, match="score_feedback.*one score per example"):
+        _build_and_run(MODEL_LOSS, sampler)
