@@ -75,7 +75,9 @@ def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
         np.testing.assert_array_equal(host_metrics[-1][name], metrics[name])
 
 
-@pytest.mark.parametrize("feedback", ["loss", "preconditioned_grad_norm"])
+@pytest.mark.parametrize(
+    "feedback", ["loss", ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8)], ids=str
+)
 def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step;
     # the optimizer-aware feedback gets the optimizer state in both steps
