@@ -20,9 +20,10 @@ cheapest way of producing both:
   loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k / d z_k,
   which is G_hat (``estimate_with_logit_bound``) — about the cost of one plain step;
 * ``"preconditioned_grad_norm"``: the per-example gradients (``vmap(grad)``), scaled by the
-  optimizer's 1 / (sqrt(v_hat) + eps) (``_preconditioner``), for the norms, and G_hat
-  from one more ``jax.grad`` of the weighted loss (``estimate_with_preconditioned_norms``: an
-  ``OptimizerAwareEstimator``, the one kind that also reads the optimizer state);
+  optimizer's preconditioner, e.g. Adam's 1 / (sqrt(v_hat) + eps) (``_preconditioner``),
+  for the norms, and G_hat from one more ``jax.grad`` of the weighted loss
+  (``preconditioned_estimator``: an ``OptimizerAwareEstimator``, the one kind that also
+  reads the optimizer state, carrying the hyperparameters stated on the feedback);
 * ``"loss"`` and callables: G_hat = grad of the weighted loss (one ``jax.grad``) and the
   feedback from the per-example losses (``estimate_with_loss``, ``estimator_with_user_feedback``).
 
@@ -53,7 +54,12 @@ from adambs_jax.feedback._per_example import (
     per_example_losses_and_grads,
     vmap_grads_and_weighted_grad,
 )
-from adambs_jax.feedback._preconditioner import preconditioned_norms
+from adambs_jax.feedback._preconditioner import (
+    NOTHING_STATED,
+    OptimizerFacts,
+    Stated,
+    preconditioned_norms,
+)
 
 __all__ = [
     "Estimate",
@@ -66,6 +72,7 @@ __all__ = [
     "estimate_with_loss",
     "OptimizerAwareEstimator",
     "estimate_with_preconditioned_norms",
+    "preconditioned_estimator",
     "importance_weighted_grad",
     "estimator_with_user_feedback",
 ]
@@ -138,20 +145,34 @@ class OptimizerAwareEstimator(NamedTuple):
         return self.estimate(loss_fn, params, batch, weights, key, opt_state)
 
 
-def _estimate_with_preconditioned_norms(
-    loss_fn, params, batch, weights, key, opt_state
-) -> Estimate:
-    losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
-    return Estimate(
-        losses, gradient, preconditioned_norms(grads, params, opt_state), per_example=False
-    )
+def preconditioned_estimator(
+    stated: Stated = NOTHING_STATED, facts: OptimizerFacts | None = None
+) -> OptimizerAwareEstimator:
+    """The estimator of ``PreconditionedGradNorm``: f_k = ||P * g_k|| from the ``vmap``
+    per-example gradients and the optimizer's preconditioner P (``_preconditioner``: its
+    second moment with the hyperparameters injected in the state, else ``stated``; the
+    plain ||g_k|| before its first update), G_hat from the weighted loss.
+
+    Args:
+      stated: the hyperparameters stated on the feedback.
+      facts: ``inspect_optimizer`` of the step's optimizer (None: a ``ScaleByAdamState``
+        needs ``kind="adam"`` stated).
+
+    What the state shows is refused when the step is traced, naming the fix: an optimizer
+    without a second moment (``optax.sgd``), hyperparameters neither injected nor stated.
+    """
+
+    def estimate(loss_fn, params, batch, weights, key, opt_state) -> Estimate:
+        losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+        feedback = preconditioned_norms(grads, params, opt_state, stated, facts)
+        return Estimate(losses, gradient, feedback, per_example=False)
+
+    return OptimizerAwareEstimator(estimate)
 
 
-estimate_with_preconditioned_norms = OptimizerAwareEstimator(_estimate_with_preconditioned_norms)
-"""``"preconditioned_grad_norm"``: f_k = ||g_k / (sqrt(v_hat) + eps)|| from the ``vmap``
-per-example gradients and the optimizer's second moment (``_preconditioner``; the
-plain ||g_k|| before its first update), G_hat from the weighted loss. An optimizer without a
-second moment (``optax.sgd``) is refused, by name, when the step is traced."""
+estimate_with_preconditioned_norms = preconditioned_estimator()
+"""The estimator of ``PreconditionedGradNorm()`` with nothing stated: every hyperparameter
+read from an ``optax.inject_hyperparams`` state, or refused (``preconditioned_estimator``)."""
 
 
 def estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key) -> Estimate:

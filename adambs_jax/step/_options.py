@@ -31,7 +31,7 @@ import optax
 
 from adambs_jax._checks import check_bool, check_int
 from adambs_jax._tree_utils import gather
-from adambs_jax.feedback._kinds import Feedback, GradNorm, as_feedback
+from adambs_jax.feedback._kinds import Feedback, GradNorm, PreconditionedGradNorm, as_feedback
 from adambs_jax.feedback._losses import AnyLoss, Loss, ModelLoss, as_loss, loss_callable
 from adambs_jax.feedback._model_state import (
     check_examples_independent,
@@ -262,6 +262,15 @@ def _score_feedback(sampler, feedback, loss: AnyLoss):
     return feedback
 
 
+def _estimator(feedback, optimizer):
+    """The feedback's estimator; ``PreconditionedGradNorm``'s is resolved against the
+    optimizer now, so a hyperparameter it needs and a value that contradicts the optimizer's
+    are refused when the step is built (``_preconditioner``)."""
+    if isinstance(feedback, PreconditionedGradNorm):
+        return feedback.estimator_for(optimizer)
+    return feedback.estimator()
+
+
 def build_step_config(
     loss: Any,
     optimizer: Any,
@@ -295,7 +304,7 @@ def build_step_config(
         loss_callable(loss),
         optimizer,
         sampler,
-        feedback.estimator(),
+        _estimator(feedback, optimizer),
         _score_feedback(sampler, feedback, loss),
         _diagnostics_probabilities(sampler, options.diagnostics),
         options.skip_non_finite,

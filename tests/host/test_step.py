@@ -79,7 +79,14 @@ def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
 
 
 @pytest.mark.parametrize(
-    "feedback", ["loss", pytest.param("preconditioned_grad_norm", marks=pytest.mark.slow)]
+    "feedback",
+    [
+        "loss",
+        pytest.param(
+            ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8), marks=pytest.mark.slow
+        ),
+    ],
+    ids=str,
 )
 def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step;
