@@ -361,7 +361,13 @@ class _BatchNormMLP(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "feedback", ["grad_norm", "preconditioned_grad_norm", ab.feedback.GradNorm("vmap")]
+    "feedback",
+    [
+        "grad_norm",
+        ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8),  # optax.adam's defaults
+        ab.feedback.GradNorm("vmap"),
+    ],
+    ids=["grad_norm", "preconditioned_grad_norm", "vmap"],
 )
 def test_a_batch_coupled_loss_without_model_state_is_refused(feedback):
     """Regression: a linen model with BatchNorm whose loss applies it in training mode and
