@@ -16,7 +16,9 @@ perturbation z is added to its output, and the weighted loss is differentiated w
 gradient w.r.t. z_k is (w_k / K) b_k with b_k = d loss_k / d output_k; the layer rules
 (``ghost.layer_norms``: Goodfellow 2015; Li et al. 2022 ghost clipping; Bu et al. 2023
 book-keeping) give from it and the captured layer input each layer's weighted per-example
-squared norm, divided by (w_k / K)^2 at the end, and the layer's share of G_hat. Parameters
+squared norm, divided by (w_k / K)^2 at the end, and the layer's share of G_hat. A parameter
+read by several covered calls (a layer called twice, weights tied across layers, found by
+identity) gets the sum of the calls' contributions, cross terms included. Parameters
 no rule covers (custom layers, RNN cells under ``scan``, normalization layers, leaves also
 read outside their layer) get one copy per example, differentiated too: the gradient w.r.t.
 copy k is (w_k / K) times example k's gradient, exact, in the same backward pass (the cost
@@ -101,8 +103,8 @@ def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
         return value
 
     jax.eval_shape(jax.vmap(record, in_axes=(None, 0, key_axis)), leaves, batch, keys)
-    recorded, bad_paths = recorders[0].sites, set(recorders[0].bad_paths)
-    plan = sites.build_plan(recorded, bad_paths, len(leaves))
+    recorded, bad_leaves = recorders[0].sites, set(recorders[0].bad_leaves)
+    plan = sites.build_plan(recorded, bad_leaves, len(leaves))
     if not plan.perturbed:
         return plan
 
@@ -114,10 +116,7 @@ def _plan(loss, params, batch, keys, key_axis) -> sites.GhostPlan:
     read_elsewhere = sites.outside_reads(jaxpr, len(leaves)) & plan.covered
     if not read_elsewhere:
         return plan
-    bad_paths |= {
-        site.path for site in plan.perturbed.values() if read_elsewhere & set(site.leaf_indices)
-    }
-    return sites.build_plan(recorded, bad_paths, len(leaves))
+    return sites.build_plan(recorded, bad_leaves | read_elsewhere, len(leaves))
 
 
 def _leaf_names(params, indices) -> tuple:

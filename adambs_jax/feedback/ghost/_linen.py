@@ -78,11 +78,11 @@ def _interceptor(handler):
         rule = LINEN_RULES.get(type(module))
         if rule is None and type(module) not in LINEN_NORMALIZATION_LAYERS:
             return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
         if context.method_name != "__call__":
             if rule is not None and context.method_name != "setup":
-                handler.on_other_method(path)
+                handler.on_other_method(lambda: _own_params(module))
             return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
         inputs = args[0] if args else next(iter(kwargs.values()))
         config = rule.config(module) if rule is not None else None
         return handler.on_call(
