@@ -41,7 +41,7 @@ __all__ = ["NNX_RULES", "NNX_NORMALIZATION_LAYERS", "interception"]
 def _linear_config(module):
     if module.dot_general is not jax.lax.dot_general:
         return None
-    return ((-1,), bool(module.use_bias))
+    return ((-1,), bool(module.use_bias), 0)
 
 
 def _conv_config(module):

@@ -62,7 +62,7 @@ def test_outside_reads_lists_the_leaves_an_equation_or_output_reads():
     assert sites.outside_reads(jaxpr, 4) == {0, 2}
 
 
-DENSE = sites.LayerRule("Dense", lambda module: ((-1,), False), rules.dense_factors)
+DENSE = sites.LayerRule("Dense", lambda module: ((-1,), False, 0), rules.dense_factors)
 EMBED = sites.LayerRule("Embed", lambda module: (), rules.embed_factors)
 
 
@@ -73,7 +73,7 @@ def _layer_site(path, rule, config, leaf, inputs, output):
 
 def _dense_site(path, index, width=3):
     shape = ((1, width), jnp.float32)
-    return _layer_site(path, DENSE, ((-1,), False), ("kernel", index), shape, shape)
+    return _layer_site(path, DENSE, ((-1,), False, 0), ("kernel", index), shape, shape)
 
 
 def test_a_leaf_shared_by_two_layers_is_covered_once_and_both_calls_perturbed():

@@ -1,8 +1,8 @@
-"""The default train step on models as users write them: tied weights, ``Embed.attend``.
-One ``make_train_step`` step (``feedback="grad_norm"``, ghost norms by default, SGD with
-learning rate 1, uniform sampling: weights 1) applies -G_hat, which must equal ``jax.grad``
-of the mean loss of the batch it drew, and the ghost norms must equal the ``vmap`` norms;
-both at rtol 1e-4 in float32.
+"""The default train step on models as users write them: tied weights, ``Embed.attend``,
+``DenseGeneral(batch_dims=...)``. One ``make_train_step`` step (``feedback="grad_norm"``,
+ghost norms by default, SGD with learning rate 1, uniform sampling: weights 1) applies
+-G_hat, which must equal ``jax.grad`` of the mean loss of the batch it drew, and the ghost
+norms must equal the ``vmap`` norms; both at rtol 1e-4 in float32.
 """
 
 import warnings
@@ -143,3 +143,26 @@ def test_linen_embed_attend_as_the_output_layer():
     coverage = _check_step_and_norms(loss_fn, params, _data(_tokens()))
     assert coverage.fallback == ("['params']['Embed_0']['embedding']",)
     assert len(coverage.ghost) == 2
+
+
+class _PerHeadDense(nn.Module):
+    """A projection per head: heads first, ``DenseGeneral(batch_dims=0)`` (an int, as flax
+    allows), kernel (heads, in, out)."""
+
+    @nn.compact
+    def __call__(self, x):
+        heads = x.reshape(x.shape[0], 2, WIDTH // 2).swapaxes(0, 1)
+        h = nn.DenseGeneral(4, batch_dims=0)(heads)  # (2, batch, 4)
+        h = jnp.tanh(h.swapaxes(0, 1).reshape(x.shape[0], -1))
+        return nn.Dense(CLASSES)(h)
+
+
+def test_dense_general_with_integer_batch_dims():
+    model = _PerHeadDense()
+    params = model.init(jax.random.key(0), _features()[:1])
+
+    def loss_fn(p, batch):
+        return _cross_entropy(model.apply(p, batch["x"]), batch)
+
+    coverage = _check_step_and_norms(loss_fn, params, _data(_features()))
+    assert len(coverage.ghost) == 4 and not coverage.fallback
