@@ -1,9 +1,11 @@
-# The two commands of the README. Both create .venv and install the project into it first.
+# The two commands of the README (run, test) and the development targets. Every target
+# creates .venv and installs the project into it first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LINTED := adambs_jax tests experiments
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast lint typecheck bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +19,21 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m experiments default
 
+# every test, serially
 test: setup
 	$(PY) -m pytest -q
+
+# the fast tier: every test not marked slow, on 2 workers (pytest-xdist)
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -n 2 -q
+
+lint: setup
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+
+# pyright, configured in pyproject.toml ([tool.pyright]: adambs_jax, basic mode)
+typecheck: setup
+	$(PY) -m pyright
 
 bench: setup
 	$(PY) -m experiments.bench_sampler

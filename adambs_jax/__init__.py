@@ -36,7 +36,14 @@ from adambs_jax.samplers import (
     uniform_sampler,
 )
 from adambs_jax.sharding import data_parallel_mesh, replicate
-from adambs_jax.step import StepOptions, TrainState, TrainStep, make_train_step
+from adambs_jax.step import (
+    Sampling,
+    StepOptions,
+    TrainState,
+    TrainStep,
+    make_train_step,
+    value_and_grad,
+)
 from adambs_jax.transforms import adambs, amsgradbs, with_importance_weighting
 from adambs_jax.version import __version__
 
@@ -69,6 +76,8 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "importance_weighted_grad",
+    "value_and_grad",
+    "Sampling",
     # the importance-weighted optimizers (Algorithm 1, appendix D)
     "adambs",
     "amsgradbs",

@@ -23,10 +23,14 @@ from typing import Any
 __all__ = ["OLD_MODULES", "install", "forwarding_getattr"]
 
 OLD_MODULES: dict[str, tuple[str, str]] = {
-    # old module: (the module that holds its names now, where to import them from)
+    # old module: (the modules that hold its names now, comma-separated, searched in order;
+    # where to import them from)
     "adambs_jax.adam_impt": ("adambs_jax.samplers._adam_impt", "adambs_jax.samplers"),
     "adambs_jax.base": ("adambs_jax.samplers._base", "adambs_jax.samplers"),
-    "adambs_jax.baselines": ("adambs_jax.samplers", "adambs_jax.samplers"),
+    "adambs_jax.baselines": (
+        "adambs_jax.samplers,adambs_jax.samplers._adam_impt",
+        "adambs_jax.samplers",
+    ),
     "adambs_jax.checkpoint_metadata": ("adambs_jax.checkpoint._metadata", "adambs_jax.checkpoint"),
     "adambs_jax.checkpoint_restore": ("adambs_jax.checkpoint._restore", "adambs_jax.checkpoint"),
     "adambs_jax.checkpoint_storage": ("adambs_jax.checkpoint._storage", "adambs_jax.checkpoint"),
@@ -38,6 +42,14 @@ OLD_MODULES: dict[str, tuple[str, str]] = {
     "adambs_jax.exp3_health": ("adambs_jax.samplers._exp3", "adambs_jax.samplers"),
     "adambs_jax.ghost": ("adambs_jax.feedback.ghost", "adambs_jax.feedback.ghost"),
     "adambs_jax.ghost.api": ("adambs_jax.feedback.ghost._api", "adambs_jax.feedback.ghost"),
+    "adambs_jax.ghost.layer_norms": (
+        "adambs_jax.feedback.ghost._layer_norms",
+        "adambs_jax.feedback.ghost",
+    ),
+    "adambs_jax.ghost.linen": ("adambs_jax.feedback.ghost._linen", "adambs_jax.feedback.ghost"),
+    "adambs_jax.ghost.nnx": ("adambs_jax.feedback.ghost._nnx", "adambs_jax.feedback.ghost"),
+    "adambs_jax.ghost.rules": ("adambs_jax.feedback.ghost._rules", "adambs_jax.feedback.ghost"),
+    "adambs_jax.ghost.sites": ("adambs_jax.feedback.ghost._sites", "adambs_jax.feedback.ghost"),
     "adambs_jax.grain_source": ("adambs_jax.host._grain_source", "adambs_jax.host"),
     "adambs_jax.gradient_norm": ("adambs_jax.samplers._gradient_norm", "adambs_jax.samplers"),
     "adambs_jax.groups": ("adambs_jax.samplers._groups", "adambs_jax.samplers"),
@@ -52,13 +64,20 @@ OLD_MODULES: dict[str, tuple[str, str]] = {
     "adambs_jax.priority": ("adambs_jax.samplers._priority", "adambs_jax.samplers"),
     "adambs_jax.projection": ("adambs_jax.samplers._projection", "adambs_jax.samplers"),
     "adambs_jax.scored_draws": ("adambs_jax.samplers._scored_draws", "adambs_jax.samplers"),
-    "adambs_jax.scoring": ("adambs_jax.feedback._scoring", "adambs_jax.feedback"),
+    "adambs_jax.scoring": (
+        "adambs_jax.feedback._scoring,adambs_jax.samplers._base,adambs_jax._tree_utils",
+        "adambs_jax.feedback",
+    ),
     "adambs_jax.sources": ("adambs_jax.host._sources", "adambs_jax.host"),
     "adambs_jax.step_stages": ("adambs_jax.step._stages", "adambs_jax.step"),
     "adambs_jax.sumtree": ("adambs_jax.samplers._sumtree", "adambs_jax.samplers"),
     "adambs_jax.train_loop": ("adambs_jax.step._loop", "adambs_jax.step"),
     "adambs_jax.train_state": ("adambs_jax.step._state", "adambs_jax.step"),
-    "adambs_jax.train_step": ("adambs_jax.step._train_step", "adambs_jax.step"),
+    "adambs_jax.train_step": (
+        "adambs_jax.step._train_step,adambs_jax.step._options,adambs_jax.step._state,"
+        "adambs_jax._checks",
+        "adambs_jax.step",
+    ),
     "adambs_jax.tree_utils": ("adambs_jax._tree_utils", "adambs_jax"),
     "adambs_jax.uniform": ("adambs_jax.samplers._uniform", "adambs_jax.samplers"),
 }
@@ -79,11 +98,18 @@ class _ForwardingModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        target, _ = OLD_MODULES[self.__name__]
-        return getattr(importlib.import_module(target), name)
+        for holder in _holders(self.__name__):
+            module = importlib.import_module(holder)
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
 
     def __dir__(self) -> list[str]:
-        return dir(importlib.import_module(OLD_MODULES[self.__name__][0]))
+        return sorted({n for h in _holders(self.__name__) for n in dir(importlib.import_module(h))})
+
+
+def _holders(old: str) -> list[str]:
+    return OLD_MODULES[old][0].split(",")
 
 
 class _OldModuleLoader(importlib.abc.Loader):

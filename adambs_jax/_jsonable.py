@@ -45,18 +45,28 @@ def to_jsonable(value: Any, *, nonfinite_as_none: bool = True) -> Any:
     return repr(value)
 
 
-def read_format_file(path: str, expected_format: str, *, name: str, missing: str) -> dict:
-    """The JSON object in ``path`` whose ``"format"`` is ``expected_format``.
+def read_format_file(
+    path: str, expected_format: str | tuple[str, ...], *, name: str, missing: str
+) -> dict:
+    """The JSON object in ``path`` whose ``"format"`` is ``expected_format`` (or one of them).
 
     Raises:
       FileNotFoundError: no file at ``path`` (the message names ``name`` and ``missing``:
         how such a file is written).
-      ValueError: the file is not a JSON object of that format.
+      ValueError: the file is not JSON (truncated, corrupted: the message names the file,
+        which json's own error does not) or not a JSON object of that format.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: {missing}")
-    with open(path) as stream:
-        content = json.load(stream)
-    if not isinstance(content, dict) or content.get("format") != expected_format:
-        raise ValueError(f"{name}: {path!r} is not a file of format {expected_format!r}")
+    formats = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            content = json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{name}: {path!r} is not valid JSON, the file is truncated or corrupted ({error})"
+        ) from error
+    if not isinstance(content, dict) or content.get("format") not in formats:
+        expected = repr(formats[0]) if len(formats) == 1 else f"one of {formats}"
+        raise ValueError(f"{name}: {path!r} is not a file of format {expected}")
     return content

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from adambs_jax.feedback._kinds import FEEDBACK_KINDS
+from adambs_jax.feedback import FEEDBACK_KINDS
 from experiments.configs import CONFIGS, get_config
 from experiments.methods import METHODS, method_available
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import adambs_jax as ab
 from adambs_jax.samplers import _sumtree as sumtree
-from adambs_jax.samplers._projection import project_onto_floored_simplex
+from adambs_jax.samplers import project_onto_floored_simplex
 from experiments import bench_harness as harness
 from experiments import step_timing
 

@@ -2,7 +2,7 @@
 untimed).
 
 The method's sampler says what there is to report: a sampler with a full distribution p
-(``sampler.probabilities``, ``adambs_jax.base.Sampler``: exp3/AdamBS, p^GN, the priority
+(``sampler.probabilities``, ``ab.samplers.Sampler``: exp3/AdamBS, p^GN, the priority
 sampler, ...) gets :func:`distribution_diagnostics` and, against the exact per-example
 gradient norms at the current parameters, :func:`score_diagnostics`; Adam-impt its switch
 (:func:`importance_switch_diagnostics`); uniform sampling nothing. Nothing here guesses a

@@ -33,7 +33,6 @@ seconds, mean over seeds).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import statistics
@@ -164,7 +163,6 @@ def build_step(method: str, source, model: MLP, args) -> ab.host.HostTrainStep:
 
 def train_one(method: str, seed: int, step, source, init_params, evaluate, args, bar) -> list[dict]:
     """One method and seed: the evaluation records, every ``eval_every`` steps."""
-    step = dataclasses.replace(step, _pending=[0])  # this run's own renormalization count
     params = init_params(jax.random.key(seed))
     state, draws = step.init(params, jax.random.key(1000 + seed))
     compile_step(step, state, draws[0], source)  # compiles once; later seeds hit the cache

@@ -79,7 +79,7 @@ import optax
 
 import adambs_jax as ab
 from adambs_jax._jsonable import to_jsonable
-from adambs_jax.feedback._kinds import FEEDBACK_KINDS
+from adambs_jax.feedback import FEEDBACK_KINDS
 from adambs_jax.samplers._exp3 import preset_options
 from experiments.lookup import lookup
 
@@ -96,7 +96,9 @@ class BuiltMethod:
       label: legend label for plots and tables.
       optimizer: the optax optimizer (of the averaged, importance-weighted gradient).
       sampler: an ``ab.Sampler`` or ``ab.ScoringSampler``.
-      feedback: the train step's ``feedback`` argument.
+      feedback: the train step's ``feedback`` argument: a name of ``FEEDBACK_KINDS``, or for
+        ``"preconditioned_grad_norm"`` the ``ab.feedback.PreconditionedGradNorm`` stating the
+        hyperparameters of ``optimizer`` (its state does not record them).
       settings: the resolved hyperparameters (for the summary JSON).
       sampling: the sampling kind of the method's :class:`MethodSpec` (what its sampler
         can tell about what it learned, ``experiments.diagnostics``).
@@ -106,7 +108,7 @@ class BuiltMethod:
     label: str
     optimizer: optax.GradientTransformation
     sampler: Any
-    feedback: str
+    feedback: Any
     settings: dict
     sampling: str
 
@@ -158,6 +160,23 @@ OPTIMIZER_SETTINGS = {
     "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
     "amsgrad": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
 }
+_PRECONDITIONER_SETTINGS = {
+    "rmsprop": ("eps", "eps_in_sqrt"),
+    "adam": ("b2", "eps"),
+    "amsgrad": ("eps",),
+}
+
+
+def preconditioned_feedback(optimizer: str) -> ab.feedback.PreconditionedGradNorm:
+    """``"preconditioned_grad_norm"`` for ``OPTIMIZERS[optimizer]``: the feedback stating the
+    optimizer's hyperparameters (``OPTIMIZER_SETTINGS``), which its state does not record
+    (the step refuses any that differ from the optimizer's)."""
+    settings = OPTIMIZER_SETTINGS[optimizer]
+    return ab.feedback.PreconditionedGradNorm(
+        **{name: settings[name] for name in _PRECONDITIONER_SETTINGS[optimizer]}
+    )
+
+
 _OPTIMIZER_LABELS = {"sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "amsgrad": "AMSGrad"}
 
 _LAHIRE = "Lahire, Non-Uniform Sampling and Adaptive Optimizers in Deep Learning, Fig. 1"
@@ -358,6 +377,8 @@ def build_method(
         step_feedback = spec.feedback
     settings["sampler_options"] = {key: to_jsonable(value) for key, value in kwargs.items()}
     settings["feedback"] = step_feedback
+    if step_feedback == "preconditioned_grad_norm":
+        step_feedback = preconditioned_feedback(spec.optimizer)
     return BuiltMethod(
         name=name,
         label=spec.label,

@@ -1,5 +1,6 @@
 """Tests of the package face (adambs_jax/__init__.py, version.py) and of the wheel it builds."""
 
+import ast
 import importlib
 import importlib.metadata
 import inspect
@@ -166,6 +167,7 @@ def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     return source / "dist" / result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # builds a wheel in a subprocess
 @pytest.mark.skipif(
     not _setuptools_builds_wheels_offline(),
     reason="needs setuptools>=77 installed (the dev extra has it)",
@@ -187,3 +189,39 @@ def test_the_wheel_holds_the_library_only(tmp_path):
     assert "License-Expression: Apache-2.0" in metadata
     for requirement in _pyproject()["project"]["dependencies"]:
         assert f"Requires-Dist: {requirement}" in metadata
+
+
+# the module each runtime dependency is imported as; jaxlib is jax's backend (jax imports it)
+IMPORTED_AS = {"orbax-checkpoint": "orbax.checkpoint", "jaxlib": None}
+
+
+def _imported_modules() -> set[str]:
+    """The absolute imports of the library's modules, as dotted names."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    return names
+
+
+def test_every_runtime_dependency_is_imported_by_the_library():
+    """No unused dependency: a package the library does not import (a test helper such as
+    chex) belongs in an extra."""
+    imported = _imported_modules()
+    for requirement in _pyproject()["project"]["dependencies"]:
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        module = IMPORTED_AS.get(name, name.replace("-", "_"))
+        if module is None:
+            continue
+        assert any(m == module or m.startswith(module + ".") for m in imported), requirement
+    assert "chex" not in {m.split(".")[0] for m in imported}
+
+
+def test_the_readme_asks_for_the_python_that_pyproject_requires():
+    requires = _pyproject()["project"]["requires-python"]
+    assert requires.startswith(">=")
+    assert f"Python >= {requires[2:]}" in (ROOT / "README.md").read_text()
+    assert _pyproject()["tool"]["ruff"]["target-version"] == "py" + requires[2:].replace(".", "")

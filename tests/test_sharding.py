@@ -142,6 +142,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with 8 CPU devices
 def test_eight_devices_match_one_device(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(_CHILD)

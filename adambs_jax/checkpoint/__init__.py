@@ -7,7 +7,9 @@
 A checkpoint holds the state's arrays and metadata that describe it (sampler kind and
 configuration, shapes, versions); a restore compares them with the state it restores into
 and refuses what does not fit, naming the difference. Writes are atomic and locked; a
-damaged checkpoint is an error that names it, never a silently wrong state.
+damaged checkpoint is an error that names it, never a silently wrong state. A save killed
+outright leaves its lock behind; the next save takes it over (``StaleLockWarning``) when its
+process is gone, and removes what it left.
 """
 
 from adambs_jax import _deprecated
@@ -17,6 +19,7 @@ from adambs_jax.checkpoint._checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from adambs_jax.checkpoint._lock import StaleLockWarning
 from adambs_jax.checkpoint._metadata import describe_state
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "read_checkpoint_metadata",
     "describe_state",
     "CheckpointManager",
+    "StaleLockWarning",
 ]
 
 __getattr__ = _deprecated.forwarding_getattr(

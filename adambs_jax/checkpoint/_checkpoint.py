@@ -19,7 +19,7 @@ reads an array and refuses a checkpoint of another dataset size, sampler kind, `
 batch size, optimizer or model with a ``ValueError`` that lists every difference. The
 learned sampler state comes from the checkpoint, the hyperparameters (a fixed bound L, the
 bound mode, the tree's arity, ``step_size``, ``stratified``) from the sampler of ``like``;
-a non-finite exp3 state is refused (``adambs_jax.checkpoint_restore``).
+a non-finite exp3 state is refused (``_restore``; each sampler state's ``restored``).
 
 PRNG keys: typed keys (``jax.random.key``) are saved as their raw uint32 data
 (``jax.random.key_data``) with the implementation's name in the metadata, and rewrapped
@@ -33,13 +33,17 @@ get the shardings of ``like``'s arrays, e.g. replicated over a mesh if ``like`` 
 
 Concurrent saves to one path are refused, not mixed: the first holds the lock file
 ``<path>.adambs-lock``; a save that returns wrote its own state, one that raises changed
-nothing (``adambs_jax.checkpoint_storage``). Damaged (truncated, corrupted) files are
-refused with a ``ValueError`` naming the checkpoint, never half-loaded.
-``adambs_jax.checkpoint_metadata`` describes and compares checkpoints.
+nothing (``_storage``). A save killed outright (SIGKILL) leaves its lock
+and temporary directories; the next save takes over a lock whose process is gone (this
+host), with a ``StaleLockWarning``, and removes what the dead save left. Damaged
+(truncated, corrupted) files are refused with a ``ValueError`` naming the checkpoint, never
+half-loaded.
+``_metadata`` describes and compares checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -62,8 +66,12 @@ from adambs_jax.checkpoint._storage import (
     STATE_ITEM,
     damaged_checkpoint_errors,
     exclusive_save_lock,
+    interrupted_replace,
     metadata_restore_args,
     open_checkpointer,
+    remove_leftovers,
+    remove_neighbours_leftovers,
+    remove_orbax_leftovers,
     save_args,
     state_restore_args,
     write_atomically,
@@ -119,9 +127,18 @@ def _write(path: pathlib.Path, args: ocp.args.Composite, *, overwrite: bool) -> 
             checkpointer.save(path, args, force=overwrite)
         return
     with exclusive_save_lock(path):
+        remove_leftovers(path)  # of saves that died: whatever is there now is not a live one's
         _refuse_existing(path, overwrite)  # again: another process may have saved meanwhile
         with open_checkpointer() as checkpointer:
             write_atomically(path, lambda tmp: checkpointer.save(tmp, args))
+    remove_neighbours_leftovers(path)  # a run saving to a new path each time: step_1, step_2
+
+
+def _recover(path: pathlib.Path) -> None:
+    """Puts back the checkpoint that a save killed while replacing it had moved aside (under
+    the lock; if a live save holds it, that save finishes the replacement itself)."""
+    with contextlib.suppress(ValueError), exclusive_save_lock(path):
+        remove_leftovers(path)
 
 
 def _read_state(path: pathlib.Path, like: TrainState, saved: dict) -> TrainState:
@@ -166,7 +183,8 @@ def save_checkpoint(
       TypeError: ``state`` is not a ``TrainState``, ``path`` is not a path,
         ``extra_metadata`` is not a JSON-serializable dict, ``overwrite`` is not a bool.
       ValueError: ``path`` exists and ``overwrite`` is False, or another process is saving
-        to ``path`` right now (or crashed doing so, leaving its lock file).
+        to ``path`` right now (a live process, or one on another host; the lock of a
+        process of this host that is gone is taken over, with a ``StaleLockWarning``).
 
     References:
       orbax-checkpoint, https://orbax.readthedocs.io (the storage format: OCDBT/Zarr items).
@@ -179,7 +197,7 @@ def save_checkpoint(
       >>> run = tempfile.mkdtemp()
       >>> path = ab.save_checkpoint(os.path.join(run, "step_0"), state, sampler=sampler,
       ...                           extra_metadata={"epoch": 0})
-      >>> ab.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
+      >>> ab.checkpoint.read_checkpoint_metadata(path)["extra"], sorted(os.listdir(run))
       ({'epoch': 0}, ['step_0'])
     """
     check_train_state(state, "state")
@@ -201,6 +219,8 @@ def read_checkpoint_metadata(path: PathLike) -> dict:
       ValueError: ``path`` is not an adambs_jax checkpoint, or its metadata file is damaged.
     """
     path = _check_path(path)
+    if interrupted_replace(path) and jax.process_count() == 1:
+        _recover(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: no checkpoint directory at {path}")
     if not (path / METADATA_ITEM).exists():
@@ -235,8 +255,9 @@ def restore_checkpoint(path: PathLike, like: TrainState, *, sampler: Any = None)
       TypeError: ``like`` is not a ``TrainState``.
       ValueError: the checkpoint does not fit ``like``: another sampler kind (e.g. exp3 vs
         uniform), dataset size ``num_examples``, ``p_min``, batch size, typed vs raw PRNG
-        key, or arrays of other paths, shapes or dtypes (another model or optimizer). The
-        message lists every difference; nothing is loaded. Or its files are damaged
+        key, or arrays of other paths, shapes or dtypes (another model or optimizer), or
+        another optimizer state structure (adam vs adamw: "the optimizer states differ").
+        The message lists every difference; nothing is loaded. Or its files are damaged
         (truncated, corrupted, missing), or its exp3 sampler state is not finite: the
         message names the checkpoint (and the field).
 
@@ -302,8 +323,9 @@ class CheckpointManager:
         """Saves ``state`` as step ``step`` (an int >= 0, e.g. ``int(state.step)``).
 
         One process saves into the directory at a time (the lock file
-        ``<directory>.adambs-lock``, as for ``save_checkpoint``); steps saved meanwhile by
-        another process are seen before ``step`` is checked.
+        ``<directory>.adambs-lock``, as for ``save_checkpoint``, a dead holder's lock taken
+        over); steps saved meanwhile by another process are seen before ``step`` is checked,
+        and the unfinished steps of a save that died are deleted.
 
         Raises:
           ValueError: ``step`` is negative or already saved, or another process is saving
@@ -318,6 +340,7 @@ class CheckpointManager:
             self._save_step(int(step), save_args(state, metadata))
             return
         with exclusive_save_lock(self.directory, name="directory"):
+            remove_orbax_leftovers(self.directory)  # unfinished steps of saves that died
             self._manager.reload()
             self._save_step(int(step), save_args(state, metadata))
 
@@ -332,11 +355,13 @@ class CheckpointManager:
         return sorted(int(step) for step in self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest saved step, or None."""
-        return self._manager.latest_step()
+        """The newest saved step, the highest (as orbax and a restarted process see it; not
+        the step this process saved last), or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """Restores step ``step`` (default: the latest), checked against ``like`` exactly as
+        """Restores step ``step`` (default: the latest, the highest), checked against ``like`` as
         ``restore_checkpoint`` does.
 
         Raises:
@@ -365,7 +390,7 @@ class CheckpointManager:
         return finish_restore(restored[STATE_ITEM], like, saved, where)
 
     def restore_latest(self, like: TrainState) -> TrainState | None:
-        """``restore(like)`` of the latest step, or None if nothing was saved yet."""
+        """``restore(like)`` of the latest (highest) step, or None if nothing was saved yet."""
         if self.latest_step() is None:
             return None
         return self.restore(like)

@@ -1,10 +1,11 @@
 """What a checkpoint says about itself, and whether it fits a template.
 
 ``describe_state`` turns a ``TrainState`` into the JSON metadata stored next to its arrays
-(library version, sampler kind and static configuration, batch size, step, and every leaf's
-path, shape and dtype); ``verify_metadata`` compares a checkpoint's metadata with a
-template's and refuses a mismatch with a ``ValueError`` listing every difference, before a
-single array is read. What a restore may take from the sampler configured now is the
+(library version, sampler kind and static configuration, batch size, step, every leaf's
+path, shape and dtype, and the path of every subtree without arrays); ``verify_metadata``
+compares a checkpoint's metadata with a template's and refuses a mismatch with a
+``ValueError`` listing every difference (those of the optimizer state named as such),
+before a single array is read. What a restore may take from the sampler configured now is the
 sampler state's to say (``adambs_jax.samplers.SamplerStateBase``): its
 ``reconfigurable_fields`` (exp3: the tree's ``arity``, the ``bound_mode``) are not
 compared, nor the shapes of its ``rebuilt_fields`` (the tree of another arity). No file is
@@ -48,6 +49,8 @@ CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout; bumped if it changes incompatibly."""
 
 _MAX_LISTED = 6  # differences listed per kind in an error message
+_OPTIMIZER_PATH = ".opt_state"  # TrainState's optimizer state, as ``keystr`` names it
+_EMPTY = "empty_subtrees"
 
 
 def is_sampler_state(node: Any) -> bool:
@@ -162,6 +165,18 @@ def _host_int(value: Any) -> int | None:
     return int(np.asarray(value))
 
 
+def _is_empty_subtree(node: Any) -> bool:
+    """A node without arrays (optax's ``EmptyState()``, None, ``{}``): no leaf records it,
+    but it is part of the tree structure orbax restores into."""
+    return not isinstance(node, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) and not (
+        jax.tree.leaves(node)
+    )
+
+
+def _type_name(node: Any) -> str:
+    return "None" if node is None else type(node).__name__
+
+
 def check_train_state(state: Any, name: str) -> None:
     """Raises TypeError (naming ``name``) unless ``state`` is an ``ab.TrainState``."""
     if not isinstance(state, TrainState):
@@ -177,7 +192,9 @@ def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
     ``state.sampler_state``), ``sampler_config`` (its static fields: ``num_examples``,
     ``p_min``, ...), ``batch_size`` (``sampler.batch_size`` if ``sampler`` is given, else
     None), ``step``, ``skipped_steps``, ``typed_keys`` ({leaf path: PRNG implementation} of
-    typed keys) and ``leaves`` (path, shape, dtype of every array, keys as raw data).
+    typed keys), ``leaves`` (path, shape, dtype of every array, keys as raw data) and
+    ``empty_subtrees`` (path and type of every node without arrays, e.g. optax's
+    ``EmptyState()``: with the leaves, the tree's structure).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -199,6 +216,11 @@ def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
         {"path": jax.tree_util.keystr(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype)}
         for path, leaf in jax.tree_util.tree_flatten_with_path(raw)[0]
     ]
+    empty = [
+        {"path": jax.tree_util.keystr(path), "type": _type_name(node)}
+        for path, node in jax.tree_util.tree_flatten_with_path(raw, is_leaf=_is_empty_subtree)[0]
+        if _is_empty_subtree(node)
+    ]
     batch_size = getattr(sampler, "batch_size", None) if sampler is not None else None
     return {
         "format": CHECKPOINT_FORMAT,
@@ -211,6 +233,7 @@ def describe_state(state: TrainState, *, sampler: Any = None) -> dict:
         "skipped_steps": _host_int(state.skipped_steps),
         "typed_keys": typed_keys,
         "leaves": leaves,
+        _EMPTY: empty,
     }
 
 
@@ -227,9 +250,13 @@ def _sampler_differences(saved: dict, expected: dict, reconfigurable=frozenset()
             continue  # the new sampler's (the state's restored)
         if saved_config.get(name) != expected_config.get(name):
             label = "dataset size (num_examples)" if name.endswith("num_examples") else name
+            stored = (
+                repr(saved_config[name])
+                if name in saved_config
+                else "not recorded (written by an earlier version)"
+            )
             problems.append(
-                f"sampler {label}: checkpoint {saved_config.get(name)!r}, "
-                f"`like` {expected_config.get(name)!r}"
+                f"sampler {label}: checkpoint {stored}, `like` {expected_config.get(name)!r}"
             )
     if (
         saved.get("batch_size") is not None
@@ -248,22 +275,73 @@ def _sampler_differences(saved: dict, expected: dict, reconfigurable=frozenset()
     return problems
 
 
+def _listed(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _in_optimizer(path: str) -> bool:
+    rest = path[len(_OPTIMIZER_PATH) :]
+    return path.startswith(_OPTIMIZER_PATH) and (not rest or rest[0] in ".[")
+
+
+def _only_in(ours: dict, theirs: dict) -> list[tuple[str, str]]:
+    """``(path, label)`` of the entries of ``ours`` that ``theirs`` lacks."""
+    return [(path, label) for path, label in ours.items() if path not in theirs]
+
+
+def _empty_labels(metadata: dict) -> dict:
+    return {e["path"]: f"{e['path']} ({e['type']}, no arrays)" for e in metadata[_EMPTY]}
+
+
+def _optimizer_differences(missing: list, extra: list) -> list[str]:
+    """One line for the arrays and empty subtrees only one side's optimizer state has (adam
+    vs adamw: adamw's chain has one more, empty, state)."""
+    missing = [label for path, label in missing if _in_optimizer(path)]
+    extra = [label for path, label in extra if _in_optimizer(path)]
+    if not missing and not extra:
+        return []
+    sides = [f"in `like`, not in the checkpoint: {_listed(missing)}"] if missing else []
+    sides += [f"in the checkpoint, not in `like`: {_listed(extra)}"] if extra else []
+    return [
+        "the optimizer states differ (another optimizer, or optax chain, than the "
+        "checkpoint's): " + "; ".join(sides)
+    ]
+
+
+def _structure_differences(saved: dict, expected: dict) -> list[str]:
+    """What only one side has: arrays and (when the checkpoint recorded them) subtrees
+    without arrays; the optimizer state's named as such."""
+    saved_leaves = {leaf["path"]: leaf["path"] for leaf in saved.get("leaves", [])}
+    expected_leaves = {leaf["path"]: leaf["path"] for leaf in expected["leaves"]}
+    missing = _only_in(expected_leaves, saved_leaves)
+    extra = _only_in(saved_leaves, expected_leaves)
+    missing_empty, extra_empty = [], []
+    if _EMPTY in saved:  # a checkpoint of an earlier version has none recorded
+        saved_empty, expected_empty = _empty_labels(saved), _empty_labels(expected)
+        missing_empty = _only_in(expected_empty, saved_empty)
+        extra_empty = _only_in(saved_empty, expected_empty)
+    problems = _optimizer_differences(missing + missing_empty, extra + extra_empty)
+    for kind, only in [("arrays", missing), ("subtrees without arrays", missing_empty)]:
+        others = [label for path, label in only if not _in_optimizer(path)]
+        if others:
+            problems.append(
+                f"{len(others)} {kind} of `like` are not in the checkpoint (a different model, "
+                f"optimizer or sampler?): {_listed(others)}"
+            )
+    for kind, only in [("arrays", extra), ("subtrees without arrays", extra_empty)]:
+        others = [label for path, label in only if not _in_optimizer(path)]
+        if others:
+            problems.append(
+                f"{len(others)} {kind} of the checkpoint are not in `like`: {_listed(others)}"
+            )
+    return problems
+
+
 def _leaf_differences(saved: dict, expected: dict, rebuilt: frozenset = frozenset()) -> list[str]:
-    problems = []
     saved_leaves = {leaf["path"]: leaf for leaf in saved.get("leaves", [])}
     expected_leaves = {leaf["path"]: leaf for leaf in expected["leaves"]}
-    missing = [path for path in expected_leaves if path not in saved_leaves]
-    extra = [path for path in saved_leaves if path not in expected_leaves]
-    if missing:
-        problems.append(
-            f"{len(missing)} arrays of `like` are not in the checkpoint (a different model, "
-            f"optimizer or sampler?): {', '.join(missing[:_MAX_LISTED])}"
-        )
-    if extra:
-        problems.append(
-            f"{len(extra)} arrays of the checkpoint are not in `like`: "
-            f"{', '.join(extra[:_MAX_LISTED])}"
-        )
+    problems = _structure_differences(saved, expected)
     mismatched = [
         f"{path} checkpoint {saved_leaves[path]['dtype']}{tuple(saved_leaves[path]['shape'])} "
         f"vs `like` {leaf['dtype']}{tuple(leaf['shape'])}"

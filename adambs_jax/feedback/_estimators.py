@@ -11,7 +11,7 @@ and the sampler needs one score f_k per draw (Algorithm 2). Each feedback kind h
 cheapest way of producing both:
 
 * ``"grad_norm"``: by default ghost norms (``estimate_with_ghost_norms``): the exact norms
-  and G_hat from one forward and one backward pass, layer by layer (``adambs_jax.ghost``);
+  and G_hat from one forward and one backward pass, layer by layer (``adambs_jax.feedback.ghost``);
   or the per-example gradients (``vmap(grad)``) for the norms and G_hat from one more
   ``jax.grad`` of the weighted loss (``estimate_with_vmap_norms``; XLA reduces each
   per-example gradient to its norm without storing K x params floats), or the weighted mean
@@ -20,15 +20,16 @@ cheapest way of producing both:
   loss only, then one backward pass through the model with cotangent (w_k / K) d loss_k / d z_k,
   which is G_hat (``estimate_with_logit_bound``) — about the cost of one plain step;
 * ``"preconditioned_grad_norm"``: the per-example gradients (``vmap(grad)``), scaled by the
-  optimizer's 1 / (sqrt(v_hat) + eps) (``adambs_jax.preconditioner``), for the norms, and G_hat
-  from one more ``jax.grad`` of the weighted loss (``estimate_with_preconditioned_norms``: an
-  ``OptimizerAwareEstimator``, the one kind that also reads the optimizer state);
+  optimizer's preconditioner, e.g. Adam's 1 / (sqrt(v_hat) + eps) (``_preconditioner``),
+  for the norms, and G_hat from one more ``jax.grad`` of the weighted loss
+  (``preconditioned_estimator``: an ``OptimizerAwareEstimator``, the one kind that also
+  reads the optimizer state, carrying the hyperparameters stated on the feedback);
 * ``"loss"`` and callables: G_hat = grad of the weighted loss (one ``jax.grad``) and the
   feedback from the per-example losses (``estimate_with_loss``, ``estimator_with_user_feedback``).
 
 Every estimator is ``(loss_fn, params, batch, weights (K,), key) -> Estimate`` (an
 ``OptimizerAwareEstimator`` also takes ``opt_state=``). Which one a kind
-uses is recorded in one table, ``adambs_jax.feedback``'s registry of feedback kinds.
+uses is the kind's own choice: ``Feedback.estimator()`` of its object (``_kinds``).
 """
 
 from __future__ import annotations
@@ -41,13 +42,24 @@ import jax.numpy as jnp
 
 from adambs_jax._tree_utils import per_example_norms
 from adambs_jax.feedback import ghost
-from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
+from adambs_jax.feedback._losses import (
+    Loss,
+    ModelLoss,
+    PerExampleLoss,
+    check_losses,
+    with_key_argument,
+)
 from adambs_jax.feedback._per_example import (
     losses_and_output_grads,
     per_example_losses_and_grads,
     vmap_grads_and_weighted_grad,
 )
-from adambs_jax.feedback._preconditioner import preconditioned_norms
+from adambs_jax.feedback._preconditioner import (
+    NOTHING_STATED,
+    OptimizerFacts,
+    Stated,
+    preconditioned_norms,
+)
 
 __all__ = [
     "Estimate",
@@ -60,6 +72,7 @@ __all__ = [
     "estimate_with_loss",
     "OptimizerAwareEstimator",
     "estimate_with_preconditioned_norms",
+    "preconditioned_estimator",
     "importance_weighted_grad",
     "estimator_with_user_feedback",
 ]
@@ -87,16 +100,16 @@ EstimateFn = Callable[[PerExampleLoss, Any, Any, jax.Array, jax.Array | None], E
 
 
 def estimate_with_per_example_grads(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` with ``reuse_per_example_grads=True``: the K per-example gradients are
+    """``GradNorm(reuse_per_example_grads=True)``: the K per-example gradients are
     kept (``per_example=True``) and their norms are the feedback."""
     losses, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
     return Estimate(losses, grads, per_example_norms(grads), per_example=True)
 
 
 def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` (default, ``grad_norm_method="auto"``): the exact norms and G_hat from
-    one backward pass (``adambs_jax.ghost``: per-layer ghost norms, per-example copies for the
-    parameters no layer rule covers; the vmap path when no layer is covered)."""
+    """``"grad_norm"`` (default, ``GradNorm(method="auto")``): the exact norms and G_hat from
+    one backward pass (``adambs_jax.feedback.ghost``: per-layer ghost norms, per-example
+    copies for the parameters no layer rule covers; the vmap path when no layer is covered)."""
     losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
         loss_fn, params, batch, weights, key, method="auto"
     )
@@ -104,7 +117,7 @@ def estimate_with_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
 
 
 def estimate_with_forced_ghost_norms(loss_fn, params, batch, weights, key) -> Estimate:
-    """``"grad_norm"`` with ``grad_norm_method="ghost"``: ghost norms even where no layer rule
+    """``GradNorm(method="ghost")``: ghost norms even where no layer rule
     covers a parameter (those get per-example copies, with a warning naming them)."""
     losses, gradient, norms = ghost.ghost_losses_grad_and_norms(
         loss_fn, params, batch, weights, key, method="ghost"
@@ -132,20 +145,34 @@ class OptimizerAwareEstimator(NamedTuple):
         return self.estimate(loss_fn, params, batch, weights, key, opt_state)
 
 
-def _estimate_with_preconditioned_norms(
-    loss_fn, params, batch, weights, key, opt_state
-) -> Estimate:
-    losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
-    return Estimate(
-        losses, gradient, preconditioned_norms(grads, params, opt_state), per_example=False
-    )
+def preconditioned_estimator(
+    stated: Stated = NOTHING_STATED, facts: OptimizerFacts | None = None
+) -> OptimizerAwareEstimator:
+    """The estimator of ``PreconditionedGradNorm``: f_k = ||P * g_k|| from the ``vmap``
+    per-example gradients and the optimizer's preconditioner P (``_preconditioner``: its
+    second moment with the hyperparameters injected in the state, else ``stated``; the
+    plain ||g_k|| before its first update), G_hat from the weighted loss.
+
+    Args:
+      stated: the hyperparameters stated on the feedback.
+      facts: ``inspect_optimizer`` of the step's optimizer (None: a ``ScaleByAdamState``
+        needs ``kind="adam"`` stated).
+
+    What the state shows is refused when the step is traced, naming the fix: an optimizer
+    without a second moment (``optax.sgd``), hyperparameters neither injected nor stated.
+    """
+
+    def estimate(loss_fn, params, batch, weights, key, opt_state) -> Estimate:
+        losses, gradient, grads = vmap_grads_and_weighted_grad(loss_fn, params, batch, weights, key)
+        feedback = preconditioned_norms(grads, params, opt_state, stated, facts)
+        return Estimate(losses, gradient, feedback, per_example=False)
+
+    return OptimizerAwareEstimator(estimate)
 
 
-estimate_with_preconditioned_norms = OptimizerAwareEstimator(_estimate_with_preconditioned_norms)
-"""``"preconditioned_grad_norm"``: f_k = ||g_k / (sqrt(v_hat) + eps)|| from the ``vmap``
-per-example gradients and the optimizer's second moment (``adambs_jax.preconditioner``; the
-plain ||g_k|| before its first update), G_hat from the weighted loss. An optimizer without a
-second moment (``optax.sgd``) is refused, by name, when the step is traced."""
+estimate_with_preconditioned_norms = preconditioned_estimator()
+"""The estimator of ``PreconditionedGradNorm()`` with nothing stated: every hyperparameter
+read from an ``optax.inject_hyperparams`` state, or refused (``preconditioned_estimator``)."""
 
 
 def estimate_with_logit_bound(model_loss: ModelLoss, params, batch, weights, key) -> Estimate:
@@ -209,12 +236,16 @@ def importance_weighted_grad(
     averaged gradient, as in ``make_train_step``.
 
     Args:
-      loss_fn: ``(params, batch[, key]) -> (K,)``, or with ``has_aux`` ``-> ((K,), aux)``.
+      loss_fn: ``(params, batch[, key]) -> (K,)``, or with ``has_aux`` ``-> ((K,), aux)``;
+        or an ``ab.Loss`` (its ``has_aux`` counts as the argument's).
       params: the parameters; batch: leaves (K, ...); weights: (K,) = 1 / (n p_I).
       key: passed to a loss that takes one.
       has_aux: the loss returns ``(losses, aux)``; then the result is
         ``((losses, aux), G_hat)``.
     """
+    if isinstance(loss_fn, Loss):
+        has_aux = has_aux or loss_fn.has_aux
+        loss_fn = loss_fn._replace(has_aux=False)  # the stated call, aux and all
     loss = with_key_argument(loss_fn)
     batch_size = weights.shape[0]
 

@@ -14,13 +14,15 @@ sampler then drives p_j proportional to f_j, the variance-minimizing distributio
   It costs one forward pass and a backward pass through the loss only; it needs a
   ``ModelLoss``.
 * ``LossValue()`` (``"loss"``) — the per-example loss itself (for losses >= 0).
-* ``PreconditionedGradNorm()`` (``"preconditioned_grad_norm"``) — the norm of the
-  per-example gradient preconditioned by the optimizer, ||g_k / (sqrt(v_hat) + eps)||_2,
-  with v_hat Adam's/RMSProp's second moment read from the optimizer state
+* ``PreconditionedGradNorm(b2=..., eps=...)`` (``"preconditioned_grad_norm"``) — the norm
+  of the per-example gradient preconditioned by the optimizer, e.g. Adam's
+  ||g_k / (sqrt(v_hat) + eps)||_2 with v_hat its second moment read from the optimizer state
   (``_preconditioner``): the step an adaptive optimizer would take for example k (Lahire:
-  p^GN is optimal for SGD, not for Adam). Exact ``vmap`` per-example gradients (ghost norms
-  cannot apply a diagonal preconditioner). The train step's feedback only (a scoring
-  sampler's ``score_fn`` has no optimizer state).
+  p^GN is optimal for SGD, not for Adam). The hyperparameters the state does not record are
+  stated on the object (or read from an ``optax.inject_hyperparams`` state), and checked
+  against the optimizer when the step is built; none is assumed. Exact ``vmap``
+  per-example gradients (ghost norms cannot apply a diagonal preconditioner). The train
+  step's feedback only (a scoring sampler's ``score_fn`` has no optimizer state).
 * ``CustomFeedback(fn)`` (or ``fn`` itself) — ``fn(params, batch, losses) -> (K,)`` of your
   own.
 
@@ -58,6 +60,7 @@ from adambs_jax.feedback._estimators import (
     estimate_with_preconditioned_norms,
     estimate_with_vmap_norms,
     estimator_with_user_feedback,
+    preconditioned_estimator,
 )
 from adambs_jax.feedback._losses import ModelLoss, PerExampleLoss, check_losses, with_key_argument
 from adambs_jax.feedback._per_example import (
@@ -65,7 +68,14 @@ from adambs_jax.feedback._per_example import (
     per_example_losses,
     per_example_losses_and_grads,
 )
-from adambs_jax.feedback._preconditioner import preconditioned_norms
+from adambs_jax.feedback._preconditioner import (
+    NOTHING_STATED,
+    Stated,
+    check_against_optimizer,
+    check_stated,
+    inspect_optimizer,
+    preconditioned_norms,
+)
 from adambs_jax.feedback.ghost import METHODS as GRAD_NORM_METHODS
 from adambs_jax.feedback.ghost import per_example_grad_norms
 from adambs_jax.samplers import FeedbackFn
@@ -130,21 +140,45 @@ def preconditioned_grad_norms(
     batch: Any,
     opt_state: Any,
     key: jax.Array | None = None,
+    *,
+    optimizer: Any = None,
+    b2: float | None = None,
+    eps: float | None = None,
+    eps_root: float | None = None,
+    eps_in_sqrt: bool | None = None,
+    kind: str | None = None,
 ) -> jax.Array:
-    """(K,) ||g_k / (sqrt(v_hat) + eps)||_2: the per-example gradients (``vmap``) scaled by
-    the optimizer's diagonal preconditioner, v_hat its (bias-corrected) second moment in
-    ``opt_state`` (``adambs_jax.preconditioner``: eps, b2 from ``inject_hyperparams`` where
-    present, else 1e-8 and 0.999); the plain ||g_k|| before the optimizer's first update.
+    """(K,) f_k = ||P * g_k||_2: the per-example gradients (``vmap``) scaled by the
+    optimizer's diagonal preconditioner P, e.g. Adam's 1 / (sqrt(v_hat) + eps) with v_hat its
+    bias-corrected second moment in ``opt_state``; the plain ||g_k|| before the optimizer's
+    first update. What ``PreconditionedGradNorm`` gives the train step, for any examples.
+
+    Args:
+      loss_fn, params, batch, key: as for ``per_example_losses_and_grads``.
+      opt_state: the optimizer's state.
+      optimizer: the optimizer of ``opt_state``, to check the stated hyperparameters against
+        and to tell Adam's ``ScaleByAdamState`` from Adamax's (without it, ``kind="adam"``
+        must be stated for one).
+      b2, eps, eps_root, eps_in_sqrt, kind: the hyperparameters, as for
+        ``PreconditionedGradNorm``; those an ``optax.inject_hyperparams`` state holds are read
+        from it.
 
     Raises:
-      ValueError: ``opt_state`` has no second moment (e.g. ``optax.sgd``'s).
+      ValueError: as ``PreconditionedGradNorm``: no second moment (``optax.sgd``),
+        hyperparameters neither injected nor stated (naming the fix), stated ones that differ
+        from the optimizer's, Adamax / Yogi.
 
     References:
       Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning"; Kingma, Ba,
       "Adam", ICLR 2015.
     """
+    feedback = PreconditionedGradNorm(b2, eps, eps_root, eps_in_sqrt, kind)
+    facts = None
+    if optimizer is not None:
+        facts = inspect_optimizer(optimizer)
+        check_against_optimizer(feedback.stated, facts)
     _, grads = per_example_losses_and_grads(loss_fn, params, batch, key)
-    return preconditioned_norms(grads, params, opt_state)
+    return preconditioned_norms(grads, params, opt_state, feedback.stated, facts)
 
 
 class Feedback:
@@ -259,17 +293,75 @@ class LossValue(Feedback):
 
 @dataclasses.dataclass(frozen=True)
 class PreconditionedGradNorm(Feedback):
-    """``"preconditioned_grad_norm"``: ||g_k / (sqrt(v_hat) + eps)||_2 with v_hat the
-    optimizer's second moment read from its state (exact ``vmap`` per-example gradients).
-    The train step's feedback only: a scoring sampler's ``score_fn`` has no optimizer state.
+    """``"preconditioned_grad_norm"``: f_k = ||P * g_k||_2, the per-example gradient g_k
+    (exact, ``vmap``) scaled by the optimizer's diagonal preconditioner P, the step an
+    adaptive optimizer would take for example k (``_preconditioner``):
+
+    * Adam (AdamW, NAdam, LAMB, RAdam): P = 1 / (sqrt(v_hat + eps_root) + eps),
+      v_hat = v_t / (1 - b2^t), v_t = b2 v_{t-1} + (1 - b2) g_t^2;
+    * AMSGrad: the same with optax's running maximum of v_hat (no b2 needed);
+    * RMSProp: P = 1 / sqrt(v + eps) (``eps_in_sqrt=True``, optax's default) or
+      1 / (sqrt(v) + eps) (``False``, PyTorch's); v bias-corrected with b2 = ``decay`` where
+      the optimizer does (``bias_correction=True``); centered: v - m^2.
+
+    The state holds v but not the hyperparameters, and none is assumed: those an
+    ``optax.inject_hyperparams`` state holds are read from it at every step; the others must
+    be stated here, with the values the optimizer was built with::
+
+        tx = optax.adam(1e-3, b2=0.95)
+        feedback = ab.feedback.PreconditionedGradNorm(b2=0.95, eps=1e-8)
+        rms = ab.feedback.PreconditionedGradNorm(eps=1e-8, eps_in_sqrt=True)  # optax.rmsprop
+
+    When the step is built they are checked against the optimizer, where it shows them
+    (optax's own transforms, through ``chain``, ``masked``, ``multi_transform``,
+    ``inject_hyperparams``, ...): a value that differs from the optimizer's is refused,
+    naming both; so are Adamax, Yogi and ADOPT (no Adam second moment in their
+    ``ScaleByAdamState``), and, when the step is traced, an optimizer without a second
+    moment (``optax.sgd``) or a parameter under more than one. The train step's feedback
+    only: a scoring sampler's ``score_fn`` has no optimizer state.
+
+    Attributes:
+      b2: the decay of the second moment's moving average (Adam's ``b2``, RMSProp's
+        ``decay``), for the bias correction; needed by Adam and bias-corrected RMSProp.
+      eps: the eps of the preconditioner; always needed.
+      eps_root: the eps inside Adam's and AMSGrad's square root; None: 0 (optax's default,
+        checked against the optimizer's where it shows it).
+      eps_in_sqrt: RMSProp's eps inside (True) or outside (False) the square root; needed
+        by RMSProp.
+      kind: ``"adam"``, ``"amsgrad"`` or ``"rmsprop"``: the optimizer's second moment; None:
+        read from the state and the optimizer. Needed only for a ``ScaleByAdamState`` the
+        optimizer does not show to be Adam's (an ``inject_hyperparams`` of a factory of your
+        own): optax keeps Adamax's infinity norm in the same state type.
+
+    Raises:
+      ValueError / TypeError: a value out of range or of the wrong type, naming it.
 
     References:
       Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning"; Kingma, Ba,
-      "Adam", ICLR 2015.
+      "Adam: A Method for Stochastic Optimization", ICLR 2015, Algorithm 1; Reddi, Kale,
+      Kumar, "On the Convergence of Adam and Beyond", ICLR 2018; Tieleman, Hinton, "RMSProp",
+      COURSERA Lecture 6.5, 2012.
     """
 
+    b2: float | None = None
+    eps: float | None = None
+    eps_root: float | None = None
+    eps_in_sqrt: bool | None = None
+    kind: str | None = None
     name: ClassVar[str] = "preconditioned_grad_norm"
     per_example_evaluation: ClassVar[bool] = True
+
+    def __post_init__(self):
+        checked = check_stated(
+            Stated(self.kind, self.b2, self.eps, self.eps_root, self.eps_in_sqrt)
+        )
+        for field, value in checked._asdict().items():
+            object.__setattr__(self, field, value)  # numbers as floats
+
+    @property
+    def stated(self) -> Stated:
+        """The stated hyperparameters (None: not stated)."""
+        return Stated(self.kind, self.b2, self.eps, self.eps_root, self.eps_in_sqrt)
 
     def scores(self, loss_fn, params, batch, key=None):
         raise ValueError(
@@ -280,7 +372,25 @@ class PreconditionedGradNorm(Feedback):
         )
 
     def estimator(self) -> EstimateFn:
-        return estimate_with_preconditioned_norms
+        """The estimator without the optimizer: only the state is checked, when traced
+        (a ``ScaleByAdamState`` needs ``kind="adam"``). The train step uses
+        ``estimator_for``."""
+        if self.stated == NOTHING_STATED:
+            return estimate_with_preconditioned_norms
+        return preconditioned_estimator(self.stated)
+
+    def estimator_for(self, optimizer: Any) -> EstimateFn:
+        """The train step's estimator for ``optimizer``, checked against it now (the step's
+        build): what it shows is compared with what is stated (``_preconditioner``).
+
+        Raises:
+          ValueError: Adamax, Yogi or ADOPT in the optimizer; a stated value that differs
+            from the optimizer's (naming both); a hyperparameter of one of its second
+            moments neither injected nor stated (naming the fix).
+        """
+        facts = inspect_optimizer(optimizer)
+        check_against_optimizer(self.stated, facts)
+        return preconditioned_estimator(self.stated, facts)
 
 
 @dataclasses.dataclass(frozen=True)

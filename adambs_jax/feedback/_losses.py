@@ -97,6 +97,8 @@ class ModelLoss(NamedTuple):
         read from its signature (three positional parameters, ``takes_key``).
       model_state: ``apply_fn(params, batch, key, model_state) -> (outputs,
         new_model_state)`` (the key is always passed then); the step keeps the new state.
+      has_aux: report the model outputs of the batch (the logits: accuracy and other metrics
+        without a second forward pass) as the step's ``metrics["aux"]``.
 
     Calling it, ``ModelLoss(...)(params, batch, key=None)``, returns the (K,) losses.
 
@@ -110,10 +112,7 @@ class ModelLoss(NamedTuple):
     loss_from_outputs: Callable[[Any, Any], jax.Array]
     takes_key: bool | None = None
     model_state: bool = False
-
-    @property
-    def has_aux(self) -> bool:
-        return False
+    has_aux: bool = False
 
     def outputs(self, params, batch, key: jax.Array | None = None):
         """The model outputs (leading axis K); passes ``key`` iff ``apply_fn`` takes one
@@ -132,7 +131,7 @@ KEY_NAMES = ("key", "rng", "rngs", "prng_key", "dropout_key")
 
 def takes_key(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes the PRNG key as a third positional argument (a guess from the
-    signature; ``make_train_step(..., loss_takes_key=True/False)`` states it instead).
+    signature; ``Loss(fn, takes_key=True/False)`` states it instead).
 
     Counted are positional parameters without a default, and one with a default only if it
     is named like a key (``KEY_NAMES``): True for ``f(params, batch, key)``, ``f(params,
@@ -203,11 +202,21 @@ def loss_callable(loss: AnyLoss) -> PerExampleLoss:
 
 
 def with_key_argument(loss_fn: PerExampleLoss) -> Callable[[Any, Any, Any], jax.Array]:
-    """``loss_fn`` as ``(params, batch, key) -> losses``; the key is dropped if unused.
+    """``loss_fn`` (a callable, a ``Loss`` of losses only, or a ``ModelLoss``) as
+    ``(params, batch, key) -> losses``; the key is dropped if unused.
 
     Raises:
-      TypeError: ``loss_fn`` is not callable.
+      TypeError: ``loss_fn`` is not callable, or a ``Loss`` that returns more than the
+        losses (``has_aux``, ``model_state``: the per-example tools need the losses alone).
     """
+    if isinstance(loss_fn, Loss):
+        if loss_fn.has_aux or loss_fn.model_state:
+            raise TypeError(
+                "loss_fn: this function needs a loss that returns the per-example losses "
+                "alone; got an ab.Loss with has_aux or model_state (make_train_step handles "
+                "those)"
+            )
+        loss_fn = loss_fn.stated()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if takes_key(loss_fn):
@@ -227,6 +236,11 @@ def check_losses(losses: Any, batch_size: int, *, name: str = "loss_fn") -> jax.
       ValueError: wrong shape, e.g. a scalar mean loss instead of per-example losses.
       TypeError: not a floating-point array.
     """
+    if isinstance(losses, (tuple, list)):
+        raise ValueError(
+            f"{name} returned a {type(losses).__name__} of {len(losses)}, not the per-example "
+            f"losses: a loss that also returns aux says so, ab.Loss(fn, has_aux=True)"
+        )
     shape = jax.numpy.shape(losses)
     if shape != (batch_size,):
         raise ValueError(

@@ -28,10 +28,19 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from adambs_jax._tree_utils import batch_size_of
 from adambs_jax.feedback._losses import AnyLoss, ModelLoss, PerExampleLoss, with_key_argument
 
-__all__ = ["LossParts", "loss_parts", "check_model_state_options"]
+__all__ = [
+    "LossParts",
+    "loss_parts",
+    "check_model_state_options",
+    "batch_coupling",
+    "check_examples_independent",
+]
 
 
 class LossParts(NamedTuple):
@@ -78,14 +87,8 @@ def check_model_state_options(
 def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
     """``loss`` split into the losses the estimators differentiate and the extras
     (``aux``, the new model state) of the same batched forward, at model state ``state``."""
-    if loss.model_state and isinstance(loss, ModelLoss):
-        apply_fn = loss.apply_fn
-        losses_only = loss._replace(
-            apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0], takes_key=True
-        )
-        return LossParts(losses_only, lambda p, b, k: (None, apply_fn(p, b, k, state)[1]))
     if isinstance(loss, ModelLoss):
-        return LossParts(loss, None)
+        return _model_loss_parts(loss, state)
     fn, has_aux = loss.stated(), loss.has_aux
     if loss.model_state:
 
@@ -98,15 +101,116 @@ def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
 
         return LossParts(lambda p, b, k: call(p, b, k)[0], extras)
     if has_aux:
-        keyed = with_key_argument(fn)
+        call = with_key_argument(fn)
         return LossParts(
-            lambda p, b, k: keyed(p, b, k)[0], lambda p, b, k: (keyed(p, b, k)[1], None)
+            lambda p, b, k: _losses_and_aux(call(p, b, k))[0],
+            lambda p, b, k: (_losses_and_aux(call(p, b, k))[1], None),
         )
     return LossParts(fn, None)
+
+
+def _losses_and_aux(out):
+    """A ``has_aux`` loss's ``(losses, aux)``, or an error that says what it returned."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = (
+            f"a {type(out).__name__} of {len(out)}"
+            if isinstance(out, (tuple, list))
+            else f"an array of shape {jnp.shape(out)}"
+        )
+        raise ValueError(
+            f"loss_fn: with has_aux=True the loss must return (losses, aux), got {what}"
+        )
+    return out
+
+
+def _model_loss_parts(loss: ModelLoss, state: Any) -> LossParts:
+    """A ``ModelLoss`` split: with ``model_state`` its ``apply_fn`` gets the state and returns
+    the new one; with ``has_aux`` the outputs of the batch are the aux."""
+    has_aux = loss.has_aux
+    if loss.model_state:
+        apply_fn = loss.apply_fn
+        losses_only = loss._replace(
+            apply_fn=lambda p, b, k: apply_fn(p, b, k, state)[0],
+            takes_key=True,
+            model_state=False,
+            has_aux=False,
+        )
+
+        def extras(p, b, k):
+            outputs, new_state = apply_fn(p, b, k, state)
+            return (outputs if has_aux else None), new_state
+
+        return LossParts(losses_only, extras)
+    if has_aux:
+        plain = loss._replace(has_aux=False)
+        return LossParts(plain, lambda p, b, k: (plain.outputs(p, b, k), None))
+    return LossParts(loss, None)
 
 
 def batch_extras(parts: LossParts, params, batch, key):
     """``(aux, new_model_state)`` of the batch, with no gradient flowing into them."""
     if parts.extras is None:
         return None, None
-    return jax.lax.stop_gradient(parts.extras(params, batch, key))
+    aux, new_state = parts.extras(params, batch, key)
+    _check_arrays("aux", aux)
+    return jax.lax.stop_gradient((aux, new_state))
+
+
+def _check_arrays(name: str, tree) -> None:
+    """Raises TypeError naming the first leaf of ``tree`` that is not an array or a number
+    (a string in the aux, say), instead of JAX's error without a path."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
+            raise TypeError(
+                f"loss_fn: {name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}; the "
+                f"{name} must be a pytree of arrays (it is returned from the jitted step)"
+            )
+
+
+COUPLING_RTOL = 1e-4
+"""How much example 0's loss may move when the rest of its batch changes (float rounding)."""
+
+
+def _varied_batches(batch):
+    """The batch, and two copies whose rows 1..K-1 are all row 1, or all row K-1: the
+    statistics of a batch change, example 0 does not."""
+
+    def rows_from(source_row):
+        return jax.tree.map(lambda leaf: leaf.at[1:].set(leaf[source_row]), batch)
+
+    return batch, rows_from(1), rows_from(-1)
+
+
+def batch_coupling(losses_fn: PerExampleLoss, params, batch, key) -> jax.Array:
+    """The largest relative change of example 0's loss when the other examples of its batch
+    change (0 for a loss whose row k depends on example k only). Jittable; the same key for
+    every evaluation, so dropout masks do not count as a change."""
+    call = with_key_argument(losses_fn)
+    first = [call(params, b, key)[0] for b in _varied_batches(batch)]
+    scale = jnp.abs(first[0]) + 1e-6
+    return jnp.max(jnp.abs(jnp.stack(first[1:]) - first[0])) / scale
+
+
+def check_examples_independent(losses_fn: PerExampleLoss, params, batch, key, *, why: str):
+    """Raises ValueError when the per-example losses of ``batch`` depend on the rest of the
+    batch (a model with batch statistics, BatchNorm in training mode, whose state the loss
+    discards). Host side, on concrete arrays, once: one jitted call of three forward passes.
+
+    ``why``: what evaluates the examples one at a time (the feedback kind or the scoring
+    sampler), for the message.
+    """
+    if batch_size_of(batch) < 2 or any(
+        isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, batch))
+    ):
+        return  # one example, or traced inside the caller's own jit: nothing to compare
+    change = float(jax.jit(batch_coupling, static_argnums=0)(losses_fn, params, batch, key))
+    if change > COUPLING_RTOL:
+        raise ValueError(
+            f"loss_fn: the loss of one example changed by a factor {change:.3g} when the other "
+            f"examples of its batch changed: the model couples the examples of a batch "
+            f"(BatchNorm in training mode, say). {why} evaluates the model one example at a "
+            f"time, so it would compute per-example batch statistics: a silently wrong "
+            f"gradient. Describe the model state, ab.Loss(fn, model_state=True) or "
+            f"ab.ModelLoss(..., model_state=True), and use feedback='loss' or "
+            f"'logit_grad_norm'; or make the loss per-example (BatchNorm in inference mode)"
+        )

@@ -69,6 +69,12 @@ def make_score_fn(
 
     def score(indices, chunk_key):
         scores = score_batch(params, gather(data, indices), chunk_key)
+        if jnp.shape(scores) != indices.shape:
+            raise ValueError(
+                f"feedback {getattr(feedback, 'name', feedback)!r} (a scoring sampler's "
+                f"score_feedback) must give one score per example, shape {indices.shape}, "
+                f"got {jnp.shape(scores)}"
+            )
         return jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
 
     def score_fn(indices: jax.Array) -> jax.Array:

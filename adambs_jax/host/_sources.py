@@ -1,17 +1,17 @@
 """Host-side data sources: the records of a dataset that lives on the host (or on disk).
 
-A step that takes a gathered batch (``adambs_jax.host_step``) needs the records of the K
+A step that takes a gathered batch (``make_host_train_step``) needs the records of the K
 drawn examples, not the dataset. A data source gives them by batched random access:
 
     source.num_examples              # n
     batch = source.read(indices)     # indices (K,) int numpy -> pytree of numpy (K, ...)
 
-``read`` is called from a loader thread (``adambs_jax.host_loop``), so it must be safe to
+``read`` is called from a loader thread (``HostLoader``, ``_loop``), so it must be safe to
 call from a thread other than the one that made the source. ``ArraySource`` holds numpy
 arrays in memory; ``MemmapSource`` reads ``.npy`` files through read-only numpy memmaps
 (a dataset larger than host memory: ``write_memmap_dataset`` writes one in chunks, with a
 JSON manifest of shapes, dtypes and sha256 sums, and ``open_memmap_dataset`` opens it);
-``adambs_jax.grain_source`` has one over ArrayRecord files (the optional ``[data]`` extra).
+``_grain_source`` has one over ArrayRecord files (the optional ``[data]`` extra).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, Union, runtime_checkable
 
@@ -40,6 +42,7 @@ __all__ = [
     "check_source",
     "check_read_indices",
     "file_digest",
+    "manifest_file",
 ]
 
 
@@ -58,7 +61,7 @@ def check_source(source: Any, *, name: str = "source") -> int:
     if not isinstance(source, DataSource):
         raise TypeError(
             f"{name} must be a data source (num_examples and read(indices)), e.g. "
-            f"ab.sources.ArraySource(arrays); got {type(source).__name__}"
+            f"ab.host.ArraySource(arrays); got {type(source).__name__}"
         )
     num_examples = source.num_examples
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
@@ -228,12 +231,40 @@ def _read_manifest(directory: str) -> dict:
     )
 
 
+def _check_manifest(manifest: dict, directory: str) -> dict:
+    """``manifest["fields"]`` after checking the manifest's structure (a ValueError naming
+    the manifest file, not a KeyError)."""
+    where = f"{os.path.join(directory, MANIFEST_NAME)!r}"
+    fields = manifest.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError(f"directory: {where} has no fields (a dict name -> spec)")
+    for name, spec in fields.items():
+        missing = {"file", "shape", "dtype", "sha256"} - set(spec if isinstance(spec, dict) else ())
+        if missing:
+            raise ValueError(f"directory: {where}, field {name!r} lacks {sorted(missing)}")
+    return fields
+
+
+def manifest_file(directory: str, name: str, file: Any) -> str:
+    """The path of a field's file from its manifest entry, which must be a relative path
+    inside ``directory``: an absolute path or one that climbs out with ``..`` would make
+    opening (or overwriting) a dataset read (or delete) a file elsewhere, so it is refused."""
+    drive, rest = os.path.splitdrive(file) if isinstance(file, str) else ("", "")
+    parts = os.path.normpath(rest).split(os.sep) if rest else []
+    if drive or not parts or os.path.isabs(rest) or parts[0] in (os.curdir, os.pardir):
+        raise ValueError(
+            f"field {name!r}: the manifest's file entry {file!r} is not a relative path "
+            f"inside the dataset directory {directory!r}; refused"
+        )
+    return os.path.join(directory, rest)
+
+
 def _open_dataset(directory: str, verify: bool) -> tuple[dict, dict]:
     """The fields of a dataset directory as memmaps, each checked against the manifest."""
     manifest = _read_manifest(directory)
     arrays = {}
-    for name, spec in manifest["fields"].items():
-        path = os.path.join(directory, spec["file"])
+    for name, spec in _check_manifest(manifest, directory).items():
+        path = manifest_file(directory, name, spec["file"])
         array = _open_npy(_check_field_name(name), path)
         expected = (tuple(spec["shape"]), np.dtype(spec["dtype"]))
         if (array.shape, array.dtype) != expected:
@@ -267,18 +298,27 @@ def write_memmap_dataset(
     """Writes a dataset of n examples as one ``.npy`` file per field plus a JSON manifest,
     in chunks, so that n = 10^7 never needs to fit in memory; returns the manifest.
 
+    The files are written aside, in a staging directory ``directory/.staging-*`` (the same
+    file system), then moved in with ``os.replace``, the manifest last. A file is never
+    rewritten in place: a process reading the old dataset keeps the data of its open
+    memmaps (the replaced file lives on until they close; rewriting it would change their
+    data under them, or end them with SIGBUS if it shrank), and a write that fails (a bad
+    chunk, a full disk, an interrupt) leaves the old dataset as it was.
+
     Args:
       directory: where to write (created if missing); ``<name>.npy`` per field and
         ``manifest.json`` (``MANIFEST_FORMAT``: n, and per field its file, shape, dtype and
-        sha256). The manifest is written last, so an interrupted write leaves no dataset
-        that ``open_memmap_dataset`` would accept.
+        sha256).
       arrays_or_chunks: a dict name -> array (leading axis n; a memmap is fine: it is
         copied ``chunk_size`` rows at a time), or an iterable of such dicts, the chunks in
         order, whose leading axes add up to ``num_examples``.
       num_examples: n; required with an iterable of chunks (the files are allocated
         first), checked against the arrays otherwise.
       chunk_size: rows copied at a time from a dict of arrays.
-      overwrite: replace a dataset already in ``directory`` (else refused).
+      overwrite: replace a dataset already in ``directory`` (else refused). While the new
+        files are moved in (a few renames), the directory holds no manifest: an open then
+        fails instead of pairing old and new files. The old dataset's files that the new
+        one does not have are deleted.
 
     Raises:
       ValueError / TypeError naming the argument: bad field names, chunks whose fields,
@@ -298,21 +338,63 @@ def write_memmap_dataset(
         raise ValueError("num_examples: required when arrays_or_chunks is an iterable of chunks")
     else:
         chunks = iter(arrays_or_chunks)
+    if os.path.exists(os.path.join(directory, MANIFEST_NAME)) and not overwrite:
+        raise FileExistsError(
+            f"directory: {directory!r} already holds a dataset; pass overwrite=True"
+        )
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=directory)
+    try:
+        fields = _write_chunks(staging, chunks, num_examples)
+        manifest = {"format": MANIFEST_FORMAT, "num_examples": num_examples, "fields": fields}
+        _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
+        _move_in(staging, directory, fields)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(directory):
+            os.rmdir(directory)
+    return manifest
+
+
+def _write_json(path: str, content: dict) -> None:
+    """``content`` as JSON in ``path``, on disk (fsync) before it is moved anywhere."""
+    with open(path, "w") as stream:
+        json.dump(content, stream, indent=1)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _old_files(directory: str) -> set:
+    """The files of the dataset in ``directory`` (relative paths inside it); none if there
+    is no manifest or it cannot be trusted to name only files of the directory."""
+    try:
+        fields = _check_manifest(_read_manifest(directory), directory)
+        return {
+            os.path.relpath(manifest_file(directory, name, spec["file"]), directory)
+            for name, spec in fields.items()
+        }
+    except (OSError, ValueError):
+        return set()
+
+
+def _move_in(staging: str, directory: str, fields: dict) -> None:
+    """Moves the staged files into ``directory`` (``os.replace``, each atomic), the old
+    manifest out first and the new one last, then deletes the old dataset's other files."""
+    old = _old_files(directory)
     manifest_path = os.path.join(directory, MANIFEST_NAME)
     if os.path.exists(manifest_path):
-        if not overwrite:
-            raise FileExistsError(
-                f"directory: {directory!r} already holds a dataset; pass overwrite=True"
-            )
-        os.remove(manifest_path)
-    os.makedirs(directory, exist_ok=True)
-    fields = _write_chunks(directory, chunks, num_examples)
-    manifest = {"format": MANIFEST_FORMAT, "num_examples": num_examples, "fields": fields}
-    temporary = manifest_path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(manifest, stream, indent=1)
-    os.replace(temporary, manifest_path)
-    return manifest
+        os.remove(manifest_path)  # no moment where the old manifest names the new files
+    new = set()
+    for spec in fields.values():
+        os.replace(os.path.join(staging, spec["file"]), os.path.join(directory, spec["file"]))
+        new.add(os.path.normpath(spec["file"]))
+    os.replace(os.path.join(staging, MANIFEST_NAME), manifest_path)
+    for stale in old - new:
+        try:
+            os.remove(os.path.join(directory, stale))
+        except OSError:  # already gone, or not ours to delete: the new dataset is complete
+            pass
 
 
 def _slices(arrays: Mapping[Any, Any], n: int, chunk_size: int):

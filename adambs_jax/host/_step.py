@@ -2,7 +2,7 @@
 
 ``make_train_step`` gathers ``data[I]`` on the device, so the whole dataset must be there.
 ``make_host_train_step`` takes the batch already gathered (by a loader that read the
-records of the drawn indices from a host ``DataSource``, ``adambs_jax.host_loop``) and the
+records of the drawn indices from a host ``DataSource``, ``_loop``) and the
 draws it was gathered for, and returns, besides the new state, the indices of a later step:
 
     step = ab.make_host_train_step(loss_fn, optax.adam(1e-3), sampler, lookahead=2)
@@ -14,7 +14,7 @@ draws it was gathered for, and returns, besides the new state, the indices of a 
         pending.append(later)                      # the draws of step t + L
 
 With K the batch size, n the dataset size and L = ``lookahead``, call t runs the stages of
-``adambs_jax.step_stages`` on the given draws ``(I_t, p_t)`` and ``batch = data[I_t]``:
+``adambs_jax.step._stages`` on the given draws ``(I_t, p_t)`` and ``batch = data[I_t]``:
 
     weigh          w = 1 / (n p_t) (K,), from the probabilities stored in ``draws``
     estimate       G_hat = (1/K) sum_k w_k grad loss_k(params) and the feedback f (K,)
@@ -40,13 +40,29 @@ slightly stale draws, which changes only how fast its distribution adapts, never
 unbiasedness of G_hat. With L = 1 and a sampler that ignores its state (uniform) the step
 equals ``make_train_step``'s step on the in-memory data with the same draws.
 
+Invalid draws. The weight w = 1 / (n p) is defined only for p in (0, 1] (and an index in
+[0, n)): a negative p would step up the loss, a p 10^6 times too large a near-zero step, and
+nothing downstream could tell. The step's own draws are always valid; a ``Draws`` built by
+hand is checked where that costs nothing:
+
+    on the host     ``step(...)`` with numpy (or list) draws, and every draw the loop's
+                    loader threads read (they copy the indices to the host anyway): a
+                    ValueError naming the bad entries, before the state is touched
+    on the device   draws that are device arrays: checking them on the host would wait for
+                    the step that computed them (a sync per step), so the step itself sets
+                    the K weights to NaN (one (K,) reduction, no branch); the non-finite
+                    guard then skips the step (``metrics["skipped"]``, ``skipped_steps``) and
+                    ``metrics["invalid_draws"]`` is 1. With ``skip_non_finite=False`` the NaN
+                    update is applied like any other non-finite one: loud, never silently
+                    wrong.
+
 Scoring samplers are refused (they score examples of the whole dataset on the device).
 Renormalization: as ``TrainStep``, a Python counter runs the sampler's O(n)
 ``renormalize`` every ``sampler.renormalize_every`` calls (no device sync); it rescales the
 sampler's weights without changing its distribution, so pending draws stay valid.
 
 Mesh (``mesh=``): the batch is split along ``data_axis`` (``in_shardings``), the state, the
-draws, the key and the metrics are replicated; the loop (``adambs_jax.host_loop``) builds the
+draws, the key and the metrics are replicated; the loop (``_loop``) builds the
 global batch from each process's slice, so the dataset is never replicated.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -60,6 +76,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adambs_jax._checks import check_int
@@ -74,21 +92,22 @@ from adambs_jax.sharding import (
     replicate_on_mesh,
     replicated_sharding,
 )
-from adambs_jax.step._options import StepOptions, build_step_config
+from adambs_jax.step._options import StepOptions, build_step_config, first_call_check
 from adambs_jax.step._stages import (
     Draw,
     StepConfig,
     check_train_state,
     draw_weights,
+    draws_valid,
     learn_from_draw,
     place_batch,
     step_key,
 )
 from adambs_jax.step._state import (
+    RenormalizationSchedule,
     TrainState,
     TrainStep,
-    count_renormalization_steps,
-    renormalize_if_due,
+    run_first_call_check,
 )
 from adambs_jax.step._train_step import renormalize_fn
 
@@ -98,6 +117,7 @@ __all__ = [
     "make_host_train_step",
     "draw_from",
     "run_host_step",
+    "check_host_draws",
 ]
 
 
@@ -105,9 +125,11 @@ class Draws(NamedTuple):
     """The indices of one step's batch and the probabilities they were drawn with.
 
     Attributes:
-      indices: (K,) integer, the examples to read.
-      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from; the step
-        weighs example k by 1 / (n probs_k).
+      indices: (K,) integer, the examples to read, each in [0, n).
+      probs: (K,) float32, p_{I_k} of the distribution the indices were drawn from, each in
+        (0, 1]; the step weighs example k by 1 / (n probs_k). Draws outside these ranges
+        are refused on the host or skipped by the step (the module docstring, "Invalid
+        draws").
     """
 
     indices: jax.Array
@@ -120,6 +142,58 @@ def draw_from(sampler: Sampler, sampler_state: Any, key: jax.Array) -> Draws:
     sample_key = jax.random.split(key, 3)[0]
     indices, probs = sampler.sample(sampler_state, sample_key)
     return Draws(indices, probs)
+
+
+def _invalid_entries(name: str, values: np.ndarray, bad: np.ndarray) -> str:
+    positions = np.flatnonzero(bad)
+    shown = ", ".join(f"[{i}] = {values[i]!r}" for i in positions[:4].tolist())
+    more = f", ... ({positions.size} in all)" if positions.size > 4 else ""
+    return f"{name}{shown}{more}"
+
+
+def check_host_draws(indices: Any, probs: Any, num_examples: int, batch_size: int) -> None:
+    """Checks draws held on the host (numpy, lists): ``indices`` (K,) integers in [0, n),
+    ``probs`` (K,) floats in (0, 1], finite; either may be None (not checked).
+
+    Raises:
+      ValueError / TypeError: naming the first bad entries and why they are refused.
+    """
+    if indices is not None:
+        indices = np.asarray(indices)
+        if indices.shape != (batch_size,):
+            raise ValueError(f"draws.indices must have shape ({batch_size},), got {indices.shape}")
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"draws.indices must be integers, got dtype {indices.dtype}")
+        bad = (indices < 0) | (indices >= num_examples)
+        if bad.any():
+            entries = _invalid_entries("draws.indices", indices, bad)
+            raise ValueError(f"{entries}: every index must be in [0, {num_examples})")
+    if probs is not None:
+        probs = np.asarray(probs)
+        if probs.shape != (batch_size,):
+            raise ValueError(f"draws.probs must have shape ({batch_size},), got {probs.shape}")
+        if not np.issubdtype(probs.dtype, np.floating):
+            raise TypeError(f"draws.probs must be floats, got dtype {probs.dtype}")
+        bad = ~((probs > 0) & (probs <= 1))  # NaN fails both comparisons
+        if bad.any():
+            entries = _invalid_entries("draws.probs", probs, bad)
+            raise ValueError(
+                f"{entries}: every probability must be in (0, 1] (the weight 1 / (n p) of "
+                f"p <= 0 would step up the loss, of p > 1 or NaN it is no weight)"
+            )
+
+
+def _check_draw_shapes(indices, probs, batch_size: int) -> None:
+    """At trace time: ``(K,)`` integer indices and ``(K,)`` float probabilities."""
+    if jnp.shape(indices) != (batch_size,) or jnp.shape(probs) != (batch_size,):
+        raise ValueError(
+            f"draws: indices and probs must have shape ({batch_size},) (sampler.batch_size), "
+            f"got {jnp.shape(indices)} and {jnp.shape(probs)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
+        raise TypeError(f"draws.indices must be integers, got {jnp.result_type(indices)}")
+    if not jnp.issubdtype(jnp.result_type(probs), jnp.floating):
+        raise TypeError(f"draws.probs must be floats, got {jnp.result_type(probs)}")
 
 
 def _check_batch(batch, batch_size: int):
@@ -140,13 +214,17 @@ def run_host_step(
     check_train_state(state, sampler.num_examples)
     _check_batch(batch, sampler.batch_size)
     indices, probs = draws
+    _check_draw_shapes(indices, probs, sampler.batch_size)
     state_key, key = step_key(state.key, key)
     _, model_key, _ = jax.random.split(key, 3)
     parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
-    weights = draw_weights(config, indices, probs)
+    # invalid draws get NaN weights: the non-finite guard skips the step (module docstring)
+    valid = draws_valid(indices, probs, sampler.num_examples)
+    weights = jnp.where(valid, draw_weights(config, indices, probs), jnp.nan)
     draw = Draw(indices, weights, place_batch(config, batch), state.sampler_state)
     new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
+    metrics["invalid_draws"] = jnp.logical_not(valid).astype(jnp.int32)
     return new_state, metrics, draw_from(sampler, new_state.sampler_state, key)
 
 
@@ -164,6 +242,8 @@ class HostTrainStep:
       lookahead: L, how many steps ahead of its use a batch is drawn.
       renormalize: the jitted ``state -> state`` renormalization, or None.
       mesh, data_axis: the data-parallel mesh (None: none) and its batch axis.
+      first_call_check: ``(state, batch) -> None`` run once, at the first concrete call
+        (``TrainStep``'s), or None.
     """
 
     step_fn: Callable[..., tuple[TrainState, dict, Draws]]
@@ -174,16 +254,31 @@ class HostTrainStep:
     renormalize: Callable[[TrainState], TrainState] | None = None
     mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
-    _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
+    first_call_check: Callable[[TrainState, Any], None] | None = None
+    _schedule: RenormalizationSchedule = dataclasses.field(
+        default_factory=lambda: RenormalizationSchedule(), compare=False, repr=False
+    )
+    _checked: list = dataclasses.field(default_factory=lambda: [False], compare=False, repr=False)
 
     def __call__(self, state: TrainState, batch: Any, draws: Draws, key: jax.Array | None = None):
+        run_first_call_check(self.first_call_check, self._checked, state, batch)
+        draws = Draws(*draws)
+        check_host_draws(  # host values only: checking device draws here would sync
+            None if isinstance(draws.indices, jax.Array) else draws.indices,
+            None if isinstance(draws.probs, jax.Array) else draws.probs,
+            self.sampler.num_examples,
+            self.sampler.batch_size,
+        )
         every = self.sampler.renormalize_every
-        if self.renormalize is not None and every:
-            state = renormalize_if_due(self.renormalize, every, self._pending, state)
-            count_renormalization_steps(self._pending, 1, every)
+        scheduled = self.renormalize is not None and bool(every)
+        if scheduled:
+            state = self._schedule.before(self.renormalize, every, state, 1)
         if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
-            draws, key = replicate_on_mesh((Draws(*draws), key), self.mesh)
-        return TrainStep._call(self.step_fn, state, batch, draws, key)
+            draws, key = replicate_on_mesh((draws, key), self.mesh)
+        out = TrainStep._call(self.step_fn, state, batch, draws, key)
+        if scheduled:
+            self._schedule.after(out[0], 1)
+        return out
 
     def init(self, params: Any, key: jax.Array, *, model_state: Any = None):
         """``(state, draws)``: a fresh ``TrainState`` (own key: the first of
@@ -217,14 +312,20 @@ def _refuse_scoring(sampler: Sampler | ScoringSampler) -> Sampler:
     return sampler
 
 
-def _jitted(step_fn, draw_fn, mesh, data_axis):
-    """``(step, draw)`` jitted (the state donated); replicated shardings under ``mesh``,
-    the batch split along ``data_axis``."""
+def _jitted(step_fn, draw_fn, mesh, data_axis, donate: bool = True):
+    """``(step, draw)`` jitted (the state donated unless ``donate`` is False); replicated
+    shardings under ``mesh``, the batch split along ``data_axis``."""
+    donate_argnums = 0 if donate else ()
     if mesh is None:
-        return jax.jit(step_fn, donate_argnums=0), jax.jit(draw_fn)
+        return jax.jit(step_fn, donate_argnums=donate_argnums), jax.jit(draw_fn)
     replicated = replicated_sharding(mesh)
     in_shardings = (replicated, batch_sharding(mesh, data_axis), replicated, replicated)
-    step = jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
+    step = jax.jit(
+        step_fn,
+        donate_argnums=donate_argnums,
+        in_shardings=in_shardings,
+        out_shardings=replicated,
+    )
     return step, jax.jit(draw_fn, out_shardings=replicated)
 
 
@@ -257,17 +358,19 @@ def make_host_train_step(
 
     Returns:
       A ``HostTrainStep``; ``step.init(params, key)`` gives the state and the first L draws.
-      ``metrics`` are ``make_train_step``'s.
+      ``metrics`` are ``make_train_step``'s and ``"invalid_draws"`` (int32, 1 if the draws
+      had an index outside [0, n) or a probability outside (0, 1]: the step was skipped).
 
     Raises:
       TypeError / ValueError: a ``ScoringSampler``, ``lookahead`` < 1, ``steps_per_call`` > 1,
-        or any argument
-        ``make_train_step`` refuses, at build time; a batch whose leading axis is not K or
-        draws of the wrong shape at the first call.
+        or any argument ``make_train_step`` refuses, at build time; a batch whose leading
+        axis is not K or draws of the wrong shape or dtype at the first call; draws held on
+        the host (numpy) with an index outside [0, n) or a probability outside (0, 1], at
+        every call, before the state is touched (device draws: see the module docstring).
     """
     _refuse_scoring(sampler)
     lookahead = check_int("lookahead", lookahead, minimum=1)
-    config, options = build_step_config(
+    config, options, feedback = build_step_config(
         loss_fn, optimizer, sampler, feedback, options, option_fields
     )
     if options.steps_per_call != 1:
@@ -289,8 +392,9 @@ def make_host_train_step(
         lookahead=lookahead,
         mesh=mesh,
         data_axis=data_axis,
+        first_call_check=first_call_check(config, feedback, gathered=True),
     )
     if not options.jit:
         return HostTrainStep(step, draw, **common)
-    step, draw = _jitted(step, draw, mesh, data_axis)
+    step, draw = _jitted(step, draw, mesh, data_axis, options.donate)
     return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

@@ -37,6 +37,7 @@ from adambs_jax.samplers._base import (
     ScoringSampler,
     UpdateFn,
     accepts_apply,
+    check_healthy,
     importance_weights,
     probabilities,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "accepts_apply",
     "importance_weights",
     "probabilities",
+    "check_healthy",
     # the factories and their states
     "exp3_sampler",
     "Exp3SamplerState",

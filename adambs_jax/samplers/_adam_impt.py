@@ -381,7 +381,7 @@ def adam_impt_sampler(
     Returns:
       A ``ScoringSampler``; its state is an ``AdamImptState`` (read
       ``state.sampler_state.variance_reduction_ema`` and ``.importance_sampling_on`` from a
-      ``TrainState``). Its ``probabilities`` is None (and ``ab.probabilities`` raises): the
+      ``TrainState``). Its ``probabilities`` is None (and ``ab.samplers.probabilities`` raises): the
       marginal distribution of a draw over the n examples is not computed.
 
     References:

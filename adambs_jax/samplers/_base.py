@@ -48,6 +48,7 @@ __all__ = [
     "MetricsFn",
     "SamplerStateBase",
     "probabilities",
+    "check_healthy",
     "importance_weights",
     "Sampler",
     "ScoringSampler",
@@ -222,6 +223,13 @@ class SamplerStateBase:
         del like, saved_config, where
         return self
 
+    def healthy(self) -> jax.Array:
+        """A bool scalar: the state can still be sampled from (its numbers are finite). O(1);
+        the step objects read it after each renormalization, so that a state gone bad (a
+        NaN written by hand, an underflowed tree) is reported instead of every later step
+        being skipped in silence. Default True."""
+        return jnp.asarray(True)
+
     def probabilities(self) -> jax.Array:
         """The full distribution p (n,) this state samples from (O(n)).
 
@@ -230,6 +238,18 @@ class SamplerStateBase:
         """
         raise TypeError(
             f"state: a {type(self).__name__} has no full distribution over the examples"
+        )
+
+
+def check_healthy(state: Any, where: str) -> None:
+    """Raises RuntimeError (naming ``where``) when a library sampler state reports that it
+    cannot be sampled from any more (``SamplerStateBase.healthy``); one host read."""
+    if isinstance(state, SamplerStateBase) and not bool(state.healthy()):
+        raise RuntimeError(
+            f"{where}: the sampler state is not finite any more (its tree's total is NaN, "
+            f"infinite or 0): every draw would have an undefined probability and every step "
+            f"would be skipped. Restore an earlier checkpoint; if you drive sampler.update "
+            f"yourself, renormalize every sampler.renormalize_every updates (ab.Sampling does)"
         )
 
 

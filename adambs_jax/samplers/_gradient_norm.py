@@ -4,7 +4,7 @@
 ``GradientNormConfig``; ``init``, ``sample`` and ``update`` take it as their first argument
 and the factory binds it. ``sample`` scores all n examples through ``score_fn``, turns the
 norms into a distribution with a floor (``floored_distribution``) and draws K from it
-(``adambs_jax.scored_draws``).
+(``_scored_draws``).
 
 Reference: Lahire, "Non-Uniform Sampling and Adaptive Optimizers in Deep Learning", §2.1.
 """

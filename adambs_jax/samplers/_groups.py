@@ -20,7 +20,7 @@ Unbiasedness of the step's estimate (1/K) sum_k w_k grad_{i_k} with K = B m:
       = (B/K) sum_g q_g (1/(G q_g)) sum_{j in g} grad_j
       = (1/(m G)) sum_g sum_{j in g} grad_j = (1/n) sum_{j=1}^n grad_j,
 
-the full mean gradient, for any q > 0 (``tests/test_groups.py`` checks it by Monte Carlo).
+the full mean gradient, for any q > 0 (``tests/samplers/test_groups.py`` checks it by Monte Carlo).
 
 Feedback (``update``): the K per-example feedback values f_j (gradient norms, or upper
 bounds of them) are reduced to one per drawn group, their root mean square
@@ -80,7 +80,7 @@ class GroupSamplerState(SamplerStateBase):
     """State of ``group_sampler``: the base sampler's state over the G groups.
 
     ``num_examples`` (n) and ``group_size`` (m) are static, so a state of another dataset
-    size does not fit a compiled step (``checks.check_state_size`` reads ``num_examples``).
+    size does not fit a compiled step (``_checks.check_state_size`` reads ``num_examples``).
     """
 
     base: Any
@@ -144,7 +144,12 @@ def group_feedback(config: GroupConfig, feedback):
         return feedback
     per_group = feedback.reshape(config.groups_per_batch, config.group_size)
     valid = jnp.all(jnp.isfinite(per_group) & (per_group >= 0), axis=1)
-    rms = jnp.sqrt(jnp.mean(jnp.square(jnp.where(valid[:, None], per_group, 0.0)), axis=1))
+    per_group = jnp.where(valid[:, None], per_group, 0.0)
+    # scaled by the group's largest value: squares of f above ~1.8e19 overflowed float32 and
+    # below ~1e-23 underflowed to 0, and a whole run learned nothing
+    scale = jnp.max(per_group, axis=1)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    rms = safe * jnp.sqrt(jnp.mean(jnp.square(per_group / safe[:, None]), axis=1))
     return jnp.where(valid, rms, jnp.nan)
 
 
@@ -162,7 +167,7 @@ def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sa
     sampler = factory(config.num_groups, config.groups_per_batch, **kwargs)
     if not isinstance(sampler, Sampler):
         raise TypeError(
-            f"base: the factory must return an ab.base.Sampler (a scoring sampler "
+            f"base: the factory must return an ab.samplers.Sampler (a scoring sampler "
             f"is not supported over groups), got {type(sampler).__name__}"
         )
     if (sampler.num_examples, sampler.batch_size) != (config.num_groups, config.groups_per_batch):
@@ -255,12 +260,12 @@ def group_sampler(
       batch_size: K, divisible by ``group_size``; B = K / m groups are drawn per step.
       group_size: m >= 1; m = 1 is the base sampler itself.
       base: ``"exp3"`` (``ab.exp3_sampler``), ``"uniform"`` (``ab.uniform_sampler``) or a
-        factory ``(num_examples=G, batch_size=B, **base_kwargs) -> ab.base.Sampler``.
+        factory ``(num_examples=G, batch_size=B, **base_kwargs) -> ab.samplers.Sampler``.
       **base_kwargs: passed to the base factory (e.g. exp3's ``num_steps``, ``p_min``; they
         are per group: exp3's default p_min is 0.1 / G).
 
     Returns:
-      An ``ab.base.Sampler`` over the n examples: ``sample`` gives the B drawn groups'
+      An ``ab.samplers.Sampler`` over the n examples: ``sample`` gives the B drawn groups'
       K = B m indices (group g -> g m, ..., g m + m - 1, so every run of m is contiguous)
       and probs q_g / m, hence weights 1 / (G q_g) (unbiased: module docstring);
       ``update`` passes the drawn groups and the RMS of each group's feedback to the
@@ -270,7 +275,7 @@ def group_sampler(
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> import adambs_jax as ab
-      >>> sampler = ab.groups.group_sampler(12, 6, 3, num_steps=100)   # 4 groups, 2 drawn
+      >>> sampler = ab.group_sampler(12, 6, 3, num_steps=100)   # 4 groups, 2 drawn
       >>> state = sampler.init()
       >>> indices, probs = sampler.sample(state, jax.random.key(0))
       >>> [int(i) % 3 for i in indices], [round(float(p), 4) for p in probs[:3]]

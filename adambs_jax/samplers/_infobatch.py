@@ -88,6 +88,10 @@ class InfobatchSamplerState(SamplerStateBase):
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
     rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
 
+    def healthy(self) -> jax.Array:
+        root = sumtree.total(self.tree)
+        return jnp.isfinite(root) & (root > 0)
+
     def probabilities(self) -> jax.Array:
         return distribution(self)
 
@@ -249,7 +253,7 @@ def infobatch_sampler(
     and weights, in expectation); draws are i.i.d. from p and the weights 1 / (n p) are exact,
     so the step's gradient is unbiased at every step. No down-weighting from the first epoch
     boundary at or after step (1 - ``anneal_fraction``) T. ``update`` records the drawn
-    examples' losses: train with ``feedback="loss"``. See ``adambs_jax.infobatch``.
+    examples' losses: train with ``feedback="loss"``. See the module docstring.
 
     Args:
       num_examples: n >= 1.

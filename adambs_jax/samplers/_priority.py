@@ -1,6 +1,6 @@
 """A stale-score priority sampler: prioritized replay applied to supervised training.
 
-The tree (``adambs_jax.sumtree``) holds one priority per example, computed from the score
+The tree (``_sumtree``) holds one priority per example, computed from the score
 s_j the example got the last time it was drawn (``initial_score`` before that):
 
     u_j = clip((s_j + eps)^alpha, MIN_PRIORITY, max_priority(n))
@@ -25,10 +25,10 @@ Numerics: (s + eps)^alpha is clipped to [MIN_PRIORITY, max_priority(n)] =
 finite in float32 (at most 1e37 < 3.4e38) whatever the feedback; an infinite power becomes
 the cap. Priorities of ratio beyond that range are compressed to it.
 
-Steps, as in ``adambs_jax.exp3``: ``priority_config`` (validation), ``init``, ``sample``,
+Steps, as in ``_exp3``: ``priority_config`` (validation), ``init``, ``sample``,
 ``priorities``, ``mixture_probabilities``, ``refresh``, ``update`` (feedback cleaning reuses
-``exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
-``base.Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
+``_exp3.clean_feedback``), ``distribution``; ``priority_sampler`` binds them into a
+``Sampler``. Per step O(K log K + K B log_B n), B the tree's arity.
 
 References:
   Schaul, Quan, Antonoglou, Silver, "Prioritized Experience Replay", ICLR 2016 (priorities
@@ -58,7 +58,7 @@ from adambs_jax._checks import (
 )
 from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.samplers._base import Sampler, SamplerStateBase, ScoringSampler
-from adambs_jax.samplers._exp3 import clean_feedback, count_dropped
+from adambs_jax.samplers._exp3 import clean_feedback, count_dropped, impute_dropped
 
 __all__ = [
     "MIN_PRIORITY",
@@ -101,7 +101,11 @@ class PrioritySamplerState(SamplerStateBase):
         0 and unused without refresh).
       num_examples, arity: static (part of the pytree structure).
       uniform_mix: static, lambda: with the tree it gives the full distribution
-        (``ab.probabilities(state)`` needs no sampler).
+        (``ab.samplers.probabilities(state)`` needs no sampler).
+      alpha, eps: static, the scheme of the priorities the tree holds, (s + eps)^alpha:
+        recorded so that a checkpoint restored into a sampler of another ``alpha`` or ``eps``
+        is refused (the scores are not stored, so the tree cannot be converted; its old
+        priorities would mix with the new scheme's).
     """
 
     tree: jax.Array
@@ -111,6 +115,8 @@ class PrioritySamplerState(SamplerStateBase):
     num_examples: int = struct.field(pytree_node=False)
     arity: int = struct.field(pytree_node=False)
     uniform_mix: float = struct.field(pytree_node=False, default=1.0)
+    alpha: float = struct.field(pytree_node=False, default=1.0)
+    eps: float = struct.field(pytree_node=False, default=1e-6)
 
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity",)
     rebuilt_fields: ClassVar[tuple[str, ...]] = ("tree",)
@@ -193,6 +199,8 @@ def init(config: PriorityConfig) -> PrioritySamplerState:
         num_examples=config.num_examples,
         arity=config.layout.arity,
         uniform_mix=config.uniform_mix,
+        alpha=config.alpha,
+        eps=config.eps,
     )
 
 
@@ -271,7 +279,11 @@ def update(
 ) -> PrioritySamplerState:
     """Sets s_j = f_k for every valid draw k of example j (finite, >= 0, index in [0, n)).
 
-    Invalid entries keep their leaf and are counted in ``num_dropped_feedback``. For a
+    An invalid entry (NaN, infinite, negative) of an example in range is counted in
+    ``num_dropped_feedback`` and sets the score to the mean valid feedback of the batch
+    (``impute_dropped``): an example that never reports would otherwise keep its first,
+    stale score while the others' fall as training goes on, and gain mass. With no valid
+    entry in the batch nothing changes; out-of-range indices never write. For a
     duplicated index the last valid entry wins: one stable sort by (index, valid)
     (``sumtree.dedupe_last`` with ``keep``) gives every copy its value. ``apply`` (a bool
     scalar, may be traced) False rewrites the K old leaves (O(K B log_B n), no branch), so
@@ -285,10 +297,13 @@ def update(
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
+    scores, writes = impute_dropped(clean.feedback, clean)
     old = sumtree.get_leaves(state.tree, clean.indices, config.layout)
-    new = jnp.where(clean.valid & apply, priorities(config, clean.feedback), old)
-    # one sort by (index, valid): of the copies of an index, the last valid one wins
-    idx, new = sumtree.dedupe_last(clean.indices, new, keep=clean.valid)
+    new = jnp.where(writes & apply, priorities(config, scores), old)
+    # one sort by (index, valid, writes): of the copies of an index, the last valid one
+    # wins, then the last imputed one
+    keep = clean.valid.astype(jnp.int32) * 2 + writes.astype(jnp.int32)
+    idx, new = sumtree.dedupe_last(clean.indices, new, keep=keep)
     return state.replace(
         tree=sumtree.set_leaves(state.tree, idx, new, config.layout, duplicates_agree=True),
         step=state.step + apply.astype(jnp.int32),
@@ -306,7 +321,7 @@ def distribution(config: PriorityConfig, state: PrioritySamplerState) -> jax.Arr
 
 def state_distribution(state: PrioritySamplerState) -> jax.Array:
     """The full mixture p (n,) from the state alone (its static n, arity and lambda): what
-    ``ab.probabilities(state)`` gives. O(n)."""
+    ``ab.samplers.probabilities(state)`` gives. O(n)."""
     if not isinstance(state, PrioritySamplerState):
         raise TypeError(f"state must be a PrioritySamplerState, got {type(state).__name__}")
     leaves = sumtree.leaf_values(state.tree, sumtree.layout_for(state.num_examples, state.arity))
@@ -335,7 +350,7 @@ def priority_sampler(
     writes the drawn examples' new scores (invalid feedback: dropped and counted in
     ``state.num_dropped_feedback``; duplicates: the last valid one wins; ``apply=False``:
     bitwise unchanged). The priority is clipped to [1e-30, min(1e30, 1e37 / n)] so the tree
-    stays finite in float32 (``adambs_jax.priority``).
+    stays finite in float32 (module docstring).
 
     Args:
       num_examples: n >= 1.
@@ -350,7 +365,7 @@ def priority_sampler(
         steps; None (default): scores change only when drawn.
       score_feedback, score_chunk_size: with ``refresh_every``, the kind the refresh scores
         with (None: the step's ``feedback``; ``"preconditioned_grad_norm"`` cannot score) and
-        the ``ScoringSampler``'s chunking (``adambs_jax.scoring``).
+        the ``ScoringSampler``'s chunking (``ab.feedback.make_score_fn``).
 
     Returns:
       A ``Sampler`` with ``probabilities`` (O(n)); no renormalization is needed. With

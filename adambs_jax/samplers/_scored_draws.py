@@ -2,7 +2,7 @@
 
 Adam-impt (Katharopoulos & Fleuret, ICML 2018) resamples K of a scored presample of B
 examples, and p^GN (Lahire) draws K of all n examples, each with probabilities proportional
-to per-example scores s >= 0 that a ``score_fn`` (``adambs_jax.base.ScoreFn``) computes at
+to per-example scores s >= 0 that a ``score_fn`` (``ab.samplers.ScoreFn``) computes at
 the current parameters. Both need the same steps: call ``score_fn`` and check its shape
 (``scores_of``), normalize the scores with a uniform fallback for degenerate ones
 (``normalized_scores``), and draw by inverse CDF without ever returning a zero-probability

@@ -236,8 +236,8 @@ def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = 
     occurrence in argument order (numpy's sequential-assignment semantics), so that all
     scatter writes to one location are equal and the scatter order cannot matter.
 
-    With ``keep`` (bool, (K,)): the last copy *with keep True* wins, if an index has one
-    (one lexicographic sort by (index, keep), not a second sort)."""
+    With ``keep`` (bool or int, (K,)): of the copies with the largest ``keep``, the last one
+    wins (one lexicographic sort by (index, keep), not a second sort)."""
     k = indices.shape[0]
     if keep is None:
         order = jnp.argsort(indices, stable=True)

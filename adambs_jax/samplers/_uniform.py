@@ -1,6 +1,6 @@
 """The uniform sampler as pure functions: p_j = 1/n, nothing learned.
 
-``uniform_config`` validates the arguments of ``adambs_jax.uniform_sampler`` into a frozen
+``uniform_config`` validates the arguments of ``uniform_sampler`` into a frozen
 ``UniformConfig``; ``init``, ``sample`` and ``update`` take it as their first argument, and
 the factory binds it. With probs = 1/n the importance weights 1 / (n p) are 1: training with
 this sampler is plain mini-batch training, the baseline of every comparison.

@@ -5,6 +5,9 @@ through any optax optimizer, the sampler's update, all in one jitted call.
     state = step.init(params)
     state, metrics = step(state, data, key)
 
+A loop of your own keeps its step: ``value_and_grad`` gives the unbiased loss, G_hat and the
+feedback from one backward pass, ``Sampling`` draws, gathers and learns, one call each.
+
 ``StepOptions`` is how a step runs (diagnostics, the non-finite guard, a mesh, jit,
 ``steps_per_call``, the optimizer's extra arguments), the same for the host-fed step.
 
@@ -12,6 +15,7 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 Algorithm 1.
 """
 
+from adambs_jax.step._hand_loop import Drawn, Extras, Sampling, value_and_grad
 from adambs_jax.step._options import FULL_DIAGNOSTICS_MAX_EXAMPLES, StepOptions
 from adambs_jax.step._state import TrainState, TrainStep
 from adambs_jax.step._train_step import make_train_step
@@ -22,4 +26,9 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "FULL_DIAGNOSTICS_MAX_EXAMPLES",
+    # a training loop of your own
+    "value_and_grad",
+    "Extras",
+    "Sampling",
+    "Drawn",
 ]

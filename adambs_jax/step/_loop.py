@@ -1,6 +1,6 @@
 """N train steps in one jitted call: ``make_train_step(..., steps_per_call=N)``.
 
-``run_steps`` runs ``step_stages.run_step`` N times inside one ``lax.scan``, with the keys
+``run_steps`` runs ``_stages.run_step`` N times inside one ``lax.scan``, with the keys
 ``jax.random.split(key, N)`` (or, with no key, the state's own key advanced by each step),
 and returns the metrics stacked with a leading axis of size N. When N exceeds the sampler's
 ``renormalize_every`` M, the scan is cut into chunks of M steps, each followed by the

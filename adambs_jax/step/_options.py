@@ -20,23 +20,35 @@ Algorithm 1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from adambs_jax._checks import check_bool, check_int
-from adambs_jax.feedback._kinds import GradNorm, as_feedback
+from adambs_jax._tree_utils import gather
+from adambs_jax.feedback._kinds import Feedback, GradNorm, PreconditionedGradNorm, as_feedback
 from adambs_jax.feedback._losses import AnyLoss, Loss, ModelLoss, as_loss, loss_callable
-from adambs_jax.feedback._model_state import check_model_state_options
+from adambs_jax.feedback._model_state import (
+    check_examples_independent,
+    check_model_state_options,
+    loss_parts,
+)
 from adambs_jax.samplers import ProbabilitiesFn, Sampler, ScoringSampler
 from adambs_jax.sharding import DEFAULT_DATA_AXIS, check_mesh
 from adambs_jax.step._stages import StepConfig
 from adambs_jax.step._state import as_gradient_transformation
 
-__all__ = ["StepOptions", "FULL_DIAGNOSTICS_MAX_EXAMPLES", "build_step_config"]
+__all__ = [
+    "StepOptions",
+    "FULL_DIAGNOSTICS_MAX_EXAMPLES",
+    "build_step_config",
+    "first_call_check",
+]
 
 FULL_DIAGNOSTICS_MAX_EXAMPLES = 65_536
 """With ``diagnostics=None``, the O(n) metrics are computed only for n up to this size."""
@@ -64,6 +76,11 @@ class StepOptions:
       jit: (default True) the step is ``jax.jit(step, donate_argnums=0)`` (the input state's
         buffers are reused); False: the pure function, to compose in your own
         ``jit``/``lax.scan`` (then call the sampler's ``renormalize`` yourself).
+      donate: (default True) the jitted step reuses the input state's buffers (the state
+        passed in is dead after the call); False keeps them, at the cost of a copy of the
+        state per step: for code that still holds the old arrays, e.g. an NNX module the
+        state was written back to (``nnx.update``) and that an eval hook reads between
+        steps.
       steps_per_call: N >= 1 (default 1): one call runs N steps in one jitted ``lax.scan``
         and returns every metric stacked with a leading axis N (for small models, where
         dispatch costs as much as the step). ``make_train_step`` only.
@@ -81,6 +98,7 @@ class StepOptions:
     mesh: jax.sharding.Mesh | None = None
     data_axis: str = DEFAULT_DATA_AXIS
     jit: bool = True
+    donate: bool = True
     steps_per_call: int = 1
     optimizer_extra_args: Callable[[dict], dict] | None = None
 
@@ -89,6 +107,7 @@ class StepOptions:
             raise TypeError(f"diagnostics must be a bool or None, got {self.diagnostics!r}")
         check_bool("skip_non_finite", self.skip_non_finite)
         check_bool("jit", self.jit)
+        check_bool("donate", self.donate)
         check_int("steps_per_call", self.steps_per_call)
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}")
@@ -130,8 +149,9 @@ def _loss_with_keywords(loss: Any, keywords: dict) -> Any:
             f"describe the loss instead: ab.Loss(fn, {keyword}=...) or ab.ModelLoss(..., "
             f"{keyword}=...)",
         )
+    stated = {k: v for k, v in stated.items() if v is not None and (k, v) != ("has_aux", False)}
     if isinstance(loss, (Loss, ModelLoss)):
-        return loss._replace(**{k: v for k, v in stated.items() if v is not None})
+        return loss._replace(**stated)
     return Loss(loss, **stated)
 
 
@@ -209,11 +229,46 @@ def _extra_args_fn(optimizer, optimizer_extra_args) -> Callable[[dict], dict] | 
     return extra_args
 
 
+def _refuse_lookahead(optimizer) -> None:
+    """``optax.lookahead`` (anywhere in the optimizer) needs ``LookaheadParams`` (fast and
+    slow copies) as the parameters and a loss of the fast ones: the step's parameters are
+    the model's own, so it would fail at the first call with a raw pytree error. Found by
+    initializing the optimizer on a stand-in parameter (an optimizer that cannot initialize
+    on one, a fixed ``masked`` mask say, is not probed)."""
+    probe = {"probe": jax.ShapeDtypeStruct((), jnp.float32)}
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # lookahead warns that the probe has no `fast`
+    try:
+        state = jax.eval_shape(optimizer.init, probe)
+    except Exception:  # noqa: BLE001  (any optimizer that cannot take the stand-in)
+        return
+    finally:
+        absl_logger.setLevel(level)
+    is_lookahead = lambda node: isinstance(node, optax.LookaheadState)  # noqa: E731
+    if any(is_lookahead(n) for n in jax.tree.leaves(state, is_leaf=is_lookahead)):
+        raise ValueError(
+            "optimizer: optax.lookahead keeps fast and slow parameters (optax.LookaheadParams) "
+            "and needs the loss of the fast ones; the step trains the model's own parameters, "
+            "so it is not supported here. Use it in your own loop: ab.value_and_grad(loss)"
+            "(params.fast, batch, weights=...) and tx.update(grads, opt_state, params)"
+        )
+
+
 def _score_feedback(sampler, feedback, loss: AnyLoss):
     """What a scoring sampler scores with: its own ``score_feedback``, else the step's."""
     if isinstance(sampler, ScoringSampler) and sampler.score_feedback is not None:
         return as_feedback(sampler.score_feedback, loss, name="sampler.score_feedback")
     return feedback
+
+
+def _estimator(feedback, optimizer):
+    """The feedback's estimator; ``PreconditionedGradNorm``'s is resolved against the
+    optimizer now, so a hyperparameter it needs and a value that contradicts the optimizer's
+    are refused when the step is built (``_preconditioner``)."""
+    if isinstance(feedback, PreconditionedGradNorm):
+        return feedback.estimator_for(optimizer)
+    return feedback.estimator()
 
 
 def build_step_config(
@@ -223,14 +278,16 @@ def build_step_config(
     feedback: Any,
     options: StepOptions | None,
     keywords: dict,
-) -> tuple[StepConfig, StepOptions]:
+) -> tuple[StepConfig, StepOptions, Feedback]:
     """Validates a step factory's arguments (``make_train_step``'s Raises) into the step's
-    ``StepConfig`` and its ``StepOptions``; the old keywords warn and are folded in."""
+    ``StepConfig``, its ``StepOptions`` and the resolved ``Feedback``; the old keywords warn
+    and are folded in."""
     keywords = dict(keywords)
     loss = as_loss(_loss_with_keywords(loss, keywords))
     feedback = as_feedback(_feedback_with_keywords(feedback, keywords), loss)
     options = resolve_options(options, keywords)
     optimizer = as_gradient_transformation(optimizer)
+    _refuse_lookahead(optimizer)
     if not isinstance(sampler, (Sampler, ScoringSampler)):
         raise TypeError(
             f"sampler must be a Sampler or ScoringSampler, got {type(sampler).__name__}"
@@ -247,7 +304,7 @@ def build_step_config(
         loss_callable(loss),
         optimizer,
         sampler,
-        feedback.estimator(),
+        _estimator(feedback, optimizer),
         _score_feedback(sampler, feedback, loss),
         _diagnostics_probabilities(sampler, options.diagnostics),
         options.skip_non_finite,
@@ -256,4 +313,26 @@ def build_step_config(
         _extra_args_fn(optimizer, options.optimizer_extra_args),
         loss,
     )
-    return config, options
+    return config, options, feedback
+
+
+def first_call_check(config: StepConfig, feedback, *, gathered: bool) -> Callable | None:
+    """The check a step runs at its first concrete call, or None: with a feedback that
+    evaluates examples one at a time, or a scoring sampler, the per-example losses must not
+    depend on the rest of the batch (``check_examples_independent``). ``gathered``: the
+    step's ``data`` is the batch itself (the host step), not the dataset."""
+    scoring = isinstance(config.sampler, ScoringSampler)
+    if not (feedback.per_example_evaluation or scoring):
+        return None
+    why = f"feedback={feedback.name!r}" if feedback.per_example_evaluation else "a ScoringSampler"
+    batch_size = config.sampler.batch_size
+
+    def check(state, data):
+        batch = data
+        if not gathered:
+            n = config.sampler.num_examples
+            batch = gather(data, jnp.arange(batch_size) % n)
+        losses_fn = loss_parts(config.described_loss, state.model_state).losses_only
+        check_examples_independent(losses_fn, state.params, batch, jax.random.key(0), why=why)
+
+    return check

@@ -9,11 +9,11 @@ a step runs, with K the batch size and n the dataset size:
                    scoring sampler first scores examples with the current model);
                    w = 1 / (n p_I); batch = data[I], gathered on device
     estimate       ``config.estimate``: G_hat = (1/K) sum_k w_k grad loss_k(params) (unbiased,
-                   eq. 1) and the feedback f (K,), together (``adambs_jax.estimators``;
+                   eq. 1) and the feedback f (K,), together (``adambs_jax.feedback._estimators``;
                    only ``"preconditioned_grad_norm"``'s estimator also gets the optimizer
                    state, ``_estimator_extras``);
                    the loss's ``aux`` and new model state from the batched forward
-                   (``adambs_jax.model_state``)
+                   (``adambs_jax.feedback._model_state``)
     guarded apply  ``guarded_apply``: params + optimizer(G_hat) (the optimizer never gets
                    the weights), sampler.update(state, I, f), both (and the new model state)
                    kept only if the losses, G_hat and the update are finite
@@ -58,6 +58,7 @@ __all__ = [
     "step_key",
     "check_train_state",
     "draw_batch",
+    "draws_valid",
     "draw_weights",
     "place_batch",
     "guarded_apply",
@@ -136,7 +137,7 @@ def _check_float_params(params):
             raise TypeError(
                 f"state.params: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; gradients "
                 f"need floating-point parameters. Keep integer state (counters, indices) out of "
-                f"params, e.g. in the model state (make_train_step(..., model_state=True))"
+                f"params, e.g. in the model state (ab.Loss(fn, model_state=True))"
             )
 
 
@@ -210,6 +211,13 @@ def draw_batch(config: StepConfig, state: TrainState, data, sample_key, score_ke
     weights = draw_weights(config, indices, probs)
     batch = place_batch(config, gather(data, indices))
     return Draw(indices, weights, batch, sampled_state)
+
+
+def draws_valid(indices, probs, num_examples: int) -> jax.Array:
+    """On the device: a bool scalar, every index in [0, n) and every p in (0, 1] (the
+    weight 1/(n p) of a draw is defined only then; a sampler state gone bad gives NaN p)."""
+    in_range = (indices >= 0) & (indices < num_examples)
+    return jnp.all(in_range) & jnp.all((probs > 0) & (probs <= 1))
 
 
 def draw_weights(config: StepConfig, indices, probs) -> jax.Array:
@@ -380,7 +388,7 @@ def _estimator_extras(config: StepConfig, state: TrainState) -> dict:
 def learn_from_draw(config: StepConfig, state: TrainState, draw: Draw, parts, model_key, state_key):
     """Stages estimate, guarded apply, metrics and new state, for a drawn batch: shared by
     the step over the whole dataset (``run_step``) and the step on a gathered batch
-    (``adambs_jax.host_step``). ``parts``: ``model_state.loss_parts`` of the step's loss."""
+    (``adambs_jax.host``). ``parts``: ``_model_state.loss_parts`` of the step's loss."""
     estimate = config.estimate(
         config.loss_fn,
         state.params,
@@ -414,4 +422,8 @@ def run_step(config: StepConfig, state: TrainState, data: Any, key: jax.Array | 
     parts = loss_parts(config.described_loss, state.model_state)
     config = config._replace(loss_fn=parts.losses_only)
     draw = draw_batch(config, state, data, sample_key, score_key)
-    return learn_from_draw(config, state, draw, parts, model_key, state_key)
+    new_state, metrics = learn_from_draw(config, state, draw, parts, model_key, state_key)
+    # a sampler state gone bad draws NaN or 0 probabilities: the step is skipped, and says why
+    valid = jnp.all(jnp.isfinite(draw.weights) & (draw.weights > 0))
+    metrics["invalid_draws"] = jnp.logical_not(valid).astype(jnp.int32)
+    return new_state, metrics

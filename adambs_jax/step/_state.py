@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import optax
 
 from adambs_jax._checks import check_key
-from adambs_jax.samplers._base import AnySampler
+from adambs_jax.samplers import AnySampler, check_healthy
 
 __all__ = [
     "TrainState",
     "TrainStep",
     "as_gradient_transformation",
-    "renormalize_if_due",
-    "count_renormalization_steps",
+    "RenormalizationSchedule",
+    "run_first_call_check",
 ]
 
 
@@ -68,8 +68,9 @@ class TrainState(NamedTuple):
         the per-step ``metrics["skipped"]``.
       model_state: any pytree the model carries besides ``params`` (linen ``batch_stats``,
         NNX non-``Param`` state, EMA parameters, a loader position), None by default. A step
-        built with ``model_state=True`` passes it to the loss and keeps the loss's new one
-        (``adambs_jax.model_state``); other steps leave it unchanged.
+        whose loss states ``model_state=True`` (``ab.Loss``, ``ab.ModelLoss``) passes it to the
+        loss and keeps the loss's new one (``adambs_jax.feedback._model_state``); other steps
+        leave it unchanged.
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
@@ -135,12 +136,13 @@ class TrainStep:
     ``step_fn.__name__``.
 
     Renormalization: a sampler with ``renormalize_every`` M (exp3: its tree's root shrinks
-    with every update) must be renormalized at least every M updates. With ``renormalize``
-    set (the jitted steps of ``make_train_step``), this object counts in Python the steps
-    taken since the last renormalization (no device sync) and, before a call that would take
-    that count past M, runs ``renormalize`` (one jitted, donated O(n) call). So use one
-    ``TrainStep`` per training state. A restored checkpoint or a new ``TrainStep`` starts
-    counting at 0; M is half of what the sampler tolerates, so that is still safe.
+    with every update; InfoBatch: its epochs) must be renormalized at least every M updates.
+    With ``renormalize`` set (the jitted steps of ``make_train_step``), this object runs
+    ``renormalize`` (one jitted, donated O(n) call) before each call whose steps reach a
+    multiple of M, counted from the state's own ``step`` (``RenormalizationSchedule``): the
+    schedule is a function of the state, so it survives a checkpoint and a restart, and the
+    count is kept in Python between calls (no device sync; one host read of ``state.step``
+    when the state is not the one this object returned last, e.g. a restored one).
 
     Attributes:
       step_fn: ``(state, data, key=None) -> (state, metrics)``.
@@ -150,6 +152,9 @@ class TrainStep:
         sampler needs none, or ``jit=False``: the caller renormalizes).
       steps_per_call: steps one call of ``step_fn`` takes (``make_train_step``'s
         ``steps_per_call``; metrics then have a leading axis of that size).
+      first_call_check: ``(state, data) -> None``, run once, on the first call with
+        concrete arrays, before the step (raises what the step cannot compute correctly,
+        e.g. a batch-coupled model under per-example feedback); None: nothing to check.
     """
 
     step_fn: Callable[..., tuple[TrainState, dict]]
@@ -157,16 +162,21 @@ class TrainStep:
     sampler: AnySampler
     renormalize: Callable[[TrainState], TrainState] | None = None
     steps_per_call: int = 1
-    _pending: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
+    first_call_check: Callable[[TrainState, Any], None] | None = None
+    _schedule: RenormalizationSchedule = dataclasses.field(
+        default_factory=lambda: RenormalizationSchedule(), compare=False, repr=False
+    )
+    _checked: list = dataclasses.field(default_factory=lambda: [False], compare=False, repr=False)
 
     def __call__(self, state: TrainState, data: Any, key: jax.Array | None = None):
+        run_first_call_check(self.first_call_check, self._checked, state, data)
         every = self.sampler.renormalize_every
         if self.renormalize is None or not every:
             return self._call_step(state, data, key)
         calls = self.steps_per_call
-        state = renormalize_if_due(self.renormalize, every, self._pending, state, calls)
+        state = self._schedule.before(self.renormalize, every, state, calls)
         state, metrics = self._call_step(state, data, key)
-        count_renormalization_steps(self._pending, calls, every)
+        self._schedule.after(state, calls)
         return state, metrics
 
     def _call_step(self, state, data, key):
@@ -210,20 +220,57 @@ class TrainStep:
         return getattr(step_fn, name)
 
 
-def renormalize_if_due(
-    renormalize, every: int, pending: list, state: TrainState, calls: int = 1
-) -> TrainState:
-    """``state``, first renormalized (``renormalize``, one jitted call) if a call of
-    ``calls`` steps would take ``pending[0]``, the steps since the last renormalization,
-    past ``every`` = M; then ``pending[0]`` is 0. The schedule of ``TrainStep`` and
-    ``adambs_jax.host_step.HostTrainStep``, counted in Python (no device sync)."""
-    if pending[0] + min(calls, every) > every:
-        state = TrainStep._call(renormalize, state)
-        pending[0] = 0
-    return state
+def run_first_call_check(check, checked: list, state: TrainState, data: Any) -> None:
+    """Runs ``check(state, data)`` once per step object, at the first call whose arrays are
+    concrete (a step traced inside the caller's own ``jit`` is checked at its first
+    concrete call, if any)."""
+    if check is None or checked[0]:
+        return
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((state, data))):
+        return
+    check(state, data)
+    checked[0] = True
 
 
-def count_renormalization_steps(pending: list, calls: int, every: int) -> None:
-    """Adds a call's ``calls`` steps to ``pending[0]``; a call of more than M steps
-    renormalizes after each M of them itself (``adambs_jax.train_loop``)."""
-    pending[0] = pending[0] + calls if calls <= every else calls % every
+@dataclasses.dataclass
+class RenormalizationSchedule:
+    """When a step object renormalizes its sampler: before each call whose steps
+    ``[t, t + calls)`` hold a multiple of M = ``sampler.renormalize_every`` (t > 0 the state's
+    ``step``): for one step per call, before steps M, 2M, ...; between two renormalizations at
+    most M + calls - 1 < 2M updates (M is half of what the sampler tolerates; a call of more
+    than M steps also renormalizes inside its scan, ``_loop``).
+
+    The rule reads only the state's own ``step``, so a restart resumes it exactly: a run
+    restored at step 0.9 M renormalizes at M, as the uninterrupted run does (a count kept
+    in the step object alone started at 0 in every process, and runs restarted every 0.9 M
+    steps never renormalized). ``step`` is tracked in Python: it is read from the device
+    only when the state passed in is not the one returned by the last call (a restored or
+    new state), once.
+    """
+
+    _step: int = 0
+    _last: Any = None  # the ``step`` array of the state returned by the last call
+
+    def before(self, renormalize, every: int, state: TrainState, calls: int) -> TrainState:
+        """``state``, renormalized first (one jitted call) if this call is due."""
+        if state.step is not self._last and not isinstance(state.step, jax.core.Tracer):
+            self._step = _host_int(state.step)  # a restored or new state (traced: counted)
+        t = self._step
+        if t > 0 and (t - 1) // every < (t + calls - 1) // every:
+            state = TrainStep._call(renormalize, state)
+            if not isinstance(state.step, jax.core.Tracer):  # one read every M steps
+                check_healthy(state.sampler_state, where=f"step {t}")
+        return state
+
+    def after(self, state: TrainState, calls: int) -> None:
+        """Records the ``calls`` steps taken and the state returned."""
+        self._step += calls
+        self._last = state.step
+
+
+def _host_int(value) -> int:
+    """A scalar array's value on the host (a replicated array spanning hosts: its local
+    copy)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)
+    return int(value)

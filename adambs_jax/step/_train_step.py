@@ -42,7 +42,7 @@ from adambs_jax.feedback._losses import AnyLoss, PerExampleLoss
 from adambs_jax.samplers import FeedbackFn, Sampler, ScoringSampler
 from adambs_jax.sharding import replicated_sharding
 from adambs_jax.step._loop import run_steps
-from adambs_jax.step._options import StepOptions, build_step_config
+from adambs_jax.step._options import StepOptions, build_step_config, first_call_check
 from adambs_jax.step._stages import run_step
 from adambs_jax.step._state import TrainState, TrainStep
 
@@ -139,7 +139,7 @@ def make_train_step(
       >>> int(state.step), round(float(metrics["loss"]), 4)  # log 2 at params = 0
       (1, 0.6931)
     """
-    config, options = build_step_config(
+    config, options, feedback = build_step_config(
         loss_fn, optimizer, sampler, feedback, options, option_fields
     )
     steps_per_call, mesh = options.steps_per_call, options.mesh
@@ -149,23 +149,31 @@ def make_train_step(
             return run_step(config, state, data, key)
         return run_steps(config, steps_per_call, state, data, key)
 
+    check = first_call_check(config, feedback, gathered=False)
     if not options.jit:
-        return TrainStep(step, config.optimizer, sampler, steps_per_call=steps_per_call)
+        return TrainStep(
+            step, config.optimizer, sampler, steps_per_call=steps_per_call, first_call_check=check
+        )
     return TrainStep(
-        _jitted(step, mesh),
+        _jitted(step, mesh, options.donate),
         config.optimizer,
         sampler,
         renormalize_fn(sampler, mesh),
         steps_per_call,
+        check,
     )
 
 
-def _jitted(fn, mesh):
-    """``jax.jit(fn, donate_argnums=0)``, with replicated shardings under ``mesh``."""
+def _jitted(fn, mesh, donate: bool = True):
+    """``jax.jit(fn, donate_argnums=0)`` (no donation with ``donate`` False), with replicated
+    shardings under ``mesh``."""
+    donate_argnums = 0 if donate else ()
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0)
+        return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = replicated_sharding(mesh)
-    return jax.jit(fn, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
+    return jax.jit(
+        fn, donate_argnums=donate_argnums, in_shardings=replicated, out_shardings=replicated
+    )
 
 
 def renormalize_fn(sampler, mesh):

@@ -52,7 +52,7 @@ class ChecksumMismatchError(CorruptFileError):
 
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     """Hex digest (``"md5"`` or ``"sha256"``) of a file, read in 1 MiB blocks
-    (``adambs_jax.sources.file_digest``)."""
+    (``adambs_jax.host._sources.file_digest``)."""
     return sources.file_digest(path, algorithm, _BLOCK)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +136,40 @@ def test_a_learned_sampler_state_round_trips(tmp_path, make_sampler):
             ab.restore_checkpoint(tmp_path / "s", _fresh_state(sampler=other))
 
 
+def test_a_priority_checkpoint_restores_only_into_the_same_alpha_and_eps(tmp_path):
+    """A regression: the tree holds (s + eps)^alpha, and a restore with another alpha or eps
+    mixed the stored priorities with the new scheme's (the scores are not stored, so they
+    cannot be converted). Now refused, naming the field and both values; the same
+    configuration still resumes bitwise."""
+
+    def sampler(**changed):
+        settings = dict(alpha=0.5, eps=1e-3, uniform_mix=0.2) | changed
+        return ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, **settings)
+
+    step, data = ab.make_train_step(_loss, OPTIMIZER, sampler(), feedback="loss"), _data()
+
+    def train(state, steps):
+        for _ in range(steps):
+            state, _ = step(state, data)
+        return state
+
+    half = train(_fresh_state(jax.random.key(3), sampler=sampler()), 5)
+    path = ab.save_checkpoint(tmp_path / "p", half)
+    straight = train(half, 5)  # the step donates its state: saved first
+    metadata = ab.checkpoint.read_checkpoint_metadata(path)
+    assert metadata["sampler_config"]["alpha"] == 0.5
+    assert metadata["sampler_config"]["eps"] == 1e-3
+    for changed, match in [
+        ({"alpha": 1.0}, "sampler alpha: checkpoint 0.5, `like` 1.0"),
+        ({"eps": 1e-6}, "sampler eps: checkpoint 0.001, `like` 1e-06"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ab.restore_checkpoint(path, _fresh_state(jax.random.key(0), sampler(**changed)))
+    resumed = train(ab.restore_checkpoint(path, _fresh_state(jax.random.key(0), sampler())), 5)
+    for a, b in zip(jax.tree.leaves(_host(straight)), jax.tree.leaves(_host(resumed))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_metadata(tmp_path):
     state = _fresh_state(jax.random.key(0))
     path = ab.save_checkpoint(tmp_path / "m", state, sampler=SAMPLER, extra_metadata={"epoch": 3})
@@ -178,14 +213,40 @@ def test_metadata(tmp_path):
             "p_min",
         ),
         (lambda: _fresh_state(optimizer=optax.sgd(0.1)), "not in `like`"),
+        (  # a regression: same arrays, one more EmptyState in the chain; was "damaged"
+            lambda: _fresh_state(optimizer=optax.adamw(0.05)),
+            r"optimizer states differ .*in `like`, not in the checkpoint: "
+            r"\.opt_state\[2\] \(EmptyState",
+        ),
         (lambda: _fresh_state(key=jax.random.key(0)), "PRNG keys"),
     ],
-    ids=["dataset_size", "sampler_kind", "p_min", "optimizer", "key_kind"],
+    ids=["dataset_size", "sampler_kind", "p_min", "optimizer", "adam_vs_adamw", "key_kind"],
 )
 def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path, other, match):
     ab.save_checkpoint(tmp_path / "c", _fresh_state(), sampler=SAMPLER)
     with pytest.raises(ValueError, match=match):
         ab.restore_checkpoint(tmp_path / "c", other())
+
+
+def test_another_optimizer_structure_is_refused_as_such_not_as_damage(tmp_path):
+    """A regression: an intact adam checkpoint restored into an adamw setup was refused as
+    "damaged or incomplete". Also through the manager, and for a checkpoint that predates
+    the recorded empty subtrees (orbax's refusal, reworded)."""
+    adamw = _fresh_state(optimizer=optax.adamw(0.05))
+    with ab.CheckpointManager(tmp_path / "run") as manager:
+        manager.save(0, _fresh_state())
+        with pytest.raises(ValueError, match=r"optimizer states differ") as refused:
+            manager.restore(adamw)
+    assert "damaged" not in str(refused.value) and ".opt_state[2]" in str(refused.value)
+    path = ab.save_checkpoint(tmp_path / "old", _fresh_state())
+    metadata_file = path / "adambs_metadata" / "metadata"
+    metadata = json.loads(metadata_file.read_text())
+    del metadata["empty_subtrees"]  # as an earlier version wrote it
+    metadata_file.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"does not fit .* trees differ in structure") as refused:
+        ab.restore_checkpoint(path, adamw)
+    assert "damaged" not in str(refused.value) and "opt_state" in str(refused.value)
+    ab.restore_checkpoint(path, _fresh_state())  # the same optimizer still restores
 
 
 def test_batch_size_is_checked_when_known(tmp_path):
@@ -254,6 +315,28 @@ def test_checkpoint_manager_keeps_the_latest_and_resumes(tmp_path):
             )
     with pytest.raises(ValueError, match="max_to_keep"):
         ab.CheckpointManager(tmp_path / "other", max_to_keep=0)
+
+
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_saved(tmp_path):
+    """A regression: ``restore_latest`` restored the step saved last (0), not the highest
+    (6), in the process that saved them; orbax and the docs mean the highest."""
+
+    def state(value):
+        return ab.TrainState.create(
+            params={"w": jnp.full((3,), float(value))},
+            optimizer=optax.sgd(0.1),
+            sampler=ab.uniform_sampler(8, 2),
+        )
+
+    with ab.CheckpointManager(tmp_path / "run", max_to_keep=None) as manager:
+        for step in (6, 0, 3):
+            manager.save(step, state(step))
+        assert manager.all_steps() == [0, 3, 6]
+        assert manager.latest_step() == 6
+        np.testing.assert_array_equal(manager.restore_latest(state(-1)).params["w"], 6.0)
+        np.testing.assert_array_equal(manager.restore(state(-1)).params["w"], 6.0)
+    with ab.CheckpointManager(tmp_path / "run") as manager:  # a new process: the same
+        assert manager.latest_step() == 6
 
 
 # ----------------------------------------------------------------------------- faults
@@ -336,6 +419,7 @@ def _race_two_writers(tmp_path, rounds):
     return path, [result for report in reports for result in report["results"]]
 
 
+@pytest.mark.slow  # subprocesses
 def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     """A regression (two writers racing on one path): the checkpoint on disk is always a
     state whose save returned, its metadata and arrays from the same writer; a refused save
@@ -357,7 +441,8 @@ def test_concurrent_saves_to_one_path_never_mix_states(tmp_path):
     assert left == ["go", "shared", "shared-warmup-1", "shared-warmup-2"]
 
 
-def test_a_save_in_progress_is_refused_and_a_stale_lock_is_named(tmp_path):
+@pytest.mark.slow  # a subprocess
+def test_a_save_in_progress_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     state, path = _fresh_state(), tmp_path / "c"
     lock = tmp_path / "c.adambs-lock"
     lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a save running "now"
@@ -371,16 +456,143 @@ def test_a_save_in_progress_is_refused_and_a_stale_lock_is_named(tmp_path):
         check=True,
     )
     lock.write_text(f"{finished.stdout.strip()} {socket.gethostname()}\n")  # a crashed save
-    with pytest.raises(ValueError, match=r"was interrupted.*no longer running; delete"):
+    stale = r"was interrupted.*no longer running; removed"
+    with pytest.warns(ab.checkpoint.StaleLockWarning, match=stale):
         ab.save_checkpoint(path, state)
-    lock.unlink()
-    ab.save_checkpoint(path, state)
-    assert not lock.exists()
+    assert path.exists() and not lock.exists()
     with ab.CheckpointManager(tmp_path / "run") as manager:
         (tmp_path / "run.adambs-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
         with pytest.raises(ValueError, match="directory: another save to"):
             manager.save(0, state)
         assert manager.all_steps() == []
+
+
+# A save killed outright (SIGKILL: no finally, no atexit) at a chosen point: the child
+# patches os.rename, which orbax (finishing an item) and write_atomically (putting the new
+# checkpoint in place) both call, to stop there and wait for its SIGKILL.
+_KILLED_WRITER = r"""
+import os, sys, time
+import jax.numpy as jnp, optax
+import adambs_jax as ab
+
+where, mode, path, stopped = sys.argv[1:5]
+state = ab.TrainState.create(params={"w": jnp.full((1 << 20,), 1.0)}, optimizer=optax.sgd(0.1),
+                             sampler=ab.uniform_sampler(8, 2))
+rename = os.rename
+def stopping_rename(src, dst, *args, **kwargs):
+    finishing_orbax = os.fspath(src).endswith(".orbax-checkpoint-tmp")
+    if (where == "orbax" and finishing_orbax) or (where == "replace" and os.fspath(dst) == path):
+        open(stopped, "w").close()
+        time.sleep(600)
+    return rename(src, dst, *args, **kwargs)
+os.rename = stopping_rename
+if mode == "manager":
+    ab.CheckpointManager(path).save(1, state, extra_metadata={"value": 1})
+else:
+    ab.save_checkpoint(path, state, extra_metadata={"value": 1}, overwrite=True)
+"""
+
+
+def _kill_a_save(tmp_path, where, mode, path):
+    """Runs a save to ``path`` in a child process, stopped at ``where``, and SIGKILLs it.
+    Returns the child's pid."""
+    stopped, log = tmp_path / "child" / "stopped", tmp_path / "child" / "stderr"
+    stopped.parent.mkdir()
+    with open(log, "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, where, mode, str(path), str(stopped)],
+            stderr=stderr,
+            env=_CHILD_ENV,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not stopped.exists():
+                assert child.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the child never reached the stop"
+                time.sleep(0.01)
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+        finally:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    return child.pid
+
+
+def _params_value(path, **kwargs):
+    like = ab.TrainState.create(
+        params={"w": jnp.zeros(1 << 20)}, optimizer=optax.sgd(0.1), sampler=ab.uniform_sampler(8, 2)
+    )
+    restored = ab.restore_checkpoint(path, like, **kwargs)
+    values = np.unique(np.asarray(restored.params["w"]))
+    assert values.size == 1  # one whole state, not a mix
+    return float(values[0])
+
+
+def _saved_state(value):
+    return ab.TrainState.create(
+        params={"w": jnp.full((1 << 20,), float(value))},
+        optimizer=optax.sgd(0.1),
+        sampler=ab.uniform_sampler(8, 2),
+    )
+
+
+def _listing(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name != "child")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("next_save", ["same_path", "another_path"])
+def test_a_save_killed_while_orbax_writes_is_recovered_by_the_next_save(tmp_path, next_save):
+    """A regression: a save killed by SIGKILL left its lock (every later save to the path
+    refused until someone deleted it) and its full-size temporary directories. The next save
+    (to that path, or to another one next to it: step_1, step_2, ...) takes over the dead
+    writer's lock with a warning and removes what it left; the checkpoint on disk stayed the
+    previous complete one throughout."""
+    path = tmp_path / "shared"
+    ab.save_checkpoint(path, _saved_state(0))
+    pid = _kill_a_save(tmp_path, "orbax", "save", path)
+    lock = tmp_path / "shared.adambs-lock"
+    assert lock.read_text().split()[:2] == [str(pid), socket.gethostname()]
+    assert any(".orbax-checkpoint-tmp" in name for name in _listing(tmp_path))
+    assert _params_value(path) == 0.0  # nothing half-written is read
+    target = path if next_save == "same_path" else tmp_path / "next"
+    with pytest.warns(ab.checkpoint.StaleLockWarning, match=rf"held by process {pid} on"):
+        ab.save_checkpoint(target, _saved_state(2), overwrite=True)
+    assert _listing(tmp_path) == sorted({"shared", target.name})  # no lock, no temporary
+    assert _params_value(target) == 2.0
+
+
+@pytest.mark.slow
+def test_a_save_killed_while_replacing_a_checkpoint_loses_nothing(tmp_path):
+    """Killed between its two renames, the save had moved the previous checkpoint aside:
+    the next restore (or save) puts it back, with a warning, and cleans up."""
+    path = tmp_path / "shared"
+    ab.save_checkpoint(path, _saved_state(0))
+    _kill_a_save(tmp_path, "replace", "save", path)
+    assert not path.exists()
+    with pytest.warns(ab.checkpoint.StaleLockWarning) as warned:
+        assert _params_value(path) == 0.0
+    messages = " ".join(str(w.message) for w in warned)
+    assert "no longer running" in messages and "previous checkpoint is back" in messages
+    assert _listing(tmp_path) == ["shared"]
+    ab.save_checkpoint(path, _saved_state(2), overwrite=True)  # no warning: nothing left
+    assert _params_value(path) == 2.0
+
+
+@pytest.mark.slow
+def test_a_manager_save_killed_mid_write_is_recovered_by_the_next_save(tmp_path):
+    directory = tmp_path / "run"
+    with ab.CheckpointManager(directory) as manager:
+        manager.save(0, _saved_state(0))
+    _kill_a_save(tmp_path, "orbax", "manager", directory)
+    assert (tmp_path / "run.adambs-lock").exists()
+    assert any(".orbax-checkpoint-tmp" in name for name in _listing(directory))
+    with ab.CheckpointManager(directory) as manager:
+        assert manager.all_steps() == [0]  # the unfinished step is not listed
+        with pytest.warns(ab.checkpoint.StaleLockWarning, match="no longer running"):
+            manager.save(1, _saved_state(1))
+        assert manager.all_steps() == [0, 1]
+    assert _listing(directory) == ["0", "1"] and _listing(tmp_path) == ["run"]
 
 
 def _damage(directory, how):

@@ -91,6 +91,27 @@ def test_metadata_differences_lists_each(other, expected):
     assert cm.metadata_differences(saved, saved) == []
 
 
+def test_empty_subtrees_are_recorded_and_compared_when_recorded():
+    """adam and adamw have the same arrays; adamw's chain has one more (empty) state."""
+
+    def describe(optimizer):
+        return cm.describe_state(
+            ab.TrainState.create(
+                params={"w": jnp.zeros(3)}, optimizer=optimizer, sampler=ab.uniform_sampler(8, 2)
+            )
+        )
+
+    adam, adamw = describe(optax.adam(0.1)), describe(optax.adamw(0.1))
+    assert {"path": ".opt_state[2]", "type": "EmptyState"} in adamw["empty_subtrees"]
+    assert [leaf["path"] for leaf in adam["leaves"]] == [leaf["path"] for leaf in adamw["leaves"]]
+    assert cm.metadata_differences(adam, adamw) == [
+        "the optimizer states differ (another optimizer, or optax chain, than the "
+        "checkpoint's): in `like`, not in the checkpoint: .opt_state[2] (EmptyState, no arrays)"
+    ]
+    older = {k: v for k, v in adam.items() if k != "empty_subtrees"}  # not recorded: orbax's
+    assert cm.metadata_differences(older, adamw) == []
+
+
 def test_verify_metadata_refuses_what_is_not_a_checkpoint():
     like = _state()
     with pytest.raises(ValueError, match="X is not an adambs_jax checkpoint"):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import adambs_jax as ab
-from adambs_jax.feedback._kinds import FEEDBACK_KINDS
+from adambs_jax.feedback._kinds import FEEDBACK_KINDS, as_feedback
 from experiments.methods import BANDIT_FEEDBACKS, build_method, list_methods, method_available
 
 
@@ -42,7 +42,8 @@ def test_bandit_methods_learn_from_every_library_feedback_kind(feedback):
     built = build_method(
         "adambs", num_examples=20, batch_size=4, num_steps=10, learning_rate=0.1, feedback=feedback
     )
-    assert built.feedback == built.settings["feedback"] == feedback
+    # "preconditioned_grad_norm" as the object stating the optimizer's hyperparameters
+    assert as_feedback(built.feedback).name == built.settings["feedback"] == feedback
     assert built.sampling == "exp3"
     assert feedback in BANDIT_FEEDBACKS
 
@@ -108,7 +109,10 @@ def test_adam_priority_builds_the_priority_sampler_with_the_configuration_feedba
 @pytest.mark.parametrize("name", ["adam-priority-precond", "adambs-lowvar-precond"])
 def test_precond_methods_always_use_the_preconditioned_feedback(name):
     built = _build(name, feedback="loss")
-    assert built.feedback == built.settings["feedback"] == "preconditioned_grad_norm"
+    assert built.feedback.name == built.settings["feedback"] == "preconditioned_grad_norm"
+    # stating Adam's hyperparameters, which the step checks against the optimizer
+    assert built.feedback == ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8)
+    ab.make_train_step(lambda p, b: b * p, built.optimizer, built.sampler, feedback=built.feedback)
     assert "preconditioned_grad_norm" in FEEDBACK_KINDS
 
 

@@ -86,7 +86,14 @@ def test_every_registered_model_is_tested():
     assert set(list_models()) == set(TINY_CASES)
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CASES))
+# the two largest models are slow to compile: the rest are the fast tier's
+CASES = [
+    pytest.param(name, marks=pytest.mark.slow) if name in ("cifar-cnn", "imdb-rcnn") else name
+    for name in sorted(TINY_CASES)
+]
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_output_shape_and_finite_under_jit(name):
     _, _, _, num_classes, out = probe(name)
     expected = (BATCH,) if model_spec(name).task == "binary" else (BATCH, num_classes)
@@ -94,7 +101,7 @@ def test_output_shape_and_finite_under_jit(name):
     assert np.all(np.isfinite(out["eval"])) and np.all(np.isfinite(out["train_a"]))
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CASES))
+@pytest.mark.parametrize("name", CASES)
 def test_dropout_only_in_train_mode(name):
     out = probe(name)[-1]
     np.testing.assert_array_equal(out["eval_rng_a"], out["eval"])
@@ -105,7 +112,7 @@ def test_dropout_only_in_train_mode(name):
         np.testing.assert_allclose(out["train_a"], out["eval"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CASES))
+@pytest.mark.parametrize("name", CASES)
 def test_gradients_are_finite_and_nonzero(name):
     grads = probe(name)[-1]["grads"]
     leaves = jax.tree.leaves(grads)

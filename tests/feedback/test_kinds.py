@@ -242,6 +242,43 @@ class FeedbackObjectsTest(chex.TestCase):
             estimators.estimate_with_preconditioned_norms,
         )
 
+    def test_preconditioned_grad_norm_carries_the_optimizer_s_hyperparameters(self):
+        PGN = ab.feedback.PreconditionedGradNorm
+        feedback = PGN(b2=np.float32(0.95), eps=1e-8)
+        self.assertEqual((feedback.b2, feedback.eps), (float(np.float32(0.95)), 1e-8))
+        self.assertIsInstance(feedback.b2, float)
+        self.assertEqual(feedback, PGN(b2=float(np.float32(0.95)), eps=1e-8))
+        self.assertEqual(fb.as_feedback("preconditioned_grad_norm"), PGN())
+        self.assertTrue(PGN.per_example_evaluation)
+        # the estimator of the default object reads everything from an injected state
+        self.assertIsNot(feedback.estimator(), estimators.estimate_with_preconditioned_norms)
+        self.assertIsInstance(
+            feedback.estimator_for(optax.adam(0.1, b2=0.95)), estimators.OptimizerAwareEstimator
+        )
+        with pytest.raises(
+            ValueError, match=r"\(b2=0\.95, eps=1e-08\)"
+        ):  # the fix: the optimizer's
+            PGN().estimator_for(optax.adam(0.1, b2=0.95))
+
+    def test_preconditioned_grad_norm_refuses_impossible_hyperparameters(self):
+        PGN = ab.feedback.PreconditionedGradNorm
+        with pytest.raises(ValueError, match="kind must be one of"):
+            PGN(kind="adamax")
+        with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\)"):
+            PGN(b2=1.0)
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            PGN(eps=-1e-8)
+        with pytest.raises(ValueError, match="eps_root must be a finite number"):
+            PGN(eps_root=float("nan"))
+        with pytest.raises(TypeError, match="eps_in_sqrt must be a bool"):
+            PGN(eps_in_sqrt=1)
+        with pytest.raises(ValueError, match="b2 must be a number"):
+            PGN(b2="0.9")
+        with pytest.raises(ValueError, match="RMSProp has none"):
+            PGN(kind="rmsprop", eps_root=1e-8)
+        with pytest.raises(ValueError, match="eps_in_sqrt=True is RMSProp's"):
+            PGN(kind="adam", eps_in_sqrt=True)
+
     def test_a_callable_is_a_kind_of_its_own(self):
         _, params, batch, model_loss = _setup()
         user = lambda p, b, losses: losses + 1.0
@@ -330,7 +367,9 @@ def test_preconditioned_grad_norms_match_a_float64_reference():
     _, params, batch, model_loss = _setup()
     opt_state = _adam_state_after_one_update(params)
     expected = _preconditioned_reference(_one_at_a_time_grads(model_loss, params, batch), opt_state)
-    got = ab.feedback.preconditioned_grad_norms(model_loss, params, batch, opt_state)
+    got = ab.feedback.preconditioned_grad_norms(
+        model_loss, params, batch, opt_state, optimizer=optax.adam(0.1), b2=0.999, eps=1e-8
+    )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4)
     assert "preconditioned_grad_norm" in fb.FEEDBACK_KINDS
 
@@ -339,7 +378,8 @@ def test_the_preconditioned_estimator_reads_the_optimizer_state():
     _, params, batch, model_loss = _setup()
     opt_state = _adam_state_after_one_update(params)
     weights = jnp.linspace(0.5, 2.0, BATCH_SIZE)
-    estimate = fb.as_feedback("preconditioned_grad_norm", model_loss).estimator()
+    feedback = fb.as_feedback(ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8), model_loss)
+    estimate = feedback.estimator_for(optax.adam(0.1))
     assert isinstance(estimate, estimators.OptimizerAwareEstimator)
     result = estimate(model_loss, params, batch, weights, None, opt_state=opt_state)
     losses, gradient = ab.importance_weighted_grad(model_loss, params, batch, weights)
@@ -347,7 +387,9 @@ def test_the_preconditioned_estimator_reads_the_optimizer_state():
     np.testing.assert_allclose(result.losses, losses, rtol=1e-6)
     np.testing.assert_allclose(
         result.feedback,
-        ab.feedback.preconditioned_grad_norms(model_loss, params, batch, opt_state),
+        ab.feedback.preconditioned_grad_norms(
+            model_loss, params, batch, opt_state, b2=0.999, eps=1e-8, kind="adam"
+        ),
         rtol=1e-6,
     )
     assert not result.per_example

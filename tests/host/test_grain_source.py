@@ -1,6 +1,7 @@
 """Tests for adambs_jax.grain_source: ArrayRecord shards written and read back through grain."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -117,3 +118,104 @@ def test_a_missing_extra_names_the_pip_install(monkeypatch):
 
 def test_api_doc_array_record_example_runs():
     run_api_doc_example("# array_record example")
+
+
+# ---- checksums, shard order, truncated and missing shards ----
+
+
+def _labelled(n=60):
+    return {"x": np.arange(4.0 * n).reshape(n, 4), "label": np.arange(n, dtype=np.int64)}
+
+
+def _edit_json(path, edit):
+    with open(path) as stream:
+        content = json.load(stream)
+    edit(content)
+    with open(path, "w") as stream:
+        json.dump(content, stream)
+
+
+def test_a_layout_changed_after_writing_is_refused(tmp_path):
+    paths = write_array_record(tmp_path / "d", _labelled(), num_shards=3)
+
+    def float_labels(layout):  # int64 -> float64: the same 8 bytes, garbage values
+        layout["fields"][1]["dtype"] = "<f8"
+
+    for path in paths:
+        _edit_json(path + ".layout.json", float_labels)
+    with pytest.raises(ValueError, match=r"layout .*d-00000-of-00003.layout.json' does not match"):
+        ArrayRecordSource(paths)
+
+
+def test_shards_out_of_order_missing_from_paths_or_of_another_write_are_refused(tmp_path):
+    paths = write_array_record(tmp_path / "d", _labelled(), num_shards=3)
+    with pytest.raises(ValueError, match=r"paths\[0\]: .*d-00001-of-00003' is shard 1 of 3"):
+        ArrayRecordSource([paths[1], paths[0], paths[2]])
+    with pytest.raises(ValueError, match=r"is shard 0 of 3 of its dataset, passed as shard 0 of 2"):
+        ArrayRecordSource([paths[0], paths[2]])
+    other = write_array_record(tmp_path / "e", _labelled(), num_shards=3)
+    with pytest.raises(ValueError, match="d-00001-of-00003' was written by another"):
+        ArrayRecordSource([other[0], paths[1], other[2]])
+    assert ArrayRecordSource(paths, verify=True).num_examples == 60
+
+
+def test_truncated_missing_and_changed_shards_are_named(tmp_path):
+    paths = write_array_record(tmp_path / "d", _labelled(), num_shards=2)
+    with open(paths[1], "rb") as stream:
+        data = stream.read()
+    with open(paths[1], "wb") as stream:
+        stream.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"shard .*d-00001-of-00002' has \d+ bytes, its layout"):
+        ArrayRecordSource(paths)
+    os.remove(paths[1])
+    with pytest.raises(FileNotFoundError, match=r"the shard .*d-00001-of-00002' is missing"):
+        ArrayRecordSource(paths)
+    changed = bytearray(data)
+    changed[-50] ^= 0xFF  # the same size, read without complaint by array_record
+    with open(paths[1], "wb") as stream:
+        stream.write(bytes(changed))
+    ArrayRecordSource(paths)  # without verify: size and record counts only
+    with pytest.raises(ValueError, match=r"sha256 of the shard .*d-00001-of-00002' does not"):
+        ArrayRecordSource(paths, verify=True)
+
+
+def test_read_errors_of_array_record_name_the_shard(tmp_path):
+    paths = write_array_record(tmp_path / "d", _labelled(), num_shards=2)
+    with open(paths[1], "rb") as stream:
+        data = stream.read()
+    source = ArrayRecordSource(paths)
+    with open(paths[1], "wb") as stream:  # truncated after opening, before the first read
+        stream.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"records \[30, 31.* of \[.*d-00001-of-00002'\] do not"):
+        source.read(np.arange(60))
+    corrupt = bytearray(data)
+    corrupt[100] ^= 0xFF  # inside the records: opens, then array_record's own error
+    with open(paths[1], "wb") as stream:
+        stream.write(bytes(corrupt))
+    source = ArrayRecordSource(paths)
+    with pytest.raises(OSError, match=r"failed in the shards \['[^,]*d-00001-of-00002'\]: Runt"):
+        source.read(np.arange(60))
+    source.read(np.arange(30))  # the other shard still reads
+
+
+def test_a_truncated_layout_is_named_and_old_layouts_still_open(tmp_path):
+    paths = write_array_record(tmp_path / "d", _labelled(), num_shards=2)
+    layout_path = paths[0] + ".layout.json"
+    text = open_text(layout_path)
+    with open(layout_path, "w") as stream:
+        stream.write(text[:20])
+    with pytest.raises(ValueError, match=r"d-00000-of-00002.layout.json' is not valid JSON"):
+        ArrayRecordSource(paths)
+    with open(layout_path, "w") as stream:
+        stream.write(text)
+
+    def legacy(layout):  # what write_array_record wrote before the checksums
+        layout["format"] = grain_source.LEGACY_LAYOUT_FORMAT
+        for key in ("shard_index", "num_shards", "dataset", "shard_bytes", "shard_sha256"):
+            del layout[key]
+        del layout["layout_sha256"]
+
+    for path in paths:
+        _edit_json(path + ".layout.json", legacy)
+    source = ArrayRecordSource(paths)
+    _assert_same_batch(source.read(np.arange(60)), _labelled())

@@ -5,15 +5,18 @@ must be set before jax is imported); the two-process test runs two subprocesses 
 ``jax.distributed.initialize`` on localhost.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +138,142 @@ def test_a_reader_error_is_raised_in_the_main_thread_with_the_sources_message():
         ab.run_host_loop(step, state, draws, source, 10)
 
 
+class _FailingSource(ab.host.ArraySource):
+    """An ArraySource whose read number ``at`` runs ``fail(indices)`` (0-based, in order
+    with one loader thread)."""
+
+    def __init__(self, arrays, at, fail):
+        super().__init__(arrays)
+        self.reads, self.at, self.fail = 0, at, fail
+
+    def read(self, indices):
+        self.reads += 1
+        if self.reads - 1 == self.at:
+            self.fail(indices)
+        return super().read(indices)
+
+
+def _corrupt(indices):
+    raise OSError("record 17 of shard 2 is corrupt")
+
+
+def test_a_reader_error_carries_the_state_reached_and_the_run_continues_from_it():
+    source = _FailingSource(_data(), at=5, fail=_corrupt)
+    step = _step()
+    state, draws = step.init(_params(), jax.random.key(0))
+    with pytest.raises(OSError, match="record 17 of shard 2 is corrupt") as info:
+        ab.run_host_loop(step, state, draws, source, 10, num_threads=1)
+    assert state.params.is_deleted()  # the caller's state went to step 0
+    progress = info.value.host_loop
+    assert isinstance(progress, ab.host.HostLoopProgress)
+    assert progress.steps_done == 5 == len(progress.metrics) == int(progress.state.step)
+    assert len(progress.draws) == step.lookahead  # those of steps 5 and 6, not lost
+    assert any("stopped after 5 of 10 steps" in note for note in info.value.__notes__)
+    # a checkpoint of progress.state, then the rest of the run: as if nothing happened
+    data = ab.host.ArraySource(_data())
+    resumed, _, _ = ab.run_host_loop(step, progress.state, progress.draws, data, 3)
+    whole_step = _step()
+    whole, _, _ = ab.run_host_loop(
+        whole_step, *whole_step.init(_params(), jax.random.key(0)), data, 8
+    )
+    np.testing.assert_array_equal(resumed.params, whole.params)
+
+
+def test_ctrl_c_and_a_callback_error_carry_the_state_reached():
+    step = _step()
+    state, draws = step.init(_params(), jax.random.key(0))
+
+    def interrupt(t, metrics):
+        if t == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        ab.run_host_loop(step, state, draws, ab.host.ArraySource(_data()), 10, on_metrics=interrupt)
+    progress = info.value.host_loop
+    assert progress.steps_done == 4 == int(progress.state.step) and len(progress.draws) == 2
+    np.asarray(progress.state.params)  # alive: a checkpoint can be saved
+
+
+def test_ctrl_c_right_after_a_step_is_dispatched_loses_no_state():
+    """SIGINT arrives when the jitted call has donated the state and not yet returned the new
+    one: the loop holds it until the new state is assigned."""
+    built = _step()
+    calls = []
+
+    def step_fn(*args):
+        out = built.step_fn(*args)
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, handled in the middle of the call
+        return out
+
+    step = dataclasses.replace(built, step_fn=step_fn)
+    state, draws = step.init(_params(), jax.random.key(0))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            ab.run_host_loop(step, state, draws, ab.host.ArraySource(_data()), 10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    progress = info.value.host_loop
+    assert progress.steps_done == 3 == int(progress.state.step)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_hung_reader_times_out_naming_the_step_and_keeps_the_state():
+    release = threading.Event()
+    source = _FailingSource(_data(), at=4, fail=lambda indices: release.wait(60))
+    step = _step()
+    state, draws = step.init(_params(), jax.random.key(0))
+    start = time.monotonic()
+    try:
+        with pytest.raises(ab.host.LoaderTimeoutError) as info:
+            ab.run_host_loop(step, state, draws, source, 10, num_threads=1, timeout=1.0)
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+    assert isinstance(info.value, TimeoutError)
+    message = str(info.value)
+    assert "step 4" in message and "timeout=1 s" in message and "in source.read" in message
+    indices = np.asarray(info.value.host_loop.draws[0].indices)
+    assert str(indices[:8].tolist())[1:-1] in message  # the indices waited for
+    assert info.value.host_loop.steps_done == 4 == int(info.value.host_loop.state.step)
+    assert elapsed < 30  # not waiting for the hung read when closing either
+
+
+def test_the_timeout_is_checked():
+    step = _step()
+    for timeout in (0, -1.0, "10", True):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+            ab.host.HostLoader(step, ab.host.ArraySource(_data()), timeout=timeout)
+    with ab.host.HostLoader(step, ab.host.ArraySource(_data()), timeout=None) as loader:
+        assert loader.timeout is None
+
+
+def test_invalid_initial_draws_are_refused_by_the_loader_with_the_state_kept():
+    step = _step()
+    state, draws = step.init(_params(), jax.random.key(0))
+    bad = ab.host.Draws(draws[0].indices, -draws[0].probs)  # device arrays, built by hand
+    with pytest.raises(ValueError, match=r"draws.probs\[0\] = .*every probability") as info:
+        ab.run_host_loop(step, state, [bad, draws[1]], ab.host.ArraySource(_data()), 4)
+    progress = info.value.host_loop
+    assert progress.steps_done == 0 and int(progress.state.step) == 0
+    np.testing.assert_array_equal(progress.state.params, _params())
+
+
+def test_a_closed_loader_says_so():
+    step = _step()
+    state, draws = step.init(_params(), jax.random.key(0))
+    loader = ab.host.HostLoader(step, ab.host.ArraySource(_data()), draws)
+    loader.close()
+    with pytest.raises(RuntimeError, match="HostLoader.put: the loader is closed"):
+        loader.put(draws[0])
+    with pytest.raises(RuntimeError, match="HostLoader.next: the loader is closed"):
+        loader.next()
+    assert len(loader.pending_draws()) == 2  # still there to continue from
+    loader.close()  # twice is fine
+
+
 def test_a_source_of_the_wrong_size_is_refused_by_name():
     step = _step()
     with pytest.raises(ValueError, match=r"source: has num_examples = 40.*n = 48"):
@@ -237,6 +376,7 @@ def _result(process, timeout=300):
     return json.loads(line[len("RESULT ") :])
 
 
+@pytest.mark.slow  # a subprocess with 8 CPU devices
 def test_eight_devices_shard_the_batch_and_match_one_device(tmp_path):
     out = _result(
         _run_child(
@@ -313,6 +453,7 @@ def _free_port():
         return str(sock.getsockname()[1])
 
 
+@pytest.mark.slow  # two subprocesses
 def test_two_processes_each_read_their_half_and_train_as_one(tmp_path):
     port, tests_dir = _free_port(), os.path.dirname(__file__)
     children = [

@@ -186,3 +186,77 @@ def test_bad_memmap_inputs_are_refused_by_name(tmp_path):
 
 def test_api_doc_memmap_example_runs():
     run_api_doc_example("# memmap dataset example")
+
+
+# ---- overwriting, foreign manifests, truncated manifests ----
+
+
+def _fill(value, n=40, z=False):
+    arrays = {"x": np.full((n, 3), value, np.float32), "y": np.full(n, value, np.int64)}
+    if z:
+        arrays["z"] = np.full(n, value, np.int16)
+    return arrays
+
+
+def test_overwriting_leaves_an_open_reader_its_old_data(tmp_path):
+    write_memmap_dataset(tmp_path, _fill(1, z=True))
+    reader = open_memmap_dataset(tmp_path)  # another process training on the old dataset
+    write_memmap_dataset(tmp_path, _fill(2), overwrite=True)  # same shapes: same file sizes
+    old = reader.read(np.arange(40))
+    assert (old["x"] == 1).all() and (old["y"] == 1).all() and (old["z"] == 1).all()
+    new = open_memmap_dataset(tmp_path, verify=True).read(np.arange(40))
+    assert (new["x"] == 2).all() and set(new) == {"x", "y"}
+    assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME, "x.npy", "y.npy"]  # z.npy: gone
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_intact(tmp_path):
+    write_memmap_dataset(tmp_path, _fill(1))
+    before = sorted(os.listdir(tmp_path))
+
+    def chunks():
+        yield _fill(2, n=20)
+        raise OSError("the producer died")  # or a full disk, or Ctrl-C
+
+    with pytest.raises(OSError, match="the producer died"):
+        write_memmap_dataset(tmp_path, chunks(), num_examples=40, overwrite=True)
+    with pytest.raises(ValueError, match="chunk 1, field 'x'"):
+        write_memmap_dataset(
+            tmp_path,
+            iter([_fill(2, n=20), {"x": np.zeros((20, 4)), "y": np.zeros(20)}]),
+            num_examples=40,
+            overwrite=True,
+        )
+    assert sorted(os.listdir(tmp_path)) == before  # no staging directory left either
+    old = open_memmap_dataset(tmp_path, verify=True).read(np.arange(40))
+    assert (old["x"] == 1).all() and (old["y"] == 1).all()
+    with pytest.raises(ValueError, match="num_examples=3"):
+        write_memmap_dataset(tmp_path / "new", _fill(1), num_examples=3)
+    assert not (tmp_path / "new").exists()  # a failed first write leaves no directory
+
+
+@pytest.mark.parametrize("file", ["../outside.npy", "sub/../../outside.npy", "/abs/x.npy", ".", ""])
+def test_a_manifest_entry_outside_the_directory_is_refused(tmp_path, file):
+    directory = tmp_path / "data"
+    write_memmap_dataset(directory, _fill(1))
+    np.save(tmp_path / "outside.npy", np.zeros((40, 3), np.float32))
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["fields"]["x"]["file"] = file
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"field 'x': the manifest's file entry {file!r} is not"):
+        open_memmap_dataset(directory)
+    write_memmap_dataset(directory, _fill(2), overwrite=True)  # deletes nothing outside
+    assert (tmp_path / "outside.npy").exists()
+
+
+def test_a_truncated_or_malformed_manifest_is_named(tmp_path):
+    write_memmap_dataset(tmp_path, _fill(1))
+    path = tmp_path / MANIFEST_NAME
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"{MANIFEST_NAME}' is not valid JSON, the file is trunc"):
+        open_memmap_dataset(tmp_path)
+    manifest = json.loads(text)
+    del manifest["fields"]["y"]["dtype"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json', field 'y' lacks \['dtype'\]"):
+        open_memmap_dataset(tmp_path)

@@ -55,7 +55,10 @@ def _reference_keys(init_key, call_keys, lookahead):
     return list(jax.random.split(init_key, lookahead + 1)[1:]) + list(call_keys)
 
 
-@pytest.mark.parametrize("lookahead", [1, 2, 3])
+@pytest.mark.parametrize(
+    "lookahead",
+    [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)],
+)
 def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
     data, num_steps = _data(), 7
     sampler = ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
@@ -75,7 +78,16 @@ def test_a_uniform_sampler_gives_make_train_steps_result(lookahead):
         np.testing.assert_array_equal(host_metrics[-1][name], metrics[name])
 
 
-@pytest.mark.parametrize("feedback", ["loss", "preconditioned_grad_norm"])
+@pytest.mark.parametrize(
+    "feedback",
+    [
+        "loss",
+        pytest.param(
+            ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8), marks=pytest.mark.slow
+        ),
+    ],
+    ids=str,
+)
 def test_exp3_with_lookahead_one_gives_make_train_steps_result(feedback):
     # L = 1: the draws of step t come from the state after step t - 1, as in make_train_step;
     # the optimizer-aware feedback gets the optimizer state in both steps
@@ -104,6 +116,7 @@ def _full_gradient(params, data):
     return jax.grad(lambda p: jnp.mean(_loss(p, data)))(params)
 
 
+@pytest.mark.slow  # Monte Carlo
 def test_stale_exp3_draws_give_an_unbiased_gradient():
     # L = 2: step 2 uses draws from the state after step 0, weighted by that state's p;
     # with sgd(1), params_3 = params_2 - G_hat, and E[G_hat] must be the full gradient
@@ -211,3 +224,60 @@ def test_draw_from_uses_the_steps_sample_key():
     expected, _ = sampler.sample(sampler.init(), jax.random.split(key, 3)[0])
     np.testing.assert_array_equal(draws.indices, expected)
     np.testing.assert_allclose(draws.probs, 1.0 / NUM_EXAMPLES)
+
+
+def _bad_draws(draws, kind):
+    """``draws`` with one wrong entry of ``kind``, as numpy arrays."""
+    indices = np.array(draws.indices)
+    probs = np.array(draws.probs)
+    if kind == "negative":
+        probs[1] = -probs[1]  # would step up the loss
+    elif kind == "million_times":
+        probs = probs * 1e6  # p > 1: a near-zero step
+    elif kind == "nan":
+        probs[0] = np.nan
+    elif kind == "index":
+        indices[2] = NUM_EXAMPLES
+    return Draws(indices, probs)
+
+
+BAD_KINDS = ["negative", "million_times", "nan", "index"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_host_draws_with_invalid_values_are_refused_before_the_state_is_touched(kind):
+    step = ab.make_host_train_step(_loss, optax.sgd(0.1), ab.uniform_sampler(NUM_EXAMPLES, 4))
+    state, (draws, _) = step.init(_params(), jax.random.key(0))
+    bad = _bad_draws(draws, kind)
+    match = "draws.indices" if kind == "index" else r"draws.probs\[\d\] = .*in \(0, 1\]"
+    with pytest.raises(ValueError, match=match):
+        step(state, _gathered(_data(), Draws(np.asarray(draws.indices), bad.probs)), bad)
+    assert not state.params.is_deleted()  # refused before the jitted step donated it
+    step(state, _gathered(_data(), draws), draws)  # the valid draws still train
+
+
+@pytest.mark.parametrize(
+    "sampler_name, kind", [("exp3", kind) for kind in BAD_KINDS] + [("uniform", "negative")]
+)
+def test_device_draws_with_invalid_values_skip_the_step_and_count_it(kind, sampler_name):
+    sampler = (
+        ab.exp3_sampler(NUM_EXAMPLES, BATCH_SIZE, num_steps=10, step_size=0.5)
+        if sampler_name == "exp3"
+        else ab.uniform_sampler(NUM_EXAMPLES, BATCH_SIZE)
+    )
+    step = ab.make_host_train_step(_loss, optax.adam(0.1), sampler, feedback="loss")
+    state, (draws, _) = step.init(_params(), jax.random.key(0))
+    bad = _bad_draws(draws, kind)
+    batch = _gathered(_data(), Draws(np.asarray(draws.indices), bad.probs))
+    params = np.asarray(state.params)
+    probabilities = np.asarray(ab.samplers.probabilities(state.sampler_state))
+    on_device = Draws(jnp.asarray(bad.indices), jnp.asarray(bad.probs))
+    state, metrics, _ = step(state, batch, on_device)
+    np.testing.assert_array_equal(state.params, params)  # no step up the loss, no zero step
+    np.testing.assert_array_equal(ab.samplers.probabilities(state.sampler_state), probabilities)
+    assert int(metrics["skipped"]) == 1 == int(state.skipped_steps)
+    assert int(metrics["invalid_draws"]) == 1 and int(state.step) == 1
+    good = Draws(jnp.asarray(draws.indices), jnp.asarray(draws.probs))
+    state, metrics, _ = step(state, _gathered(_data(), draws), good)
+    assert int(metrics["invalid_draws"]) == 0 == int(metrics["skipped"])
+    assert float(jnp.max(jnp.abs(state.params - params))) > 0  # valid draws train

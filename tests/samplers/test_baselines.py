@@ -84,7 +84,14 @@ def test_gradient_norm_distribution_equals_independent_per_example_norms(p_floor
 # --- inside the train step ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["adam_impt", "adam_impt/presample", "gradient_norm"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("adam_impt", marks=pytest.mark.slow),  # tests/samplers/test_adam_impt.py
+        pytest.param("adam_impt/presample", marks=pytest.mark.slow),
+        "gradient_norm",
+    ],
+)
 def test_baselines_train_inside_make_train_step(method):
     n, batch_size, num_steps = 96, 8, 40
     params, data = _separable_problem(n, seed=9)

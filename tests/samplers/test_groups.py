@@ -199,3 +199,20 @@ def test_bad_arguments_are_refused_by_name():
 
 def test_api_doc_groups_example_runs():
     run_api_doc_example("# groups sampler example")
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-24, 1e-35])
+def test_groups_learn_from_feedback_of_any_float32_scale(scale):
+    """Regression: the RMS per group squared the feedback: above ~1.8e19 it overflowed (the
+    group's feedback was dropped), below ~1e-23 it underflowed to 0; a whole run learned
+    nothing. The RMS is now scaled by the group's largest value."""
+    sampler = ab.group_sampler(16, 4, 2, base="exp3", step_size=0.5)
+    state = sampler.init()
+    indices, _ = sampler.sample(state, jax.random.key(0))
+    feedback = scale * jnp.array([1.0, 2.0, 3.0, 4.0])
+    new = sampler.update(state, indices, feedback)
+    assert int(new.base.num_dropped_feedback) == 0
+    reference = sampler.update(state, indices, jnp.array([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(  # the bound L scales with f, the ratios f/L do not
+        sampler.probabilities(new), sampler.probabilities(reference), rtol=1e-4
+    )

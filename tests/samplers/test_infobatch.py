@@ -180,9 +180,11 @@ def test_trains_in_make_train_step_with_an_epoch_boundary_every_n_over_k_steps()
 @pytest.mark.parametrize(
     "steps_per_call, changed_after",
     [
-        (1, [16, 31, 46]),  # boundaries exactly after steps 15, 30, 45
-        (5, [20, 35, 50]),  # N divides M: the same boundaries, seen after each call
-        (10, [20, 30, 40, 50, 60]),  # N does not: a boundary before every call (docs/api.md)
+        (1, [16, 31, 46, 61, 76]),  # boundaries exactly after steps 15, 30, 45, ...
+        (5, [20, 35, 50, 65, 80]),  # N divides M: the same boundaries, seen after each call
+        # N does not: a boundary before each call whose steps hold a multiple of M (before
+        # steps 10, 30, 40, 60, 70: epochs alternate 20 and 10 steps, docs/api.md)
+        (10, [20, 40, 50, 70, 80]),
     ],
 )
 def test_epoch_boundaries_with_steps_per_call(steps_per_call, changed_after):
@@ -201,7 +203,7 @@ def test_epoch_boundaries_with_steps_per_call(steps_per_call, changed_after):
     )
     state = step.init(jnp.zeros((3, 2)))
     changes, before = [], np.asarray(sampler.probabilities(state.sampler_state))
-    for call in range(60 // steps_per_call):
+    for call in range(80 // steps_per_call):
         state, _ = step(state, data, jax.random.key(call))
         after = np.asarray(sampler.probabilities(state.sampler_state))
         if not np.array_equal(after, before):

@@ -86,13 +86,15 @@ def test_weighted_batch_mean_is_unbiased():
     assert abs(estimate - g.mean()) < tolerance
 
 
-def test_duplicates_last_valid_one_wins_and_invalid_ones_are_dropped():
+def test_duplicates_last_valid_one_wins_and_invalid_ones_take_the_batch_mean():
     sampler = priority_sampler(6, 6, uniform_mix=0.5)
     state = sampler.init()
     idx = jnp.array([1, 1, 2, 2, 3, 7], jnp.int32)
     feedback = jnp.array([4.0, 9.0, 3.0, jnp.nan, -1.0, 2.0])
     state = sampler.update(state, idx, feedback)
-    scores = np.array([1.0, 9.0, 3.0, 1.0, 1.0, 1.0])  # 1: last wins; 2: NaN dropped
+    # 1: the last wins; 2: its valid entry wins over its NaN; 3: its -1 takes the mean of
+    # the valid entries (4, 9, 3); index 7 (out of range) writes nothing
+    scores = np.array([1.0, 9.0, 3.0, 16.0 / 3.0, 1.0, 1.0])
     p = np.asarray(sampler.probabilities(state), np.float64)
     np.testing.assert_allclose(p, expected_p(scores, uniform_mix=0.5), rtol=1e-5)
     assert int(state.num_dropped_feedback) == 3  # NaN, negative, index 7 of n = 6
@@ -282,3 +284,26 @@ def test_a_refreshing_sampler_trains_in_make_train_step():
             sampler.sample.args[0], jnp.asarray(1.0)
         )
     )
+
+
+@pytest.mark.slow
+def test_an_example_that_never_reports_keeps_a_typical_score():
+    """Regression: a draw with NaN feedback kept the example's first score (initial_score=1),
+    while the others' scores fell (here to 0.05-0.2): 10 of 1,000 silent examples gained mass.
+    Now a dropped entry takes the batch's mean valid feedback."""
+    n, silent = 1000, jnp.arange(10)
+    sampler = ab.priority_sampler(n, 32)
+    feedback = jnp.linspace(0.05, 0.2, n).at[silent].set(jnp.nan)
+
+    @jax.jit
+    def run(state, keys):
+        def body(state, key):
+            indices, _ = sampler.sample(state, key)
+            return sampler.update(state, indices, feedback[indices]), None
+
+        return jax.lax.scan(body, state, keys)[0]
+
+    state = run(sampler.init(), jax.random.split(jax.random.key(0), 3000))
+    share = float(jnp.sum(sampler.probabilities(state)[silent]))
+    assert share < 0.015, share  # 1% to start with; about 1% for a typical score
+    assert int(state.num_dropped_feedback) > 0

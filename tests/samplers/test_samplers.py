@@ -66,7 +66,12 @@ def reference_update(p, indices, feedback, *, p_min, step_size, bound, batch_siz
 
 @pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize(
-    "n,num_draws,bins", [(7, 20_000, 7), (1000, 100_000, 1000), (100_000, 200_000, 1000)]
+    "n,num_draws,bins",
+    [
+        (7, 20_000, 7),
+        (1000, 100_000, 1000),
+        pytest.param(100_000, 200_000, 1000, marks=pytest.mark.slow),
+    ],
 )
 def test_draw_frequencies_match_distribution(n, num_draws, bins, stratified):
     batch_size = 100
@@ -249,6 +254,7 @@ def scan_with_renormalization(sampler, body, state, keys):
     return jax.jit(run)(state, keys)
 
 
+@pytest.mark.slow  # 1e5 updates
 @pytest.mark.parametrize(
     "step_size,bad_fraction",
     [(0.05, 0.0), (3.0, 0.05)],  # the second forces many O(n) rescales and bad feedback
@@ -272,6 +278,7 @@ def test_invariants_after_1e5_random_updates(step_size, bad_fraction):
     assert leaves.min() >= 2.0**-100
 
 
+@pytest.mark.slow  # 2 x 300,000 updates
 def test_fixed_feedback_drives_p_to_the_variance_optimal_distribution():
     """E[update] is mirror descent on sum_j f_j^2 / p_j; its minimizer over {p >= p_min} is
     p_j = max(p_min, f_j / lambda) (p proportional to f, clipped). With a small constant step
@@ -453,13 +460,13 @@ def test_nan_inf_negative_feedback_is_dropped_and_counted():
     bad = update(state, jnp.array([1, 2, 3, 4]), jnp.array([jnp.nan, jnp.inf, -2.0, 1.0]))
     assert int(bad.num_dropped_feedback) == 3
     assert float(bad.grad_norm_bound) == 1.0  # NaN/Inf do not enter the running max
-    # the same update with only the good draw: identical result
     assert np.all(np.isfinite(np.asarray(bad.log_weights)))
     p_bad = np.asarray(ab.samplers.probabilities(bad))
-    # dropped draws count as not drawn: their arms' unnormalized weight is unchanged
-    np.testing.assert_array_equal(
-        np.asarray(bad.log_weights)[1:4], np.asarray(state.log_weights)[1:4]
-    )
+    # dropped draws take the batch's mean valid feedback (here the one valid value, 1.0):
+    # the same update as if every draw had reported it (so a silent arm gains no mass)
+    typical = update(state, jnp.array([1, 2, 3, 4]), jnp.ones(4))
+    np.testing.assert_array_equal(np.asarray(bad.log_weights), np.asarray(typical.log_weights))
+    np.testing.assert_array_equal(np.asarray(bad.tree), np.asarray(typical.tree))
     # ... and training goes on normally afterwards: no poisoning
     for i in range(50):
         bad = update(bad, jnp.array([i % n, (3 * i) % n, 5, 6]), jnp.array([0.5, 1.0, 2.0, 0.1]))

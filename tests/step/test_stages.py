@@ -190,7 +190,7 @@ _SAMPLERS = {
     [
         ("exp3", "grad_norm"),
         ("uniform", "grad_norm"),
-        ("priority", "preconditioned_grad_norm"),
+        ("priority", ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8)),
         ("infobatch", "loss"),
     ],
 )
@@ -255,14 +255,15 @@ def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
 def test_the_preconditioned_feedback_gets_the_step_s_optimizer_state():
     # the sampler learns ||g_k / (sqrt(v_hat) + eps)|| with v_hat of the state the step sees
     sampler = ab.priority_sampler(NUM_EXAMPLES, BATCH_SIZE, alpha=1.0, eps=1e-6)
-    step = ab.make_train_step(
-        _loss, optax.adam(0.1), sampler, feedback="preconditioned_grad_norm", jit=False
-    )
+    feedback = ab.feedback.PreconditionedGradNorm(b2=0.999, eps=1e-8)  # optax.adam's
+    step = ab.make_train_step(_loss, optax.adam(0.1), sampler, feedback=feedback, jit=False)
     state, _ = step(step.init({"w": jnp.asarray(2.0)}), _data(), jax.random.key(1))
     key = jax.random.key(2)
     indices, _ = sampler.sample(state.sampler_state, jax.random.split(key, 3)[0])
     batch = jax.tree.map(lambda leaf: leaf[indices], _data())
-    expected = ab.feedback.preconditioned_grad_norms(_loss, state.params, batch, state.opt_state)
+    expected = ab.feedback.preconditioned_grad_norms(
+        _loss, state.params, batch, state.opt_state, optimizer=optax.adam(0.1), b2=0.999, eps=1e-8
+    )
     new_state, _ = step(state, _data(), key)
     priorities = sampler.probabilities(new_state.sampler_state)  # p ~ u = f + eps
     tree = new_state.sampler_state.tree

@@ -183,3 +183,74 @@ def test_integer_params_are_named():
     state = step.init({"w": jnp.ones((2,)), "count": jnp.zeros((), jnp.int32)})
     with pytest.raises(TypeError, match=r"state.params: leaf \['count'\] has dtype int32"):
         step(state, data, jax.random.key(0))
+
+
+def _restart_run(num_processes, steps_per_process, restore):
+    """Trains an exp3 step (M = 27) in ``num_processes`` processes of ``steps_per_process``
+    steps, each with a new step object and the state handed over by ``restore``."""
+    n, k = 1000, 32
+    sampler = ab.exp3_sampler(n, k, step_size=2.0)
+    loss = lambda params, batch: jnp.sum((batch["x"] - params) ** 2, axis=1)  # noqa: E731
+    data = {"x": jax.random.normal(jax.random.key(0), (n, 2))}
+    feedback = lambda params, batch, losses: losses  # noqa: E731
+    state, t = None, 0
+    for _ in range(num_processes):
+        step = ab.make_train_step(loss, optax.sgd(0.01), sampler, feedback=feedback)
+        state = step.init(jnp.zeros(2)) if state is None else restore(state)
+        for _ in range(steps_per_process):
+            state, _ = step(state, data, jax.random.key(t))
+            t += 1
+    return sampler, state
+
+
+@pytest.mark.slow
+def test_restarts_keep_the_renormalization_schedule():
+    """Regression: the schedule was a count in the step object, 0 in every new process, so
+    25 restarts every 0.9 M steps never renormalized and exp3's probabilities fell below p_min
+    (93 of 1,000 reached 0). Now it is read from the state's step: the restarted run
+    renormalizes exactly as the uninterrupted one, and their states are equal bitwise."""
+    m = ab.exp3_sampler(1000, 32, step_size=2.0).renormalize_every
+    per_process = int(0.9 * m)
+    copy = lambda state: jax.tree.map(jnp.copy, state)  # noqa: E731  (a restored state)
+    sampler, restarted = _restart_run(10, per_process, copy)
+    _, straight = _restart_run(1, 10 * per_process, copy)
+    assert int(restarted.sampler_state.num_rescales) == (10 * per_process - 1) // m
+    chex.assert_trees_all_equal(restarted, straight)
+    p = sampler.probabilities(restarted.sampler_state)
+    assert float(jnp.min(p)) >= restarted.sampler_state.p_min * (1 - 1e-5)
+
+
+@pytest.mark.slow
+def test_a_restored_checkpoint_resumes_the_schedule(tmp_path):
+    m = ab.exp3_sampler(1000, 32, step_size=2.0).renormalize_every
+    saves = iter(range(100))
+
+    def through_a_checkpoint(state):
+        path = tmp_path / str(next(saves))
+        ab.save_checkpoint(path, state)
+        return ab.restore_checkpoint(path, state)
+
+    _, restarted = _restart_run(3, int(0.9 * m), through_a_checkpoint)
+    assert int(restarted.sampler_state.num_rescales) == (3 * int(0.9 * m) - 1) // m
+
+
+@pytest.mark.slow
+def test_a_sampler_state_gone_bad_is_reported_at_the_next_renormalization():
+    """Regression: a NaN written into exp3's tree was never detected: every later step was
+    skipped silently. The step reports invalid_draws on every step, and the step object
+    raises at its next renormalization (one host read every M steps)."""
+    n, k = 1000, 32
+    sampler = ab.exp3_sampler(n, k, step_size=2.0)  # M = 27
+    loss = lambda params, batch: jnp.sum((batch["x"] - params) ** 2, axis=1)  # noqa: E731
+    data = {"x": jax.random.normal(jax.random.key(0), (n, 2))}
+    step = ab.make_train_step(loss, optax.sgd(0.01), sampler, feedback="loss")
+    state = step.init(jnp.zeros(2))
+    layout = exp3.tree_layout(n, state.sampler_state.arity)
+    leaves = sumtree.leaf_values(state.sampler_state.tree, layout).at[5].set(jnp.nan)
+    bad = state.sampler_state.replace(tree=sumtree.build(leaves, layout))  # written by hand
+    state = state._replace(sampler_state=bad)
+    state, metrics = step(state, data, jax.random.key(0))
+    assert int(metrics["invalid_draws"]) == 1 and int(metrics["skipped"]) == 1
+    with pytest.raises(RuntimeError, match="sampler state is not finite"):
+        for t in range(1, sampler.renormalize_every + 1):
+            state, metrics = step(state, data, jax.random.key(t))

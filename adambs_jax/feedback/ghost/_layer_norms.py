@@ -76,21 +76,28 @@ def matmul_sq_norms_and_sum(inputs: jax.Array, output_grads: jax.Array):
     G_hat (book-keeping, Bu et al. 2023): in the explicit form the per-example gradients
     are formed anyway, so G_hat costs a sum over K instead of another (K T, d) x (K T, p)
     product; in the ghost form it is that one product, as in the ordinary backward pass.
+    Group axes between K and T (A (K, G, T, d), B (K, G, T, p): a kernel slice per group,
+    DenseGeneral ``batch_dims``) give the (G, d, p) gradient and norms summed over G.
     """
-    if inputs.ndim != 3 or output_grads.ndim != 3 or inputs.shape[:2] != output_grads.shape[:2]:
+    if (
+        inputs.ndim < 3
+        or inputs.ndim != output_grads.ndim
+        or inputs.shape[:-1] != output_grads.shape[:-1]
+    ):
         raise ValueError(
-            f"inputs and output_grads must be (K, T, d) and (K, T, p), got {inputs.shape} "
-            f"and {output_grads.shape}"
+            f"inputs and output_grads must be (K, [G,] T, d) and (K, [G,] T, p), got "
+            f"{inputs.shape} and {output_grads.shape}"
         )
     a, b = _wide(inputs), _wide(output_grads)
-    _, num_rows, in_features = a.shape
-    if use_ghost_form(num_rows, in_features, b.shape[2]):
-        input_gram = jnp.einsum("ktd,ksd->kts", a, a, precision=_HIGHEST)
-        grad_gram = jnp.einsum("ktp,ksp->kts", b, b, precision=_HIGHEST)
-        total = jnp.einsum("ktd,ktp->dp", a, b, precision=_HIGHEST)
-        return jnp.sum(input_gram * grad_gram, axis=(1, 2)), total
-    per_example_grads = jnp.einsum("ktd,ktp->kdp", a, b, precision=_HIGHEST)
-    return jnp.sum(jnp.square(per_example_grads), axis=(1, 2)), jnp.sum(per_example_grads, 0)
+    num_rows, in_features = a.shape[-2:]
+    sum_axes = tuple(range(1, a.ndim))  # per example: groups and the two matrix axes
+    if use_ghost_form(num_rows, in_features, b.shape[-1]):
+        input_gram = jnp.einsum("k...td,k...sd->k...ts", a, a, precision=_HIGHEST)
+        grad_gram = jnp.einsum("k...tp,k...sp->k...ts", b, b, precision=_HIGHEST)
+        total = jnp.einsum("k...td,k...tp->...dp", a, b, precision=_HIGHEST)
+        return jnp.sum(input_gram * grad_gram, axis=sum_axes), total
+    per_example_grads = jnp.einsum("k...td,k...tp->k...dp", a, b, precision=_HIGHEST)
+    return jnp.sum(jnp.square(per_example_grads), axis=sum_axes), jnp.sum(per_example_grads, 0)
 
 
 def sum_sq_norms(output_grads: jax.Array) -> jax.Array:
@@ -99,9 +106,10 @@ def sum_sq_norms(output_grads: jax.Array) -> jax.Array:
 
 
 def sum_sq_norms_and_sum(output_grads: jax.Array):
-    """``(sq_norms (K,), sum_k sum_t b_t (p,))`` of a bias."""
-    per_example_grads = jnp.sum(_wide(output_grads), axis=1)
-    return jnp.sum(jnp.square(per_example_grads), axis=1), jnp.sum(per_example_grads, axis=0)
+    """``(sq_norms (K,), sum_k sum_t b_t (p,))`` of a bias (B (K, [G,] T, p): (G, p))."""
+    per_example_grads = jnp.sum(_wide(output_grads), axis=-2)
+    sum_axes = tuple(range(1, per_example_grads.ndim))
+    return jnp.sum(jnp.square(per_example_grads), axis=sum_axes), jnp.sum(per_example_grads, 0)
 
 
 def embed_sq_norms(tokens: jax.Array, output_grads: jax.Array) -> jax.Array:

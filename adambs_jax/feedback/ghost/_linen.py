@@ -1,7 +1,7 @@
 """Flax linen layers for ghost norms: their rules, and the interception of their calls.
 
 ``interception(handler)`` is a context manager (``flax.linen.intercept_methods``) under which
-every call of an ``nn.Dense``, ``nn.DenseGeneral`` (no ``batch_dims``), ``nn.Conv`` (no
+every call of an ``nn.Dense``, ``nn.DenseGeneral`` (``batch_dims`` included), ``nn.Conv`` (no
 feature groups, no mask, SAME/VALID/explicit padding), ``nn.Embed`` or normalization layer
 goes through ``handler.on_call``; the model code is unchanged. Exact types only: a subclass may
 override ``__call__``, so it falls back like any custom layer.
@@ -30,16 +30,19 @@ __all__ = ["LINEN_RULES", "LINEN_NORMALIZATION_LAYERS", "interception"]
 def _dense_config(module):
     if module.dot_general is not None or module.dot_general_cls is not None:
         return None
-    return ((-1,), bool(module.use_bias))
+    return ((-1,), bool(module.use_bias), 0)
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _dense_general_config(module):
-    if tuple(module.batch_dims) or module.dot_general is not None:
+    if module.dot_general is not None or getattr(module, "dot_general_cls", None) is not None:
         return None
-    if getattr(module, "dot_general_cls", None) is not None:
-        return None
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    return (tuple(axis), bool(module.use_bias))
+    # batch_dims: an int or a sequence, the leading axes 0..n-1 (flax checks that)
+    num_batch = len(_as_tuple(module.batch_dims))
+    return (_as_tuple(module.axis), bool(module.use_bias), num_batch)
 
 
 def _conv_config(module):
@@ -78,11 +81,11 @@ def _interceptor(handler):
         rule = LINEN_RULES.get(type(module))
         if rule is None and type(module) not in LINEN_NORMALIZATION_LAYERS:
             return next_fun(*args, **kwargs)
-        path = "/".join(module.path)
         if context.method_name != "__call__":
             if rule is not None and context.method_name != "setup":
-                handler.on_other_method(path)
+                handler.on_other_method(lambda: _own_params(module))
             return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
         inputs = args[0] if args else next(iter(kwargs.values()))
         config = rule.config(module) if rule is not None else None
         return handler.on_call(
@@ -99,7 +102,7 @@ def _interceptor(handler):
 
 @contextlib.contextmanager
 def interception(handler: Any):
-    """Routes supported linen layer calls through ``handler`` (a ``sites.Recorder`` or
-    ``sites.Perturber``) while active."""
+    """Routes supported linen layer calls through ``handler`` (a ``_sites.Recorder`` or
+    ``_sites.Perturber``) while active."""
     with nn.intercept_methods(_interceptor(handler)):
         yield

@@ -41,7 +41,7 @@ __all__ = ["NNX_RULES", "NNX_NORMALIZATION_LAYERS", "interception"]
 def _linear_config(module):
     if module.dot_general is not jax.lax.dot_general:
         return None
-    return ((-1,), bool(module.use_bias))
+    return ((-1,), bool(module.use_bias), 0)
 
 
 def _conv_config(module):
@@ -109,10 +109,10 @@ def _wrap_call(cls, original, handler, names):
     return call
 
 
-def _wrap_attend(original, handler, names):
+def _wrap_attend(original, handler):
     @functools.wraps(original)
     def attend(self, *args, **kwargs):
-        handler.on_other_method(names(self))
+        handler.on_other_method(lambda: _own_params(self))
         return original(self, *args, **kwargs)
 
     return attend
@@ -120,14 +120,14 @@ def _wrap_attend(original, handler, names):
 
 @contextlib.contextmanager
 def interception(handler: Any):
-    """Routes supported NNX layer calls through ``handler`` (a ``sites.Recorder`` or
-    ``sites.Perturber``) while active; restores the classes afterwards."""
+    """Routes supported NNX layer calls through ``handler`` (a ``_sites.Recorder`` or
+    ``_sites.Perturber``) while active; restores the classes afterwards."""
     names = _Names()
     patched = [
         (cls, "__call__", _wrap_call(cls, cls.__call__, handler, names))
         for cls in (*NNX_RULES, *NNX_NORMALIZATION_LAYERS)
     ]
-    patched.append((nnx.Embed, "attend", _wrap_attend(nnx.Embed.attend, handler, names)))
+    patched.append((nnx.Embed, "attend", _wrap_attend(nnx.Embed.attend, handler)))
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in patched]
     try:
         for cls, name, wrapper in patched:

@@ -2,12 +2,13 @@
 
 Under the per-example ``vmap`` of the ghost pass every layer sees one example, so a call's
 first argument stacks to (K, ...) with K the examples, and so does the gradient of its output.
-The functions here turn the pair into ``sites.Factor`` rows A (K, T, d), B (K, T, p) whose
-product A_k^T B_k is example k's gradient of the layer's parameter (``layer_norms``):
+The functions here turn the pair into ``_sites.Factor`` rows A (K, T, d), B (K, T, p) whose
+product A_k^T B_k is example k's gradient of the layer's parameter (``_layer_norms``):
 
 * Dense / DenseGeneral over contracting ``axes``: A = the input with those axes flattened
   last, B = the output gradient, T = every other axis (sequence positions, heads, ...);
-* Conv: A = im2col patches (``layer_norms.conv_patches``) of the same strides, padding and
+  DenseGeneral ``batch_dims`` (a kernel slice per batch index) add a group axis G before T;
+* Conv: A = im2col patches (``_layer_norms.conv_patches``) of the same strides, padding and
   dilations, B = the output gradient, T = the output positions;
 * Embed: one-hot rows, given as tokens (K, T);
 * a bias: sum_t b_t.
@@ -34,14 +35,17 @@ def _rows(x, num_features):
 
 
 def dense_factors(config, inputs, output_grads):
-    """Dense / DenseGeneral: y = x . W over ``axes`` of x (per-example axes, 0-based)."""
-    axes, use_bias = config
+    """Dense / DenseGeneral: y = x . W over ``axes`` of x (per-example axes, 0-based), with
+    ``num_batch`` leading batch axes (DenseGeneral ``batch_dims``: one kernel slice each, so
+    the rows get a group axis, A (K, G, T, d) and B (K, G, T, p) with G their size)."""
+    axes, use_bias, num_batch = config
     per_example_ndim = inputs.ndim - 1
     axes = tuple(sorted(a % per_example_ndim + 1 for a in axes))  # as flax orders the kernel
     moved = jnp.moveaxis(inputs, axes, tuple(range(inputs.ndim - len(axes), inputs.ndim)))
     in_features = math.prod(inputs.shape[a] for a in axes)
-    left = _rows(moved.astype(output_grads.dtype), in_features)
-    right = output_grads.reshape(left.shape[0], left.shape[1], -1)  # features may be a tuple
+    groups = (math.prod(inputs.shape[1 : 1 + num_batch]),) if num_batch else ()
+    left = moved.astype(output_grads.dtype).reshape((inputs.shape[0], *groups, -1, in_features))
+    right = output_grads.reshape(left.shape[:-1] + (-1,))  # features may be a tuple
     factors = {"kernel": Factor("matmul", left, right)}
     if use_bias:
         factors["bias"] = Factor("sum", None, right)

@@ -1,23 +1,27 @@
 """Layer calls seen while tracing a per-example loss, and which parameters they cover.
 
-The ghost-norm pass (``adambs_jax.ghost.api``) traces the loss three times. The first, abstract
+The ghost-norm pass (``_api``) traces the loss three times. The first, abstract
 trace (``Recorder``) records every call of a supported layer (a *site*: module path, call
-number, the layer's rule and configuration, the parameter leaves the layer read, the shape of
-its per-example output, and whether it ran in the loss's own trace rather than inside a
+number, the layer's rule and configuration, the parameter leaves the layer read, the shapes of
+its per-example input and output, and whether it ran in the loss's own trace rather than inside a
 ``scan``/``remat``/nested transform). ``build_plan`` turns the sites into a ``GhostPlan``:
 
 * a parameter leaf is *covered* (its per-example gradient norm comes from the layer rule) iff
   every call that reads it is a supported call in the loss's own trace — a layer applied
   inside ``nn.scan`` (an RNN cell) or under ``nn.remat`` is not, and neither is an ``Embed``
-  whose ``attend`` (tied output layer) is also used;
+  whose ``attend`` (tied output layer) is also used. Leaves are identified by identity, not
+  by the layer's path: a leaf read by several calls (a layer called twice, two layers sharing
+  a weight) is covered if the calls' rows stack (same factor layout), and its per-example
+  gradient is the sum of the calls' contributions, sum_s A_s^T B_s = [A_1; A_2; ...]^T [B_1;
+  B_2; ...] (cross terms included);
 * the leaves of normalization layers (LayerNorm, BatchNorm, ...) are *direct*: small, they
   get exact per-example gradients through per-example copies, without a warning;
 * every other leaf is *fallback*: per-example copies too (exact, the cost of ``vmap`` for
   those leaves only), and reported.
 
 A second abstract trace (``Skipper``) replaces the covered layers' calls by zeros: a covered
-leaf still read there is also read outside its layer (e.g. a weight-decay term in the loss, a
-weight tied by hand), and its layer falls back too (``outside_reads``).
+leaf still read there is also read outside its layers (e.g. a weight-decay term in the loss, a
+weight tied by a transpose), and its layers fall back too (``outside_reads``).
 
 The real trace (``Perturber``) adds a zero perturbation to the output of each covered site and
 captures its input; the perturbation's gradient is the site's (weighted) output gradient, from
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
 from adambs_jax.feedback.ghost import _layer_norms as layer_norms
@@ -54,7 +59,7 @@ __all__ = [
 class Factor(NamedTuple):
     """One parameter's per-example gradient as rows: ``kind`` is ``"matmul"`` (A_k^T B_k,
     left A (K, T, d), right B (K, T, p)), ``"sum"`` (sum_t b_t, left None) or ``"embed"``
-    (left tokens (K, T), right B (K, T, F)); see ``layer_norms``."""
+    (left tokens (K, T), right B (K, T, F)); see ``_layer_norms``."""
 
     kind: str
     left: jax.Array | None
@@ -78,7 +83,8 @@ class LayerRule(NamedTuple):
 
 
 class Site(NamedTuple):
-    """One recorded layer call (see the module docstring)."""
+    """One recorded layer call (see the module docstring); ``(path, call)`` identifies the
+    call in every trace of the loss, ``leaves`` the parameters it reads (by identity)."""
 
     path: str
     call: int
@@ -87,6 +93,7 @@ class Site(NamedTuple):
     leaves: tuple  # (parameter name, index into the flattened params; -1: not found there)
     output: jax.ShapeDtypeStruct | None  # per-example output
     in_loss_trace: bool
+    input: jax.ShapeDtypeStruct | None = None  # per-example first argument
 
     @property
     def key(self) -> tuple:
@@ -104,6 +111,7 @@ class Site(NamedTuple):
             and self.in_loss_trace
             and -1 not in self.leaf_indices
             and self.output is not None
+            and self.input is not None
         )
 
 
@@ -126,34 +134,48 @@ def current_trace() -> Any:
     return get_state(convention="flax")
 
 
+def _shape_of(value) -> jax.ShapeDtypeStruct | None:
+    if isinstance(value, jax.Array) or hasattr(value, "aval"):
+        return jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
+    return None
+
+
 class Recorder:
-    """Interception handler of the abstract trace: records every site (see ``Site``)."""
+    """Interception handler of the abstract trace: records every site (see ``Site``) and the
+    leaves read by other methods of a covered layer class (``bad_leaves``)."""
 
     def __init__(self, leaf_ids: dict):
         self.leaf_ids = leaf_ids
         self.loss_trace = current_trace()
         self.sites: list = []
-        self.bad_paths: set = set()
+        self.bad_leaves: set = set()
         self._calls = collections.Counter()
 
+    def _indices(self, own_leaves) -> tuple:
+        return tuple((name, self.leaf_ids.get(id(leaf), -1)) for name, leaf in own_leaves().items())
+
     def on_call(self, path, rule, config, inputs, call_next, own_leaves):
-        del inputs
         outputs = call_next()
         call = self._calls[path]
         self._calls[path] += 1
-        indices = tuple(
-            (name, self.leaf_ids.get(id(leaf), -1)) for name, leaf in own_leaves().items()
-        )
-        output = None
-        if isinstance(outputs, jax.Array) or hasattr(outputs, "aval"):
-            output = jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs))
         in_loss_trace = current_trace() == self.loss_trace
-        self.sites.append(Site(path, call, rule, config, indices, output, in_loss_trace))
+        self.sites.append(
+            Site(
+                path,
+                call,
+                rule,
+                config,
+                self._indices(own_leaves),
+                _shape_of(outputs),
+                in_loss_trace,
+                _shape_of(inputs),
+            )
+        )
         return outputs
 
-    def on_other_method(self, path: str) -> None:
+    def on_other_method(self, own_leaves) -> None:
         """A covered layer's parameters used by another method (e.g. ``Embed.attend``)."""
-        self.bad_paths.add(path)
+        self.bad_leaves.update(index for _, index in self._indices(own_leaves) if index >= 0)
 
 
 class Perturber:
@@ -174,8 +196,8 @@ class Perturber:
         self.captured[(path, call)] = inputs
         return call_next() + self.perturbations[(path, call)]
 
-    def on_other_method(self, path: str) -> None:
-        del path
+    def on_other_method(self, own_leaves) -> None:
+        del own_leaves
 
 
 class Skipper(Perturber):
@@ -202,30 +224,74 @@ def outside_reads(jaxpr, num_leaves: int) -> set:
     return read
 
 
-def build_plan(sites: list, bad_paths: set, num_leaves: int) -> GhostPlan:
-    """The ``GhostPlan`` of recorded sites (fixed point: a path is perturbed iff all its calls
-    are ghost-able and every leaf it reads is read by perturbed paths only)."""
-    readers = collections.defaultdict(set)
+# The axis of a factor's rows (left, right): rows of calls reading one leaf stack along it.
+_ROW_AXES = {"matmul": (-2, -2), "sum": (None, -2), "embed": (-1, -2)}
+
+
+def _layout(site: Site, name: str) -> tuple:
+    """The kind and the row-less shapes of one parameter's factor at ``site``."""
+    example = [jax.ShapeDtypeStruct((1,) + s.shape, s.dtype) for s in (site.input, site.output)]
+    kinds = []
+
+    def factor(inputs, output_grads):
+        result = site.rule.factors(site.config, inputs, output_grads)[name]
+        kinds.append(result.kind)
+        return result.left, result.right
+
+    left, right = jax.eval_shape(factor, *example)
+    axes = _ROW_AXES[kinds[0]]
+    shapes = [
+        None if x is None else tuple(np.delete(x.shape, axis))
+        for x, axis in zip((left, right), axes)
+    ]
+    return (kinds[0], *shapes)
+
+
+def _name_of(site: Site, index: int) -> str:
+    return next(name for name, i in site.leaves if i == index)
+
+
+def _unstackable(readers: dict) -> set:
+    """Leaves read by several supported calls whose rows do not stack (e.g. one table read as
+    an ``Embed`` and as a ``Dense`` kernel): they fall back."""
+    unstackable = set()
+    for index, sites in readers.items():
+        calls = [site for site in sites if site.ghost_able]
+        if len(calls) > 1:
+            layouts = {_layout(site, _name_of(site, index)) for site in calls}
+            if len(layouts) > 1:
+                unstackable.add(index)
+    return unstackable
+
+
+def build_plan(sites: list, bad_leaves: set, num_leaves: int) -> GhostPlan:
+    """The ``GhostPlan`` of recorded sites (fixed point: a site is perturbed iff it is
+    ghost-able and reads covered leaves only; a leaf is covered iff it is not bad and every
+    site reading it is perturbed). ``bad_leaves``: indices read outside their layers."""
+    readers = collections.defaultdict(list)
     for site in sites:
         for index in site.leaf_indices:
-            readers[index].add(site.path)
-    ghost_paths = {site.path for site in sites if site.rule is not None} - set(bad_paths)
-    ghost_paths -= {site.path for site in sites if site.rule is not None and not site.ghost_able}
+            readers[index].append(site)
+    bad = set(bad_leaves) | _unstackable(readers)
+    perturbed = {site.key for site in sites if site.ghost_able}
     while True:
-        covered = {i for i, paths in readers.items() if i >= 0 and paths <= ghost_paths}
-        leaky = {
-            s.path for s in sites if s.path in ghost_paths and not set(s.leaf_indices) <= covered
+        covered = {
+            i
+            for i, reading in readers.items()
+            if i >= 0 and i not in bad and all(site.key in perturbed for site in reading)
         }
+        leaky = {s.key for s in sites if s.key in perturbed and not set(s.leaf_indices) <= covered}
         if not leaky:
             break
-        ghost_paths -= leaky
-    direct_paths = {site.path for site in sites if site.rule is None}
+        perturbed -= leaky
     direct = {
-        i for i, paths in readers.items() if i >= 0 and i not in covered and paths <= direct_paths
+        i
+        for i, reading in readers.items()
+        if i >= 0 and i not in covered and all(site.rule is None for site in reading)
     }
     fallback = tuple(i for i in range(num_leaves) if i not in covered and i not in direct)
-    perturbed = {site.key: site for site in sites if site.path in ghost_paths}
-    return GhostPlan(perturbed, frozenset(covered), frozenset(direct), fallback)
+    perturbed_sites = {site.key: site for site in sites if site.key in perturbed}
+    return GhostPlan(perturbed_sites, frozenset(covered), frozenset(direct), fallback)
 
 
 def site_norms_and_grads(
@@ -235,31 +301,32 @@ def site_norms_and_grads(
 
     ``cotangents`` are the perturbations' gradients (w_k / K) b_k: the squared norms are
     then those of the weighted per-example gradients (divide by (w_k / K)^2), and the
-    gradients the covered leaves' share of G_hat. The calls of a path are concatenated
-    along the rows (a layer applied twice has g_k = [A1; A2]^T [B1; B2]).
+    gradients the covered leaves' share of G_hat. The calls reading one leaf (a layer applied
+    twice, layers sharing a weight) are concatenated along the rows: g_k = sum_s A_s^T B_s =
+    [A_1; A_2]^T [B_1; B_2], whose norm has the cross terms.
     """
-    by_path = collections.defaultdict(list)
+    by_leaf = collections.defaultdict(list)  # in order of first read
     for key, site in plan.perturbed.items():
-        by_path[site.path].append(
-            (site, site.rule.factors(site.config, captured[key], cotangents[key]))
-        )
+        factors = site.rule.factors(site.config, captured[key], cotangents[key])
+        indices = dict(site.leaves)
+        for name, factor in factors.items():
+            by_leaf[indices[name]].append(factor)
     sq_norms, grads = [], {}
-    for calls in by_path.values():
-        indices = dict(calls[0][0].leaves)
-        for name in calls[0][1]:
-            shape = leaf_shapes[indices[name]]
-            sq, total = _factor_norms_and_sum([factors[name] for _, factors in calls], shape)
-            sq_norms.append(sq)
-            grads[indices[name]] = total.reshape(shape)
+    for index, factors in by_leaf.items():
+        shape = leaf_shapes[index]
+        sq, total = _factor_norms_and_sum(factors, shape)
+        sq_norms.append(sq)
+        grads[index] = total.reshape(shape)
     return sq_norms, grads
 
 
 def _factor_norms_and_sum(factors: list, shape: tuple):
     kind = factors[0].kind
-    right = jnp.concatenate([f.right for f in factors], axis=1)
+    left_axis, right_axis = _ROW_AXES[kind]
+    right = jnp.concatenate([f.right for f in factors], axis=right_axis)
     if kind == "sum":
         return layer_norms.sum_sq_norms_and_sum(right)
-    left = jnp.concatenate([f.left for f in factors], axis=1)
+    left = jnp.concatenate([f.left for f in factors], axis=left_axis)
     if kind == "matmul":
         return layer_norms.matmul_sq_norms_and_sum(left, right)
     return layer_norms.embed_sq_norms_and_sum(left, right, shape[0])

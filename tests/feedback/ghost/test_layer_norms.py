@@ -28,6 +28,19 @@ def test_matmul_sq_norms_ghost_and_explicit_forms(rows, d, p):
     )
 
 
+@pytest.mark.parametrize("rows,d,p", [(2, 4, 3), (9, 2, 3)])  # ghost form, explicit form
+def test_group_axes_give_a_kernel_slice_per_group(rows, d, p):
+    """A (K, G, T, d), B (K, G, T, p) (DenseGeneral batch_dims): g_k[g] = A_kg^T B_kg."""
+    a, b = _normal(0, (K, 2, rows, d)), _normal(1, (K, 2, rows, p))
+    per_example = jnp.einsum("kgtd,kgtp->kgdp", a, b, precision=lax.Precision.HIGHEST)
+    sq_norms, total = layer_norms.matmul_sq_norms_and_sum(a, b)
+    np.testing.assert_allclose(sq_norms, jnp.sum(per_example**2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(total, jnp.sum(per_example, axis=0), rtol=1e-5, atol=1e-6)
+    bias_sq_norms, bias_total = layer_norms.sum_sq_norms_and_sum(b)
+    np.testing.assert_allclose(bias_sq_norms, jnp.sum(b.sum(axis=2) ** 2, axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(bias_total, b.sum(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+
+
 def test_single_row_is_product_of_squared_norms():
     a, b = _normal(0, (K, 1, 4)), _normal(1, (K, 1, 3))
     expected = jnp.sum(a[:, 0] ** 2, axis=1) * jnp.sum(b[:, 0] ** 2, axis=1)

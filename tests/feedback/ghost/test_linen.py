@@ -62,9 +62,15 @@ def _images(shape=(K, 9, 9, 3)):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(kernel_size=(3, 3), strides=2, padding="SAME"),
-        dict(kernel_size=(3, 2), kernel_dilation=2, padding=((1, 2), (0, 1))),
-        dict(kernel_size=(2, 2), input_dilation=2, padding=1, use_bias=False),
+        pytest.param(dict(kernel_size=(3, 3), strides=2, padding="SAME"), marks=pytest.mark.slow),
+        pytest.param(
+            dict(kernel_size=(3, 2), kernel_dilation=2, padding=((1, 2), (0, 1))),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            dict(kernel_size=(2, 2), input_dilation=2, padding=1, use_bias=False),
+            marks=pytest.mark.slow,
+        ),
         dict(kernel_size=(1, 1), padding="VALID"),
     ],
 )
@@ -82,8 +88,8 @@ def test_conv_1d_on_sequences_uses_the_explicit_form_and_is_exact():
 @pytest.mark.parametrize(
     "module",
     [
-        nn.Conv(4, (3, 3), padding="CIRCULAR"),
-        nn.Conv(6, (3, 3), feature_group_count=3),
+        pytest.param(nn.Conv(4, (3, 3), padding="CIRCULAR"), marks=pytest.mark.slow),
+        pytest.param(nn.Conv(6, (3, 3), feature_group_count=3), marks=pytest.mark.slow),
         nn.Conv(6, (3, 3), mask=np.tril(np.ones((3, 3, 3, 6)))),
     ],
 )
@@ -99,6 +105,7 @@ def test_dense_on_sequences(length, width):
     assert len(coverage.ghost) == 2 and not coverage.fallback
 
 
+@pytest.mark.slow  # compiles a transformer block
 def test_dense_general_and_flax_attention_are_covered():
     inputs = jax.random.normal(jax.random.key(3), (K, 5, 2, 3))
     coverage = _coverage_and_check(nn.DenseGeneral((3, 2), axis=(-1, -2)), inputs)

@@ -56,7 +56,7 @@ def _problem(model, inputs):
     return loss_fn, params, {"x": inputs, "y": labels}
 
 
-@pytest.mark.parametrize("name", ["cnn", "tokens"])
+@pytest.mark.parametrize("name", [pytest.param("cnn", marks=pytest.mark.slow), "tokens"])
 def test_nnx_norms_and_gradient_match_vmap(name):
     if name == "cnn":
         model, inputs = _CNN(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (K, 7, 7, 3))

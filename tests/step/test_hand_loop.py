@@ -1,0 +1,236 @@
+"""Tests of adambs_jax.step._hand_loop: value_and_grad (the unbiased loss, G_hat and the
+feedback of a loop you keep) and Sampling (draw, gather, learn, the schedule)."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import adambs_jax as ab
+
+N, K = 32, 8
+
+
+def _data():
+    x = jax.random.normal(jax.random.key(0), (N, 3))
+    return {"x": x, "y": (x[:, 0] > 0).astype(jnp.int32)}
+
+
+def _loss(w, batch):  # per-example cross-entropy of a linear model
+    return optax.softmax_cross_entropy_with_integer_labels(batch["x"] @ w, batch["y"])
+
+
+def _batch(indices=(0, 3, 3, 7, 9, 12, 20, 31)):
+    return jax.tree.map(lambda leaf: leaf[jnp.asarray(indices)], _data())
+
+
+WEIGHTS = jnp.linspace(0.5, 2.0, K)
+W0 = 0.1 * jax.random.normal(jax.random.key(1), (3, 2))
+
+
+def _reference(fun, w, weights, *args):
+    return jax.value_and_grad(lambda p: jnp.mean(weights * fun(p, *args)))(w)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_value_and_grad_are_the_weighted_mean_and_its_gradient(jit):
+    grad_fn = ab.value_and_grad(_loss)
+    if jit:
+        grad_fn = jax.jit(grad_fn)
+    (value, extras), grads = grad_fn(W0, _batch(), weights=WEIGHTS)
+    ref_value, ref_grads = _reference(_loss, W0, WEIGHTS, _batch())
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(extras.losses, _loss(W0, _batch()), rtol=1e-6)
+    np.testing.assert_allclose(extras.feedback, extras.losses, rtol=1e-6)  # feedback="loss"
+
+
+def test_unit_weights_give_plain_jax_value_and_grad_of_the_mean():
+    (value, _), grads = ab.value_and_grad(_loss)(W0, _batch(), weights=jnp.ones(K))
+    ref_value, ref_grads = jax.value_and_grad(lambda p: jnp.mean(_loss(p, _batch())))(W0)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-6)
+
+
+def test_a_closure_loss_with_aux():
+    batch = _batch()
+
+    def loss_fn(w):  # the batch closed over, as in a linen TrainState step
+        logits = batch["x"] @ w
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), logits
+
+    (value, extras), grads = ab.value_and_grad(loss_fn, has_aux=True)(W0, weights=WEIGHTS)
+    np.testing.assert_allclose(extras.aux, batch["x"] @ W0, rtol=1e-6)
+    np.testing.assert_allclose(grads, _reference(_loss, W0, WEIGHTS, batch)[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_grad_norm_feedback_is_the_exact_per_example_norm(method):
+    grad_fn = jax.jit(ab.value_and_grad(_loss, feedback=ab.feedback.GradNorm(method)))
+    (value, extras), grads = grad_fn(W0, _batch(), weights=WEIGHTS)
+    per_example = jax.vmap(
+        jax.grad(lambda p, b: _loss(p, jax.tree.map(lambda x: x[None], b))[0]), in_axes=(None, 0)
+    )(W0, _batch())
+    norms = jnp.sqrt(jnp.sum(jnp.square(per_example), axis=(1, 2)))
+    np.testing.assert_allclose(extras.feedback, norms, rtol=1e-4)
+    np.testing.assert_allclose(grads, _reference(_loss, W0, WEIGHTS, _batch())[1], rtol=1e-5)
+    np.testing.assert_allclose(value, _reference(_loss, W0, WEIGHTS, _batch())[0], rtol=1e-6)
+
+
+class _BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x)))
+
+
+def test_a_batch_coupled_loss_is_refused_under_per_example_feedback():
+    model = _BatchNormNet()
+    variables = model.init(jax.random.key(0), _batch()["x"])
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            batch["x"],
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    grad_fn = jax.jit(ab.value_and_grad(loss_fn, feedback="grad_norm"))
+    with pytest.raises(ValueError, match="couples the examples of a batch"):
+        grad_fn(variables["params"], _batch(), weights=WEIGHTS)
+    # the batch as a whole ("loss" feedback) is what plain training computes: accepted
+    (value, _), _ = jax.jit(ab.value_and_grad(loss_fn))(
+        variables["params"], _batch(), weights=WEIGHTS
+    )
+    assert np.isfinite(float(value))
+
+
+def test_bad_calls_name_the_argument():
+    grad_fn = ab.value_and_grad(_loss, feedback="grad_norm")
+    with pytest.raises(TypeError, match="weights"):
+        grad_fn(W0, _batch())
+    with pytest.raises(ValueError, match="weights must have shape"):
+        grad_fn(W0, _batch(), weights=jnp.ones(K + 1))
+    with pytest.raises(ValueError, match="per-example losses"):
+        ab.value_and_grad(lambda w, b: jnp.mean(_loss(w, b)))(W0, _batch(), weights=WEIGHTS)
+    with pytest.raises(ValueError, match="needs the model outputs"):
+        ab.value_and_grad(_loss, feedback="logit_grad_norm")
+    with pytest.raises(TypeError, match="opt_state"):
+        ab.value_and_grad(_loss, feedback="preconditioned_grad_norm")(W0, _batch(), weights=WEIGHTS)
+
+
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(3, 8, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.2, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.dropout(nnx.relu(self.norm(self.hidden(x)))))
+
+
+def _nnx_loss(model, batch):
+    logits = model(batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), logits
+
+
+def test_an_nnx_module_equals_nnx_value_and_grad_of_the_weighted_loss():
+    model, twin = _NnxNet(nnx.Rngs(0)), _NnxNet(nnx.Rngs(0))
+    (value, extras), grads = ab.value_and_grad(_nnx_loss, has_aux=True)(
+        model, _batch(), weights=WEIGHTS
+    )
+
+    def weighted(m):
+        losses, _ = _nnx_loss(m, _batch())
+        return jnp.mean(WEIGHTS * losses)
+
+    ref_value, ref_grads = nnx.value_and_grad(weighted)(twin)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    chex.assert_trees_all_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(ref_grads), rtol=1e-5)
+    # BatchNorm statistics and the Rngs moved on in the module, as with nnx.value_and_grad
+    for kind in (nnx.BatchStat, nnx.RngCount):
+        chex.assert_trees_all_close(
+            nnx.to_pure_dict(nnx.state(model, kind)),
+            nnx.to_pure_dict(nnx.state(twin, kind)),
+            rtol=1e-6,
+        )
+    assert extras.aux.shape == (K, 2)
+
+
+def test_an_nnx_loop_with_nnx_optimizer_and_eval_between_steps():
+    model = _NnxNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, num_steps=20), _data(), key=jax.random.key(0))
+    grad_fn = ab.value_and_grad(_nnx_loss, has_aux=True)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch, weights):
+        (loss, extras), grads = grad_fn(model, batch, weights=weights)
+        optimizer.update(model, grads)
+        return loss, extras.feedback
+
+    @nnx.jit
+    def eval_loss(model, data):
+        return jnp.mean(_nnx_loss(model, data)[0])
+
+    model.eval()
+    before = float(eval_loss(model, _data()))
+    for _ in range(20):
+        model.train()
+        batch, weights = sampling.draw()
+        _, feedback = train_step(model, optimizer, batch, weights)
+        sampling.learn(feedback)
+        model.eval()
+        eval_loss(model, _data())  # the module stays usable between steps
+    assert float(eval_loss(model, _data())) < before
+
+
+def test_sampling_draws_gathers_and_learns():
+    data = _data()
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), data, key=jax.random.key(3))
+    batch, weights = sampling.draw()
+    np.testing.assert_array_equal(batch["x"], data["x"][sampling.indices])
+    assert weights.shape == (K,) and np.all(np.asarray(weights) > 0)
+    p = sampling.probabilities()
+    np.testing.assert_allclose(weights, 1.0 / (N * p[sampling.indices]), rtol=1e-5)
+    sampling.learn(jnp.arange(K, dtype=jnp.float32))
+    assert int(sampling.state.step) == 1
+    assert not np.allclose(sampling.probabilities(), p)
+    indices, _ = ab.Sampling(ab.uniform_sampler(N, K), key=jax.random.key(0)).draw()
+    assert indices.shape == (K,) and jnp.issubdtype(indices.dtype, jnp.integer)
+
+
+def test_sampling_renormalizes_on_schedule_and_resumes_it():
+    sampler = ab.exp3_sampler(1000, 32, step_size=2.0)  # M = 27
+    m = sampler.renormalize_every
+    sampling = ab.Sampling(sampler, key=jax.random.key(0))
+    for _ in range(3 * m):
+        sampling.draw()
+        sampling.learn(jnp.linspace(0.1, 1.0, 32))
+    assert int(sampling.state.num_rescales) == 3
+    restored = ab.Sampling(sampler, key=jax.random.key(1))
+    restored.state = jax.tree.map(jnp.copy, sampling.state)  # a restored checkpoint
+    for _ in range(m):
+        restored.draw()
+        restored.learn(jnp.linspace(0.1, 1.0, 32))
+    assert int(restored.state.num_rescales) == 4
+    p = restored.probabilities()
+    assert float(jnp.min(p)) >= restored.state.p_min * (1 - 1e-5)
+
+
+def test_sampling_refuses_what_it_cannot_do():
+    with pytest.raises(TypeError, match="ScoringSampler"):
+        ab.Sampling(ab.adam_impt_sampler(N, K), _data(), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="leading axis n"):
+        ab.Sampling(ab.uniform_sampler(N + 1, K), _data(), key=jax.random.key(0))
+    sampling = ab.Sampling(ab.uniform_sampler(N, K), _data(), key=jax.random.key(0))
+    with pytest.raises(RuntimeError, match="draw"):
+        sampling.learn(jnp.ones(K))
+    sampling.draw()
+    with pytest.raises(ValueError, match="feedback must have shape"):
+        sampling.learn(jnp.ones(K + 1))
