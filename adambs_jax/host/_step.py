@@ -210,7 +210,7 @@ def run_host_step(
 ):
     """One step on a gathered batch: ``(state, metrics, the draws of a later step)``."""
     sampler = config.sampler
-    sampler = _refuse_scoring(sampler)  # a plain Sampler: make_host_train_step refuses others
+    assert not isinstance(sampler, ScoringSampler)  # make_host_train_step refuses one
     check_train_state(state, sampler.num_examples)
     _check_batch(batch, sampler.batch_size)
     indices, probs = draws
@@ -302,14 +302,13 @@ class HostTrainStep:
         return None if self.mesh is None else batch_sharding(self.mesh, self.data_axis)
 
 
-def _refuse_scoring(sampler: Sampler | ScoringSampler) -> Sampler:
+def _refuse_scoring(sampler: Sampler | ScoringSampler) -> None:
     if isinstance(sampler, ScoringSampler):
         raise ValueError(
             "sampler: a ScoringSampler scores examples of the whole dataset on the device; "
             "make_host_train_step takes only a gathered batch. Use make_train_step with the "
             "data on the device, or a plain Sampler (exp3_sampler, uniform_sampler, ...)"
         )
-    return sampler
 
 
 def _jitted(step_fn, draw_fn, mesh, data_axis, donate: bool = True):

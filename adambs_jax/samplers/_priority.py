@@ -257,10 +257,7 @@ def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array,
     score that is NaN, infinite or negative keeps the old priority."""
     check_state(config, state)
     chunk, n = config.refresh_chunk, config.num_examples
-    if chunk is None:
-        raise ValueError(
-            "config: refresh needs a config with refresh_every (refresh_chunk is None)"
-        )
+    assert chunk is not None  # priority_sampler binds refresh only with refresh_every set
     idx = (state.cursor + jnp.arange(chunk, dtype=jnp.int32)) % n
     scores = jnp.asarray(score_fn(idx), jnp.float32)
     valid = jnp.isfinite(scores) & (scores >= 0)

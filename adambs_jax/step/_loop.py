@@ -48,11 +48,7 @@ def _scan(config: StepConfig, state: TrainState, data: Any, keys, length: int):
 
 def _renormalized(config: StepConfig, state: TrainState) -> TrainState:
     renormalize = config.sampler.renormalize
-    if renormalize is None:
-        raise ValueError(
-            "sampler: renormalize_every is set but renormalize is None (give the function "
-            "that renormalizes the state, or renormalize_every=None)"
-        )
+    assert renormalize is not None  # a sampler with renormalize_every gives renormalize
     return state._replace(sampler_state=renormalize(state.sampler_state))
 
 
