@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # jax imports it; named here so type checkers see jax.core
 import jax.numpy as jnp
 import numpy as np
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # jax imports it; named here so type checkers see jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
@@ -129,8 +130,7 @@ def current_trace() -> Any:
     own trace from a nested ``scan`` / ``remat`` / ``jit`` body); as ``flax.core.tracers``."""
     get_state = getattr(jax_core, "get_opaque_trace_state", None)
     if get_state is None:  # pragma: no cover - JAX before 0.10
-        # jax imports jax.core when imported, but pyright does not see that attribute
-        get_state = jax.core.get_opaque_trace_state  # pyright: ignore[reportAttributeAccessIssue]
+        get_state = jax.core.get_opaque_trace_state
     return get_state(convention="flax")
 
 
