@@ -196,7 +196,7 @@ def _weighted_loss_and_grad(loss_fn, params, batch, weights, key):
 
 @overload
 def importance_weighted_grad(
-    loss_fn: PerExampleLoss,
+    loss_fn: PerExampleLoss | Loss,
     params,
     batch,
     weights: jax.Array,
@@ -208,7 +208,7 @@ def importance_weighted_grad(
 
 @overload
 def importance_weighted_grad(
-    loss_fn: PerExampleLoss,
+    loss_fn: PerExampleLoss | Loss,
     params,
     batch,
     weights: jax.Array,
@@ -219,7 +219,7 @@ def importance_weighted_grad(
 
 
 def importance_weighted_grad(
-    loss_fn: PerExampleLoss,
+    loss_fn: PerExampleLoss | Loss,
     params,
     batch,
     weights: jax.Array,

@@ -201,7 +201,9 @@ def loss_callable(loss: AnyLoss) -> PerExampleLoss:
     return loss if isinstance(loss, ModelLoss) else loss.stated()
 
 
-def with_key_argument(loss_fn: PerExampleLoss) -> Callable[[Any, Any, Any], jax.Array]:
+def with_key_argument(
+    loss_fn: PerExampleLoss | Loss,
+) -> Callable[[Any, Any, Any], jax.Array]:
     """``loss_fn`` (a callable, a ``Loss`` of losses only, or a ``ModelLoss``) as
     ``(params, batch, key) -> losses``; the key is dropped if unused.
 

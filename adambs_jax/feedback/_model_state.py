@@ -102,10 +102,10 @@ def loss_parts(loss: AnyLoss, state: Any) -> LossParts:
 
         return LossParts(lambda p, b, k: call(p, b, k)[0], extras)
     if has_aux:
-        call = with_key_argument(fn)
+        keyed = with_key_argument(fn)  # not `call`: the def above declares that name
         return LossParts(
-            lambda p, b, k: _losses_and_aux(call(p, b, k))[0],
-            lambda p, b, k: (_losses_and_aux(call(p, b, k))[1], None),
+            lambda p, b, k: _losses_and_aux(keyed(p, b, k))[0],
+            lambda p, b, k: (_losses_and_aux(keyed(p, b, k))[1], None),
         )
     return LossParts(fn, None)
 
