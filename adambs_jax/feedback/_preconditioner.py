@@ -71,7 +71,7 @@ import functools
 import math
 import types
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.core  # jax imports it; named here so type checkers see jax.core
@@ -306,7 +306,9 @@ def _known_factories():
 
 def _inject_codes():
     wrapped = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
-    return frozenset({wrapped.init.__code__, wrapped.update.__code__})
+    # optax types init and update as protocols; inject_hyperparams builds plain functions
+    functions = (cast(types.FunctionType, wrapped.init), cast(types.FunctionType, wrapped.update))
+    return frozenset(fn.__code__ for fn in functions)
 
 
 _TRANSFORM_CODES, _TRANSFORM_INIT_CODES = _known_transforms()
@@ -444,10 +446,11 @@ def inspect_optimizer(optimizer) -> OptimizerFacts:
             unidentified.append(f"{fn.__module__}.{fn.__qualname__}")
     for record in injects.values():
         factory = record["inner_factory"]
-        if _factory(factory) is None:
+        known = _factory(factory)
+        if known is None:
             unidentified.append(f"optax.inject_hyperparams({_qualname(factory)})")
             continue
-        name, kind, names = _factory(factory)
+        name, kind, names = known
         numeric, scheduled = record.get("numeric_hps", {}), record.get("sched_hps", {})
         values = {**record.get("other_hps", {}), **numeric}
         transforms.append(
@@ -673,7 +676,9 @@ class _Resolved(NamedTuple):
 def _resolve(moment: SecondMoment, stated: Stated, facts: OptimizerFacts | None) -> _Resolved:
     """The hyperparameters of one second moment: injected (read from the state), else
     stated; refused where neither, or where they contradict each other."""
-    kind, description = _state_kind(moment.state)
+    known = _state_kind(moment.state)
+    assert known is not None  # second_moments yields states of a known kind only
+    kind, description = known
     if stated.kind is not None and stated.kind != kind:
         raise ValueError(
             f"feedback {_FEEDBACK}(kind={stated.kind!r}): the optimizer state holds "

@@ -230,11 +230,13 @@ _ROW_AXES = {"matmul": (-2, -2), "sum": (None, -2), "embed": (-1, -2)}
 
 def _layout(site: Site, name: str) -> tuple:
     """The kind and the row-less shapes of one parameter's factor at ``site``."""
-    example = [jax.ShapeDtypeStruct((1,) + s.shape, s.dtype) for s in (site.input, site.output)]
+    rule, site_input, output = site.rule, site.input, site.output
+    assert rule is not None and site_input is not None and output is not None  # ghost-able
+    example = [jax.ShapeDtypeStruct((1,) + s.shape, s.dtype) for s in (site_input, output)]
     kinds = []
 
     def factor(inputs, output_grads):
-        result = site.rule.factors(site.config, inputs, output_grads)[name]
+        result = rule.factors(site.config, inputs, output_grads)[name]
         kinds.append(result.kind)
         return result.left, result.right
 
