@@ -62,7 +62,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -182,7 +182,8 @@ def _check_timeout(timeout: Any) -> float | None:
 
 def _preview(values: Any) -> str:
     """The first indices of a draw, for an error message, without waiting for the device."""
-    if isinstance(values, jax.Array) and not values.is_ready():
+    # jax's Array stub has no is_ready (its ArrayImpl does)
+    if isinstance(values, jax.Array) and not cast(Any, values).is_ready():
         return "not yet computed by the device"
     values = _on_host(values)
     shown = ", ".join(str(v) for v in values[:8].tolist())
@@ -406,7 +407,7 @@ def _alive(state: Any) -> Any:
 def _attach_progress(error: BaseException, progress: HostLoopProgress, num_steps: int) -> None:
     """Sets ``error.host_loop`` and adds a note saying what it holds."""
     try:
-        error.host_loop = progress
+        cast(Any, error).host_loop = progress  # any exception: an attribute of our own
     except (AttributeError, TypeError):  # an exception type that takes no attributes
         return
     what = (

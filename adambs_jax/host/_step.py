@@ -272,6 +272,7 @@ class HostTrainStep:
         every = self.sampler.renormalize_every
         scheduled = self.renormalize is not None and bool(every)
         if scheduled:
+            assert every is not None  # scheduled: bool(every)
             state = self._schedule.before(self.renormalize, every, state, 1)
         if self.mesh is not None and jax.process_count() > 1:  # global arrays for jit
             draws, key = replicate_on_mesh((draws, key), self.mesh)

@@ -194,12 +194,14 @@ def value_and_grad(
         if isinstance(args[0], nnx.Module):
             return _nnx_value_and_grad(fun, kind, has_aux, args, weights, kwargs)
         if not structured:
+            # read before the len() test below, which pyright widens args to include ()
+            params = args[0]
             batch = args[1] if len(args) > 1 else None
             _check_weights(weights, jnp.shape(weights)[0] if weights is not None else 0)
             (value, losses, aux), grads = _weighted_value_and_grad(
-                fun, has_aux, weights, args[0], args[1:], kwargs
+                fun, has_aux, weights, params, args[1:], kwargs
             )
-            scores = _scores_of_losses(kind, args[0], batch, losses)
+            scores = _scores_of_losses(kind, params, batch, losses)
             return (value, Extras(scores, losses, aux)), grads
         return _structured_value_and_grad(
             fun, kind, has_aux, args, weights, key, opt_state, checked
@@ -290,7 +292,9 @@ def _learn(sampler: Sampler, state, indices, feedback, apply):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _renormalize(sampler: Sampler, state):
-    return sampler.renormalize(state)
+    renormalize = sampler.renormalize
+    assert renormalize is not None  # learn calls this only for a sampler that has one
+    return renormalize(state)
 
 
 class Sampling:
