@@ -61,7 +61,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -127,9 +127,13 @@ def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> sli
     if sharding is None:
         return slice(0, batch_size)
     # jax types the map's values Index | None, but every device of a sharding has an index
+    indices = cast(
+        "Iterable[tuple[slice, ...]]",
+        sharding.addressable_devices_indices_map((batch_size,)).values(),
+    )
     rows = sorted(
-        (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)  # pyright: ignore[reportOptionalSubscript]
-        for index in sharding.addressable_devices_indices_map((batch_size,)).values()
+        (index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+        for index in indices
     )
     start, stop = rows[0][0], max(row[1] for row in rows)
     covered = set()

@@ -12,7 +12,7 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,8 @@ def uniform_config(num_examples: int, batch_size: int) -> UniformConfig:
     """Validates n and K (ints >= 1, not bools; ValueError naming the argument). n > 2^31 - 1
     needs int64 indices, i.e. ``jax_enable_x64`` on when the sampler is built."""
     num_examples = check_int("num_examples", num_examples)
-    # jax's config sets its options as attributes at runtime: pyright cannot see them
-    if num_examples > INT32_MAX and not jax.config.jax_enable_x64:  # pyright: ignore[reportAttributeAccessIssue]
+    # jax's config sets its options as attributes at run time: type checkers cannot see them
+    if num_examples > INT32_MAX and not cast(Any, jax.config).jax_enable_x64:
         raise ValueError(
             f"num_examples={num_examples} exceeds int32 indices (at most {INT32_MAX}); "
             f"enable 64-bit types (jax.config.update('jax_enable_x64', True)) for int64 indices"
