@@ -128,6 +128,7 @@ def method_aggregates(
         "curve_test_error_mean": floats(err_mean),
         "curve_test_error_std": floats(err_std),
         "final_train_loss": mean_std_dict(final_loss),
+        "final_train_loss_per_seed": floats(final_loss),
         "final_test_error": mean_std_dict(test_error[:, -1]),
         "train_time_per_run_s": mean_std_dict(times[:, -1]),
         "compile_s": float(compile_s),

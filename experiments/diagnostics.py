@@ -26,6 +26,10 @@ V(p*) = (sum_j g_j)^2 / n^2. We report
 * ``spearman_p_vs_grad_norm``: Spearman's rank correlation between p_j and g_j (ties get
   their average rank; NaN when p or g is constant, e.g. a uniform p).
 
+With flipped training labels (the dataset's ``metadata["corrupted"]`` mask C), also
+``corrupted_share`` = sum_{j in C} p_j: the expected share of the draws that fall on
+corrupted examples (uniform: |C| / n).
+
 For large n (> ``max_examples``, ``ExperimentConfig.diagnostic_examples``) the sums run
 over a fixed uniform random subset S of m examples (the same for the whole run), which
 estimates each ratio by replacing sum_j by (n/m) sum_{j in S} (the factor cancels):
@@ -169,7 +173,11 @@ def keeps_sampler_state(method: BuiltMethod) -> bool:
 
 
 def sampler_probe(
-    method: BuiltMethod, grad_norms: GradNormProbe | None, *, jit: bool = True
+    method: BuiltMethod,
+    grad_norms: GradNormProbe | None,
+    *,
+    jit: bool = True,
+    corrupted=None,
 ) -> Callable:
     """``probe(sampler_state, params) -> dict``: what ``method``'s sampler has learned.
 
@@ -177,6 +185,7 @@ def sampler_probe(
     plus, with ``grad_norms``, :func:`score_diagnostics` of p against the gradient norms at
     ``params``; Adam-impt: :func:`importance_switch_diagnostics`; uniform: ``{}``.
     ``jit``: compile ``sampler.probabilities`` (once; for a probe called at every point).
+    ``corrupted``: (n,) bool mask of flipped labels: adds ``corrupted_share`` (sum of p over it).
     """
     if method.sampling == "adam-impt":
         return lambda sampler_state, params: importance_switch_diagnostics(sampler_state)
@@ -187,6 +196,11 @@ def sampler_probe(
     def probe(sampler_state, params) -> dict:
         p = probabilities(sampler_state)
         out = distribution_diagnostics(p)
+        if method.sampling == "priority":  # the mix lambda it draws with (adaptive: learned)
+            out["uniform_mix"] = float(sampler_state.mix)
+        if corrupted is not None:
+            p_host = np.asarray(jax.device_get(p), dtype=np.float64)
+            out["corrupted_share"] = float(np.sum(p_host[np.asarray(corrupted, bool)]))
         if grad_norms is not None:
             p_at = np.asarray(jax.device_get(p), dtype=np.float64)[grad_norms.indices]
             out.update(score_diagnostics(p_at, grad_norms(params), grad_norms.num_examples))

@@ -81,7 +81,9 @@ class MethodRun:
             jit=False,
         )
         example_args = (self.new_state(seeds[0]), setup.data, setup.train_key(seeds[0]))
-        self.probe = sampler_probe(self.built, setup.grad_norm_probe)
+        self.probe = sampler_probe(
+            self.built, setup.grad_norm_probe, corrupted=setup.dataset.metadata.get("corrupted")
+        )
         started = time.perf_counter()
         self.compiled = compile_chunks(
             step,
@@ -163,8 +165,8 @@ class MethodRun:
         """The step-0 evaluation (shared by every method of the seed) and diagnostics."""
         first = self.setup.initial_eval[seed]
         self.curves["time_s"][s_i, 0] = 0.0
-        for k, v in first.items():
-            self.curves[k][s_i, 0] = v[0]
+        for k, v in first.items():  # setdefault: e.g. clean_loss, with flipped labels
+            self.curves.setdefault(k, np.full(self.shape, np.nan))[s_i, 0] = v[0]
         self.rows.append(
             {
                 "method": self.name,
@@ -180,7 +182,7 @@ class MethodRun:
         """Evaluation point ``point`` (snapshot ``j`` of its chunk): curves and its row."""
         self.curves["time_s"][s_i, point] = elapsed
         for k, v in evals.items():
-            self.curves[k][s_i, point] = v[j]
+            self.curves.setdefault(k, np.full(self.shape, np.nan))[s_i, point] = v[j]
         if "sampled_loss" in metrics:
             self.curves["sampled_loss"][s_i, point] = metrics["sampled_loss"][j]
         self.rows.append(

@@ -31,10 +31,15 @@ name                what it is (source)
                     and the clipped bound (L = running 0.9-quantile), the settings
                     docs/algorithm.md found to lower the variance term
 ``adambs-lowvar-precond``  the same, learning from ``"preconditioned_grad_norm"``
-``adam-priority``   **ours**: Adam with the stale-score priority sampler
+``adam-priority``   **ours**: Adam with the stale-score priority sampler and its defaults
                     (``ab.priority_sampler``: p_j proportional to the score example j got when
-                    last drawn, mixed with 10% uniform, exact weights 1/(n p)), learning from
-                    the configuration's feedback like the bandit methods
+                    last drawn, mixed with uniform at the share lambda that the sampler's
+                    variance estimate picks, exact weights 1/(n p)), learning from the
+                    configuration's feedback like the bandit methods
+``adam-priority-fixed``  the same with the fixed mix lambda = 0.1 (the default before
+                    adaptive mixing)
+``adam-priority-refresh``  the fixed mix lambda = 0.1 with ``refresh_every = ceil(n/K)``: every
+                    score at most an epoch old, K more scored examples per step
 ``adam-priority-precond``  the same, learning from ``"preconditioned_grad_norm"`` (the norm of
                     Adam's preconditioned per-example gradient, Lahire's point that p^GN is
                     optimal for SGD, not for Adam)
@@ -287,6 +292,26 @@ def _sampler_comparison_methods() -> list[MethodSpec]:
             requires="priority_sampler",
         ),
         MethodSpec(
+            "adam-priority-fixed",
+            "Adam + priority, fixed mix 0.1 (ours)",
+            "adam",
+            "priority",
+            "Adam, priority sampler with the fixed uniform mix 0.1 (the old default)",
+            _PRIORITY,
+            sampler_defaults={"uniform_mix": 0.1},
+            requires="priority_sampler",
+        ),
+        MethodSpec(
+            "adam-priority-refresh",
+            "Adam + priority, refreshed (ours)",
+            "adam",
+            "priority",
+            "Adam, priority sampler (mix 0.1) re-scoring every example once per epoch",
+            _PRIORITY,
+            sampler_defaults={"uniform_mix": 0.1, "refresh_every": "epoch"},
+            requires="priority_sampler",
+        ),
+        MethodSpec(
             "adam-priority-precond",
             "Adam + priority, precond. norm (ours)",
             "adam",
@@ -437,9 +462,18 @@ def _exp3(name, n, k, num_steps, kwargs, settings, feedback):
 
 
 def _priority(name, n, k, num_steps, kwargs, settings, feedback):
+    if kwargs.get("refresh_every") == "epoch":  # every score at most ceil(n / K) steps old
+        kwargs["refresh_every"] = -(-n // k)
     sampler = ab.priority_sampler(n, k, **kwargs)
-    config = sampler.sample.args[0]  # the validated PriorityConfig the factory bound
-    settings.update(alpha=config.alpha, uniform_mix=config.uniform_mix, eps=config.eps)
+    # the validated PriorityConfig the factory bound (a refreshing sampler binds refresh)
+    config = sampler.update.args[0]
+    settings.update(
+        alpha=config.alpha,
+        uniform_mix=config.uniform_mix,
+        min_uniform_mix=config.min_uniform_mix,
+        eps=config.eps,
+        refresh_every=kwargs.get("refresh_every"),
+    )
     return sampler, feedback
 
 

@@ -5,8 +5,11 @@ the plots (:func:`write_outputs`)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from adambs_jax._jsonable import to_jsonable
 from experiments import aggregate, budget_report
@@ -54,6 +57,9 @@ def method_summary(config: ExperimentConfig, r: MethodResult) -> dict:
             key: aggregate.mean_std_dict([d[key] for d in r.final_diagnostics])
             for key in r.final_diagnostics[0]
         }
+    for name in ("clean_loss", "clean_error"):  # flipped labels: the clean-label curves
+        if name in r.curves:
+            agg[f"final_{name}"] = aggregate.mean_std_dict(np.asarray(r.curves[name])[:, -1])
     agg.update(
         label=r.label,
         settings=r.settings,
@@ -115,8 +121,62 @@ def _shows_ess(summary: dict) -> bool:
     )
 
 
+def versus_adam(summary: dict, name: str, baseline: str = "adam") -> str:
+    """The verdict against uniform Adam of the same run: the ratio of the mean final
+    training losses, on how many seeds the method's final loss is lower (the same seed
+    starts both from the same initialization), and a word: ``better`` if it is lower on at
+    least 3/4 of the seeds and the ratio is below 0.95, ``worse`` if on at most 1/4 and the
+    ratio is above 1.05, else ``tie``."""
+    methods = summary["methods"]
+    if name == baseline or baseline not in methods:
+        return "—"
+    ours = np.asarray(methods[name].get("final_train_loss_per_seed", []), float)
+    adam = np.asarray(methods[baseline].get("final_train_loss_per_seed", []), float)
+    if ours.size == 0 or ours.size != adam.size:
+        return "—"
+    ratio = (
+        methods[name]["final_train_loss"]["mean"] / methods[baseline]["final_train_loss"]["mean"]
+    )
+    wins, seeds = int(np.sum(ours < adam)), ours.size
+    need = math.ceil(0.75 * seeds)
+    word = "tie"
+    if wins >= need and ratio < 0.95:
+        word = "better"
+    elif wins <= seeds - need and ratio > 1.05:
+        word = "worse"
+    return f"{ratio:.2f}x, lower {wins}/{seeds}: {word}"
+
+
+def _extra_columns(summary: dict) -> list[tuple[str, object]]:
+    """(header, cell(name, m)) of the columns only some runs have: the clean-label loss
+    and the share of draws on flipped examples (label noise)."""
+    methods = summary["methods"].values()
+    columns = []
+    if any("final_clean_loss" in m for m in methods):
+        columns.append(
+            (
+                "final clean-label train loss",
+                lambda name, m: (
+                    aggregate.format_mean_std(m["final_clean_loss"])
+                    if "final_clean_loss" in m
+                    else "—"
+                ),
+            )
+        )
+    if any("corrupted_share" in m.get("final_sampler_diagnostics", {}) for m in methods):
+        columns.append(("final share of draws on flipped (%)", _corrupted_cell))
+    return columns
+
+
+def _corrupted_cell(name: str, m: dict) -> str:
+    final = m.get("final_sampler_diagnostics", {})
+    if "corrupted_share" in final:
+        return aggregate.format_mean_std(final["corrupted_share"], scale=100)
+    return "(uniform)"
+
+
 def _table_header(target: float | None, show_ess: bool) -> list[str]:
-    header = ["method", "final train loss", "final test error (%)"]
+    header = ["method", "final train loss", "vs Adam", "final test error (%)"]
     if target is not None:
         header += [f"time to loss ≤ {target:g} (s)", f"steps to loss ≤ {target:g}"]
     header += ["time / step (ms)", "train time / run (s)", "compile (s)"]
@@ -130,10 +190,13 @@ def _crossing_cell(t: dict, fmt: str) -> str:
     return f"never (0/{t['num_seeds']})"
 
 
-def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list[str]:
+def _table_row(
+    name: str, m: dict, target: float | None, show_ess: bool, versus: str = "—"
+) -> list[str]:
     row = [
         f"{m['label']} (`{name}`)",
         aggregate.format_mean_std(m["final_train_loss"]),
+        versus,
         aggregate.format_mean_std(m["final_test_error"], scale=100),
     ]
     if target is not None:
@@ -156,6 +219,14 @@ def _table_row(name: str, m: dict, target: float | None, show_ess: bool) -> list
 def _table_notes(config: ExperimentConfig, summary: dict, show_ess: bool) -> list[str]:
     """Diverged seeds, what the ESS and the target columns mean, Lahire's layout, timing."""
     lines = []
+    if "adam" in summary["methods"]:
+        lines += [
+            "",
+            "vs Adam: mean final training loss / uniform Adam's, the seeds on which it is "
+            "lower (same initialization and keys per seed), and the verdict: better if lower "
+            "on at least 3/4 of the seeds and by more than 5% on average, worse if lower on at "
+            "most 1/4 and higher by more than 5%, else tie.",
+        ]
     diverged = {
         name: m["num_diverged"] for name, m in summary["methods"].items() if m["num_diverged"]
     }
@@ -189,11 +260,14 @@ def markdown_table(config: ExperimentConfig, summary: dict) -> str:
     if "compute_matched" in summary:
         return budget_report.budget_table(config, summary)
     target, show_ess = config.target_loss, _shows_ess(summary)
-    header = _table_header(target, show_ess)
+    extra = _extra_columns(summary)
+    header = _table_header(target, show_ess) + [h for h, _ in extra]
     lines = _table_intro(config, summary)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in summary["methods"].items():
-        lines.append("| " + " | ".join(_table_row(name, m, target, show_ess)) + " |")
+        row = _table_row(name, m, target, show_ess, versus_adam(summary, name))
+        row += [cell(name, m) for _, cell in extra]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + _table_notes(config, summary, show_ess))
 
 

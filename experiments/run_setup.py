@@ -82,13 +82,18 @@ def initial_parameters(config: ExperimentConfig, model, example) -> dict:
 
 def evaluation_sets(config: ExperimentConfig, dataset) -> dict:
     """``split -> (x, y)`` on device: the (first ``eval_train_examples``) training examples
-    and the test set, without all-zero feature vectors if ``eval_informative_only``."""
+    and the test set, without all-zero feature vectors if ``eval_informative_only``; with
+    flipped training labels (``metadata["clean_y_train"]``) also ``"clean"``: the same
+    training examples with their clean labels (the curves ``clean_loss``, ``clean_error``)."""
     n = dataset.num_train
     num_eval_train = n if config.eval_train_examples is None else min(n, config.eval_train_examples)
     eval_sets = {
         "train": (dataset.x_train[:num_eval_train], dataset.y_train[:num_eval_train]),
         "test": (dataset.x_test, dataset.y_test),
     }
+    if "clean_y_train" in dataset.metadata:
+        clean = dataset.metadata["clean_y_train"][:num_eval_train]
+        eval_sets["clean"] = (dataset.x_train[:num_eval_train], clean)
     if config.eval_informative_only:  # drop all-zero feature vectors (constant loss)
         eval_sets = {
             split: (x[keep], y[keep])

@@ -1,7 +1,8 @@
 """Tasks and evaluation: the per-example training loss of a model and its jitted evaluation.
 
 A dataset's ``task`` (``"classification"``: softmax cross-entropy with integer labels;
-``"binary"``: sigmoid binary cross-entropy) fixes the loss; the training loss is split at
+``"binary"``: sigmoid binary cross-entropy; ``"regression"``: squared error (y - out)^2)
+fixes the loss; the training loss is split at
 the logits (``ab.ModelLoss``) so that the ``logit_grad_norm`` feedback works, and the
 evaluation (mean loss and error rate, in eval mode) runs in bounded memory over any number
 of examples and of parameter snapshots.
@@ -31,7 +32,8 @@ def uses_dropout(model) -> bool:
 
 
 def per_example_loss_from_outputs(task: str) -> Callable:
-    """``(outputs, batch) -> (K,)``: softmax CE with integer labels, or sigmoid BCE."""
+    """``(outputs, batch) -> (K,)``: softmax CE with integer labels, sigmoid BCE, or the
+    squared error."""
     if task == "classification":
         return lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["y"]
@@ -40,6 +42,8 @@ def per_example_loss_from_outputs(task: str) -> Callable:
         return lambda logits, batch: optax.sigmoid_binary_cross_entropy(
             logits, batch["y"].astype(logits.dtype)
         )
+    if task == "regression":
+        return lambda outputs, batch: jnp.square(outputs - batch["y"].astype(outputs.dtype))
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -62,7 +66,8 @@ def make_model_loss(model, task: str) -> ab.ModelLoss:
 
 
 def make_evaluator(model, task: str, batch_size: int) -> Callable:
-    """``evaluate(params, x, y) -> (mean loss, error rate)``, jitted, in eval mode.
+    """``evaluate(params, x, y) -> (mean loss, error rate)``, jitted, in eval mode (for a
+    regression the "error" is the mean squared error, the loss).
 
     Runs over ``x`` in batches of ``batch_size`` (``lax.map``; the last batch padded and
     masked), so the memory stays bounded on large datasets.
@@ -74,6 +79,8 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
         losses = loss_from_outputs(logits, {"y": y})
         if task == "classification":
             wrong = jnp.argmax(logits, axis=-1) != y
+        elif task == "regression":  # the "error" of a regression: its squared error
+            wrong = losses
         else:
             wrong = (logits > 0).astype(jnp.int32) != y
         return losses.astype(jnp.float32), wrong.astype(jnp.float32)

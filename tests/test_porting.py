@@ -92,7 +92,7 @@ def test_the_changed_lines_are_those_the_page_states(port):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the issue's target, ten changed lines, is not reached with ab.value_and_grad and "
+    reason="the ten-changed-lines target is not reached with ab.value_and_grad and "
     "ab.Sampling: the weights in, the feedback out, the draw, the learn and the per-example "
     "loss cost 17-22 lines counted as - and +",
 )

@@ -250,7 +250,7 @@ def test_docstring_examples_run():
 
 
 def _hand_loop():
-    """The user's side of the issue: params, the per-example stack, its weights and G_hat.
+    """The user's side of the problem: params, the per-example stack, its weights and G_hat.
 
     The gradients are large (norm ~500 for G_hat), so a clip at 1.0 always acts."""
     params, data, loss_fn = _problem()
@@ -270,7 +270,7 @@ _FIX_TEXT = (
 )
 _FIX = "(?s)" + _FIX_TEXT
 
-# the cases of the issue: a stage before the averaging, a wrapper around it, no wrapper
+# the cases that went wrong: a stage before the averaging, a wrapper around it, no wrapper
 _WRAPS = {
     "clip_before": lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
     "masked_bias_out": lambda tx: optax.masked(tx, {"w": True, "b": False}),
@@ -292,12 +292,12 @@ _CASES = [(f"{wrap}_{opt}", wrap, opt) for wrap in _WRAPS for opt in _OURS_AND_T
 
 
 class StackRefusedTest(parameterized.TestCase):
-    """A per-example stack never enters an optimizer (the issue "a chained per-example stack
+    """A per-example stack never enters an optimizer (the regression "a chained per-example stack
     is processed silently as a gradient"): with ``weights=`` or without, under any wrapper, it
     is refused with a message that says how to compute G_hat."""
 
     def test_a_clip_before_with_importance_weighting_refuses_the_stack(self):
-        # the issue: the clip clipped the stack; the update's norm was 0.354 there (0.19 here),
+        # before: the clip clipped the stack; the update's norm was 0.354 there (0.19 here),
         # not the clip's 1
         params, stack, weights, _ = _hand_loop()
         tx = optax.chain(
@@ -311,7 +311,7 @@ class StackRefusedTest(parameterized.TestCase):
             tx.update(stack, tx.init(params), params)
 
     def test_a_clip_before_adambs_refuses_the_stack(self):
-        # the issue: chain(clip, adambs) on the stack was 16-45% off chain(clip, adam) on G_hat
+        # before: chain(clip, adambs) on the stack was 16-45% off chain(clip, adam) on G_hat
         params, stack, weights, _ = _hand_loop()
         tx = optax.chain(optax.clip_by_global_norm(1.0), ab.adambs(0.1))
         with pytest.raises(TypeError, match=_FIX):
@@ -320,7 +320,7 @@ class StackRefusedTest(parameterized.TestCase):
             tx.update(stack, tx.init(params), params)
 
     def test_masked_adambs_refuses_the_stack(self):
-        # the issue: the masked-out bias came back as its stack and apply_updates made it (K,)
+        # before: the masked-out bias came back as its stack and apply_updates made it (K,)
         params, stack, weights, _ = _hand_loop()
         tx = optax.masked(ab.adambs(0.1), {"w": True, "b": False})
         with pytest.raises(TypeError, match=_FIX):
@@ -372,7 +372,7 @@ class AveragedGradientPathTest(parameterized.TestCase):
     averaged gradient G_hat and they equal plain optax on it."""
 
     def test_a_clip_before_the_weighting_clips_g_hat(self):
-        # the issue's first case done right: the update's norm is the clip's 1.0
+        # the first case done right: the update's norm is the clip's 1.0
         params, stack, weights, g_hat = _hand_loop()
         tx = optax.chain(
             optax.clip_by_global_norm(1.0), ab.with_importance_weighting(optax.sgd(1.0))

@@ -5,11 +5,16 @@ Conventions shared by all loaders:
 * ``x_*`` are numpy arrays, ``float32`` for real-valued inputs (tabular rows
   ``(N, D)``, images ``(N, H, W, C)``, signals ``(N, L)``) and ``int32`` for
   token sequences ``(N, T)``.
-* ``y_*`` are ``int32`` class indices in ``[0, num_classes)``.
+* ``y_*`` are ``int32`` class indices in ``[0, num_classes)`` (``float32`` targets for
+  ``task == "regression"``).
 * ``task`` is ``"classification"`` (a model with ``num_classes`` logits and
   softmax cross-entropy) or ``"binary"`` (a model with one logit per example,
   shape ``(N,)``, sigmoid cross-entropy; labels are ``{0, 1}`` and
-  ``num_classes`` is 2).
+  ``num_classes`` is 2), or ``"regression"`` (one output per example, shape ``(N,)``,
+  squared error; ``num_classes`` is 1).
+* Label noise (``label_noise`` of the tabular loaders): ``metadata["corrupted"]`` is the
+  (N_train,) bool mask of the flipped training labels and ``metadata["clean_y_train"]`` the
+  labels before flipping.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("classification", "binary")
+TASKS = ("classification", "binary", "regression")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: no elementwise ==
@@ -30,7 +35,7 @@ class Dataset:
       x_train, y_train, x_test, y_test: the arrays (see module docstring).
       num_classes: number of classes (2 for ``task == "binary"``).
       name: registry name, e.g. ``"cifar10"``.
-      task: ``"classification"`` or ``"binary"``.
+      task: ``"classification"``, ``"binary"`` or ``"regression"``.
       description: one or two sentences on source, split and preprocessing.
       metadata: loader-specific extras (standardization statistics, generator
         parameters, ...). Never needed to train.

@@ -47,27 +47,62 @@ def _load_arrays(source: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int32)
 
 
+def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int):
+    """``(noisy, corrupted)``: a uniformly random ``round(fraction * N)`` of the labels each
+    replaced by a uniformly random *other* class (seeded); ``corrupted`` is their mask."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"label_noise must be in [0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    corrupted = np.zeros(n, bool)
+    corrupted[rng.choice(n, size=round(fraction * n), replace=False)] = True
+    shift = rng.integers(1, num_classes, size=n)
+    noisy = np.where(corrupted, (labels + shift) % num_classes, labels).astype(np.int32)
+    return noisy, corrupted
+
+
 def load_tabular(
-    source: str, *, seed: int | None = None, test_fraction: float = TEST_FRACTION
+    source: str,
+    *,
+    seed: int | None = None,
+    test_fraction: float = TEST_FRACTION,
+    label_noise: float = 0.0,
 ) -> Dataset:
-    """``iris`` / ``wine`` / ``digits`` as standardized feature vectors."""
+    """``iris`` / ``wine`` / ``digits`` as standardized feature vectors. ``label_noise``:
+    flip that fraction of the *training* labels (``flip_labels``, seeded by ``seed``; the
+    test labels stay clean); the mask and the clean labels go to the metadata."""
     seed = DEFAULT_SPLIT_SEED if seed is None else seed
     features, labels = _load_arrays(source)
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     x_train, x_test, stats = standardize_features(features[train_idx], features[test_idx])
+    num_classes = int(labels.max()) + 1
+    y_train, noise = labels[train_idx], ""
+    if label_noise:
+        clean = y_train
+        y_train, corrupted = flip_labels(clean, label_noise, num_classes, seed)
+        stats = {**stats, "corrupted": corrupted, "clean_y_train": clean}
+        noise = (
+            f" {int(corrupted.sum())} training labels ({label_noise:.0%}) flipped to a "
+            f"random other class (seed {seed}); test labels clean."
+        )
     return Dataset(
         x_train=x_train,
-        y_train=labels[train_idx],
+        y_train=y_train,
         x_test=x_test,
         y_test=labels[test_idx],
-        num_classes=int(labels.max()) + 1,
+        num_classes=num_classes,
         name=source,
         task="classification",
         description=(
             f"{_SOURCES[source]} Stratified {1 - test_fraction:.0%}/{test_fraction:.0%} "
-            f"train/test split (seed {seed}); features standardized with train mean/std."
+            f"train/test split (seed {seed}); features standardized with train mean/std." + noise
         ),
-        metadata={"split_seed": seed, "test_fraction": test_fraction, **stats},
+        metadata={
+            "split_seed": seed,
+            "test_fraction": test_fraction,
+            "label_noise": label_noise,
+            **stats,
+        },
     )
 
 

@@ -1,7 +1,8 @@
-"""Fully connected models: Lahire's MLP, the MNIST-1D MLP and the AdamBS neuron.
+"""Fully connected models: Lahire's MLP, the MNIST-1D MLP, the digits and regression MLPs
+and the AdamBS neuron.
 
 All modules take ``__call__(x, *, train=False)`` (``train`` is unused: none of
-these models has dropout) and return logits.
+these models has dropout) and return logits (the regression MLP: one output per example).
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ def mnist1d_mlp(num_classes: int = 10, hidden_sizes: Sequence[int] = (100, 100))
     """MLP for MNIST-1D's 40-sample signals: two hidden ReLU layers of 100 units
     (the MLP baseline of the MNIST-1D paper)."""
     return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes))
+
+
+def digits_mlp(num_classes: int = 10, hidden_sizes: Sequence[int] = (64,)) -> MLP:
+    """Our small MLP for the flat 64-pixel digits (one hidden ReLU layer of 64): cheap
+    enough for 10 seeds on a CPU."""
+    return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes))
+
+
+class RegressionMLP(nn.Module):
+    """``Dense -> ReLU`` per hidden size, then one output per example, shape ``(batch,)``."""
+
+    hidden_sizes: Sequence[int] = (32, 32)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+        del train
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden_sizes:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(1)(x)[:, 0]
+
+
+def regression_mlp(hidden_sizes: Sequence[int] = (32, 32)) -> RegressionMLP:
+    """Our small MLP for regression (two hidden ReLU layers of 32)."""
+    return RegressionMLP(hidden_sizes=tuple(hidden_sizes))
 
 
 class HeavyTailedNeuron(nn.Module):

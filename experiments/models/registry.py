@@ -5,13 +5,16 @@ Every model is a ``flax.linen`` module called as
 (the ``rngs`` argument is only needed with ``train=True`` for models with
 dropout). Classification models return ``(batch, num_classes)`` logits;
 binary models (``task == "binary"``) return one logit per example,
-``(batch,)``, for sigmoid cross-entropy with labels in {0, 1}.
+``(batch,)``, for sigmoid cross-entropy with labels in {0, 1}; regression models
+(``task == "regression"``) one output per example, ``(batch,)``.
 
 =================== ================ ======================== ==============
 name                input (no batch) typical dataset          task
 =================== ================ ======================== ==============
 lahire-mlp          (4,) float32     iris, wine               classification
 mnist1d-mlp         (40,) float32    mnist1d                  classification
+digits-mlp          (64,) float32    digits                   classification
+regression-mlp      (10,) float32    friedman                 regression
 digits-cnn          (8, 8, 1)        digits-image             classification
 heavy-tailed-neuron (100,) float32   heavy-tailed             binary
 cifar-cnn           (32, 32, 3)      cifar10, cifar100        classification
@@ -39,7 +42,13 @@ import numpy as np
 
 from experiments.lookup import lookup
 from experiments.models.cnn import CifarCNN, DigitsCNN, FashionCNN
-from experiments.models.mlp import HeavyTailedNeuron, lahire_mlp, mnist1d_mlp
+from experiments.models.mlp import (
+    HeavyTailedNeuron,
+    digits_mlp,
+    lahire_mlp,
+    mnist1d_mlp,
+    regression_mlp,
+)
 from experiments.models.recurrent import ImdbRCNN, PixelSequenceLSTM
 
 
@@ -82,6 +91,17 @@ def _binary(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build_binary
 
 
+def _regressor(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Wrap a one-output model for regression (``num_classes`` must be 1)."""
+
+    def build_regressor(num_classes: int = 1, **kw) -> nn.Module:
+        if num_classes != 1:
+            raise ValueError(f"regression model: num_classes must be 1, got {num_classes}")
+        return build(**kw)
+
+    return build_regressor
+
+
 def _classifier(module_cls) -> Callable[..., nn.Module]:
     def build(num_classes: int, **kw) -> nn.Module:
         return module_cls(num_classes=num_classes, **kw)
@@ -94,6 +114,15 @@ _SPECS = {
     for spec in (
         ModelSpec("lahire-mlp", lahire_mlp, (4,), np.float32, "classification", ("iris", "wine")),
         ModelSpec("mnist1d-mlp", mnist1d_mlp, (40,), np.float32, "classification", ("mnist1d",)),
+        ModelSpec("digits-mlp", digits_mlp, (64,), np.float32, "classification", ("digits",)),
+        ModelSpec(
+            "regression-mlp",
+            _regressor(regression_mlp),
+            (10,),
+            np.float32,
+            "regression",
+            ("friedman",),
+        ),
         ModelSpec(
             "digits-cnn",
             _classifier(DigitsCNN),

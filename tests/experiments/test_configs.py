@@ -62,7 +62,18 @@ def test_default_is_a_shortened_digits_cnn():
     }
     assert changed == {"name", "description", "methods", "num_steps", "num_seeds"}
     assert (default.num_steps, default.num_seeds) == (600, 3)
-    assert set(default.methods) < set(digits.methods)
+    # the paper comparison without AMSGrad, plus the priority sampler with its defaults
+    assert set(default.methods) - {"adam-priority"} < set(digits.methods)
+    assert {"adam", "adambs", "adam-priority"} <= set(default.methods)
+
+
+@pytest.mark.parametrize("name", ["friedman-mlp", "digits-noisy-mlp"])
+def test_priority_check_configs_compare_the_priority_variants(name):
+    config = get_config(name)
+    assert {"adam", "adam-priority-fixed", "adam-priority", "adam-priority-refresh"} <= set(
+        config.methods
+    )
+    assert config.num_seeds >= 5
 
 
 @pytest.mark.parametrize(

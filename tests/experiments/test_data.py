@@ -156,6 +156,7 @@ def test_registry_lists_every_dataset():
         "digits-image",
         "mnist1d",
         "heavy-tailed",
+        "friedman",
         "mnist",
         "fashion-mnist",
         "cifar10",
@@ -177,7 +178,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 def test_dataset_rejects_bad_task_and_lengths():
     x, y = np.zeros((3, 2), np.float32), np.zeros(3, np.int32)
     with pytest.raises(ValueError):
-        Dataset(x, y, x, y, 2, "t", "regression", "")
+        Dataset(x, y, x, y, 2, "t", "ranking", "")
     with pytest.raises(ValueError):
         Dataset(x, y[:2], x, y, 2, "t", "binary", "")
 
@@ -208,6 +209,31 @@ def test_tabular_sklearn_sets(name, num_train, num_test, width, num_classes):
     assert_train_standardized(data.x_train[:, varying], axes=0)
     np.testing.assert_allclose(data.x_train[:, ~varying], 0.0)
     assert data.description
+
+
+def test_label_noise_flips_a_fifth_of_the_training_labels_only():
+    clean, noisy = load_dataset("digits"), load_dataset("digits", label_noise=0.2)
+    corrupted = noisy.metadata["corrupted"]
+    assert corrupted.sum() == round(0.2 * clean.num_train)
+    np.testing.assert_array_equal(noisy.metadata["clean_y_train"], clean.y_train)
+    assert np.all(noisy.y_train[corrupted] != clean.y_train[corrupted])
+    np.testing.assert_array_equal(noisy.y_train[~corrupted], clean.y_train[~corrupted])
+    np.testing.assert_array_equal(noisy.y_test, clean.y_test)
+    assert noisy.y_train.dtype == np.int32 and noisy.y_train.max() < 10
+    with pytest.raises(ValueError, match="label_noise"):
+        load_dataset("digits", label_noise=1.0)
+
+
+def test_friedman_is_a_standardized_regression():
+    data = load_dataset("friedman")
+    assert data.task == "regression" and data.num_classes == 1
+    assert data.x_train.shape == (2000, 10) and data.x_test.shape == (1000, 10)
+    assert data.y_train.dtype == np.float32 and data.y_train.shape == (2000,)
+    assert abs(float(data.y_train.mean())) < 1e-5 and float(data.y_train.std()) == pytest.approx(
+        1, rel=1e-4
+    )
+    again = load_dataset("friedman", seed=0)
+    np.testing.assert_array_equal(data.y_test, again.y_test)
 
 
 def test_sklearn_split_is_seeded():

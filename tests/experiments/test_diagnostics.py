@@ -17,6 +17,7 @@ from experiments.diagnostics import (
     optimal_variance_ratio,
     probe_indices,
     sampler_diagnostics,
+    sampler_probe,
     score_diagnostics,
     spearman,
     variance_ratio,
@@ -135,3 +136,16 @@ def test_grad_norm_probe_is_exact_and_feeds_the_sampler_diagnostics():
         "max_prob_times_n",
         "min_prob_times_n",
     }  # no params: no scores
+
+
+def test_priority_reports_its_mix_and_the_share_on_corrupted_examples():
+    built = build_method(
+        "adam-priority-fixed", num_examples=10, batch_size=4, num_steps=10, learning_rate=0.1
+    )
+    state = built.sampler.update(built.sampler.init(), jnp.arange(4), jnp.array([9.0, 1, 1, 1]))
+    corrupted = np.zeros(10, bool)
+    corrupted[:2] = True
+    out = sampler_probe(built, None, jit=False, corrupted=corrupted)(state, None)
+    p = np.asarray(built.sampler.probabilities(state), np.float64)
+    assert out["uniform_mix"] == pytest.approx(0.1)
+    assert out["corrupted_share"] == pytest.approx(p[:2].sum(), rel=1e-6)

@@ -100,10 +100,20 @@ def test_adam_priority_builds_the_priority_sampler_with_the_configuration_feedba
     built = _build("adam-priority", feedback="grad_norm")
     assert built.sampling == "priority" and built.feedback == "grad_norm"
     assert isinstance(built.sampler.init(), ab.samplers.PrioritySamplerState)
-    assert built.settings["uniform_mix"] == 0.1 and built.settings["alpha"] == 1.0
+    assert built.settings["uniform_mix"] == "auto" and built.settings["alpha"] == 1.0
     mixed = _build("adam-priority", options={"uniform_mix": 0.5})
     assert mixed.settings["uniform_mix"] == 0.5
     json.dumps(mixed.settings)
+
+
+def test_priority_fixed_and_refresh_methods():
+    fixed = _build("adam-priority-fixed")
+    assert fixed.settings["uniform_mix"] == 0.1 and isinstance(fixed.sampler, ab.Sampler)
+    refreshed = _build("adam-priority-refresh")
+    assert isinstance(refreshed.sampler, ab.ScoringSampler)
+    n, k = 50, 4  # _build's sizes
+    assert refreshed.settings["refresh_every"] == -(-n // k)
+    assert refreshed.sampler.update.args[0].refresh_chunk == -(-n // -(-n // k))
 
 
 @pytest.mark.parametrize("name", ["adam-priority-precond", "adambs-lowvar-precond"])

@@ -16,6 +16,8 @@ from experiments.models.recurrent import PixelSequenceLSTM
 TINY_CASES = {
     "lahire-mlp": ((4,), 3, {}),
     "mnist1d-mlp": ((40,), 10, {}),
+    "digits-mlp": ((64,), 10, {}),
+    "regression-mlp": ((10,), 1, {}),
     "digits-cnn": ((8, 8, 1), 10, {}),
     "heavy-tailed-neuron": ((16,), 2, {}),
     "cifar-cnn": ((12, 12, 3), 7, {}),
@@ -96,7 +98,8 @@ CASES = [
 @pytest.mark.parametrize("name", CASES)
 def test_output_shape_and_finite_under_jit(name):
     _, _, _, num_classes, out = probe(name)
-    expected = (BATCH,) if model_spec(name).task == "binary" else (BATCH, num_classes)
+    one_output = model_spec(name).task in ("binary", "regression")
+    expected = (BATCH,) if one_output else (BATCH, num_classes)
     assert out["eval"].shape == expected
     assert np.all(np.isfinite(out["eval"])) and np.all(np.isfinite(out["train_a"]))
 
@@ -174,13 +177,14 @@ def param_shapes(name, num_classes, example, **kwargs):
 def test_full_size_default_inputs_give_expected_outputs():
     for name in list_models():
         spec = model_spec(name)
-        num_classes = 2 if spec.task == "binary" else 10
+        one_output = spec.task in ("binary", "regression")
+        num_classes = {"binary": 2, "regression": 1}.get(spec.task, 10)
         model, shapes = param_shapes(name, num_classes, spec.example_input())
         out = jax.eval_shape(
             lambda p, model=model, spec=spec: model.apply({"params": p}, spec.example_input(4)),
             shapes,
         )
-        assert out.shape == ((4,) if spec.task == "binary" else (4, num_classes)), name
+        assert out.shape == ((4,) if one_output else (4, num_classes)), name
 
 
 def test_lahire_mlp_layer_sizes():

@@ -83,3 +83,28 @@ def test_markdown_table_rows_and_notes():
     assert "10 ± 0 (2/2)" in adambs and adambs.endswith("| 0.9 ± 0 | 1.5 ± 0 |")
     assert "all 120 training examples, test error on 30 test examples." in text
     assert "Lahire Table 1 layout" in text and text.endswith("measured here.\n")
+
+
+def test_versus_adam_compares_seed_by_seed():
+    from experiments.reports import versus_adam
+
+    def method(per_seed):
+        return {
+            "final_train_loss": {"mean": float(np.mean(per_seed))},
+            "final_train_loss_per_seed": per_seed,
+        }
+
+    summary = {
+        "methods": {
+            "adam": method([1.0, 1.0, 1.0, 1.0]),
+            "better": method([0.5, 0.5, 0.5, 2.0]),
+            "worse": method([2.0, 2.0, 2.0, 0.5]),
+            "tie": method([0.5, 0.5, 2.0, 2.0]),
+        }
+    }
+    assert versus_adam(summary, "better") == "0.88x, lower 3/4: better"
+    assert versus_adam(summary, "worse") == "1.62x, lower 1/4: worse"
+    assert versus_adam(summary, "tie").endswith("lower 2/4: tie")
+    assert versus_adam(summary, "adam") == "—"
+    summary["methods"]["close"] = method([1.01, 1.01, 1.01, 1.01])  # within 5%: a tie
+    assert versus_adam(summary, "close") == "1.01x, lower 0/4: tie"

@@ -35,7 +35,29 @@ def test_uses_dropout():
 
 def test_unknown_task_is_refused():
     with pytest.raises(ValueError, match="unknown task"):
-        per_example_loss_from_outputs("regression")
+        per_example_loss_from_outputs("ranking")
+
+
+def test_regression_loss_is_the_squared_error_and_its_error_the_mse():
+    loss = per_example_loss_from_outputs("regression")
+    np.testing.assert_allclose(
+        loss(jnp.array([1.0, -2.0]), {"y": jnp.array([0.5, 1.0])}), [0.25, 9.0]
+    )
+
+    class Scalar(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train=False):
+            return nn.Dense(1)(x)[:, 0]
+
+    model = Scalar()
+    x = jax.random.normal(jax.random.key(0), (10, 4))
+    y = jax.random.normal(jax.random.key(1), (10,))
+    params = model.init(jax.random.key(2), x)["params"]
+    mse = float(jnp.mean(jnp.square(model.apply({"params": params}, x) - y)))
+    for batch_size in (64, 4):
+        loss_value, error = make_evaluator(model, "regression", batch_size)(params, x, y)
+        assert float(loss_value) == pytest.approx(mse, rel=1e-5)
+        assert float(error) == pytest.approx(mse, rel=1e-5)
 
 
 @pytest.mark.parametrize("task, outputs", [("classification", 3), ("binary", 1)])

@@ -159,6 +159,11 @@ def test_extreme_scores_stay_finite():
         (dict(initial_score=float("nan")), "initial_score"),
         (dict(initial_score=-1.0), "initial_score"),
         (dict(arity=3), "arity"),
+        (dict(uniform_mix="adaptive"), "uniform_mix"),
+        (dict(min_uniform_mix=0.0), "min_uniform_mix"),
+        (dict(min_uniform_mix=2.0), "min_uniform_mix"),
+        (dict(mix_decay=1.0), "mix_decay"),
+        (dict(mix_decay=-0.1), "mix_decay"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, match):
@@ -222,7 +227,7 @@ def test_ab_probabilities_reads_the_state_alone():
         rtol=1e-5,
     )
     with pytest.raises(ValueError, match="uniform_mix=0.4, but this sampler has uniform_mix=0.1"):
-        priority_sampler(N, K).sample(state, jax.random.key(0))
+        priority_sampler(N, K, uniform_mix=0.1).sample(state, jax.random.key(0))
 
 
 def test_refresh_rescores_every_example_once_in_m_steps():
@@ -307,3 +312,136 @@ def test_an_example_that_never_reports_keeps_a_typical_score():
     share = float(jnp.sum(sampler.probabilities(state)[silent]))
     assert share < 0.015, share  # 1% to start with; about 1% for a typical score
     assert int(state.num_dropped_feedback) > 0
+
+
+# ----------------------------------------------------------------------------- adaptive mix
+
+
+def with_mix(state, mix):
+    """The state with lambda set by hand (the tree and everything else unchanged)."""
+    return state.replace(mix=jnp.asarray(mix, jnp.float32))
+
+
+def test_auto_is_the_default_starts_uniform_and_has_a_geometric_grid():
+    sampler = priority_sampler(N, K)
+    config = sampler.update.args[0]
+    assert config.uniform_mix == "auto" and config.adaptive
+    state = sampler.init()
+    assert float(state.mix) == 1.0 and state.mix_ratios.shape == (6,)
+    np.testing.assert_allclose(priority.mix_candidates(config), np.geomspace(0.1, 1.0, 6))
+    fixed = priority_sampler(N, K, uniform_mix=0.3).update.args[0]
+    assert priority.mix_candidates(fixed) == (0.3,) and not fixed.adaptive
+
+
+def test_auto_draw_frequencies_and_probs_follow_the_state_mix():
+    sampler = priority_sampler(N, K)
+    state = with_mix(skewed_state(sampler), 0.1)
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    np.testing.assert_allclose(p, expected_p(SCORES, uniform_mix=0.1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ab.samplers.probabilities(state), np.float64), p, rtol=1e-6
+    )
+    indices, probs = draws(sampler, state, num_calls=5000)
+    np.testing.assert_allclose(probs, p[indices], rtol=1e-6)
+    counts = np.bincount(indices, minlength=N)
+    assert stats.chisquare(counts, p / p.sum() * counts.sum()).pvalue > 1e-3
+
+
+def test_auto_weighted_batch_mean_is_unbiased():
+    sampler = priority_sampler(N, K)
+    state = with_mix(skewed_state(sampler), 0.1585)
+    g = np.cos(np.arange(N)) + 1.5
+    num_calls = 4000
+    indices, probs = draws(sampler, state, num_calls=num_calls, seed=2)
+    estimate = np.mean(g[indices] / (N * probs))
+    p = np.asarray(sampler.probabilities(state), np.float64)
+    per_draw_var = np.sum(g**2 / (N**2 * p)) - g.mean() ** 2
+    assert abs(estimate - g.mean()) < 5 * np.sqrt(per_draw_var / (num_calls * K))
+
+
+def exact_variance_ratio(q, f, lam):
+    """V(p) / V(u) = sum f^2 / (n^2 p) / (sum f^2 / n) for p = (1 - lam) q + lam / n."""
+    n = len(q)
+    p = (1 - lam) * q + lam / n
+    return np.sum(f**2 / (n**2 * p)) / (np.sum(f**2) / n)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_mix_ratios_estimate_the_candidates_variance_ratios(stale):
+    """The per-batch rho_c, summed numerator and denominator over many batches drawn from p,
+    converge to V(p^(c)) / V(u) of the feedback f (fresh: f = the scores; stale: f reversed)."""
+    sampler = priority_sampler(N, K)
+    config = sampler.update.args[0]
+    state = with_mix(skewed_state(sampler), 0.25)
+    q = SCORES / SCORES.sum()  # u = s + 1e-6, negligible here
+    f = SCORES[::-1].copy() if stale else SCORES.copy()
+    indices, probs = draws(sampler, state, num_calls=4000, seed=3)
+    lams = np.asarray(priority.mix_candidates(config))
+    # the estimator of the module docstring, in float64, over all draws at once
+    weighted = f[indices] ** 2 / (N * probs)
+    cand = (1 - lams[:, None]) * q[indices][None, :] * N + lams[:, None]
+    estimate = np.sum(weighted[None, :] / cand, axis=1) / np.sum(weighted)
+    exact = np.array([exact_variance_ratio(q, f, lam) for lam in lams])
+    np.testing.assert_allclose(estimate, exact, rtol=0.05)
+    # the library's rho of one batch is the same formula
+    idx = jnp.asarray(indices[:K])
+    clean = priority.clean_feedback(idx, jnp.asarray(f[indices[:K]], jnp.float32), N)
+    rho, informative = priority.mix_ratios(config, state, clean)
+    w = f[indices[:K]] ** 2 / (N * probs[:K])
+    c = (1 - lams[:, None]) * q[indices[:K]][None, :] * N + lams[:, None]
+    np.testing.assert_allclose(np.asarray(rho), np.sum(w / c, axis=1) / np.sum(w), rtol=1e-4)
+    assert bool(informative) and float(rho[-1]) == pytest.approx(1.0, rel=1e-6)
+    if stale:  # reversed scores: every mix below 1 is worse than uniform
+        assert np.all(exact[:-1] > 1)
+    else:
+        assert exact[0] < 0.75
+
+
+def run_updates(sampler, state, feedback_of, num_steps, seed=0):
+    """``num_steps`` sample + update steps with feedback ``feedback_of[indices]``."""
+
+    @jax.jit
+    def step(state, key):
+        indices, _ = sampler.sample(state, key)
+        return sampler.update(state, indices, jnp.asarray(feedback_of)[indices]), None
+
+    keys = jax.random.split(jax.random.key(seed), num_steps)
+    return jax.lax.scan(step, state, keys)[0]
+
+
+def test_auto_picks_a_small_mix_for_fresh_scores_and_uniform_for_stale_ones():
+    n = 200
+    sampler = priority_sampler(n, 16)
+    f = np.geomspace(0.01, 10.0, n)
+    # the feedback never changes: the stored scores are fresh, sampling by them helps
+    state = run_updates(sampler, sampler.init(), f, 400)
+    assert float(state.mix) == pytest.approx(0.1, rel=1e-6)
+    assert float(state.mix_ratios[0]) < 0.8 < float(state.mix_ratios[-1]) + 1e-6
+    # now every score is stale: the feedback is reversed, the tree still says the old order;
+    # within 10 steps the estimate sees that small mixes are worse than uniform and moves
+    # lambda up; once the redrawn examples have fresh scores, it comes back down
+    moved = run_updates(sampler, state, f[::-1].copy(), 10, seed=1)
+    assert float(moved.mix) >= 0.5
+    assert float(moved.mix_ratios[0]) > 1.5
+    recovered = run_updates(sampler, moved, f[::-1].copy(), 300, seed=2)
+    assert float(recovered.mix) <= 0.4 and float(recovered.mix_ratios[0]) < 1.0
+
+
+def test_auto_without_informative_feedback_keeps_the_mix():
+    sampler = priority_sampler(N, K)
+    state = with_mix(skewed_state(sampler), 0.1)
+    kept = sampler.update(state, jnp.arange(K), jnp.zeros(K))
+    assert float(kept.mix) == pytest.approx(0.1)
+    np.testing.assert_array_equal(np.asarray(kept.mix_ratios), np.asarray(state.mix_ratios))
+    nan = sampler.update(state, jnp.arange(K), jnp.full(K, jnp.nan))
+    np.testing.assert_array_equal(np.asarray(nan.mix_ratios), np.asarray(state.mix_ratios))
+
+
+def test_a_state_of_another_min_uniform_mix_is_refused():
+    state = priority_sampler(N, K, min_uniform_mix=0.2).init()
+    with pytest.raises(ValueError, match="min_uniform_mix=0.2, but this sampler has"):
+        priority_sampler(N, K).sample(state, jax.random.key(0))
+    with pytest.raises(ValueError, match="uniform_mix='auto', but this sampler has"):
+        priority_sampler(N, K, uniform_mix=0.1).sample(
+            priority_sampler(N, K).init(), jax.random.key(0)
+        )
