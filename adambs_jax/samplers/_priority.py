@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -332,7 +332,8 @@ def sample(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array):
     mix_key, uniform_key, tree_key = jax.random.split(key, 3)
     shape = (config.batch_size,)
     indices = jax.random.randint(uniform_key, shape, 0, config.num_examples, jnp.int32)
-    if config.adaptive or config.uniform_mix < 1.0:
+    # not adaptive: uniform_mix is a float (pyright does not narrow through the property)
+    if config.adaptive or cast(float, config.uniform_mix) < 1.0:
         from_uniform = jax.random.bernoulli(mix_key, state.mix, shape)
         uniforms = jax.random.uniform(tree_key, shape, jnp.float32)
         targets = sumtree.uniforms_to_targets(uniforms, sumtree.total(state.tree), stratified=False)
