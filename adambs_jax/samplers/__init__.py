@@ -15,7 +15,9 @@ mini-batch training), ``priority_sampler`` (stale scores, exact weights),
 ``infobatch_sampler`` (InfoBatch as importance sampling), ``group_sampler`` (any per-arm
 sampler over contiguous groups), and the papers' model-aware baselines
 ``adam_impt_sampler`` (Katharopoulos & Fleuret) and ``gradient_norm_sampler`` (Lahire's
-p^GN). ``importance_weights(probs, n)`` = 1 / (n p) makes the gradient estimate unbiased.
+p^GN). ``sharded(sampler, mesh, axis)`` splits an exp3 or priority sampler's state by
+examples over a mesh axis. ``importance_weights(probs, n)`` = 1 / (n p) makes the gradient
+estimate unbiased.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020.
 """
@@ -53,6 +55,7 @@ from adambs_jax.samplers._infobatch import InfobatchSamplerState, infobatch_samp
 from adambs_jax.samplers._priority import PrioritySamplerState, priority_sampler
 from adambs_jax.samplers._projection import ProjectionResult, project_onto_floored_simplex
 from adambs_jax.samplers._scored_draws import resample_proportional
+from adambs_jax.samplers._sharded import ShardedExp3State, ShardedPriorityState, sharded
 from adambs_jax.samplers._sumtree import default_arity, max_leaves
 from adambs_jax.samplers._uniform import UniformSamplerState, uniform_sampler
 
@@ -95,6 +98,10 @@ __all__ = [
     "gradient_norm_sampler",
     "GradientNormSamplerState",
     "resample_proportional",
+    # the state split by examples over a mesh axis
+    "sharded",
+    "ShardedExp3State",
+    "ShardedPriorityState",
     # the pieces a sampler is built from
     "project_onto_floored_simplex",
     "ProjectionResult",

@@ -155,7 +155,7 @@ def make_train_step(
             step, config.optimizer, sampler, steps_per_call=steps_per_call, first_call_check=check
         )
     return TrainStep(
-        _jitted(step, mesh, options.donate),
+        _jitted(step, mesh, options.donate, sampler),
         config.optimizer,
         sampler,
         renormalize_fn(sampler, mesh),
@@ -164,15 +164,27 @@ def make_train_step(
     )
 
 
-def _jitted(fn, mesh, donate: bool = True):
+def _jitted(fn, mesh, donate: bool = True, sampler=None, *, with_metrics: bool = True):
     """``jax.jit(fn, donate_argnums=0)`` (no donation with ``donate`` False), with replicated
-    shardings under ``mesh``."""
+    shardings under ``mesh``; a sampler whose ``init`` carries a ``state_sharding``
+    (``ab.samplers.sharded``) keeps its state split along the mesh instead."""
     donate_argnums = 0 if donate else ()
     if mesh is None:
         return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = replicated_sharding(mesh)
+    sampler_sharding = getattr(getattr(sampler, "init", None), "state_sharding", None)
+    if sampler_sharding is None:
+        return jax.jit(
+            fn, donate_argnums=donate_argnums, in_shardings=replicated, out_shardings=replicated
+        )
+    fields = {name: replicated for name in TrainState._fields}
+    state = TrainState(**{**fields, "sampler_state": sampler_sharding})
+    # inputs keep their placement (replicate all but the sampler state); outputs:
+    # (state, metrics) of a step, the state of a renormalization
     return jax.jit(
-        fn, donate_argnums=donate_argnums, in_shardings=replicated, out_shardings=replicated
+        fn,
+        donate_argnums=donate_argnums,
+        out_shardings=(state, replicated) if with_metrics else state,
     )
 
 
@@ -185,4 +197,4 @@ def renormalize_fn(sampler, mesh):
     def renormalize(state: TrainState) -> TrainState:
         return state._replace(sampler_state=sampler.renormalize(state.sampler_state))
 
-    return _jitted(renormalize, mesh)
+    return _jitted(renormalize, mesh, sampler=sampler, with_metrics=False)
