@@ -22,8 +22,9 @@ Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step wi
 indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
-these n), ``priority/logit_grad_norm`` (``priority_sampler``, its defaults), plus ``adambs/grad_norm/reuse-per-example``
-(``GradNorm(reuse_per_example_grads=True)``) and ``adambs/loss/no-diagnostics``, and
+these n), ``priority/logit_grad_norm`` (``priority_sampler``, its defaults), plus
+``adambs/grad_norm/reuse-per-example`` (``GradNorm(reuse_per_example_grads=True)``) and
+``adambs/loss/no-diagnostics``, and
 ``adambs/grad_norm/vmap`` (exact norms by ``vmap`` per-example gradients instead of the
 default ghost norms: ``GradNorm(method="vmap")``).
 Every step is jitted with the state donated, warmed up (compilation excluded) and timed with

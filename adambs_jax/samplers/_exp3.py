@@ -8,7 +8,8 @@ Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020), each a module-level function here
   1. ``clean_feedback``          drop negative / NaN / inf feedback and out-of-range indices
   2. ``bound_for_update``        ratio_k = min(f_k, L) / L with L fixed, the running max
                                  (``clip_to_bound``) or a running quantile (``quantile_bound``)
-  3. ``merge_duplicate_draws``   sort the draws; runs of equal indices are one arm
+  3. ``group_duplicate_draws``   the draws of one arm, found without a sort
+                                 (``merge_duplicate_draws``: the sorted equivalent)
   4. ``shifted_loss_estimate``   alpha_p h_j, from l_j = L^2/p_min^2 - f_j^2/p_j^2
   5. ``project_and_write``       exact KL projection onto {q >= p_min}, write the K leaves
 

@@ -16,8 +16,9 @@ If the k smallest sampled weights are the clipped ones, (*) is linear in 1/Z:
     Z_k = (R + sum_{i >= k} w_(i)) / (1 - k p_min),    w_(0) <= w_(1) <= ... (sorted).
 
 Any k that is consistent (w_(k-1) <= p_min Z_k <= w_(k)) solves (*), and the left side
-of (*) is strictly decreasing in Z, so that Z_k is the unique solution. Sorting the <= K
-sampled weights costs O(K log K); nothing of size n is touched.
+of (*) is strictly decreasing in Z, so that Z_k is the unique solution. The k-th smallest
+arm is found by its rank (#{arms below it}) from K x K compares for K <= 256 (no sort: a
+sort of 128 keys costs ~12 µs on XLA:CPU), by sorting above; nothing of size n is touched.
 
 (*) is invariant under (w, R, Z) -> (c w, c R, c Z), so it is solved for weights shifted
 by M = max(log w_j, log R) in log space: nothing underflows even when every arm was sampled
