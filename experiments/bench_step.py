@@ -8,6 +8,8 @@ models depend on nothing else in ``experiments``):
 
 * ``mlp``: 64 -> 128 -> 128 -> 10 on digits-sized random data (n = 1797, 64 features,
   10 classes);
+* ``mlp4000``: 40 -> 100 -> 100 -> 10 on MNIST-1D-sized random data (n = 4000, 40
+  features, 10 classes), where a sampler's fixed cost per step is most visible;
 * ``cnn``: conv 3x3x16 (stride 2) -> conv 3x3x32 (stride 2) -> dense 10 on random 28x28x1
   images (n = 10,000);
 * ``cifar``: the AdamBS paper's CIFAR-10 CNN (``experiments.models.cnn.CifarCNN``, 4 conv
@@ -20,8 +22,9 @@ Batch size K = 128. Variants: ``adam`` (a hand-written jitted optax Adam step wi
 indices, the baseline), ``uniform`` (``make_train_step`` with ``uniform_sampler``, ``"loss"``
 feedback: the overhead of the step itself), and ``adambs/<feedback>`` (``exp3_sampler`` with
 ``"grad_norm"``, ``"logit_grad_norm"``, ``"loss"``; default diagnostics, which are O(n) at
-these n), plus ``adambs/grad_norm/reuse-per-example``
-(``GradNorm(reuse_per_example_grads=True)``) and ``adambs/loss/no-diagnostics``, and
+these n), ``priority/logit_grad_norm`` (``priority_sampler``, its defaults), plus
+``adambs/grad_norm/reuse-per-example`` (``GradNorm(reuse_per_example_grads=True)``) and
+``adambs/loss/no-diagnostics``, and
 ``adambs/grad_norm/vmap`` (exact norms by ``vmap`` per-example gradients instead of the
 default ghost norms: ``GradNorm(method="vmap")``).
 Every step is jitted with the state donated, warmed up (compilation excluded) and timed with
@@ -55,10 +58,12 @@ LEARNING_RATE = 1e-3
 
 
 class MLP(nn.Module):
+    width: int = 128
+
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Dense(128)(x))
-        x = nn.relu(nn.Dense(128)(x))
+        x = nn.relu(nn.Dense(self.width)(x))
+        x = nn.relu(nn.Dense(self.width)(x))
         return nn.Dense(10)(x)
 
 
@@ -89,6 +94,7 @@ class CNN(nn.Module):
 
 MODELS = {
     "mlp": lambda: (MLP(), 1797, (64,)),
+    "mlp4000": lambda: (MLP(width=100), 4000, (40,)),
     "cnn": lambda: (CNN(), 10_000, (28, 28, 1)),
     "cifar": lambda: (CifarCNN(), 50_000, (32, 32, 3)),
     "transformer": lambda: (TransformerBlock(), 10_000, (32,)),
@@ -149,6 +155,8 @@ def library_step(model_loss, num_examples, variant: str, steps_per_call=1):
     parts = variant.split("/")
     if parts[0] == "uniform":
         sampler, feedback = ab.uniform_sampler(num_examples, BATCH_SIZE), "loss"
+    elif parts[0] == "priority":
+        sampler, feedback = ab.priority_sampler(num_examples, BATCH_SIZE), parts[1]
     else:
         sampler = ab.exp3_sampler(num_examples, BATCH_SIZE, num_steps=10_000)
         feedback = parts[1]
@@ -182,6 +190,7 @@ VARIANTS = (
     "adambs/logit_grad_norm",
     "adambs/loss",
     "adambs/loss/no-diagnostics",
+    "priority/logit_grad_norm",
 )
 
 

@@ -8,7 +8,8 @@ Algorithm 2 (Liu, Wu, Mozafari, NeurIPS 2020), each a module-level function here
   1. ``clean_feedback``          drop negative / NaN / inf feedback and out-of-range indices
   2. ``bound_for_update``        ratio_k = min(f_k, L) / L with L fixed, the running max
                                  (``clip_to_bound``) or a running quantile (``quantile_bound``)
-  3. ``merge_duplicate_draws``   sort the draws; runs of equal indices are one arm
+  3. ``group_duplicate_draws``   the draws of one arm, found without a sort
+                                 (``merge_duplicate_draws``: the sorted equivalent)
   4. ``shifted_loss_estimate``   alpha_p h_j, from l_j = L^2/p_min^2 - f_j^2/p_j^2
   5. ``project_and_write``       exact KL projection onto {q >= p_min}, write the K leaves
 
@@ -72,6 +73,7 @@ __all__ = [
     "clip_to_bound",
     "clip_ratio",
     "quantile_bound",
+    "order_statistic",
     "bound_for_update",
     "clipped_fraction",
     "BOUND_MODES",
@@ -79,6 +81,7 @@ __all__ = [
     "DEFAULT_BOUND_LEARNING_RATE",
     "MergedDraws",
     "merge_duplicate_draws",
+    "group_duplicate_draws",
     "shifted_loss_estimate",
     "project_and_write",
     "count_dropped",
@@ -358,11 +361,28 @@ def quantile_bound(feedback, valid, stored_bound, *, quantile: float, learning_r
     above = jnp.sum(valid & (feedback > stored_bound)) / jnp.maximum(num_valid, 1)
     log_bound = jnp.log(stored_bound) + learning_rate * (above - (1.0 - quantile))
     moved = jnp.exp(jnp.clip(log_bound, *_LOG_BOUND_RANGE))
-    ordered = jnp.sort(jnp.where(valid, feedback, jnp.inf))
     rank = jnp.clip(jnp.ceil(quantile * num_valid).astype(jnp.int32) - 1, 0, feedback.shape[0] - 1)
-    first = jnp.clip(ordered[rank], 0.0, math.exp(_LOG_BOUND_RANGE[1]))
+    first = jnp.clip(order_statistic(feedback, valid, rank), 0.0, math.exp(_LOG_BOUND_RANGE[1]))
     bound = jnp.where(stored_bound > 0, moved, first)
     return jnp.where(num_valid > 0, bound, stored_bound).astype(jnp.float32)
+
+
+def order_statistic(values, valid, rank):
+    """The ``rank``-th smallest (0-based) of the ``valid`` entries of ``values`` (K,): what
+    ``jnp.sort(where(valid, values, inf))[rank]`` gives (inf where ``rank`` >= #valid).
+    For K <= ``sumtree.SORT_FREE_MAX_BATCH`` without a sort: entry i's rank among the valid
+    ones is #{valid j: v_j < v_i, or v_j = v_i and j < i} (K x K compares), and exactly
+    one valid entry has each rank below #valid."""
+    k = values.shape[0]
+    if k > sumtree.SORT_FREE_MAX_BATCH:
+        return jnp.sort(jnp.where(valid, values, jnp.inf))[rank]
+    positions = jnp.arange(k)
+    before = (values[None, :] < values[:, None]) | (
+        (values[None, :] == values[:, None]) & (positions[None, :] < positions[:, None])
+    )
+    ranks = jnp.sum(before & valid[None, :], axis=1)
+    hit = valid & (ranks == rank)
+    return jnp.where(jnp.any(hit), jnp.max(jnp.where(hit, values, -jnp.inf)), jnp.inf)
 
 
 def clipped_fraction(feedback, grad_norm_bound) -> jax.Array:
@@ -578,13 +598,14 @@ def bound_for_update(config: Exp3Config, clean: CleanFeedback, stored_bound):
 
 
 class MergedDraws(NamedTuple):
-    """The draws sorted by index (step 3); a run of equal indices is one arm."""
+    """The draws grouped by arm (step 3): sorted by index (``merge_duplicate_draws``) or in
+    draw order (``group_duplicate_draws``); ``run`` names the arm."""
 
-    indices: jax.Array  # (K,) int32, ascending
+    indices: jax.Array  # (K,) int32
     ratio: jax.Array  # (K,) float32, in the same order
     valid: jax.Array  # (K,) bool, in the same order: the draw takes part in the update
     is_first: jax.Array  # (K,) bool, True at the first draw of each distinct arm
-    run: jax.Array  # (K,) int, the arm's number 0..(distinct arms - 1)
+    run: jax.Array  # (K,) int in [0, K), equal exactly for the draws of one arm
 
 
 def merge_duplicate_draws(indices, ratio, valid) -> MergedDraws:
@@ -595,6 +616,17 @@ def merge_duplicate_draws(indices, ratio, valid) -> MergedDraws:
     is_first = jnp.concatenate([jnp.array([True]), idx[1:] != idx[:-1]])
     run = jnp.cumsum(is_first) - 1
     return MergedDraws(idx, ratio, valid, is_first, run)
+
+
+def group_duplicate_draws(indices, ratio, valid) -> MergedDraws:
+    """Step 3 without a sort: the draws stay in draw order, ``run`` is the position of the
+    arm's first draw (``sumtree.first_copies``: K x K compares for K <= 256, one kernel on
+    a GPU, instead of a sort) and ``is_first`` marks that draw. What ``update`` uses; every
+    later step treats the copies of an arm alike, so the result is the same as with
+    ``merge_duplicate_draws`` up to the order of float additions within an arm."""
+    run = sumtree.first_copies(indices)
+    is_first = run == jnp.arange(indices.shape[0], dtype=run.dtype)
+    return MergedDraws(indices, ratio, valid, is_first, run)
 
 
 def shifted_loss_estimate(
@@ -701,7 +733,7 @@ def update(
     clean = clean_feedback(indices, feedback, config.num_examples)
     bound, ratio = bound_for_update(config, clean, state.grad_norm_bound)
     ratio, takes_part = impute_dropped(ratio, clean)
-    draws = merge_duplicate_draws(clean.indices, ratio, takes_part)
+    draws = group_duplicate_draws(clean.indices, ratio, takes_part)
     root = sumtree.total(state.tree)
     leaves = sumtree.get_leaves(state.tree, draws.indices, config.layout)
     p = leaves / root  # one rounding, not exp(lw - log S)

@@ -415,8 +415,8 @@ def update(
     (``impute_dropped``): an example that never reports would otherwise keep its first,
     stale score while the others' fall as training goes on, and gain mass. With no valid
     entry in the batch nothing changes; out-of-range indices never write. For a
-    duplicated index the last valid entry wins: one stable sort by (index, valid)
-    (``sumtree.dedupe_last`` with ``keep``) gives every copy its value. ``apply`` (a bool
+    duplicated index the last valid entry wins: ``sumtree.last_copy_values`` with ``keep``
+    (K x K compares, no sort) gives every copy its value. ``apply`` (a bool
     scalar, may be traced) False rewrites the K old leaves (O(K B log_B n), no branch), so
     the state is bitwise unchanged: every parent is recomputed from the same children.
 
@@ -436,12 +436,14 @@ def update(
     scores, writes = impute_dropped(clean.feedback, clean)
     old = sumtree.get_leaves(state.tree, clean.indices, config.layout)
     new = jnp.where(writes & apply, priorities(config, scores), old)
-    # one sort by (index, valid, writes): of the copies of an index, the last valid one
-    # wins, then the last imputed one
+    # by (valid, writes): of the copies of an index, the last valid one wins, then the
+    # last imputed one
     keep = clean.valid.astype(jnp.int32) * 2 + writes.astype(jnp.int32)
-    idx, new = sumtree.dedupe_last(clean.indices, new, keep=keep)
+    new = sumtree.last_copy_values(clean.indices, new, keep=keep)
     return state.replace(
-        tree=sumtree.set_leaves(state.tree, idx, new, config.layout, duplicates_agree=True),
+        tree=sumtree.set_leaves(
+            state.tree, clean.indices, new, config.layout, duplicates_agree=True
+        ),
         mix=mix,
         mix_ratios=ratios,
         step=state.step + apply.astype(jnp.int32),

@@ -16,7 +16,8 @@ B = 4 .. 16 are about equally fast there and B = 2 is slowest (docs/performance.
 measurements behind ``default_arity``).
 
 Costs: ``build`` O(n); ``total`` O(1); ``draw`` O(K B log_B n); ``set_leaves``
-O(K log K + K B log_B n).
+O(K min(K, log K) + K B log_B n) (duplicates found by K x K compares up to
+``SORT_FREE_MAX_BATCH``, by a sort above).
 
 Numerics. Every parent touched by ``set_leaves`` is recomputed from its B children with
 ``sum_children``, a fixed pairwise order (((c0 + c1) + (c2 + c3)) + ...) that ``build``
@@ -51,6 +52,9 @@ __all__ = [
     "restored_tree",
     "get_leaves",
     "dedupe_last",
+    "SORT_FREE_MAX_BATCH",
+    "first_copies",
+    "last_copy_values",
     "set_leaves",
     "sum_children",
     "draw",
@@ -226,9 +230,11 @@ def get_leaves(tree: jax.Array, indices: jax.Array, layout: TreeLayout) -> jax.A
 
 
 def _children(tree: jax.Array, layout: TreeLayout, level: int, parents: jax.Array):
-    """(K, B) values of the children (at ``level``) of nodes ``parents`` (K,)."""
+    """(K, B) values of the children (at ``level``) of nodes ``parents`` (K,): one gather of
+    K contiguous rows of B (a row per parent, not K x B separately indexed elements; the
+    rows are in range, as every level is padded to a multiple of B)."""
     first = layout.offsets[level] + layout.arity * parents
-    return tree[first[:, None] + jnp.arange(layout.arity, dtype=first.dtype)]
+    return jax.vmap(lambda start: jax.lax.dynamic_slice(tree, (start,), (layout.arity,)))(first)
 
 
 def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = None):
@@ -253,6 +259,55 @@ def dedupe_last(indices: jax.Array, values: jax.Array, keep: jax.Array | None = 
     return sorted_idx, sorted_val[run_end]
 
 
+SORT_FREE_MAX_BATCH = 256
+"""Up to this K, duplicates are found by comparing all K x K pairs (one fused compare and
+reduction, a few µs for K = 128 on a CPU and one kernel on a GPU) instead of a sort of the
+K indices (~12 µs for K = 128 on a CPU: XLA:CPU's sort calls its comparator through a
+pointer); above it, by the O(K log K) sort, so the cost per step stays O(K log K)."""
+
+
+def first_copies(indices: jax.Array) -> jax.Array:
+    """int32 (K,): for each k, the position of the first occurrence of ``indices[k]``
+    (first[k] == k exactly at the first copy of each distinct index). Equal for all copies
+    of an index, so it names the index's group; no reordering. O(K^2) compares for
+    K <= ``SORT_FREE_MAX_BATCH``, else one O(K log K) stable sort."""
+    k = indices.shape[0]
+    positions = jnp.arange(k, dtype=jnp.int32)
+    if k <= SORT_FREE_MAX_BATCH:
+        same = indices[:, None] == indices[None, :]
+        return jnp.min(jnp.where(same, positions[None, :], k), axis=1)
+    order = jnp.argsort(indices, stable=True)
+    sorted_idx = indices[order]
+    starts = jnp.concatenate([jnp.array([True]), sorted_idx[1:] != sorted_idx[:-1]])
+    # the first position of each run of equal indices, spread over the run
+    run_first = jax.lax.cummax(jnp.where(starts, positions, 0))
+    return jnp.zeros((k,), jnp.int32).at[order].set(order[run_first].astype(jnp.int32))
+
+
+def last_copy_values(indices: jax.Array, values: jax.Array, keep: jax.Array | None = None):
+    """``values`` (K,) with every copy of a duplicated index given the value of its last
+    occurrence in argument order (of the copies with the largest ``keep``, bool or int,
+    where given): ``dedupe_last``'s values, but in argument order (no sort, indices
+    unchanged), so that all scatter writes to one location are equal. O(K^2) compares for
+    K <= ``SORT_FREE_MAX_BATCH``, else ``dedupe_last``'s sort."""
+    k = indices.shape[0]
+    if k > SORT_FREE_MAX_BATCH:
+        order = (
+            jnp.argsort(indices, stable=True)
+            if keep is None
+            else jax.lax.sort(
+                (indices, keep.astype(jnp.int32), jnp.arange(k)), num_keys=2, is_stable=True
+            )[-1]
+        )
+        _, agreed = dedupe_last(indices[order], values[order])
+        return jnp.zeros_like(values).at[order].set(agreed)
+    positions = jnp.arange(k, dtype=jnp.int32)
+    rank = positions if keep is None else keep.astype(jnp.int32) * k + positions
+    same = indices[:, None] == indices[None, :]
+    winner = jnp.max(jnp.where(same, rank[None, :], -1), axis=1) % k
+    return values[winner]
+
+
 def set_leaves(
     tree: jax.Array,
     indices: jax.Array,
@@ -263,10 +318,11 @@ def set_leaves(
 ) -> jax.Array:
     """Sets leaves ``indices`` (K,) to ``values`` (K,) and recomputes their ancestors.
 
-    Duplicated indices take the value of their last occurrence. O(K log K + K B log_B n).
-    ``duplicates_agree=True`` promises that every copy of a duplicated index already carries
-    the same value (``dedupe_last``'s output, exp3's merged draws): the O(K log K) sort is
-    skipped, and the tree is bitwise the same, since every write to a node is then equal.
+    Duplicated indices take the value of their last occurrence (``last_copy_values``).
+    O(K min(K, log K) + K B log_B n). ``duplicates_agree=True`` promises that every copy of
+    a duplicated index already carries the same value (``dedupe_last``'s or
+    ``last_copy_values``'s output, exp3's merged draws): that step is skipped, and the tree
+    is bitwise the same, since every write to a node is then equal.
     """
     _check_tree(tree, layout)
     if indices.shape != values.shape or indices.ndim != 1:
@@ -275,7 +331,7 @@ def set_leaves(
         )
     node, values = indices, values.astype(tree.dtype)
     if not duplicates_agree:
-        node, values = dedupe_last(node, values)
+        values = last_copy_values(node, values)
     tree = tree.at[layout.offsets[-1] + node].set(values)
     for level in range(layout.depth - 1, -1, -1):  # one pass per level, not per example
         node = node // layout.arity

@@ -491,3 +491,17 @@ def test_a_batch_without_valid_feedback_changes_nothing():
 def test_a_preset_that_is_not_a_name_is_refused_by_name():
     with pytest.raises(ValueError, match=r"preset must be None or one of.*\['paper'\]"):
         ab.exp3_sampler(10, 2, num_steps=5, preset=["paper"])
+
+
+def test_group_duplicate_draws_keeps_draw_order_and_names_arms_by_first_draw():
+    rng = np.random.default_rng(3)
+    indices = rng.integers(0, 6, size=16).astype(np.int32)
+    ratio = rng.uniform(size=16).astype(np.float32)
+    valid = rng.uniform(size=16) > 0.3
+    draws = exp3.group_duplicate_draws(jnp.asarray(indices), jnp.asarray(ratio), jnp.asarray(valid))
+    np.testing.assert_array_equal(draws.indices, indices)
+    np.testing.assert_array_equal(draws.ratio, ratio)
+    np.testing.assert_array_equal(draws.valid, valid)
+    first = [list(indices).index(j) for j in indices]
+    np.testing.assert_array_equal(draws.run, first)
+    np.testing.assert_array_equal(draws.is_first, np.array(first) == np.arange(16))

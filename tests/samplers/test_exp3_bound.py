@@ -70,3 +70,16 @@ def test_clipped_fraction_counts_valid_feedback_above_the_bound():
     f = jnp.array([0.5, 2.0, 3.0, jnp.nan, -1.0, 1.0])
     assert float(exp3_bound.clipped_fraction(f, 1.0)) == pytest.approx(2 / 4)
     assert float(exp3_bound.clipped_fraction(jnp.full(3, jnp.nan), 1.0)) == 0.0
+
+
+@pytest.mark.parametrize("size", (9, 300))
+def test_order_statistic_is_the_sorted_valid_entry(size):
+    """Sort-free (K <= 256) and sorted (above) paths: the rank-th smallest valid entry, ties
+    included, inf past the number of valid entries."""
+    rng = np.random.default_rng(size)
+    values = jnp.asarray(rng.integers(0, 5, size).astype(np.float32))  # many ties
+    valid = jnp.asarray(rng.uniform(size=size) > 0.3)
+    ordered = np.sort(np.where(np.asarray(valid), np.asarray(values), np.inf))
+    for rank in (0, 1, size // 2, int(np.sum(valid)) - 1, size - 1):
+        got = exp3_bound.order_statistic(values, valid, jnp.int32(rank))
+        assert float(got) == float(ordered[rank])

@@ -100,3 +100,32 @@ def test_all_arms_sampled_and_floor_forces_uniform():
     z = np.exp(float(result.log_normalizer))
     projected = np.maximum(1.0 / n, np.asarray(w) / z)
     np.testing.assert_allclose(projected, np.full(n, 1.0 / n), rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-30, 0, width=32), min_size=1, max_size=12),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.floats(0.0, 0.9),
+    st.sampled_from([1e-4, 0.01, 0.05]),
+)
+def test_rank_candidates_agree_with_the_sorted_ones(log_w, arm_flags, rest, p_min):
+    """The sort-free path (K x K ranks) picks the same k and, up to rounding, the same Z as
+    the sorted path used above ``SORT_FREE_MAX_ARMS`` entries; ties in w included."""
+    from adambs_jax.samplers import _projection as projection
+
+    log_w = np.array(log_w + log_w[:2], np.float32)  # some exact ties
+    is_arm = jnp.asarray(np.array(arm_flags + [True, False])[: len(log_w)])
+    weights = jnp.exp(jnp.asarray(log_w) - float(np.max(log_w)))
+    num_arms = jnp.sum(is_arm)
+    rest = jnp.float32(rest)
+    z_s, v_s, k_s = projection._candidates_sorted(weights, is_arm, num_arms, rest, p_min)
+    z_r, v_r, k_r = projection._candidates_by_rank(weights, is_arm, num_arms, rest, p_min)
+
+    def pick(z, v, k):
+        best = jnp.argmin(jnp.where(v == jnp.min(v), k, len(log_w) + 2))
+        return float(z[best]), int(k[best])
+
+    (zs, ks), (zr, kr) = pick(z_s, v_s, k_s), pick(z_r, v_r, k_r)
+    assert ks == kr
+    np.testing.assert_allclose(zr, zs, rtol=1e-5)

@@ -264,3 +264,47 @@ def test_set_leaves_with_agreeing_duplicates_is_bitwise_the_sorted_write(arity, 
         duplicates_agree=True,
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=20))
+def test_first_copies_names_each_index_by_its_first_position(values):
+    """Both paths (K x K compares, and the sort above ``SORT_FREE_MAX_BATCH``) give every
+    copy the position of the index's first occurrence, in argument order."""
+    indices = np.array(values, np.int32)
+    expected = [values.index(v) for v in values]
+    np.testing.assert_array_equal(sumtree.first_copies(jnp.asarray(indices)), expected)
+    padded = np.concatenate([indices, 100 + np.arange(sumtree.SORT_FREE_MAX_BATCH)])
+    got = np.asarray(sumtree.first_copies(jnp.asarray(padded, jnp.int32)))
+    np.testing.assert_array_equal(got[: len(values)], expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=12))
+def test_last_copy_values_are_dedupe_last_in_argument_order(entries):
+    """The sort-free values (and the sorted path for large K) equal ``dedupe_last``'s,
+    returned in argument order: each copy carries its index's winner."""
+    indices = jnp.asarray([j for j, _ in entries], jnp.int32)
+    keep = jnp.asarray([k for _, k in entries])
+    values = jnp.arange(len(entries), dtype=jnp.float32)
+    for kept in (None, keep):
+        sorted_idx, sorted_val = sumtree.dedupe_last(indices, values, keep=kept)
+        winner = dict(zip(np.asarray(sorted_idx).tolist(), np.asarray(sorted_val).tolist()))
+        got = sumtree.last_copy_values(indices, values, keep=kept)
+        np.testing.assert_array_equal(got, [winner[j] for j in np.asarray(indices)])
+        extra = sumtree.SORT_FREE_MAX_BATCH
+        big_idx = jnp.concatenate([indices, 100 + jnp.arange(extra, dtype=jnp.int32)])
+        big_val = jnp.concatenate([values, jnp.zeros(extra, jnp.float32)])
+        big_keep = None if kept is None else jnp.concatenate([kept, jnp.ones(extra, bool)])
+        got = sumtree.last_copy_values(big_idx, big_val, keep=big_keep)[: len(entries)]
+        np.testing.assert_array_equal(got, [winner[j] for j in np.asarray(indices)])
+
+
+@pytest.mark.parametrize("arity", (2, 16, 64))
+def test_children_gathers_contiguous_rows(arity):
+    layout = sumtree.layout_for(1000, arity)
+    tree = jnp.arange(layout.size, dtype=jnp.float32)
+    parents = jnp.array([0, 3, 1, 3], jnp.int32)
+    got = sumtree._children(tree, layout, layout.depth, parents)
+    first = layout.offsets[layout.depth] + arity * np.asarray(parents)
+    np.testing.assert_array_equal(got, first[:, None] + np.arange(arity))
