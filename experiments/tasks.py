@@ -1,10 +1,11 @@
 """Tasks and evaluation: the per-example training loss of a model and its jitted evaluation.
 
 A dataset's ``task`` (``"classification"``: softmax cross-entropy with integer labels;
-``"binary"``: sigmoid binary cross-entropy) fixes the loss; the training loss is split at
-the logits (``ab.ModelLoss``) so that the ``logit_grad_norm`` feedback works, and the
-evaluation (mean loss and error rate, in eval mode) runs in bounded memory over any number
-of examples and of parameter snapshots.
+``"binary"``: sigmoid binary cross-entropy; ``"next_token"``: softmax cross-entropy at every
+position of a sequence, averaged over the positions, the error rate likewise) fixes the
+loss; the training loss is split at the logits (``ab.ModelLoss``) so that the
+``logit_grad_norm`` feedback works, and the evaluation (mean loss and error rate, in eval
+mode) runs in bounded memory over any number of examples and of parameter snapshots.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def uses_dropout(model) -> bool:
 
 
 def per_example_loss_from_outputs(task: str) -> Callable:
-    """``(outputs, batch) -> (K,)``: softmax CE with integer labels, or sigmoid BCE."""
+    """``(outputs, batch) -> (K,)``: softmax CE with integer labels, sigmoid BCE, or the
+    mean over positions of the softmax CE of ``(K, T, V)`` logits and ``(K, T)`` labels."""
     if task == "classification":
         return lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["y"]
@@ -39,6 +41,10 @@ def per_example_loss_from_outputs(task: str) -> Callable:
     if task == "binary":
         return lambda logits, batch: optax.sigmoid_binary_cross_entropy(
             logits, batch["y"].astype(logits.dtype)
+        )
+    if task == "next_token":
+        return lambda logits, batch: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), axis=-1
         )
     raise ValueError(f"unknown task {task!r}")
 
@@ -72,7 +78,9 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
     def per_example(params, x, y):
         logits = model.apply({"params": params}, x, train=False)
         losses = loss_from_outputs(logits, {"y": y})
-        if task == "classification":
+        if task == "next_token":  # the per-example error: the share of wrong positions
+            wrong = jnp.mean(jnp.argmax(logits, axis=-1) != y, axis=-1)
+        elif task == "classification":
             wrong = jnp.argmax(logits, axis=-1) != y
         else:
             wrong = (logits > 0).astype(jnp.int32) != y
@@ -87,10 +95,10 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
         num_batches = math.ceil(num / batch_size)
         pad = num_batches * batch_size - num
         xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-        ys = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+        ys = jnp.concatenate([y, jnp.zeros((pad, *y.shape[1:]), y.dtype)])
         mask = (jnp.arange(num_batches * batch_size) < num).astype(jnp.float32)
         xs = xs.reshape(num_batches, batch_size, *x.shape[1:])
-        ys = ys.reshape(num_batches, batch_size)
+        ys = ys.reshape(num_batches, batch_size, *y.shape[1:])
         losses, wrong = jax.lax.map(lambda b: per_example(params, *b), (xs, ys))
         mask = mask.reshape(num_batches, batch_size)
         return jnp.sum(losses * mask) / num, jnp.sum(wrong * mask) / num

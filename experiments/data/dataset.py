@@ -9,7 +9,9 @@ Conventions shared by all loaders:
 * ``task`` is ``"classification"`` (a model with ``num_classes`` logits and
   softmax cross-entropy) or ``"binary"`` (a model with one logit per example,
   shape ``(N,)``, sigmoid cross-entropy; labels are ``{0, 1}`` and
-  ``num_classes`` is 2).
+  ``num_classes`` is 2), or ``"next_token"`` (token sequences: ``x`` and ``y`` both
+  ``(N, T)`` int32, ``y[:, t]`` the token after ``x[:, t]``; a model with ``num_classes``
+  logits per position, the per-example loss the mean cross-entropy over the T positions).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("classification", "binary")
+TASKS = ("classification", "binary", "next_token")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: no elementwise ==

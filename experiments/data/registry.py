@@ -14,6 +14,7 @@ fashion-mnist  IDX files, official split                               classif.
 cifar10        python pickles, official split                          classif.
 cifar100       python pickles (fine labels), official split            classif.
 imdb           Keras imdb.npz, official split                          binary
+stdlib-bytes   Python stdlib *.py bytes, windows, split by file        next_token
 ============== ====================================================== ==========
 
 ``seed`` controls what is random in a dataset (the split of the sklearn sets,
@@ -31,7 +32,15 @@ import functools
 import os
 from collections.abc import Callable
 
-from experiments.data import cifar, heavy_tailed, idx_images, imdb, mnist1d_data, sklearn_toy
+from experiments.data import (
+    cifar,
+    heavy_tailed,
+    idx_images,
+    imdb,
+    mnist1d_data,
+    sklearn_toy,
+    stdlib_bytes,
+)
 from experiments.data.dataset import Dataset
 
 _Builder = Callable[..., Dataset]
@@ -69,6 +78,7 @@ _BUILDERS: dict[str, _Builder] = {
     "cifar10": _no_seed(functools.partial(cifar.load_cifar, "cifar10")),
     "cifar100": _no_seed(functools.partial(cifar.load_cifar, "cifar100")),
     "imdb": _no_seed(imdb.load_imdb),
+    "stdlib-bytes": stdlib_bytes.load_stdlib_bytes,
 }
 
 

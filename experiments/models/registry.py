@@ -5,7 +5,8 @@ Every model is a ``flax.linen`` module called as
 (the ``rngs`` argument is only needed with ``train=True`` for models with
 dropout). Classification models return ``(batch, num_classes)`` logits;
 binary models (``task == "binary"``) return one logit per example,
-``(batch,)``, for sigmoid cross-entropy with labels in {0, 1}.
+``(batch,)``, for sigmoid cross-entropy with labels in {0, 1}; language models
+(``task == "next_token"``) return ``(batch, T, num_classes)`` logits.
 
 =================== ================ ======================== ==============
 name                input (no batch) typical dataset          task
@@ -19,6 +20,7 @@ fashion-cnn         (28, 28, 1)      fashion-mnist, mnist     classification
 row-lstm            (28, 28, 1)      mnist, fashion-mnist     classification
 pixel-lstm          (28, 28, 1)      mnist, fashion-mnist     classification
 imdb-rcnn           (400,) int32     imdb                     binary
+byte-transformer    (64,) int32      stdlib-bytes             next_token
 =================== ================ ======================== ==============
 
 The input shapes are defaults for :meth:`ModelSpec.example_input`; every
@@ -41,6 +43,7 @@ from experiments.lookup import lookup
 from experiments.models.cnn import CifarCNN, DigitsCNN, FashionCNN
 from experiments.models.mlp import HeavyTailedNeuron, lahire_mlp, mnist1d_mlp
 from experiments.models.recurrent import ImdbRCNN, PixelSequenceLSTM
+from experiments.models.transformer import ByteTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ModelSpec:
       build: ``build(num_classes, **kw) -> nn.Module``.
       input_shape: default shape of one example (no batch axis).
       input_dtype: ``np.float32`` or ``np.int32`` (token ids).
-      task: ``"classification"`` or ``"binary"``.
+      task: ``"classification"``, ``"binary"`` or ``"next_token"``.
       datasets: the datasets the model is meant for.
     """
 
@@ -143,6 +146,14 @@ _SPECS = {
             ("mnist", "fashion-mnist"),
         ),
         ModelSpec("imdb-rcnn", _binary(ImdbRCNN), (400,), np.int32, "binary", ("imdb",)),
+        ModelSpec(
+            "byte-transformer",
+            lambda num_classes, **kw: ByteTransformer(vocab_size=num_classes, **kw),
+            (64,),
+            np.int32,
+            "next_token",
+            ("stdlib-bytes",),
+        ),
     )
 }
 

@@ -23,6 +23,7 @@ TINY_CASES = {
     "row-lstm": ((6, 6, 1), 10, {"pixels_per_step": 6, "hidden_size": 8}),
     "pixel-lstm": ((3, 3, 1), 10, {"hidden_size": 8}),
     "imdb-rcnn": ((24,), 2, {"vocab_size": 50, "embedding_size": 8, "lstm_size": 6}),
+    "byte-transformer": ((6,), 11, {"max_length": 6, "width": 8, "num_heads": 2, "num_layers": 1}),
 }
 HAS_DROPOUT = {"cifar-cnn", "fashion-cnn", "imdb-rcnn"}
 BATCH = 5
@@ -32,7 +33,9 @@ def make_input(name: str, shape) -> jnp.ndarray:
     spec = model_spec(name)
     key = jax.random.key(42)
     if np.dtype(spec.input_dtype).kind == "i":
-        return jax.random.randint(key, (BATCH, *shape), 0, TINY_CASES[name][2]["vocab_size"])
+        _, num_classes, kwargs = TINY_CASES[name]
+        vocab = kwargs.get("vocab_size", num_classes)  # a language model's vocabulary: classes
+        return jax.random.randint(key, (BATCH, *shape), 0, vocab)
     return jax.random.normal(key, (BATCH, *shape))
 
 
@@ -95,8 +98,10 @@ CASES = [
 
 @pytest.mark.parametrize("name", CASES)
 def test_output_shape_and_finite_under_jit(name):
-    _, _, _, num_classes, out = probe(name)
-    expected = (BATCH,) if model_spec(name).task == "binary" else (BATCH, num_classes)
+    _, _, x, num_classes, out = probe(name)
+    expected = {"binary": (BATCH,), "next_token": (*x.shape, num_classes)}.get(
+        model_spec(name).task, (BATCH, num_classes)
+    )
     assert out["eval"].shape == expected
     assert np.all(np.isfinite(out["eval"])) and np.all(np.isfinite(out["train_a"]))
 
@@ -157,6 +162,7 @@ def test_specs_give_default_input_shapes():
         "row-lstm": (28, 28, 1),
         "pixel-lstm": (28, 28, 1),
         "imdb-rcnn": (400,),
+        "byte-transformer": (64,),
     }
     for name, shape in expected.items():
         spec = model_spec(name)
@@ -180,7 +186,8 @@ def test_full_size_default_inputs_give_expected_outputs():
             lambda p, model=model, spec=spec: model.apply({"params": p}, spec.example_input(4)),
             shapes,
         )
-        assert out.shape == ((4,) if spec.task == "binary" else (4, num_classes)), name
+        expected = {"binary": (4,), "next_token": (4, *spec.input_shape, num_classes)}
+        assert out.shape == expected.get(spec.task, (4, num_classes)), name
 
 
 def test_lahire_mlp_layer_sizes():
