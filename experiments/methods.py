@@ -38,6 +38,9 @@ name                what it is (source)
 ``adam-priority-precond``  the same, learning from ``"preconditioned_grad_norm"`` (the norm of
                     Adam's preconditioned per-example gradient, Lahire's point that p^GN is
                     optimal for SGD, not for Adam)
+``adam-priority-refresh``  the same, also re-scoring all n examples once every
+                    ceil(n/K) steps (``refresh_every="epoch"``: about K more examples scored
+                    per step, so no score is older than one epoch of steps)
 ``infobatch``       Adam with InfoBatch (Qin et al., ICLR 2024): each epoch, below-mean-loss
                     examples are pruned with probability 0.5 and the kept ones' gradients
                     rescaled by 1/(1 - 0.5); annealed (uniform) over the last 12.5% of the
@@ -287,6 +290,16 @@ def _sampler_comparison_methods() -> list[MethodSpec]:
             requires="priority_sampler",
         ),
         MethodSpec(
+            "adam-priority-refresh",
+            "Adam + priority, refreshed every n/K steps (ours)",
+            "adam",
+            "priority",
+            "Adam, priority sampler that also re-scores all n examples every ceil(n/K) steps",
+            _PRIORITY,
+            sampler_defaults={"refresh_every": "epoch"},
+            requires="priority_sampler",
+        ),
+        MethodSpec(
             "adam-priority-precond",
             "Adam + priority, precond. norm (ours)",
             "adam",
@@ -437,6 +450,8 @@ def _exp3(name, n, k, num_steps, kwargs, settings, feedback):
 
 
 def _priority(name, n, k, num_steps, kwargs, settings, feedback):
+    if kwargs.get("refresh_every") == "epoch":  # every example re-scored once per epoch
+        kwargs["refresh_every"] = -(-n // k)
     sampler = ab.priority_sampler(n, k, **kwargs)
     config = sampler.sample.args[0]  # the validated PriorityConfig the factory bound
     settings.update(alpha=config.alpha, uniform_mix=config.uniform_mix, eps=config.eps)
