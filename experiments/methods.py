@@ -43,6 +43,9 @@ name                what it is (source)
 ``adam-priority-precond``  the same, learning from ``"preconditioned_grad_norm"`` (the norm of
                     Adam's preconditioned per-example gradient, Lahire's point that p^GN is
                     optimal for SGD, not for Adam)
+``adam-priority-refresh``  the same, also re-scoring all n examples once every
+                    ceil(n/K) steps (``refresh_every="epoch"``: about K more examples scored
+                    per step, so no score is older than one epoch of steps)
 ``infobatch``       Adam with InfoBatch (Qin et al., ICLR 2024): each epoch, below-mean-loss
                     examples are pruned with probability 0.5 and the kept ones' gradients
                     rescaled by 1/(1 - 0.5); annealed (uniform) over the last 12.5% of the

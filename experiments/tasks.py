@@ -1,9 +1,10 @@
 """Tasks and evaluation: the per-example training loss of a model and its jitted evaluation.
 
 A dataset's ``task`` (``"classification"``: softmax cross-entropy with integer labels;
-``"binary"``: sigmoid binary cross-entropy; ``"regression"``: squared error (y - out)^2)
-fixes the loss; the training loss is split at
-the logits (``ab.ModelLoss``) so that the ``logit_grad_norm`` feedback works, and the
+``"binary"``: sigmoid binary cross-entropy; ``"regression"``: squared error (y - out)^2;
+``"next_token"``: softmax cross-entropy at every position of a sequence, averaged over the
+positions, the error rate likewise) fixes the loss; the training loss is split at the
+logits (``ab.ModelLoss``) so that the ``logit_grad_norm`` feedback works, and the
 evaluation (mean loss and error rate, in eval mode) runs in bounded memory over any number
 of examples and of parameter snapshots.
 """
@@ -33,7 +34,8 @@ def uses_dropout(model) -> bool:
 
 def per_example_loss_from_outputs(task: str) -> Callable:
     """``(outputs, batch) -> (K,)``: softmax CE with integer labels, sigmoid BCE, or the
-    squared error."""
+    squared error, or for ``"next_token"`` the mean over positions of the softmax CE of
+    ``(K, T, V)`` logits and ``(K, T)`` labels."""
     if task == "classification":
         return lambda logits, batch: optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["y"]
@@ -44,6 +46,10 @@ def per_example_loss_from_outputs(task: str) -> Callable:
         )
     if task == "regression":
         return lambda outputs, batch: jnp.square(outputs - batch["y"].astype(outputs.dtype))
+    if task == "next_token":
+        return lambda logits, batch: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), axis=-1
+        )
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -77,7 +83,9 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
     def per_example(params, x, y):
         logits = model.apply({"params": params}, x, train=False)
         losses = loss_from_outputs(logits, {"y": y})
-        if task == "classification":
+        if task == "next_token":  # the per-example error: the share of wrong positions
+            wrong = jnp.mean(jnp.argmax(logits, axis=-1) != y, axis=-1)
+        elif task == "classification":
             wrong = jnp.argmax(logits, axis=-1) != y
         elif task == "regression":  # the "error" of a regression: its squared error
             wrong = losses
@@ -94,10 +102,10 @@ def make_evaluator(model, task: str, batch_size: int) -> Callable:
         num_batches = math.ceil(num / batch_size)
         pad = num_batches * batch_size - num
         xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-        ys = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+        ys = jnp.concatenate([y, jnp.zeros((pad, *y.shape[1:]), y.dtype)])
         mask = (jnp.arange(num_batches * batch_size) < num).astype(jnp.float32)
         xs = xs.reshape(num_batches, batch_size, *x.shape[1:])
-        ys = ys.reshape(num_batches, batch_size)
+        ys = ys.reshape(num_batches, batch_size, *y.shape[1:])
         losses, wrong = jax.lax.map(lambda b: per_example(params, *b), (xs, ys))
         mask = mask.reshape(num_batches, batch_size)
         return jnp.sum(losses * mask) / num, jnp.sum(wrong * mask) / num

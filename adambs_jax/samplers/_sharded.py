@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +60,14 @@ __all__ = [
     "sharded",
 ]
 
-if hasattr(jax, "shard_map"):
-    _shard_map = jax.shard_map
-else:  # older jax: the experimental module, whose replication check is check_rep
-    from jax.experimental.shard_map import shard_map as _experimental_shard_map
 
-    def _shard_map(f, *, mesh, in_specs, out_specs):
-        return _experimental_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+def _shard_map(f, *, mesh, in_specs, out_specs):
+    """``jax.shard_map``, or on an older jax the experimental one (same keywords)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map as experimental_shard_map
+
+    return experimental_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 class ShardLayout(NamedTuple):
@@ -221,8 +222,8 @@ class ShardedExp3State(SamplerStateBase):
         log_weights = log_weights[: like.num_examples]
         if not np.all(np.isfinite(log_weights)):
             exp3._refuse(where, "log_weights", "has non-finite entries")  # noqa: SLF001
-        bound = exp3._restored_bound(  # noqa: SLF001
-            self, like, saved_config.get("bound_mode", "running_max")
+        bound = exp3._restored_bound(  # noqa: SLF001 (reads the same bound fields)
+            cast(Any, self), cast(Any, like), saved_config.get("bound_mode", "running_max")
         )
         sharding = getattr(like.tree, "sharding", None)
         mesh, axis = _mesh_of(sharding)
@@ -238,7 +239,7 @@ def _mesh_of(sharding) -> tuple[Mesh | None, str | None]:
     if not isinstance(sharding, NamedSharding):
         return None, None
     spec = tuple(sharding.spec)
-    return sharding.mesh, (spec[0] if spec else None)
+    return cast(Mesh, sharding.mesh), cast("str | None", spec[0] if spec else None)
 
 
 def _exp3_blocks(log_weights: np.ndarray, num_examples: int, num_shards: int, arity: int):
@@ -676,7 +677,8 @@ def _with_sharding(init, state_sharding):
 
 def _exp3_shardings(config, layout: ShardLayout, mesh: Mesh) -> ShardedExp3State:
     """The placement of a ``ShardedExp3State`` (its static fields must match: a prefix)."""
-    split, replicated = _sharding(mesh, layout.axis), _sharding(mesh, None)
+    # the state's structure with a sharding in place of each array (a jit out_shardings prefix)
+    split, replicated = cast(Any, _sharding(mesh, layout.axis)), cast(Any, _sharding(mesh, None))
     return ShardedExp3State(
         split,
         split,
@@ -691,7 +693,8 @@ def _exp3_shardings(config, layout: ShardLayout, mesh: Mesh) -> ShardedExp3State
 
 def _priority_shardings(config, layout: ShardLayout, mesh: Mesh) -> ShardedPriorityState:
     """The placement of a ``ShardedPriorityState`` (static fields as its state's)."""
-    split, replicated = _sharding(mesh, layout.axis), _sharding(mesh, None)
+    # the state's structure with a sharding in place of each array (a jit out_shardings prefix)
+    split, replicated = cast(Any, _sharding(mesh, layout.axis)), cast(Any, _sharding(mesh, None))
     return ShardedPriorityState(
         split,
         *(replicated,) * 5,

@@ -10,8 +10,11 @@ Conventions shared by all loaders:
 * ``task`` is ``"classification"`` (a model with ``num_classes`` logits and
   softmax cross-entropy) or ``"binary"`` (a model with one logit per example,
   shape ``(N,)``, sigmoid cross-entropy; labels are ``{0, 1}`` and
-  ``num_classes`` is 2), or ``"regression"`` (one output per example, shape ``(N,)``,
-  squared error; ``num_classes`` is 1).
+  ``num_classes`` is 2), ``"regression"`` (one output per example, shape ``(N,)``,
+  squared error; ``num_classes`` is 1), or ``"next_token"`` (token sequences: ``x`` and ``y``
+  both ``(N, T)`` int32, ``y[:, t]`` the token after ``x[:, t]``; a model with
+  ``num_classes`` logits per position, the per-example loss the mean cross-entropy over the T
+  positions).
 * Label noise (``label_noise`` of the tabular loaders): ``metadata["corrupted"]`` is the
   (N_train,) bool mask of the flipped training labels and ``metadata["clean_y_train"]`` the
   labels before flipping.
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("classification", "binary", "regression")
+TASKS = ("classification", "binary", "regression", "next_token")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: no elementwise ==

@@ -15,6 +15,7 @@ fashion-mnist  IDX files, official split                               classif.
 cifar10        python pickles, official split                          classif.
 cifar100       python pickles (fine labels), official split            classif.
 imdb           Keras imdb.npz, official split                          binary
+stdlib-bytes   Python stdlib *.py bytes, windows, split by file        next_token
 ============== ====================================================== ==========
 
 ``seed`` controls what is random in a dataset (the split of the sklearn sets,
@@ -41,6 +42,7 @@ from experiments.data import (
     mnist1d_data,
     regression,
     sklearn_toy,
+    stdlib_bytes,
 )
 from experiments.data.dataset import Dataset
 
@@ -80,6 +82,7 @@ _BUILDERS: dict[str, _Builder] = {
     "cifar10": _no_seed(functools.partial(cifar.load_cifar, "cifar10")),
     "cifar100": _no_seed(functools.partial(cifar.load_cifar, "cifar100")),
     "imdb": _no_seed(imdb.load_imdb),
+    "stdlib-bytes": stdlib_bytes.load_stdlib_bytes,
 }
 
 

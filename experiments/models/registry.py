@@ -6,7 +6,8 @@ Every model is a ``flax.linen`` module called as
 dropout). Classification models return ``(batch, num_classes)`` logits;
 binary models (``task == "binary"``) return one logit per example,
 ``(batch,)``, for sigmoid cross-entropy with labels in {0, 1}; regression models
-(``task == "regression"``) one output per example, ``(batch,)``.
+(``task == "regression"``) one output per example, ``(batch,)``; language models
+(``task == "next_token"``) ``(batch, T, num_classes)`` logits.
 
 =================== ================ ======================== ==============
 name                input (no batch) typical dataset          task
@@ -22,6 +23,7 @@ fashion-cnn         (28, 28, 1)      fashion-mnist, mnist     classification
 row-lstm            (28, 28, 1)      mnist, fashion-mnist     classification
 pixel-lstm          (28, 28, 1)      mnist, fashion-mnist     classification
 imdb-rcnn           (400,) int32     imdb                     binary
+byte-transformer    (64,) int32      stdlib-bytes             next_token
 =================== ================ ======================== ==============
 
 The input shapes are defaults for :meth:`ModelSpec.example_input`; every
@@ -50,6 +52,7 @@ from experiments.models.mlp import (
     regression_mlp,
 )
 from experiments.models.recurrent import ImdbRCNN, PixelSequenceLSTM
+from experiments.models.transformer import ByteTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ModelSpec:
       build: ``build(num_classes, **kw) -> nn.Module``.
       input_shape: default shape of one example (no batch axis).
       input_dtype: ``np.float32`` or ``np.int32`` (token ids).
-      task: ``"classification"`` or ``"binary"``.
+      task: ``"classification"``, ``"binary"`` or ``"next_token"``.
       datasets: the datasets the model is meant for.
     """
 
@@ -172,6 +175,14 @@ _SPECS = {
             ("mnist", "fashion-mnist"),
         ),
         ModelSpec("imdb-rcnn", _binary(ImdbRCNN), (400,), np.int32, "binary", ("imdb",)),
+        ModelSpec(
+            "byte-transformer",
+            lambda num_classes, **kw: ByteTransformer(vocab_size=num_classes, **kw),
+            (64,),
+            np.int32,
+            "next_token",
+            ("stdlib-bytes",),
+        ),
     )
 }
 

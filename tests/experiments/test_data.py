@@ -162,6 +162,7 @@ def test_registry_lists_every_dataset():
         "cifar10",
         "cifar100",
         "imdb",
+        "stdlib-bytes",
     }
     with pytest.raises(KeyError, match="unknown dataset"):
         load_dataset("no-such-dataset")

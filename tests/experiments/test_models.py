@@ -25,6 +25,7 @@ TINY_CASES = {
     "row-lstm": ((6, 6, 1), 10, {"pixels_per_step": 6, "hidden_size": 8}),
     "pixel-lstm": ((3, 3, 1), 10, {"hidden_size": 8}),
     "imdb-rcnn": ((24,), 2, {"vocab_size": 50, "embedding_size": 8, "lstm_size": 6}),
+    "byte-transformer": ((6,), 11, {"max_length": 6, "width": 8, "num_heads": 2, "num_layers": 1}),
 }
 HAS_DROPOUT = {"cifar-cnn", "fashion-cnn", "imdb-rcnn"}
 BATCH = 5
@@ -34,7 +35,9 @@ def make_input(name: str, shape) -> jnp.ndarray:
     spec = model_spec(name)
     key = jax.random.key(42)
     if np.dtype(spec.input_dtype).kind == "i":
-        return jax.random.randint(key, (BATCH, *shape), 0, TINY_CASES[name][2]["vocab_size"])
+        _, num_classes, kwargs = TINY_CASES[name]
+        vocab = kwargs.get("vocab_size", num_classes)  # a language model's vocabulary: classes
+        return jax.random.randint(key, (BATCH, *shape), 0, vocab)
     return jax.random.normal(key, (BATCH, *shape))
 
 
@@ -97,10 +100,10 @@ CASES = [
 
 @pytest.mark.parametrize("name", CASES)
 def test_output_shape_and_finite_under_jit(name):
-    _, _, _, num_classes, out = probe(name)
-    one_output = model_spec(name).task in ("binary", "regression")
-    expected = (BATCH,) if one_output else (BATCH, num_classes)
-    assert out["eval"].shape == expected
+    _, _, x, num_classes, out = probe(name)
+    task = model_spec(name).task
+    expected = {"binary": (BATCH,), "regression": (BATCH,), "next_token": (*x.shape, num_classes)}
+    assert out["eval"].shape == expected.get(task, (BATCH, num_classes))
     assert np.all(np.isfinite(out["eval"])) and np.all(np.isfinite(out["train_a"]))
 
 
@@ -160,6 +163,7 @@ def test_specs_give_default_input_shapes():
         "row-lstm": (28, 28, 1),
         "pixel-lstm": (28, 28, 1),
         "imdb-rcnn": (400,),
+        "byte-transformer": (64,),
     }
     for name, shape in expected.items():
         spec = model_spec(name)
@@ -177,14 +181,18 @@ def param_shapes(name, num_classes, example, **kwargs):
 def test_full_size_default_inputs_give_expected_outputs():
     for name in list_models():
         spec = model_spec(name)
-        one_output = spec.task in ("binary", "regression")
         num_classes = {"binary": 2, "regression": 1}.get(spec.task, 10)
         model, shapes = param_shapes(name, num_classes, spec.example_input())
         out = jax.eval_shape(
             lambda p, model=model, spec=spec: model.apply({"params": p}, spec.example_input(4)),
             shapes,
         )
-        assert out.shape == ((4,) if one_output else (4, num_classes)), name
+        expected = {
+            "binary": (4,),
+            "regression": (4,),
+            "next_token": (4, *spec.input_shape, num_classes),
+        }
+        assert out.shape == expected.get(spec.task, (4, num_classes)), name
 
 
 def test_lahire_mlp_layer_sizes():
