@@ -13,7 +13,8 @@ The factories: ``exp3_sampler`` (AdamBS Algorithm 2: EXP3 with multiple plays, a
 projection onto {p >= p_min} on a B-ary prefix-sum tree), ``uniform_sampler`` (plain
 mini-batch training), ``priority_sampler`` (stale scores, exact weights),
 ``infobatch_sampler`` (InfoBatch as importance sampling), ``group_sampler`` (any per-arm
-sampler over contiguous groups), and the papers' model-aware baselines
+sampler over contiguous groups), ``domain_sampler`` (any per-arm sampler over D domains of
+unequal sizes, uniform within each), and the papers' model-aware baselines
 ``adam_impt_sampler`` (Katharopoulos & Fleuret) and ``gradient_norm_sampler`` (Lahire's
 p^GN). ``sharded(sampler, mesh, axis)`` splits an exp3 or priority sampler's state by
 examples over a mesh axis. ``importance_weights(probs, n)`` = 1 / (n p) makes the gradient
@@ -43,6 +44,7 @@ from adambs_jax.samplers._base import (
     importance_weights,
     probabilities,
 )
+from adambs_jax.samplers._domains import DomainSamplerState, contiguous_domains, domain_sampler
 from adambs_jax.samplers._exp3 import (
     EXP3_PRESETS,
     Exp3SamplerState,
@@ -92,6 +94,9 @@ __all__ = [
     "InfobatchSamplerState",
     "group_sampler",
     "GroupSamplerState",
+    "domain_sampler",
+    "DomainSamplerState",
+    "contiguous_domains",
     "adam_impt_sampler",
     "AdamImptState",
     "variance_reduction",
