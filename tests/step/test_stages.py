@@ -231,12 +231,30 @@ def test_a_sampler_without_apply_is_selected():
     )
 
 
-@pytest.mark.parametrize("skip_non_finite", [True, False])
-def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
+_TREE_SAMPLERS = {
+    "exp3": lambda n: ab.exp3_sampler(n, 128, num_steps=10),
+    "priority": lambda n: ab.priority_sampler(n, 128),  # the adaptive mix reads the tree too
+    "priority_fixed_mix": lambda n: ab.priority_sampler(n, 128, uniform_mix=0.1),
+    "infobatch": lambda n: ab.samplers.infobatch_sampler(n, 128, num_steps=1000),
+}
+
+
+@pytest.mark.parametrize(
+    "name, skip_non_finite, steps_per_call",
+    [
+        ("exp3", True, 1),
+        ("exp3", False, 1),
+        ("priority", True, 1),
+        ("priority", False, 4),
+        ("priority_fixed_mix", True, 1),
+        ("infobatch", False, 1),
+    ],
+)
+def test_the_compiled_step_does_not_copy_the_tree(name, skip_non_finite, steps_per_call):
     # every read of the tree must be scheduled before its in-place write; otherwise XLA
     # copies the O(n) tree every step (docs/performance.md, "Non-finite guard")
     n = 100_000
-    sampler = ab.exp3_sampler(n, 128, num_steps=10)
+    sampler = _TREE_SAMPLERS[name](n)
     step = ab.make_train_step(
         _loss,
         optax.adam(0.1),
@@ -244,6 +262,7 @@ def test_the_compiled_step_does_not_copy_the_tree(skip_non_finite):
         feedback="loss",
         diagnostics=False,
         skip_non_finite=skip_non_finite,
+        steps_per_call=steps_per_call,
     )
     state = step.init({"w": jnp.asarray(2.0)})
     data = {"x": jnp.ones((n,)), "y": jnp.ones((n,))}
