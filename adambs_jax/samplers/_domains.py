@@ -78,6 +78,7 @@ from adambs_jax._checks import check_int, check_key, check_per_draw
 from adambs_jax._tree_utils import select
 from adambs_jax.samplers._base import Sampler, SamplerStateBase, accepts_apply
 from adambs_jax.samplers._exp3 import exp3_sampler
+from adambs_jax.samplers._groups import build_arm_sampler
 from adambs_jax.samplers._priority import priority_sampler
 from adambs_jax.samplers._uniform import INT32_MAX, uniform_sampler
 
@@ -330,29 +331,15 @@ def domain_feedback(domains, feedback, valid, domain_sizes, mean_size: float):
 
 
 def _base(base: str | Callable[..., Sampler], config: DomainConfig, kwargs) -> Sampler:
-    if isinstance(base, str):
-        if base not in BASE_SAMPLERS:
-            raise ValueError(
-                f"base must be one of {sorted(BASE_SAMPLERS)} or a factory, got {base!r}"
-            )
-        factory = BASE_SAMPLERS[base]
-    elif callable(base):
-        factory = base
-    else:
-        raise TypeError(f"base must be a name or a sampler factory, got {type(base).__name__}")
-    sampler = factory(config.num_domains, config.batch_size, **kwargs)
-    if not isinstance(sampler, Sampler):
-        raise TypeError(
-            f"base: the factory must return an ab.samplers.Sampler (a scoring sampler is "
-            f"not supported over domains), got {type(sampler).__name__}"
-        )
-    if (sampler.num_examples, sampler.batch_size) != (config.num_domains, config.batch_size):
-        raise ValueError(
-            f"base: the factory was called with ({config.num_domains}, {config.batch_size}) "
-            f"(domains, draws per batch) but built a sampler of ({sampler.num_examples}, "
-            f"{sampler.batch_size})"
-        )
-    return sampler
+    return build_arm_sampler(
+        base,
+        BASE_SAMPLERS,
+        config.num_domains,
+        config.batch_size,
+        kwargs,
+        arms="domains",
+        draws="draws per batch",
+    )
 
 
 def _check_state(config: DomainConfig, state) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "GroupConfig",
     "group_config",
     "BASE_SAMPLERS",
+    "build_arm_sampler",
     "group_sampler",
     "expand_groups",
     "group_feedback",
@@ -153,30 +154,52 @@ def group_feedback(config: GroupConfig, feedback):
     return jnp.where(valid, rms, jnp.nan)
 
 
-def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sampler:
+def build_arm_sampler(
+    base: str | Callable[..., Sampler],
+    names: dict[str, Callable[..., Sampler]],
+    num_arms: int,
+    num_draws: int,
+    kwargs: dict,
+    *,
+    arms: str,
+    draws: str,
+) -> Sampler:
+    """The per-arm sampler of a sampler over arms (groups, domains): ``base`` a name in
+    ``names`` or a factory, called as ``factory(num_arms, num_draws, **kwargs)`` and checked
+    to be a plain ``Sampler`` of that size (``arms``, ``draws``: the words of the errors)."""
     if isinstance(base, str):
-        if base not in BASE_SAMPLERS:
-            raise ValueError(
-                f"base must be one of {sorted(BASE_SAMPLERS)} or a factory, got {base!r}"
-            )
-        factory = BASE_SAMPLERS[base]
+        if base not in names:
+            raise ValueError(f"base must be one of {sorted(names)} or a factory, got {base!r}")
+        factory = names[base]
     elif callable(base):
         factory = base
     else:
         raise TypeError(f"base must be a name or a sampler factory, got {type(base).__name__}")
-    sampler = factory(config.num_groups, config.groups_per_batch, **kwargs)
+    sampler = factory(num_arms, num_draws, **kwargs)
     if not isinstance(sampler, Sampler):
         raise TypeError(
             f"base: the factory must return an ab.samplers.Sampler (a scoring sampler "
-            f"is not supported over groups), got {type(sampler).__name__}"
+            f"is not supported over {arms}), got {type(sampler).__name__}"
         )
-    if (sampler.num_examples, sampler.batch_size) != (config.num_groups, config.groups_per_batch):
+    if (sampler.num_examples, sampler.batch_size) != (num_arms, num_draws):
         raise ValueError(
-            f"base: the factory was called with ({config.num_groups}, {config.groups_per_batch}) "
-            f"(groups, groups per batch) but built a sampler of ({sampler.num_examples}, "
+            f"base: the factory was called with ({num_arms}, {num_draws}) "
+            f"({arms}, {draws}) but built a sampler of ({sampler.num_examples}, "
             f"{sampler.batch_size})"
         )
     return sampler
+
+
+def _base(base: str | Callable[..., Sampler], config: GroupConfig, kwargs) -> Sampler:
+    return build_arm_sampler(
+        base,
+        BASE_SAMPLERS,
+        config.num_groups,
+        config.groups_per_batch,
+        kwargs,
+        arms="groups",
+        draws="groups per batch",
+    )
 
 
 def _check_state(config: GroupConfig, state) -> None:
