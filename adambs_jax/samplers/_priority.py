@@ -365,7 +365,9 @@ def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array,
     return indices, probs, state
 
 
-def mix_ratios(config: PriorityConfig, state: PrioritySamplerState, clean) -> tuple:
+def mix_ratios(
+    config: PriorityConfig, state: PrioritySamplerState, clean, leaves=None, total=None
+) -> tuple:
     """``(rho (C,), informative)``: the batch's estimates rho_c of V(p^(c)) / V(u) for the
     candidates (module docstring), from the draws' fresh feedback against the tree the batch
     was drawn from (``state``, before the update). ``informative`` is False when no valid
@@ -375,8 +377,10 @@ def mix_ratios(config: PriorityConfig, state: PrioritySamplerState, clean) -> tu
     p = the mixture with ``state.mix``. f is divided by its batch maximum first (rho does not
     change), and n p >= lambda_1, so every term stays in float32's range."""
     n = config.num_examples
-    leaves = sumtree.get_leaves(state.tree, clean.indices, config.layout)
-    q_times_n = leaves / sumtree.total(state.tree) * n
+    if leaves is None:  # ``leaves``, ``total``: the drawn leaves and the root, already read
+        leaves = sumtree.get_leaves(state.tree, clean.indices, config.layout)
+    total = sumtree.total(state.tree) if total is None else total
+    q_times_n = leaves / total * n
     p_times_n = (1.0 - state.mix) * q_times_n + state.mix
     f = jnp.where(clean.valid, clean.feedback, 0.0)
     f = f / jnp.maximum(jnp.max(f), jnp.finfo(jnp.float32).tiny)
@@ -389,13 +393,13 @@ def mix_ratios(config: PriorityConfig, state: PrioritySamplerState, clean) -> tu
     return rho, informative
 
 
-def _next_mix(config: PriorityConfig, state: PrioritySamplerState, clean, apply):
+def _next_mix(config: PriorityConfig, state: PrioritySamplerState, clean, apply, leaves, total):
     """``(mix, mix_ratios)`` after this batch: R_c <- beta R_c + (1 - beta) rho_c and lambda =
     lambda_{argmin R} (ties: the larger); unchanged for a fixed mix, without an informative
     draw, or with ``apply`` False."""
     if not config.adaptive:
         return state.mix, state.mix_ratios
-    rho, informative = mix_ratios(config, state, clean)
+    rho, informative = mix_ratios(config, state, clean, leaves, total)
     beta = config.mix_decay
     ratios = jnp.where(
         apply & informative, beta * state.mix_ratios + (1.0 - beta) * rho, state.mix_ratios
@@ -432,18 +436,22 @@ def update(
     check_state(config, state)
     apply = jnp.asarray(apply, bool)
     clean = clean_feedback(indices, feedback, config.num_examples)
-    mix, ratios = _next_mix(config, state, clean, apply)
-    scores, writes = impute_dropped(clean.feedback, clean)
     old = sumtree.get_leaves(state.tree, clean.indices, config.layout)
+    scores, writes = impute_dropped(clean.feedback, clean)
     new = jnp.where(writes & apply, priorities(config, scores), old)
     # by (valid, writes): of the copies of an index, the last valid one wins, then the
     # last imputed one
     keep = clean.valid.astype(jnp.int32) * 2 + writes.astype(jnp.int32)
     new = sumtree.last_copy_values(clean.indices, new, keep=keep)
+    tree = sumtree.set_leaves(state.tree, clean.indices, new, config.layout, duplicates_agree=True)
+    # the mix needs the root the batch was drawn from: taken from the new root minus the
+    # changes of the distinct written leaves, so nothing reads the old tree after its
+    # in-place write (a read of the old root there made XLA copy the O(n) tree twice a step)
+    first = sumtree.first_copies(clean.indices) == jnp.arange(config.batch_size)
+    old_total = sumtree.total(tree) - jnp.sum(jnp.where(first, new - old, 0.0))
+    mix, ratios = _next_mix(config, state, clean, apply, old, old_total)
     return state.replace(
-        tree=sumtree.set_leaves(
-            state.tree, clean.indices, new, config.layout, duplicates_agree=True
-        ),
+        tree=tree,
         mix=mix,
         mix_ratios=ratios,
         step=state.step + apply.astype(jnp.int32),

@@ -1,6 +1,8 @@
 """Tests of adambs_jax.priority: the stale-score priority sampler against its formula in
 float64 (p_j = (1 - lambda) u_j / sum u + lambda / n, u_j = (s_j + eps)^alpha)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,3 +447,24 @@ def test_a_state_of_another_min_uniform_mix_is_refused():
         priority_sampler(N, K, uniform_mix=0.1).sample(
             priority_sampler(N, K).init(), jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize("uniform_mix", ["auto", 0.1])
+def test_update_in_a_scan_does_not_copy_the_tree(uniform_mix):
+    """Regression: the adaptive mix read the old root after the update's in-place write was
+    issued, and XLA copied the O(n) tree twice per update (~0.7 ms at n = 10^6), in a hand
+    loop's jitted ``learn`` as in a scan of updates. The old root now comes from the new one."""
+    n, k = 100_000, 128
+    sampler = priority_sampler(n, k, uniform_mix=uniform_mix)
+
+    def body(state, key):
+        indices = jax.random.randint(key, (k,), 0, n)
+        feedback = jnp.abs(jax.random.normal(key, (k,)))
+        return sampler.update(state, indices, feedback), None
+
+    run = jax.jit(lambda state, keys: jax.lax.scan(body, state, keys), donate_argnums=0)
+    state = sampler.init()
+    hlo = run.lower(state, jax.random.split(jax.random.key(0), 4)).compile().as_text()
+    size = state.tree.shape[0]
+    assert f"f32[{size}]" in hlo
+    assert not re.search(rf"f32\[{size}\]\S* copy\(", hlo)
