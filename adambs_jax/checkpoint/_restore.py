@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from adambs_jax.checkpoint._metadata import (
     config_prefix,
@@ -44,11 +45,16 @@ def _saved_config(saved: dict, path) -> dict:
 
 
 def _abstract(like_raw_leaf: Any, like_leaf: Any, shape=None) -> jax.ShapeDtypeStruct:
-    """What orbax should restore a leaf as: shape, dtype and the sharding of ``like``."""
+    """What orbax should restore a leaf as: shape, dtype and the sharding of ``like``; a
+    leaf stored with another shape (a rebuilt field) replicated over ``like``'s mesh instead,
+    since ``like``'s split need not divide it (a sampler state split over 4 devices saved by
+    8 has 8 rows, one saved by 4 has 4 rows on 8 devices); ``restored`` re-splits it."""
     sharding = getattr(like_leaf, "sharding", None)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shape = like_raw_leaf.shape if shape is None else tuple(shape)
+    if shape != tuple(like_raw_leaf.shape) and isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec())
     return jax.ShapeDtypeStruct(shape, like_raw_leaf.dtype, sharding=sharding)
 
 

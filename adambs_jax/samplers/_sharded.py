@@ -190,8 +190,9 @@ class ShardedExp3State(SamplerStateBase):
       num_examples, p_min, arity, bound_mode: static, as in ``Exp3SamplerState``.
       num_shards: static D.
 
-    Restored from a checkpoint written with another D or arity, the log-weights are
-    re-split and the trees rebuilt (O(n), ``restored``).
+    Restored from a checkpoint written with another D (e.g. 8 devices, restored on 4) or
+    arity, the log-weights are re-split and the trees rebuilt on the host (O(n),
+    ``restored``); with the same D and arity the arrays are kept as saved.
     """
 
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity", "bound_mode", "num_shards")
@@ -225,6 +226,11 @@ class ShardedExp3State(SamplerStateBase):
         bound = exp3._restored_bound(  # noqa: SLF001 (reads the same bound fields)
             cast(Any, self), cast(Any, like), saved_config.get("bound_mode", "running_max")
         )
+        if _same_layout(self, like, saved_config):  # as saved: resumes bitwise
+            tree = np.asarray(jax.device_get(self.tree))
+            if not (np.all(np.isfinite(tree)) and np.all(tree >= 0) and np.sum(tree[:, 0]) > 0):
+                exp3._refuse(where, "tree", "has non-finite or negative nodes, or total 0")  # noqa: SLF001
+            return self.replace(grad_norm_bound=bound)
         sharding = getattr(like.tree, "sharding", None)
         mesh, axis = _mesh_of(sharding)
         lw, tree = _exp3_blocks(log_weights, like.num_examples, like.num_shards, like.arity)
@@ -232,6 +238,16 @@ class ShardedExp3State(SamplerStateBase):
             lw = jax.device_put(lw, _sharding(mesh, axis))
             tree = jax.device_put(tree, _sharding(mesh, axis))
         return self.replace(log_weights=lw, tree=tree, grad_norm_bound=bound)
+
+
+def _same_layout(restored: Any, like: Any, saved_config: dict) -> bool:
+    """Whether the checkpoint was split as ``like`` is (same D, same arity, same shapes): its
+    arrays are then read with ``like``'s shardings and kept as they are."""
+    return (
+        saved_config.get("num_shards", like.num_shards) == like.num_shards
+        and saved_config.get("arity", like.arity) == like.arity
+        and restored.tree.shape == like.tree.shape
+    )
 
 
 def _mesh_of(sharding) -> tuple[Mesh | None, str | None]:
@@ -456,6 +472,10 @@ class ShardedPriorityState(SamplerStateBase):
         ``PrioritySamplerState``.
       num_examples, arity, uniform_mix, min_uniform_mix, alpha, eps: static, as in
         ``PrioritySamplerState``; num_shards: static D.
+
+    Restored from a checkpoint written with another D or arity, the stored leaves are
+    re-split and the trees rebuilt on the host (O(n), ``restored``); with the same D and
+    arity the tree is kept as saved.
     """
 
     reconfigurable_fields: ClassVar[tuple[str, ...]] = ("arity", "num_shards")
@@ -486,6 +506,8 @@ class ShardedPriorityState(SamplerStateBase):
 
     def restored(self, like: ShardedPriorityState, saved_config: dict, where: str):
         del where
+        if _same_layout(self, like, saved_config):  # as saved: resumes bitwise
+            return self
         saved_shards = saved_config.get("num_shards", like.num_shards)
         saved_arity = saved_config.get("arity", like.arity)
         saved_layout = shard_layout(like.num_examples, saved_shards, saved_arity, "")
