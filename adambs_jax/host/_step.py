@@ -293,7 +293,14 @@ class HostTrainStep:
             key=keys[0],
             model_state=model_state,
         )
+        # a sharded sampler's state stays as its init placed it (split), the rest replicated
+        split = getattr(self.sampler.init, "state_sharding", None) is not None
+        sampler_state = state.sampler_state
+        if split:
+            state = state._replace(sampler_state=None)
         state, keys = replicate_on_mesh((state, keys), self.mesh)
+        if split:
+            state = state._replace(sampler_state=sampler_state)
         draws = [self.draw(state.sampler_state, keys[j + 1]) for j in range(self.lookahead)]
         return state, draws
 
@@ -312,19 +319,25 @@ def _refuse_scoring(sampler: Sampler | ScoringSampler) -> None:
         )
 
 
-def _jitted(step_fn, draw_fn, mesh, data_axis, donate: bool = True):
+def _jitted(step_fn, draw_fn, mesh, data_axis, donate: bool = True, sampler=None):
     """``(step, draw)`` jitted (the state donated unless ``donate`` is False); replicated
-    shardings under ``mesh``, the batch split along ``data_axis``."""
+    shardings under ``mesh``, the batch split along ``data_axis``; a sampler whose ``init``
+    carries a ``state_sharding`` (``ab.samplers.sharded``) keeps its state split."""
     donate_argnums = 0 if donate else ()
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=donate_argnums), jax.jit(draw_fn)
     replicated = replicated_sharding(mesh)
-    in_shardings = (replicated, batch_sharding(mesh, data_axis), replicated, replicated)
+    state = replicated
+    sampler_sharding = getattr(getattr(sampler, "init", None), "state_sharding", None)
+    if sampler_sharding is not None:
+        fields = {name: replicated for name in TrainState._fields}
+        state = TrainState(**{**fields, "sampler_state": sampler_sharding})
+    in_shardings = (state, batch_sharding(mesh, data_axis), replicated, replicated)
     step = jax.jit(
         step_fn,
         donate_argnums=donate_argnums,
         in_shardings=in_shardings,
-        out_shardings=replicated,
+        out_shardings=(state, replicated, replicated),
     )
     return step, jax.jit(draw_fn, out_shardings=replicated)
 
@@ -396,5 +409,5 @@ def make_host_train_step(
     )
     if not options.jit:
         return HostTrainStep(step, draw, **common)
-    step, draw = _jitted(step, draw, mesh, data_axis, options.donate)
+    step, draw = _jitted(step, draw, mesh, data_axis, options.donate, sampler)
     return HostTrainStep(step, draw, renormalize=renormalize_fn(sampler, mesh), **common)

@@ -202,6 +202,40 @@ def test_train_step_with_sharded_sampler_matches_replicated():
     assert out["big_collective"] == []
 
 
+# make_host_train_step(mesh=): batches gathered on the host, the sampler state split
+_HOST_STEP_CHILD = r"""
+import os, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np, optax
+import adambs_jax as ab
+n, K, steps = 256, 16, 20
+x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+data = {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32)}
+loss = lambda p, b: (b["x"] @ p - b["y"]) ** 2
+mesh = ab.data_parallel_mesh()
+out = {}
+for name, sampler in [("replicated", ab.exp3_sampler(n, K, num_steps=50)),
+                      ("sharded", ab.samplers.sharded(ab.exp3_sampler(n, K, num_steps=50), mesh))]:
+    step = ab.make_host_train_step(loss, optax.adam(0.05), sampler, mesh=mesh)
+    state, (draws, _) = step.init(jnp.zeros(3), jax.random.key(0))
+    for t in range(steps):
+        batch = {k: v[np.asarray(draws.indices)] for k, v in data.items()}
+        state, metrics, draws = step(state, batch, draws, jax.random.key(t + 1))
+    out[name] = [float(metrics["loss"]), np.asarray(state.params).tolist(),
+                 list(getattr(state.sampler_state.tree.sharding, "spec", []))]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a subprocess with 4 CPU devices
+def test_host_train_step_with_sharded_sampler_matches_replicated():
+    out = _run_child(_HOST_STEP_CHILD)
+    assert out["sharded"][0] == pytest.approx(out["replicated"][0], rel=1e-5)
+    np.testing.assert_allclose(out["sharded"][1], out["replicated"][1], rtol=1e-5, atol=1e-6)
+    assert out["sharded"][2] == ["data"]  # the state stays split across the steps
+
+
 # checkpoints: a run on D devices saved, restored on another D through the public API
 _CKPT_CHILD = r"""
 import os, sys, json
