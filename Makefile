@@ -31,9 +31,10 @@ lint: setup
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 
-# pyright, configured in pyproject.toml ([tool.pyright]: adambs_jax, basic mode)
+# pyright, configured in pyproject.toml ([tool.pyright]: adambs_jax, basic mode); -p . keeps
+# it from taking a pyrightconfig.json found in a parent folder
 typecheck: setup
-	$(PY) -m pyright
+	$(PY) -m pyright -p .
 
 bench: setup
 	$(PY) -m experiments.bench_sampler
