@@ -444,6 +444,7 @@ API_DOC_EXAMPLES = {
     "# scoring sampler example": "here",
     "# checkpoint example": "here",
     "# groups sampler example": "tests/samplers/test_groups.py",
+    "# domain sampler example": "tests/samplers/test_domains.py",
     "# host data example": "tests/host/test_loop.py",
     "# memmap dataset example": "tests/host/test_sources.py",
     "# array_record example": "tests/host/test_grain_source.py",
