@@ -149,36 +149,35 @@ def compile_scan(sampler, state, args, key):
     return compiled, lower_s, time.perf_counter() - start
 
 
-def time_size(kind: str, n: int, mesh, args) -> dict:
-    """One row: bytes per device, compile and step times of the replicated and the sharded
-    ``kind`` sampler at n, their scans interleaved."""
+def prepare_variant(kind: str, n: int, name: str, sampler, init, args) -> dict:
+    """One variant's initial state, its bytes, and its compiled scan, each timed."""
     import jax
 
-    base, sharded = make_samplers(kind, n, args.batch_size, mesh)
-    variants = {}
-    for name, sampler, init in (
-        ("replicated", base, lambda: replicated_init(base, mesh)),
-        ("sharded", sharded, sharded.init),
-    ):
-        start = time.perf_counter()
-        state = jax.block_until_ready(init())
-        init_s = time.perf_counter() - start
-        memory = state_bytes(state)
-        key = jax.random.key(args.seed)
-        compiled, lower_s, compile_s = compile_scan(sampler, state, args, key)
-        log(
-            f"{kind} n={n:.0e} {name}: {memory['per_device'] / 1e6:.2f} MB/device, init "
-            f"{init_s:.2f} s, lower {lower_s:.2f} s, compile {compile_s:.2f} s"
-        )
-        variants[name] = {
-            "compiled": compiled,
-            "state": state,
-            "times": [],
-            "bytes": memory,
-            "init_s": init_s,
-            "lower_s": lower_s,
-            "compile_s": compile_s,
-        }
+    start = time.perf_counter()
+    state = jax.block_until_ready(init())
+    init_s = time.perf_counter() - start
+    memory = state_bytes(state)
+    compiled, lower_s, compile_s = compile_scan(sampler, state, args, jax.random.key(args.seed))
+    log(
+        f"{kind} n={n:.0e} {name}: {memory['per_device'] / 1e6:.2f} MB/device, init "
+        f"{init_s:.2f} s, lower {lower_s:.2f} s, compile {compile_s:.2f} s"
+    )
+    return {
+        "compiled": compiled,
+        "state": state,
+        "times": [],
+        "bytes": memory,
+        "init_s": init_s,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+    }
+
+
+def time_interleaved(kind: str, n: int, variants: dict, args) -> None:
+    """Runs each variant's scan ``args.repeats`` times after a warm-up, the variants in turn
+    within each repeat (so a change of load hits both), appending seconds per step."""
+    import jax
+
     for repeat in range(args.repeats + 1):  # the first call of each variant is a warm-up
         key = jax.random.key(args.seed + 1 + repeat)
         for name, variant in variants.items():
@@ -191,23 +190,43 @@ def time_size(kind: str, n: int, mesh, args) -> dict:
                 f"{kind} n={n:.0e} {name} {'warm-up' if not repeat else f'repeat {repeat}'}: "
                 f"{1e6 * elapsed / args.steps:.1f} us/step"
             )
+
+
+def variant_summary(variant: dict) -> dict:
+    """The JSON row of one timed variant (its state checked healthy at the end)."""
+    import jax
+
+    times_us = [1e6 * t for t in variant["times"]]
+    state = variant["state"]
+    return {
+        "bytes_per_device": variant["bytes"]["per_device"],
+        "bytes_all_devices": variant["bytes"]["all_devices"],
+        "init_s": variant["init_s"],
+        "lower_s": variant["lower_s"],
+        "compile_s": variant["compile_s"],
+        "step_us_median": statistics.median(times_us),
+        "step_us_min": min(times_us),
+        "step_us_max": max(times_us),
+        "step_us_all": times_us,
+        "steps_done": int(jax.device_get(state.step)),
+        "healthy": bool(jax.jit(lambda state: state.healthy())(state)),
+    }
+
+
+def time_size(kind: str, n: int, mesh, args) -> dict:
+    """One row: bytes per device, compile and step times of the replicated and the sharded
+    ``kind`` sampler at n, their scans interleaved."""
+    base, sharded = make_samplers(kind, n, args.batch_size, mesh)
+    variants = {
+        "replicated": prepare_variant(
+            kind, n, "replicated", base, lambda: replicated_init(base, mesh), args
+        ),
+        "sharded": prepare_variant(kind, n, "sharded", sharded, sharded.init, args),
+    }
+    time_interleaved(kind, n, variants, args)
     row: dict = {"sampler": kind, "num_examples": n}
     for name, variant in variants.items():
-        times_us = [1e6 * t for t in variant["times"]]
-        state = variant["state"]
-        row[name] = {
-            "bytes_per_device": variant["bytes"]["per_device"],
-            "bytes_all_devices": variant["bytes"]["all_devices"],
-            "init_s": variant["init_s"],
-            "lower_s": variant["lower_s"],
-            "compile_s": variant["compile_s"],
-            "step_us_median": statistics.median(times_us),
-            "step_us_min": min(times_us),
-            "step_us_max": max(times_us),
-            "step_us_all": times_us,
-            "steps_done": int(jax.device_get(state.step)),
-            "healthy": bool(jax.jit(lambda state: state.healthy())(state)),
-        }
+        row[name] = variant_summary(variant)
         del variant["state"], variant["compiled"]
     rep, sh = row["replicated"], row["sharded"]
     row["bytes_ratio"] = sh["bytes_per_device"] / rep["bytes_per_device"]
