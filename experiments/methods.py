@@ -196,6 +196,12 @@ _PRIORITY = (
 
 
 def _registry() -> dict[str, MethodSpec]:
+    specs = _optimizer_methods() + _paper_methods() + _sampler_comparison_methods()
+    return {spec.name: spec for spec in specs}
+
+
+def _optimizer_methods() -> list[MethodSpec]:
+    """Each optimizer with uniform mini-batches and with the O(n) oracle p^GN (Lahire)."""
     specs = []
     for opt in ("sgd", "rmsprop", "adam"):
         label = _OPTIMIZER_LABELS[opt]
@@ -220,7 +226,12 @@ def _registry() -> dict[str, MethodSpec]:
                 requires="gradient_norm_sampler",
             )
         )
-    specs += [
+    return specs
+
+
+def _paper_methods() -> list[MethodSpec]:
+    """The AdamBS paper's methods and baseline, and our p_min variant of AdamBS."""
+    return [
         MethodSpec(
             "adam-impt",
             "Adam-impt",
@@ -256,14 +267,18 @@ def _registry() -> dict[str, MethodSpec]:
             sampler_defaults={"p_min_times_n": 0.5},
         ),
     ]
-    specs += _sampler_comparison_methods()
-    return {spec.name: spec for spec in specs}
+
+
+_PRECOND = "preconditioned_grad_norm"
 
 
 def _sampler_comparison_methods() -> list[MethodSpec]:
     """The samplers of the compute-matched comparison: the exp3 preset, the priority sampler,
     InfoBatch, and variants learning from the preconditioned gradient norm."""
-    precond = "preconditioned_grad_norm"
+    return _exp3_preset_methods() + _priority_methods() + [_infobatch_method()]
+
+
+def _exp3_preset_methods() -> list[MethodSpec]:
     lowvar = dict(sampler_defaults={"preset": "low_variance"})
     return [
         MethodSpec(
@@ -283,14 +298,19 @@ def _sampler_comparison_methods() -> list[MethodSpec]:
             "AdamBS-lowvar learning from the preconditioned per-example gradient norm",
             "this project",
             **lowvar,
-            feedback=precond,
+            feedback=_PRECOND,
         ),
+    ]
+
+
+def _priority_methods() -> list[MethodSpec]:
+    return [
         MethodSpec(
             "adam-priority",
             "Adam + priority (ours)",
             "adam",
             "priority",
-            "Adam, stale-score priority sampler (p ~ last seen score, 10% uniform)",
+            "Adam, stale-score priority sampler (p ~ last seen score, adaptive uniform mix)",
             _PRIORITY,
             requires="priority_sampler",
         ),
@@ -322,20 +342,23 @@ def _sampler_comparison_methods() -> list[MethodSpec]:
             "Adam, priority sampler learning from the preconditioned per-example gradient norm",
             _PRIORITY,
             requires="priority_sampler",
-            feedback=precond,
-        ),
-        MethodSpec(
-            "infobatch",
-            "InfoBatch",
-            "adam",
-            "infobatch",
-            "Adam, InfoBatch: prune below-mean-loss examples each epoch (r = 0.5), rescale",
-            "Qin et al., InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data "
-            "Pruning, ICLR 2024",
-            requires="infobatch_sampler",
-            feedback="loss",
+            feedback=_PRECOND,
         ),
     ]
+
+
+def _infobatch_method() -> MethodSpec:
+    return MethodSpec(
+        "infobatch",
+        "InfoBatch",
+        "adam",
+        "infobatch",
+        "Adam, InfoBatch: prune below-mean-loss examples each epoch (r = 0.5), rescale",
+        "Qin et al., InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data "
+        "Pruning, ICLR 2024",
+        requires="infobatch_sampler",
+        feedback="loss",
+    )
 
 
 METHODS: dict[str, MethodSpec] = _registry()
