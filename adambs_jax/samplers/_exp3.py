@@ -83,6 +83,7 @@ __all__ = [
     "merge_duplicate_draws",
     "group_duplicate_draws",
     "shifted_loss_estimate",
+    "projected_log_weights",
     "project_and_write",
     "count_dropped",
     "renormalize",
@@ -645,24 +646,21 @@ def shifted_loss_estimate(
     return jax.ops.segment_sum(per_draw, draws.run, num_segments=batch_size)[draws.run]
 
 
-def project_and_write(
+def projected_log_weights(
     config: Exp3Config,
-    state: Exp3SamplerState,
     draws: MergedDraws,
     p,
     log_scaled_w,
     log_root,
     apply: bool | jax.Array = True,
-):
-    """Step 5: the exact KL projection (``project_onto_floored_simplex``) and the write of
-    the K sampled leaves: ``(log_weights (n,), tree, written)``.
+) -> tuple[jax.Array, jax.Array]:
+    """Step 5's projection: ``(new_log_weights (K,), written)`` of the K sampled arms.
 
     ``log_scaled_w`` = log(S w_j) with S the root; u'_j = p'_j S Z with p'_j =
-    max(p_min, w_j / Z), so unsampled leaves keep u_j and the new root is S Z. When the
-    result is not finite or ``apply`` is False (``written`` False), the K old leaves are
-    written back instead: O(K B log_B n), not an O(n) select, and the tree stays bitwise the
-    same (every parent is recomputed from the same children in the same order).
-    """
+    max(p_min, w_j / Z) (``project_onto_floored_simplex``), so unsampled leaves keep u_j and
+    the new root is S Z. ``written`` is False when the result is not finite or ``apply`` is
+    False: then the caller writes the old values back. Only K values and the root enter, so
+    a sampler whose tree is split over devices (``_sharded``) runs the same step."""
     # R = mass of the unsampled arms, each >= p_min; exactly 0 when every arm was drawn
     # (else float32 rounding of 1 - sum, ~1e-7, could dwarf tiny sampled weights)
     num_unsampled = config.num_examples - jnp.sum(draws.is_first)
@@ -681,6 +679,27 @@ def project_and_write(
         jnp.all(jnp.isfinite(new_log_weights) & jnp.isfinite(jnp.exp(new_log_weights)))
         & jnp.isfinite(log_z)
         & apply
+    )
+    return new_log_weights, written
+
+
+def project_and_write(
+    config: Exp3Config,
+    state: Exp3SamplerState,
+    draws: MergedDraws,
+    p,
+    log_scaled_w,
+    log_root,
+    apply: bool | jax.Array = True,
+):
+    """Step 5: the exact KL projection (``projected_log_weights``) and the write of the K
+    sampled leaves: ``(log_weights (n,), tree, written)``. When ``written`` is False the K
+    old leaves are written back instead: O(K B log_B n), not an O(n) select, and the tree
+    stays bitwise the same (every parent is recomputed from the same children in the same
+    order).
+    """
+    new_log_weights, written = projected_log_weights(
+        config, draws, p, log_scaled_w, log_root, apply
     )
     old_log_weights = state.log_weights[draws.indices]
     # read every old value before the scatters below may reuse the buffers in place

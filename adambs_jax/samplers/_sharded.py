@@ -50,7 +50,6 @@ from adambs_jax.samplers import _exp3 as exp3
 from adambs_jax.samplers import _priority as priority
 from adambs_jax.samplers import _sumtree as sumtree
 from adambs_jax.samplers._base import Sampler, SamplerStateBase
-from adambs_jax.samplers._projection import project_onto_floored_simplex
 
 __all__ = [
     "ShardLayout",
@@ -302,10 +301,11 @@ def _exp3_init(config: exp3.Exp3Config, layout: ShardLayout, mesh: Mesh):
     )
 
 
-def _check_exp3_state(layout: ShardLayout, state) -> None:
-    if not isinstance(state, ShardedExp3State):
+def _check_state(layout: ShardLayout, state, state_type: type) -> None:
+    """``state`` is a ``state_type`` built for this layout (n and the trees' shape)."""
+    if not isinstance(state, state_type):
         raise TypeError(
-            f"state must be a ShardedExp3State (sampler.init()), got {type(state).__name__}"
+            f"state must be a {state_type.__name__} (sampler.init()), got {type(state).__name__}"
         )
     expected = (layout.num_shards, layout.tree.size)
     if state.num_examples != layout.num_examples or state.tree.shape != expected:
@@ -317,7 +317,7 @@ def _check_exp3_state(layout: ShardLayout, state) -> None:
 
 
 def _exp3_sample(config: exp3.Exp3Config, layout: ShardLayout, mesh: Mesh, state, key):
-    _check_exp3_state(layout, state)
+    _check_state(layout, state, ShardedExp3State)
     check_key(key, name="key")
 
     def local(tree, key):
@@ -357,21 +357,9 @@ def _exp3_local_update(config, layout, log_weights, tree, stored_bound, indices,
     )
     log_scaled_w = old_log_weights - alpha_h
     log_root = jnp.log(total)
-    # _exp3.project_and_write, with the global total and K values
-    num_unsampled = config.num_examples - jnp.sum(draws.is_first)
-    rest_mass = jnp.where(
-        num_unsampled > 0,
-        jnp.maximum(1.0 - jnp.sum(jnp.where(draws.is_first, p, 0.0)), num_unsampled * config.p_min),
-        0.0,
-    )
-    log_z = project_onto_floored_simplex(
-        log_scaled_w - log_root, draws.is_first, rest_mass, config.p_min
-    ).log_normalizer
-    new_log_weights = jnp.maximum(log_scaled_w, log_root + log_z + config.log_p_min)
-    written = (
-        jnp.all(jnp.isfinite(new_log_weights) & jnp.isfinite(jnp.exp(new_log_weights)))
-        & jnp.isfinite(log_z)
-        & apply
+    # step 5 with the global root and the K gathered values, as the replicated sampler
+    new_log_weights, written = exp3.projected_log_weights(
+        config, draws, p, log_scaled_w, log_root, apply
     )
     new_log_weights = jnp.where(written, new_log_weights, old_log_weights)
     log_weights = log_weights.at[local].set(new_log_weights, mode="drop")  # slot m: dropped
@@ -387,7 +375,7 @@ def _exp3_renormalize_local(layout: ShardLayout, log_weights, tree):
 
 
 def _exp3_renormalize(config, layout: ShardLayout, mesh: Mesh, state):
-    _check_exp3_state(layout, state)
+    _check_state(layout, state, ShardedExp3State)
 
     def local(log_weights, tree):
         log_weights, tree = _exp3_renormalize_local(layout, log_weights[0], tree[0])
@@ -402,7 +390,7 @@ def _exp3_renormalize(config, layout: ShardLayout, mesh: Mesh, state):
 def _exp3_update(config, layout: ShardLayout, mesh: Mesh, state, indices, feedback, *, apply=True):
     check_per_draw("indices", indices, config.batch_size)
     check_per_draw("feedback", feedback, config.batch_size)
-    _check_exp3_state(layout, state)
+    _check_state(layout, state, ShardedExp3State)
     apply = jnp.asarray(apply, bool)
     exp3.clean_feedback(indices, feedback, config.num_examples)  # TypeError for float indices
 
@@ -559,20 +547,6 @@ def _priority_init(config, layout: ShardLayout, mesh: Mesh):
     )
 
 
-def _check_priority_state(layout: ShardLayout, state) -> None:
-    if not isinstance(state, ShardedPriorityState):
-        raise TypeError(
-            f"state must be a ShardedPriorityState (sampler.init()), got {type(state).__name__}"
-        )
-    expected = (layout.num_shards, layout.tree.size)
-    if state.num_examples != layout.num_examples or state.tree.shape != expected:
-        raise ValueError(
-            f"state: built for num_examples={state.num_examples} with a tree of shape "
-            f"{state.tree.shape}, but this sampler has num_examples={layout.num_examples} and "
-            f"trees of shape {expected}"
-        )
-
-
 def _owned_leaves(layout: ShardLayout, tree, indices):
     """The leaf values (K,) of global ``indices`` (K,), from their owners."""
     mine, local = _owned(layout, indices)
@@ -581,7 +555,7 @@ def _owned_leaves(layout: ShardLayout, tree, indices):
 
 def _priority_sample(config, layout: ShardLayout, mesh: Mesh, state, key):
     """``_priority.sample`` with the tree split: the same keys, the same Bernoulli choices."""
-    _check_priority_state(layout, state)
+    _check_state(layout, state, ShardedPriorityState)
     check_key(key, name="key")
     shape = (config.batch_size,)
 
@@ -632,7 +606,7 @@ def _priority_update(
     new values on every device, each device writes the leaves it owns."""
     check_per_draw("indices", indices, config.batch_size)
     check_per_draw("feedback", feedback, config.batch_size)
-    _check_priority_state(layout, state)
+    _check_state(layout, state, ShardedPriorityState)
     apply = jnp.asarray(apply, bool)
     exp3.clean_feedback(indices, feedback, config.num_examples)  # TypeError for float indices
 
