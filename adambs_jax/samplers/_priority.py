@@ -98,6 +98,8 @@ __all__ = [
     "mixture_probabilities",
     "mix_candidates",
     "mix_ratios",
+    "variance_ratios",
+    "next_mix",
     "sample",
     "refresh",
     "update",
@@ -368,20 +370,28 @@ def refresh(config: PriorityConfig, state: PrioritySamplerState, key: jax.Array,
 def mix_ratios(
     config: PriorityConfig, state: PrioritySamplerState, clean, leaves=None, total=None
 ) -> tuple:
-    """``(rho (C,), informative)``: the batch's estimates rho_c of V(p^(c)) / V(u) for the
-    candidates (module docstring), from the draws' fresh feedback against the tree the batch
-    was drawn from (``state``, before the update). ``informative`` is False when no valid
-    draw has a nonzero score (then rho is meaningless and not used).
-
-    rho_c = sum_k f_k^2 / (n p_k n p^(c)_k) / sum_k f_k^2 / (n p_k) over the valid draws,
-    p = the mixture with ``state.mix``. f is divided by its batch maximum first (rho does not
-    change), and n p >= lambda_1, so every term stays in float32's range."""
-    n = config.num_examples
-    if leaves is None:  # ``leaves``, ``total``: the drawn leaves and the root, already read
+    """``(rho (C,), informative)`` of the batch against ``state``'s tree and mix
+    (``variance_ratios``); ``leaves``, ``total``: the drawn leaves and the root when already
+    read (else read from ``state.tree``)."""
+    if leaves is None:
         leaves = sumtree.get_leaves(state.tree, clean.indices, config.layout)
     total = sumtree.total(state.tree) if total is None else total
+    return variance_ratios(config, state.mix, clean, leaves, total)
+
+
+def variance_ratios(config: PriorityConfig, mix, clean, leaves, total) -> tuple:
+    """``(rho (C,), informative)``: the batch's estimates rho_c of V(p^(c)) / V(u) for the
+    candidates (module docstring), from the draws' fresh feedback against the tree the batch
+    was drawn from (its drawn ``leaves`` (K,) and root ``total``, mixed with ``mix``).
+    ``informative`` is False when no valid draw has a nonzero score (then rho is meaningless
+    and not used).
+
+    rho_c = sum_k f_k^2 / (n p_k n p^(c)_k) / sum_k f_k^2 / (n p_k) over the valid draws,
+    p = the mixture with ``mix``. f is divided by its batch maximum first (rho does not
+    change), and n p >= lambda_1, so every term stays in float32's range."""
+    n = config.num_examples
     q_times_n = leaves / total * n
-    p_times_n = (1.0 - state.mix) * q_times_n + state.mix
+    p_times_n = (1.0 - mix) * q_times_n + mix
     f = jnp.where(clean.valid, clean.feedback, 0.0)
     f = f / jnp.maximum(jnp.max(f), jnp.finfo(jnp.float32).tiny)
     weighted = jnp.square(f) / p_times_n  # (K,) f_k^2 / (n p_k)
@@ -393,20 +403,19 @@ def mix_ratios(
     return rho, informative
 
 
-def _next_mix(config: PriorityConfig, state: PrioritySamplerState, clean, apply, leaves, total):
+def next_mix(config: PriorityConfig, mix, ratios, clean, apply, leaves, total) -> tuple:
     """``(mix, mix_ratios)`` after this batch: R_c <- beta R_c + (1 - beta) rho_c and lambda =
     lambda_{argmin R} (ties: the larger); unchanged for a fixed mix, without an informative
-    draw, or with ``apply`` False."""
+    draw, or with ``apply`` False. ``leaves``, ``total``: the drawn leaves and the root the
+    batch was drawn from (the sharded sampler gives them from their owners)."""
     if not config.adaptive:
-        return state.mix, state.mix_ratios
-    rho, informative = mix_ratios(config, state, clean, leaves, total)
+        return mix, ratios
+    rho, informative = variance_ratios(config, mix, clean, leaves, total)
     beta = config.mix_decay
-    ratios = jnp.where(
-        apply & informative, beta * state.mix_ratios + (1.0 - beta) * rho, state.mix_ratios
-    )
+    new_ratios = jnp.where(apply & informative, beta * ratios + (1.0 - beta) * rho, ratios)
     lams = jnp.asarray(mix_candidates(config), jnp.float32)
-    best = ratios.shape[0] - 1 - jnp.argmin(ratios[::-1])  # the last (largest) of the minima
-    return jnp.where(apply, lams[best], state.mix), ratios
+    best = new_ratios.shape[0] - 1 - jnp.argmin(new_ratios[::-1])  # the last of the minima
+    return jnp.where(apply, lams[best], mix), new_ratios
 
 
 def update(
@@ -449,7 +458,7 @@ def update(
     # in-place write (a read of the old root there made XLA copy the O(n) tree twice a step)
     first = sumtree.first_copies(clean.indices) == jnp.arange(config.batch_size)
     old_total = sumtree.total(tree) - jnp.sum(jnp.where(first, new - old, 0.0))
-    mix, ratios = _next_mix(config, state, clean, apply, old, old_total)
+    mix, ratios = next_mix(config, state.mix, state.mix_ratios, clean, apply, old, old_total)
     return state.replace(
         tree=tree,
         mix=mix,

@@ -578,27 +578,6 @@ def _priority_sample(config, layout: ShardLayout, mesh: Mesh, state, key):
     return fn(state.tree, state.mix, key)
 
 
-def _priority_mix(config, mix, mix_ratios, leaves, total, clean, apply):
-    """``_priority._next_mix`` from the drawn leaves (K,) and the global total."""
-    if not config.adaptive:
-        return mix, mix_ratios
-    n = config.num_examples
-    q_times_n = leaves / total * n
-    p_times_n = (1.0 - mix) * q_times_n + mix
-    f = jnp.where(clean.valid, clean.feedback, 0.0)
-    f = f / jnp.maximum(jnp.max(f), jnp.finfo(jnp.float32).tiny)
-    weighted = jnp.square(f) / p_times_n
-    lams = jnp.asarray(priority.mix_candidates(config), jnp.float32)
-    candidates = (1.0 - lams[:, None]) * q_times_n[None, :] + lams[:, None]
-    denominator = jnp.sum(weighted)
-    informative = denominator > 0
-    rho = jnp.sum(weighted[None, :] / candidates, axis=1) / jnp.where(informative, denominator, 1.0)
-    beta = config.mix_decay
-    ratios = jnp.where(apply & informative, beta * mix_ratios + (1.0 - beta) * rho, mix_ratios)
-    best = ratios.shape[0] - 1 - jnp.argmin(ratios[::-1])
-    return jnp.where(apply, lams[best], mix), ratios
-
-
 def _priority_update(
     config, layout: ShardLayout, mesh: Mesh, state, indices, feedback, *, apply=True
 ):
@@ -615,7 +594,7 @@ def _priority_update(
         clean = exp3.clean_feedback(indices, feedback, config.num_examples)
         _, total = _totals(layout, tree)
         old = _owned_leaves(layout, tree, clean.indices)
-        mix, mix_ratios = _priority_mix(config, mix, mix_ratios, old, total, clean, apply)
+        mix, mix_ratios = priority.next_mix(config, mix, mix_ratios, clean, apply, old, total)
         scores, writes = exp3.impute_dropped(clean.feedback, clean)
         new = jnp.where(writes & apply, priority.priorities(config, scores), old)
         keep = clean.valid.astype(jnp.int32) * 2 + writes.astype(jnp.int32)
