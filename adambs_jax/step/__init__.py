@@ -15,8 +15,9 @@ Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", Neu
 Algorithm 1.
 """
 
-from adambs_jax.step._hand_loop import Drawn, Extras, Sampling, value_and_grad
+from adambs_jax.step._hand_loop import Extras, Sampling, value_and_grad
 from adambs_jax.step._options import FULL_DIAGNOSTICS_MAX_EXAMPLES, StepOptions
+from adambs_jax.step._sampled_batch import SampledBatch
 from adambs_jax.step._state import TrainState, TrainStep
 from adambs_jax.step._train_step import make_train_step
 
@@ -30,5 +31,5 @@ __all__ = [
     "value_and_grad",
     "Extras",
     "Sampling",
-    "Drawn",
+    "SampledBatch",
 ]

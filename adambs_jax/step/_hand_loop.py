@@ -50,8 +50,14 @@ from adambs_jax.feedback._kinds import CustomFeedback, Feedback, as_feedback
 from adambs_jax.feedback._losses import Loss, as_loss
 from adambs_jax.feedback._model_state import batch_extras, check_examples_independent, loss_parts
 from adambs_jax.samplers import Sampler, ScoringSampler, check_healthy, importance_weights
+from adambs_jax.step._sampled_batch import (
+    UNWRITTEN,
+    SampledBatch,
+    find_sampled_batch,
+    new_feedback_slot,
+)
 
-__all__ = ["Extras", "Drawn", "value_and_grad", "Sampling"]
+__all__ = ["Extras", "SampledBatch", "value_and_grad", "Sampling"]
 
 
 class Extras(NamedTuple):
@@ -125,22 +131,36 @@ def _coupling_check_at_trace_time(loss, params, batch, why):
 def _check_weights(weights, batch_size):
     if weights is None:
         raise TypeError(
-            "weights: the importance weights (K,) are required, keyword-only: "
-            "grad_fn(params, batch, weights=weights) (Sampling.draw gives them)"
+            "weights: no importance weights: give the gradient function the batch that "
+            "Sampling.draw() returned (it carries them), or weights= (K,) keyword-only"
         )
     if jnp.shape(weights) != (batch_size,):
         raise ValueError(f"weights must have shape ({batch_size},), got {jnp.shape(weights)}")
 
 
 def value_and_grad(
-    fun: Any, *, feedback: Feedback | str | Callable = "loss", has_aux: bool = False
+    fun: Any,
+    *,
+    feedback: Feedback | str | Callable = "loss",
+    has_aux: bool = False,
+    batch: Any = None,
 ) -> Callable:
     """``jax.value_and_grad`` for a per-example loss and importance weights.
 
-    Returns ``grad_fn(*args, weights, key=None, opt_state=None, **kwargs) -> ((loss, extras),
-    grads)``: ``loss`` = (1/K) sum_k w_k loss_k (unbiased for the full-data mean loss),
-    ``grads`` = G_hat = grad of it with respect to ``args[0]`` (AdamBS eq. 1; give it to any
-    optax optimizer, no weights), ``extras`` an ``Extras(feedback, losses, aux)``.
+    Returns ``grad_fn(*args, key=None, opt_state=None, **kwargs)``, used in one of two ways:
+
+    * **With the batch ``ab.Sampling.draw`` gave** (an ``ab.step.SampledBatch``, among the
+      arguments or bound here with ``batch=`` when ``fun`` closes over it): it returns what
+      ``jax.value_and_grad(fun, has_aux=has_aux)`` would, ``loss, grads`` or ``(loss, aux),
+      grads``, with ``loss`` = (1/K) sum_k w_k loss_k (unbiased for the full-data mean loss)
+      and ``grads`` = G_hat (AdamBS eq. 1; give it to any optax optimizer, no weights). The
+      weights come from the batch, ``fun`` receives the batch's plain data, and the
+      per-example feedback is written into the batch (its ``feedback`` slot, on the device:
+      it leaves your ``jax.jit`` / ``nnx.jit`` step without being returned) for ``Sampling``
+      to learn from at its next draw.
+    * **With explicit weights** ``grad_fn(*args, weights=w, ...)`` (a plain batch): it
+      returns ``((loss, extras), grads)`` with ``extras`` an ``Extras(feedback, losses,
+      aux)``; give ``extras.feedback`` to ``Sampling.learn`` or your sampler's ``update``.
 
     Args:
       fun: the per-example loss. ``fun(*args, **kwargs) -> losses (K,)`` (or ``(losses,
@@ -155,6 +175,8 @@ def value_and_grad(
         exact gradient norms from the same backward pass).
       has_aux: ``fun`` returns ``(losses, aux)`` (an ``ab.Loss``'s own ``has_aux`` also
         counts).
+      batch: the ``SampledBatch`` a closure ``fun`` computes its loss on (its weights are
+        used and its feedback written); None when the batch is an argument.
 
     Per-example feedback needs a per-example loss: a model with batch statistics (BatchNorm
     in training mode) is refused when ``grad_fn`` is traced (checked once, on stand-in
@@ -175,6 +197,12 @@ def value_and_grad(
       >>> float(value), grad.tolist(), extras.feedback.tolist()   # (1*1 + 0.5*4) / 2
       (1.5, [-1.0, -1.0], [1.0, 4.0])
     """
+    if batch is not None and not isinstance(batch, SampledBatch):
+        raise TypeError(
+            f"batch must be the SampledBatch that Sampling.draw() returned (its weights are "
+            f"used, its feedback written), got {type(batch).__name__}; with a batch of your "
+            f"own, pass weights= to the gradient function"
+        )
     if isinstance(fun, Loss):
         has_aux = has_aux or fun.has_aux
         if fun.model_state:
@@ -182,11 +210,42 @@ def value_and_grad(
                 "fun: a Loss with model_state is for make_train_step; in your own step, "
                 "close over the model state and return it as aux (has_aux=True)"
             )
-    kind = as_feedback(feedback, fun)
+    weighted = _weighted_grad_fn(fun, as_feedback(feedback, fun), has_aux)
+
+    def grad_fn(*args, weights=None, key=None, opt_state=None, **kwargs):
+        sampled, args, kwargs = find_sampled_batch(batch, args, kwargs)
+        if sampled is None:
+            return weighted(args, weights, key, opt_state, kwargs)
+        if weights is not None:
+            raise TypeError(
+                "weights: the batch is a SampledBatch, which carries its weights; do not "
+                "pass weights= as well"
+            )
+        (value, extras), grads = weighted(args, sampled.weights, key, opt_state, kwargs)
+        _write_feedback(sampled, extras.feedback)
+        return ((value, extras.aux) if has_aux else value), grads
+
+    return grad_fn
+
+
+def _write_feedback(sampled: SampledBatch, scores: jax.Array) -> None:
+    """Writes the batch's feedback into its slot (a ``jax.Ref``: the write outlives the
+    jitted step it is made in)."""
+    if jnp.shape(sampled.feedback) != jnp.shape(scores):
+        raise ValueError(
+            f"batch.feedback has shape {jnp.shape(sampled.feedback)}, the batch's feedback "
+            f"{jnp.shape(scores)}: the SampledBatch was changed after Sampling.draw()"
+        )
+    sampled.feedback[...] = jax.lax.stop_gradient(scores).astype(jnp.float32)
+
+
+def _weighted_grad_fn(fun, kind: Feedback, has_aux: bool) -> Callable:
+    """``weighted(args, weights, key, opt_state, kwargs) -> ((loss, extras), grads)``: the
+    explicit-weights form of ``value_and_grad``, by the path the feedback kind needs."""
     structured = kind.per_example_evaluation or kind.needs_model_loss
     checked: list = []
 
-    def grad_fn(*args, weights=None, key=None, opt_state=None, **kwargs):
+    def weighted(args, weights, key, opt_state, kwargs):
         if not args:
             raise TypeError(
                 "grad_fn needs the parameters (or the NNX module) as its first argument"
@@ -207,7 +266,7 @@ def value_and_grad(
             fun, kind, has_aux, args, weights, key, opt_state, checked
         )
 
-    return grad_fn
+    return weighted
 
 
 def _scores_of_losses(kind: Feedback, params, batch, losses):
@@ -267,15 +326,6 @@ def _nnx_value_and_grad(fun, kind, has_aux, args, weights, kwargs):
     return (value, Extras(_scores_of_losses(kind, params, batch, losses), losses, aux)), grads
 
 
-class Drawn(NamedTuple):
-    """One draw of ``Sampling.draw``: ``batch`` = ``data[I]`` (the indices I (K,) themselves
-    when the ``Sampling`` has no data: read those records yourself) and ``weights`` = 1 / (n
-    p_I) (K,), the importance weights of ``value_and_grad``."""
-
-    batch: Any
-    weights: jax.Array
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _draw(sampler: Sampler, state, key, data):
     key, sample_key = jax.random.split(key)
@@ -291,6 +341,14 @@ def _learn(sampler: Sampler, state, indices, feedback, apply):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _learn_and_draw(sampler: Sampler, state, indices, slot, key, data):
+    """Learns the feedback a step wrote into the last batch's slot, then draws: one
+    dispatch per step of a loop of your own."""
+    state = sampler.update(state, indices, slot[...])
+    return (state, *_draw(sampler, state, key, data))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _renormalize(sampler: Sampler, state):
     renormalize = sampler.renormalize
     assert renormalize is not None  # learn calls this only for a sampler that has one
@@ -299,39 +357,50 @@ def _renormalize(sampler: Sampler, state):
 
 class Sampling:
     """A sampler with its state, its key and its renormalization schedule, for a training
-    loop of your own: ``draw`` samples K examples (and gathers them from ``data`` on the
-    device), ``learn`` updates the distribution from the feedback of that draw, and every
-    ``sampler.renormalize_every`` learned updates the sampler is renormalized (O(n), one
-    jitted call), so the loop cannot forget it.
+    loop of your own: ``draw`` samples K examples and gathers them from ``data`` on the
+    device; the step you wrote computes its gradient with ``ab.value_and_grad`` on that
+    batch, which writes the batch's feedback into it; the next ``draw`` learns from it
+    first. Every ``sampler.renormalize_every`` learned updates the sampler is renormalized
+    (O(n), one jitted call). The loop cannot forget to learn or to renormalize:
 
-        sampling = ab.Sampling(ab.exp3_sampler(n, K, num_steps=T), data, key=key)
-        batch, weights = sampling.draw()
-        ...                                 # your step: ab.value_and_grad gives the feedback
-        sampling.learn(extras.feedback)
+        sampling = ab.Sampling(ab.priority_sampler(n, K), data, seed=0)
+        for t in range(T):
+            batch = sampling.draw()        # learns the last batch's feedback, draws K more
+            params, opt_state, loss = train_step(params, opt_state, batch)
 
-    Each call is one jitted dispatch; nothing waits for the device. The state is
-    ``sampling.state`` (save it with your checkpoint; assigning a restored state resumes the
-    schedule from its ``step``). For the fastest loop (one dispatch per step, or a scan of
-    steps) use ``ab.make_train_step``.
+    A step that does not use ``ab.value_and_grad`` on the batch gives the feedback itself:
+    ``sampling.learn(feedback)`` after it (or writes ``batch.feedback[...] = scores``); a
+    draw whose feedback never came back is refused at the next draw (checked once, at the
+    first), naming this. Each call is one jitted dispatch (learn and draw together); nothing
+    waits for the device. For the fastest loop (one dispatch per step, or a scan of steps)
+    use ``ab.make_train_step``.
 
     Args:
       sampler: a ``Sampler`` (a ``ScoringSampler`` needs the model: use ``make_train_step``).
-      data: the dataset on the device (a pytree with leading axis n), or None: ``draw``
-        then returns the indices in place of the batch.
-      key: the PRNG key the draws are made from (split at every draw).
+      data: the dataset on the device (a pytree with leading axis n), or None: the batch's
+        data is then the indices I (read those records yourself).
+      key: the PRNG key the draws are made from (split at every draw); or
+      seed: an int to make that key from (give one of the two).
 
     References:
       Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
       Algorithm 2.
     """
 
-    def __init__(self, sampler: Sampler, data: Any = None, *, key: jax.Array):
+    def __init__(
+        self,
+        sampler: Sampler,
+        data: Any = None,
+        *,
+        key: jax.Array | None = None,
+        seed: int | None = None,
+    ):
         if isinstance(sampler, ScoringSampler) or not isinstance(sampler, Sampler):
             raise TypeError(
                 f"sampler must be an ab.samplers.Sampler (a ScoringSampler scores with the "
                 f"model: use make_train_step), got {type(sampler).__name__}"
             )
-        check_key(key, name="key")
+        key = _key_of(key, seed)
         if data is not None and batch_size_of(data, name="data") != sampler.num_examples:
             raise ValueError(
                 f"data: every leaf must have leading axis n = sampler.num_examples = "
@@ -340,16 +409,26 @@ class Sampling:
         self.sampler, self.data = sampler, data
         self._key = jnp.copy(key)
         self._indices = None
+        self._pending: SampledBatch | None = None  # drawn, its feedback not learned yet
+        self._verified = False  # a step has been seen to write a batch's feedback
         self.state = sampler.init()
 
     @property
     def state(self) -> Any:
-        """The sampler's state (a pytree: save it with your checkpoint)."""
+        """The sampler's state (a pytree: save it with your checkpoint). It includes the
+        feedback of every batch a step has written (reading it after a step learns that
+        step's feedback, waiting for the device once; before the step, the batch stays
+        pending). Assigning a restored state resumes the schedule from its ``step`` and
+        drops a batch drawn before (its feedback belongs to the run you left)."""
+        pending = self._pending
+        if pending is not None and not _unwritten(pending):
+            self._verified = True
+            self._learn_pending()
         return self._state
 
     @state.setter
     def state(self, state: Any) -> None:
-        self._state = state
+        self._state, self._pending = state, None
         # a restored state resumes the schedule from its own count of updates
         step = getattr(state, "step", 0)
         self._learned = int(step) if not isinstance(step, jax.core.Tracer) else 0
@@ -359,18 +438,33 @@ class Sampling:
         """The indices I (K,) of the last draw (None before the first)."""
         return self._indices
 
-    def draw(self) -> Drawn:
-        """``(batch, weights)`` of K new draws: ``batch`` = ``data[I]`` (or I without data),
-        ``weights`` = 1 / (n p_I)."""
-        self._key, self._indices, weights, batch = _draw(
-            self.sampler, self._state, self._key, self.data
+    def draw(self) -> SampledBatch:
+        """K new draws as a ``SampledBatch``: the data data[I] (or I without data), read like
+        the data, with its weights 1 / (n p_I), indices and feedback slot. Learns the last
+        batch's feedback first."""
+        pending = self._verified_pending()
+        if pending is not None and not self._renormalization_due():
+            self._state, self._key, indices, weights, data = _learn_and_draw(
+                self.sampler, self._state, pending.indices, pending.feedback, self._key, self.data
+            )
+            self._pending = None
+            self._learned += 1
+        else:
+            self._learn_pending()
+            self._key, indices, weights, data = _draw(
+                self.sampler, self._state, self._key, self.data
+            )
+        self._indices = indices
+        self._pending = SampledBatch(
+            data, weights, indices, new_feedback_slot(self.sampler.batch_size)
         )
-        return Drawn(batch, weights)
+        return self._pending
 
     def learn(self, feedback: jax.Array, *, apply: Any = True) -> None:
         """Updates the distribution from the feedback (K,) of the last draw (invalid entries
-        are dropped and counted by the sampler); ``apply`` False (a bool, may be a device
-        scalar, e.g. "the step was finite") leaves it unchanged. Renormalizes on schedule."""
+        are dropped and counted by the sampler), in place of what the step wrote into the
+        batch; ``apply`` False (a bool, may be a device scalar, e.g. "the step was finite")
+        leaves it unchanged. Renormalizes on schedule."""
         if self._indices is None:
             raise RuntimeError("Sampling.learn: call draw() first (learn needs its indices)")
         if jnp.shape(feedback) != (self.sampler.batch_size,):
@@ -378,15 +472,64 @@ class Sampling:
                 f"feedback must have shape ({self.sampler.batch_size},) (one per draw), "
                 f"got {jnp.shape(feedback)}"
             )
-        self._state = _learn(self.sampler, self._state, self._indices, feedback, apply)
+        self._pending = None
+        self._update(self._indices, feedback, apply)
+
+    def probabilities(self) -> jax.Array:
+        """The full distribution p (n,), O(n) (for logs and plots; learns the last batch's
+        feedback first, as ``state`` does)."""
+        if self.sampler.probabilities is None:
+            raise TypeError(f"{type(self.sampler).__name__} has no full distribution")
+        return self.sampler.probabilities(self.state)
+
+    def _update(self, indices, feedback, apply) -> None:
+        self._state = _learn(self.sampler, self._state, indices, feedback, apply)
         self._learned += 1
-        every = self.sampler.renormalize_every
-        if every and self.sampler.renormalize is not None and self._learned % every == 0:
+        if self._renormalization_due(after=0):
             self._state = _renormalize(self.sampler, self._state)
             check_healthy(self._state, where=f"Sampling, after {self._learned} updates")
 
-    def probabilities(self) -> jax.Array:
-        """The full distribution p (n,), O(n) (for logs and plots)."""
-        if self.sampler.probabilities is None:
-            raise TypeError(f"{type(self.sampler).__name__} has no full distribution")
-        return self.sampler.probabilities(self._state)
+    def _renormalization_due(self, after: int = 1) -> bool:
+        """Whether the schedule renormalizes once ``after`` more updates are learned."""
+        every = self.sampler.renormalize_every
+        due = (self._learned + after) % every == 0 if every else False
+        return bool(due and self.sampler.renormalize is not None)
+
+    def _learn_pending(self) -> None:
+        pending = self._verified_pending()
+        if pending is not None:
+            self._pending = None
+            self._update(pending.indices, pending.feedback[...], True)
+
+    def _verified_pending(self) -> SampledBatch | None:
+        """The batch whose feedback is to be learned; the first time, checks (one wait for
+        the device) that the step wrote it."""
+        pending = self._pending
+        if pending is None or self._verified:
+            return pending
+        if _unwritten(pending):
+            raise RuntimeError(
+                "Sampling: the feedback of the last batch never came back. Compute the "
+                "step's gradient with ab.value_and_grad on the batch draw() returned (pass "
+                "it, or bind it: ab.value_and_grad(loss_fn, batch=batch)), or call "
+                "sampling.learn(feedback) after the step"
+            )
+        self._verified = True
+        return pending
+
+
+def _unwritten(batch: SampledBatch) -> bool:
+    """Whether no step has written the batch's feedback (waits for the device)."""
+    return bool(jnp.all(batch.feedback[...] == UNWRITTEN))
+
+
+def _key_of(key: Any, seed: Any) -> jax.Array:
+    """The PRNG key of ``Sampling``: ``key``, or one made from the int ``seed``."""
+    if (key is None) == (seed is None):
+        raise TypeError("Sampling needs exactly one of key= (a PRNG key) and seed= (an int)")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        return jax.random.key(seed)
+    check_key(key, name="key")
+    return key

@@ -62,7 +62,7 @@ def create_train_state(seed, image):
 
 
 @jax.jit
-def train_step(state, batch, weights):
+def train_step(state, batch):
     dropout_key = jax.random.fold_in(state.key, state.step)
 
     def loss_fn(params):
@@ -76,11 +76,11 @@ def train_step(state, batch, weights):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return loss, updates
 
-    grad_fn = ab.value_and_grad(loss_fn, has_aux=True)
-    (loss, extras), grads = grad_fn(state.params, weights=weights)
+    grad_fn = ab.value_and_grad(loss_fn, has_aux=True, batch=batch)
+    (loss, updates), grads = grad_fn(state.params)
     state = state.apply_gradients(grads=grads)
-    state = state.replace(batch_stats=extras.aux["batch_stats"])
-    return state, loss, extras.feedback
+    state = state.replace(batch_stats=updates["batch_stats"])
+    return state, loss
 
 
 @jax.jit
@@ -96,12 +96,10 @@ def main(steps=TRAIN_STEPS, seed=0):
     train, test = load_data(seed)
     state = create_train_state(seed, train["image"][:1])
 
-    sampler = ab.exp3_sampler(len(train["label"]), BATCH_SIZE, num_steps=steps)
-    sampling = ab.Sampling(sampler, train, key=jax.random.key(seed))
+    sampling = ab.Sampling(ab.priority_sampler(len(train["label"]), BATCH_SIZE), train, seed=seed)
     for step in range(steps):
-        batch, weights = sampling.draw()
-        state, loss, feedback = train_step(state, batch, weights)
-        sampling.learn(feedback)
+        batch = sampling.draw()  # learns from the last step's feedback, then draws K examples
+        state, loss = train_step(state, batch)
 
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
             test_loss, test_accuracy = evaluate(state, test)

@@ -56,12 +56,11 @@ def loss_fn(model, batch):
 
 
 @nnx.jit
-def train_step(model, optimizer, metrics, batch, weights):
+def train_step(model, optimizer, metrics, batch):
     grad_fn = ab.value_and_grad(loss_fn, has_aux=True)
-    (loss, extras), grads = grad_fn(model, batch, weights=weights)
-    metrics.update(loss=loss, logits=extras.aux, labels=batch["label"])
+    (loss, logits), grads = grad_fn(model, batch)
+    metrics.update(loss=loss, logits=logits, labels=batch["label"])
     optimizer.update(model, grads)
-    return extras.feedback
 
 
 @nnx.jit
@@ -77,12 +76,11 @@ def main(steps=TRAIN_STEPS, seed=0):
     metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
     history = {f"{s}_{m}": [] for s in ("train", "test") for m in ("loss", "accuracy")}
 
-    sampler = ab.exp3_sampler(len(train["label"]), BATCH_SIZE, num_steps=steps)
-    sampling = ab.Sampling(sampler, train, key=jax.random.key(seed))
+    sampling = ab.Sampling(ab.priority_sampler(len(train["label"]), BATCH_SIZE), train, seed=seed)
     for step in range(steps):
-        batch, weights = sampling.draw()
+        batch = sampling.draw()  # learns from the last step's feedback, then draws K examples
         model.train()
-        sampling.learn(train_step(model, optimizer, metrics, batch, weights))
+        train_step(model, optimizer, metrics, batch)
 
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
             for metric, value in metrics.compute().items():

@@ -44,14 +44,11 @@ def loss_fn(params, batch):  # per-example losses (K,)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
 
 
-grad_fn = ab.value_and_grad(loss_fn, feedback=ab.feedback.GradNorm())
-
-
 @jax.jit
-def train_step(params, opt_state, batch, weights):
-    (loss, extras), grads = grad_fn(params, batch, weights=weights)
+def train_step(params, opt_state, batch):
+    loss, grads = ab.value_and_grad(loss_fn, feedback=ab.feedback.GradNorm())(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, extras.feedback
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 @jax.jit
@@ -65,12 +62,10 @@ def main(steps=TRAIN_STEPS, seed=0):
     params = model.init(jax.random.key(seed), train["image"][:1])
     opt_state = tx.init(params)
 
-    sampler = ab.priority_sampler(len(train["label"]), BATCH_SIZE)
-    sampling = ab.Sampling(sampler, train, key=jax.random.key(seed))
+    sampling = ab.Sampling(ab.priority_sampler(len(train["label"]), BATCH_SIZE), train, seed=seed)
     for step in range(steps):
-        batch, weights = sampling.draw()
-        params, opt_state, loss, feedback = train_step(params, opt_state, batch, weights)
-        sampling.learn(feedback)
+        batch = sampling.draw()  # learns from the last step's feedback, then draws K examples
+        params, opt_state, loss = train_step(params, opt_state, batch)
 
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
             test_loss, test_accuracy = evaluate(params, test)

@@ -163,16 +163,18 @@ def test_an_nnx_module_equals_nnx_value_and_grad_of_the_weighted_loss():
 
 
 def test_an_nnx_loop_with_nnx_optimizer_and_eval_between_steps():
+    """The NNX tutorial's shape: nnx.Optimizer, an nnx.jit step that returns nothing, eval
+    between steps; the feedback leaves the step in the batch and the next draw learns it."""
     model = _NnxNet(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
-    sampling = ab.Sampling(ab.exp3_sampler(N, K, num_steps=20), _data(), key=jax.random.key(0))
-    grad_fn = ab.value_and_grad(_nnx_loss, has_aux=True)
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, num_steps=20), _data(), seed=0)
 
     @nnx.jit
-    def train_step(model, optimizer, batch, weights):
-        (loss, extras), grads = grad_fn(model, batch, weights=weights)
+    def train_step(model, optimizer, batch):
+        grad_fn = ab.value_and_grad(_nnx_loss, has_aux=True)
+        (loss, logits), grads = grad_fn(model, batch)
+        assert logits.shape == (K, 2)
         optimizer.update(model, grads)
-        return loss, extras.feedback
 
     @nnx.jit
     def eval_loss(model, data):
@@ -182,26 +184,145 @@ def test_an_nnx_loop_with_nnx_optimizer_and_eval_between_steps():
     before = float(eval_loss(model, _data()))
     for _ in range(20):
         model.train()
-        batch, weights = sampling.draw()
-        _, feedback = train_step(model, optimizer, batch, weights)
-        sampling.learn(feedback)
+        train_step(model, optimizer, sampling.draw())
         model.eval()
         eval_loss(model, _data())  # the module stays usable between steps
     assert float(eval_loss(model, _data())) < before
+    assert int(sampling.state.step) == 20  # every step's feedback was learned
+
+
+def _explicit_run(sampler, steps, jit_step):
+    """The reference loop: the feedback returned by the step and given to learn."""
+    sampling = ab.Sampling(sampler, _data(), seed=5)
+    w, losses = W0, []
+    for _ in range(steps):
+        batch = sampling.draw()
+        (loss, extras), grads = jit_step(w, batch.data, weights=batch.weights)
+        sampling.learn(extras.feedback)
+        w, losses = w - 0.5 * grads, losses + [loss]
+    return w, losses, sampling.state
+
+
+@pytest.mark.parametrize("factory", ["exp3", "priority", "infobatch"])
+def test_the_batch_carries_the_feedback_out_of_a_jitted_step(factory):
+    """A jax.jit step that returns no feedback: the next draw learns what the step wrote
+    into the batch, and the run equals the one that returns the feedback and calls learn
+    (the same draws, losses, parameters and sampler state, renormalizations included)."""
+    sampler = {
+        "exp3": lambda: ab.exp3_sampler(N, K, step_size=2.0),  # renormalizes every 3
+        "priority": lambda: ab.priority_sampler(N, K),
+        "infobatch": lambda: ab.infobatch_sampler(N, K, num_steps=13),  # epochs of 4 steps
+    }[factory]()
+    steps = 13
+    explicit = jax.jit(ab.value_and_grad(_loss))
+
+    @jax.jit
+    def train_step(w, batch):
+        loss, grads = ab.value_and_grad(_loss)(w, batch)
+        return w - 0.5 * grads, loss
+
+    sampling = ab.Sampling(sampler, _data(), seed=5)
+    w, losses = W0, []
+    for _ in range(steps):
+        w, loss = train_step(w, sampling.draw())
+        losses.append(loss)
+    ref_w, ref_losses, ref_state = _explicit_run(sampler, steps, explicit)
+    np.testing.assert_allclose(np.stack(losses), np.stack(ref_losses), rtol=1e-6)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5)
+    chex.assert_trees_all_close(sampling.state, ref_state, rtol=1e-6)
+    assert int(sampling.state.step) == steps
+
+
+def test_a_closure_binds_its_batch():
+    """A loss that closes over the batch (the linen TrainState step) names it with batch=:
+    the same value and G_hat as the explicit weights, the feedback written to the batch."""
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=1)
+
+    @jax.jit
+    def train_step(w, batch):
+        def loss_fn(params):
+            losses = _loss(params, batch)
+            return losses, losses.sum()
+
+        (loss, aux), grads = ab.value_and_grad(loss_fn, has_aux=True, batch=batch)(w)
+        return loss, grads, aux
+
+    batch = sampling.draw()
+    loss, grads, aux = train_step(W0, batch)
+    ref_value, ref_grads = _reference(_loss, W0, batch.weights, batch.data)
+    np.testing.assert_allclose(loss, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(batch.feedback[...], _loss(W0, batch.data), rtol=1e-6)
+    np.testing.assert_allclose(aux, jnp.sum(_loss(W0, batch.data)), rtol=1e-6)
+
+
+def test_a_per_example_feedback_kind_writes_its_norms():
+    """feedback=GradNorm() on a SampledBatch: the loss sees the plain data and the slot
+    holds the exact per-example gradient norms."""
+    sampling = ab.Sampling(ab.priority_sampler(N, K), _data(), seed=2)
+    batch = sampling.draw()
+    grad_fn = jax.jit(ab.value_and_grad(_loss, feedback=ab.feedback.GradNorm()))
+    loss, grads = grad_fn(W0, batch)
+    norms = jax.vmap(
+        lambda b: jnp.linalg.norm(
+            jax.grad(lambda w: _loss(w, jax.tree.map(lambda x: x[None], b))[0])(W0)
+        )
+    )(batch.data)
+    np.testing.assert_allclose(batch.feedback[...], norms, rtol=1e-4)
+    ref_value, ref_grads = _reference(_loss, W0, batch.weights, batch.data)
+    np.testing.assert_allclose(loss, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_whose_feedback_never_came_back_is_refused_at_the_next_draw():
+    """A step that uses jax.value_and_grad on the batch's weights writes nothing: the next
+    draw says so (once, at the first learn) instead of learning nothing in silence."""
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=0)
+
+    @jax.jit
+    def train_step(w, batch):
+        return jax.value_and_grad(lambda p: jnp.mean(batch.weights * _loss(p, batch.data)))(w)
+
+    train_step(W0, sampling.draw())
+    with pytest.raises(RuntimeError, match="never came back"):
+        sampling.draw()
+    # learning by hand is the other way
+    sampling.learn(jnp.ones(K))
+    sampling.draw()
+
+
+def test_reading_the_state_includes_the_last_step_but_not_a_batch_not_trained_on():
+    """A checkpoint read after a step holds its feedback (a restart resumes exactly); read
+    between draw and step, the batch stays pending and is learned at the next draw."""
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=0)
+    train_step = jax.jit(lambda w, batch: ab.value_and_grad(_loss)(w, batch)[1])
+    for _ in range(3):
+        train_step(W0, sampling.draw())
+    assert int(sampling.state.step) == 3  # after the step: learned
+    batch = sampling.draw()
+    p_before = sampling.probabilities()  # before the step: nothing to learn yet
+    assert int(sampling.state.step) == 3
+    train_step(W0, batch)
+    assert int(sampling.state.step) == 4
+    assert not np.allclose(sampling.probabilities(), p_before)
+    sampling.draw()  # the pending batch was learned once, not twice
+    assert int(sampling.state.step) == 4
 
 
 def test_sampling_draws_gathers_and_learns():
     data = _data()
     sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), data, key=jax.random.key(3))
-    batch, weights = sampling.draw()
+    batch = sampling.draw()
     np.testing.assert_array_equal(batch["x"], data["x"][sampling.indices])
+    np.testing.assert_array_equal(batch.indices, sampling.indices)
+    weights = batch.weights
     assert weights.shape == (K,) and np.all(np.asarray(weights) > 0)
     p = sampling.probabilities()
     np.testing.assert_allclose(weights, 1.0 / (N * p[sampling.indices]), rtol=1e-5)
     sampling.learn(jnp.arange(K, dtype=jnp.float32))
     assert int(sampling.state.step) == 1
     assert not np.allclose(sampling.probabilities(), p)
-    indices, _ = ab.Sampling(ab.uniform_sampler(N, K), key=jax.random.key(0)).draw()
+    indices = ab.Sampling(ab.uniform_sampler(N, K), seed=0).draw().data
     assert indices.shape == (K,) and jnp.issubdtype(indices.dtype, jnp.integer)
 
 
@@ -216,8 +337,8 @@ def test_sampling_renormalizes_on_schedule_and_resumes_it():
     restored = ab.Sampling(sampler, key=jax.random.key(1))
     restored.state = jax.tree.map(jnp.copy, sampling.state)  # a restored checkpoint
     for _ in range(m):
-        restored.draw()
-        restored.learn(jnp.linspace(0.1, 1.0, 32))
+        restored.draw().feedback[...] = jnp.linspace(0.1, 1.0, 32)  # written, as a step does
+    restored.draw()  # learns the last one
     assert int(restored.state.num_rescales) == 4
     p = restored.probabilities()
     assert float(jnp.min(p)) >= restored.state.p_min * (1 - 1e-5)
@@ -234,3 +355,22 @@ def test_sampling_refuses_what_it_cannot_do():
     sampling.draw()
     with pytest.raises(ValueError, match="feedback must have shape"):
         sampling.learn(jnp.ones(K + 1))
+    for kwargs in ({}, {"seed": 0, "key": jax.random.key(0)}):
+        with pytest.raises(TypeError, match="exactly one of key= .* and seed="):
+            ab.Sampling(ab.uniform_sampler(N, K), _data(), **kwargs)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        ab.Sampling(ab.uniform_sampler(N, K), _data(), seed=0.5)
+
+
+def test_value_and_grad_refuses_an_ambiguous_batch():
+    batch = ab.Sampling(ab.uniform_sampler(N, K), _data(), seed=0).draw()
+    other = ab.Sampling(ab.uniform_sampler(N, K), _data(), seed=1).draw()
+    grad_fn = ab.value_and_grad(_loss)
+    with pytest.raises(TypeError, match="carries its weights"):
+        grad_fn(W0, batch, weights=WEIGHTS)
+    with pytest.raises(TypeError, match="2 SampledBatch"):
+        ab.value_and_grad(_loss, batch=other)(W0, batch)
+    with pytest.raises(TypeError, match="batch must be the SampledBatch"):
+        ab.value_and_grad(_loss, batch=_batch())
+    with pytest.raises(TypeError, match="no importance weights"):
+        grad_fn(W0, _batch())
