@@ -2,31 +2,32 @@
 backward pass, and a sampler with its state, key and schedule in one object.
 
 A loop that already works (its own ``jax.jit`` or ``nnx.jit`` step, its optimizer, its
-eval code) adopts bandit sampling by changing a few lines:
+eval code) adopts bandit sampling by changing a few lines; its step keeps its signature
+and its return:
 
-    sampling = ab.Sampling(ab.exp3_sampler(n, K, num_steps=T), data, key=key)
-    grad_fn = ab.value_and_grad(loss_fn)           # loss_fn: per-example losses (K,)
+    sampling = ab.Sampling(ab.priority_sampler(n, K), data, seed=0)
 
     @jax.jit
-    def train_step(params, opt_state, batch, weights):
-        (loss, extras), grads = grad_fn(params, batch, weights=weights)
+    def train_step(params, opt_state, batch):
+        loss, grads = ab.value_and_grad(loss_fn)(params, batch)   # per-example loss_fn
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, extras.feedback
+        return optax.apply_updates(params, updates), opt_state, loss
 
     for t in range(T):
-        batch, weights = sampling.draw()           # sample + gather, one jitted call
-        params, opt_state, loss, feedback = train_step(params, opt_state, batch, weights)
-        sampling.learn(feedback)                   # update p; renormalizes on schedule
+        batch = sampling.draw()       # learns the last batch's feedback, draws K, gathers
+        params, opt_state, loss = train_step(params, opt_state, batch)
 
 ``value_and_grad`` is ``jax.value_and_grad`` for a per-example loss and importance weights
 w = 1 / (n p): the value is the unbiased loss (1/K) sum_k w_k loss_k, the gradient is G_hat
 = (1/K) sum_k w_k g_{i_k} (Liu, Wu, Mozafari, NeurIPS 2020, eq. 1), and the feedback comes
-from the same pass (the feedback kind's estimator, ``_estimators``). Every optax optimizer
-and wrapper then sees G_hat. It also takes a Flax NNX module as its first argument, like
-``nnx.value_and_grad``: the gradient is an ``nnx.State`` of the module's ``nnx.Param`` s and
-the module's other state (BatchNorm statistics, ``nnx.Rngs`` counts) is updated in place.
-``Sampling`` draws (O(K log n) and a gather on the device), learns from the feedback of its
-last draw, and runs the sampler's renormalization itself, so a hand loop cannot forget it.
+from the same pass (the feedback kind's estimator, ``_estimators``). The weights come in
+with the ``SampledBatch`` and the feedback goes out in it (``_sampled_batch``: a
+``jax.Ref`` the step writes on the device). Every optax optimizer and wrapper then sees
+G_hat. It also takes a Flax NNX module as its first argument, like ``nnx.value_and_grad``:
+the gradient is an ``nnx.State`` of the module's ``nnx.Param`` s and the module's other
+state (BatchNorm statistics, ``nnx.Rngs`` counts) is updated in place. ``Sampling`` learns
+and draws (O(K log n) and a gather on the device, one dispatch) and runs the sampler's
+renormalization itself, so a hand loop cannot forget either.
 
 Reference: Liu, Wu, Mozafari, "Adam with Bandit Sampling for Deep Learning", NeurIPS 2020,
 Algorithms 1 and 2.
@@ -476,8 +477,8 @@ class Sampling:
         self._update(self._indices, feedback, apply)
 
     def probabilities(self) -> jax.Array:
-        """The full distribution p (n,), O(n) (for logs and plots; learns the last batch's
-        feedback first, as ``state`` does)."""
+        """The full distribution p (n,), O(n) (for logs and plots; it includes every batch
+        whose feedback a step has written, as ``state`` does)."""
         if self.sampler.probabilities is None:
             raise TypeError(f"{type(self.sampler).__name__} has no full distribution")
         return self.sampler.probabilities(self.state)

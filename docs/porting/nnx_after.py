@@ -76,7 +76,7 @@ def main(steps=TRAIN_STEPS, seed=0):
     metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
     history = {f"{s}_{m}": [] for s in ("train", "test") for m in ("loss", "accuracy")}
 
-    sampling = ab.Sampling(ab.priority_sampler(len(train["label"]), BATCH_SIZE), train, seed=seed)
+    sampling = ab.Sampling(ab.exp3_sampler(len(train["label"]), BATCH_SIZE, num_steps=steps), train, seed=seed)
     for step in range(steps):
         batch = sampling.draw()  # learns from the last step's feedback, then draws K examples
         model.train()

@@ -380,8 +380,8 @@ def test_hand_loop_sampling_draws_and_learns():
     data = _regression()
     sampling = ab.Sampling(domain_sampler(SIZES_STEP, 8, num_steps=20), data, key=jax.random.key(0))
     for _ in range(3):
-        batch, weights = sampling.draw()
-        assert batch["x"].shape == (8, 3) and weights.shape == (8,)
+        batch = sampling.draw()
+        assert batch["x"].shape == (8, 3) and batch.weights.shape == (8,)
         sampling.learn(jnp.abs(batch["y"]))
     assert int(sampling.state.step) == 3
     np.testing.assert_allclose(float(sampling.probabilities().sum()), 1.0, rtol=1e-5)
