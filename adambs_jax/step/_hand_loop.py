@@ -55,7 +55,7 @@ from adambs_jax.step._sampled_batch import (
     UNWRITTEN,
     SampledBatch,
     find_sampled_batch,
-    new_feedback_slot,
+    unwritten_feedback,
 )
 
 __all__ = ["Extras", "SampledBatch", "value_and_grad", "Sampling"]
@@ -329,11 +329,13 @@ def _nnx_value_and_grad(fun, kind, has_aux, args, weights, kwargs):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _draw(sampler: Sampler, state, key, data):
+    """``(key, indices, weights, batch, fill)``: K draws, gathered, and the contents of a
+    fresh feedback slot (made here, on the device, at no extra dispatch)."""
     key, sample_key = jax.random.split(key)
     indices, probs = sampler.sample(state, sample_key)
     weights = importance_weights(probs, sampler.num_examples)
     batch = indices if data is None else gather(data, indices)
-    return key, indices, weights, batch
+    return key, indices, weights, batch, unwritten_feedback(sampler.batch_size)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -342,10 +344,11 @@ def _learn(sampler: Sampler, state, indices, feedback, apply):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _learn_and_draw(sampler: Sampler, state, indices, slot, key, data):
-    """Learns the feedback a step wrote into the last batch's slot, then draws: one
-    dispatch per step of a loop of your own."""
-    state = sampler.update(state, indices, slot[...])
+def _learn_and_draw(sampler: Sampler, state, indices, feedback, key, data):
+    """Learns the last batch's feedback, then draws: one dispatch per step of a loop of your
+    own. The feedback is read from its slot before the call: a ``jax.Ref`` among a jitted
+    function's arguments sends the call through JAX's slower dispatch path."""
+    state = sampler.update(state, indices, feedback)
     return (state, *_draw(sampler, state, key, data))
 
 
@@ -445,20 +448,19 @@ class Sampling:
         batch's feedback first."""
         pending = self._verified_pending()
         if pending is not None and not self._renormalization_due():
-            self._state, self._key, indices, weights, data = _learn_and_draw(
-                self.sampler, self._state, pending.indices, pending.feedback, self._key, self.data
+            feedback = pending.feedback[...]
+            self._state, self._key, indices, weights, data, fill = _learn_and_draw(
+                self.sampler, self._state, pending.indices, feedback, self._key, self.data
             )
             self._pending = None
             self._learned += 1
         else:
             self._learn_pending()
-            self._key, indices, weights, data = _draw(
+            self._key, indices, weights, data, fill = _draw(
                 self.sampler, self._state, self._key, self.data
             )
         self._indices = indices
-        self._pending = SampledBatch(
-            data, weights, indices, new_feedback_slot(self.sampler.batch_size)
-        )
+        self._pending = SampledBatch(data, weights, indices, jax.new_ref(fill))
         return self._pending
 
     def learn(self, feedback: jax.Array, *, apply: Any = True) -> None:

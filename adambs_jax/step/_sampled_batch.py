@@ -26,15 +26,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SampledBatch", "UNWRITTEN", "new_feedback_slot", "find_sampled_batch"]
+__all__ = [
+    "SampledBatch",
+    "UNWRITTEN",
+    "unwritten_feedback",
+    "new_feedback_slot",
+    "find_sampled_batch",
+]
 
 # what the feedback slot holds until a step writes it (feedback is non-negative)
 UNWRITTEN = -1.0
 
 
+def unwritten_feedback(batch_size: int) -> jax.Array:
+    """What a fresh feedback slot holds: ``batch_size`` float32 ``UNWRITTEN``."""
+    return jnp.full((batch_size,), UNWRITTEN, jnp.float32)
+
+
 def new_feedback_slot(batch_size: int) -> Any:
     """A fresh feedback slot: a ``jax.Ref`` of ``batch_size`` float32 ``UNWRITTEN``."""
-    return jax.new_ref(jnp.full((batch_size,), UNWRITTEN, jnp.float32))
+    return jax.new_ref(unwritten_feedback(batch_size))
 
 
 @jax.tree_util.register_pytree_with_keys_class

@@ -374,3 +374,18 @@ def test_value_and_grad_refuses_an_ambiguous_batch():
         ab.value_and_grad(_loss, batch=_batch())
     with pytest.raises(TypeError, match="no importance weights"):
         grad_fn(W0, _batch())
+
+
+def test_each_draw_has_its_own_unwritten_slot():
+    """A slot is made from a fresh device array at each draw: what a step writes into one
+    batch never shows in the next batch's slot."""
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=0)
+    first = sampling.draw()
+    first.feedback[...] = jnp.full(K, 3.0)
+    second = sampling.draw()
+    np.testing.assert_array_equal(second.feedback[...], np.full(K, -1.0))
+    second.feedback[...] = jnp.full(K, 5.0)
+    third = sampling.draw()
+    np.testing.assert_array_equal(third.feedback[...], np.full(K, -1.0))
+    np.testing.assert_array_equal(first.feedback[...], np.full(K, 3.0))
+    assert int(sampling.state.step) == 2
