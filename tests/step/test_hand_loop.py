@@ -389,3 +389,22 @@ def test_each_draw_has_its_own_unwritten_slot():
     np.testing.assert_array_equal(third.feedback[...], np.full(K, -1.0))
     np.testing.assert_array_equal(first.feedback[...], np.full(K, 3.0))
     assert int(sampling.state.step) == 2
+
+
+def test_a_donated_batch_fails_at_the_first_call_not_in_silence():
+    """docs/api.md: the batch's slot cannot be donated; XLA refuses when the step is
+    compiled (the parameters can be donated)."""
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=0)
+
+    def step(w, batch):
+        loss, grads = ab.value_and_grad(_loss)(w, batch)
+        return w - 0.1 * grads, loss
+
+    with pytest.raises(Exception, match="alias"):
+        jax.jit(step, donate_argnums=(0, 1))(jnp.copy(W0), sampling.draw())
+    sampling = ab.Sampling(ab.exp3_sampler(N, K, step_size=0.5), _data(), seed=0)
+    donating = jax.jit(step, donate_argnums=0)
+    w = jnp.copy(W0)
+    for _ in range(3):
+        w, loss = donating(w, sampling.draw())
+    assert np.isfinite(float(loss)) and int(sampling.state.step) == 3  # the last step too
