@@ -30,7 +30,6 @@ __all__ = [
     "SampledBatch",
     "UNWRITTEN",
     "unwritten_feedback",
-    "new_feedback_slot",
     "find_sampled_batch",
 ]
 
@@ -39,13 +38,9 @@ UNWRITTEN = -1.0
 
 
 def unwritten_feedback(batch_size: int) -> jax.Array:
-    """What a fresh feedback slot holds: ``batch_size`` float32 ``UNWRITTEN``."""
+    """What a fresh feedback slot holds: ``batch_size`` float32 ``UNWRITTEN`` (the slot is
+    ``jax.new_ref`` of it; ``Sampling`` makes it inside its jitted draw)."""
     return jnp.full((batch_size,), UNWRITTEN, jnp.float32)
-
-
-def new_feedback_slot(batch_size: int) -> Any:
-    """A fresh feedback slot: a ``jax.Ref`` of ``batch_size`` float32 ``UNWRITTEN``."""
-    return jax.new_ref(unwritten_feedback(batch_size))
 
 
 @jax.tree_util.register_pytree_with_keys_class

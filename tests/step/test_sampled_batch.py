@@ -10,14 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adambs_jax.step import SampledBatch
-from adambs_jax.step._sampled_batch import UNWRITTEN, find_sampled_batch, new_feedback_slot
+from adambs_jax.step._sampled_batch import UNWRITTEN, find_sampled_batch, unwritten_feedback
 
 K = 4
 
 
 def _batch(data=None, k=K):
     data = {"x": jnp.arange(k * 3.0).reshape(k, 3), "y": jnp.arange(k)} if data is None else data
-    return SampledBatch(data, jnp.linspace(0.5, 2.0, k), jnp.arange(k), new_feedback_slot(k))
+    return SampledBatch(
+        data, jnp.linspace(0.5, 2.0, k), jnp.arange(k), jax.new_ref(unwritten_feedback(k))
+    )
 
 
 def test_it_reads_like_its_data():
